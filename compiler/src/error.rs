@@ -1,0 +1,69 @@
+//! The compiler's error type.
+//!
+//! Every variant names the file and the tensor or field it is about, so the CLI can print
+//! one line that tells the user what to fix.
+
+use std::path::PathBuf;
+
+/// Errors raised while importing a checkpoint or computing with it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file system refused an operation on `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a checkpoint of a form ngpt reads.
+    #[error("{}: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
+    /// A config field is missing or holds a value ngpt cannot use.
+    #[error("{}: config field `{field}`: {problem}", path.display())]
+    Config {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+    /// A tensor is missing, has the wrong shape or dtype, or holds NaN or Inf.
+    #[error("{}: tensor `{name}`: {problem}", path.display())]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        problem: String,
+    },
+    /// The checkpoint uses a feature ngpt does not support.
+    #[error("{}: {what} is not supported ({why})", path.display())]
+    Unsupported {
+        path: PathBuf,
+        what: String,
+        why: String,
+    },
+    /// A caller passed an argument outside what the model accepts.
+    #[error("{what}: {problem}")]
+    Argument { what: String, problem: String },
+    /// A tensor operation failed inside candle.
+    #[error("tensor math ({context}): {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+/// Result alias of the compiler crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Adds context to candle errors, turning them into [`Error::Candle`].
+pub(crate) trait CandleContext<T> {
+    fn ctx(self, context: &str) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn ctx(self, context: &str) -> Result<T> {
+        self.map_err(|source| Error::Candle {
+            context: context.to_string(),
+            source,
+        })
+    }
+}

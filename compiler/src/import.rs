@@ -1,0 +1,442 @@
+//! Checkpoint import: NVIDIA/ngpt's `ckpt.pt`, or `model.safetensors` with `config.json`.
+//!
+//! [`load`] is the one entry point. It finds the checkpoint, reads the config, checks every
+//! tensor's name and shape against the config *before* reading tensor data, then reads the
+//! tensors in their stored dtype and checks them for NaN and Inf.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::pickle::{Object, Stack};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ArgValue, Config};
+use crate::error::{Error, Result};
+
+/// The on-disk form a checkpoint was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// NVIDIA/ngpt's `torch.save` dict (`model`, `model_args`, optimizer state, ...).
+    TorchCkpt,
+    /// `model.safetensors` with `config.json` beside it.
+    Safetensors,
+}
+
+/// An imported, validated checkpoint: the config and the state dict in stored dtypes.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub config: Config,
+    /// State-dict tensors by NVIDIA name, prefixes stripped, dtype as stored.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The file the tensors came from.
+    pub source: PathBuf,
+    pub format: Format,
+    /// Things the importer decided that the user should hear about (prefix stripping, which
+    /// file of a directory it took).
+    pub notes: Vec<String>,
+}
+
+impl Checkpoint {
+    /// The tensor `name`, which validation guarantees to exist.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::Tensor {
+            path: self.source.clone(),
+            name: name.to_string(),
+            problem: "missing".into(),
+        })
+    }
+}
+
+const PREFIXES: [&str; 2] = ["_orig_mod.", "module."];
+
+/// Strips `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes, in any order.
+pub fn strip_prefixes(name: &str) -> &str {
+    let mut n = name;
+    loop {
+        match PREFIXES.iter().find_map(|p| n.strip_prefix(p)) {
+            Some(rest) => n = rest,
+            None => return n,
+        }
+    }
+}
+
+/// Resolves `path` (a file or a directory) to the checkpoint file ngpt will read.
+///
+/// A directory may hold `ckpt.pt` or `model.safetensors`; when it holds both, `ckpt.pt`
+/// wins and a note says so.
+pub fn resolve(path: &Path) -> Result<(PathBuf, Format, Vec<String>)> {
+    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_dir() {
+        let ckpt = path.join("ckpt.pt");
+        let st = path.join("model.safetensors");
+        return match (ckpt.is_file(), st.is_file()) {
+            (true, true) => Ok((
+                ckpt,
+                Format::TorchCkpt,
+                vec![format!(
+                    "{} holds both ckpt.pt and model.safetensors; reading ckpt.pt",
+                    path.display()
+                )],
+            )),
+            (true, false) => Ok((ckpt, Format::TorchCkpt, vec![])),
+            (false, true) => Ok((st, Format::Safetensors, vec![])),
+            (false, false) => Err(Error::Format {
+                path: path.to_path_buf(),
+                reason: "directory holds neither ckpt.pt nor model.safetensors".into(),
+            }),
+        };
+    }
+    let is_st = path.extension().is_some_and(|e| e == "safetensors");
+    let format = if is_st {
+        Format::Safetensors
+    } else {
+        Format::TorchCkpt
+    };
+    Ok((path.to_path_buf(), format, vec![]))
+}
+
+/// Imports and validates a checkpoint from a `ckpt.pt`, a `.safetensors` file with
+/// `config.json` beside it, or a directory holding either.
+///
+/// ```no_run
+/// let ckpt = ngpt_compiler::import::load("tests/fixtures/nv-tiny/ckpt.pt".as_ref())?;
+/// assert_eq!(ckpt.config.n_layer, 2);
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let (file, format, notes) = resolve(path)?;
+    let (config, tensors, mut more_notes) = match format {
+        Format::TorchCkpt => load_torch(&file)?,
+        Format::Safetensors => load_safetensors(&file)?,
+    };
+    more_notes.splice(0..0, notes);
+    let ckpt = Checkpoint {
+        config,
+        tensors,
+        source: file,
+        format,
+        notes: more_notes,
+    };
+    check_finite(&ckpt)?;
+    Ok(ckpt)
+}
+
+type Loaded = (Config, BTreeMap<String, Tensor>, Vec<String>);
+
+fn format_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn file_len(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len())
+}
+
+fn load_safetensors(path: &Path) -> Result<Loaded> {
+    let config_path = path.with_file_name("config.json");
+    if !config_path.is_file() {
+        return Err(format_err(
+            path,
+            format!(
+                "no config.json beside it (expected {})",
+                config_path.display()
+            ),
+        ));
+    }
+    let config = Config::from_json_file(&config_path)?;
+    check_config_fits(&config, &config_path, file_len(path)?)?;
+    // SAFETY: the file is mapped read-only; like every mmap user we rely on nobody
+    // truncating it while we read. The data is copied into tensors before we return.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map_err(|e| format_err(path, format!("not a valid safetensors file: {e}")))?;
+    let views = st.tensors();
+    let mut found: HashMap<String, (String, Vec<usize>, DType)> = HashMap::new();
+    for (raw, view) in &views {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            other => {
+                return Err(Error::Tensor {
+                    path: path.to_path_buf(),
+                    name: raw.clone(),
+                    problem: format!(
+                        "dtype {other:?} is not supported (expected F32, BF16 or F16)"
+                    ),
+                })
+            }
+        };
+        let name = strip_prefixes(raw).to_string();
+        found.insert(name, (raw.clone(), view.shape().to_vec(), dtype));
+    }
+    let mut notes = prefix_note(found.values().map(|(raw, ..)| raw.as_str()));
+    check_names_and_shapes(&config, path, &found)?;
+    let mut tensors = BTreeMap::new();
+    for (name, (raw, ..)) in found {
+        let t = st.load(&raw, &Device::Cpu).map_err(|e| Error::Tensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            problem: format!("cannot read data: {e}"),
+        })?;
+        tensors.insert(name, t);
+    }
+    notes.retain(|n| !n.is_empty());
+    Ok((config, tensors, notes))
+}
+
+fn prefix_note<'a>(raw_names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let stripped = raw_names.filter(|r| strip_prefixes(r) != *r).count();
+    if stripped > 0 {
+        vec![format!(
+            "stripped `_orig_mod.`/`module.` prefixes from {stripped} tensor names"
+        )]
+    } else {
+        vec![]
+    }
+}
+
+fn load_torch(path: &Path) -> Result<Loaded> {
+    let len = file_len(path)?;
+    let model_args = read_model_args(path)?;
+    let config = Config::from_args(&model_args, path)?;
+    check_config_fits(&config, path, len)?;
+    let pth = candle_core::pickle::PthTensors::new(path, Some("model")).map_err(|e| {
+        format_err(
+            path,
+            format!("cannot read the state dict under `model`: {e}"),
+        )
+    })?;
+    let mut found = HashMap::new();
+    for (raw, info) in pth.tensor_infos() {
+        let name = strip_prefixes(raw).to_string();
+        let dtype = info.dtype;
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::Tensor {
+                path: path.to_path_buf(),
+                name,
+                problem: format!("dtype {dtype:?} is not supported (expected F32, BF16 or F16)"),
+            });
+        }
+        found.insert(name, (raw.clone(), info.layout.dims().to_vec(), dtype));
+    }
+    if found.is_empty() {
+        return Err(format_err(
+            path,
+            "the `model` entry holds no tensors (expected NVIDIA/ngpt's state dict)",
+        ));
+    }
+    let notes = prefix_note(found.values().map(|(raw, ..)| raw.as_str()));
+    check_names_and_shapes(&config, path, &found)?;
+    let mut tensors = BTreeMap::new();
+    for (name, (raw, ..)) in found {
+        let t = pth
+            .get(&raw)
+            .map_err(|e| Error::Tensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                problem: format!("cannot read data: {e}"),
+            })?
+            .ok_or_else(|| Error::Tensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                problem: "listed in the pickle but not readable".into(),
+            })?;
+        tensors.insert(name, t);
+    }
+    Ok((config, tensors, notes))
+}
+
+/// Reads `model_args` from the top-level dict of a torch zip checkpoint.
+fn read_model_args(path: &Path) -> Result<BTreeMap<String, ArgValue>> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| format_err(path, format!("not a torch checkpoint (zip archive): {e}")))?;
+    let pkl = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .find(|n| n.ends_with("data.pkl"))
+        .ok_or_else(|| format_err(path, "torch zip holds no data.pkl"))?;
+    let entry = zip
+        .by_name(&pkl)
+        .map_err(|e| format_err(path, format!("cannot open {pkl}: {e}")))?;
+    let mut reader = std::io::BufReader::new(entry);
+    let mut stack = Stack::empty();
+    stack
+        .read_loop(&mut reader)
+        .map_err(|e| format_err(path, format!("cannot parse the pickle {pkl}: {e}")))?;
+    let top = stack
+        .finalize()
+        .map_err(|e| format_err(path, format!("cannot parse the pickle {pkl}: {e}")))?;
+    let Object::Dict(entries) = top else {
+        return Err(format_err(
+            path,
+            "top-level object is not a dict (expected NVIDIA/ngpt's train.py checkpoint)",
+        ));
+    };
+    let args = entries
+        .into_iter()
+        .find(|(k, _)| matches!(k, Object::Unicode(s) if s == "model_args"))
+        .map(|(_, v)| v)
+        .ok_or_else(|| {
+            format_err(
+                path,
+                "no `model_args` entry (expected NVIDIA/ngpt's train.py checkpoint)",
+            )
+        })?;
+    let Object::Dict(args) = args else {
+        return Err(format_err(path, "`model_args` is not a dict"));
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in args {
+        let Object::Unicode(k) = k else { continue };
+        let v = match v {
+            Object::Int(i) => ArgValue::Int(i as i64),
+            Object::Long(i) => ArgValue::Int(i),
+            Object::Float(f) => ArgValue::Float(f),
+            Object::Bool(b) => ArgValue::Bool(b),
+            other => ArgValue::Other(format!("{other:?}")),
+        };
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// A config cannot make ngpt allocate more than the checkpoint holds: the parameters it
+/// implies, at 2 bytes each at least, must fit in the file.
+fn check_config_fits(config: &Config, path: &Path, file_len: u64) -> Result<()> {
+    let params = config.parameter_count().ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        field: "n_embd".into(),
+        problem: "the dimensions imply more parameters than fit in 64 bits".into(),
+    })?;
+    if params.saturating_mul(2) > file_len {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            field: "n_layer/n_embd/vocab_size".into(),
+            problem: format!(
+                "imply {params} parameters, more than the {file_len}-byte checkpoint can hold"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn fmt_shape(s: &[usize]) -> String {
+    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+fn check_names_and_shapes(
+    config: &Config,
+    path: &Path,
+    found: &HashMap<String, (String, Vec<usize>, DType)>,
+) -> Result<()> {
+    let expected = config.expected_tensors();
+    if let Some(bias) = found.keys().filter(|k| k.ends_with(".bias")).min() {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: format!("tensor `{bias}`"),
+            why: "nGPT checkpoints with Linear biases are not supported".into(),
+        });
+    }
+    // The embedding rows fix the vocabulary.
+    if let Some((_, shape, _)) = found.get("transformer.wte.weight") {
+        if shape.first() != Some(&config.vocab_size) {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                field: "vocab_size".into(),
+                problem: format!(
+                    "{} does not match the {} rows of transformer.wte.weight {}",
+                    config.vocab_size,
+                    shape.first().copied().unwrap_or(0),
+                    fmt_shape(shape)
+                ),
+            });
+        }
+    }
+    for (name, want) in &expected {
+        match found.get(name) {
+            None => {
+                return Err(Error::Tensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    problem: format!("missing (expected shape {})", fmt_shape(want)),
+                })
+            }
+            Some((_, shape, _)) if shape != want => {
+                return Err(Error::Tensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    problem: format!(
+                        "shape {} does not match the config's {}",
+                        fmt_shape(shape),
+                        fmt_shape(want)
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<&str> = found
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !known.contains(k))
+        .collect();
+    if !extra.is_empty() {
+        extra.sort_unstable();
+        let shown: Vec<&str> = extra.iter().take(5).copied().collect();
+        let more = if extra.len() > 5 {
+            format!(" and {} more", extra.len() - 5)
+        } else {
+            String::new()
+        };
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            name: shown[0].to_string(),
+            problem: format!(
+                "unexpected for an nGPT of this config (n_layer = {}); unexpected keys: {}{more}",
+                config.n_layer,
+                shown.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_finite(ckpt: &Checkpoint) -> Result<()> {
+    for (name, t) in &ckpt.tensors {
+        let bad = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| Error::Tensor {
+                path: ckpt.source.clone(),
+                name: name.clone(),
+                problem: format!("cannot read data: {e}"),
+            })?
+            .iter()
+            .position(|v| !v.is_finite());
+        if let Some(i) = bad {
+            return Err(Error::Tensor {
+                path: ckpt.source.clone(),
+                name: name.clone(),
+                problem: format!("holds NaN or Inf (first at flat index {i})"),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! `ngpt init`: trained-like random nGPT checkpoints for tests and benchmarks.
+//!
+//! Matrices are random and normalized the way NVIDIA's `normalize_matrices()` leaves them
+//! (spec section 4); scaling vectors are perturbed away from their init values, some of
+//! them negative, so that every folding mistake changes the logits. The output is a pure
+//! function of the options: same options, same bytes.
+
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::artifact;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Named model sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// 2 layers, 2 heads, n_embd 64, vocab 256.
+    Tiny,
+    /// 12 layers, 12 heads, n_embd 768, vocab 50304.
+    Small,
+    /// 24 layers, 16 heads, n_embd 1024, vocab 50304: NVIDIA's own nGPT configuration.
+    Half,
+}
+
+impl Preset {
+    /// (n_layer, n_head, n_embd, vocab_size, block_size)
+    pub fn dims(self) -> (usize, usize, usize, usize, usize) {
+        match self {
+            Preset::Tiny => (2, 2, 64, 256, 256),
+            Preset::Small => (12, 12, 768, 50304, 1024),
+            Preset::Half => (24, 16, 1024, 50304, 1024),
+        }
+    }
+}
+
+/// What `ngpt init` writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitOptions {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub vocab_size: usize,
+    pub block_size: usize,
+    pub seed: u64,
+    /// `None` means train.py's choice, 1/sqrt(n_embd).
+    pub base_scale: Option<f64>,
+    /// Store the block matrices in BF16, as NVIDIA does.
+    pub bf16: bool,
+}
+
+impl InitOptions {
+    /// Options for a preset with seed 0, f32 and train.py's base_scale.
+    pub fn preset(p: Preset) -> Self {
+        let (n_layer, n_head, n_embd, vocab_size, block_size) = p.dims();
+        InitOptions {
+            n_layer,
+            n_head,
+            n_embd,
+            vocab_size,
+            block_size,
+            seed: 0,
+            base_scale: None,
+            bf16: false,
+        }
+    }
+
+    /// The config these options describe, validated like an imported one.
+    pub fn config(&self) -> Result<Config> {
+        use crate::config::ArgValue::{Bool, Float, Int};
+        let bs = self.base_scale.unwrap_or(1.0 / (self.n_embd as f64).sqrt());
+        let args = [
+            ("use_nGPT", Int(1)),
+            ("n_layer", Int(self.n_layer as i64)),
+            ("n_head", Int(self.n_head as i64)),
+            ("n_embd", Int(self.n_embd as i64)),
+            ("block_size", Int(self.block_size as i64)),
+            ("base_scale", Float(bs)),
+            ("bias", Bool(false)),
+            ("vocab_size", Int(self.vocab_size as i64)),
+            ("dropout", Float(0.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Config::from_args(&args, Path::new("ngpt init options"))
+    }
+}
+
+/// How a matrix is normalized (spec section 4): along the n_embd axis.
+#[derive(Clone, Copy)]
+enum Unit {
+    Rows,
+    Columns,
+}
+
+/// One generated tensor: name, shape, values (f32), whether stored as BF16.
+struct Generated {
+    name: String,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+    bf16: bool,
+}
+
+fn rng_for(seed: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    rng
+}
+
+fn normal_matrix(rng: &mut ChaCha8Rng, rows: usize, cols: usize, unit: Unit) -> Vec<f32> {
+    let mut m: Vec<f32> = (0..rows * cols)
+        .map(|_| StandardNormal.sample(rng))
+        .collect();
+    match unit {
+        Unit::Rows => {
+            for row in m.chunks_mut(cols) {
+                let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                row.iter_mut().for_each(|v| *v /= n);
+            }
+        }
+        Unit::Columns => {
+            let mut norms = vec![0f32; cols];
+            for row in m.chunks(cols) {
+                norms.iter_mut().zip(row).for_each(|(n, v)| *n += v * v);
+            }
+            norms.iter_mut().for_each(|n| *n = n.sqrt());
+            for row in m.chunks_mut(cols) {
+                row.iter_mut().zip(&norms).for_each(|(v, n)| *v /= n);
+            }
+        }
+    }
+    m
+}
+
+/// `init * (1 + 0.8 z)`: about one entry in ten ends up negative.
+fn perturbed(rng: &mut ChaCha8Rng, len: usize, init: f64) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            (init * (1.0 + 0.8 * z)) as f32
+        })
+        .collect()
+}
+
+/// Generates the state dict for `opts` (NVIDIA key names).
+fn generate(opts: &InitOptions, config: &Config) -> Vec<Generated> {
+    let (c, v, bs) = (config.n_embd, config.vocab_size, config.base_scale);
+    // (name, rows, cols, unit, stored as bf16 when requested)
+    let mut mats: Vec<(String, usize, usize, Unit, bool)> =
+        vec![("transformer.wte.weight".into(), v, c, Unit::Rows, false)];
+    let mut vecs: Vec<(String, usize, f64)> = vec![];
+    for i in 0..config.n_layer {
+        let p = format!("transformer.h.{i}");
+        mats.push((format!("{p}.query.weight"), c, c, Unit::Rows, true));
+        mats.push((format!("{p}.key.weight"), c, c, Unit::Rows, true));
+        mats.push((format!("{p}.value.weight"), c, c, Unit::Rows, true));
+        mats.push((format!("{p}.att_c_proj.weight"), c, c, Unit::Columns, true));
+        mats.push((format!("{p}.c_fc.weight"), 8 * c, c, Unit::Rows, true));
+        mats.push((
+            format!("{p}.mlp_c_proj.weight"),
+            c,
+            4 * c,
+            Unit::Columns,
+            true,
+        ));
+        vecs.push((format!("{p}.attn_alpha"), c, bs));
+        vecs.push((format!("{p}.mlp_alpha"), c, bs));
+        vecs.push((format!("{p}.sqk"), c, bs));
+        vecs.push((format!("{p}.suv"), 8 * c, 1.0));
+    }
+    mats.push(("lm_head.weight".into(), v, c, Unit::Rows, false));
+    vecs.push(("sz".into(), v, bs));
+
+    let n_mats = mats.len();
+    let make_mat =
+        |(idx, (name, rows, cols, unit, bf16)): (usize, (String, usize, usize, Unit, bool))| {
+            let mut rng = rng_for(opts.seed, idx as u64);
+            Generated {
+                name,
+                shape: vec![rows, cols],
+                values: normal_matrix(&mut rng, rows, cols, unit),
+                bf16: bf16 && opts.bf16,
+            }
+        };
+    // Matrices dominate the time; generate them on two threads (each has its own stream,
+    // so the bytes do not depend on the split).
+    let indexed: Vec<_> = mats.into_iter().enumerate().collect();
+    let (evens, odds): (Vec<_>, Vec<_>) = indexed.into_iter().partition(|(i, _)| i % 2 == 0);
+    let mut out: Vec<Generated> = std::thread::scope(|s| {
+        let h = s.spawn(|| odds.into_iter().map(make_mat).collect::<Vec<_>>());
+        let mut a: Vec<Generated> = evens.into_iter().map(make_mat).collect();
+        a.extend(h.join().expect("init worker thread does not panic"));
+        a
+    });
+    for (j, (name, len, init)) in vecs.into_iter().enumerate() {
+        let mut rng = rng_for(opts.seed, (n_mats + j) as u64);
+        out.push(Generated {
+            name,
+            shape: vec![len],
+            values: perturbed(&mut rng, len, init),
+            bf16: false,
+        });
+    }
+    out
+}
+
+/// Writes `model.safetensors` and `config.json` into `dir`.
+///
+/// ```no_run
+/// use ngpt_compiler::init::{write, InitOptions, Preset};
+/// write("out/tiny".as_ref(), &InitOptions::preset(Preset::Tiny))?;
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
+pub fn write(dir: &Path, opts: &InitOptions) -> Result<()> {
+    let config = opts.config()?;
+    if config.parameter_count().is_none_or(|n| n > 8_000_000_000) {
+        return Err(Error::Argument {
+            what: "model size".into(),
+            problem: "more than 8e9 parameters; ngpt init makes test models".into(),
+        });
+    }
+    artifact::create_dir(dir)?;
+    let tensors = generate(opts, &config);
+    let bytes: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|g| {
+            let (dtype, data) = if g.bf16 {
+                let d = g
+                    .values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect();
+                (safetensors::Dtype::BF16, d)
+            } else {
+                (
+                    safetensors::Dtype::F32,
+                    g.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            };
+            (g.name, g.shape, dtype, data)
+        })
+        .collect();
+    let st_path = dir.join("model.safetensors");
+    artifact::write_with(&st_path, |tmp| {
+        let views = bytes
+            .iter()
+            .map(|(name, shape, dtype, data)| {
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::Argument {
+                        what: name.clone(),
+                        problem: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::tensor::serialize_to_file(views, None, tmp).map_err(|e| Error::Io {
+            path: tmp.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })?;
+    artifact::write_bytes(&dir.join("config.json"), config.to_json().as_bytes())
+}

@@ -1,0 +1,16 @@
+//! ngpt's compiler: checkpoint import, the literal reference, and (in later stages) the
+//! graph IR, its passes and the ONNX and launch-plan emitters.
+//!
+//! The entry point is [`import::load`]; [`reference::logits`] is the oracle every other
+//! path is checked against.
+
+pub mod artifact;
+pub mod compare;
+pub mod config;
+pub mod error;
+pub mod import;
+pub mod init;
+pub mod inspect;
+pub mod reference;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Wire formats of ngpt. Filled by the ONNX and plan issues.

@@ -1,0 +1,109 @@
+//! `ngpt demo`: every stage that exists, on the built-in nv-tiny model.
+//!
+//! nv-tiny is a real checkpoint trained for 300 steps by NVIDIA's own model.py and saved as
+//! their train.py saves it; it ships inside the binary with the logits NVIDIA's code
+//! computes for its prompt, so the demo needs no downloads and checks itself.
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use ngpt_compiler::compare::compare;
+use ngpt_compiler::reference::{self, Precision};
+use ngpt_compiler::{import, inspect};
+
+use crate::tokens::Vocab;
+
+const CKPT: &[u8] = include_bytes!("../../tests/fixtures/nv-tiny/ckpt.pt");
+const VOCAB: &str = include_str!("../../tests/fixtures/nv-tiny/vocab.json");
+const PROMPT: &str = include_str!("../../tests/fixtures/nv-tiny/prompt.json");
+const NV_LOGITS: &[u8] = include_bytes!("../../tests/fixtures/nv-tiny/nv_logits_f64.npy");
+
+/// Run every stage on the built-in nv-tiny model (trained by NVIDIA's code) and report.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  ngpt demo\n  ngpt demo --new-tokens 80")]
+pub struct Args {
+    /// Tokens to generate after the prompt.
+    #[arg(long, default_value_t = 40)]
+    new_tokens: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dir = tempfile::tempdir().context("creating a temporary directory for the demo")?;
+    let ckpt_path = dir.path().join("ckpt.pt");
+    std::fs::write(&ckpt_path, CKPT).with_context(|| format!("writing {}", ckpt_path.display()))?;
+    let vocab = Vocab::from_json_str(VOCAB, "vocab.json".as_ref())?;
+    let prompt: serde_json::Value = serde_json::from_str(PROMPT).context("built-in prompt.json")?;
+    let tokens: Vec<u32> = prompt["tokens"]
+        .as_array()
+        .context("prompt.json: tokens")?
+        .iter()
+        .filter_map(|v| v.as_u64().map(|v| v as u32))
+        .collect();
+
+    println!("ngpt demo: nv-tiny, a checkpoint trained 300 steps by NVIDIA/ngpt's own code\n");
+    let t0 = std::time::Instant::now();
+    let ckpt = import::load(&ckpt_path)?;
+    let c = &ckpt.config;
+    println!(
+        "1. import   ckpt.pt ({} KB): {} layers, {} heads, n_embd {}, vocab {}, base_scale {} ({:.1} ms)",
+        CKPT.len() / 1024,
+        c.n_layer,
+        c.n_head,
+        c.n_embd,
+        c.vocab_size,
+        c.base_scale,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let report = inspect::report(&ckpt)?;
+    let worst = report
+        .unit_norm
+        .iter()
+        .map(|u| u.max_dev)
+        .fold(0.0, f64::max);
+    println!("2. inspect  {} tensors, {} parameters; matrices within {worst:.1e} of unit norm (BF16 rounding)", report.tensors.len(), report.parameters);
+    for (label, s) in &report.scaling {
+        println!(
+            "             {label:<17} median {:>9.4} ({} of {} negative before abs)",
+            s.median, s.negative, s.count
+        );
+    }
+
+    let nv_path = dir.path().join("nv.npy");
+    std::fs::write(&nv_path, NV_LOGITS).context("writing built-in logits")?;
+    let nv = candle_core::Tensor::read_npy(&nv_path)
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .context("reading built-in nv_logits_f64.npy")?;
+    println!(
+        "3. reference logits for the {}-token prompt {:?}",
+        tokens.len(),
+        vocab.decode(&tokens)
+    );
+    for p in [Precision::F64, Precision::F32] {
+        let t0 = std::time::Instant::now();
+        let ours = reference::logits(&ckpt, &tokens, p)?
+            .to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .context("logits")?;
+        let cmp = compare(&ours, &nv, c.vocab_size);
+        println!(
+            "             {p:?}: relative error {:.2e} vs NVIDIA's float64 logits, top-1 agreement {}/{} ({:.1} ms)",
+            cmp.rel_err,
+            cmp.top1_agree,
+            cmp.positions,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let start = &tokens[..24.min(tokens.len())];
+    let t0 = std::time::Instant::now();
+    let new = reference::greedy(&ckpt, start, a.new_tokens, Precision::F64)?;
+    println!(
+        "4. greedy   {} new tokens ({:.1} ms, full forward each step):\n             {:?} + {:?}",
+        new.len(),
+        t0.elapsed().as_secs_f64() * 1e3,
+        vocab.decode(start),
+        vocab.decode(&new)
+    );
+    Ok(())
+}

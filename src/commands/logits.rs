@@ -1,0 +1,78 @@
+//! `ngpt logits`: the logits of every position, as a float32 .npy.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::ValueEnum;
+use ngpt_compiler::{artifact, import, reference};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Engine {
+    /// The literal float reference of spec section 3 (candle-core, CPU).
+    Reference,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    F64,
+}
+
+impl From<PrecisionArg> for reference::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => reference::Precision::F32,
+            PrecisionArg::F64 => reference::Precision::F64,
+        }
+    }
+}
+
+/// Compute the logits of every position of a token sequence and write them as a
+/// float32 .npy of shape [T, vocab].
+#[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  ngpt logits tests/fixtures/nv-tiny/ckpt.pt --tokens 45,64,77 -o logits.npy --precision f64"
+)]
+pub struct Args {
+    /// A checkpoint: ckpt.pt, a .safetensors file with config.json beside it, or a directory.
+    input: PathBuf,
+    /// Comma-separated token ids, at positions 0..T-1.
+    #[arg(long)]
+    tokens: String,
+    /// Output .npy file.
+    #[arg(short, long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "reference")]
+    engine: Engine,
+    #[arg(long, value_enum, default_value = "f64")]
+    precision: PrecisionArg,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ckpt = import::load(&a.input)?;
+    for note in &ckpt.notes {
+        eprintln!("note: {note}");
+    }
+    let tokens = crate::tokens::parse_tokens(&a.tokens, ckpt.config.vocab_size)?;
+    let logits = match a.engine {
+        Engine::Reference => reference::logits(&ckpt, &tokens, a.precision.into())?,
+    };
+    let logits = logits.to_dtype(DType::F32).context("logits to float32")?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        artifact::create_dir(dir)?;
+    }
+    artifact::write_with(&a.out, |tmp| {
+        logits.write_npy(tmp).map_err(|e| ngpt_compiler::Error::Io {
+            path: tmp.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })?;
+    println!(
+        "wrote {} [{} x {}] float32",
+        a.out.display(),
+        tokens.len(),
+        ckpt.config.vocab_size
+    );
+    Ok(())
+}
