@@ -36,13 +36,25 @@ fn main() {
         Command::Logits(a) => commands::logits::run(a),
     };
     if let Err(e) = result {
-        // One line: the outermost context, then each cause.
-        let msg = e
-            .chain()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(": ");
-        eprintln!("error: {msg}");
+        // One line: the outermost context, then each cause. The compiler's errors already
+        // print their source (`path: io error`), so a cause whose text is already in the
+        // message is not repeated; candle errors are shown without the backtrace they carry
+        // when RUST_BACKTRACE is set.
+        let mut msg = String::new();
+        for cause in e.chain() {
+            let cause = match cause.downcast_ref::<candle_core::Error>() {
+                Some(c) => ngpt_compiler::error::candle_message(c),
+                None => cause.to_string(),
+            };
+            if msg.contains(&cause) {
+                continue;
+            }
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&cause);
+        }
+        eprintln!("error: {}", msg.replace('\n', " "));
         std::process::exit(1);
     }
 }

@@ -43,12 +43,29 @@ pub enum Error {
     #[error("{what}: {problem}")]
     Argument { what: String, problem: String },
     /// A tensor operation failed inside candle.
-    #[error("tensor math ({context}): {source}")]
+    #[error("tensor math ({context}): {}", candle_message(.source))]
     Candle {
         context: String,
         #[source]
         source: candle_core::Error,
     },
+}
+
+/// A candle error as one line: without the backtrace candle attaches when `RUST_BACKTRACE`
+/// is set, and without the `path: "..."` it adds (ngpt's messages start with the path).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } | E::WithPath { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
 }
 
 /// Result alias of the compiler crate.

@@ -11,7 +11,7 @@ use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ArgValue, Config};
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 
 /// The on-disk form a checkpoint was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +157,12 @@ fn load_safetensors(path: &Path) -> Result<Loaded> {
     check_config_fits(&config, &config_path, file_len(path)?)?;
     // SAFETY: the file is mapped read-only; like every mmap user we rely on nobody
     // truncating it while we read. The data is copied into tensors before we return.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .map_err(|e| format_err(path, format!("not a valid safetensors file: {e}")))?;
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+        format_err(
+            path,
+            format!("not a valid safetensors file: {}", candle_message(&e)),
+        )
+    })?;
     let views = st.tensors();
     let mut found: HashMap<String, (String, Vec<usize>, DType)> = HashMap::new();
     for (raw, view) in &views {
@@ -186,7 +190,7 @@ fn load_safetensors(path: &Path) -> Result<Loaded> {
         let t = st.load(&raw, &Device::Cpu).map_err(|e| Error::Tensor {
             path: path.to_path_buf(),
             name: name.clone(),
-            problem: format!("cannot read data: {e}"),
+            problem: format!("cannot read data: {}", candle_message(&e)),
         })?;
         tensors.insert(name, t);
     }
@@ -213,7 +217,10 @@ fn load_torch(path: &Path) -> Result<Loaded> {
     let pth = candle_core::pickle::PthTensors::new(path, Some("model")).map_err(|e| {
         format_err(
             path,
-            format!("cannot read the state dict under `model`: {e}"),
+            format!(
+                "cannot read the state dict under `model`: {}",
+                candle_message(&e)
+            ),
         )
     })?;
     let mut found = HashMap::new();
@@ -244,7 +251,7 @@ fn load_torch(path: &Path) -> Result<Loaded> {
             .map_err(|e| Error::Tensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
-                problem: format!("cannot read data: {e}"),
+                problem: format!("cannot read data: {}", candle_message(&e)),
             })?
             .ok_or_else(|| Error::Tensor {
                 path: path.to_path_buf(),
@@ -274,12 +281,18 @@ fn read_model_args(path: &Path) -> Result<BTreeMap<String, ArgValue>> {
         .map_err(|e| format_err(path, format!("cannot open {pkl}: {e}")))?;
     let mut reader = std::io::BufReader::new(entry);
     let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut reader)
-        .map_err(|e| format_err(path, format!("cannot parse the pickle {pkl}: {e}")))?;
-    let top = stack
-        .finalize()
-        .map_err(|e| format_err(path, format!("cannot parse the pickle {pkl}: {e}")))?;
+    stack.read_loop(&mut reader).map_err(|e| {
+        format_err(
+            path,
+            format!("cannot parse the pickle {pkl}: {}", candle_message(&e)),
+        )
+    })?;
+    let top = stack.finalize().map_err(|e| {
+        format_err(
+            path,
+            format!("cannot parse the pickle {pkl}: {}", candle_message(&e)),
+        )
+    })?;
     let Object::Dict(entries) = top else {
         return Err(format_err(
             path,
@@ -426,7 +439,7 @@ fn check_finite(ckpt: &Checkpoint) -> Result<()> {
             .map_err(|e| Error::Tensor {
                 path: ckpt.source.clone(),
                 name: name.clone(),
-                problem: format!("cannot read data: {e}"),
+                problem: format!("cannot read data: {}", candle_message(&e)),
             })?
             .iter()
             .position(|v| !v.is_finite());

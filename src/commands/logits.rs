@@ -38,7 +38,9 @@ pub struct Args {
     /// A checkpoint: ckpt.pt, a .safetensors file with config.json beside it, or a directory.
     input: PathBuf,
     /// Comma-separated token ids, at positions 0..T-1.
-    #[arg(long)]
+    // Hyphen values allowed so that `--tokens -1` reaches the range check (one-line error)
+    // instead of clap's "unexpected argument" usage text.
+    #[arg(long, allow_hyphen_values = true)]
     tokens: String,
     /// Output .npy file.
     #[arg(short, long)]
