@@ -257,10 +257,19 @@ pub fn write(dir: &Path, opts: &InitOptions) -> Result<()> {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
-        safetensors::tensor::serialize_to_file(views, None, tmp).map_err(|e| Error::Io {
+        let io = |source| Error::Io {
             path: tmp.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })
+            source,
+        };
+        // safetensors writes through a NamedTempFile, which is created owner-only (0600);
+        // keep the mode a plain create gives (0666 less the umask), as config.json has.
+        let perms = std::fs::File::create(tmp)
+            .and_then(|f| f.metadata())
+            .map_err(io)?
+            .permissions();
+        safetensors::tensor::serialize_to_file(views, None, tmp)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        std::fs::set_permissions(tmp, perms).map_err(io)
     })?;
     artifact::write_bytes(&dir.join("config.json"), config.to_json().as_bytes())
 }
