@@ -8,9 +8,11 @@ pub mod artifact;
 pub mod compare;
 pub mod config;
 pub mod error;
+pub mod graph;
 pub mod import;
 pub mod init;
 pub mod inspect;
+pub mod passes;
 pub mod reference;
 
 pub use error::{Error, Result};

@@ -1,0 +1,295 @@
+//! The nGPT graph IR.
+//!
+//! A graph is a list of nodes in topological order; each node computes one value from the
+//! values of earlier nodes. Shapes use one symbolic dimension, `T` (tokens of the
+//! sequence). Constants hold candle tensors in whatever dtype is exact for them: stored
+//! checkpoint dtypes until a fold rounds, f64 after. Activations have no dtype of their
+//! own: the interpreter runs a graph in f32 or f64, emitters pick theirs.
+//!
+//! Every node has a name that traces back to a checkpoint tensor (`h.3.attn.q.norm`).
+//! [`Graph::verify`] checks the invariants; passes run it after every rewrite in tests and
+//! debug builds.
+
+mod build;
+pub mod interp;
+mod print;
+mod verify;
+
+use std::fmt;
+
+use candle_core::Tensor;
+
+pub use build::literal;
+
+/// Index of a node in [`Graph::nodes`].
+pub type NodeId = usize;
+
+/// One dimension: the symbolic sequence length or a fixed size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dim {
+    /// Tokens of the sequence being computed.
+    T,
+    Fixed(usize),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::T => write!(f, "T"),
+            Dim::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Element kind of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Floating point, precision chosen by whoever runs the graph.
+    Float,
+    /// Token ids and positions.
+    Int,
+}
+
+/// The type of a value: kind and shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fact {
+    pub kind: Kind,
+    pub shape: Vec<Dim>,
+}
+
+impl Fact {
+    pub fn float(shape: Vec<Dim>) -> Fact {
+        Fact {
+            kind: Kind::Float,
+            shape,
+        }
+    }
+
+    /// The last dimension's fixed size, if any.
+    pub fn last(&self) -> Option<usize> {
+        match self.shape.last() {
+            Some(Dim::Fixed(n)) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// A constant: a tensor and the checkpoint tensor(s) it came from.
+#[derive(Debug, Clone)]
+pub struct Const {
+    pub tensor: Tensor,
+}
+
+/// The operations of the IR. Literal ops come from spec section 3; fused ops are made by
+/// the passes. Shapes are `[T, N]` for activations unless noted.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A graph input: `tokens` or `positions`, both Int `[T]`.
+    Input,
+    /// A constant tensor.
+    Const(Const),
+    /// `table[ids]`: rows of a `[V, C]` table.
+    Gather,
+    /// `x @ w^T` for x `[T, K]`, w `[N, K]`.
+    MatMulT,
+    /// Elementwise product; the second operand is a row vector `[N]`, a scalar `[]`, or
+    /// the same shape as the first.
+    Mul,
+    /// Elementwise |x|.
+    Abs,
+    /// `x / ||x||_2` over consecutive groups of `group` entries of the last axis (the whole
+    /// row when group is the row length; one head when it is head_dim). No epsilon.
+    Norm { group: usize },
+    /// NVIDIA's position step (spec section 3 step 2) per head of `head_dim`:
+    /// `out[2j] = -x[2j+1] E[t,P+j]`, `out[2j+1] = x[2j] E[t,j]`. Inputs: x, positions.
+    PosStep { head_dim: usize },
+    /// The same step as a diagonal scaling (spec 7.7): `out[2j] = x[2j] E[t,j]`,
+    /// `out[2j+1] = x[2j+1] E[t,P+j]`. Inputs: x, positions.
+    PosDiag { head_dim: usize },
+    /// Causal attention over `heads` heads: `softmax_u(scale <q_t, k_u>) v_u`, u <= t.
+    /// Inputs: q, k, v.
+    Attention { heads: usize, scale: f64 },
+    /// `a + lr * (b - a)`, lr a row vector. Inputs: a, b, lr.
+    Lerp,
+    /// Columns `start..start+len` of the last axis.
+    Slice { start: usize, len: usize },
+    /// `z * sigmoid(z)`.
+    Silu,
+    /// Fused residual update: `Norm(h + lr * (Norm(branch) - h))`. Inputs: h, branch, lr.
+    LerpNorm,
+    /// Fused `Norm_head(PosDiag(x)) * scale`. Inputs: x, positions, scale `[N]`.
+    PosNorm { head_dim: usize },
+    /// Fused `u * Silu(v)` with `[u | v] = x`, output `[T, N/2]`.
+    SwiGlu,
+    /// The last row: `[T, N] -> [1, N]`, for decoding.
+    LastRow,
+}
+
+impl Op {
+    /// A short lowercase name, as the printer shows it.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input => "input",
+            Op::Const(_) => "const",
+            Op::Gather => "gather",
+            Op::MatMulT => "matmul_t",
+            Op::Mul => "mul",
+            Op::Abs => "abs",
+            Op::Norm { .. } => "norm",
+            Op::PosStep { .. } => "pos_step",
+            Op::PosDiag { .. } => "pos_diag",
+            Op::Attention { .. } => "attention",
+            Op::Lerp => "lerp",
+            Op::Slice { .. } => "slice",
+            Op::Silu => "silu",
+            Op::LerpNorm => "lerp_norm",
+            Op::PosNorm { .. } => "pos_norm",
+            Op::SwiGlu => "swiglu",
+            Op::LastRow => "last_row",
+        }
+    }
+}
+
+/// One node: an op, its inputs, its name and the fact of its output.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<NodeId>,
+    pub fact: Fact,
+}
+
+/// A graph: nodes in topological order, named inputs and outputs.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    /// Output node ids, in order (`logits`).
+    pub outputs: Vec<NodeId>,
+    /// Model dimensions, for passes that need them.
+    pub n_embd: usize,
+    pub n_head: usize,
+}
+
+impl Graph {
+    /// Appends a node, inferring its fact from its op and inputs.
+    pub fn push(
+        &mut self,
+        name: impl Into<String>,
+        op: Op,
+        inputs: Vec<NodeId>,
+    ) -> crate::Result<NodeId> {
+        let name = name.into();
+        let facts: Vec<&Fact> = inputs.iter().map(|&i| &self.nodes[i].fact).collect();
+        let fact = verify::infer(&op, &facts).map_err(|problem| crate::Error::Argument {
+            what: format!("IR node `{name}`"),
+            problem,
+        })?;
+        self.nodes.push(Node {
+            name,
+            op,
+            inputs,
+            fact,
+        });
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Ids of the nodes that use `id` as an input.
+    pub fn consumers(&self, id: NodeId) -> Vec<NodeId> {
+        (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].inputs.contains(&id))
+            .collect()
+    }
+
+    /// The node named `name`, if any.
+    pub fn find(&self, name: &str) -> Option<NodeId> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// The constant tensor of node `id`, if it is a constant.
+    pub fn const_of(&self, id: NodeId) -> Option<&Tensor> {
+        match &self.nodes[id].op {
+            Op::Const(c) => Some(&c.tensor),
+            _ => None,
+        }
+    }
+
+    /// Counts nodes by op mnemonic.
+    pub fn count(&self, mnemonic: &str) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.op.mnemonic() == mnemonic)
+            .count()
+    }
+
+    /// Replaces every use of `old` by `new` (inputs and outputs). Fails at once when the
+    /// facts differ.
+    pub fn replace_uses(&mut self, old: NodeId, new: NodeId) -> crate::Result<()> {
+        if self.nodes[old].fact != self.nodes[new].fact {
+            return Err(crate::Error::Argument {
+                what: format!(
+                    "IR replace `{}` by `{}`",
+                    self.nodes[old].name, self.nodes[new].name
+                ),
+                problem: format!(
+                    "facts differ: {:?} vs {:?}",
+                    self.nodes[old].fact, self.nodes[new].fact
+                ),
+            });
+        }
+        for n in &mut self.nodes {
+            for i in &mut n.inputs {
+                if *i == old {
+                    *i = new;
+                }
+            }
+        }
+        for o in &mut self.outputs {
+            if *o == old {
+                *o = new;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-sorts the nodes topologically (depth first from the outputs, inputs in order)
+    /// and drops the nodes no output depends on. Graph inputs are always kept, first.
+    pub fn compact(&mut self) {
+        let n = self.nodes.len();
+        let mut order = Vec::with_capacity(n);
+        let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
+        for (i, node) in self.nodes.iter().enumerate() {
+            if matches!(node.op, Op::Input) {
+                state[i] = 2;
+                order.push(i);
+            }
+        }
+        for &root in &self.outputs {
+            let mut stack = vec![(root, 0usize)];
+            while let Some((id, next)) = stack.pop() {
+                if state[id] == 2 {
+                    continue;
+                }
+                state[id] = 1;
+                if let Some(&child) = self.nodes[id].inputs.get(next) {
+                    stack.push((id, next + 1));
+                    if state[child] == 0 {
+                        stack.push((child, 0));
+                    }
+                } else {
+                    state[id] = 2;
+                    order.push(id);
+                }
+            }
+        }
+        let mut remap = vec![usize::MAX; n];
+        for (new, &old) in order.iter().enumerate() {
+            remap[old] = new;
+        }
+        let mut nodes: Vec<Node> = order.iter().map(|&old| self.nodes[old].clone()).collect();
+        for node in &mut nodes {
+            node.inputs.iter_mut().for_each(|i| *i = remap[*i]);
+        }
+        self.outputs.iter_mut().for_each(|o| *o = remap[*o]);
+        self.nodes = nodes;
+    }
+}

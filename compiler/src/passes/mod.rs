@@ -1,0 +1,308 @@
+//! Passes: fold the scaling factors into constants, then fuse the normalize ops.
+//!
+//! Each pass lives in its own file as one rule, `fn rule(g: &Graph, id: NodeId) ->
+//! Result<Outcome>`, tried on every node. A rule never edits the graph: it returns a
+//! [`Patch`] (new nodes, and which old values they replace) and the [`run`] manager applies
+//! it, compacts the graph, verifies it (in tests and debug builds) and tries again until no
+//! rule fires. The rule-author contract is in `README.md` beside this file.
+
+mod drop_norm;
+mod fold_scaling;
+mod fold_suv;
+mod fold_sz;
+mod fuse_qkv;
+mod last_position;
+mod lerp_norm;
+mod pos_norm;
+mod pos_table;
+mod sqk_onto_q;
+mod swiglu;
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::graph::{Const, Graph, NodeId, Op};
+
+/// What a rule says about one node.
+pub enum Outcome {
+    /// The pattern is not here.
+    NoMatch,
+    /// The pattern is here but a precondition fails; the graph stays as it is.
+    Skip(String),
+    /// Rewrite.
+    Rewrite(Patch),
+}
+
+/// Returns [`Outcome::NoMatch`] unless the condition holds.
+macro_rules! rule_if {
+    ($cond:expr) => {
+        if !$cond {
+            return Ok($crate::passes::Outcome::NoMatch);
+        }
+    };
+}
+
+/// Binds the pattern or returns [`Outcome::NoMatch`].
+macro_rules! rule_if_let {
+    ($pat:pat = $e:expr) => {
+        let $pat = $e else {
+            return Ok($crate::passes::Outcome::NoMatch);
+        };
+    };
+}
+pub(crate) use {rule_if, rule_if_let};
+
+/// New nodes and the old values they replace. New nodes get the ids that follow the
+/// graph's last node, in the order they are added, so they can refer to each other.
+pub struct Patch {
+    base: usize,
+    nodes: Vec<(String, Op, Vec<NodeId>)>,
+    replace: Vec<(NodeId, NodeId)>,
+    outputs: Vec<(NodeId, NodeId)>,
+}
+
+impl Patch {
+    pub fn new(g: &Graph) -> Patch {
+        Patch {
+            base: g.nodes.len(),
+            nodes: vec![],
+            replace: vec![],
+            outputs: vec![],
+        }
+    }
+
+    /// Adds a node; returns the id it will have.
+    pub fn node(&mut self, name: impl Into<String>, op: Op, inputs: Vec<NodeId>) -> NodeId {
+        self.nodes.push((name.into(), op, inputs));
+        self.base + self.nodes.len() - 1
+    }
+
+    /// Adds a constant node.
+    pub fn constant(&mut self, name: impl Into<String>, tensor: Tensor) -> NodeId {
+        self.node(name, Op::Const(Const { tensor }), vec![])
+    }
+
+    /// Every use of `old` becomes a use of `new`.
+    pub fn replace(&mut self, old: NodeId, new: NodeId) {
+        self.replace.push((old, new));
+    }
+
+    /// The graph output `old` becomes `new`, whose fact may differ (the decode program
+    /// changes the logits from `[T, V]` to `[1, V]`).
+    pub fn replace_output(&mut self, old: NodeId, new: NodeId) {
+        self.outputs.push((old, new));
+    }
+
+    fn apply(self, g: &mut Graph) -> Result<()> {
+        for (name, op, inputs) in self.nodes {
+            g.push(name, op, inputs)?;
+        }
+        for (old, new) in self.replace {
+            g.replace_uses(old, new)?;
+        }
+        for (old, new) in self.outputs {
+            g.outputs
+                .iter_mut()
+                .filter(|o| **o == old)
+                .for_each(|o| *o = new);
+        }
+        g.compact();
+        Ok(())
+    }
+}
+
+/// A rule: looks at one node of the graph.
+pub type Rule = fn(&Graph, NodeId) -> Result<Outcome>;
+
+/// One pass: a name and its rule.
+#[derive(Clone, Copy)]
+pub struct Pass {
+    pub name: &'static str,
+    pub rule: Rule,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone)]
+pub struct PassRecord {
+    pub name: &'static str,
+    pub rewrites: usize,
+    /// Why the pass left matching places alone, one line each, without repeats.
+    pub skipped: Vec<String>,
+    pub time: Duration,
+}
+
+/// The passes that turn the literal graph into the canonical form, in order. Folding the
+/// scaling factors comes first (pos_table must run before sqk_onto_q); fusions after.
+pub const CANONICAL: [Pass; 10] = [
+    Pass {
+        name: "fold_scaling",
+        rule: fold_scaling::rule,
+    },
+    Pass {
+        name: "fold_sz",
+        rule: fold_sz::rule,
+    },
+    Pass {
+        name: "fold_suv",
+        rule: fold_suv::rule,
+    },
+    Pass {
+        name: "pos_table",
+        rule: pos_table::rule,
+    },
+    Pass {
+        name: "sqk_onto_q",
+        rule: sqk_onto_q::rule,
+    },
+    Pass {
+        name: "drop_norm",
+        rule: drop_norm::rule,
+    },
+    Pass {
+        name: "lerp_norm",
+        rule: lerp_norm::rule,
+    },
+    Pass {
+        name: "pos_norm",
+        rule: pos_norm::rule,
+    },
+    Pass {
+        name: "fuse_qkv",
+        rule: fuse_qkv::rule,
+    },
+    Pass {
+        name: "swiglu",
+        rule: swiglu::rule,
+    },
+];
+
+/// The decode program's extra pass: logits for the last position only.
+pub const LAST_POSITION: Pass = Pass {
+    name: "last_position",
+    rule: last_position::rule,
+};
+
+/// Options of [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Run only the first N passes (to bisect a miscompile).
+    pub stop_after: Option<usize>,
+    /// Also compute logits for the last position only (the decode program).
+    pub last_position_only: bool,
+    /// Verify the graph after every rewrite (always on in debug builds).
+    pub verify: bool,
+}
+
+/// A rule that keeps firing has no fixpoint: a bug in the rule, reported as an error.
+const MAX_REWRITES: usize = 100_000;
+
+/// Runs one pass to its fixpoint.
+pub fn run_pass(g: &mut Graph, pass: Pass, verify: bool) -> Result<PassRecord> {
+    let start = Instant::now();
+    let mut record = PassRecord {
+        name: pass.name,
+        rewrites: 0,
+        skipped: vec![],
+        time: Duration::ZERO,
+    };
+    'scan: loop {
+        for id in 0..g.nodes.len() {
+            match (pass.rule)(g, id)? {
+                Outcome::NoMatch => {}
+                Outcome::Skip(why) => {
+                    if !record.skipped.contains(&why) {
+                        record.skipped.push(why);
+                    }
+                }
+                Outcome::Rewrite(patch) => {
+                    patch.apply(g)?;
+                    record.rewrites += 1;
+                    if verify || cfg!(debug_assertions) {
+                        g.verify().map_err(|e| Error::Argument {
+                            what: format!("pass {} (rewrite {})", pass.name, record.rewrites),
+                            problem: format!("left an invalid graph: {e}"),
+                        })?;
+                    }
+                    if record.rewrites > MAX_REWRITES {
+                        return Err(Error::Argument {
+                            what: format!("pass {}", pass.name),
+                            problem: "does not reach a fixpoint".into(),
+                        });
+                    }
+                    continue 'scan;
+                }
+            }
+        }
+        break;
+    }
+    record.time = start.elapsed();
+    Ok(record)
+}
+
+/// Runs the canonical passes (and the last-position pass when asked) on `g`.
+///
+/// ```no_run
+/// use ngpt_compiler::{graph, import, passes};
+/// let ckpt = import::load("tests/fixtures/nv-tiny".as_ref())?;
+/// let mut g = graph::literal(&ckpt)?;
+/// let records = passes::run(&mut g, &passes::Options::default())?;
+/// assert_eq!(g.count("lerp_norm"), 2 * ckpt.config.n_layer);
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
+pub fn run(g: &mut Graph, opts: &Options) -> Result<Vec<PassRecord>> {
+    let mut passes: Vec<Pass> = CANONICAL.to_vec();
+    if opts.last_position_only {
+        passes.push(LAST_POSITION);
+    }
+    let n = opts.stop_after.unwrap_or(passes.len()).min(passes.len());
+    passes[..n]
+        .iter()
+        .map(|&p| run_pass(g, p, opts.verify))
+        .collect()
+}
+
+/// The single consumer of `id`, if it has exactly one and is not a graph output.
+pub(crate) fn sole_consumer(g: &Graph, id: NodeId) -> Option<NodeId> {
+    let users = g.consumers(id);
+    (users.len() == 1 && !g.outputs.contains(&id)).then(|| users[0])
+}
+
+/// Folds a per-row scale into the weight of the matmul it multiplies:
+/// `mul(matmul_t(x, W), v)` => `matmul_t(x, W')` with `W'[r] = v[r] * W[r]`, computed in
+/// f64. Shared by fold_sz and fold_suv; `weight_suffix` picks the matmul.
+pub(crate) fn fold_row_scale(g: &Graph, id: NodeId, weight_suffix: &str) -> Result<Outcome> {
+    use crate::error::CandleContext;
+    let node = &g.nodes[id];
+    rule_if!(matches!(node.op, Op::Mul));
+    let (mm, v) = (node.inputs[0], node.inputs[1]);
+    rule_if!(matches!(g.nodes[mm].op, Op::MatMulT));
+    let (x, w) = (g.nodes[mm].inputs[0], g.nodes[mm].inputs[1]);
+    rule_if!(g.nodes[w].name.ends_with(weight_suffix));
+    rule_if_let!(Some(wt) = g.const_of(w));
+    let Some(vt) = g.const_of(v) else {
+        return Ok(Outcome::Skip(format!(
+            "`{}`: the row scale is not constant (run fold_scaling first)",
+            node.name
+        )));
+    };
+    if vt.rank() != 1 {
+        return Ok(Outcome::NoMatch);
+    }
+    if sole_consumer(g, mm).is_none() {
+        return Ok(Outcome::Skip(format!(
+            "`{}` has other users; folding would change them",
+            g.nodes[mm].name
+        )));
+    }
+    let folded = wt
+        .to_dtype(candle_core::DType::F64)
+        .and_then(|w| w.broadcast_mul(&vt.to_dtype(candle_core::DType::F64)?.unsqueeze(1)?))
+        .ctx("fold_row_scale")?;
+    let mut p = Patch::new(g);
+    let c = p.constant(format!("{}.folded", g.nodes[w].name), folded);
+    let out = p.node(g.nodes[mm].name.clone(), Op::MatMulT, vec![x, c]);
+    p.replace(id, out);
+    Ok(Outcome::Rewrite(p))
+}
