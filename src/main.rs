@@ -21,6 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Compile(commands::compile::Args),
     Demo(commands::demo::Args),
     Init(commands::init::Args),
     Inspect(commands::inspect::Args),
@@ -30,6 +31,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Compile(a) => commands::compile::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Inspect(a) => commands::inspect::run(a),

@@ -60,3 +60,64 @@ pub fn create_dir(dir: &Path) -> Result<()> {
         source,
     })
 }
+
+/// Writes a whole output directory or nothing: `fill` writes into a temporary directory
+/// beside `out`, which is then renamed into place. An existing `out` that holds anything is
+/// an error unless `force` is set; with `force` it is replaced only once the new directory
+/// is complete.
+pub fn write_dir(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let exists = out.exists();
+    if exists && !force {
+        let occupied = !out.is_dir() || std::fs::read_dir(out).map_err(io(out))?.next().is_some();
+        if occupied {
+            return Err(Error::Argument {
+                what: format!("--out {}", out.display()),
+                problem: "already exists and is not empty; pass --force to replace it".into(),
+            });
+        }
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    create_dir(&parent)?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if exists {
+        if let Err(e) = std::fs::rename(out, &old) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(out)(e));
+        }
+    }
+    if let Err(e) = std::fs::rename(&tmp, out) {
+        if exists {
+            let _ = std::fs::rename(&old, out);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io(out)(e));
+    }
+    if exists {
+        let _ = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
+    }
+    Ok(())
+}

@@ -6,6 +6,7 @@
 
 pub mod artifact;
 pub mod compare;
+pub mod compile;
 pub mod config;
 pub mod error;
 pub mod graph;

@@ -130,3 +130,132 @@ fn every_pass_keeps_the_logits() -> Result<()> {
     }
     Ok(())
 }
+
+/// The tiny model the IR snapshots are taken on: 1 layer keeps them short.
+fn snapshot_model() -> Result<(tempfile::TempDir, Checkpoint)> {
+    let mut o = InitOptions::preset(Preset::Tiny);
+    o.n_layer = 1;
+    o.n_embd = 16;
+    o.n_head = 2;
+    o.vocab_size = 11;
+    generated(o)
+}
+
+#[test]
+fn ir_snapshots_before_and_after_each_pass() -> Result<()> {
+    let (_dir, ckpt) = snapshot_model()?;
+    let mut g = graph::literal(&ckpt)?;
+    insta::assert_snapshot!("literal", g.to_string());
+    for pass in CANONICAL {
+        let rec = passes::run_pass(&mut g, pass, true)?;
+        insta::assert_snapshot!(
+            format!("after_{}", pass.name),
+            format!("rewrites: {}\n{g}", rec.rewrites)
+        );
+    }
+    insta::assert_snapshot!("canonical", g.to_string());
+    Ok(())
+}
+
+#[test]
+fn fusions_fire_and_unfused_patterns_are_gone() -> Result<()> {
+    for (name, _dir, ckpt) in models()? {
+        let n = ckpt.config.n_layer;
+        let mut g = graph::literal(&ckpt)?;
+        passes::run(
+            &mut g,
+            &Options {
+                verify: true,
+                ..Default::default()
+            },
+        )?;
+        // Canonical form: four GEMMs a layer plus lm_head, two lerp_norms, two pos_norms, one swiglu.
+        assert_eq!(g.count("matmul_t"), 4 * n + 1, "{name}");
+        assert_eq!(g.count("lerp_norm"), 2 * n, "{name}");
+        assert_eq!(g.count("pos_norm"), 2 * n, "{name}");
+        assert_eq!(g.count("swiglu"), n, "{name}");
+        // Only layer 0's input keeps a standalone Norm; no scaling multiply is left.
+        assert_eq!(g.count("norm"), 1, "{name}");
+        for gone in ["mul", "abs", "lerp", "silu", "pos_step", "pos_diag"] {
+            assert_eq!(g.count(gone), 0, "{name}: `{gone}` left in\n{g}");
+        }
+        assert!(g.nodes.iter().all(
+            |n| !matches!(n.op, ngpt_compiler::graph::Op::Attention { scale, .. } if scale != 1.0)
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn last_position_pass_keeps_the_last_row() -> Result<()> {
+    for (name, _dir, ckpt) in models()? {
+        let toks = tokens(ckpt.config.vocab_size, 17);
+        let mut g = graph::literal(&ckpt)?;
+        passes::run(&mut g, &Options::default())?;
+        let all = run(&g, &toks, Precision::F64);
+        let rec = passes::run_pass(&mut g, LAST_POSITION, true)?;
+        assert_eq!(rec.rewrites, 1, "{name}");
+        assert_eq!(g.count("last_row"), 1, "{name}");
+        let last = run(&g, &toks, Precision::F64);
+        let v = ckpt.config.vocab_size;
+        assert_eq!(last.len(), v, "{name}");
+        let c = compare(&last, &all[all.len() - v..], v);
+        assert!(c.passes(1e-12, 1.0), "{name}: {c:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failed_precondition_leaves_the_graph_and_says_why() -> Result<()> {
+    let (_dir, ckpt) = snapshot_model()?;
+    let mut g = graph::literal(&ckpt)?;
+    passes::run_pass(&mut g, CANONICAL[0], true)?; // fold_scaling
+    let before = g.to_string();
+    let find = |name: &str| CANONICAL.into_iter().find(|p| p.name == name).unwrap();
+    // sqk_onto_q and pos_norm need the diagonal position table first.
+    for name in ["sqk_onto_q", "pos_norm"] {
+        let rec = passes::run_pass(&mut g, find(name), true)?;
+        assert_eq!(rec.rewrites, 0, "{name}");
+        assert_eq!(g.to_string(), before, "{name} changed the graph");
+        assert!(
+            rec.skipped
+                .iter()
+                .any(|s| s.contains("run pos_table first")),
+            "{name}: {:?}",
+            rec.skipped
+        );
+    }
+    // fold_sz before fold_scaling: the scale is not constant yet.
+    let mut g = graph::literal(&ckpt)?;
+    let before = g.to_string();
+    let rec = passes::run_pass(&mut g, find("fold_sz"), true)?;
+    assert_eq!((rec.rewrites, g.to_string() == before), (0, true));
+    assert!(
+        rec.skipped
+            .iter()
+            .any(|s| s.contains("run fold_scaling first")),
+        "{:?}",
+        rec.skipped
+    );
+    Ok(())
+}
+
+#[test]
+fn stop_after_runs_a_prefix_of_the_passes() -> Result<()> {
+    let (_dir, ckpt) = snapshot_model()?;
+    for n in 0..=CANONICAL.len() {
+        let mut g = graph::literal(&ckpt)?;
+        let recs = passes::run(
+            &mut g,
+            &Options {
+                stop_after: Some(n),
+                verify: true,
+                ..Default::default()
+            },
+        )?;
+        let names: Vec<&str> = recs.iter().map(|r| r.name).collect();
+        let want: Vec<&str> = CANONICAL[..n].iter().map(|p| p.name).collect();
+        assert_eq!(names, want);
+    }
+    Ok(())
+}

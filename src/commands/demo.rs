@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::DType;
 use ngpt_compiler::compare::compare;
 use ngpt_compiler::reference::{self, Precision};
-use ngpt_compiler::{import, inspect};
+use ngpt_compiler::{compile, graph, import, inspect};
 
 use crate::tokens::Vocab;
 
@@ -105,5 +105,36 @@ pub fn run(a: Args) -> Result<()> {
         vocab.decode(start),
         vocab.decode(&new)
     );
+
+    let t0 = std::time::Instant::now();
+    let compiled = compile::compile(&ckpt, &compile::Options::default())?;
+    let literal_nodes = graph::literal(&ckpt)?.nodes.len();
+    println!(
+        "5. compile  literal graph {literal_nodes} nodes -> canonical {} nodes ({:.1} ms):",
+        compiled.graph.nodes.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let fired: Vec<String> = compiled
+        .records
+        .iter()
+        .map(|r| format!("{} x{}", r.name, r.rewrites))
+        .collect();
+    for chunk in fired.chunks(5) {
+        println!("             {}", chunk.join(", "));
+    }
+    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+    for p in [Precision::F64, Precision::F32] {
+        let out = graph::interp::run(&compiled.graph, &tokens, &positions, p)?;
+        let ours = out[0]
+            .to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .context("IR logits")?;
+        let cmp = compare(&ours, &nv, c.vocab_size);
+        println!(
+            "             folded IR {p:?}: relative error {:.2e} vs NVIDIA's float64 logits, top-1 {}/{}",
+            cmp.rel_err, cmp.top1_agree, cmp.positions
+        );
+    }
     Ok(())
 }

@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::ValueEnum;
-use ngpt_compiler::{artifact, import, reference};
+use ngpt_compiler::{artifact, compile, graph, reference};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Engine {
     /// The literal float reference of spec section 3 (candle-core, CPU).
     Reference,
+    /// The IR interpreter on the canonical (folded and fused) graph.
+    Ir,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -32,10 +34,11 @@ impl From<PrecisionArg> for reference::Precision {
 /// float32 .npy of shape [T, vocab].
 #[derive(clap::Args)]
 #[command(
-    after_help = "Example:\n  ngpt logits tests/fixtures/nv-tiny/ckpt.pt --tokens 45,64,77 -o logits.npy --precision f64"
+    after_help = "Example:\n  ngpt logits tests/fixtures/nv-tiny/ckpt.pt --tokens 45,64,77 -o logits.npy --precision f64\n  ngpt logits out/nv-tiny --engine ir --tokens 45,64,77 -o ir.npy"
 )]
 pub struct Args {
-    /// A checkpoint: ckpt.pt, a .safetensors file with config.json beside it, or a directory.
+    /// A checkpoint (ckpt.pt, a .safetensors file with config.json beside it, or a directory
+    /// holding one) or a compiled directory (its recorded source is used).
     input: PathBuf,
     /// Comma-separated token ids, at positions 0..T-1.
     // Hyphen values allowed so that `--tokens -1` reaches the range check (one-line error)
@@ -52,13 +55,17 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ckpt = import::load(&a.input)?;
-    for note in &ckpt.notes {
-        eprintln!("note: {note}");
-    }
+    let ckpt = super::input::load_checkpoint(&a.input)?;
     let tokens = crate::tokens::parse_tokens(&a.tokens, ckpt.config.vocab_size)?;
     let logits = match a.engine {
         Engine::Reference => reference::logits(&ckpt, &tokens, a.precision.into())?,
+        Engine::Ir => {
+            let compiled = compile::compile(&ckpt, &compile::Options::default())?;
+            let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+            let mut outs =
+                graph::interp::run(&compiled.graph, &tokens, &positions, a.precision.into())?;
+            outs.remove(0)
+        }
     };
     let logits = logits.to_dtype(DType::F32).context("logits to float32")?;
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -1,6 +1,8 @@
 //! One module per subcommand: its clap arguments (`Args`) and its `run`.
 
+pub mod compile;
 pub mod demo;
 pub mod init;
+pub mod input;
 pub mod inspect;
 pub mod logits;

@@ -1,0 +1,141 @@
+//! Compiling a checkpoint: the canonical graph, the pass records, and the compiled
+//! directory (`manifest.json`, `ir.txt`, `passes.txt`, and the emitters' files).
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::graph::{self, Graph};
+use crate::import::Checkpoint;
+use crate::passes::{self, PassRecord};
+
+/// Options of [`compile`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Run only the first N passes.
+    pub stop_after: Option<usize>,
+}
+
+/// A compiled model: the canonical graph and what each pass did.
+pub struct Compiled {
+    pub graph: Graph,
+    pub records: Vec<PassRecord>,
+}
+
+/// Builds the literal graph of `ckpt` and runs the passes.
+pub fn compile(ckpt: &Checkpoint, opts: &Options) -> Result<Compiled> {
+    let mut g = graph::literal(ckpt)?;
+    let records = passes::run(
+        &mut g,
+        &passes::Options {
+            stop_after: opts.stop_after,
+            ..Default::default()
+        },
+    )?;
+    Ok(Compiled { graph: g, records })
+}
+
+impl Compiled {
+    /// The pass log: each pass, its rewrites, its time, and why it skipped places.
+    pub fn pass_log(&self) -> String {
+        let mut s = String::new();
+        for (i, r) in self.records.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{:>2} {:<14} {:>4} rewrites {:>9.3} ms",
+                i + 1,
+                r.name,
+                r.rewrites,
+                r.time.as_secs_f64() * 1e3
+            );
+            for why in &r.skipped {
+                let _ = writeln!(s, "     skipped: {why}");
+            }
+        }
+        s
+    }
+}
+
+/// The sha256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What `manifest.json` records about a compile.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub producer: String,
+    pub version: String,
+    /// Absolute path of the checkpoint file compiled.
+    pub source: PathBuf,
+    pub source_sha256: String,
+    pub stop_after: Option<usize>,
+    pub passes: Vec<String>,
+    pub files: Vec<String>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Format {
+            path,
+            reason: format!("not an ngpt manifest: {e}"),
+        })
+    }
+
+    /// The source checkpoint, checked to be there and unchanged.
+    pub fn checked_source(&self, dir: &Path) -> Result<PathBuf> {
+        let manifest = dir.join("manifest.json");
+        if !self.source.is_file() {
+            return Err(Error::Format {
+                path: manifest,
+                reason: format!(
+                    "the source checkpoint {} recorded here is gone",
+                    self.source.display()
+                ),
+            });
+        }
+        let now = sha256_file(&self.source)?;
+        if now != self.source_sha256 {
+            return Err(Error::Format {
+                path: manifest,
+                reason: format!(
+                    "the source checkpoint {} changed since it was compiled (sha256 {} now, {} then)",
+                    self.source.display(),
+                    &now[..12],
+                    &self.source_sha256[..12.min(self.source_sha256.len())]
+                ),
+            });
+        }
+        Ok(self.source.clone())
+    }
+}
+
+/// True when `path` is a compiled directory (it holds `manifest.json`).
+pub fn is_compiled_dir(path: &Path) -> bool {
+    path.is_dir() && path.join("manifest.json").is_file()
+}

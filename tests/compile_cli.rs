@@ -1,0 +1,183 @@
+//! `ngpt compile` and `ngpt logits --engine ir` through the binary.
+
+mod common;
+
+use std::process::Command;
+
+use anyhow::Result;
+use ngpt_compiler::compare::compare;
+use ngpt_compiler::import;
+use ngpt_compiler::reference::Precision;
+
+fn ngpt(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ngpt"))
+        .args(args)
+        .output()
+        .expect("ngpt runs")
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn compile_writes_the_directory_and_ir_logits_match_the_reference() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("c");
+    let ckpt_path = common::nv_tiny().join("ckpt.pt");
+    let o = ngpt(&[
+        "compile",
+        ckpt_path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(entries(&out), ["ir.txt", "manifest.json", "passes.txt"]);
+    assert_eq!(
+        entries(tmp.path()),
+        ["c"],
+        "no temporary directory left beside the output"
+    );
+    let ir = std::fs::read_to_string(out.join("ir.txt"))?;
+    assert!(ir.contains("lerp_norm") && ir.contains("pos_norm") && ir.contains("swiglu"));
+    let passes = std::fs::read_to_string(out.join("passes.txt"))?;
+    assert_eq!(
+        passes.lines().filter(|l| l.contains("rewrites")).count(),
+        10
+    );
+
+    // logits --engine ir on the compiled directory uses the recorded source.
+    let tokens = common::fixture_tokens("prompt.json", "tokens")?;
+    let list: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let npy = tmp.path().join("ir.npy");
+    let o = ngpt(&[
+        "logits",
+        out.to_str().unwrap(),
+        "--engine",
+        "ir",
+        "--precision",
+        "f32",
+        "--tokens",
+        &list.join(","),
+        "-o",
+        npy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (dims, _, got) = common::read_npy(&npy)?;
+    let ckpt = import::load(&ckpt_path)?;
+    assert_eq!(dims, [tokens.len(), ckpt.config.vocab_size]);
+    let want = common::ref_logits(&ckpt, &tokens, Precision::F64)?;
+    let c = compare(&got, &want, ckpt.config.vocab_size);
+    assert!(c.passes(1e-5, 1.0), "{c:?}");
+    Ok(())
+}
+
+#[test]
+fn compile_refuses_an_occupied_directory_and_force_replaces_it_whole() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("c");
+    std::fs::create_dir(&out)?;
+    std::fs::write(out.join("old.txt"), "old")?;
+    let src = common::nv_tiny();
+    let o = ngpt(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--force")
+            && err.lines().count() >= 1
+            && err.lines().last().unwrap().starts_with("error:"),
+        "{err}"
+    );
+    assert_eq!(entries(&out), ["old.txt"]);
+    let o = ngpt(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--stop-after",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(entries(&out), ["ir.txt", "manifest.json", "passes.txt"]);
+    assert_eq!(entries(tmp.path()), ["c"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json"))?)?;
+    assert_eq!(manifest["stop_after"], 3);
+    assert_eq!(manifest["passes"].as_array().unwrap().len(), 3);
+    Ok(())
+}
+
+#[test]
+fn a_failed_compile_leaves_nothing_behind() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("c");
+    let o = ngpt(&[
+        "compile",
+        tmp.path().join("missing.pt").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(entries(tmp.path()).is_empty());
+    let o = ngpt(&[
+        "compile",
+        common::nv_tiny().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--stop-after",
+        "99",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--stop-after 99"));
+    assert!(entries(tmp.path()).is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_compiled_directory_whose_source_changed_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("m");
+    std::fs::create_dir(&src)?;
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(common::nv_tiny().join(f), src.join(f))?;
+    }
+    let out = tmp.path().join("c");
+    assert!(ngpt(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let mut bytes = std::fs::read(src.join("model.safetensors"))?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(src.join("model.safetensors"), bytes)?;
+    let npy = tmp.path().join("x.npy");
+    let o = ngpt(&[
+        "logits",
+        out.to_str().unwrap(),
+        "--engine",
+        "ir",
+        "--tokens",
+        "1,2",
+        "-o",
+        npy.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("changed since it was compiled"));
+    assert!(!npy.exists());
+    Ok(())
+}
