@@ -4,7 +4,7 @@
 use std::path::Path;
 
 /// The .proto files of this crate, relative to the crate root (which is also the include dir).
-const PROTOS: &[&str] = &["onnx.proto"];
+const PROTOS: &[&str] = &["onnx.proto", "plan.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::env::var("CARGO_MANIFEST_DIR")?;

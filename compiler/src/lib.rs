@@ -14,6 +14,7 @@ pub mod import;
 pub mod init;
 pub mod inspect;
 pub mod passes;
+pub mod plan;
 pub mod reference;
 
 pub use error::{Error, Result};

@@ -23,3 +23,14 @@ pub use prost;
 pub mod onnx {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
+
+/// ngpt launch plans (protobuf package `ngpt.plan`), generated from `schemas/plan.proto`.
+#[allow(missing_docs, clippy::enum_variant_names)]
+pub mod plan {
+    include!(concat!(env!("OUT_DIR"), "/ngpt.plan.rs"));
+
+    /// The plan format's major version: a runtime refuses any other.
+    pub const FORMAT_MAJOR: u32 = 1;
+    /// The plan format's minor version: additions a reader may ignore.
+    pub const FORMAT_MINOR: u32 = 0;
+}

@@ -1,0 +1,573 @@
+//! Lowering the canonical graph to a launch plan (`model.plan` + `model.weights`).
+//!
+//! The canonical form is fixed (design.md): per layer one QKV GEMM, one `pos_norm`
+//! launch (position table, per-head Norm, q scale, KV-cache write), one attention launch,
+//! the output GEMM, `lerp_norm`, the c_fc GEMM, `swiglu`, the projection GEMM and
+//! `lerp_norm`; then the lm_head GEMM. Lowering walks the graph in order and maps each op
+//! to steps over a fixed set of role buffers (`h`, `qkv`, `fc`, ...), so memory does not
+//! grow with depth. Slices become column offsets, never copies.
+
+mod kernels;
+
+use std::collections::HashMap;
+
+use candle_core::DType;
+use ngpt_schemas::plan::{
+    self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm, KernelModule,
+    Launch, Operand, Plan, Program, Step, Symbol,
+};
+
+use crate::config::Config;
+use crate::error::{CandleContext, Error, Result};
+use crate::graph::{Graph, NodeId, Op};
+
+pub use kernels::{kernel_source, ENTRIES};
+
+/// Weight dtype of a plan's GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    Bf16,
+}
+
+/// A lowered plan and the bytes of `model.weights`.
+pub struct Lowered {
+    pub plan: Plan,
+    pub weights: Vec<u8>,
+}
+
+const ALIGN: usize = 256;
+
+fn aff(c0: u64, c_rows: u64, c_batch: u64) -> Option<Affine> {
+    Some(Affine {
+        c0,
+        c_rows,
+        c_batch,
+    })
+}
+
+fn dim3(x: Option<Affine>, y: u64, z: u64) -> Option<Dim3> {
+    Some(Dim3 {
+        x,
+        y: aff(y, 0, 0),
+        z: aff(z, 0, 0),
+    })
+}
+
+fn buf(i: u32) -> Arg {
+    Arg {
+        value: Some(arg::Value::Buffer(i)),
+    }
+}
+fn wt(i: u32) -> Arg {
+    Arg {
+        value: Some(arg::Value::Weight(i)),
+    }
+}
+fn sym(s: Symbol) -> Arg {
+    Arg {
+        value: Some(arg::Value::Symbol(s as i32)),
+    }
+}
+
+struct Lowerer<'a> {
+    g: &'a Graph,
+    cfg: &'a Config,
+    dtype: WeightDtype,
+    max_seq_len: usize,
+    weights: Vec<pb::Weight>,
+    bytes: Vec<u8>,
+    weight_of: HashMap<NodeId, u32>,
+    buffers: Vec<Buffer>,
+    buffer_of: HashMap<String, u32>,
+    /// Where each lowered value lives: (buffer, column offset, row width).
+    value_at: HashMap<NodeId, (u32, usize, usize)>,
+    steps: Vec<Step>,
+}
+
+impl Lowerer<'_> {
+    fn buffer(&mut self, name: &str, dtype: pb::DType, kind: BufferKind, elements: Affine) -> u32 {
+        if let Some(&i) = self.buffer_of.get(name) {
+            return i;
+        }
+        self.buffers.push(Buffer {
+            name: name.into(),
+            dtype: dtype as i32,
+            kind: kind as i32,
+            elements: Some(elements),
+        });
+        let i = (self.buffers.len() - 1) as u32;
+        self.buffer_of.insert(name.to_string(), i);
+        i
+    }
+
+    /// An activation buffer of `width` floats per row.
+    fn rows(&mut self, name: &str, width: usize, kind: BufferKind) -> u32 {
+        self.buffer(
+            name,
+            pb::DType::F32,
+            kind,
+            Affine {
+                c0: 0,
+                c_rows: width as u64,
+                c_batch: 0,
+            },
+        )
+    }
+
+    fn push_weight(
+        &mut self,
+        name: String,
+        values: Vec<f32>,
+        shape: Vec<u64>,
+        dtype: pb::DType,
+    ) -> u32 {
+        while self.bytes.len() % ALIGN != 0 {
+            self.bytes.push(0);
+        }
+        let offset = self.bytes.len() as u64;
+        match dtype {
+            pb::DType::Bf16 => values
+                .iter()
+                .for_each(|v| self.bytes.extend(half::bf16::from_f32(*v).to_le_bytes())),
+            _ => values
+                .iter()
+                .for_each(|v| self.bytes.extend(v.to_le_bytes())),
+        }
+        let bytes = self.bytes.len() as u64 - offset;
+        self.weights.push(pb::Weight {
+            name,
+            dtype: dtype as i32,
+            shape,
+            offset,
+            bytes,
+        });
+        (self.weights.len() - 1) as u32
+    }
+
+    /// The constant `id` as a weight; GEMM weights take the plan dtype, vectors stay f32.
+    fn weight(&mut self, id: NodeId, gemm: bool) -> Result<u32> {
+        if let Some(&w) = self.weight_of.get(&id) {
+            return Ok(w);
+        }
+        let node = &self.g.nodes[id];
+        let t = self.g.const_of(id).ok_or_else(|| Error::Argument {
+            what: format!("plan lowering: `{}`", node.name),
+            problem: "expected a constant".into(),
+        })?;
+        let values = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .ctx(&node.name)?;
+        let dtype = if gemm && self.dtype == WeightDtype::Bf16 {
+            pb::DType::Bf16
+        } else {
+            pb::DType::F32
+        };
+        let shape = t.dims().iter().map(|&d| d as u64).collect();
+        let w = self.push_weight(node.name.clone(), values, shape, dtype);
+        self.weight_of.insert(id, w);
+        Ok(w)
+    }
+
+    fn launch(
+        &mut self,
+        name: &str,
+        entry: &str,
+        grid: Option<Dim3>,
+        block: u64,
+        shared: u32,
+        args: Vec<Arg>,
+    ) {
+        let launch = Launch {
+            module: 0,
+            entry: entry.into(),
+            grid,
+            block: dim3(aff(block, 0, 0), 1, 1),
+            shared_bytes: shared,
+            args,
+        };
+        self.steps.push(Step {
+            name: name.into(),
+            kind: Some(step::Kind::Launch(launch)),
+        });
+    }
+
+    /// `out[R, N] = x[R, K] . W[N, K]^T` as cuBLAS sees it (column-major, C = out^T).
+    fn gemm(
+        &mut self,
+        name: &str,
+        x: (u32, usize, usize),
+        w: u32,
+        n: usize,
+        k: usize,
+        out: u32,
+    ) -> Result<()> {
+        if x.1 != 0 {
+            return Err(Error::Argument {
+                what: format!("plan lowering: `{name}`"),
+                problem: "GEMM input must start at column 0".into(),
+            });
+        }
+        let g = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: aff(n as u64, 0, 0),
+            n: aff(0, 1, 0),
+            k: aff(k as u64, 0, 0),
+            lda: k as u64,
+            ldb: x.2 as u64,
+            ldc: n as u64,
+            alpha: 1.0,
+            beta: 0.0,
+            a: Some(Operand {
+                source: Some(operand::Source::Weight(w)),
+            }),
+            b: Some(Operand {
+                source: Some(operand::Source::Buffer(x.0)),
+            }),
+            c: Some(Operand {
+                source: Some(operand::Source::Buffer(out)),
+            }),
+        };
+        self.steps.push(Step {
+            name: name.into(),
+            kind: Some(step::Kind::Gemm(g)),
+        });
+        Ok(())
+    }
+
+    fn at(&self, id: NodeId) -> Result<(u32, usize, usize)> {
+        self.value_at
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::Argument {
+                what: format!("plan lowering: `{}`", self.g.nodes[id].name),
+                problem: "used before it was lowered (not the canonical form?)".into(),
+            })
+    }
+
+    fn unsupported(&self, id: NodeId) -> Error {
+        Error::Argument {
+            what: format!(
+                "plan lowering: `{}` ({})",
+                self.g.nodes[id].name,
+                self.g.nodes[id].op.mnemonic()
+            ),
+            problem: "not in the canonical form plans are lowered from; run all passes".into(),
+        }
+    }
+
+    fn lower(&mut self, decode: bool) -> Result<Vec<Step>> {
+        self.steps.clear();
+        self.value_at.clear();
+        let (c, d, h) = (self.cfg.n_embd, self.cfg.head_dim(), self.cfg.n_head);
+        let cache_elems = Affine {
+            c0: 0,
+            c_rows: 0,
+            c_batch: (h * self.max_seq_len * d) as u64,
+        };
+        let tokens = self.buffer(
+            "tokens",
+            pb::DType::I32,
+            BufferKind::Input,
+            Affine {
+                c0: 0,
+                c_rows: 1,
+                c_batch: 0,
+            },
+        );
+        let positions = self.buffer(
+            "positions",
+            pb::DType::I32,
+            BufferKind::Input,
+            Affine {
+                c0: 0,
+                c_rows: 1,
+                c_batch: 0,
+            },
+        );
+        let rows_grid = aff(0, 1, 0);
+        let mut layer = 0usize;
+        for id in 0..self.g.nodes.len() {
+            let node = &self.g.nodes[id];
+            let name = node.name.clone();
+            match &node.op {
+                Op::Input => {
+                    let b = if name == "tokens" { tokens } else { positions };
+                    self.value_at.insert(id, (b, 0, 1));
+                }
+                Op::Const(_) | Op::PosNorm { .. } => {} // used by their consumers
+                Op::Gather => {
+                    let wte = self.weight(node.inputs[0], false)?;
+                    let out = self.rows("x0", c, BufferKind::Activation);
+                    self.launch(
+                        &name,
+                        "embed",
+                        dim3(rows_grid.clone(), 1, 1),
+                        256,
+                        0,
+                        vec![buf(tokens), wt(wte), buf(out), sym(Symbol::Rows)],
+                    );
+                    self.value_at.insert(id, (out, 0, c));
+                }
+                Op::Norm { group } if *group == c => {
+                    let x = self.at(node.inputs[0])?;
+                    let out = self.rows("h", c, BufferKind::Activation);
+                    self.launch(
+                        &name,
+                        "norm_rows",
+                        dim3(rows_grid.clone(), 1, 1),
+                        256,
+                        0,
+                        vec![buf(x.0), buf(out), sym(Symbol::Rows)],
+                    );
+                    self.value_at.insert(id, (out, 0, c));
+                }
+                Op::MatMulT => {
+                    let x = self.at(node.inputs[0])?;
+                    let wshape = self.g.nodes[node.inputs[1]].fact.shape.clone();
+                    let n = self.g.nodes[id].fact.last().unwrap_or(0);
+                    let k = match wshape.get(1) {
+                        Some(crate::graph::Dim::Fixed(k)) => *k,
+                        _ => return Err(self.unsupported(id)),
+                    };
+                    let w = self.weight(node.inputs[1], true)?;
+                    let role: &'static str = if self.g.outputs.contains(&id) {
+                        "logits"
+                    } else if n == 3 * c {
+                        "qkv"
+                    } else if n == 8 * c {
+                        "fc"
+                    } else if n == c {
+                        "proj"
+                    } else {
+                        return Err(self.unsupported(id));
+                    };
+                    let kind = if role == "logits" {
+                        BufferKind::Output
+                    } else {
+                        BufferKind::Activation
+                    };
+                    let out = self.rows(role, n, kind);
+                    self.gemm(&name, x, w, n, k, out)?;
+                    self.value_at.insert(id, (out, 0, n));
+                }
+                Op::Slice { start, len } => {
+                    let x = self.at(node.inputs[0])?;
+                    self.value_at.insert(id, (x.0, x.1 + start, *len));
+                }
+                Op::Attention { .. } => {
+                    // q = pos_norm(slice(qkv)), k = pos_norm(slice(qkv)), v = slice(qkv).
+                    let (q, k, v) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+                    let (Op::PosNorm { .. }, Op::PosNorm { .. }) =
+                        (&self.g.nodes[q].op, &self.g.nodes[k].op)
+                    else {
+                        return Err(self.unsupported(id));
+                    };
+                    let qs = self.at(self.g.nodes[q].inputs[0])?;
+                    let ks = self.at(self.g.nodes[k].inputs[0])?;
+                    let vs = self.at(v)?;
+                    if !(qs.0 == ks.0 && ks.0 == vs.0 && qs.1 == 0 && ks.1 == c && vs.1 == 2 * c) {
+                        return Err(self.unsupported(id));
+                    }
+                    let table = self.table_weight()?;
+                    let q_scale = self.weight(self.g.nodes[q].inputs[2], false)?;
+                    let k_scale = self.weight(self.g.nodes[k].inputs[2], false)?;
+                    let q_out = self.rows("q", c, BufferKind::Activation);
+                    let kc = self.layer_cache(layer, 'k', cache_elems.clone());
+                    let vc = self.layer_cache(layer, 'v', cache_elems.clone());
+                    let base = name.trim_end_matches(".attention").to_string();
+                    self.launch(
+                        &format!("{base}.pos_norm"),
+                        "pos_norm",
+                        dim3(rows_grid.clone(), h as u64, 1),
+                        (d / 2).div_ceil(32).max(1) as u64 * 32,
+                        0,
+                        vec![
+                            buf(qs.0),
+                            buf(positions),
+                            wt(table),
+                            wt(q_scale),
+                            wt(k_scale),
+                            buf(q_out),
+                            buf(kc),
+                            buf(vc),
+                            sym(Symbol::Rows),
+                            sym(Symbol::Tokens),
+                        ],
+                    );
+                    let out = self.rows("att", c, BufferKind::Activation);
+                    let entry = if decode {
+                        "attention_decode"
+                    } else {
+                        "attention_prefill"
+                    };
+                    let shared = if decode {
+                        0
+                    } else {
+                        (2 * kernels::KV_TILE * d * 4) as u32
+                    };
+                    self.launch(
+                        &name,
+                        entry,
+                        dim3(rows_grid.clone(), h as u64, 1),
+                        128,
+                        shared,
+                        vec![
+                            buf(q_out),
+                            buf(kc),
+                            buf(vc),
+                            buf(positions),
+                            buf(out),
+                            sym(Symbol::Rows),
+                            sym(Symbol::Tokens),
+                        ],
+                    );
+                    self.value_at.insert(id, (out, 0, c));
+                    layer += 1;
+                }
+                Op::LerpNorm => {
+                    let hx = self.at(node.inputs[0])?;
+                    let br = self.at(node.inputs[1])?;
+                    let lr = self.weight(node.inputs[2], false)?;
+                    let out = self.rows("h", c, BufferKind::Activation);
+                    if hx.0 != out {
+                        return Err(self.unsupported(id));
+                    }
+                    self.launch(
+                        &name,
+                        "lerp_norm",
+                        dim3(rows_grid.clone(), 1, 1),
+                        256,
+                        0,
+                        vec![buf(out), buf(br.0), wt(lr), sym(Symbol::Rows)],
+                    );
+                    self.value_at.insert(id, (out, 0, c));
+                }
+                Op::SwiGlu => {
+                    let x = self.at(node.inputs[0])?;
+                    let out = self.rows("act", 4 * c, BufferKind::Activation);
+                    self.launch(
+                        &name,
+                        "swiglu",
+                        dim3(rows_grid.clone(), 1, 1),
+                        256,
+                        0,
+                        vec![buf(x.0), buf(out), sym(Symbol::Rows)],
+                    );
+                    self.value_at.insert(id, (out, 0, 4 * c));
+                }
+                _ => return Err(self.unsupported(id)),
+            }
+        }
+        Ok(std::mem::take(&mut self.steps))
+    }
+
+    fn layer_cache(&mut self, layer: usize, which: char, elements: Affine) -> u32 {
+        self.buffer(
+            &format!("h.{layer}.{which}_cache"),
+            pb::DType::F32,
+            BufferKind::Cache,
+            elements,
+        )
+    }
+
+    /// The diagonal position table M `[max_seq_len, head_dim]`: `M[t,2j] = E[t,j]`,
+    /// `M[t,2j+1] = E[t,P+j]`, computed in f64 and rounded once.
+    fn table_weight(&mut self) -> Result<u32> {
+        if let Some(i) = self.weights.iter().position(|w| w.name == "position_table") {
+            return Ok(i as u32);
+        }
+        let d = self.cfg.head_dim();
+        let p = d / 2;
+        let e = crate::reference::position_table(self.max_seq_len, d);
+        let mut m = vec![0f32; self.max_seq_len * d];
+        for t in 0..self.max_seq_len {
+            for j in 0..p {
+                m[t * d + 2 * j] = e[t * d + j] as f32;
+                m[t * d + 2 * j + 1] = e[t * d + p + j] as f32;
+            }
+        }
+        Ok(self.push_weight(
+            "position_table".into(),
+            m,
+            vec![self.max_seq_len as u64, d as u64],
+            pb::DType::F32,
+        ))
+    }
+}
+
+/// Lowers the canonical graph `g` of a model with config `cfg` to a plan.
+pub fn lower(
+    g: &Graph,
+    cfg: &Config,
+    dtype: WeightDtype,
+    max_seq_len: usize,
+    source_sha256: &str,
+) -> Result<Lowered> {
+    if max_seq_len == 0 || max_seq_len > 1 << 20 {
+        return Err(Error::Argument {
+            what: "--max-seq-len".into(),
+            problem: format!("{max_seq_len} is outside 1..=1048576"),
+        });
+    }
+    let mut l = Lowerer {
+        g,
+        cfg,
+        dtype,
+        max_seq_len,
+        weights: vec![],
+        bytes: vec![],
+        weight_of: HashMap::new(),
+        buffers: vec![],
+        buffer_of: HashMap::new(),
+        value_at: HashMap::new(),
+        steps: vec![],
+    };
+    let prefill = l.lower(false)?;
+    let decode = l.lower(true)?;
+    let wdt = match dtype {
+        WeightDtype::F32 => pb::DType::F32,
+        WeightDtype::Bf16 => pb::DType::Bf16,
+    };
+    let module = KernelModule {
+        name: "ngpt".into(),
+        source: kernel_source(cfg, dtype, max_seq_len),
+        entries: ENTRIES.iter().map(|e| e.to_string()).collect(),
+    };
+    let plan = Plan {
+        format_major: pb::FORMAT_MAJOR,
+        format_minor: pb::FORMAT_MINOR,
+        producer: format!("ngpt {}", env!("CARGO_PKG_VERSION")),
+        config: Some(pb::ModelConfig {
+            n_layer: cfg.n_layer as u32,
+            n_head: cfg.n_head as u32,
+            n_embd: cfg.n_embd as u32,
+            head_dim: cfg.head_dim() as u32,
+            vocab_size: cfg.vocab_size as u32,
+            block_size: cfg.block_size as u32,
+            base_scale: cfg.base_scale,
+        }),
+        weight_dtype: wdt as i32,
+        max_seq_len: max_seq_len as u32,
+        weights_file_bytes: l.bytes.len() as u64,
+        weights: l.weights,
+        buffers: l.buffers,
+        modules: vec![module],
+        prefill: Some(Program {
+            name: "prefill".into(),
+            steps: prefill,
+        }),
+        decode: Some(Program {
+            name: "decode".into(),
+            steps: decode,
+        }),
+        source_sha256: source_sha256.into(),
+    };
+    Ok(Lowered {
+        plan,
+        weights: l.bytes,
+    })
+}

@@ -1,0 +1,423 @@
+//! The CPU executor: runs a plan's steps over its buffer table.
+
+pub mod kernels;
+
+use std::sync::Arc;
+
+use ngpt_schemas::plan::{self as pb, arg, operand, step};
+
+use crate::error::{Error, Result};
+use crate::plan::{eval, LoadedPlan};
+
+/// A buffer's storage.
+#[derive(Debug, Clone)]
+pub enum Buf {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+impl Default for Buf {
+    fn default() -> Self {
+        Buf::F32(vec![])
+    }
+}
+
+/// Which program to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramKind {
+    Prefill,
+    Decode,
+}
+
+/// Runs plans on the CPU. Holds the buffers (KV caches included) of one batch.
+pub struct CpuExecutor {
+    pub plan: Arc<LoadedPlan>,
+    pub batch: usize,
+    buffers: Vec<Buf>,
+}
+
+fn step_err(step: &str, problem: impl Into<String>) -> Error {
+    Error::Step {
+        step: step.to_string(),
+        problem: problem.into(),
+    }
+}
+
+impl CpuExecutor {
+    /// Allocates the caches for `batch` sequences; activations grow per call.
+    pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<CpuExecutor> {
+        if batch == 0 {
+            return Err(Error::Request {
+                what: "--batch".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        let mut buffers = Vec::with_capacity(plan.plan.buffers.len());
+        for (i, b) in plan.plan.buffers.iter().enumerate() {
+            let n = if b.kind == pb::BufferKind::Cache as i32 {
+                plan.buffer_len(i, 0, batch)?
+            } else {
+                0
+            };
+            buffers.push(if b.dtype == pb::DType::I32 as i32 {
+                Buf::I32(vec![0; n])
+            } else {
+                Buf::F32(vec![0.0; n])
+            });
+        }
+        Ok(CpuExecutor {
+            plan,
+            batch,
+            buffers,
+        })
+    }
+
+    fn buffer_index(&self, name: &str) -> Result<usize> {
+        self.plan
+            .plan
+            .buffers
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| Error::Plan {
+                path: "model.plan".into(),
+                problem: format!("no buffer named `{name}`"),
+            })
+    }
+
+    /// Runs `kind` on `tokens`/`positions` (`rows = batch x per_seq` entries each) and
+    /// returns the logits buffer, `[rows, vocab]`.
+    pub fn run(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+    ) -> Result<&[f32]> {
+        let rows = tokens.len();
+        if rows != self.batch * per_seq || positions.len() != rows || per_seq == 0 {
+            return Err(Error::Request {
+                what: "tokens".into(),
+                problem: format!(
+                    "expected {} x {per_seq} tokens and positions, found {} and {}",
+                    self.batch,
+                    rows,
+                    positions.len()
+                ),
+            });
+        }
+        let plan = Arc::clone(&self.plan);
+        // Size the per-call buffers.
+        for (i, b) in plan.plan.buffers.iter().enumerate() {
+            if b.kind == pb::BufferKind::Cache as i32 {
+                continue;
+            }
+            let n = plan.buffer_len(i, rows, self.batch)?;
+            match &mut self.buffers[i] {
+                Buf::F32(v) => v.resize(n, 0.0),
+                Buf::I32(v) => v.resize(n, 0),
+            }
+        }
+        let (ti, pi) = (
+            self.buffer_index("tokens")?,
+            self.buffer_index("positions")?,
+        );
+        for (i, src) in [(ti, tokens), (pi, positions)] {
+            match &mut self.buffers[i] {
+                Buf::I32(v) if v.len() >= rows => v[..rows].copy_from_slice(src),
+                _ => {
+                    return Err(step_err(
+                        "inputs",
+                        "the tokens/positions buffers are not int32 [rows]",
+                    ))
+                }
+            }
+        }
+        let program = match kind {
+            ProgramKind::Prefill => plan.plan.prefill.as_ref(),
+            ProgramKind::Decode => plan.plan.decode.as_ref(),
+        };
+        let program = program.ok_or_else(|| step_err("program", "missing"))?;
+        for s in &program.steps {
+            match s.kind.as_ref() {
+                Some(step::Kind::Launch(l)) => self.launch(&s.name, l, rows, per_seq)?,
+                Some(step::Kind::Gemm(g)) => self.gemm(&s.name, g, rows)?,
+                None => return Err(step_err(&s.name, "empty step")),
+            }
+        }
+        let li = self.buffer_index("logits")?;
+        match &self.buffers[li] {
+            Buf::F32(v) => Ok(&v[..rows * plan.dims.vocab.min(v.len() / rows.max(1))]),
+            Buf::I32(_) => Err(step_err("logits", "logits buffer is not f32")),
+        }
+    }
+
+    fn launch(&mut self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {
+        let plan = Arc::clone(&self.plan);
+        let d = &plan.dims;
+        let bufi = |i: usize| -> Result<usize> {
+            match l.args.get(i).and_then(|a| a.value.as_ref()) {
+                Some(arg::Value::Buffer(b)) => Ok(*b as usize),
+                _ => Err(step_err(name, format!("argument {i} is not a buffer"))),
+            }
+        };
+        let weight = |i: usize| -> Result<&[f32]> {
+            match l.args.get(i).and_then(|a| a.value.as_ref()) {
+                Some(arg::Value::Weight(w)) => plan
+                    .weights
+                    .get(*w as usize)
+                    .map(|v| v.as_slice())
+                    .ok_or_else(|| step_err(name, "bad weight")),
+                _ => Err(step_err(name, format!("argument {i} is not a weight"))),
+            }
+        };
+        // Outputs are taken out of the table while the twin runs, then put back.
+        let take = |bufs: &mut Vec<Buf>, i: usize| -> Result<Vec<f32>> {
+            match std::mem::take(&mut bufs[i]) {
+                Buf::F32(v) => Ok(v),
+                other => {
+                    bufs[i] = other;
+                    Err(step_err(name, format!("buffer {i} should be f32")))
+                }
+            }
+        };
+        fn f32_of<'b>(bufs: &'b [Buf], i: usize) -> Result<&'b [f32]> {
+            match &bufs[i] {
+                Buf::F32(v) => Ok(v),
+                Buf::I32(_) => Err(step_err("launch", format!("buffer {i} should be f32"))),
+            }
+        }
+        fn i32_of<'b>(bufs: &'b [Buf], i: usize) -> Result<&'b [i32]> {
+            match &bufs[i] {
+                Buf::I32(v) => Ok(v),
+                Buf::F32(_) => Err(step_err("launch", format!("buffer {i} should be int32"))),
+            }
+        }
+        let bufs = &mut self.buffers;
+        macro_rules! with_out {
+            ($out:expr, |$o:ident| $body:expr) => {{
+                let oi = $out;
+                let mut $o = take(bufs, oi)?;
+                let r = $body;
+                bufs[oi] = Buf::F32($o);
+                r
+            }};
+        }
+        let distinct = |ids: &[usize]| -> Result<()> {
+            for (a, x) in ids.iter().enumerate() {
+                if ids[a + 1..].contains(x) {
+                    return Err(step_err(
+                        name,
+                        "a buffer is passed twice where the kernel needs distinct buffers",
+                    ));
+                }
+            }
+            Ok(())
+        };
+        match l.entry.as_str() {
+            "embed" => {
+                let (t, o) = (bufi(0)?, bufi(2)?);
+                distinct(&[t, o])?;
+                with_out!(o, |out| kernels::embed(
+                    d,
+                    i32_of(bufs, t)?,
+                    weight(1)?,
+                    &mut out,
+                    rows
+                ))
+            }
+            "norm_rows" => {
+                let (x, o) = (bufi(0)?, bufi(1)?);
+                distinct(&[x, o])?;
+                with_out!(o, |out| kernels::norm_rows(
+                    d,
+                    f32_of(bufs, x)?,
+                    &mut out,
+                    rows
+                ))
+            }
+            "lerp_norm" => {
+                let (h, b) = (bufi(0)?, bufi(1)?);
+                distinct(&[h, b])?;
+                with_out!(h, |hv| kernels::lerp_norm(
+                    d,
+                    &mut hv,
+                    f32_of(bufs, b)?,
+                    weight(2)?,
+                    rows
+                ))
+            }
+            "swiglu" => {
+                let (x, o) = (bufi(0)?, bufi(1)?);
+                distinct(&[x, o])?;
+                with_out!(o, |out| kernels::swiglu(
+                    d,
+                    f32_of(bufs, x)?,
+                    &mut out,
+                    rows
+                ))
+            }
+            "pos_norm" => {
+                let (qkv, pos, qo, kc, vc) = (bufi(0)?, bufi(1)?, bufi(5)?, bufi(6)?, bufi(7)?);
+                distinct(&[qkv, pos, qo, kc, vc])?;
+                let mut q = take(bufs, qo)?;
+                let mut k = take(bufs, kc)?;
+                let mut v = take(bufs, vc)?;
+                let r = kernels::pos_norm(
+                    d,
+                    f32_of(bufs, qkv)?,
+                    i32_of(bufs, pos)?,
+                    weight(2)?,
+                    weight(3)?,
+                    weight(4)?,
+                    &mut q,
+                    &mut k,
+                    &mut v,
+                    rows,
+                    per_seq,
+                );
+                bufs[qo] = Buf::F32(q);
+                bufs[kc] = Buf::F32(k);
+                bufs[vc] = Buf::F32(v);
+                r
+            }
+            "attention_prefill" | "attention_decode" => {
+                let (q, kc, vc, pos, o) = (bufi(0)?, bufi(1)?, bufi(2)?, bufi(3)?, bufi(4)?);
+                distinct(&[q, kc, pos, o])?;
+                distinct(&[vc, o])?;
+                with_out!(o, |out| kernels::attention(
+                    d,
+                    f32_of(bufs, q)?,
+                    f32_of(bufs, kc)?,
+                    f32_of(bufs, vc)?,
+                    i32_of(bufs, pos)?,
+                    &mut out,
+                    rows,
+                    per_seq
+                ))
+            }
+            other => Err(step_err(
+                name,
+                format!("kernel entry `{other}` has no CPU twin in programs"),
+            )),
+        }
+    }
+
+    /// A GEMM as cuBLAS computes it: column-major `C = alpha op(A) op(B) + beta C`.
+    fn gemm(&mut self, name: &str, g: &pb::Gemm, rows: usize) -> Result<()> {
+        let plan = Arc::clone(&self.plan);
+        let batch = self.batch;
+        let dim = |a: Option<&pb::Affine>, what: &str| {
+            eval(a, rows, batch).ok_or_else(|| step_err(name, format!("GEMM {what} overflows")))
+        };
+        let (m, n, k) = (
+            dim(g.m.as_ref(), "m")?,
+            dim(g.n.as_ref(), "n")?,
+            dim(g.k.as_ref(), "k")?,
+        );
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        // Stored (rows, cols) of each operand, column-major, and the elements that needs.
+        let need = |r: usize, c: usize, ld: usize, what: &str| -> Result<usize> {
+            if ld < r.max(1) {
+                return Err(step_err(
+                    name,
+                    format!("GEMM {what}: leading dimension {ld} < {r}"),
+                ));
+            }
+            if c == 0 {
+                return Ok(0);
+            }
+            (c - 1)
+                .checked_mul(ld)
+                .and_then(|x| x.checked_add(r))
+                .ok_or_else(|| step_err(name, "GEMM size overflows"))
+        };
+        let (ar, ac) = if g.trans_a { (k, m) } else { (m, k) };
+        let (br, bc) = if g.trans_b { (n, k) } else { (k, n) };
+        let need_a = need(ar, ac, lda, "a")?;
+        let need_b = need(br, bc, ldb, "b")?;
+        let need_c = need(m, n, ldc, "c")?;
+        let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source.clone());
+        let ci = match src(g.c.as_ref()) {
+            Some(operand::Source::Buffer(b)) => b as usize,
+            _ => return Err(step_err(name, "GEMM c must be a buffer")),
+        };
+        let mut c = match std::mem::take(&mut self.buffers[ci]) {
+            Buf::F32(v) => v,
+            other => {
+                self.buffers[ci] = other;
+                return Err(step_err(name, "GEMM c must be f32"));
+            }
+        };
+        let result = (|| -> Result<()> {
+            let operand = |s: Option<operand::Source>, what: &str| -> Result<&[f32]> {
+                match s {
+                    Some(operand::Source::Weight(w)) => {
+                        plan.weights.get(w as usize).map(|v| v.as_slice())
+                    }
+                    Some(operand::Source::Buffer(b)) if b as usize != ci => {
+                        match self.buffers.get(b as usize) {
+                            Some(Buf::F32(v)) => Some(v.as_slice()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    step_err(
+                        name,
+                        format!("GEMM {what} is not an f32 buffer or weight distinct from c"),
+                    )
+                })
+            };
+            let a = operand(src(g.a.as_ref()), "a")?;
+            let b = operand(src(g.b.as_ref()), "b")?;
+            if a.len() < need_a || b.len() < need_b || c.len() < need_c {
+                return Err(step_err(
+                    name,
+                    format!("GEMM operands too small: a {}/{need_a}, b {}/{need_b}, c {}/{need_c} elements", a.len(), b.len(), c.len()),
+                ));
+            }
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            let (a_rs, a_cs) = if g.trans_a {
+                (lda as isize, 1)
+            } else {
+                (1, lda as isize)
+            };
+            let (b_rs, b_cs) = if g.trans_b {
+                (ldb as isize, 1)
+            } else {
+                (1, ldb as isize)
+            };
+            // SAFETY: every element the GEMM touches lies inside a, b and c: checked above
+            // from the same m, n, k and leading dimensions. c is a distinct allocation.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    ldc as isize,
+                    1,
+                    g.beta != 0.0,
+                    a.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    g.beta,
+                    g.alpha,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+            Ok(())
+        })();
+        self.buffers[ci] = Buf::F32(c);
+        result
+    }
+}

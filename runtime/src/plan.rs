@@ -1,0 +1,307 @@
+//! Loading and validating a plan. Everything a step could index is checked before anything
+//! runs; what depends on the request (rows, batch) is checked again per call.
+
+use std::path::Path;
+
+use ngpt_schemas::plan::{self as pb, arg, operand, step, Plan};
+use ngpt_schemas::prost::Message;
+
+use crate::abi::{self, Slot};
+use crate::error::{Error, Result};
+
+/// Model dimensions, from the plan's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub max_seq_len: usize,
+}
+
+/// A validated plan with its weights widened to f32 (the CPU executor's form).
+pub struct LoadedPlan {
+    pub plan: Plan,
+    pub dims: Dims,
+    /// One f32 vector per plan weight.
+    pub weights: Vec<Vec<f32>>,
+}
+
+fn bad(path: &str, problem: impl Into<String>) -> Error {
+    Error::Plan {
+        path: path.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn dtype_size(d: i32) -> Option<u64> {
+    match pb::DType::try_from(d).ok()? {
+        pb::DType::F32 | pb::DType::I32 => Some(4),
+        pb::DType::Bf16 => Some(2),
+        _ => None,
+    }
+}
+
+impl LoadedPlan {
+    /// Reads `dir/model.plan` and `dir/model.weights`.
+    pub fn load(dir: &Path) -> Result<LoadedPlan> {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read(&p).map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let plan = read("model.plan")?;
+        let weights = read("model.weights")?;
+        Self::from_bytes(
+            &plan,
+            &weights,
+            &dir.join("model.plan").display().to_string(),
+        )
+    }
+
+    /// Decodes and validates a plan; `path` names it in errors.
+    pub fn from_bytes(plan_bytes: &[u8], weights: &[u8], path: &str) -> Result<LoadedPlan> {
+        let plan = Plan::decode(plan_bytes).map_err(|e| {
+            bad(
+                path,
+                format!("not a valid ngpt plan (protobuf decode: {e})"),
+            )
+        })?;
+        if plan.format_major != pb::FORMAT_MAJOR {
+            return Err(bad(
+                path,
+                format!(
+                    "plan format major version {} is not supported (this runtime reads {})",
+                    plan.format_major,
+                    pb::FORMAT_MAJOR
+                ),
+            ));
+        }
+        let cfg = plan
+            .config
+            .as_ref()
+            .ok_or_else(|| bad(path, "no model config"))?;
+        let dims = Dims {
+            n_layer: cfg.n_layer as usize,
+            n_head: cfg.n_head as usize,
+            n_embd: cfg.n_embd as usize,
+            head_dim: cfg.head_dim as usize,
+            vocab: cfg.vocab_size as usize,
+            max_seq_len: plan.max_seq_len as usize,
+        };
+        let limit = 1usize << 24;
+        for (name, v) in [
+            ("n_layer", dims.n_layer),
+            ("n_head", dims.n_head),
+            ("n_embd", dims.n_embd),
+            ("head_dim", dims.head_dim),
+            ("vocab_size", dims.vocab),
+            ("max_seq_len", dims.max_seq_len),
+        ] {
+            if v == 0 || v > limit {
+                return Err(bad(
+                    path,
+                    format!("config field `{name}` = {v} is outside 1..={limit}"),
+                ));
+            }
+        }
+        if dims.n_head * dims.head_dim != dims.n_embd || dims.head_dim % 2 != 0 {
+            return Err(bad(
+                path,
+                format!(
+                    "n_head {} x head_dim {} != n_embd {} (or odd head_dim)",
+                    dims.n_head, dims.head_dim, dims.n_embd
+                ),
+            ));
+        }
+        if plan.weights_file_bytes != weights.len() as u64 {
+            return Err(bad(
+                path,
+                format!(
+                    "model.weights holds {} bytes, the plan expects {}",
+                    weights.len(),
+                    plan.weights_file_bytes
+                ),
+            ));
+        }
+        // Weights: in bounds, sized by shape and dtype, not overlapping.
+        let mut spans = vec![];
+        let mut data = Vec::with_capacity(plan.weights.len());
+        for w in &plan.weights {
+            let size = dtype_size(w.dtype).filter(|_| w.dtype != pb::DType::I32 as i32);
+            let size = size.ok_or_else(|| {
+                bad(
+                    path,
+                    format!("weight `{}`: dtype {} is not F32 or BF16", w.name, w.dtype),
+                )
+            })?;
+            let elems = w.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            let want = elems.and_then(|e| e.checked_mul(size));
+            if want != Some(w.bytes) {
+                return Err(bad(
+                    path,
+                    format!(
+                        "weight `{}`: {} bytes do not match shape {:?}",
+                        w.name, w.bytes, w.shape
+                    ),
+                ));
+            }
+            let end = w
+                .offset
+                .checked_add(w.bytes)
+                .filter(|&e| e <= weights.len() as u64);
+            let end = end.ok_or_else(|| {
+                bad(
+                    path,
+                    format!(
+                        "weight `{}`: bytes {}..+{} lie outside model.weights",
+                        w.name, w.offset, w.bytes
+                    ),
+                )
+            })?;
+            spans.push((w.offset, end, w.name.clone()));
+            let raw = &weights[w.offset as usize..end as usize];
+            data.push(if size == 2 {
+                raw.chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect()
+            } else {
+                raw.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            });
+        }
+        spans.sort();
+        for pair in spans.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                return Err(bad(
+                    path,
+                    format!(
+                        "weights `{}` and `{}` overlap in model.weights",
+                        pair[0].2, pair[1].2
+                    ),
+                ));
+            }
+        }
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if dtype_size(b.dtype).is_none()
+                || b.elements.is_none()
+                || pb::BufferKind::try_from(b.kind).is_err()
+            {
+                return Err(bad(
+                    path,
+                    format!("buffer {i} `{}` has no valid dtype, kind or size", b.name),
+                ));
+            }
+        }
+        if plan.modules.is_empty() {
+            return Err(bad(path, "no kernel modules"));
+        }
+        for program in [&plan.prefill, &plan.decode] {
+            let program = program
+                .as_ref()
+                .ok_or_else(|| bad(path, "a program (prefill or decode) is missing"))?;
+            for s in &program.steps {
+                validate_step(&plan, s).map_err(|p| {
+                    bad(
+                        path,
+                        format!("program `{}`, step `{}`: {p}", program.name, s.name),
+                    )
+                })?;
+            }
+        }
+        Ok(LoadedPlan {
+            plan,
+            dims,
+            weights: data,
+        })
+    }
+
+    /// The buffer's element count for `rows` rows and `batch` sequences.
+    pub fn buffer_len(&self, index: usize, rows: usize, batch: usize) -> Result<usize> {
+        let b = &self.plan.buffers[index];
+        eval(b.elements.as_ref(), rows, batch).ok_or_else(|| Error::Request {
+            what: format!("buffer `{}`", b.name),
+            problem: format!("size overflows for {rows} rows and batch {batch}"),
+        })
+    }
+}
+
+/// Evaluates an affine size; `None` on overflow or absence.
+pub fn eval(a: Option<&pb::Affine>, rows: usize, batch: usize) -> Option<usize> {
+    let a = a?;
+    let v = (a.c_rows as u128) * rows as u128 + (a.c_batch as u128) * batch as u128 + a.c0 as u128;
+    usize::try_from(v).ok().filter(|&v| v <= (1usize << 40))
+}
+
+fn validate_step(plan: &Plan, s: &pb::Step) -> std::result::Result<(), String> {
+    let n_buf = plan.buffers.len() as u32;
+    let n_w = plan.weights.len() as u32;
+    match s.kind.as_ref().ok_or("empty step")? {
+        step::Kind::Launch(l) => {
+            let module = plan
+                .modules
+                .get(l.module as usize)
+                .ok_or(format!("module {} does not exist", l.module))?;
+            if !module.entries.iter().any(|e| e == &l.entry) {
+                return Err(format!(
+                    "entry `{}` is not in module `{}`",
+                    l.entry, module.name
+                ));
+            }
+            let sig =
+                abi::signature(&l.entry).ok_or(format!("unknown kernel entry `{}`", l.entry))?;
+            if sig.len() != l.args.len() {
+                return Err(format!(
+                    "`{}` takes {} arguments, the step passes {}",
+                    l.entry,
+                    sig.len(),
+                    l.args.len()
+                ));
+            }
+            for (i, (slot, a)) in sig.iter().zip(&l.args).enumerate() {
+                let ok = match (slot, a.value.as_ref()) {
+                    (Slot::In | Slot::Out, Some(arg::Value::Buffer(b))) => *b < n_buf,
+                    (Slot::Weight, Some(arg::Value::Weight(w))) => *w < n_w,
+                    (Slot::Symbol, Some(arg::Value::Symbol(v))) => {
+                        pb::Symbol::try_from(*v).is_ok_and(|s| s != pb::Symbol::Unspecified)
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return Err(format!(
+                        "argument {i} of `{}` should be a valid {slot:?}",
+                        l.entry
+                    ));
+                }
+            }
+            Ok(())
+        }
+        step::Kind::Gemm(g) => {
+            let check = |o: Option<&pb::Operand>, what: &str, weight_ok: bool| match o
+                .and_then(|o| o.source.as_ref())
+            {
+                Some(operand::Source::Buffer(b)) if *b < n_buf => Ok(()),
+                Some(operand::Source::Weight(w)) if weight_ok && *w < n_w => Ok(()),
+                _ => Err(format!(
+                    "GEMM operand {what} is not a valid {}",
+                    if weight_ok {
+                        "buffer or weight"
+                    } else {
+                        "buffer"
+                    }
+                )),
+            };
+            check(g.a.as_ref(), "a", true)?;
+            check(g.b.as_ref(), "b", true)?;
+            check(g.c.as_ref(), "c", false)?;
+            if g.m.is_none() || g.n.is_none() || g.k.is_none() {
+                return Err("GEMM without m, n or k".into());
+            }
+            Ok(())
+        }
+    }
+}

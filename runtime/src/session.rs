@@ -1,0 +1,118 @@
+//! A generation session: B sequences, their KV caches, prefill then decode.
+
+use std::sync::Arc;
+
+use crate::cpu::{CpuExecutor, ProgramKind};
+use crate::error::{Error, Result};
+use crate::plan::LoadedPlan;
+
+/// B sequences sharing one executor and its KV caches.
+pub struct Session {
+    exec: CpuExecutor,
+    /// Tokens held in each sequence's cache.
+    lens: Vec<usize>,
+}
+
+impl Session {
+    /// A session for `batch` sequences on the CPU executor.
+    pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<Session> {
+        Ok(Session {
+            exec: CpuExecutor::new(plan, batch)?,
+            lens: vec![0; batch],
+        })
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.exec.plan.dims.vocab
+    }
+
+    /// Tokens held per sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let v = self.vocab();
+        match tokens.iter().find(|&&t| t as usize >= v) {
+            Some(t) => Err(Error::Request {
+                what: "tokens".into(),
+                problem: format!("token id {t} is outside 0..{v}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the prompts (one per sequence, ragged allowed; the cache restarts) and returns
+    /// the logits of every position, `[B x T, vocab]` with T the longest prompt; row
+    /// `b * T + i` is prompt b's position i (rows past a prompt's end are padding).
+    pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let b = self.exec.batch;
+        if prompts.len() != b {
+            return Err(Error::Request {
+                what: "prompts".into(),
+                problem: format!("expected {b}, found {}", prompts.len()),
+            });
+        }
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(Error::Request {
+                what: "prompts".into(),
+                problem: "a prompt is empty; expected at least one token".into(),
+            });
+        }
+        let cap = self.exec.plan.dims.max_seq_len;
+        if t > cap {
+            return Err(Error::Request {
+                what: "prompt".into(),
+                problem: format!("{t} tokens exceed the KV capacity {cap} (--max-seq-len)"),
+            });
+        }
+        let mut tokens = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        for p in prompts {
+            self.check_tokens(p)?;
+            // Right padding: pad rows write cache slots past the prompt, which decode
+            // overwrites before any query can reach them.
+            tokens.extend((0..t).map(|i| p.get(i).copied().unwrap_or(0) as i32));
+            positions.extend((0..t).map(|i| i as i32));
+        }
+        let out = self
+            .exec
+            .run(ProgramKind::Prefill, &tokens, &positions, t)?
+            .to_vec();
+        self.lens = prompts.iter().map(Vec::len).collect();
+        Ok(out)
+    }
+
+    /// Appends one token to each sequence and returns their logits, `[B, vocab]`.
+    pub fn decode(&mut self, next: &[u32]) -> Result<Vec<f32>> {
+        let b = self.exec.batch;
+        if next.len() != b {
+            return Err(Error::Request {
+                what: "tokens".into(),
+                problem: format!("expected one per sequence ({b}), found {}", next.len()),
+            });
+        }
+        self.check_tokens(next)?;
+        let cap = self.exec.plan.dims.max_seq_len;
+        if let Some(full) = self.lens.iter().position(|&l| l >= cap || l == 0) {
+            let why = if self.lens[full] == 0 {
+                "has no prefill yet".to_string()
+            } else {
+                format!("is full: the KV capacity is {cap} tokens (--max-seq-len)")
+            };
+            return Err(Error::Request {
+                what: format!("sequence {full}"),
+                problem: why,
+            });
+        }
+        let tokens: Vec<i32> = next.iter().map(|&t| t as i32).collect();
+        let positions: Vec<i32> = self.lens.iter().map(|&l| l as i32).collect();
+        let out = self
+            .exec
+            .run(ProgramKind::Decode, &tokens, &positions, 1)?
+            .to_vec();
+        self.lens.iter_mut().for_each(|l| *l += 1);
+        Ok(out)
+    }
+}
