@@ -1,0 +1,162 @@
+//! The launch plan on the CPU executor against the literal reference: prefill at every
+//! position, KV decode step by step, a ragged batch, bf16 weights, and greedy generation.
+//! Each body takes the executor (session factory) as a parameter, so plan-cuda joins by
+//! adding one line.
+
+mod common;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use ngpt_compiler::compare::{compare, Comparison};
+use ngpt_compiler::import::{self, Checkpoint};
+use ngpt_compiler::init::{self, InitOptions, Preset};
+use ngpt_compiler::plan::{lower, WeightDtype};
+use ngpt_compiler::reference::Precision;
+use ngpt_compiler::{compile, reference};
+use ngpt_runtime::plan::LoadedPlan;
+use ngpt_runtime::session::Session;
+use ngpt_schemas::prost::Message;
+
+/// Builds a session for a plan: the executor under test.
+type Executor = fn(Arc<LoadedPlan>, usize) -> ngpt_runtime::Result<Session>;
+
+const PLAN_CPU: Executor = Session::new;
+
+fn plan_for(ckpt: &Checkpoint, dtype: WeightDtype, max_seq: usize) -> Result<Arc<LoadedPlan>> {
+    let compiled = compile::compile(ckpt, &compile::Options::default())?;
+    let lowered = lower(&compiled.graph, &ckpt.config, dtype, max_seq, "test")?;
+    let bytes = lowered.plan.encode_to_vec();
+    Ok(Arc::new(LoadedPlan::from_bytes(&bytes, &lowered.weights, "model.plan")?))
+}
+
+fn generated(o: InitOptions) -> Result<(tempfile::TempDir, Checkpoint)> {
+    let dir = tempfile::tempdir()?;
+    init::write(dir.path(), &o)?;
+    let ckpt = import::load(dir.path())?;
+    Ok((dir, ckpt))
+}
+
+fn models() -> Result<Vec<(&'static str, Option<tempfile::TempDir>, Checkpoint)>> {
+    let mut out = vec![("nv-tiny", None, import::load(&common::nv_tiny())?)];
+    let mut t = InitOptions::preset(Preset::Tiny);
+    t.seed = 11;
+    let (d, c) = generated(t)?;
+    out.push(("tiny", Some(d), c));
+    let mut odd = InitOptions::preset(Preset::Tiny);
+    (odd.n_layer, odd.n_head, odd.n_embd, odd.vocab_size) = (3, 3, 96, 211);
+    let (d, c) = generated(odd)?;
+    out.push(("odd", Some(d), c));
+    let mut bs = InitOptions::preset(Preset::Tiny);
+    (bs.n_embd, bs.n_head, bs.base_scale, bs.bf16) = (128, 4, Some(1.0 / 32.0), true);
+    let (d, c) = generated(bs)?;
+    out.push(("bs1/32-bf16", Some(d), c));
+    Ok(out)
+}
+
+fn tokens(vocab: usize, n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + salt * 104729 + 5) % vocab) as u32).collect()
+}
+
+fn reference_rows(ckpt: &Checkpoint, toks: &[u32]) -> Result<Vec<f64>> {
+    common::ref_logits(ckpt, toks, Precision::F64)
+}
+
+fn cmp(got: &[f32], want: &[f64], vocab: usize) -> Comparison {
+    let got: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+    compare(&got, want, vocab)
+}
+
+fn prefill_every_position(exec: Executor) -> Result<()> {
+    for (name, _d, ckpt) in models()? {
+        let v = ckpt.config.vocab_size;
+        let toks = tokens(v, 29, 1);
+        let plan = plan_for(&ckpt, WeightDtype::F32, 64)?;
+        let mut s = exec(plan, 1)?;
+        let got = s.prefill(&[toks.clone()])?;
+        let c = cmp(&got, &reference_rows(&ckpt, &toks)?, v);
+        assert!(c.passes(1e-5, 1.0), "{name}: {c:?}");
+    }
+    Ok(())
+}
+
+fn kv_decode_equals_full_recomputation(exec: Executor) -> Result<()> {
+    for (name, _d, ckpt) in models()? {
+        let v = ckpt.config.vocab_size;
+        let toks = tokens(v, 24, 2);
+        let want = reference_rows(&ckpt, &toks)?;
+        let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 32)?, 1)?;
+        let first = s.prefill(&[toks[..5].to_vec()])?;
+        assert!(cmp(&first, &want[..5 * v], v).passes(1e-5, 1.0), "{name}: prefill");
+        for i in 5..toks.len() {
+            let row = s.decode(&[toks[i]])?;
+            let c = cmp(&row, &want[i * v..(i + 1) * v], v);
+            assert!(c.passes(1e-5, 1.0), "{name}: decode step {i}: {c:?}");
+        }
+    }
+    Ok(())
+}
+
+fn ragged_batch_of_two(exec: Executor) -> Result<()> {
+    for (name, _d, ckpt) in models()? {
+        let v = ckpt.config.vocab_size;
+        let a = tokens(v, 13, 3);
+        let b = tokens(v, 6, 4);
+        let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 32)?, 2)?;
+        let got = s.prefill(&[a.clone(), b.clone()])?;
+        let t = 13;
+        let (wa, wb) = (reference_rows(&ckpt, &a)?, reference_rows(&ckpt, &b)?);
+        assert!(cmp(&got[..t * v], &wa, v).passes(1e-5, 1.0), "{name}: row a");
+        assert!(cmp(&got[t * v..(t + 6) * v], &wb, v).passes(1e-5, 1.0), "{name}: row b");
+        // Then both decode together, each at its own position.
+        let (na, nb) = (7u32 % v as u32, 9u32 % v as u32);
+        let step = s.decode(&[na, nb])?;
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        a2.push(na);
+        b2.push(nb);
+        let (wa2, wb2) = (reference_rows(&ckpt, &a2)?, reference_rows(&ckpt, &b2)?);
+        assert!(cmp(&step[..v], &wa2[13 * v..], v).passes(1e-5, 1.0), "{name}: decode a");
+        assert!(cmp(&step[v..], &wb2[6 * v..], v).passes(1e-5, 1.0), "{name}: decode b");
+    }
+    Ok(())
+}
+
+fn bf16_weights_stay_close(exec: Executor) -> Result<()> {
+    for (name, _d, ckpt) in models()? {
+        let v = ckpt.config.vocab_size;
+        let toks = tokens(v, 40, 5);
+        let mut s = exec(plan_for(&ckpt, WeightDtype::Bf16, 64)?, 1)?;
+        let c = cmp(&s.prefill(&[toks.clone()])?, &reference_rows(&ckpt, &toks)?, v);
+        assert!(c.passes(2e-2, 0.95), "{name}: {c:?}");
+    }
+    Ok(())
+}
+
+fn greedy_reproduces_nvidia(exec: Executor) -> Result<()> {
+    let ckpt = import::load(&common::nv_tiny())?;
+    let prompt = common::fixture_tokens("greedy.json", "prompt_tokens")?;
+    let want = common::fixture_tokens("greedy.json", "greedy_tokens")?;
+    let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 64)?, 1)?;
+    let v = ckpt.config.vocab_size;
+    let logits = s.prefill(&[prompt.clone()])?;
+    let mut next = ngpt_runtime::sample::argmax(&logits[(prompt.len() - 1) * v..]);
+    let mut got = vec![next];
+    while got.len() < want.len() {
+        next = ngpt_runtime::sample::argmax(&s.decode(&[next])?);
+        got.push(next);
+    }
+    assert_eq!(got, want);
+    // And the reference's own greedy agrees (same oracle as the fixture).
+    assert_eq!(reference::greedy(&ckpt, &prompt, 5, Precision::F64)?, want[..5]);
+    Ok(())
+}
+
+macro_rules! test_executors {
+    ($($body:ident),*) => {
+        mod plan_cpu {
+            $(#[test] fn $body() -> anyhow::Result<()> { super::$body(super::PLAN_CPU) })*
+        }
+    };
+}
+
+test_executors!(prefill_every_position, kv_decode_equals_full_recomputation, ragged_batch_of_two, bf16_weights_stay_close, greedy_reproduces_nvidia);
