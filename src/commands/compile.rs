@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use ngpt_compiler::compile::{self, Manifest};
+use ngpt_compiler::plan::{self, WeightDtype};
 use ngpt_compiler::{artifact, passes};
+use ngpt_schemas::prost::Message;
 
 /// Compile a checkpoint: fold the scaling factors, fuse the normalize ops, and write the
 /// compiled directory (manifest.json, ir.txt, passes.txt), all files or none.
@@ -24,6 +26,19 @@ pub struct Args {
     /// Replace an existing output directory (only once the new one is complete).
     #[arg(long)]
     force: bool,
+    /// Weight dtype of the launch plan's GEMMs.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: PlanDtype,
+    /// KV capacity of the plan and rows of the position table (default: the larger of
+    /// block_size and 2048).
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PlanDtype {
+    F32,
+    Bf16,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -42,10 +57,27 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     let source = std::fs::canonicalize(&ckpt.source).unwrap_or_else(|_| ckpt.source.clone());
+    let source_sha256 = compile::sha256_file(&source)?;
+    let max_seq_len = a.max_seq_len.unwrap_or(ckpt.config.block_size.max(2048));
+    let dtype = match a.dtype {
+        PlanDtype::F32 => WeightDtype::F32,
+        PlanDtype::Bf16 => WeightDtype::Bf16,
+    };
+    // A plan needs the canonical form: only a full compile lowers one.
+    let lowered = match a.stop_after {
+        None => Some(plan::lower(
+            &compiled.graph,
+            &ckpt.config,
+            dtype,
+            max_seq_len,
+            &source_sha256,
+        )?),
+        Some(_) => None,
+    };
     let manifest = Manifest {
         producer: "ngpt".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        source_sha256: compile::sha256_file(&source)?,
+        source_sha256,
         source,
         stop_after: a.stop_after,
         passes: compiled
@@ -53,12 +85,20 @@ pub fn run(a: Args) -> Result<()> {
             .iter()
             .map(|r| r.name.to_string())
             .collect(),
-        files: vec!["manifest.json".into(), "ir.txt".into(), "passes.txt".into()],
+        files: ["manifest.json", "ir.txt", "passes.txt"]
+            .into_iter()
+            .chain(lowered.iter().flat_map(|_| ["model.plan", "model.weights"]))
+            .map(String::from)
+            .collect(),
     };
     let log = compiled.pass_log();
     artifact::write_dir(&a.out, a.force, |dir| {
         artifact::write_bytes(&dir.join("ir.txt"), compiled.graph.to_string().as_bytes())?;
         artifact::write_bytes(&dir.join("passes.txt"), log.as_bytes())?;
+        if let Some(l) = &lowered {
+            artifact::write_bytes(&dir.join("model.weights"), &l.weights)?;
+            artifact::write_bytes(&dir.join("model.plan"), &l.plan.encode_to_vec())?;
+        }
         let json = serde_json::to_string_pretty(&manifest).map_err(|e| {
             ngpt_compiler::Error::Argument {
                 what: "manifest".into(),
