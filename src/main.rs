@@ -26,6 +26,7 @@ enum Command {
     Init(commands::init::Args),
     Inspect(commands::inspect::Args),
     Logits(commands::logits::Args),
+    Plan(commands::plan::Args),
 }
 
 fn main() {
@@ -36,6 +37,7 @@ fn main() {
         Command::Init(a) => commands::init::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Logits(a) => commands::logits::run(a),
+        Command::Plan(a) => commands::plan::run(a),
     };
     if let Err(e) = result {
         // One line: the outermost context, then each cause. The compiler's errors already

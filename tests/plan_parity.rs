@@ -27,7 +27,11 @@ fn plan_for(ckpt: &Checkpoint, dtype: WeightDtype, max_seq: usize) -> Result<Arc
     let compiled = compile::compile(ckpt, &compile::Options::default())?;
     let lowered = lower(&compiled.graph, &ckpt.config, dtype, max_seq, "test")?;
     let bytes = lowered.plan.encode_to_vec();
-    Ok(Arc::new(LoadedPlan::from_bytes(&bytes, &lowered.weights, "model.plan")?))
+    Ok(Arc::new(LoadedPlan::from_bytes(
+        &bytes,
+        &lowered.weights,
+        "model.plan",
+    )?))
 }
 
 fn generated(o: InitOptions) -> Result<(tempfile::TempDir, Checkpoint)> {
@@ -55,7 +59,9 @@ fn models() -> Result<Vec<(&'static str, Option<tempfile::TempDir>, Checkpoint)>
 }
 
 fn tokens(vocab: usize, n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + salt * 104729 + 5) % vocab) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104729 + 5) % vocab) as u32)
+        .collect()
 }
 
 fn reference_rows(ckpt: &Checkpoint, toks: &[u32]) -> Result<Vec<f64>> {
@@ -87,7 +93,10 @@ fn kv_decode_equals_full_recomputation(exec: Executor) -> Result<()> {
         let want = reference_rows(&ckpt, &toks)?;
         let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 32)?, 1)?;
         let first = s.prefill(&[toks[..5].to_vec()])?;
-        assert!(cmp(&first, &want[..5 * v], v).passes(1e-5, 1.0), "{name}: prefill");
+        assert!(
+            cmp(&first, &want[..5 * v], v).passes(1e-5, 1.0),
+            "{name}: prefill"
+        );
         for i in 5..toks.len() {
             let row = s.decode(&[toks[i]])?;
             let c = cmp(&row, &want[i * v..(i + 1) * v], v);
@@ -106,8 +115,14 @@ fn ragged_batch_of_two(exec: Executor) -> Result<()> {
         let got = s.prefill(&[a.clone(), b.clone()])?;
         let t = 13;
         let (wa, wb) = (reference_rows(&ckpt, &a)?, reference_rows(&ckpt, &b)?);
-        assert!(cmp(&got[..t * v], &wa, v).passes(1e-5, 1.0), "{name}: row a");
-        assert!(cmp(&got[t * v..(t + 6) * v], &wb, v).passes(1e-5, 1.0), "{name}: row b");
+        assert!(
+            cmp(&got[..t * v], &wa, v).passes(1e-5, 1.0),
+            "{name}: row a"
+        );
+        assert!(
+            cmp(&got[t * v..(t + 6) * v], &wb, v).passes(1e-5, 1.0),
+            "{name}: row b"
+        );
         // Then both decode together, each at its own position.
         let (na, nb) = (7u32 % v as u32, 9u32 % v as u32);
         let step = s.decode(&[na, nb])?;
@@ -115,8 +130,14 @@ fn ragged_batch_of_two(exec: Executor) -> Result<()> {
         a2.push(na);
         b2.push(nb);
         let (wa2, wb2) = (reference_rows(&ckpt, &a2)?, reference_rows(&ckpt, &b2)?);
-        assert!(cmp(&step[..v], &wa2[13 * v..], v).passes(1e-5, 1.0), "{name}: decode a");
-        assert!(cmp(&step[v..], &wb2[6 * v..], v).passes(1e-5, 1.0), "{name}: decode b");
+        assert!(
+            cmp(&step[..v], &wa2[13 * v..], v).passes(1e-5, 1.0),
+            "{name}: decode a"
+        );
+        assert!(
+            cmp(&step[v..], &wb2[6 * v..], v).passes(1e-5, 1.0),
+            "{name}: decode b"
+        );
     }
     Ok(())
 }
@@ -126,7 +147,11 @@ fn bf16_weights_stay_close(exec: Executor) -> Result<()> {
         let v = ckpt.config.vocab_size;
         let toks = tokens(v, 40, 5);
         let mut s = exec(plan_for(&ckpt, WeightDtype::Bf16, 64)?, 1)?;
-        let c = cmp(&s.prefill(&[toks.clone()])?, &reference_rows(&ckpt, &toks)?, v);
+        let c = cmp(
+            &s.prefill(&[toks.clone()])?,
+            &reference_rows(&ckpt, &toks)?,
+            v,
+        );
         assert!(c.passes(2e-2, 0.95), "{name}: {c:?}");
     }
     Ok(())
@@ -147,7 +172,10 @@ fn greedy_reproduces_nvidia(exec: Executor) -> Result<()> {
     }
     assert_eq!(got, want);
     // And the reference's own greedy agrees (same oracle as the fixture).
-    assert_eq!(reference::greedy(&ckpt, &prompt, 5, Precision::F64)?, want[..5]);
+    assert_eq!(
+        reference::greedy(&ckpt, &prompt, 5, Precision::F64)?,
+        want[..5]
+    );
     Ok(())
 }
 
@@ -159,4 +187,10 @@ macro_rules! test_executors {
     };
 }
 
-test_executors!(prefill_every_position, kv_decode_equals_full_recomputation, ragged_batch_of_two, bf16_weights_stay_close, greedy_reproduces_nvidia);
+test_executors!(
+    prefill_every_position,
+    kv_decode_equals_full_recomputation,
+    ragged_batch_of_two,
+    bf16_weights_stay_close,
+    greedy_reproduces_nvidia
+);

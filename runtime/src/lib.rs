@@ -16,6 +16,7 @@
 pub mod abi;
 pub mod cpu;
 pub mod error;
+pub mod listing;
 pub mod plan;
 pub mod sample;
 pub mod session;

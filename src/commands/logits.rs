@@ -13,6 +13,8 @@ pub enum Engine {
     Reference,
     /// The IR interpreter on the canonical (folded and fused) graph.
     Ir,
+    /// The launch plan on the runtime's CPU executor.
+    PlanCpu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,9 +57,28 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Engine::PlanCpu = a.engine {
+        let plan = super::input::load_plan(&a.input, 0)?;
+        let vocab = plan.dims.vocab;
+        let tokens = crate::tokens::parse_tokens(&a.tokens, vocab)?;
+        let plan = if plan.dims.max_seq_len < tokens.len()
+            && !ngpt_compiler::compile::is_compiled_dir(&a.input)
+        {
+            super::input::load_plan(&a.input, tokens.len())?
+        } else {
+            plan
+        };
+        let mut session = ngpt_runtime::session::Session::new(std::sync::Arc::new(plan), 1)?;
+        let logits = session.prefill(&[tokens.clone()])?;
+        let t =
+            candle_core::Tensor::from_vec(logits, (tokens.len(), vocab), &candle_core::Device::Cpu)
+                .context("logits")?;
+        return write_npy(&a.out, &t, tokens.len(), vocab);
+    }
     let ckpt = super::input::load_checkpoint(&a.input)?;
     let tokens = crate::tokens::parse_tokens(&a.tokens, ckpt.config.vocab_size)?;
     let logits = match a.engine {
+        Engine::PlanCpu => unreachable!("handled above"),
         Engine::Reference => reference::logits(&ckpt, &tokens, a.precision.into())?,
         Engine::Ir => {
             let compiled = compile::compile(&ckpt, &compile::Options::default())?;
@@ -68,20 +89,25 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let logits = logits.to_dtype(DType::F32).context("logits to float32")?;
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+    write_npy(&a.out, &logits, tokens.len(), ckpt.config.vocab_size)
+}
+
+/// Writes `[t, vocab]` float32 logits as .npy, through a temporary file.
+fn write_npy(
+    out: &std::path::Path,
+    logits: &candle_core::Tensor,
+    t: usize,
+    vocab: usize,
+) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         artifact::create_dir(dir)?;
     }
-    artifact::write_with(&a.out, |tmp| {
+    artifact::write_with(out, |tmp| {
         logits.write_npy(tmp).map_err(|e| ngpt_compiler::Error::Io {
             path: tmp.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })
     })?;
-    println!(
-        "wrote {} [{} x {}] float32",
-        a.out.display(),
-        tokens.len(),
-        ckpt.config.vocab_size
-    );
+    println!("wrote {} [{t} x {vocab}] float32", out.display());
     Ok(())
 }

@@ -6,3 +6,4 @@ pub mod init;
 pub mod input;
 pub mod inspect;
 pub mod logits;
+pub mod plan;

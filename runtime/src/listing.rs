@@ -1,0 +1,189 @@
+//! `ngpt plan show`: a plan, step by step, for review: kernel or GEMM, grid and block,
+//! buffers, bytes moved and FLOPs, with totals.
+
+use std::fmt::Write as _;
+
+use ngpt_schemas::plan::{self as pb, arg, operand, step};
+
+use crate::plan::{eval, LoadedPlan};
+
+/// The request a listing is sized for.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub batch: usize,
+    /// Prompt tokens per sequence (prefill).
+    pub tokens: usize,
+    /// Tokens already in the cache when a decode step runs.
+    pub context: usize,
+}
+
+fn si(v: f64) -> String {
+    let (d, s) = if v >= 1e9 {
+        (1e9, "G")
+    } else if v >= 1e6 {
+        (1e6, "M")
+    } else if v >= 1e3 {
+        (1e3, "k")
+    } else {
+        (1.0, "")
+    };
+    format!("{:.2}{s}", v / d)
+}
+
+/// (bytes moved, FLOPs) of one step for `rows` rows; `keys` = mean keys a query reads.
+fn cost(p: &LoadedPlan, s: &pb::Step, rows: usize, batch: usize, keys: f64) -> (f64, f64) {
+    let d = &p.dims;
+    let (r, c) = (rows as f64, d.n_embd as f64);
+    match s.kind.as_ref() {
+        Some(step::Kind::Gemm(g)) => {
+            let m = eval(g.m.as_ref(), rows, batch).unwrap_or(0) as f64;
+            let n = eval(g.n.as_ref(), rows, batch).unwrap_or(0) as f64;
+            let k = eval(g.k.as_ref(), rows, batch).unwrap_or(0) as f64;
+            let wbytes = match g.a.as_ref().and_then(|o| o.source.as_ref()) {
+                Some(operand::Source::Weight(w)) => p
+                    .plan
+                    .weights
+                    .get(*w as usize)
+                    .map_or(0.0, |w| w.bytes as f64),
+                _ => m * k * 4.0,
+            };
+            (wbytes + k * n * 4.0 + m * n * 4.0, 2.0 * m * n * k)
+        }
+        Some(step::Kind::Launch(l)) => match l.entry.as_str() {
+            "embed" => (r * c * 8.0, 0.0),
+            "norm_rows" => (r * c * 8.0, r * c * 3.0),
+            "lerp_norm" => (r * c * 12.0, r * c * 9.0),
+            "swiglu" => (r * c * 48.0, r * c * 4.0 * 5.0),
+            "pos_norm" => (r * c * 24.0, r * c * 12.0),
+            "attention_prefill" | "attention_decode" => {
+                (r * c * 8.0 + keys * r * c * 8.0, keys * r * c * 4.0)
+            }
+            _ => (0.0, 0.0),
+        },
+        None => (0.0, 0.0),
+    }
+}
+
+/// The listing of both programs for `shape`.
+pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
+    let d = &p.dims;
+    let mut out = String::new();
+    let wdt = pb::DType::try_from(p.plan.weight_dtype)
+        .map(|t| t.as_str_name())
+        .unwrap_or("?");
+    let _ = writeln!(
+        out,
+        "plan format {}.{} by {}: {} layers, {} heads x {}, n_embd {}, vocab {}, weights {} ({} in model.weights), KV capacity {}",
+        p.plan.format_major,
+        p.plan.format_minor,
+        p.plan.producer,
+        d.n_layer,
+        d.n_head,
+        d.head_dim,
+        d.n_embd,
+        d.vocab,
+        wdt,
+        si(p.plan.weights_file_bytes as f64) + "B",
+        d.max_seq_len
+    );
+    let names = |args: &[pb::Arg]| -> String {
+        args.iter()
+            .filter_map(|a| match a.value.as_ref()? {
+                arg::Value::Buffer(b) => p.plan.buffers.get(*b as usize).map(|b| b.name.clone()),
+                arg::Value::Weight(w) => p
+                    .plan
+                    .weights
+                    .get(*w as usize)
+                    .map(|w| format!("w:{}", w.name)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let programs = [
+        (
+            p.plan.prefill.as_ref(),
+            shape.batch * shape.tokens,
+            (shape.tokens as f64 + 1.0) / 2.0,
+            format!("batch {} x {} tokens", shape.batch, shape.tokens),
+        ),
+        (
+            p.plan.decode.as_ref(),
+            shape.batch,
+            shape.context as f64 + 1.0,
+            format!("batch {}, {} tokens in cache", shape.batch, shape.context),
+        ),
+    ];
+    for (program, rows, keys, what) in programs {
+        let Some(program) = program else { continue };
+        let _ = writeln!(out, "\nprogram {} ({what}; rows R = {rows}):", program.name);
+        let (mut tb, mut tf) = (0.0, 0.0);
+        for (i, s) in program.steps.iter().enumerate() {
+            let (bytes, flops) = cost(p, s, rows, shape.batch, keys);
+            tb += bytes;
+            tf += flops;
+            let what = match s.kind.as_ref() {
+                Some(step::Kind::Launch(l)) => {
+                    let g = l.grid.as_ref();
+                    let gx = eval(g.and_then(|g| g.x.as_ref()), rows, shape.batch).unwrap_or(0);
+                    let gy = eval(g.and_then(|g| g.y.as_ref()), rows, shape.batch).unwrap_or(0);
+                    let bx = eval(
+                        l.block.as_ref().and_then(|b| b.x.as_ref()),
+                        rows,
+                        shape.batch,
+                    )
+                    .unwrap_or(0);
+                    format!(
+                        "{:<17} grid {gx}x{gy} block {bx} smem {:<5} {}",
+                        l.entry,
+                        l.shared_bytes,
+                        names(&l.args)
+                    )
+                }
+                Some(step::Kind::Gemm(g)) => {
+                    let ev = |a: Option<&pb::Affine>| eval(a, rows, shape.batch).unwrap_or(0);
+                    let op = |o: Option<&pb::Operand>| match o.and_then(|o| o.source.as_ref()) {
+                        Some(operand::Source::Buffer(b)) => p
+                            .plan
+                            .buffers
+                            .get(*b as usize)
+                            .map_or("?".into(), |b| b.name.clone()),
+                        Some(operand::Source::Weight(w)) => p
+                            .plan
+                            .weights
+                            .get(*w as usize)
+                            .map_or("?".into(), |w| format!("w:{}", w.name)),
+                        None => "?".into(),
+                    };
+                    format!(
+                        "{:<17} m {} n {} k {} op(a)={} {} x {} -> {}",
+                        "gemm",
+                        ev(g.m.as_ref()),
+                        ev(g.n.as_ref()),
+                        ev(g.k.as_ref()),
+                        if g.trans_a { "T" } else { "N" },
+                        op(g.a.as_ref()),
+                        op(g.b.as_ref()),
+                        op(g.c.as_ref())
+                    )
+                }
+                None => "empty".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {i:>3} {:<34} {what:<96} {:>9}B {:>9}FLOP",
+                s.name,
+                si(bytes),
+                si(flops)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  total: {} steps, {}B moved, {}FLOP",
+            program.steps.len(),
+            si(tb),
+            si(tf)
+        );
+    }
+    out
+}
