@@ -23,6 +23,7 @@ struct Cli {
 enum Command {
     Compile(commands::compile::Args),
     Demo(commands::demo::Args),
+    Generate(commands::generate::Args),
     Init(commands::init::Args),
     Inspect(commands::inspect::Args),
     Logits(commands::logits::Args),
@@ -34,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::Compile(a) => commands::compile::run(a),
         Command::Demo(a) => commands::demo::run(a),
+        Command::Generate(a) => commands::generate::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Logits(a) => commands::logits::run(a),

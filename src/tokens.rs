@@ -47,6 +47,26 @@ impl Vocab {
         })
     }
 
+    /// Reads a `vocab.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading vocabulary {}", path.display()))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Token ids of `text`, one per character; a character outside the vocabulary is an error.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        text.chars()
+            .map(|ch| {
+                self.chars
+                    .iter()
+                    .position(|&c| c == ch)
+                    .map(|i| i as u32)
+                    .with_context(|| format!("--prompt: character {ch:?} is not in the vocabulary"))
+            })
+            .collect()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         ids.iter()
             .map(|&i| self.chars.get(i as usize).copied().unwrap_or('\u{fffd}'))

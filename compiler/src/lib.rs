@@ -13,6 +13,7 @@ pub mod graph;
 pub mod import;
 pub mod init;
 pub mod inspect;
+pub mod onnx;
 pub mod passes;
 pub mod plan;
 pub mod reference;

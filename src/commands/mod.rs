@@ -2,6 +2,7 @@
 
 pub mod compile;
 pub mod demo;
+pub mod generate;
 pub mod init;
 pub mod input;
 pub mod inspect;

@@ -1,0 +1,227 @@
+//! A small ONNX graph builder: unique node names, shared constants, initializers that go
+//! inline or to an external data file as they are made (so export streams).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+
+use ngpt_schemas::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_proto::DataType,
+    AttributeProto, NodeProto, StringStringEntryProto, TensorProto,
+};
+
+use crate::error::{Error, Result};
+
+/// Tensors smaller than this stay inline even when the weights go to external data (the
+/// threshold `onnx.save_model` uses).
+pub const EXTERNAL_MIN_BYTES: usize = 1024;
+
+/// Where initializer bytes go.
+pub enum Sink<'a> {
+    /// Into the tensor's `raw_data`.
+    Inline,
+    /// Into `out` (the file named `location`), at aligned offsets.
+    External {
+        out: &'a mut dyn Write,
+        location: String,
+        offset: u64,
+    },
+}
+
+/// An attribute value.
+pub enum Attr {
+    Int(i64),
+    Ints(Vec<i64>),
+}
+
+pub struct Builder<'a> {
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    names: HashSet<String>,
+    values: HashSet<String>,
+    shared: BTreeMap<String, String>,
+    sink: Sink<'a>,
+    /// Bytes of initializer data written, inline or external.
+    pub weight_bytes: u64,
+}
+
+fn io_err(location: &str, source: std::io::Error) -> Error {
+    Error::Io {
+        path: location.into(),
+        source,
+    }
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(sink: Sink<'a>) -> Self {
+        Builder {
+            nodes: vec![],
+            initializers: vec![],
+            names: HashSet::new(),
+            values: HashSet::new(),
+            shared: BTreeMap::new(),
+            sink,
+            weight_bytes: 0,
+        }
+    }
+
+    /// Declares a value name (graph input, node output or initializer); fails on a repeat,
+    /// which would make the graph ambiguous.
+    pub fn declare(&mut self, value: &str) -> Result<()> {
+        if !self.values.insert(value.to_string()) {
+            return Err(Error::Argument {
+                what: "ONNX export".into(),
+                problem: format!("value name `{value}` is defined twice"),
+            });
+        }
+        Ok(())
+    }
+
+    fn unique_node_name(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut i = 1;
+        while self.names.contains(&name) || (self.values.contains(&name)) {
+            name = format!("{base}_{i}");
+            i += 1;
+        }
+        self.names.insert(name.clone());
+        name
+    }
+
+    /// Adds node `{scope}/{op_type}` (made unique); its one output is named `out`, or the
+    /// node's name when `out` is None. Returns the output's name.
+    pub fn op(
+        &mut self,
+        scope: &str,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        out: Option<&str>,
+    ) -> Result<String> {
+        let name = self.unique_node_name(&format!("{scope}/{op_type}"));
+        let output = out.map(str::to_string).unwrap_or_else(|| name.clone());
+        self.declare(&output)?;
+        let attribute = attrs
+            .into_iter()
+            .map(|(k, v)| match v {
+                Attr::Int(i) => AttributeProto {
+                    name: Some(k.into()),
+                    r#type: Some(AttributeType::Int as i32),
+                    i: Some(i),
+                    ..Default::default()
+                },
+                Attr::Ints(ints) => AttributeProto {
+                    name: Some(k.into()),
+                    r#type: Some(AttributeType::Ints as i32),
+                    ints,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.clone()],
+            name: Some(name),
+            op_type: Some(op_type.into()),
+            domain: None,
+            attribute,
+            doc_string: None,
+        });
+        Ok(output)
+    }
+
+    /// Adds an initializer from little-endian bytes; large ones go to the sink's external
+    /// file when there is one.
+    pub fn initializer(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        dtype: DataType,
+        bytes: Vec<u8>,
+        doc: Option<String>,
+    ) -> Result<String> {
+        self.declare(name)?;
+        self.weight_bytes += bytes.len() as u64;
+        let mut t = TensorProto {
+            name: Some(name.into()),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(dtype as i32),
+            doc_string: doc,
+            ..Default::default()
+        };
+        match &mut self.sink {
+            Sink::External {
+                out,
+                location,
+                offset,
+            } if bytes.len() >= EXTERNAL_MIN_BYTES => {
+                // Large tensors start on 64 KiB boundaries (memory-mappable on every OS,
+                // as onnx.save_model aligns them), small ones on 64 bytes.
+                let align: u64 = if bytes.len() >= 1 << 20 { 1 << 16 } else { 64 };
+                let pad = (align - *offset % align) % align;
+                out.write_all(&vec![0u8; pad as usize])
+                    .map_err(|e| io_err(location, e))?;
+                *offset += pad;
+                out.write_all(&bytes).map_err(|e| io_err(location, e))?;
+                let entry = |k: &str, v: String| StringStringEntryProto {
+                    key: Some(k.into()),
+                    value: Some(v),
+                };
+                t.external_data = vec![
+                    entry("location", location.clone()),
+                    entry("offset", offset.to_string()),
+                    entry("length", bytes.len().to_string()),
+                ];
+                t.set_data_location(DataLocation::External);
+                *offset += bytes.len() as u64;
+            }
+            _ => t.raw_data = Some(bytes),
+        }
+        self.initializers.push(t);
+        Ok(name.to_string())
+    }
+
+    /// A shared int64 constant (rank 1 with `values`, or rank 0 when `scalar`), made once.
+    pub fn i64s(&mut self, values: &[i64], scalar: bool) -> Result<String> {
+        assert!(!scalar || values.len() == 1);
+        let list: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let key = if scalar {
+            format!("const/i64/{}", list[0])
+        } else {
+            format!("const/i64/[{}]", list.join(","))
+        };
+        if let Some(name) = self.shared.get(&key) {
+            return Ok(name.clone());
+        }
+        let dims: Vec<usize> = if scalar { vec![] } else { vec![values.len()] };
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let name = self.initializer(&key, &dims, DataType::Int64, bytes, None)?;
+        self.shared.insert(key, name.clone());
+        Ok(name)
+    }
+
+    /// A shared rank-0 float constant, made once.
+    pub fn f32_scalar(&mut self, v: f32) -> Result<String> {
+        let key = format!("const/f32/{v:e}");
+        if let Some(name) = self.shared.get(&key) {
+            return Ok(name.clone());
+        }
+        let name = self.initializer(&key, &[], DataType::Float, v.to_le_bytes().to_vec(), None)?;
+        self.shared.insert(key, name.clone());
+        Ok(name)
+    }
+
+    /// A shared value computed once (the attention mask, position rows): returns the cached
+    /// name for `key`, or records `make`'s result under it.
+    pub fn cached(
+        &mut self,
+        key: &str,
+        make: impl FnOnce(&mut Self) -> Result<String>,
+    ) -> Result<String> {
+        if let Some(name) = self.shared.get(key) {
+            return Ok(name.clone());
+        }
+        let name = make(self)?;
+        self.shared.insert(key.to_string(), name.clone());
+        Ok(name)
+    }
+}

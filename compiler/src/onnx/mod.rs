@@ -1,0 +1,441 @@
+//! ONNX export: the canonical graph as a standard `ai.onnx` model (opset 18, IR version 8)
+//! with a KV cache, named the way Hugging Face exports decoders.
+//!
+//! Interface (`batch`, `sequence` and `past_sequence` are symbolic; `past_sequence` is 0 at
+//! prefill):
+//! - inputs `input_ids` int64 `[batch, sequence]`, `attention_mask` int64
+//!   `[batch, past_sequence + sequence]` (1 attend, 0 padding), `position_ids` int64
+//!   `[batch, sequence]` (absolute positions, below `max_seq_len`), and per layer
+//!   `past_key_values.{i}.key|value` float32 `[batch, n_head, past_sequence, head_dim]`;
+//! - outputs `logits` float32 `[batch, sequence, vocab]` and
+//!   `present.{i}.key|value` `[batch, n_head, past_sequence + sequence, head_dim]`.
+//!
+//! A consumer feeds `present` back as `past`; the metadata says what the cache holds (keys
+//! after the position step and per-head Norm, in the folded basis). The causal mask is
+//! built in the graph from the shapes, combined with `attention_mask`, so ragged
+//! (left-padded) batches work.
+//!
+//! Export streams: initializers are made one at a time from the graph's constants and, with
+//! external data, written to `model.onnx.data` as they are made.
+
+mod builder;
+mod emit;
+pub mod summary;
+pub mod tract;
+
+use std::io::Write;
+use std::path::Path;
+
+use ngpt_schemas::onnx::{
+    tensor_proto::DataType, tensor_shape_proto::dimension, tensor_shape_proto::Dimension,
+    type_proto, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use ngpt_schemas::prost::Message;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use emit::{past_name, present_name};
+pub use emit::{ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
+
+/// The ONNX operator set the export targets.
+pub const OPSET: i64 = 18;
+/// The ONNX IR version written (2021-07-30, the one opset 18 tooling reads everywhere).
+pub const IR_VERSION: i64 = 8;
+/// File names inside a compiled directory.
+pub const MODEL_FILE: &str = "model.onnx";
+pub const DATA_FILE: &str = "model.onnx.data";
+/// Weights above this many bytes go to external data: a protobuf message is limited to
+/// 2 GiB, and the graph needs some room beside the weights.
+pub const INLINE_LIMIT: u64 = (2 << 30) - (64 << 20);
+
+/// Storage dtype of the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// float32 (exact for BF16 checkpoints).
+    #[default]
+    F32,
+    /// float16, cast to float32 in the graph: half the size, about 1e-3 relative error.
+    F16,
+}
+
+impl WeightDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+        }
+    }
+}
+
+/// Options of the export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Rows of the position table: the largest position id plus one.
+    pub max_seq_len: usize,
+    pub weights: WeightDtype,
+    /// Put the weights in `model.onnx.data` even when they would fit inline.
+    pub external_data: bool,
+}
+
+/// The default `--max-seq-len`: the larger of block_size and 2048.
+pub fn default_max_seq_len(config: &Config) -> usize {
+    config.block_size.max(2048)
+}
+
+impl Options {
+    /// Defaults for a model: f32 weights, inline, `default_max_seq_len` rows.
+    pub fn for_config(config: &Config) -> Options {
+        Options {
+            max_seq_len: default_max_seq_len(config),
+            weights: WeightDtype::F32,
+            external_data: false,
+        }
+    }
+}
+
+/// What the model's metadata says about where it came from.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub config: Config,
+    /// sha256 of the source checkpoint file, lowercase hex.
+    pub source_sha256: Option<String>,
+    /// File name of the source checkpoint (no directories, so the bytes do not depend on
+    /// where it was).
+    pub source_name: Option<String>,
+    /// Names of the passes that ran, in order.
+    pub passes: Vec<String>,
+}
+
+impl ModelInfo {
+    /// The info of a compiled checkpoint: hashes its source file.
+    pub fn new(
+        ckpt: &crate::import::Checkpoint,
+        records: &[crate::passes::PassRecord],
+    ) -> Result<ModelInfo> {
+        Ok(ModelInfo {
+            config: ckpt.config.clone(),
+            source_sha256: Some(crate::compile::sha256_file(&ckpt.source)?),
+            source_name: ckpt
+                .source
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
+            passes: records.iter().map(|r| r.name.to_string()).collect(),
+        })
+    }
+}
+
+/// An export held in memory: the encoded `model.onnx`, and the bytes of
+/// `model.onnx.data` when the weights are external.
+pub struct Exported {
+    pub model: Vec<u8>,
+    pub data: Option<Vec<u8>>,
+}
+
+/// What [`write`] wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// File names, relative to the directory: `model.onnx` and maybe `model.onnx.data`.
+    pub files: Vec<String>,
+    pub model_bytes: u64,
+    pub data_bytes: u64,
+}
+
+/// Exports `g` in memory.
+///
+/// ```no_run
+/// use ngpt_compiler::{compile, import, onnx};
+/// let ckpt = import::load("tests/fixtures/nv-tiny".as_ref())?;
+/// let c = compile::compile(&ckpt, &Default::default())?;
+/// let info = onnx::ModelInfo::new(&ckpt, &c.records)?;
+/// let out = onnx::export(&c.graph, &info, &onnx::Options::for_config(&ckpt.config))?;
+/// assert!(out.data.is_none());
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
+pub fn export(g: &Graph, info: &ModelInfo, opts: &Options) -> Result<Exported> {
+    if needs_external(g, opts) {
+        let mut data = vec![];
+        let model = build(g, info, opts, Some(&mut data))?;
+        Ok(Exported {
+            model: model.encode_to_vec(),
+            data: Some(data),
+        })
+    } else {
+        let model = build(g, info, opts, None)?;
+        Ok(Exported {
+            model: model.encode_to_vec(),
+            data: None,
+        })
+    }
+}
+
+/// Exports `g` into `dir` (which must exist): `model.onnx`, and `model.onnx.data` when the
+/// weights are external, written tensor by tensor as they are made.
+pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<Written> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let model_path = dir.join(MODEL_FILE);
+    let mut files = vec![MODEL_FILE.to_string()];
+    let mut data_bytes = 0;
+    let model = if needs_external(g, opts) {
+        let data_path = dir.join(DATA_FILE);
+        let mut model = None;
+        crate::artifact::write_with(&data_path, |tmp| {
+            let f = std::fs::File::create(tmp).map_err(io(tmp))?;
+            let mut w = std::io::BufWriter::new(f);
+            model = Some(build(g, info, opts, Some(&mut w))?);
+            w.flush().map_err(io(tmp))?;
+            Ok(())
+        })?;
+        files.push(DATA_FILE.to_string());
+        data_bytes = std::fs::metadata(&data_path).map_err(io(&data_path))?.len();
+        model.expect("set by the writer")
+    } else {
+        build(g, info, opts, None)?
+    };
+    let bytes = model.encode_to_vec();
+    crate::artifact::write_bytes(&model_path, &bytes)?;
+    Ok(Written {
+        files,
+        model_bytes: bytes.len() as u64,
+        data_bytes,
+    })
+}
+
+/// Bytes of the initializers the export would make (weights and position tables).
+pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
+    let elem = |rank: usize| match (opts.weights, rank) {
+        (WeightDtype::F16, 2) => 2,
+        _ => 4,
+    };
+    let consts: u64 = g
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            crate::graph::Op::Const(c) => {
+                Some(c.tensor.elem_count() as u64 * elem(c.tensor.rank()))
+            }
+            _ => None,
+        })
+        .sum();
+    let heads: std::collections::BTreeSet<usize> = g
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            crate::graph::Op::PosNorm { head_dim }
+            | crate::graph::Op::PosDiag { head_dim }
+            | crate::graph::Op::PosStep { head_dim } => Some(head_dim),
+            _ => None,
+        })
+        .collect();
+    consts
+        + heads
+            .iter()
+            .map(|&d| (opts.max_seq_len * d * 4) as u64)
+            .sum::<u64>()
+}
+
+fn needs_external(g: &Graph, opts: &Options) -> bool {
+    opts.external_data || weight_bytes(g, opts) > INLINE_LIMIT
+}
+
+fn dim(d: &str) -> Dimension {
+    Dimension {
+        value: Some(dimension::Value::DimParam(d.into())),
+        denotation: None,
+    }
+}
+
+fn fixed(n: usize) -> Dimension {
+    Dimension {
+        value: Some(dimension::Value::DimValue(n as i64)),
+        denotation: None,
+    }
+}
+
+fn value_info(name: &str, dtype: DataType, dims: Vec<Dimension>, doc: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(dtype as i32),
+                shape: Some(TensorShapeProto { dim: dims }),
+            })),
+            denotation: None,
+        }),
+        doc_string: Some(doc.into()),
+    }
+}
+
+/// Symbolic dimension names of the interface.
+pub const BATCH: &str = "batch";
+pub const SEQUENCE: &str = "sequence";
+pub const PAST_SEQUENCE: &str = "past_sequence";
+pub const TOTAL_SEQUENCE: &str = "past_sequence + sequence";
+
+fn build(
+    g: &Graph,
+    info: &ModelInfo,
+    opts: &Options,
+    external: Option<&mut dyn Write>,
+) -> Result<ModelProto> {
+    if opts.max_seq_len == 0 {
+        return Err(Error::Argument {
+            what: "--max-seq-len".into(),
+            problem: "must be at least 1".into(),
+        });
+    }
+    let sink = match external {
+        Some(out) => builder::Sink::External {
+            out,
+            location: DATA_FILE.into(),
+            offset: 0,
+        },
+        None => builder::Sink::Inline,
+    };
+    let mut b = builder::Builder::new(sink);
+    for name in [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] {
+        b.declare(name)?;
+    }
+    let lowered = emit::lower(g, opts, &mut b)?;
+    let (seq_out, total) = (
+        if lowered.last_row_only {
+            fixed(1)
+        } else {
+            dim(SEQUENCE)
+        },
+        TOTAL_SEQUENCE,
+    );
+
+    let mut inputs = vec![
+        value_info(
+            INPUT_IDS,
+            DataType::Int64,
+            vec![dim(BATCH), dim(SEQUENCE)],
+            "token ids",
+        ),
+        value_info(
+            ATTENTION_MASK,
+            DataType::Int64,
+            vec![dim(BATCH), dim(total)],
+            "1 for tokens to attend to, 0 for padding; covers the cache and the new tokens",
+        ),
+        value_info(
+            POSITION_IDS,
+            DataType::Int64,
+            vec![dim(BATCH), dim(SEQUENCE)],
+            &format!(
+                "absolute position of each token (0 for the first real token of a \
+                 left-padded row), below max_seq_len = {}",
+                opts.max_seq_len
+            ),
+        ),
+    ];
+    let mut outputs = vec![value_info(
+        LOGITS,
+        DataType::Float,
+        vec![dim(BATCH), seq_out, fixed(lowered.vocab)],
+        "logits, float32",
+    )];
+    for (i, l) in lowered.layers.iter().enumerate() {
+        for which in ["key", "value"] {
+            let shape = |s: &str| vec![dim(BATCH), fixed(l.heads), dim(s), fixed(l.head_dim)];
+            inputs.push(value_info(
+                &past_name(i, which),
+                DataType::Float,
+                shape(PAST_SEQUENCE),
+                "the cache: present from the previous call (past_sequence 0 at prefill)",
+            ));
+            outputs.push(value_info(
+                &present_name(i, which),
+                DataType::Float,
+                shape(total),
+                "past with this call's entries appended",
+            ));
+        }
+    }
+
+    let kv = match lowered.layers.first() {
+        None => "no attention layers: the model has no cache".to_string(),
+        Some(l) => {
+            let key = l.key_source.replacen(".0.", ".{i}.", 1);
+            let value = l.value_source.replacen(".0.", ".{i}.", 1);
+            let what = if l.key_op == "pos_norm" {
+                "keys after the position step (as a per-position diagonal scaling) and the \
+                 per-head Norm: unit vectors per head in the folded basis, not the \
+                 checkpoint's raw k; the q side carries sqrt(head_dim) * sqk^2, so scores \
+                 use softmax scale 1"
+                    .to_string()
+            } else {
+                format!("keys as the IR's `{}` op leaves them", l.key_op)
+            };
+            format!(
+                "past_key_values.{{i}}.key holds IR `{key}` ({what}); \
+                 past_key_values.{{i}}.value holds IR `{value}` (v = h Wv^T, neither normalized \
+                 nor scaled); layout [batch, n_head, position, head_dim] float32. Feed present.* \
+                 back as past_key_values.*; start with past_sequence = 0."
+            )
+        }
+    };
+    let prop = |k: &str, v: String| StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v),
+    };
+    let model_args = serde_json::to_string(&info.config).map_err(|e| Error::Argument {
+        what: "model_args".into(),
+        problem: e.to_string(),
+    })?;
+    let mut metadata = vec![
+        prop("model_args", model_args),
+        prop("producer", format!("ngpt {}", env!("CARGO_PKG_VERSION"))),
+        prop("passes", info.passes.join(",")),
+        prop("kv_cache", kv),
+        prop("max_seq_len", opts.max_seq_len.to_string()),
+        prop("weights_dtype", opts.weights.as_str().to_string()),
+        prop(
+            "positions",
+            format!(
+                "position_ids index a table of max_seq_len = {} rows; a larger id is out of \
+                 range (runtimes fail); re-export with a larger --max-seq-len",
+                opts.max_seq_len
+            ),
+        ),
+    ];
+    if let Some(sha) = &info.source_sha256 {
+        metadata.push(prop("source_sha256", sha.clone()));
+    }
+    if let Some(name) = &info.source_name {
+        metadata.push(prop("source_file", name.clone()));
+    }
+
+    let graph = GraphProto {
+        node: b.nodes,
+        name: Some("ngpt".into()),
+        initializer: b.initializers,
+        doc_string: Some(format!(
+            "nGPT ({} layers, {} heads, n_embd {}, vocab {}) exported by ngpt from its folded \
+             and fused IR",
+            info.config.n_layer, info.config.n_head, info.config.n_embd, info.config.vocab_size
+        )),
+        input: inputs,
+        output: outputs,
+        value_info: vec![],
+    };
+    Ok(ModelProto {
+        ir_version: Some(IR_VERSION),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(OPSET),
+        }],
+        producer_name: Some("ngpt".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        domain: None,
+        model_version: None,
+        doc_string: None,
+        graph: Some(graph),
+        metadata_props: metadata,
+    })
+}

@@ -1,0 +1,241 @@
+//! `ngpt generate`: prefill, then KV-cache decode, streaming tokens as they come.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ngpt_compiler::compile::{is_compiled_dir, Manifest};
+use ngpt_runtime::sample::{Sampler, Sampling};
+use ngpt_runtime::session::Session;
+
+use crate::tokens::{parse_tokens, Vocab};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The launch plan on the CPU executor.
+    PlanCpu,
+    /// The launch plan on an NVIDIA GPU.
+    PlanCuda,
+}
+
+/// Generate tokens: prefill the prompt, then decode with the KV cache.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  ngpt generate tests/fixtures/nv-tiny --prompt \"Permission is \" --max-new-tokens 40\n  ngpt generate out/nv-tiny --tokens 45,64,77 --max-new-tokens 8 --temperature 0.8 --top-k 5 --seed 1 --json"
+)]
+pub struct Args {
+    /// A checkpoint or a compiled directory.
+    input: PathBuf,
+    /// Comma-separated prompt token ids.
+    #[arg(long, allow_hyphen_values = true, conflicts_with_all = ["prompt", "prompts"])]
+    tokens: Option<String>,
+    /// Prompt text (needs a vocabulary).
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A file with one prompt per line (token ids, or text with a vocabulary).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sequences: the prompt B times, or with --prompts one per line.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Vocabulary: a vocab.json (default: one beside the checkpoint).
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    engine: Option<Engine>,
+    /// The last line of stdout is one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The vocabulary: --vocab, else a vocab.json beside the checkpoint (or the compiled
+/// directory's recorded source).
+fn find_vocab(a: &Args) -> Result<Option<Vocab>> {
+    if let Some(p) = &a.vocab {
+        return Vocab::from_file(p).map(Some);
+    }
+    let base: PathBuf = if is_compiled_dir(&a.input) {
+        Manifest::read(&a.input)?.source
+    } else {
+        a.input.clone()
+    };
+    let dir = if base.is_dir() {
+        base
+    } else {
+        base.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let candidate = dir.join("vocab.json");
+    Ok(if candidate.is_file() {
+        Some(Vocab::from_file(&candidate)?)
+    } else {
+        None
+    })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let engine = match a.engine {
+        Some(Engine::PlanCuda) => bail!("--engine plan-cuda: the CUDA executor is not part of this build yet; use --engine plan-cpu"),
+        _ => Engine::PlanCpu,
+    };
+    if engine == Engine::PlanCpu && a.engine.is_none() && !a.json {
+        eprintln!("engine: plan-cpu (no CUDA executor in this build)");
+    }
+    let vocab = find_vocab(&a)?;
+    let plan = super::input::load_plan(&a.input, 0)?;
+    let v = plan.dims.vocab;
+    let parse_line = |line: &str| -> Result<Vec<u32>> {
+        let looks_numeric = line
+            .trim()
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ',' || c == ' ' || c == '-');
+        match (&vocab, looks_numeric) {
+            (_, true) => parse_tokens(line, v),
+            (Some(voc), false) => voc.encode(line),
+            (None, false) => bail!(
+                "prompt {line:?} is text but no vocabulary was found; pass --vocab or --tokens"
+            ),
+        }
+    };
+    let mut prompts: Vec<Vec<u32>> = match (&a.tokens, &a.prompt, &a.prompts) {
+        (Some(t), _, _) => vec![parse_tokens(t, v)?],
+        (_, Some(p), _) => {
+            let voc = vocab
+                .as_ref()
+                .context("--prompt needs a vocabulary: pass --vocab FILE or use --tokens")?;
+            vec![voc.encode(p)?]
+        }
+        (_, _, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading --prompts {}", f.display()))?;
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            if lines.is_empty() {
+                bail!("--prompts {}: holds no prompt", f.display());
+            }
+            lines.into_iter().map(parse_line).collect::<Result<_>>()?
+        }
+        _ => bail!("give a prompt: --tokens, --prompt or --prompts"),
+    };
+    if prompts.iter().any(Vec::is_empty) {
+        bail!("a prompt is empty; expected at least one token");
+    }
+    if let Some(b) = a.batch {
+        if b == 0 {
+            bail!("--batch 0: expected at least 1");
+        }
+        if prompts.len() == 1 {
+            prompts = vec![prompts[0].clone(); b];
+        } else if prompts.len() != b {
+            bail!("--batch {b} but --prompts holds {} prompts", prompts.len());
+        }
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let cap = plan.dims.max_seq_len;
+    if longest + a.max_new_tokens > cap {
+        bail!("prompt ({longest} tokens) plus --max-new-tokens {} exceeds the KV capacity {cap} (--max-seq-len at compile time)", a.max_new_tokens);
+    }
+    let b = prompts.len();
+    let mut session = Session::new(Arc::new(plan), b)?;
+    let mut sampler = Sampler::new(
+        Sampling {
+            temperature: a.temperature,
+            top_k: a.top_k,
+        },
+        a.seed,
+    );
+    let stream = b == 1 && !a.json;
+    let mut out = std::io::stdout();
+    if stream {
+        if let Some(voc) = &vocab {
+            print!("{}", voc.decode(&prompts[0]));
+        }
+    }
+    let t0 = Instant::now();
+    let logits = session.prefill(&prompts)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t_len = longest;
+    let mut next: Vec<u32> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            sampler.pick(&logits[(i * t_len + p.len() - 1) * v..(i * t_len + p.len()) * v])
+        })
+        .collect();
+    let mut generated: Vec<Vec<u32>> = vec![vec![]; b];
+    let t1 = Instant::now();
+    for step in 0..a.max_new_tokens {
+        for (g, &t) in generated.iter_mut().zip(&next) {
+            g.push(t);
+        }
+        if stream {
+            match &vocab {
+                Some(voc) => print!("{}", voc.decode(&next)),
+                None => print!("{}{}", if step == 0 { "" } else { "," }, next[0]),
+            }
+            out.flush().ok();
+        }
+        if step + 1 == a.max_new_tokens {
+            break;
+        }
+        let logits = session.decode(&next)?;
+        next = (0..b)
+            .map(|i| sampler.pick(&logits[i * v..(i + 1) * v]))
+            .collect();
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let prefill_tps = (b * longest) as f64 / prefill_s.max(1e-9);
+    let decode_steps = a.max_new_tokens.saturating_sub(1);
+    let decode_tps = (b * decode_steps) as f64 / decode_s.max(1e-9);
+    if stream {
+        println!();
+    } else if !a.json {
+        for g in &generated {
+            match &vocab {
+                Some(voc) => println!("{}", voc.decode(g)),
+                None => println!(
+                    "{}",
+                    g.iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            }
+        }
+    }
+    if a.json {
+        let tokens = if b == 1 {
+            serde_json::json!(generated[0])
+        } else {
+            serde_json::json!(generated)
+        };
+        let mut obj = serde_json::json!({
+            "tokens": tokens,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+            "engine": "plan-cpu",
+        });
+        if let Some(voc) = &vocab {
+            let text: Vec<String> = generated.iter().map(|g| voc.decode(g)).collect();
+            obj["text"] = if b == 1 {
+                serde_json::json!(text[0])
+            } else {
+                serde_json::json!(text)
+            };
+        }
+        println!("{obj}");
+    } else {
+        eprintln!("prefill {prefill_tps:.1} tokens/s, decode {decode_tps:.1} tokens/s (plan-cpu, batch {b})");
+    }
+    Ok(())
+}
