@@ -210,13 +210,13 @@ fn ragged_left_padded_batch_matches_each_row() -> Result<()> {
         let a: Vec<u32> = all[..long].to_vec();
         let b: Vec<u32> = all[3..3 + long - pad].iter().rev().copied().collect();
         let mut ids: Vec<i64> = a.iter().map(|&t| t as i64).collect();
-        ids.extend(std::iter::repeat(0).take(pad));
+        ids.extend(std::iter::repeat_n(0, pad));
         ids.extend(b.iter().map(|&t| t as i64));
         let mut mask = vec![1i64; long];
-        mask.extend(std::iter::repeat(0).take(pad));
-        mask.extend(std::iter::repeat(1).take(long - pad));
+        mask.extend(std::iter::repeat_n(0, pad));
+        mask.extend(std::iter::repeat_n(1, long - pad));
         let mut pos: Vec<i64> = (0..long as i64).collect();
-        pos.extend(std::iter::repeat(0).take(pad));
+        pos.extend(std::iter::repeat_n(0, pad));
         pos.extend(0..(long - pad) as i64);
         let step = s.run(&ids, &mask, &pos, &s.empty_cache(2))?;
         ensure!(
@@ -231,7 +231,6 @@ fn ragged_left_padded_batch_matches_each_row() -> Result<()> {
         let (mut a_logits, mut b_logits) = (row(0, 0, long), row(1, pad, long));
         let (mut a_seq, mut b_seq) = (a.clone(), b.clone());
         let mut cache = step.cache;
-        let mut mask = mask;
         for i in 0..3 {
             let (ta, tb) = (all[(i * 5) % all.len()], all[(i * 3 + 1) % all.len()]);
             a_seq.push(ta);

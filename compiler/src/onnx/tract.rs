@@ -176,7 +176,7 @@ impl Session {
             what: "tract: run".into(),
             problem,
         };
-        if b == 0 || input_ids.is_empty() || input_ids.len() % b != 0 {
+        if b == 0 || input_ids.is_empty() || !input_ids.len().is_multiple_of(b) {
             return Err(bad(format!(
                 "{} input ids do not make {b} rows",
                 input_ids.len()
