@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use anyhow::Result;
 use ngpt_compiler::compile::{self, Manifest};
 use ngpt_compiler::plan::{self, WeightDtype};
-use ngpt_compiler::{artifact, passes};
+use ngpt_compiler::{artifact, onnx, passes};
 use ngpt_schemas::prost::Message;
 
 /// Compile a checkpoint: fold the scaling factors, fuse the normalize ops, and write the
-/// compiled directory (manifest.json, ir.txt, passes.txt), all files or none.
+/// compiled directory (manifest.json, ir.txt, passes.txt, model.onnx, model.plan and
+/// model.weights), all files or none.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Example:\n  ngpt compile tests/fixtures/nv-tiny/ckpt.pt -o out/nv-tiny\n  ngpt compile ckpt.pt -o out/bisect --stop-after 4 --force"
+    after_help = "Example:\n  ngpt compile tests/fixtures/nv-tiny/ckpt.pt -o out/nv-tiny\n  ngpt compile ckpt.pt -o out/bisect --stop-after 4 --force\n  ngpt compile ckpt.pt -o out/f16 --onnx-dtype f16 --external-data"
 )]
 pub struct Args {
     /// A checkpoint: ckpt.pt, a .safetensors file with config.json beside it, or a directory.
@@ -33,6 +34,20 @@ pub struct Args {
     /// block_size and 2048).
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// Weight dtype of model.onnx: f32, or f16 (half the size, about 1e-3 relative error;
+    /// cast to f32 in the graph).
+    #[arg(long, value_enum, default_value = "f32")]
+    onnx_dtype: OnnxDtype,
+    /// Put model.onnx's weights in model.onnx.data (ONNX external data); automatic when
+    /// they exceed 2 GiB.
+    #[arg(long)]
+    external_data: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum OnnxDtype {
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -74,6 +89,29 @@ pub fn run(a: Args) -> Result<()> {
         )?),
         Some(_) => None,
     };
+    let onnx_opts = onnx::Options {
+        max_seq_len,
+        weights: match a.onnx_dtype {
+            OnnxDtype::F32 => onnx::WeightDtype::F32,
+            OnnxDtype::F16 => onnx::WeightDtype::F16,
+        },
+        external_data: a.external_data,
+    };
+    let onnx_info = onnx::ModelInfo {
+        config: ckpt.config.clone(),
+        source_sha256: Some(source_sha256.clone()),
+        source_name: source.file_name().map(|n| n.to_string_lossy().into_owned()),
+        passes: compiled
+            .records
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect(),
+    };
+    let onnx_files: &[&str] = if onnx::uses_external_data(&compiled.graph, &onnx_opts) {
+        &[onnx::MODEL_FILE, onnx::DATA_FILE]
+    } else {
+        &[onnx::MODEL_FILE]
+    };
     let manifest = Manifest {
         producer: "ngpt".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -87,14 +125,17 @@ pub fn run(a: Args) -> Result<()> {
             .collect(),
         files: ["manifest.json", "ir.txt", "passes.txt"]
             .into_iter()
+            .chain(onnx_files.iter().copied())
             .chain(lowered.iter().flat_map(|_| ["model.plan", "model.weights"]))
             .map(String::from)
             .collect(),
     };
     let log = compiled.pass_log();
+    let mut written = None;
     artifact::write_dir(&a.out, a.force, |dir| {
         artifact::write_bytes(&dir.join("ir.txt"), compiled.graph.to_string().as_bytes())?;
         artifact::write_bytes(&dir.join("passes.txt"), log.as_bytes())?;
+        written = Some(onnx::write(&compiled.graph, &onnx_info, &onnx_opts, dir)?);
         if let Some(l) = &lowered {
             artifact::write_bytes(&dir.join("model.weights"), &l.weights)?;
             artifact::write_bytes(&dir.join("model.plan"), &l.plan.encode_to_vec())?;
@@ -108,6 +149,23 @@ pub fn run(a: Args) -> Result<()> {
         artifact::write_bytes(&dir.join("manifest.json"), json.as_bytes())
     })?;
     print!("{log}");
+    if let Some(w) = written {
+        let kb = |b: u64| b as f64 / 1024.0;
+        if w.data_bytes > 0 {
+            println!(
+                "model.onnx {:.1} KB + model.onnx.data {:.1} KB ({} weights, external data, position table of {max_seq_len} rows)",
+                kb(w.model_bytes),
+                kb(w.data_bytes),
+                onnx_opts.weights.as_str()
+            );
+        } else {
+            println!(
+                "model.onnx {:.1} KB ({} weights, position table of {max_seq_len} rows)",
+                kb(w.model_bytes),
+                onnx_opts.weights.as_str()
+            );
+        }
+    }
     println!(
         "wrote {} ({} IR nodes)",
         a.out.display(),

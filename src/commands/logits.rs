@@ -15,6 +15,9 @@ pub enum Engine {
     Ir,
     /// The launch plan on the runtime's CPU executor.
     PlanCpu,
+    /// The exported model.onnx run by tract: a compiled directory's own, or one exported
+    /// in memory from a checkpoint.
+    Tract,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -36,7 +39,7 @@ impl From<PrecisionArg> for reference::Precision {
 /// float32 .npy of shape [T, vocab].
 #[derive(clap::Args)]
 #[command(
-    after_help = "Example:\n  ngpt logits tests/fixtures/nv-tiny/ckpt.pt --tokens 45,64,77 -o logits.npy --precision f64\n  ngpt logits out/nv-tiny --engine ir --tokens 45,64,77 -o ir.npy"
+    after_help = "Example:\n  ngpt logits tests/fixtures/nv-tiny/ckpt.pt --tokens 45,64,77 -o logits.npy --precision f64\n  ngpt logits out/nv-tiny --engine ir --tokens 45,64,77 -o ir.npy\n  ngpt logits out/nv-tiny --engine tract --tokens 45,64,77 -o tract.npy"
 )]
 pub struct Args {
     /// A checkpoint (ckpt.pt, a .safetensors file with config.json beside it, or a directory
@@ -75,10 +78,16 @@ pub fn run(a: Args) -> Result<()> {
                 .context("logits")?;
         return write_npy(&a.out, &t, tokens.len(), vocab);
     }
+    if let Engine::Tract = a.engine {
+        let (logits, n, vocab) = tract_logits(&a)?;
+        let t = candle_core::Tensor::from_vec(logits, (n, vocab), &candle_core::Device::Cpu)
+            .context("logits")?;
+        return write_npy(&a.out, &t, n, vocab);
+    }
     let ckpt = super::input::load_checkpoint(&a.input)?;
     let tokens = crate::tokens::parse_tokens(&a.tokens, ckpt.config.vocab_size)?;
     let logits = match a.engine {
-        Engine::PlanCpu => unreachable!("handled above"),
+        Engine::PlanCpu | Engine::Tract => unreachable!("handled above"),
         Engine::Reference => reference::logits(&ckpt, &tokens, a.precision.into())?,
         Engine::Ir => {
             let compiled = compile::compile(&ckpt, &compile::Options::default())?;
@@ -90,6 +99,51 @@ pub fn run(a: Args) -> Result<()> {
     };
     let logits = logits.to_dtype(DType::F32).context("logits to float32")?;
     write_npy(&a.out, &logits, tokens.len(), ckpt.config.vocab_size)
+}
+
+/// Logits `[T, vocab]` from model.onnx through tract, with T and vocab.
+fn tract_logits(a: &Args) -> Result<(Vec<f32>, usize, usize)> {
+    use ngpt_compiler::onnx::{self, tract::Session};
+    if compile::is_compiled_dir(&a.input) {
+        let path = a.input.join(onnx::MODEL_FILE);
+        anyhow::ensure!(
+            path.is_file(),
+            "{}: no {} in this compiled directory (compiled by an older ngpt?); compile it again",
+            a.input.display(),
+            onnx::MODEL_FILE
+        );
+        let session = Session::load(&path)?;
+        let tokens = crate::tokens::parse_tokens(&a.tokens, session.vocab)?;
+        if let Some(max) = session.max_seq_len {
+            anyhow::ensure!(
+                tokens.len() <= max,
+                "--tokens: {} tokens, but {} has a position table of {max} rows (its \
+                 --max-seq-len); compile again with --max-seq-len {} or more",
+                tokens.len(),
+                path.display(),
+                tokens.len()
+            );
+        }
+        let logits = session.logits(&tokens)?;
+        return Ok((logits, tokens.len(), session.vocab));
+    }
+    let ckpt = super::input::load_checkpoint(&a.input)?;
+    let tokens = crate::tokens::parse_tokens(&a.tokens, ckpt.config.vocab_size)?;
+    let compiled = compile::compile(&ckpt, &compile::Options::default())?;
+    let mut opts = onnx::Options::for_config(&ckpt.config);
+    opts.max_seq_len = opts.max_seq_len.max(tokens.len());
+    let info = onnx::ModelInfo::new(&ckpt, &compiled.records)?;
+    let session = if onnx::uses_external_data(&compiled.graph, &opts) {
+        // Too large for one protobuf: through a temporary directory, as tract reads
+        // external data from beside the model file.
+        let dir = tempfile::tempdir().context("creating a temporary directory")?;
+        onnx::write(&compiled.graph, &info, &opts, dir.path())?;
+        Session::load(&dir.path().join(onnx::MODEL_FILE))?
+    } else {
+        Session::from_bytes(&onnx::export(&compiled.graph, &info, &opts)?.model)?
+    };
+    let logits = session.logits(&tokens)?;
+    Ok((logits, tokens.len(), session.vocab))
 }
 
 /// Writes `[t, vocab]` float32 logits as .npy, through a temporary file.

@@ -154,7 +154,7 @@ pub struct Written {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn export(g: &Graph, info: &ModelInfo, opts: &Options) -> Result<Exported> {
-    if needs_external(g, opts) {
+    if uses_external_data(g, opts) {
         let mut data = vec![];
         let model = build(g, info, opts, Some(&mut data))?;
         Ok(Exported {
@@ -180,7 +180,7 @@ pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<
     let model_path = dir.join(MODEL_FILE);
     let mut files = vec![MODEL_FILE.to_string()];
     let mut data_bytes = 0;
-    let model = if needs_external(g, opts) {
+    let model = if uses_external_data(g, opts) {
         let data_path = dir.join(DATA_FILE);
         let mut model = None;
         crate::artifact::write_with(&data_path, |tmp| {
@@ -238,7 +238,9 @@ pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
             .sum::<u64>()
 }
 
-fn needs_external(g: &Graph, opts: &Options) -> bool {
+/// Whether the export puts the weights in `model.onnx.data`: on request, or when they
+/// would not fit a 2 GiB protobuf.
+pub fn uses_external_data(g: &Graph, opts: &Options) -> bool {
     opts.external_data || weight_bytes(g, opts) > INLINE_LIMIT
 }
 
