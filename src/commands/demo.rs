@@ -137,6 +137,8 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
 
+    onnx_parity(&ckpt, &compiled, &tokens, &nv)?;
+
     // 6. The launch plan on the CPU executor: parity, then generation with the KV cache.
     use ngpt_schemas::prost::Message;
     let t0 = std::time::Instant::now();
@@ -200,5 +202,45 @@ pub fn run(a: Args) -> Result<()> {
         "             {} the reference's greedy continuation",
         if out == new { "equals" } else { "DIFFERS FROM" }
     );
+    Ok(())
+}
+
+/// The ONNX export of the canonical graph, run by tract: its size, and its parity with
+/// NVIDIA's logits for f32 and f16 weights (one prefill of the whole prompt).
+fn onnx_parity(
+    ckpt: &import::Checkpoint,
+    compiled: &compile::Compiled,
+    tokens: &[u32],
+    nv: &[f64],
+) -> Result<()> {
+    use ngpt_compiler::onnx::{self, tract::Session};
+    let info = onnx::ModelInfo::new(ckpt, &compiled.records)?;
+    let mut opts = onnx::Options::for_config(&ckpt.config);
+    let mut parts = vec![];
+    for dtype in [onnx::WeightDtype::F32, onnx::WeightDtype::F16] {
+        opts.weights = dtype;
+        let t0 = std::time::Instant::now();
+        let e = onnx::export(&compiled.graph, &info, &opts)?;
+        let export_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let session = Session::from_bytes(&e.model)?;
+        let got: Vec<f64> = session.logits(tokens)?.iter().map(|&v| v as f64).collect();
+        let cmp = compare(&got, nv, ckpt.config.vocab_size);
+        parts.push(format!(
+            "{}: {} KB, tract relative error {:.2e}, top-1 {}/{} ({export_ms:.0} ms export)",
+            dtype.as_str(),
+            e.model.len() / 1024,
+            cmp.rel_err,
+            cmp.top1_agree,
+            cmp.positions
+        ));
+    }
+    println!(
+        "             ONNX exported (opset {}, KV cache, {} position rows) vs NVIDIA's float64 logits:",
+        onnx::OPSET,
+        opts.max_seq_len
+    );
+    for p in parts {
+        println!("               model.onnx {p}");
+    }
     Ok(())
 }
