@@ -154,55 +154,109 @@ pub struct Written {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn export(g: &Graph, info: &ModelInfo, opts: &Options) -> Result<Exported> {
-    if uses_external_data(g, opts) {
+    let mut model = vec![];
+    let data = if uses_external_data(g, opts) {
         let mut data = vec![];
-        let model = build(g, info, opts, Some(&mut data))?;
-        Ok(Exported {
-            model: model.encode_to_vec(),
-            data: Some(data),
-        })
+        let proto = build(g, info, opts, Some(&mut data))?;
+        encode(proto, &mut model).map_err(|e| io_error("model.onnx", e))?;
+        Some(data)
     } else {
-        let model = build(g, info, opts, None)?;
-        Ok(Exported {
-            model: model.encode_to_vec(),
-            data: None,
-        })
+        let proto = build(g, info, opts, None)?;
+        encode(proto, &mut model).map_err(|e| io_error("model.onnx", e))?;
+        None
+    };
+    Ok(Exported { model, data })
+}
+
+fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.into(),
+        source,
     }
 }
 
 /// Exports `g` into `dir` (which must exist): `model.onnx`, and `model.onnx.data` when the
 /// weights are external, written tensor by tensor as they are made.
 pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<Written> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
+    let create = |tmp: &Path| {
+        std::fs::File::create(tmp)
+            .map(std::io::BufWriter::new)
+            .map_err(|e| io_error(tmp, e))
     };
-    let model_path = dir.join(MODEL_FILE);
     let mut files = vec![MODEL_FILE.to_string()];
     let mut data_bytes = 0;
-    let model = if uses_external_data(g, opts) {
+    let proto = if uses_external_data(g, opts) {
         let data_path = dir.join(DATA_FILE);
-        let mut model = None;
+        let mut proto = None;
         crate::artifact::write_with(&data_path, |tmp| {
-            let f = std::fs::File::create(tmp).map_err(io(tmp))?;
-            let mut w = std::io::BufWriter::new(f);
-            model = Some(build(g, info, opts, Some(&mut w))?);
-            w.flush().map_err(io(tmp))?;
-            Ok(())
+            let mut w = create(tmp)?;
+            proto = Some(build(g, info, opts, Some(&mut w))?);
+            w.flush().map_err(|e| io_error(tmp, e))
         })?;
         files.push(DATA_FILE.to_string());
-        data_bytes = std::fs::metadata(&data_path).map_err(io(&data_path))?.len();
-        model.expect("set by the writer")
+        data_bytes = std::fs::metadata(&data_path)
+            .map_err(|e| io_error(&data_path, e))?
+            .len();
+        proto.expect("set by the writer")
     } else {
         build(g, info, opts, None)?
     };
-    let bytes = model.encode_to_vec();
-    crate::artifact::write_bytes(&model_path, &bytes)?;
+    let mut model_bytes = 0;
+    crate::artifact::write_with(&dir.join(MODEL_FILE), |tmp| {
+        let mut w = create(tmp)?;
+        model_bytes = encode(proto, &mut w).map_err(|e| io_error(tmp, e))?;
+        w.flush().map_err(|e| io_error(tmp, e))
+    })?;
     Ok(Written {
         files,
-        model_bytes: bytes.len() as u64,
+        model_bytes,
         data_bytes,
     })
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(v: u64) -> u64 {
+    let mut b = vec![];
+    varint(v, &mut b);
+    b.len() as u64
+}
+
+/// Encodes `model` into `out`, one initializer at a time, so the encoding never holds a
+/// second copy of the weights. The bytes are standard protobuf: the model's other fields,
+/// then the graph (field 7), whose initializers (field 5) come after its other fields.
+/// Parsers accept fields in any order; the order here is fixed, so output is deterministic.
+fn encode(mut model: ModelProto, out: &mut impl Write) -> std::io::Result<u64> {
+    let mut graph = model.graph.take().unwrap_or_default();
+    let initializers = std::mem::take(&mut graph.initializer);
+    let mut head = model.encode_to_vec();
+    let body = graph.encode_to_vec();
+    let lens: Vec<u64> = initializers
+        .iter()
+        .map(|t| t.encoded_len() as u64)
+        .collect();
+    let graph_len = body.len() as u64 + lens.iter().map(|&l| 1 + varint_len(l) + l).sum::<u64>();
+    head.push((7 << 3) | 2); // GraphProto graph = 7, length-delimited
+    varint(graph_len, &mut head);
+    out.write_all(&head)?;
+    out.write_all(&body)?;
+    let mut written = (head.len() + body.len()) as u64;
+    for (t, len) in initializers.into_iter().zip(lens) {
+        let mut key = vec![(5 << 3) | 2]; // TensorProto initializer = 5
+        varint(len, &mut key);
+        let bytes = t.encode_to_vec();
+        drop(t);
+        out.write_all(&key)?;
+        out.write_all(&bytes)?;
+        written += key.len() as u64 + len;
+    }
+    Ok(written)
 }
 
 /// Bytes of the initializers the export would make (weights and position tables).
