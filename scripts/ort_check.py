@@ -81,6 +81,9 @@ def main():
     ap.add_argument("--tokens-json", help="a JSON file with a `tokens` list instead")
     ap.add_argument("--prefill", type=int, default=None,
                     help="tokens in the first call (default: half the prompt)")
+    ap.add_argument("--greedy-json",
+                    help="a JSON file with `prompt_tokens` and `greedy_tokens` (nv-tiny's "
+                         "greedy.json): greedy decoding with the cache must give those tokens")
     ap.add_argument("--tol", type=float, default=1e-5,
                     help="largest relative error accepted (1e-5 for f32 weights, 1e-2 for f16)")
     args = ap.parse_args()
@@ -143,6 +146,21 @@ def main():
     results.append(("batch row 0", logits[0], ref))
     results.append((f"batch row 1 (left-padded {k})", logits[1][k:], ref[: t - k]))
 
+    failed = False
+    if args.greedy_json:
+        with open(args.greedy_json) as f:
+            g = json.load(f)
+        ids, want = [int(t) for t in g["prompt_tokens"]], [int(t) for t in g["greedy_tokens"]]
+        logits, past = m.run([ids], [[1] * len(ids)], [list(range(len(ids)))], m.empty(1))
+        got = [int(np.argmax(logits[0, -1]))]
+        while len(got) < len(want):
+            n = len(ids) + len(got) - 1
+            logits, past = m.run([[got[-1]]], [[1] * (n + 1)], [[n]], past)
+            got.append(int(np.argmax(logits[0, -1])))
+        same = sum(a == b for a, b in zip(got, want))
+        print(f"  greedy with the KV cache     {same}/{len(want)} tokens as {args.greedy_json}")
+        failed = same != len(want)
+
     worst = 0.0
     for label, out, want in results:
         e = rel_err(out, want)
@@ -150,6 +168,9 @@ def main():
         print(f"  {label:<28} rel err {e:.2e}, top-1 {top1(out, want)}/{len(want)}")
     if not worst <= args.tol:
         print(f"FAIL: relative error {worst:.2e} > {args.tol:g}")
+        return 1
+    if failed:
+        print("FAIL: greedy tokens differ")
         return 1
     print(f"ok: every relative error within {args.tol:g}")
     return 0
