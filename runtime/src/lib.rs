@@ -15,6 +15,8 @@
 
 pub mod abi;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod listing;
 pub mod plan;
