@@ -108,7 +108,7 @@ impl LoadedPlan {
                 ));
             }
         }
-        if dims.n_head * dims.head_dim != dims.n_embd || dims.head_dim % 2 != 0 {
+        if dims.n_head * dims.head_dim != dims.n_embd || !dims.head_dim.is_multiple_of(2) {
             return Err(bad(
                 path,
                 format!(
@@ -186,14 +186,85 @@ impl LoadedPlan {
                 ));
             }
         }
+        // Buffers: a dtype, a kind, and a size no larger than this model can need (a row of
+        // fc or logits, one sequence's KV cache), so a tampered size cannot make the
+        // executor allocate terabytes.
+        let cap = [
+            8 * dims.n_embd as u64,
+            dims.vocab as u64,
+            dims.n_embd as u64 * dims.max_seq_len as u64,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
         for (i, b) in plan.buffers.iter().enumerate() {
-            if dtype_size(b.dtype).is_none()
-                || b.elements.is_none()
-                || pb::BufferKind::try_from(b.kind).is_err()
-            {
+            let elements = match b.elements.as_ref() {
+                Some(e)
+                    if dtype_size(b.dtype).is_some()
+                        && pb::BufferKind::try_from(b.kind)
+                            .is_ok_and(|k| k != pb::BufferKind::Unspecified) =>
+                {
+                    e
+                }
+                _ => {
+                    return Err(bad(
+                        path,
+                        format!("buffer {i} `{}` has no valid dtype, kind or size", b.name),
+                    ))
+                }
+            };
+            for (what, v) in [
+                ("c0", elements.c0),
+                ("c_rows", elements.c_rows),
+                ("c_batch", elements.c_batch),
+            ] {
+                if v > cap {
+                    return Err(bad(
+                        path,
+                        format!(
+                            "buffer {i} `{}`: size coefficient {what} = {v} exceeds {cap}, the most this model can need",
+                            b.name
+                        ),
+                    ));
+                }
+            }
+        }
+        // A KV cache is B x n_head x max_seq_len x head_dim, exactly: decode reaches its
+        // last slots only at the end of a long sequence, so a short one is refused here.
+        let per_seq = (dims.n_head * dims.max_seq_len * dims.head_dim) as u64;
+        for b in &plan.buffers {
+            let e = b.elements.as_ref().map(|e| (e.c0, e.c_rows, e.c_batch));
+            if b.kind == pb::BufferKind::Cache as i32 && e != Some((0, 0, per_seq)) {
+                let (c0, c_rows, c_batch) = e.unwrap_or_default();
                 return Err(bad(
                     path,
-                    format!("buffer {i} `{}` has no valid dtype, kind or size", b.name),
+                    format!(
+                        "buffer `{}`: a KV cache holds n_head x max_seq_len x head_dim = {per_seq} elements per sequence; this one holds {c0} + {c_rows} x R + {c_batch} x B",
+                        b.name
+                    ),
+                ));
+            }
+        }
+        // The buffers the executor fills and reads by name.
+        for (name, dtype, per_row) in [
+            ("tokens", pb::DType::I32, 1u64),
+            ("positions", pb::DType::I32, 1),
+            ("logits", pb::DType::F32, dims.vocab as u64),
+        ] {
+            let b = plan
+                .buffers
+                .iter()
+                .find(|b| b.name == name)
+                .ok_or_else(|| bad(path, format!("no buffer named `{name}`")))?;
+            let rows = b.elements.as_ref().map_or(0, |e| e.c_rows);
+            if b.dtype != dtype as i32 || rows < per_row {
+                return Err(bad(
+                    path,
+                    format!(
+                        "buffer `{name}` should be {} with {per_row} elements per row, found {} with {rows}",
+                        dtype.as_str_name(),
+                        pb::DType::try_from(b.dtype).map_or("?", |d| d.as_str_name()),
+                    ),
                 ));
             }
         }
@@ -263,19 +334,37 @@ fn validate_step(plan: &Plan, s: &pb::Step) -> std::result::Result<(), String> {
                 ));
             }
             for (i, (slot, a)) in sig.iter().zip(&l.args).enumerate() {
-                let ok = match (slot, a.value.as_ref()) {
-                    (Slot::In | Slot::Out, Some(arg::Value::Buffer(b))) => *b < n_buf,
-                    (Slot::Weight, Some(arg::Value::Weight(w))) => *w < n_w,
-                    (Slot::Symbol, Some(arg::Value::Symbol(v))) => {
-                        pb::Symbol::try_from(*v).is_ok_and(|s| s != pb::Symbol::Unspecified)
-                    }
-                    _ => false,
-                };
-                if !ok {
-                    return Err(format!(
-                        "argument {i} of `{}` should be a valid {slot:?}",
+                let missing = |what: &str, index: u32, have: u32| {
+                    format!(
+                        "argument {i} of `{}`: {what} {index} does not exist (the plan has {have})",
                         l.entry
-                    ));
+                    )
+                };
+                match (slot, a.value.as_ref()) {
+                    (Slot::In | Slot::Out, Some(arg::Value::Buffer(b))) if *b >= n_buf => {
+                        return Err(missing("buffer", *b, n_buf))
+                    }
+                    (Slot::Weight, Some(arg::Value::Weight(w))) if *w >= n_w => {
+                        return Err(missing("weight", *w, n_w))
+                    }
+                    (Slot::In | Slot::Out, Some(arg::Value::Buffer(_)))
+                    | (Slot::Weight, Some(arg::Value::Weight(_))) => {}
+                    (Slot::Symbol, Some(arg::Value::Symbol(v)))
+                        if pb::Symbol::try_from(*v).is_ok_and(|s| s != pb::Symbol::Unspecified) => {
+                    }
+                    (_, value) => {
+                        let want = match slot {
+                            Slot::In => "a buffer it reads",
+                            Slot::Out => "a buffer it writes",
+                            Slot::Weight => "a weight",
+                            Slot::Symbol => "a request size (ROWS, BATCH or TOKENS)",
+                        };
+                        return Err(format!(
+                            "argument {i} of `{}` should be {want}, found {}",
+                            l.entry,
+                            describe(value)
+                        ));
+                    }
                 }
             }
             Ok(())
@@ -286,12 +375,22 @@ fn validate_step(plan: &Plan, s: &pb::Step) -> std::result::Result<(), String> {
             {
                 Some(operand::Source::Buffer(b)) if *b < n_buf => Ok(()),
                 Some(operand::Source::Weight(w)) if weight_ok && *w < n_w => Ok(()),
-                _ => Err(format!(
-                    "GEMM operand {what} is not a valid {}",
+                Some(operand::Source::Buffer(b)) => Err(format!(
+                    "GEMM operand {what}: buffer {b} does not exist (the plan has {n_buf})"
+                )),
+                Some(operand::Source::Weight(w)) if weight_ok => Err(format!(
+                    "GEMM operand {what}: weight {w} does not exist (the plan has {n_w})"
+                )),
+                found => Err(format!(
+                    "GEMM operand {what} should be {}, found {}",
                     if weight_ok {
-                        "buffer or weight"
+                        "a buffer or a weight"
                     } else {
-                        "buffer"
+                        "a buffer"
+                    },
+                    match found {
+                        Some(operand::Source::Weight(w)) => format!("weight {w}"),
+                        _ => "nothing".to_string(),
                     }
                 )),
             };
@@ -303,5 +402,17 @@ fn validate_step(plan: &Plan, s: &pb::Step) -> std::result::Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+/// What an argument holds, for messages.
+fn describe(v: Option<&arg::Value>) -> String {
+    match v {
+        None => "nothing".into(),
+        Some(arg::Value::Buffer(b)) => format!("buffer {b}"),
+        Some(arg::Value::Weight(w)) => format!("weight {w}"),
+        Some(arg::Value::IntConst(c)) => format!("the integer {c}"),
+        Some(arg::Value::FloatConst(c)) => format!("the float {c}"),
+        Some(arg::Value::Symbol(s)) => format!("symbol {s}"),
     }
 }

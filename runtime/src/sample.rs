@@ -4,7 +4,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Sampling settings. Temperature 0 (or top-k 1) is greedy.
+/// Sampling settings. Temperature 0 (or top-k 1) is greedy; top-k 0 samples among all
+/// tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
     pub temperature: f32,
@@ -48,10 +49,15 @@ pub fn pick(row: &[f32], s: Sampling, u: f32) -> u32 {
     if s.temperature <= 0.0 || s.top_k == 1 || row.is_empty() {
         return argmax(row);
     }
-    let k = s.top_k.clamp(1, row.len());
+    // As the kernel: the threshold is the k-th largest distinct value; top-k 0 (or a k
+    // beyond the distinct values) keeps every finite logit.
     let mut sorted: Vec<f32> = row.to_vec();
     sorted.sort_by(|a, b| b.total_cmp(a));
-    let kth = sorted[k - 1];
+    sorted.dedup();
+    let kth = match s.top_k {
+        0 => f32::MIN,
+        k => sorted.get(k - 1).copied().unwrap_or(f32::MIN),
+    };
     let top = sorted[0];
     let z: f32 = row
         .iter()
@@ -126,5 +132,26 @@ mod tests {
             ),
             2
         );
+    }
+
+    #[test]
+    fn top_k_zero_samples_among_all_tokens() {
+        // Top-k 0 means all tokens (as the kernel reads it), not greedy.
+        let row = [0.1, 3.0, 2.9, -1.0];
+        let all = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+        };
+        let picked: std::collections::BTreeSet<u32> = (0..1000)
+            .map(|i| pick(&row, all, i as f32 / 1000.0))
+            .collect();
+        assert_eq!(picked.into_iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        // Ties count once toward k, as in the kernel: top-2 of [3, 3, 1] keeps the 1.
+        let tie = [3.0, 3.0, 1.0];
+        let two = Sampling {
+            temperature: 1.0,
+            top_k: 2,
+        };
+        assert_eq!(pick(&tie, two, 0.999), 2);
     }
 }

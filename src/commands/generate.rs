@@ -89,9 +89,6 @@ pub fn run(a: Args) -> Result<()> {
         Some(Engine::PlanCuda) => bail!("--engine plan-cuda: the CUDA executor is not part of this build yet; use --engine plan-cpu"),
         _ => Engine::PlanCpu,
     };
-    if engine == Engine::PlanCpu && a.engine.is_none() && !a.json {
-        eprintln!("engine: plan-cpu (no CUDA executor in this build)");
-    }
     let vocab = find_vocab(&a)?;
     let plan = super::input::load_plan(&a.input, 0)?;
     let v = plan.dims.vocab;
@@ -154,6 +151,10 @@ pub fn run(a: Args) -> Result<()> {
         },
         a.seed,
     );
+    // Said once the request is known to be servable, so a refused one prints only its error.
+    if engine == Engine::PlanCpu && a.engine.is_none() && !a.json {
+        eprintln!("engine: plan-cpu (no CUDA executor in this build)");
+    }
     let stream = b == 1 && !a.json;
     let mut out = std::io::stdout();
     if stream {

@@ -8,6 +8,9 @@ use ngpt_runtime::plan::LoadedPlan;
 
 /// Inspect launch plans.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  ngpt compile tests/fixtures/nv-tiny -o out/nv-tiny\n  ngpt plan show out/nv-tiny --tokens 64"
+)]
 pub struct Args {
     #[command(subcommand)]
     command: PlanCommand,

@@ -22,6 +22,35 @@ impl Default for Buf {
     }
 }
 
+impl Buf {
+    /// Resizes to `n` elements (new ones zero); an allocation that fails is an error, not
+    /// an abort, so a request too large for this machine is refused cleanly.
+    fn resize(&mut self, n: usize, name: &str, request: &str) -> Result<()> {
+        fn grow<T: Clone>(v: &mut Vec<T>, n: usize, zero: T) -> bool {
+            if n > v.len() && v.try_reserve_exact(n - v.len()).is_err() {
+                return false;
+            }
+            v.resize(n, zero);
+            true
+        }
+        let ok = match self {
+            Buf::F32(v) => grow(v, n, 0.0),
+            Buf::I32(v) => grow(v, n, 0),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Request {
+                what: format!("buffer `{name}`"),
+                problem: format!(
+                    "cannot allocate {n} elements ({} bytes) for {request}",
+                    n.saturating_mul(4)
+                ),
+            })
+        }
+    }
+}
+
 /// Which program to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgramKind {
@@ -59,11 +88,13 @@ impl CpuExecutor {
             } else {
                 0
             };
-            buffers.push(if b.dtype == pb::DType::I32 as i32 {
-                Buf::I32(vec![0; n])
+            let mut buf = if b.dtype == pb::DType::I32 as i32 {
+                Buf::I32(vec![])
             } else {
-                Buf::F32(vec![0.0; n])
-            });
+                Buf::F32(vec![])
+            };
+            buf.resize(n, &b.name, &format!("batch {batch}"))?;
+            buffers.push(buf);
         }
         Ok(CpuExecutor {
             plan,
@@ -112,10 +143,7 @@ impl CpuExecutor {
                 continue;
             }
             let n = plan.buffer_len(i, rows, self.batch)?;
-            match &mut self.buffers[i] {
-                Buf::F32(v) => v.resize(n, 0.0),
-                Buf::I32(v) => v.resize(n, 0),
-            }
+            self.buffers[i].resize(n, &b.name, &format!("{rows} rows (batch {})", self.batch))?;
         }
         let (ti, pi) = (
             self.buffer_index("tokens")?,
@@ -139,14 +167,33 @@ impl CpuExecutor {
         let program = program.ok_or_else(|| step_err("program", "missing"))?;
         for s in &program.steps {
             match s.kind.as_ref() {
-                Some(step::Kind::Launch(l)) => self.launch(&s.name, l, rows, per_seq)?,
+                Some(step::Kind::Launch(l)) => {
+                    // A twin's bounds error names the kernel's operand; add the step.
+                    self.launch(&s.name, l, rows, per_seq)
+                        .map_err(|e| match e {
+                            Error::Step { step, problem } if step != s.name => Error::Step {
+                                step: s.name.clone(),
+                                problem: format!("{step}: {problem}"),
+                            },
+                            e => e,
+                        })?
+                }
                 Some(step::Kind::Gemm(g)) => self.gemm(&s.name, g, rows)?,
                 None => return Err(step_err(&s.name, "empty step")),
             }
         }
         let li = self.buffer_index("logits")?;
+        let want = rows * plan.dims.vocab;
         match &self.buffers[li] {
-            Buf::F32(v) => Ok(&v[..rows * plan.dims.vocab.min(v.len() / rows.max(1))]),
+            Buf::F32(v) if v.len() >= want => Ok(&v[..want]),
+            Buf::F32(v) => Err(step_err(
+                "logits",
+                format!(
+                    "the logits buffer holds {} elements, {rows} rows x vocab {} need {want}",
+                    v.len(),
+                    plan.dims.vocab
+                ),
+            )),
             Buf::I32(_) => Err(step_err("logits", "logits buffer is not f32")),
         }
     }
@@ -180,16 +227,16 @@ impl CpuExecutor {
                 }
             }
         };
-        fn f32_of<'b>(bufs: &'b [Buf], i: usize) -> Result<&'b [f32]> {
+        fn f32_of<'b>(name: &str, bufs: &'b [Buf], i: usize) -> Result<&'b [f32]> {
             match &bufs[i] {
                 Buf::F32(v) => Ok(v),
-                Buf::I32(_) => Err(step_err("launch", format!("buffer {i} should be f32"))),
+                Buf::I32(_) => Err(step_err(name, format!("buffer {i} should be f32"))),
             }
         }
-        fn i32_of<'b>(bufs: &'b [Buf], i: usize) -> Result<&'b [i32]> {
+        fn i32_of<'b>(name: &str, bufs: &'b [Buf], i: usize) -> Result<&'b [i32]> {
             match &bufs[i] {
                 Buf::I32(v) => Ok(v),
-                Buf::F32(_) => Err(step_err("launch", format!("buffer {i} should be int32"))),
+                Buf::F32(_) => Err(step_err(name, format!("buffer {i} should be int32"))),
             }
         }
         let bufs = &mut self.buffers;
@@ -219,7 +266,7 @@ impl CpuExecutor {
                 distinct(&[t, o])?;
                 with_out!(o, |out| kernels::embed(
                     d,
-                    i32_of(bufs, t)?,
+                    i32_of(name, bufs, t)?,
                     weight(1)?,
                     &mut out,
                     rows
@@ -230,7 +277,7 @@ impl CpuExecutor {
                 distinct(&[x, o])?;
                 with_out!(o, |out| kernels::norm_rows(
                     d,
-                    f32_of(bufs, x)?,
+                    f32_of(name, bufs, x)?,
                     &mut out,
                     rows
                 ))
@@ -241,7 +288,7 @@ impl CpuExecutor {
                 with_out!(h, |hv| kernels::lerp_norm(
                     d,
                     &mut hv,
-                    f32_of(bufs, b)?,
+                    f32_of(name, bufs, b)?,
                     weight(2)?,
                     rows
                 ))
@@ -251,7 +298,7 @@ impl CpuExecutor {
                 distinct(&[x, o])?;
                 with_out!(o, |out| kernels::swiglu(
                     d,
-                    f32_of(bufs, x)?,
+                    f32_of(name, bufs, x)?,
                     &mut out,
                     rows
                 ))
@@ -264,8 +311,8 @@ impl CpuExecutor {
                 let mut v = take(bufs, vc)?;
                 let r = kernels::pos_norm(
                     d,
-                    f32_of(bufs, qkv)?,
-                    i32_of(bufs, pos)?,
+                    f32_of(name, bufs, qkv)?,
+                    i32_of(name, bufs, pos)?,
                     weight(2)?,
                     weight(3)?,
                     weight(4)?,
@@ -286,10 +333,10 @@ impl CpuExecutor {
                 distinct(&[vc, o])?;
                 with_out!(o, |out| kernels::attention(
                     d,
-                    f32_of(bufs, q)?,
-                    f32_of(bufs, kc)?,
-                    f32_of(bufs, vc)?,
-                    i32_of(bufs, pos)?,
+                    f32_of(name, bufs, q)?,
+                    f32_of(name, bufs, kc)?,
+                    f32_of(name, bufs, vc)?,
+                    i32_of(name, bufs, pos)?,
                     &mut out,
                     rows,
                     per_seq
@@ -336,7 +383,7 @@ impl CpuExecutor {
         let need_a = need(ar, ac, lda, "a")?;
         let need_b = need(br, bc, ldb, "b")?;
         let need_c = need(m, n, ldc, "c")?;
-        let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source.clone());
+        let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source);
         let ci = match src(g.c.as_ref()) {
             Some(operand::Source::Buffer(b)) => b as usize,
             _ => return Err(step_err(name, "GEMM c must be a buffer")),
