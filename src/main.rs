@@ -31,7 +31,21 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help and --version print and exit 0
+        Err(e) => {
+            // One line, like every other error: clap's first line, without its usage block.
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("error: {first}");
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::Compile(a) => commands::compile::run(a),
         Command::Demo(a) => commands::demo::run(a),
