@@ -40,19 +40,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if flags.iter().any(|f| f == "--no-run") {
         return Ok(());
     }
-    // Prefill three tokens, then decode one more against the KV cache.
+    // Load, prefill three tokens, then decode greedily against the KV cache.
+    let t0 = std::time::Instant::now();
     let session = Session::load(&dir.join(onnx::MODEL_FILE))?;
-    let step = session.run(&[1, 2, 3], &[1, 1, 1], &[0, 1, 2], &session.empty_cache(1))?;
+    let load = t0.elapsed().as_secs_f64();
     let v = session.vocab;
-    let last = &step.logits[2 * v..];
-    let next = (0..v)
-        .max_by(|&a, &b| last[a].total_cmp(&last[b]))
-        .unwrap_or(0);
-    let step = session.run(&[next as i64], &[1, 1, 1, 1], &[3], &step.cache)?;
+    let argmax = |row: &[f32]| {
+        (0..v)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    let mut step = session.run(&[1, 2, 3], &[1, 1, 1], &[0, 1, 2], &session.empty_cache(1))?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut tokens = vec![argmax(&step.logits[2 * v..])];
+    let t0 = std::time::Instant::now();
+    while tokens.len() < 16 {
+        let n = step.cache.len;
+        let last = *tokens.last().unwrap_or(&0) as i64;
+        step = session.run(&[last], &vec![1; n + 1], &[n as i64], &step.cache)?;
+        tokens.push(argmax(&step.logits));
+    }
+    let decode = t0.elapsed().as_secs_f64();
     println!(
-        "tract: greedy next token {next}, then {} logits for position 3 (cache now {} long)",
-        step.logits.len(),
-        step.cache.len
+        "tract: load {load:.2} s, prefill 3 tokens {:.1} ms, {} decode steps at {:.1} tokens/s; greedy {tokens:?}",
+        prefill * 1e3,
+        tokens.len() - 1,
+        (tokens.len() - 1) as f64 / decode
     );
     Ok(())
 }

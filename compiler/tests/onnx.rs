@@ -482,6 +482,10 @@ fn same_checkpoint_gives_byte_identical_models() -> Result<()> {
         dir.path(),
     )?;
     assert_eq!(w.files, ["model.onnx"]);
+    let names: Vec<String> = std::fs::read_dir(dir.path())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(names, ["model.onnx"], "the staged weights file is removed");
     assert_eq!(w.model_bytes, a.model.len() as u64);
     assert!(std::fs::read(dir.path().join("model.onnx"))? == a.model);
     // Initializers are encoded after the graph's other fields; a decode and re-encode in

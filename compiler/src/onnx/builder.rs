@@ -15,16 +15,13 @@ use crate::error::{Error, Result};
 /// threshold `onnx.save_model` uses).
 pub const EXTERNAL_MIN_BYTES: usize = 1024;
 
-/// Where initializer bytes go.
-pub enum Sink<'a> {
-    /// Into the tensor's `raw_data`.
-    Inline,
-    /// Into `out` (the file named `location`), at aligned offsets.
-    External {
-        out: &'a mut dyn Write,
-        location: String,
-        offset: u64,
-    },
+/// Where large initializers' bytes go: `out` (the file named `location`), at aligned
+/// offsets. Inline models are made the same way and their bytes put back inline when
+/// `model.onnx` is encoded, so no path ever holds all the weights twice.
+pub struct Sink<'a> {
+    pub out: &'a mut dyn Write,
+    pub location: String,
+    pub offset: u64,
 }
 
 /// An attribute value.
@@ -129,8 +126,8 @@ impl<'a> Builder<'a> {
         Ok(output)
     }
 
-    /// Adds an initializer from little-endian bytes; large ones go to the sink's external
-    /// file when there is one.
+    /// Adds an initializer from little-endian bytes; those of at least
+    /// [`EXTERNAL_MIN_BYTES`] go to the sink.
     pub fn initializer(
         &mut self,
         name: &str,
@@ -148,33 +145,33 @@ impl<'a> Builder<'a> {
             doc_string: doc,
             ..Default::default()
         };
-        match &mut self.sink {
-            Sink::External {
+        if bytes.len() >= EXTERNAL_MIN_BYTES {
+            let Sink {
                 out,
                 location,
                 offset,
-            } if bytes.len() >= EXTERNAL_MIN_BYTES => {
-                // Large tensors start on 64 KiB boundaries (memory-mappable on every OS,
-                // as onnx.save_model aligns them), small ones on 64 bytes.
-                let align: u64 = if bytes.len() >= 1 << 20 { 1 << 16 } else { 64 };
-                let pad = (align - *offset % align) % align;
-                out.write_all(&vec![0u8; pad as usize])
-                    .map_err(|e| io_err(location, e))?;
-                *offset += pad;
-                out.write_all(&bytes).map_err(|e| io_err(location, e))?;
-                let entry = |k: &str, v: String| StringStringEntryProto {
-                    key: Some(k.into()),
-                    value: Some(v),
-                };
-                t.external_data = vec![
-                    entry("location", location.clone()),
-                    entry("offset", offset.to_string()),
-                    entry("length", bytes.len().to_string()),
-                ];
-                t.set_data_location(DataLocation::External);
-                *offset += bytes.len() as u64;
-            }
-            _ => t.raw_data = Some(bytes),
+            } = &mut self.sink;
+            // Large tensors start on 64 KiB boundaries (memory-mappable on every OS, as
+            // onnx.save_model aligns them), small ones on 64 bytes.
+            let align: u64 = if bytes.len() >= 1 << 20 { 1 << 16 } else { 64 };
+            let pad = (align - *offset % align) % align;
+            out.write_all(&vec![0u8; pad as usize])
+                .map_err(|e| io_err(location, e))?;
+            *offset += pad;
+            out.write_all(&bytes).map_err(|e| io_err(location, e))?;
+            let entry = |k: &str, v: String| StringStringEntryProto {
+                key: Some(k.into()),
+                value: Some(v),
+            };
+            t.external_data = vec![
+                entry("location", location.clone()),
+                entry("offset", offset.to_string()),
+                entry("length", bytes.len().to_string()),
+            ];
+            t.set_data_location(DataLocation::External);
+            *offset += bytes.len() as u64;
+        } else {
+            t.raw_data = Some(bytes);
         }
         self.initializers.push(t);
         Ok(name.to_string())

@@ -27,9 +27,9 @@ use std::io::Write;
 use std::path::Path;
 
 use ngpt_schemas::onnx::{
-    tensor_proto::DataType, tensor_shape_proto::dimension, tensor_shape_proto::Dimension,
-    type_proto, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataLocation, tensor_proto::DataType, tensor_shape_proto::dimension,
+    tensor_shape_proto::Dimension, type_proto, GraphProto, ModelProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use ngpt_schemas::prost::Message;
 
@@ -154,18 +154,20 @@ pub struct Written {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn export(g: &Graph, info: &ModelInfo, opts: &Options) -> Result<Exported> {
+    let mut data = vec![];
+    let proto = build(g, info, opts, &mut data)?;
     let mut model = vec![];
-    let data = if uses_external_data(g, opts) {
-        let mut data = vec![];
-        let proto = build(g, info, opts, Some(&mut data))?;
-        encode(proto, &mut model).map_err(|e| io_error("model.onnx", e))?;
-        Some(data)
+    if uses_external_data(g, opts) {
+        encode(proto, None, &mut model).map_err(|e| io_error(MODEL_FILE, e))?;
+        Ok(Exported {
+            model,
+            data: Some(data),
+        })
     } else {
-        let proto = build(g, info, opts, None)?;
-        encode(proto, &mut model).map_err(|e| io_error("model.onnx", e))?;
-        None
-    };
-    Ok(Exported { model, data })
+        let mut staged = std::io::Cursor::new(data);
+        encode(proto, Some(&mut staged), &mut model).map_err(|e| io_error(MODEL_FILE, e))?;
+        Ok(Exported { model, data: None })
+    }
 }
 
 fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Error {
@@ -176,37 +178,59 @@ fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Erro
 }
 
 /// Exports `g` into `dir` (which must exist): `model.onnx`, and `model.onnx.data` when the
-/// weights are external, written tensor by tensor as they are made.
+/// weights are external. Tensors are written to the data file as they are made; for an
+/// inline model that file is a temporary one whose bytes are copied into `model.onnx` one
+/// tensor at a time, so memory never holds the exported weights.
 pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<Written> {
     let create = |tmp: &Path| {
         std::fs::File::create(tmp)
             .map(std::io::BufWriter::new)
             .map_err(|e| io_error(tmp, e))
     };
-    let mut files = vec![MODEL_FILE.to_string()];
-    let mut data_bytes = 0;
-    let proto = if uses_external_data(g, opts) {
-        let data_path = dir.join(DATA_FILE);
-        let mut proto = None;
-        crate::artifact::write_with(&data_path, |tmp| {
+    let external = uses_external_data(g, opts);
+    let data_path = dir.join(DATA_FILE);
+    let staged_path = crate::artifact::temp_path(&dir.join(".model.onnx.staged"));
+    let stage = |path: &Path| -> Result<ModelProto> {
+        let mut w = create(path)?;
+        let proto = build(g, info, opts, &mut w)?;
+        w.flush().map_err(|e| io_error(path, e))?;
+        Ok(proto)
+    };
+    let result = (|| {
+        let proto = if external {
+            let mut proto = None;
+            crate::artifact::write_with(&data_path, |tmp| {
+                proto = Some(stage(tmp)?);
+                Ok(())
+            })?;
+            proto.expect("set by the writer")
+        } else {
+            stage(&staged_path)?
+        };
+        let mut model_bytes = 0;
+        crate::artifact::write_with(&dir.join(MODEL_FILE), |tmp| {
             let mut w = create(tmp)?;
-            proto = Some(build(g, info, opts, Some(&mut w))?);
+            model_bytes = if external {
+                encode(proto, None, &mut w)
+            } else {
+                let f = std::fs::File::open(&staged_path).map_err(|e| io_error(&staged_path, e))?;
+                encode(proto, Some(&mut std::io::BufReader::new(f)), &mut w)
+            }
+            .map_err(|e| io_error(tmp, e))?;
             w.flush().map_err(|e| io_error(tmp, e))
         })?;
-        files.push(DATA_FILE.to_string());
-        data_bytes = std::fs::metadata(&data_path)
+        Ok(model_bytes)
+    })();
+    let _ = std::fs::remove_file(&staged_path);
+    let model_bytes = result?;
+    let (files, data_bytes) = if external {
+        let len = std::fs::metadata(&data_path)
             .map_err(|e| io_error(&data_path, e))?
             .len();
-        proto.expect("set by the writer")
+        (vec![MODEL_FILE.to_string(), DATA_FILE.to_string()], len)
     } else {
-        build(g, info, opts, None)?
+        (vec![MODEL_FILE.to_string()], 0)
     };
-    let mut model_bytes = 0;
-    crate::artifact::write_with(&dir.join(MODEL_FILE), |tmp| {
-        let mut w = create(tmp)?;
-        model_bytes = encode(proto, &mut w).map_err(|e| io_error(tmp, e))?;
-        w.flush().map_err(|e| io_error(tmp, e))
-    })?;
     Ok(Written {
         files,
         model_bytes,
@@ -228,33 +252,83 @@ fn varint_len(v: u64) -> u64 {
     b.len() as u64
 }
 
-/// Encodes `model` into `out`, one initializer at a time, so the encoding never holds a
-/// second copy of the weights. The bytes are standard protobuf: the model's other fields,
-/// then the graph (field 7), whose initializers (field 5) come after its other fields.
-/// Parsers accept fields in any order; the order here is fixed, so output is deterministic.
-fn encode(mut model: ModelProto, out: &mut impl Write) -> std::io::Result<u64> {
+/// A staged data file: read back by offset.
+trait Staged: std::io::Read + std::io::Seek {}
+impl<T: std::io::Read + std::io::Seek> Staged for T {}
+
+/// Where an external tensor's bytes are: (offset, length).
+fn external_range(t: &TensorProto) -> std::io::Result<(u64, u64)> {
+    let get = |k: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key() == k)
+            .and_then(|e| e.value().parse::<u64>().ok())
+            .ok_or_else(|| {
+                std::io::Error::other(format!("tensor `{}`: no external `{k}`", t.name()))
+            })
+    };
+    Ok((get("offset")?, get("length")?))
+}
+
+/// Encodes `model` into `out`, one initializer at a time. With `staged`, tensors whose bytes
+/// went to the staged data file are put back inline (as `raw_data`), read from it one at a
+/// time; without, external tensors stay external. The bytes are standard protobuf: the
+/// model's other fields, then the graph (field 7), whose initializers (field 5) come after
+/// its other fields. Parsers accept fields in any order; the order here is fixed, so the
+/// output is deterministic.
+fn encode(
+    mut model: ModelProto,
+    mut staged: Option<&mut dyn Staged>,
+    out: &mut impl Write,
+) -> std::io::Result<u64> {
     let mut graph = model.graph.take().unwrap_or_default();
-    let initializers = std::mem::take(&mut graph.initializer);
-    let mut head = model.encode_to_vec();
-    let body = graph.encode_to_vec();
+    let mut initializers = Vec::with_capacity(graph.initializer.len());
+    for mut t in std::mem::take(&mut graph.initializer) {
+        let inline = if staged.is_some() && t.data_location() == DataLocation::External {
+            let range = external_range(&t)?;
+            t.external_data.clear();
+            t.data_location = None;
+            Some(range)
+        } else {
+            None
+        };
+        initializers.push((t, inline));
+    }
     let lens: Vec<u64> = initializers
         .iter()
-        .map(|t| t.encoded_len() as u64)
+        .map(|(t, inline)| {
+            let raw = inline.map_or(0, |(_, l)| 1 + varint_len(l) + l);
+            t.encoded_len() as u64 + raw
+        })
         .collect();
+    let mut head = model.encode_to_vec();
+    let body = graph.encode_to_vec();
     let graph_len = body.len() as u64 + lens.iter().map(|&l| 1 + varint_len(l) + l).sum::<u64>();
     head.push((7 << 3) | 2); // GraphProto graph = 7, length-delimited
     varint(graph_len, &mut head);
     out.write_all(&head)?;
     out.write_all(&body)?;
     let mut written = (head.len() + body.len()) as u64;
-    for (t, len) in initializers.into_iter().zip(lens) {
-        let mut key = vec![(5 << 3) | 2]; // TensorProto initializer = 5
-        varint(len, &mut key);
-        let bytes = t.encode_to_vec();
-        drop(t);
-        out.write_all(&key)?;
-        out.write_all(&bytes)?;
-        written += key.len() as u64 + len;
+    for ((t, inline), len) in initializers.into_iter().zip(lens) {
+        let mut bytes = vec![(5 << 3) | 2]; // TensorProto initializer = 5
+        varint(len, &mut bytes);
+        bytes.extend(t.encode_to_vec());
+        if let (Some((offset, length)), Some(src)) = (inline, staged.as_mut()) {
+            bytes.push((9 << 3) | 2); // bytes raw_data = 9
+            varint(length, &mut bytes);
+            out.write_all(&bytes)?;
+            src.seek(std::io::SeekFrom::Start(offset))?;
+            let copied = std::io::copy(&mut std::io::Read::take(&mut **src, length), out)?;
+            if copied != length {
+                return Err(std::io::Error::other(format!(
+                    "tensor `{}`: staged data ended early",
+                    t.name()
+                )));
+            }
+        } else {
+            out.write_all(&bytes)?;
+        }
+        written += 1 + varint_len(len) + len;
     }
     Ok(written)
 }
@@ -332,25 +406,17 @@ pub const SEQUENCE: &str = "sequence";
 pub const PAST_SEQUENCE: &str = "past_sequence";
 pub const TOTAL_SEQUENCE: &str = "past_sequence + sequence";
 
-fn build(
-    g: &Graph,
-    info: &ModelInfo,
-    opts: &Options,
-    external: Option<&mut dyn Write>,
-) -> Result<ModelProto> {
+fn build(g: &Graph, info: &ModelInfo, opts: &Options, data: &mut dyn Write) -> Result<ModelProto> {
     if opts.max_seq_len == 0 {
         return Err(Error::Argument {
             what: "--max-seq-len".into(),
             problem: "must be at least 1".into(),
         });
     }
-    let sink = match external {
-        Some(out) => builder::Sink::External {
-            out,
-            location: DATA_FILE.into(),
-            offset: 0,
-        },
-        None => builder::Sink::Inline,
+    let sink = builder::Sink {
+        out: data,
+        location: DATA_FILE.into(),
+        offset: 0,
     };
     let mut b = builder::Builder::new(sink);
     for name in [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] {
