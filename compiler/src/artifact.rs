@@ -21,13 +21,14 @@ pub fn temp_path(path: &Path) -> PathBuf {
 ///
 /// ```
 /// let dir = std::env::temp_dir().join(format!("ngpt-doc-{}", std::process::id()));
-/// std::fs::create_dir_all(&dir).unwrap();
+/// ngpt_compiler::artifact::create_dir(&dir)?;
 /// let out = dir.join("hello.txt");
 /// ngpt_compiler::artifact::write_with(&out, |tmp| {
 ///     std::fs::write(tmp, b"hi").map_err(|source| ngpt_compiler::Error::Io { path: tmp.into(), source })
-/// }).unwrap();
-/// assert_eq!(std::fs::read(&out).unwrap(), b"hi");
-/// # std::fs::remove_dir_all(&dir).unwrap();
+/// })?;
+/// assert_eq!(std::fs::read(&out).ok().as_deref(), Some(&b"hi"[..]));
+/// # let _ = std::fs::remove_dir_all(&dir);
+/// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(path);

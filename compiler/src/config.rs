@@ -52,8 +52,9 @@ impl Config {
     ///     args.insert(k.to_string(), ArgValue::Int(v));
     /// }
     /// args.insert("base_scale".into(), ArgValue::Float(0.125));
-    /// let config = Config::from_args(&args, "config.json".as_ref()).unwrap();
+    /// let config = Config::from_args(&args, "config.json".as_ref())?;
     /// assert_eq!(config.head_dim(), 32);
+    /// # Ok::<(), ngpt_compiler::Error>(())
     /// ```
     pub fn from_args(args: &BTreeMap<String, ArgValue>, path: &Path) -> Result<Self> {
         let err = |field: &str, problem: String| Error::Config {
