@@ -10,6 +10,7 @@ Needs numpy and onnxruntime (pip install numpy onnxruntime).
 
 import argparse
 import json
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -27,7 +28,10 @@ def main():
     chars = json.load(open(a.vocab))["chars"] if a.vocab else None
     ids = [chars.index(c) for c in a.prompt] if a.prompt else [int(t) for t in a.tokens.split(",")]
 
+    t0 = time.perf_counter()
     s = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
+    load = time.perf_counter() - t0
+    times = []
     inputs = {i.name: i for i in s.get_inputs()}
     _, heads, _, head_dim = inputs["past_key_values.0.key"].shape
     past = {n: np.zeros((1, heads, 0, head_dim), np.float32)
@@ -42,12 +46,18 @@ def main():
             "position_ids": np.arange(n, n + len(new), dtype=np.int64)[None],
             **past,
         }
+        t0 = time.perf_counter()
         out = dict(zip(names, s.run(names, feed)))
+        times.append(time.perf_counter() - t0)
         nxt = int(out["logits"][0, -1].argmax())
         out_ids.append(nxt)
         new = [nxt]
         past = {k.replace("present.", "past_key_values."): v
                 for k, v in out.items() if k.startswith("present.")}
+    decode = len(times) - 1
+    rate = f", decode {decode / sum(times[1:]):.1f} tokens/s" if decode else ""
+    print(f"onnxruntime {ort.__version__}: load {load:.2f} s, prefill {len(ids)} tokens "
+          f"{times[0] * 1e3:.1f} ms{rate}")
     if chars:
         print(repr("".join(chars[i] for i in ids)), "+", repr("".join(chars[i] for i in out_ids)))
     else:
