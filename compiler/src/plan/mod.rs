@@ -268,26 +268,19 @@ impl Lowerer<'_> {
             c_rows: 0,
             c_batch: (h * self.max_seq_len * d) as u64,
         };
+        // One int32 a row: the token ids and their absolute positions.
+        let one_per_row = Affine {
+            c0: 0,
+            c_rows: 1,
+            c_batch: 0,
+        };
         let tokens = self.buffer(
             "tokens",
             pb::DType::I32,
             BufferKind::Input,
-            Affine {
-                c0: 0,
-                c_rows: 1,
-                c_batch: 0,
-            },
+            one_per_row.clone(),
         );
-        let positions = self.buffer(
-            "positions",
-            pb::DType::I32,
-            BufferKind::Input,
-            Affine {
-                c0: 0,
-                c_rows: 1,
-                c_batch: 0,
-            },
-        );
+        let positions = self.buffer("positions", pb::DType::I32, BufferKind::Input, one_per_row);
         let rows_grid = aff(0, 1, 0);
         let mut layer = 0usize;
         for id in 0..self.g.nodes.len() {
