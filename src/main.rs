@@ -1,6 +1,7 @@
 //! The `ngpt` command line: compile nGPT checkpoints, run them, check their parity.
 
 mod commands;
+mod engines;
 mod tokens;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,7 @@ enum Command {
     Inspect(commands::inspect::Args),
     Logits(commands::logits::Args),
     Plan(commands::plan::Args),
+    Validate(commands::validate::Args),
 }
 
 fn main() {
@@ -54,6 +56,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Plan(a) => commands::plan::run(a),
+        Command::Validate(a) => commands::validate::run(a),
     };
     if let Err(e) = result {
         // One line: the outermost context, then each cause. The compiler's errors already

@@ -10,6 +10,7 @@ use ngpt_compiler::compare::compare;
 use ngpt_compiler::reference::{self, Precision};
 use ngpt_compiler::{compile, graph, import, inspect};
 
+use crate::engines::Engine;
 use crate::tokens::Vocab;
 
 const CKPT: &[u8] = include_bytes!("../../tests/fixtures/nv-tiny/ckpt.pt");
@@ -201,6 +202,22 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "             {} the reference's greedy continuation",
         if out == new { "equals" } else { "DIFFERS FROM" }
+    );
+
+    println!("8. validate every engine on the prompt (`ngpt validate`):");
+    let mut model = crate::engines::Model::open(&ckpt_path);
+    let engines = [
+        Engine::Reference,
+        Engine::Ir,
+        Engine::Tract,
+        Engine::PlanCpu,
+        Engine::PlanCuda,
+    ];
+    let rows = super::validate::parity_table(&mut model, &tokens, &engines)?;
+    super::validate::print_table(&rows, tokens.len());
+    anyhow::ensure!(
+        rows.iter().all(|r| r.passed()),
+        "demo: an engine is beyond tolerance (table above)"
     );
     Ok(())
 }

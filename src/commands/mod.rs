@@ -8,3 +8,4 @@ pub mod input;
 pub mod inspect;
 pub mod logits;
 pub mod plan;
+pub mod validate;

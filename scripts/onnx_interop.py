@@ -13,7 +13,7 @@ Exit status: 0 when every relative error is within --tol, 1 otherwise, 2 on usag
 Example:
   ngpt compile tests/fixtures/nv-tiny/ckpt.pt -o out/nv-tiny
   ngpt logits out/nv-tiny --tokens 45,64,77,1,2 -o out/ref.npy
-  python3 scripts/ort_check.py out/nv-tiny out/ref.npy --tokens 45,64,77,1,2
+  python3 scripts/onnx_interop.py out/nv-tiny out/ref.npy --tokens 45,64,77,1,2
 """
 
 import argparse

@@ -1,0 +1,346 @@
+//! The engines that compute logits, behind one interface: what `logits`, `validate`,
+//! `snapshot`, `check` and `bisect` run.
+//!
+//! A [`Model`] is opened on INPUT (a checkpoint or a compiled directory) and loads what an
+//! engine needs on first use: the checkpoint, the canonical graph, the launch plan, the
+//! tract session. From a compiled directory, plan-cpu and tract run the directory's own
+//! `model.plan` and `model.onnx` (with the dtype it was compiled with); from a checkpoint,
+//! they run an f32 plan and model lowered in memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::ValueEnum;
+use ngpt_compiler::compile::{self, is_compiled_dir, Compiled};
+use ngpt_compiler::graph;
+use ngpt_compiler::import::Checkpoint;
+use ngpt_compiler::onnx::{self, tract};
+use ngpt_compiler::reference::{self, Precision};
+use ngpt_runtime::plan::LoadedPlan;
+
+/// Where logits come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// The literal float reference of spec section 3 (candle-core, CPU).
+    Reference,
+    /// The IR interpreter on the canonical (folded and fused) graph.
+    Ir,
+    /// The exported model.onnx run by tract.
+    Tract,
+    /// The launch plan on the runtime's CPU executor.
+    PlanCpu,
+    /// The launch plan on an NVIDIA GPU.
+    PlanCuda,
+}
+
+impl Engine {
+    /// The name the CLI uses (`plan-cpu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Reference => "reference",
+            Engine::Ir => "ir",
+            Engine::Tract => "tract",
+            Engine::PlanCpu => "plan-cpu",
+            Engine::PlanCuda => "plan-cuda",
+        }
+    }
+
+    /// Parses a comma-separated list of engine names (`reference,plan-cpu`).
+    pub fn parse_list(s: &str, flag: &str) -> Result<Vec<Engine>> {
+        s.split(',')
+            .map(|name| {
+                Engine::from_str(name.trim(), true).map_err(|_| {
+                    anyhow::anyhow!(
+                        "{flag}: unknown engine `{}`; expected one of reference, ir, tract, plan-cpu, plan-cuda",
+                        name.trim()
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// The precision an engine computes in, as far as tolerances go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    F64,
+    F32,
+    /// f16 weights (an ONNX export with `--onnx-dtype f16`), f32 activations.
+    F16Weights,
+    /// bf16 weights (a plan compiled with `--dtype bf16`), f32 activations.
+    Bf16Weights,
+}
+
+impl Numerics {
+    pub fn label(self) -> &'static str {
+        match self {
+            Numerics::F64 => "f64",
+            Numerics::F32 => "f32",
+            Numerics::F16Weights => "f16 weights",
+            Numerics::Bf16Weights => "bf16 weights",
+        }
+    }
+
+    /// The default tolerance against the float64 reference: (relative error, top-1
+    /// agreement fraction). f32 paths within 1e-5 with every position agreeing; reduced
+    /// precision weights within 2e-2 (bf16) or 1e-2 (f16) with 95% of positions agreeing.
+    pub fn tolerance(self) -> (f64, f64) {
+        match self {
+            Numerics::F64 => (1e-9, 1.0),
+            Numerics::F32 => (1e-5, 1.0),
+            Numerics::F16Weights => (1e-2, 0.95),
+            Numerics::Bf16Weights => (2e-2, 0.95),
+        }
+    }
+}
+
+/// INPUT, opened lazily for every engine.
+pub struct Model {
+    input: PathBuf,
+    /// INPUT is a compiled directory (decided once, at open).
+    compiled_dir: bool,
+    ckpt: Option<Checkpoint>,
+    compiled: Option<Compiled>,
+    plan: Option<Arc<LoadedPlan>>,
+    tract: Option<tract::Session>,
+}
+
+impl Model {
+    /// Opens `input` without reading anything yet.
+    pub fn open(input: &Path) -> Model {
+        Model {
+            input: input.to_path_buf(),
+            compiled_dir: is_compiled_dir(input),
+            ckpt: None,
+            compiled: None,
+            plan: None,
+            tract: None,
+        }
+    }
+
+    /// True when INPUT is a compiled directory.
+    pub fn is_compiled(&self) -> bool {
+        self.compiled_dir
+    }
+
+    /// The checkpoint (a compiled directory's recorded source).
+    pub fn checkpoint(&mut self) -> Result<&Checkpoint> {
+        let ckpt = match self.ckpt.take() {
+            Some(c) => c,
+            None => crate::commands::input::load_checkpoint(&self.input)?,
+        };
+        Ok(self.ckpt.insert(ckpt))
+    }
+
+    /// The canonical graph, compiled in memory.
+    pub fn compiled(&mut self) -> Result<&Compiled> {
+        let compiled = match self.compiled.take() {
+            Some(c) => c,
+            None => compile::compile(self.checkpoint()?, &compile::Options::default())?,
+        };
+        Ok(self.compiled.insert(compiled))
+    }
+
+    /// The vocabulary size, from whatever is cheapest to read.
+    pub fn vocab_size(&mut self) -> Result<usize> {
+        if let Some(p) = &self.plan {
+            return Ok(p.dims.vocab);
+        }
+        if self.is_compiled() {
+            // The plan's header, without reading its weights.
+            use ngpt_schemas::prost::Message;
+            let path = self.input.join("model.plan");
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let plan = ngpt_schemas::plan::Plan::decode(&bytes[..]).map_err(|e| {
+                anyhow::anyhow!("{}: not an ngpt plan ({e})", path.display())
+            })?;
+            if let Some(c) = plan.config.filter(|c| c.vocab_size > 0) {
+                return Ok(c.vocab_size as usize);
+            }
+            return Ok(self.plan(0)?.dims.vocab);
+        }
+        Ok(self.checkpoint()?.config.vocab_size)
+    }
+
+    /// The launch plan: a compiled directory's, or an f32 plan lowered in memory with a KV
+    /// capacity of at least `min_seq_len`.
+    pub fn plan(&mut self, min_seq_len: usize) -> Result<Arc<LoadedPlan>> {
+        if let Some(p) = &self.plan {
+            if p.dims.max_seq_len >= min_seq_len || self.is_compiled() {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let plan = if self.is_compiled() {
+            LoadedPlan::load(&self.input)?
+        } else {
+            use ngpt_schemas::prost::Message;
+            let label = self.input.display().to_string();
+            let max_seq = self.checkpoint()?.config.block_size.max(2048).max(min_seq_len);
+            let config = self.checkpoint()?.config.clone();
+            let lowered = ngpt_compiler::plan::lower(
+                &self.compiled()?.graph,
+                &config,
+                ngpt_compiler::plan::WeightDtype::F32,
+                max_seq,
+                "",
+            )?;
+            LoadedPlan::from_bytes(&lowered.plan.encode_to_vec(), &lowered.weights, &label)?
+        };
+        let plan = Arc::new(plan);
+        self.plan = Some(Arc::clone(&plan));
+        Ok(plan)
+    }
+
+    /// The tract session on model.onnx: a compiled directory's, or one exported in memory
+    /// with a position table of at least `min_seq_len` rows.
+    pub fn tract(&mut self, min_seq_len: usize) -> Result<&tract::Session> {
+        let stale = match &self.tract {
+            None => true,
+            Some(s) => !self.is_compiled() && s.max_seq_len.is_some_and(|m| m < min_seq_len),
+        };
+        let session = match self.tract.take() {
+            Some(s) if !stale => s,
+            _ => {
+            let session = if self.is_compiled() {
+                let path = self.input.join(onnx::MODEL_FILE);
+                if !path.is_file() {
+                    bail!(
+                        "{}: no {} in this compiled directory (compiled by an older ngpt?); compile it again",
+                        self.input.display(),
+                        onnx::MODEL_FILE
+                    );
+                }
+                tract::Session::load(&path)?
+            } else {
+                self.compiled()?; // loads the checkpoint too
+                let (Some(ckpt), Some(compiled)) = (&self.ckpt, &self.compiled) else {
+                    bail!("{}: checkpoint not loaded", self.input.display());
+                };
+                let mut opts = onnx::Options::for_config(&ckpt.config);
+                opts.max_seq_len = opts.max_seq_len.max(min_seq_len);
+                let info = onnx::ModelInfo::new(ckpt, &compiled.records)?;
+                if onnx::uses_external_data(&compiled.graph, &opts) {
+                    // Too large for one protobuf: through a temporary directory, as tract
+                    // reads external data from beside the model file.
+                    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+                    onnx::write(&compiled.graph, &info, &opts, dir.path())?;
+                    tract::Session::load(&dir.path().join(onnx::MODEL_FILE))?
+                } else {
+                    tract::Session::from_bytes(&onnx::export(&compiled.graph, &info, &opts)?.model)?
+                }
+            };
+            session
+            }
+        };
+        Ok(self.tract.insert(session))
+    }
+
+    /// Loads what `engine` needs for `tokens` tokens, so that timing `logits` times the
+    /// computation alone.
+    pub fn prepare(&mut self, engine: Engine, tokens: usize) -> Result<()> {
+        match engine {
+            Engine::Reference => drop(self.checkpoint()?),
+            Engine::Ir => drop(self.compiled()?),
+            Engine::Tract => drop(self.tract(tokens)?),
+            Engine::PlanCpu => drop(self.plan(tokens)?),
+            Engine::PlanCuda => {}
+        }
+        Ok(())
+    }
+
+    /// What `engine` computes in, for its default tolerance.
+    pub fn numerics(&mut self, engine: Engine, precision: Precision) -> Result<Numerics> {
+        Ok(match engine {
+            Engine::Reference | Engine::Ir => match precision {
+                Precision::F64 => Numerics::F64,
+                Precision::F32 => Numerics::F32,
+            },
+            Engine::Tract => {
+                if self.is_compiled() {
+                    match self.tract(0)?.metadata.get("weights_dtype").map(String::as_str) {
+                        Some("f16") => Numerics::F16Weights,
+                        _ => Numerics::F32,
+                    }
+                } else {
+                    Numerics::F32
+                }
+            }
+            Engine::PlanCpu | Engine::PlanCuda => {
+                if self.is_compiled()
+                    && self.plan(0)?.plan.weight_dtype == ngpt_schemas::plan::DType::Bf16 as i32
+                {
+                    Numerics::Bf16Weights
+                } else {
+                    Numerics::F32
+                }
+            }
+        })
+    }
+
+    /// The logits `[T, vocab]`, row-major, of `tokens` at positions `0..T`. `precision`
+    /// applies to the reference and the IR; the other engines compute as compiled.
+    pub fn logits(
+        &mut self,
+        engine: Engine,
+        tokens: &[u32],
+        precision: Precision,
+    ) -> Result<Vec<f64>> {
+        let vocab = self.vocab_size()?;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("--tokens: token id {bad} is not below the vocabulary size {vocab}");
+        }
+        let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+        match engine {
+            Engine::Reference => {
+                let t = reference::logits(self.checkpoint()?, tokens, precision)?;
+                tensor_to_f64(&t)
+            }
+            Engine::Ir => {
+                let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+                let mut outs =
+                    graph::interp::run(&self.compiled()?.graph, tokens, &positions, precision)?;
+                tensor_to_f64(&outs.remove(0))
+            }
+            Engine::Tract => {
+                let input = self.input.clone();
+                let session = self.tract(tokens.len())?;
+                if let Some(max) = session.max_seq_len {
+                    if tokens.len() > max {
+                        bail!(
+                            "--tokens: {} tokens, but {} has a position table of {max} rows (its \
+                             --max-seq-len); compile again with --max-seq-len {} or more",
+                            tokens.len(),
+                            input.join(onnx::MODEL_FILE).display(),
+                            tokens.len()
+                        );
+                    }
+                }
+                Ok(widen(session.logits(tokens)?))
+            }
+            Engine::PlanCpu => {
+                let plan = self.plan(tokens.len())?;
+                let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
+                Ok(widen(session.prefill(&[tokens.to_vec()])?))
+            }
+            Engine::PlanCuda => bail!("--engine plan-cuda: {}", cuda_unavailable()),
+        }
+    }
+}
+
+/// Why plan-cuda cannot run in this process.
+pub fn cuda_unavailable() -> String {
+    match ngpt_runtime::cuda::probe().missing() {
+        Some(why) => why,
+        None => "the CUDA executor is not part of this build yet; use plan-cpu".into(),
+    }
+}
+
+fn tensor_to_f64(t: &candle_core::Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .context("reading logits")
+}
