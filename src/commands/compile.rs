@@ -79,16 +79,7 @@ pub fn run(a: Args) -> Result<()> {
         PlanDtype::Bf16 => WeightDtype::Bf16,
     };
     // A plan needs the canonical form: only a full compile lowers one.
-    let lowered = match a.stop_after {
-        None => Some(plan::lower(
-            &compiled.graph,
-            &ckpt.config,
-            dtype,
-            max_seq_len,
-            &source_sha256,
-        )?),
-        Some(_) => None,
-    };
+    let lowers_plan = a.stop_after.is_none();
     let onnx_opts = onnx::Options {
         max_seq_len,
         weights: match a.onnx_dtype {
@@ -126,7 +117,12 @@ pub fn run(a: Args) -> Result<()> {
         files: ["manifest.json", "ir.txt", "passes.txt"]
             .into_iter()
             .chain(onnx_files.iter().copied())
-            .chain(lowered.iter().flat_map(|_| ["model.plan", "model.weights"]))
+            .chain(
+                lowers_plan
+                    .then_some(["model.plan", "model.weights"])
+                    .into_iter()
+                    .flatten(),
+            )
             .map(String::from)
             .collect(),
     };
@@ -136,9 +132,29 @@ pub fn run(a: Args) -> Result<()> {
         artifact::write_bytes(&dir.join("ir.txt"), compiled.graph.to_string().as_bytes())?;
         artifact::write_bytes(&dir.join("passes.txt"), log.as_bytes())?;
         written = Some(onnx::write(&compiled.graph, &onnx_info, &onnx_opts, dir)?);
-        if let Some(l) = &lowered {
-            artifact::write_bytes(&dir.join("model.weights"), &l.weights)?;
-            artifact::write_bytes(&dir.join("model.plan"), &l.plan.encode_to_vec())?;
+        if lowers_plan {
+            // model.weights streams: each weight is made and written in turn.
+            let mut plan = None;
+            artifact::write_with(&dir.join("model.weights"), |tmp| {
+                let io = |source| ngpt_compiler::Error::Io {
+                    path: tmp.to_path_buf(),
+                    source,
+                };
+                let mut file = std::io::BufWriter::new(std::fs::File::create(tmp).map_err(io)?);
+                plan = Some(plan::lower_into(
+                    &compiled.graph,
+                    &ckpt.config,
+                    dtype,
+                    max_seq_len,
+                    &manifest.source_sha256,
+                    &mut file,
+                    tmp,
+                )?);
+                file.into_inner().map(drop).map_err(|e| io(e.into_error()))
+            })?;
+            if let Some(p) = plan {
+                artifact::write_bytes(&dir.join("model.plan"), &p.encode_to_vec())?;
+            }
         }
         let json = serde_json::to_string_pretty(&manifest).map_err(|e| {
             ngpt_compiler::Error::Argument {

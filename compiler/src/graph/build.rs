@@ -14,12 +14,12 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn weight(&mut self, key: &str) -> Result<NodeId> {
         let tensor = self.ckpt.tensor(key)?.clone();
-        self.g.push(key, Op::Const(Const { tensor }), vec![])
+        self.g.push(key, Op::Const(Const::new(tensor)), vec![])
     }
 
     fn scalar(&mut self, name: String, value: f64) -> Result<NodeId> {
         let tensor = Tensor::new(value, &Device::Cpu).ctx("scalar constant")?;
-        self.g.push(name, Op::Const(Const { tensor }), vec![])
+        self.g.push(name, Op::Const(Const::new(tensor)), vec![])
     }
 
     fn op(&mut self, name: String, op: Op, inputs: Vec<NodeId>) -> Result<NodeId> {

@@ -177,7 +177,7 @@ fn eval(op: &Op, a: &[Tensor], table: Option<&Tensor>, dt: DType) -> CResult<Ten
     let table = || table.ok_or_else(|| candle_core::Error::Msg("position table missing".into()));
     match op {
         Op::Input => candle_core::bail!("inputs are bound by the caller"),
-        Op::Const(c) => c.tensor.to_dtype(dt),
+        Op::Const(c) => c.value()?.to_dtype(dt),
         Op::Gather => a[0].index_select(&a[1], 0),
         Op::MatMulT => a[0].matmul(&a[1].t()?),
         Op::Mul => a[0].broadcast_mul(&a[1]),

@@ -74,10 +74,91 @@ impl Fact {
     }
 }
 
-/// A constant: a tensor and the checkpoint tensor(s) it came from.
+/// A constant: a tensor as stored (checkpoint dtype) or as a fold computed it, with
+/// perhaps a per-row scale folded in but not yet applied.
+///
+/// The row scale keeps large folded weights (c_fc, lm_head) lazy: their value is
+/// `scale[r] * tensor[r]`, computed in f64 when an interpreter or emitter asks for it, one
+/// constant at a time, so a compiled graph holds no second, f64 copy of those weights.
 #[derive(Debug, Clone)]
 pub struct Const {
-    pub tensor: Tensor,
+    tensor: Tensor,
+    row_scale: Option<Tensor>,
+}
+
+impl Const {
+    /// A constant holding `tensor` as it is.
+    pub fn new(tensor: Tensor) -> Const {
+        Const {
+            tensor,
+            row_scale: None,
+        }
+    }
+
+    /// `self` with each row `r` scaled by `scale[r]` (a vector of the first dimension's
+    /// length), lazily, in f64. Scales compose by multiplying them.
+    ///
+    /// ```
+    /// # fn main() -> candle_core::Result<()> {
+    /// use candle_core::{Device, Tensor};
+    /// use ngpt_compiler::graph::Const;
+    /// let w = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+    /// let c = Const::new(w).scale_rows(&Tensor::new(&[2.0f64, -0.5], &Device::Cpu)?)?;
+    /// assert_eq!(c.value()?.to_vec2::<f64>()?, [[2.0, 4.0], [-1.5, -2.0]]);
+    /// assert!(Const::new(Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?)
+    ///     .scale_rows(&Tensor::new(&[1.0f64], &Device::Cpu)?)
+    ///     .is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn scale_rows(&self, scale: &Tensor) -> candle_core::Result<Const> {
+        let scale = scale.to_dtype(candle_core::DType::F64)?;
+        if scale.dims() != [self.dims().first().copied().unwrap_or(0)] {
+            candle_core::bail!(
+                "row scale of shape {:?} for a constant of shape {:?}",
+                scale.dims(),
+                self.dims()
+            );
+        }
+        let row_scale = match &self.row_scale {
+            Some(s) => s.mul(&scale)?,
+            None => scale,
+        };
+        Ok(Const {
+            tensor: self.tensor.clone(),
+            row_scale: Some(row_scale),
+        })
+    }
+
+    /// The value: the tensor, with any row scale applied in f64.
+    pub fn value(&self) -> candle_core::Result<Tensor> {
+        match &self.row_scale {
+            None => Ok(self.tensor.clone()),
+            Some(s) => self
+                .tensor
+                .to_dtype(candle_core::DType::F64)?
+                .broadcast_mul(&s.unsqueeze(1)?),
+        }
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.tensor.rank()
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.tensor.elem_count()
+    }
+
+    /// The dtype of [`Const::value`]: f64 once a row scale is folded in.
+    pub fn dtype(&self) -> candle_core::DType {
+        match self.row_scale {
+            Some(_) => candle_core::DType::F64,
+            None => self.tensor.dtype(),
+        }
+    }
 }
 
 /// The operations of the IR. Literal ops come from spec section 3; fused ops are made by
@@ -205,10 +286,10 @@ impl Graph {
         self.nodes.iter().position(|n| n.name == name)
     }
 
-    /// The constant tensor of node `id`, if it is a constant.
-    pub fn const_of(&self, id: NodeId) -> Option<&Tensor> {
+    /// The constant of node `id`, if it is a constant.
+    pub fn const_of(&self, id: NodeId) -> Option<&Const> {
         match &self.nodes[id].op {
-            Op::Const(c) => Some(&c.tensor),
+            Op::Const(c) => Some(c),
             _ => None,
         }
     }

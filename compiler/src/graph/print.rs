@@ -22,19 +22,19 @@ impl fmt::Display for Graph {
                     node.name, node.fact.kind
                 )?,
                 Op::Const(c) => {
-                    let t = &c.tensor;
-                    if t.rank() == 0 {
-                        let v = t
-                            .to_dtype(candle_core::DType::F64)
+                    if c.rank() == 0 {
+                        let v = c
+                            .value()
+                            .and_then(|t| t.to_dtype(candle_core::DType::F64))
                             .and_then(|t| t.to_scalar::<f64>());
                         match v {
                             Ok(v) => {
-                                writeln!(f, "%{id} {} = const {:?} {v:.6e}", node.name, t.dtype())?
+                                writeln!(f, "%{id} {} = const {:?} {v:.6e}", node.name, c.dtype())?
                             }
-                            Err(_) => writeln!(f, "%{id} {} = const {:?} ?", node.name, t.dtype())?,
+                            Err(_) => writeln!(f, "%{id} {} = const {:?} ?", node.name, c.dtype())?,
                         }
                     } else {
-                        writeln!(f, "%{id} {} = const {:?}{shape}", node.name, t.dtype())?
+                        writeln!(f, "%{id} {} = const {:?}{shape}", node.name, c.dtype())?
                     }
                 }
                 op => {

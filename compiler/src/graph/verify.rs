@@ -58,7 +58,7 @@ pub(crate) fn infer(op: &Op, inputs: &[&Fact]) -> Result<Fact, String> {
         Op::Const(c) => {
             arity(op, inputs, 0)?;
             Ok(Fact::float(
-                c.tensor.dims().iter().map(|&d| Dim::Fixed(d)).collect(),
+                c.dims().iter().map(|&d| Dim::Fixed(d)).collect(),
             ))
         }
         Op::Gather => {

@@ -169,7 +169,7 @@ impl Emit<'_, '_> {
                 self.name(id)
             )));
         };
-        let t = t.clone();
+        let t = t.value().ctx("reading a constant")?;
         let name = self.name(id).to_string();
         let v = self.constant(&name, &t, false)?;
         self.values[id] = Some(v.clone());
@@ -190,7 +190,8 @@ impl Emit<'_, '_> {
             );
         };
         let t = t
-            .t()
+            .value()
+            .and_then(|t| t.t())
             .and_then(|t| t.contiguous())
             .ctx("transposing a weight")?;
         let mut name = self.name(id).to_string();
@@ -542,7 +543,8 @@ impl Emit<'_, '_> {
         let n = self.norm_last(s, &m, None)?;
         let unit = match self.g.const_of(inputs[2]) {
             Some(t) => t
-                .to_dtype(DType::F64)
+                .value()
+                .and_then(|t| t.to_dtype(DType::F64))
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f64>())
                 .ctx("pos_norm scale")?

@@ -344,7 +344,7 @@ pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
         .iter()
         .filter_map(|n| match &n.op {
             crate::graph::Op::Const(c) => {
-                Some(c.tensor.elem_count() as u64 * elem(c.tensor.rank()))
+                Some(c.elem_count() as u64 * elem(c.rank()))
             }
             _ => None,
         })

@@ -23,7 +23,7 @@ pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
     rule_if!(matches!(node.op, Op::Mul | Op::Abs));
     let consts: Option<Vec<_>> = node.inputs.iter().map(|&i| g.const_of(i)).collect();
     rule_if_let!(Some(consts) = consts);
-    let wide = |t: &candle_core::Tensor| t.to_dtype(DType::F64);
+    let wide = |c: &crate::graph::Const| c.value()?.to_dtype(DType::F64);
     let value = match node.op {
         Op::Abs => wide(consts[0]).and_then(|t| t.abs()),
         _ => wide(consts[0]).and_then(|a| a.broadcast_mul(&wide(consts[1])?)),

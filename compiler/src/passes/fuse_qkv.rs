@@ -40,11 +40,16 @@ pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
     rule_if_let!(Some(mms) = mms);
     let x = g.nodes[mms[0]].inputs[0];
     rule_if!(mms.iter().all(|&m| g.nodes[m].inputs[0] == x));
-    let ws: Option<Vec<&Tensor>> = mms
+    let ws: Option<Vec<_>> = mms
         .iter()
         .map(|&m| g.const_of(g.nodes[m].inputs[1]))
         .collect();
     rule_if_let!(Some(ws) = ws);
+    let ws: Vec<Tensor> = ws
+        .iter()
+        .map(|c| c.value())
+        .collect::<candle_core::Result<_>>()
+        .ctx("fuse_qkv")?;
     if ws.iter().any(|w| w.dtype() != ws[0].dtype()) {
         return Ok(Outcome::Skip(format!(
             "`{}`: Wq, Wk, Wv differ in dtype",

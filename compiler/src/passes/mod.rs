@@ -81,7 +81,12 @@ impl Patch {
 
     /// Adds a constant node.
     pub fn constant(&mut self, name: impl Into<String>, tensor: Tensor) -> NodeId {
-        self.node(name, Op::Const(Const { tensor }), vec![])
+        self.node(name, Op::Const(Const::new(tensor)), vec![])
+    }
+
+    /// Adds a constant node holding `c` as it is (lazy row scale included).
+    pub fn constant_of(&mut self, name: impl Into<String>, c: Const) -> NodeId {
+        self.node(name, Op::Const(c), vec![])
     }
 
     /// Every use of `old` becomes a use of `new`.
@@ -271,7 +276,7 @@ pub(crate) fn sole_consumer(g: &Graph, id: NodeId) -> Option<NodeId> {
 
 /// Folds a per-row scale into the weight of the matmul it multiplies:
 /// `mul(matmul_t(x, W), v)` => `matmul_t(x, W')` with `W'[r] = v[r] * W[r]`, computed in
-/// f64. Shared by fold_sz and fold_suv; `weight_suffix` picks the matmul.
+/// f64 when read. Shared by fold_sz and fold_suv; `weight_suffix` picks the matmul.
 pub(crate) fn fold_row_scale(g: &Graph, id: NodeId, weight_suffix: &str) -> Result<Outcome> {
     use crate::error::CandleContext;
     let node = &g.nodes[id];
@@ -287,6 +292,7 @@ pub(crate) fn fold_row_scale(g: &Graph, id: NodeId, weight_suffix: &str) -> Resu
             node.name
         )));
     };
+    let vt = vt.value().ctx("fold_row_scale")?;
     if vt.rank() != 1 {
         return Ok(Outcome::NoMatch);
     }
@@ -296,12 +302,10 @@ pub(crate) fn fold_row_scale(g: &Graph, id: NodeId, weight_suffix: &str) -> Resu
             g.nodes[mm].name
         )));
     }
-    let folded = wt
-        .to_dtype(candle_core::DType::F64)
-        .and_then(|w| w.broadcast_mul(&vt.to_dtype(candle_core::DType::F64)?.unsqueeze(1)?))
-        .ctx("fold_row_scale")?;
+    // Lazy: the product is made in f64 when the constant is read (see `Const`).
+    let folded = wt.scale_rows(&vt).ctx("fold_row_scale")?;
     let mut p = Patch::new(g);
-    let c = p.constant(format!("{}.folded", g.nodes[w].name), folded);
+    let c = p.constant_of(format!("{}.folded", g.nodes[w].name), folded);
     let out = p.node(g.nodes[mm].name.clone(), Op::MatMulT, vec![x, c]);
     p.replace(id, out);
     Ok(Outcome::Rewrite(p))

@@ -76,7 +76,7 @@ pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
             node.name
         )));
     }
-    let swapped = pair_swap(s).ctx("pos_table")?;
+    let swapped = s.value().and_then(|s| pair_swap(&s)).ctx("pos_table")?;
     let mut p = Patch::new(g);
     let s_new = p.constant(format!("{}.swapped", g.nodes[q.4].name), swapped);
     let mut new_inputs = vec![];

@@ -36,7 +36,8 @@ pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
         )));
     }
     let folded = st
-        .to_dtype(DType::F64)
+        .value()
+        .and_then(|s| s.to_dtype(DType::F64))
         .and_then(|s| s.sqr())
         .and_then(|s| s * scale)
         .ctx("sqk_onto_q")?;

@@ -76,7 +76,10 @@ struct Lowerer<'a> {
     dtype: WeightDtype,
     max_seq_len: usize,
     weights: Vec<pb::Weight>,
-    bytes: Vec<u8>,
+    /// Where `model.weights` goes, and how many bytes went there.
+    sink: &'a mut dyn std::io::Write,
+    sink_path: &'a std::path::Path,
+    written: u64,
     weight_of: HashMap<NodeId, u32>,
     buffers: Vec<Buffer>,
     buffer_of: HashMap<String, u32>,
@@ -121,20 +124,22 @@ impl Lowerer<'_> {
         values: Vec<f32>,
         shape: Vec<u64>,
         dtype: pb::DType,
-    ) -> u32 {
-        while self.bytes.len() % ALIGN != 0 {
-            self.bytes.push(0);
-        }
-        let offset = self.bytes.len() as u64;
+    ) -> Result<u32> {
+        let pad = (ALIGN as u64 - self.written % ALIGN as u64) % ALIGN as u64;
+        let offset = self.written + pad;
+        let mut buf = vec![0u8; pad as usize];
         match dtype {
             pb::DType::Bf16 => values
                 .iter()
-                .for_each(|v| self.bytes.extend(half::bf16::from_f32(*v).to_le_bytes())),
-            _ => values
-                .iter()
-                .for_each(|v| self.bytes.extend(v.to_le_bytes())),
+                .for_each(|v| buf.extend(half::bf16::from_f32(*v).to_le_bytes())),
+            _ => values.iter().for_each(|v| buf.extend(v.to_le_bytes())),
         }
-        let bytes = self.bytes.len() as u64 - offset;
+        self.sink.write_all(&buf).map_err(|source| Error::Io {
+            path: self.sink_path.to_path_buf(),
+            source,
+        })?;
+        self.written += buf.len() as u64;
+        let bytes = self.written - offset;
         self.weights.push(pb::Weight {
             name,
             dtype: dtype as i32,
@@ -142,7 +147,7 @@ impl Lowerer<'_> {
             offset,
             bytes,
         });
-        (self.weights.len() - 1) as u32
+        Ok((self.weights.len() - 1) as u32)
     }
 
     /// The constant `id` as a weight; GEMM weights take the plan dtype, vectors stay f32.
@@ -156,7 +161,8 @@ impl Lowerer<'_> {
             problem: "expected a constant".into(),
         })?;
         let values = t
-            .to_dtype(DType::F32)
+            .value()
+            .and_then(|t| t.to_dtype(DType::F32))
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .ctx(&node.name)?;
@@ -166,7 +172,7 @@ impl Lowerer<'_> {
             pb::DType::F32
         };
         let shape = t.dims().iter().map(|&d| d as u64).collect();
-        let w = self.push_weight(node.name.clone(), values, shape, dtype);
+        let w = self.push_weight(node.name.clone(), values, shape, dtype)?;
         self.weight_of.insert(id, w);
         Ok(w)
     }
@@ -483,16 +489,17 @@ impl Lowerer<'_> {
                 m[t * d + 2 * j + 1] = e[t * d + p + j] as f32;
             }
         }
-        Ok(self.push_weight(
+        self.push_weight(
             "position_table".into(),
             m,
             vec![self.max_seq_len as u64, d as u64],
             pb::DType::F32,
-        ))
+        )
     }
 }
 
-/// Lowers the canonical graph `g` of a model with config `cfg` to a plan.
+/// Lowers the canonical graph `g` of a model with config `cfg` to a plan, with the bytes
+/// of `model.weights` in memory (for small models and tests; [`lower_into`] streams them).
 pub fn lower(
     g: &Graph,
     cfg: &Config,
@@ -500,6 +507,31 @@ pub fn lower(
     max_seq_len: usize,
     source_sha256: &str,
 ) -> Result<Lowered> {
+    let mut weights = vec![];
+    let plan = lower_into(
+        g,
+        cfg,
+        dtype,
+        max_seq_len,
+        source_sha256,
+        &mut weights,
+        std::path::Path::new("model.weights"),
+    )?;
+    Ok(Lowered { plan, weights })
+}
+
+/// Lowers as [`lower`] does, writing `model.weights` to `weights` one tensor at a time
+/// (each made from its constant just before it is written); `weights_path` names the file
+/// in write errors.
+pub fn lower_into(
+    g: &Graph,
+    cfg: &Config,
+    dtype: WeightDtype,
+    max_seq_len: usize,
+    source_sha256: &str,
+    weights: &mut dyn std::io::Write,
+    weights_path: &std::path::Path,
+) -> Result<Plan> {
     if max_seq_len == 0 || max_seq_len > 1 << 20 {
         return Err(Error::Argument {
             what: "--max-seq-len".into(),
@@ -512,7 +544,9 @@ pub fn lower(
         dtype,
         max_seq_len,
         weights: vec![],
-        bytes: vec![],
+        sink: weights,
+        sink_path: weights_path,
+        written: 0,
         weight_of: HashMap::new(),
         buffers: vec![],
         buffer_of: HashMap::new(),
@@ -545,7 +579,7 @@ pub fn lower(
         }),
         weight_dtype: wdt as i32,
         max_seq_len: max_seq_len as u32,
-        weights_file_bytes: l.bytes.len() as u64,
+        weights_file_bytes: l.written,
         weights: l.weights,
         buffers: l.buffers,
         modules: vec![module],
@@ -559,8 +593,9 @@ pub fn lower(
         }),
         source_sha256: source_sha256.into(),
     };
-    Ok(Lowered {
-        plan,
-        weights: l.bytes,
-    })
+    l.sink.flush().map_err(|source| Error::Io {
+        path: weights_path.to_path_buf(),
+        source,
+    })?;
+    Ok(plan)
 }
