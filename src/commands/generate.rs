@@ -1,12 +1,11 @@
 //! `ngpt generate`: prefill, then KV-cache decode, streaming tokens as they come.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ngpt_compiler::compile::{is_compiled_dir, Manifest};
 use ngpt_runtime::sample::{Sampler, Sampling};
 use ngpt_runtime::session::Session;
 
@@ -23,7 +22,7 @@ pub enum Engine {
 /// Generate tokens: prefill the prompt, then decode with the KV cache.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  ngpt generate tests/fixtures/nv-tiny --prompt \"Permission is \" --max-new-tokens 40\n  ngpt generate out/nv-tiny --tokens 45,64,77 --max-new-tokens 8 --temperature 0.8 --top-k 5 --seed 1 --json"
+    after_help = "Examples:\n  ngpt generate tests/fixtures/nv-tiny --prompt \"Permission is \" --max-new-tokens 40\n  ngpt generate out/nv-tiny --tokens 45,64,77 --max-new-tokens 8 --temperature 0.8 --top-k 5 --seed 1 --json\n  ngpt generate out/shakespeare --vocab data/shakespeare_char/meta.pkl --prompt \"ROMEO:\" --max-new-tokens 200"
 )]
 pub struct Args {
     /// A checkpoint or a compiled directory.
@@ -50,7 +49,9 @@ pub struct Args {
     /// Sequences: the prompt B times, or with --prompts one per line.
     #[arg(long)]
     batch: Option<usize>,
-    /// Vocabulary: a vocab.json (default: one beside the checkpoint).
+    /// Vocabulary: a nanoGPT meta.pkl, a vocab.json or a Hugging Face tokenizer.json
+    /// (default: the first of tokenizer.json, vocab.json, meta.pkl in the compiled
+    /// directory, then beside the checkpoint).
     #[arg(long)]
     vocab: Option<PathBuf>,
     #[arg(long, value_enum)]
@@ -60,28 +61,12 @@ pub struct Args {
     json: bool,
 }
 
-/// The vocabulary: --vocab, else a vocab.json beside the checkpoint (or the compiled
-/// directory's recorded source).
+/// The vocabulary: --vocab, else one found beside the model (`Vocab::find`).
 fn find_vocab(a: &Args) -> Result<Option<Vocab>> {
-    if let Some(p) = &a.vocab {
-        return Vocab::from_file(p).map(Some);
+    match &a.vocab {
+        Some(p) => Vocab::from_file(p).map(Some),
+        None => Vocab::find(&a.input),
     }
-    let base: PathBuf = if is_compiled_dir(&a.input) {
-        Manifest::read(&a.input)?.source
-    } else {
-        a.input.clone()
-    };
-    let dir = if base.is_dir() {
-        base
-    } else {
-        base.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    let candidate = dir.join("vocab.json");
-    Ok(if candidate.is_file() {
-        Some(Vocab::from_file(&candidate)?)
-    } else {
-        None
-    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -92,6 +77,9 @@ pub fn run(a: Args) -> Result<()> {
     let vocab = find_vocab(&a)?;
     let plan = super::input::load_plan(&a.input, 0)?;
     let v = plan.dims.vocab;
+    if let Some(voc) = &vocab {
+        voc.check_model_vocab(v)?;
+    }
     let parse_line = |line: &str| -> Result<Vec<u32>> {
         let looks_numeric = line
             .trim()
@@ -155,11 +143,15 @@ pub fn run(a: Args) -> Result<()> {
     if engine == Engine::PlanCpu && a.engine.is_none() && !a.json {
         eprintln!("engine: plan-cpu (no CUDA executor in this build)");
     }
+    if let (Some(voc), false) = (&vocab, a.json) {
+        eprintln!("vocabulary: {}", voc.describe());
+    }
     let stream = b == 1 && !a.json;
     let mut out = std::io::stdout();
+    let mut text_stream = vocab.as_ref().map(Vocab::stream);
     if stream {
-        if let Some(voc) = &vocab {
-            print!("{}", voc.decode(&prompts[0]));
+        if let Some(ts) = &mut text_stream {
+            print!("{}", ts.push(&prompts[0]));
         }
     }
     let t0 = Instant::now();
@@ -180,8 +172,8 @@ pub fn run(a: Args) -> Result<()> {
             g.push(t);
         }
         if stream {
-            match &vocab {
-                Some(voc) => print!("{}", voc.decode(&next)),
+            match &mut text_stream {
+                Some(ts) => print!("{}", ts.push(&next)),
                 None => print!("{}{}", if step == 0 { "" } else { "," }, next[0]),
             }
             out.flush().ok();
@@ -199,6 +191,9 @@ pub fn run(a: Args) -> Result<()> {
     let decode_steps = a.max_new_tokens.saturating_sub(1);
     let decode_tps = (b * decode_steps) as f64 / decode_s.max(1e-9);
     if stream {
+        if let Some(ts) = &mut text_stream {
+            print!("{}", ts.finish());
+        }
         println!();
     } else if !a.json {
         for g in &generated {
