@@ -2,9 +2,60 @@
 //! semantics; a launch's grid decides nothing here, each twin covers the whole range.
 //! Every index goes through checked slicing, so a tampered plan fails, never reads out of
 //! bounds.
+//!
+//! The heavy twins (attention over (row, head) pairs; norm_rows, lerp_norm, swiglu and
+//! pos_norm over rows) spread their work over rayon's global pool, the one the GEMMs use.
+//! Each output element is computed by exactly one thread, with the same operations in the
+//! same order as on one thread, so every [`Threading`] mode gives bitwise identical
+//! results, run after run. A request that fails reports the error the one-thread loop
+//! meets first.
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::plan::Dims;
+
+/// How a twin spreads its work over threads. Only speed differs between the modes: the
+/// results are bitwise identical.
+///
+/// ```
+/// use ngpt_runtime::cpu::kernels::Threading;
+/// assert_eq!(Threading::default(), Threading::Auto);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threading {
+    /// Threads when a launch has enough work to pay for them (rayon's global pool).
+    #[default]
+    Auto,
+    /// Everything on the calling thread: the reference order.
+    Sequential,
+    /// Threads whatever the size, in pieces of at most this many rows (or (row, head)
+    /// pairs); tests use it to force many, uneven pieces on a tiny model.
+    Pieces(usize),
+}
+
+/// Work (about one multiply-add per unit) below which `Auto` stays on one thread.
+const MIN_PARALLEL_WORK: usize = 1 << 15;
+
+/// Pieces per pool thread under `Auto`, so uneven pieces (causal attention) still balance.
+const PIECES_PER_THREAD: usize = 8;
+
+impl Threading {
+    /// Items per piece for `items` items of `work` total work, or `None` for one thread.
+    fn piece_len(self, items: usize, work: usize) -> Option<usize> {
+        match self {
+            Threading::Sequential => None,
+            Threading::Pieces(n) => Some(n.max(1)),
+            Threading::Auto => {
+                let threads = rayon::current_num_threads();
+                if threads < 2 || items < 2 || work < MIN_PARALLEL_WORK {
+                    return None;
+                }
+                Some(items.div_ceil(threads * PIECES_PER_THREAD).max(1))
+            }
+        }
+    }
+}
 
 /// Checked sub-slice `[start, start + len)`.
 fn span<'a, T>(v: &'a [T], start: usize, len: usize, what: &str) -> Result<&'a [T]> {
@@ -22,6 +73,14 @@ fn span_mut<'a, T>(v: &'a mut [T], start: usize, len: usize, what: &str) -> Resu
         .ok_or_else(|| oob(what, start, len, n))
 }
 
+/// Checks that `[start, start + len)` lies in a buffer of `have` elements.
+fn fits(have: usize, start: usize, len: usize, what: &str) -> Result<()> {
+    match start.checked_add(len) {
+        Some(end) if end <= have => Ok(()),
+        _ => Err(oob(what, start, len, have)),
+    }
+}
+
 fn oob(what: &str, start: usize, len: usize, have: usize) -> Error {
     Error::Step {
         step: what.to_string(),
@@ -34,6 +93,76 @@ fn oob(what: &str, start: usize, len: usize, have: usize) -> Error {
 
 fn inv_norm(x: &[f32]) -> f32 {
     1.0 / x.iter().map(|v| v * v).sum::<f32>().sqrt()
+}
+
+/// One thread's part of an output buffer: the elements of a run of items, addressed by
+/// their index in the whole buffer. A range outside the buffer gets the error the whole
+/// buffer's `span_mut` would give.
+struct Piece<'a> {
+    data: &'a mut [f32],
+    /// Index of `data[0]` in the whole buffer.
+    base: usize,
+    /// Length of the whole buffer.
+    total: usize,
+}
+
+impl Piece<'_> {
+    fn get(&mut self, start: usize, len: usize, what: &str) -> Result<&mut [f32]> {
+        let (total, base) = (self.total, self.base);
+        start
+            .checked_add(len)
+            .filter(|&end| start >= base && end <= base + self.data.len())
+            .map(|end| &mut self.data[start - base..end - base])
+            .ok_or_else(|| oob(what, start, len, total))
+    }
+}
+
+/// Runs `body(scratch, i, piece)` for items `0..items`, item `i` owning the `width`
+/// elements of `out` from `i * width` (clipped to `out`). On one thread, or on several in
+/// pieces of consecutive items, each piece with its own `scratch`. Returns the error of the
+/// lowest failing item: the one the one-thread loop meets first.
+fn for_items<S, I, F>(
+    threading: Threading,
+    out: &mut [f32],
+    width: usize,
+    items: usize,
+    work: usize,
+    scratch: I,
+    body: F,
+) -> Result<()>
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize, &mut Piece) -> Result<()> + Sync,
+{
+    let total = out.len();
+    let run = |first: usize, end: usize, data: &mut [f32]| -> Result<()> {
+        let mut s = scratch();
+        let mut piece = Piece {
+            data,
+            base: first.saturating_mul(width),
+            total,
+        };
+        (first..end).try_for_each(|i| body(&mut s, i, &mut piece))
+    };
+    let Some(per) = threading.piece_len(items, work) else {
+        return run(0, items, out);
+    };
+    let mut pieces = Vec::with_capacity(items.div_ceil(per));
+    let mut rest = out;
+    let mut first = 0;
+    while first < items {
+        let end = (first + per).min(items);
+        let take = (end - first).saturating_mul(width).min(rest.len());
+        let (data, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        rest = tail;
+        pieces.push((first, end, data));
+        first = end;
+    }
+    let results: Vec<Result<()>> = pieces
+        .into_par_iter()
+        .map(|(first, end, data)| run(first, end, data))
+        .collect();
+    results.into_iter().collect()
 }
 
 pub fn embed(d: &Dims, tokens: &[i32], wte: &[f32], out: &mut [f32], rows: usize) -> Result<()> {
@@ -54,47 +183,91 @@ pub fn embed(d: &Dims, tokens: &[i32], wte: &[f32], out: &mut [f32], rows: usize
     Ok(())
 }
 
-pub fn norm_rows(d: &Dims, x: &[f32], out: &mut [f32], rows: usize) -> Result<()> {
+pub fn norm_rows(
+    d: &Dims,
+    x: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    threading: Threading,
+) -> Result<()> {
     let c = d.n_embd;
-    for r in 0..rows {
-        let xr = span(x, r * c, c, "norm_rows x")?;
-        let inv = inv_norm(xr);
-        span_mut(out, r * c, c, "norm_rows out")?
-            .iter_mut()
-            .zip(xr)
-            .for_each(|(o, v)| *o = v * inv);
-    }
-    Ok(())
+    for_items(
+        threading,
+        out,
+        c,
+        rows,
+        rows.saturating_mul(c),
+        || (),
+        |_, r, out| {
+            let xr = span(x, r * c, c, "norm_rows x")?;
+            let inv = inv_norm(xr);
+            out.get(r * c, c, "norm_rows out")?
+                .iter_mut()
+                .zip(xr)
+                .for_each(|(o, v)| *o = v * inv);
+            Ok(())
+        },
+    )
 }
 
-pub fn lerp_norm(d: &Dims, h: &mut [f32], branch: &[f32], lr: &[f32], rows: usize) -> Result<()> {
+pub fn lerp_norm(
+    d: &Dims,
+    h: &mut [f32],
+    branch: &[f32],
+    lr: &[f32],
+    rows: usize,
+    threading: Threading,
+) -> Result<()> {
     let c = d.n_embd;
     let lr = span(lr, 0, c, "lerp_norm lr")?;
-    let mut m = vec![0f32; c];
-    for r in 0..rows {
-        let br = span(branch, r * c, c, "lerp_norm branch")?;
-        let hr = span_mut(h, r * c, c, "lerp_norm h")?;
-        let inv_b = inv_norm(br);
-        for i in 0..c {
-            m[i] = hr[i] + lr[i] * (br[i] * inv_b - hr[i]);
-        }
-        let inv_m = inv_norm(&m);
-        hr.iter_mut().zip(&m).for_each(|(o, v)| *o = v * inv_m);
-    }
-    Ok(())
+    for_items(
+        threading,
+        h,
+        c,
+        rows,
+        rows.saturating_mul(c),
+        || vec![0f32; c],
+        |m, r, h| {
+            let br = span(branch, r * c, c, "lerp_norm branch")?;
+            let hr = h.get(r * c, c, "lerp_norm h")?;
+            let inv_b = inv_norm(br);
+            for i in 0..c {
+                m[i] = hr[i] + lr[i] * (br[i] * inv_b - hr[i]);
+            }
+            let inv_m = inv_norm(m);
+            hr.iter_mut()
+                .zip(m.iter())
+                .for_each(|(o, v)| *o = v * inv_m);
+            Ok(())
+        },
+    )
 }
 
-pub fn swiglu(d: &Dims, fc: &[f32], out: &mut [f32], rows: usize) -> Result<()> {
+pub fn swiglu(
+    d: &Dims,
+    fc: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    threading: Threading,
+) -> Result<()> {
     let f = 4 * d.n_embd;
-    for r in 0..rows {
-        let row = span(fc, r * 2 * f, 2 * f, "swiglu fc")?;
-        let o = span_mut(out, r * f, f, "swiglu out")?;
-        for j in 0..f {
-            let v = row[f + j];
-            o[j] = row[j] * (v / (1.0 + (-v).exp()));
-        }
-    }
-    Ok(())
+    for_items(
+        threading,
+        out,
+        f,
+        rows,
+        rows.saturating_mul(f).saturating_mul(4),
+        || (),
+        |_, r, out| {
+            let row = span(fc, r * 2 * f, 2 * f, "swiglu fc")?;
+            let o = out.get(r * f, f, "swiglu out")?;
+            for j in 0..f {
+                let v = row[f + j];
+                o[j] = row[j] * (v / (1.0 + (-v).exp()));
+            }
+            Ok(())
+        },
+    )
 }
 
 fn position(d: &Dims, positions: &[i32], r: usize) -> Result<usize> {
@@ -119,6 +292,11 @@ fn cache_offset(d: &Dims, b: usize, head: usize, pos: usize) -> usize {
 
 /// Per row and head: q = Norm(M_pos * q) * q_scale; k likewise with k_scale into the cache;
 /// v copied into the cache, both at the row's position.
+///
+/// On threads, rows are computed in parallel into a row-major scratch `[rows, 3 x n_embd]`
+/// (q, k, v, each checked against its destination exactly as the one-thread loop checks
+/// it), then copied into `q_out` and the caches in row order: the cache slot two rows
+/// share (only a tampered request does that) holds the later row, as on one thread.
 #[allow(clippy::too_many_arguments)]
 pub fn pos_norm(
     d: &Dims,
@@ -132,42 +310,109 @@ pub fn pos_norm(
     v_cache: &mut [f32],
     rows: usize,
     tokens: usize,
+    threading: Threading,
 ) -> Result<()> {
     let (c, hd) = (d.n_embd, d.head_dim);
-    let mut q = vec![0f32; hd];
-    let mut k = vec![0f32; hd];
+    if threading
+        .piece_len(rows, rows.saturating_mul(3 * c))
+        .is_none()
+    {
+        let mut q = vec![0f32; hd];
+        let mut k = vec![0f32; hd];
+        for r in 0..rows {
+            let b = r / tokens.max(1);
+            let pos = position(d, positions, r)?;
+            let row = span(qkv, r * 3 * c, 3 * c, "pos_norm qkv")?;
+            let m = span(table, pos * hd, hd, "pos_norm table")?;
+            for head in 0..d.n_head {
+                let o = head * hd;
+                for i in 0..hd {
+                    q[i] = row[o + i] * m[i];
+                    k[i] = row[c + o + i] * m[i];
+                }
+                let (iq, ik) = (inv_norm(&q), inv_norm(&k));
+                let qs = span(q_scale, o, hd, "pos_norm q_scale")?;
+                let ks = span(k_scale, o, hd, "pos_norm k_scale")?;
+                let qo = span_mut(q_out, r * c + o, hd, "pos_norm q_out")?;
+                for i in 0..hd {
+                    qo[i] = q[i] * iq * qs[i];
+                }
+                let at = cache_offset(d, b, head, pos);
+                let kc = span_mut(k_cache, at, hd, "pos_norm k_cache")?;
+                for i in 0..hd {
+                    kc[i] = k[i] * ik * ks[i];
+                }
+                span_mut(v_cache, at, hd, "pos_norm v_cache")?
+                    .copy_from_slice(&row[2 * c + o..2 * c + o + hd]);
+            }
+        }
+        return Ok(());
+    }
+    // Threads: every value computed and every destination checked, then copied in order.
+    let mut staged = Vec::new();
+    staged
+        .try_reserve_exact(rows.saturating_mul(3 * c))
+        .map_err(|_| Error::Request {
+            what: "pos_norm".into(),
+            problem: format!("cannot allocate {rows} x {} scratch elements", 3 * c),
+        })?;
+    staged.resize(rows * 3 * c, 0f32);
+    let (q_len, k_len, v_len) = (q_out.len(), k_cache.len(), v_cache.len());
+    for_items(
+        threading,
+        &mut staged,
+        3 * c,
+        rows,
+        rows.saturating_mul(3 * c),
+        || (vec![0f32; hd], vec![0f32; hd]),
+        |(q, k), r, staged| {
+            let b = r / tokens.max(1);
+            let pos = position(d, positions, r)?;
+            let row = span(qkv, r * 3 * c, 3 * c, "pos_norm qkv")?;
+            let m = span(table, pos * hd, hd, "pos_norm table")?;
+            let out = staged.get(r * 3 * c, 3 * c, "pos_norm scratch")?;
+            for head in 0..d.n_head {
+                let o = head * hd;
+                for i in 0..hd {
+                    q[i] = row[o + i] * m[i];
+                    k[i] = row[c + o + i] * m[i];
+                }
+                let (iq, ik) = (inv_norm(q), inv_norm(k));
+                let qs = span(q_scale, o, hd, "pos_norm q_scale")?;
+                let ks = span(k_scale, o, hd, "pos_norm k_scale")?;
+                fits(q_len, r * c + o, hd, "pos_norm q_out")?;
+                for i in 0..hd {
+                    out[o + i] = q[i] * iq * qs[i];
+                }
+                let at = cache_offset(d, b, head, pos);
+                fits(k_len, at, hd, "pos_norm k_cache")?;
+                for i in 0..hd {
+                    out[c + o + i] = k[i] * ik * ks[i];
+                }
+                fits(v_len, at, hd, "pos_norm v_cache")?;
+                out[2 * c + o..2 * c + o + hd].copy_from_slice(&row[2 * c + o..2 * c + o + hd]);
+            }
+            Ok(())
+        },
+    )?;
     for r in 0..rows {
         let b = r / tokens.max(1);
         let pos = position(d, positions, r)?;
-        let row = span(qkv, r * 3 * c, 3 * c, "pos_norm qkv")?;
-        let m = span(table, pos * hd, hd, "pos_norm table")?;
+        let s = span(&staged, r * 3 * c, 3 * c, "pos_norm scratch")?;
+        span_mut(q_out, r * c, c, "pos_norm q_out")?.copy_from_slice(&s[..c]);
         for head in 0..d.n_head {
-            let o = head * hd;
-            for i in 0..hd {
-                q[i] = row[o + i] * m[i];
-                k[i] = row[c + o + i] * m[i];
-            }
-            let (iq, ik) = (inv_norm(&q), inv_norm(&k));
-            let qs = span(q_scale, o, hd, "pos_norm q_scale")?;
-            let ks = span(k_scale, o, hd, "pos_norm k_scale")?;
-            let qo = span_mut(q_out, r * c + o, hd, "pos_norm q_out")?;
-            for i in 0..hd {
-                qo[i] = q[i] * iq * qs[i];
-            }
-            let at = cache_offset(d, b, head, pos);
-            let kc = span_mut(k_cache, at, hd, "pos_norm k_cache")?;
-            for i in 0..hd {
-                kc[i] = k[i] * ik * ks[i];
-            }
+            let (o, at) = (head * hd, cache_offset(d, b, head, pos));
+            span_mut(k_cache, at, hd, "pos_norm k_cache")?.copy_from_slice(&s[c + o..c + o + hd]);
             span_mut(v_cache, at, hd, "pos_norm v_cache")?
-                .copy_from_slice(&row[2 * c + o..2 * c + o + hd]);
+                .copy_from_slice(&s[2 * c + o..2 * c + o + hd]);
         }
     }
     Ok(())
 }
 
 /// Causal attention over the cache: row r attends keys 0..=positions[r] of its sequence,
-/// softmax scale 1. Both attention entries (prefill, decode) compute this.
+/// softmax scale 1. Both attention entries (prefill, decode) compute this, one (row, head)
+/// pair per work item.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     d: &Dims,
@@ -178,13 +423,31 @@ pub fn attention(
     out: &mut [f32],
     rows: usize,
     tokens: usize,
+    threading: Threading,
 ) -> Result<()> {
-    let (c, hd) = (d.n_embd, d.head_dim);
-    let mut scores = vec![0f32; d.max_seq_len];
-    for r in 0..rows {
-        let b = r / tokens.max(1);
-        let pos = position(d, positions, r)?;
-        for head in 0..d.n_head {
+    let (c, hd, nh) = (d.n_embd, d.head_dim, d.n_head);
+    // Item i is (row i / n_head, head i % n_head); its output starts at
+    // r * c + head * hd = i * hd, since c = n_head * hd (checked when the plan loads).
+    let items = rows.saturating_mul(nh);
+    let context = positions
+        .iter()
+        .take(rows)
+        .map(|&p| usize::try_from(p).unwrap_or(0).min(d.max_seq_len))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let work = items.saturating_mul(context).saturating_mul(2 * hd);
+    for_items(
+        threading,
+        out,
+        hd,
+        items,
+        work,
+        || vec![0f32; d.max_seq_len],
+        |scores, i, out| {
+            let (r, head) = (i / nh, i % nh);
+            let b = r / tokens.max(1);
+            let pos = position(d, positions, r)?;
             let qr = span(q, r * c + head * hd, hd, "attention q")?;
             let base = cache_offset(d, b, head, 0);
             let keys = span(k_cache, base, (pos + 1) * hd, "attention k_cache")?;
@@ -204,7 +467,7 @@ pub fn attention(
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            let o = span_mut(out, r * c + head * hd, hd, "attention out")?;
+            let o = out.get(r * c + head * hd, hd, "attention out")?;
             o.fill(0.0);
             for u in 0..=pos {
                 let p = scores[u] / sum;
@@ -212,7 +475,242 @@ pub fn attention(
                     .zip(&vals[u * hd..(u + 1) * hd])
                     .for_each(|(o, v)| *o += p * v);
             }
+            Ok(())
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An odd shape: 3 heads of 6 (n_embd 18), KV capacity 23, 3 sequences of 7 tokens.
+    const D: Dims = Dims {
+        n_layer: 1,
+        n_head: 3,
+        n_embd: 18,
+        head_dim: 6,
+        vocab: 5,
+        max_seq_len: 23,
+    };
+    const B: usize = 3;
+    const T: usize = 7;
+
+    /// Deterministic values in (-1, 1) (xorshift), so tests need no RNG crate.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Every mode the tests compare with the one-thread order: pieces of one item, of
+    /// sizes that do not divide the work, one piece holding everything, and `Auto`.
+    const MODES: [Threading; 5] = [
+        Threading::Pieces(1),
+        Threading::Pieces(2),
+        Threading::Pieces(5),
+        Threading::Pieces(1000),
+        Threading::Auto,
+    ];
+
+    /// What every twin writes, for one mode: a prefill (ragged positions) then a decode.
+    fn run_all(t: Threading, positions: &[i32], rows: usize, tokens: usize) -> Vec<Vec<u32>> {
+        let c = D.n_embd;
+        let cache = B * D.n_head * D.max_seq_len * D.head_dim;
+        let x = values(rows * c, 1);
+        let mut normed = vec![0f32; rows * c];
+        norm_rows(&D, &x, &mut normed, rows, t).expect("norm_rows");
+        let mut h = normed.clone();
+        let branch = values(rows * c, 2);
+        let lr = values(c, 3);
+        lerp_norm(&D, &mut h, &branch, &lr, rows, t).expect("lerp_norm");
+        let fc = values(rows * 8 * c, 4);
+        let mut act = vec![0f32; rows * 4 * c];
+        swiglu(&D, &fc, &mut act, rows, t).expect("swiglu");
+        let qkv = values(rows * 3 * c, 5);
+        let table = values(D.max_seq_len * D.head_dim, 6);
+        let (qs, ks) = (values(c, 7), values(c, 8));
+        let mut q = vec![0f32; rows * c];
+        // Caches start from values, so slots a request does not write are compared too.
+        let mut kc = values(cache, 9);
+        let mut vc = values(cache, 10);
+        pos_norm(
+            &D, &qkv, positions, &table, &qs, &ks, &mut q, &mut kc, &mut vc, rows, tokens, t,
+        )
+        .expect("pos_norm");
+        let mut att = vec![0f32; rows * c];
+        attention(&D, &q, &kc, &vc, positions, &mut att, rows, tokens, t).expect("attention");
+        [normed, h, act, q, kc, vc, att]
+            .iter()
+            .map(|v| bits(v))
+            .collect()
+    }
+
+    fn prefill_positions() -> Vec<i32> {
+        // Sequence 1 is shorter (its last rows are padding past the prompt, as in a ragged
+        // batch) and sequence 2 is a second chunk starting at position 9.
+        (0..B * T)
+            .map(|r| {
+                let (b, i) = (r / T, (r % T) as i32);
+                match b {
+                    2 => 9 + i,
+                    _ => i,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn threaded_twins_are_bitwise_the_sequential_ones() {
+        let names = [
+            "norm_rows",
+            "lerp_norm",
+            "swiglu",
+            "q",
+            "k_cache",
+            "v_cache",
+            "attention",
+        ];
+        // Prefill: 21 rows; decode: one row per sequence at uneven positions.
+        let cases: [(Vec<i32>, usize, usize); 2] =
+            [(prefill_positions(), B * T, T), (vec![22, 5, 13], B, 1)];
+        for (positions, rows, tokens) in cases {
+            let want = run_all(Threading::Sequential, &positions, rows, tokens);
+            for t in MODES {
+                let got = run_all(t, &positions, rows, tokens);
+                for (i, name) in names.iter().enumerate() {
+                    assert!(
+                        got[i] == want[i],
+                        "{name} differs from the one-thread result under {t:?} ({rows} rows)"
+                    );
+                }
+                // Run to run, too.
+                assert!(
+                    got == run_all(t, &positions, rows, tokens),
+                    "{t:?} is not deterministic"
+                );
+            }
         }
     }
-    Ok(())
+
+    #[test]
+    fn a_slot_two_rows_share_holds_the_later_row_in_every_mode() {
+        // A tampered request: rows 0 and 3 of sequence 0 both write position 2.
+        let mut positions = prefill_positions();
+        positions[3] = 2;
+        let want = run_all(Threading::Sequential, &positions, B * T, T);
+        for t in MODES {
+            assert!(run_all(t, &positions, B * T, T) == want, "{t:?}");
+        }
+    }
+
+    /// The error each twin returns, for one mode.
+    fn errors(t: Threading) -> Vec<String> {
+        let (c, rows) = (D.n_embd, B * T);
+        let cache = B * D.n_head * D.max_seq_len * D.head_dim;
+        let mut positions = prefill_positions();
+        let mut out = Vec::new();
+        let mut short = vec![0f32; rows * c - 1];
+        out.push(norm_rows(&D, &values(rows * c, 1), &mut short, rows, t));
+        out.push(lerp_norm(
+            &D,
+            &mut short,
+            &values(rows * c, 2),
+            &values(c, 3),
+            rows,
+            t,
+        ));
+        let mut act = vec![0f32; rows * 4 * c];
+        // The input one row short: row 20 fails on its input first.
+        out.push(swiglu(
+            &D,
+            &values((rows - 1) * 8 * c, 4),
+            &mut act,
+            rows,
+            t,
+        ));
+        let qkv = values(rows * 3 * c, 5);
+        let table = values(D.max_seq_len * D.head_dim, 6);
+        let mut q = vec![0f32; rows * c];
+        let mut kc = vec![0f32; cache];
+        // The v cache ends inside sequence 2's last head at position 9 (row 14, after its
+        // q and k are checked); before that, position 40 at row 17 is never reached.
+        let mut vc = vec![0f32; ((2 * D.n_head + 2) * D.max_seq_len + 9) * D.head_dim + 3];
+        positions[17] = 40;
+        positions[10] = 40;
+        out.push(pos_norm(
+            &D,
+            &qkv,
+            &positions,
+            &table,
+            &values(c, 7),
+            &values(c, 8),
+            &mut q,
+            &mut kc,
+            &mut vc,
+            rows,
+            T,
+            t,
+        ));
+        positions[10] = 3;
+        out.push(pos_norm(
+            &D,
+            &qkv,
+            &positions,
+            &table,
+            &values(c, 7),
+            &values(c, 8),
+            &mut q,
+            &mut kc,
+            &mut vc,
+            rows,
+            T,
+            t,
+        ));
+        positions[17] = 12;
+        let mut att = vec![0f32; rows * c - 4];
+        out.push(attention(
+            &D, &q, &kc, &kc, &positions, &mut att, rows, T, t,
+        ));
+        positions[5] = -1;
+        out.push(attention(
+            &D, &q, &kc, &kc, &positions, &mut att, rows, T, t,
+        ));
+        out.into_iter()
+            .map(|r| match r {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn failures_are_the_sequential_first_error_in_every_mode() {
+        let want = errors(Threading::Sequential);
+        assert_eq!(
+            want,
+            [
+                "step `norm_rows out`: needs elements 360..378 of a buffer of 377",
+                "step `lerp_norm h`: needs elements 360..378 of a buffer of 377",
+                "step `swiglu fc`: needs elements 2880..3024 of a buffer of 2880",
+                "positions: position 40 is outside the KV capacity 0..23",
+                "step `pos_norm v_cache`: needs elements 1158..1164 of a buffer of 1161",
+                "step `attention out`: needs elements 372..378 of a buffer of 374",
+                "positions: position -1 is outside the KV capacity 0..23",
+            ]
+        );
+        for t in MODES {
+            assert_eq!(errors(t), want, "{t:?}");
+        }
+    }
 }

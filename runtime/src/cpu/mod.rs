@@ -4,6 +4,8 @@ pub mod kernels;
 
 use std::sync::Arc;
 
+pub use kernels::Threading;
+
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
 use crate::error::{Error, Result};
@@ -59,10 +61,26 @@ pub enum ProgramKind {
 }
 
 /// Runs plans on the CPU. Holds the buffers (KV caches included) of one batch.
+///
+/// GEMMs and the heavy kernel twins run on rayon's global pool; [`Threading`] changes how
+/// the twins use it, never what they compute.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use ngpt_runtime::cpu::{CpuExecutor, ProgramKind, Threading};
+/// use ngpt_runtime::plan::LoadedPlan;
+/// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
+/// let mut exec = CpuExecutor::new(plan, 1)?;
+/// exec.set_threading(Threading::Sequential); // the same bits, on one thread
+/// let logits = exec.run(ProgramKind::Prefill, &[45, 64, 77], &[0, 1, 2], 3)?;
+/// assert_eq!(logits.len(), 3 * exec.plan.dims.vocab);
+/// # Ok::<(), ngpt_runtime::Error>(())
+/// ```
 pub struct CpuExecutor {
     pub plan: Arc<LoadedPlan>,
     pub batch: usize,
     buffers: Vec<Buf>,
+    threading: Threading,
 }
 
 fn step_err(step: &str, problem: impl Into<String>) -> Error {
@@ -100,7 +118,19 @@ impl CpuExecutor {
             plan,
             batch,
             buffers,
+            threading: Threading::Auto,
         })
+    }
+
+    /// How the kernel twins use threads (default [`Threading::Auto`]). Results are bitwise
+    /// the same in every mode.
+    pub fn set_threading(&mut self, threading: Threading) {
+        self.threading = threading;
+    }
+
+    /// The current [`Threading`].
+    pub fn threading(&self) -> Threading {
+        self.threading
     }
 
     fn buffer_index(&self, name: &str) -> Result<usize> {
@@ -201,6 +231,7 @@ impl CpuExecutor {
     fn launch(&mut self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {
         let plan = Arc::clone(&self.plan);
         let d = &plan.dims;
+        let threading = self.threading;
         let bufi = |i: usize| -> Result<usize> {
             match l.args.get(i).and_then(|a| a.value.as_ref()) {
                 Some(arg::Value::Buffer(b)) => Ok(*b as usize),
@@ -279,7 +310,8 @@ impl CpuExecutor {
                     d,
                     f32_of(name, bufs, x)?,
                     &mut out,
-                    rows
+                    rows,
+                    threading
                 ))
             }
             "lerp_norm" => {
@@ -290,7 +322,8 @@ impl CpuExecutor {
                     &mut hv,
                     f32_of(name, bufs, b)?,
                     weight(2)?,
-                    rows
+                    rows,
+                    threading
                 ))
             }
             "swiglu" => {
@@ -300,7 +333,8 @@ impl CpuExecutor {
                     d,
                     f32_of(name, bufs, x)?,
                     &mut out,
-                    rows
+                    rows,
+                    threading
                 ))
             }
             "pos_norm" => {
@@ -321,6 +355,7 @@ impl CpuExecutor {
                     &mut v,
                     rows,
                     per_seq,
+                    threading,
                 );
                 bufs[qo] = Buf::F32(q);
                 bufs[kc] = Buf::F32(k);
@@ -339,7 +374,8 @@ impl CpuExecutor {
                     i32_of(name, bufs, pos)?,
                     &mut out,
                     rows,
-                    per_seq
+                    per_seq,
+                    threading
                 ))
             }
             other => Err(step_err(
