@@ -103,6 +103,8 @@ pub struct Model {
     compiled_dir: bool,
     ckpt: Option<Checkpoint>,
     compiled: Option<Compiled>,
+    /// Weights of a plan lowered in memory (a compiled directory's plan has its own).
+    plan_dtype: ngpt_compiler::plan::WeightDtype,
     plan: Option<Arc<LoadedPlan>>,
     tract: Option<tract::Session>,
 }
@@ -115,9 +117,27 @@ impl Model {
             compiled_dir: is_compiled_dir(input),
             ckpt: None,
             compiled: None,
+            plan_dtype: ngpt_compiler::plan::WeightDtype::F32,
             plan: None,
             tract: None,
         }
+    }
+
+    /// The weight dtype of plans lowered in memory from a checkpoint (default f32).
+    pub fn set_plan_dtype(&mut self, dtype: ngpt_compiler::plan::WeightDtype) {
+        if dtype != self.plan_dtype {
+            self.plan = None;
+        }
+        self.plan_dtype = dtype;
+    }
+
+    /// The sha256 of the source checkpoint (recorded in a compiled directory's manifest).
+    pub fn source_sha256(&mut self) -> Result<String> {
+        if self.is_compiled() {
+            return Ok(compile::Manifest::read(&self.input)?.source_sha256);
+        }
+        let source = self.checkpoint()?.source.clone();
+        Ok(compile::sha256_file(&source)?)
     }
 
     /// True when INPUT is a compiled directory.
@@ -154,9 +174,8 @@ impl Model {
             let path = self.input.join("model.plan");
             let bytes =
                 std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let plan = ngpt_schemas::plan::Plan::decode(&bytes[..]).map_err(|e| {
-                anyhow::anyhow!("{}: not an ngpt plan ({e})", path.display())
-            })?;
+            let plan = ngpt_schemas::plan::Plan::decode(&bytes[..])
+                .map_err(|e| anyhow::anyhow!("{}: not an ngpt plan ({e})", path.display()))?;
             if let Some(c) = plan.config.filter(|c| c.vocab_size > 0) {
                 return Ok(c.vocab_size as usize);
             }
@@ -178,15 +197,16 @@ impl Model {
         } else {
             use ngpt_schemas::prost::Message;
             let label = self.input.display().to_string();
-            let max_seq = self.checkpoint()?.config.block_size.max(2048).max(min_seq_len);
+            let max_seq = self
+                .checkpoint()?
+                .config
+                .block_size
+                .max(2048)
+                .max(min_seq_len);
             let config = self.checkpoint()?.config.clone();
-            let lowered = ngpt_compiler::plan::lower(
-                &self.compiled()?.graph,
-                &config,
-                ngpt_compiler::plan::WeightDtype::F32,
-                max_seq,
-                "",
-            )?;
+            let dtype = self.plan_dtype;
+            let lowered =
+                ngpt_compiler::plan::lower(&self.compiled()?.graph, &config, dtype, max_seq, "")?;
             LoadedPlan::from_bytes(&lowered.plan.encode_to_vec(), &lowered.weights, &label)?
         };
         let plan = Arc::new(plan);
@@ -204,35 +224,37 @@ impl Model {
         let session = match self.tract.take() {
             Some(s) if !stale => s,
             _ => {
-            let session = if self.is_compiled() {
-                let path = self.input.join(onnx::MODEL_FILE);
-                if !path.is_file() {
-                    bail!(
+                let session = if self.is_compiled() {
+                    let path = self.input.join(onnx::MODEL_FILE);
+                    if !path.is_file() {
+                        bail!(
                         "{}: no {} in this compiled directory (compiled by an older ngpt?); compile it again",
                         self.input.display(),
                         onnx::MODEL_FILE
                     );
-                }
-                tract::Session::load(&path)?
-            } else {
-                self.compiled()?; // loads the checkpoint too
-                let (Some(ckpt), Some(compiled)) = (&self.ckpt, &self.compiled) else {
-                    bail!("{}: checkpoint not loaded", self.input.display());
-                };
-                let mut opts = onnx::Options::for_config(&ckpt.config);
-                opts.max_seq_len = opts.max_seq_len.max(min_seq_len);
-                let info = onnx::ModelInfo::new(ckpt, &compiled.records)?;
-                if onnx::uses_external_data(&compiled.graph, &opts) {
-                    // Too large for one protobuf: through a temporary directory, as tract
-                    // reads external data from beside the model file.
-                    let dir = tempfile::tempdir().context("creating a temporary directory")?;
-                    onnx::write(&compiled.graph, &info, &opts, dir.path())?;
-                    tract::Session::load(&dir.path().join(onnx::MODEL_FILE))?
+                    }
+                    tract::Session::load(&path)?
                 } else {
-                    tract::Session::from_bytes(&onnx::export(&compiled.graph, &info, &opts)?.model)?
-                }
-            };
-            session
+                    self.compiled()?; // loads the checkpoint too
+                    let (Some(ckpt), Some(compiled)) = (&self.ckpt, &self.compiled) else {
+                        bail!("{}: checkpoint not loaded", self.input.display());
+                    };
+                    let mut opts = onnx::Options::for_config(&ckpt.config);
+                    opts.max_seq_len = opts.max_seq_len.max(min_seq_len);
+                    let info = onnx::ModelInfo::new(ckpt, &compiled.records)?;
+                    if onnx::uses_external_data(&compiled.graph, &opts) {
+                        // Too large for one protobuf: through a temporary directory, as tract
+                        // reads external data from beside the model file.
+                        let dir = tempfile::tempdir().context("creating a temporary directory")?;
+                        onnx::write(&compiled.graph, &info, &opts, dir.path())?;
+                        tract::Session::load(&dir.path().join(onnx::MODEL_FILE))?
+                    } else {
+                        tract::Session::from_bytes(
+                            &onnx::export(&compiled.graph, &info, &opts)?.model,
+                        )?
+                    }
+                };
+                session
             }
         };
         Ok(self.tract.insert(session))
@@ -260,7 +282,12 @@ impl Model {
             },
             Engine::Tract => {
                 if self.is_compiled() {
-                    match self.tract(0)?.metadata.get("weights_dtype").map(String::as_str) {
+                    match self
+                        .tract(0)?
+                        .metadata
+                        .get("weights_dtype")
+                        .map(String::as_str)
+                    {
                         Some("f16") => Numerics::F16Weights,
                         _ => Numerics::F32,
                     }
@@ -269,9 +296,7 @@ impl Model {
                 }
             }
             Engine::PlanCpu | Engine::PlanCuda => {
-                if self.is_compiled()
-                    && self.plan(0)?.plan.weight_dtype == ngpt_schemas::plan::DType::Bf16 as i32
-                {
+                if self.plan(0)?.plan.weight_dtype == ngpt_schemas::plan::DType::Bf16 as i32 {
                     Numerics::Bf16Weights
                 } else {
                     Numerics::F32
@@ -328,6 +353,134 @@ impl Model {
             Engine::PlanCuda => bail!("--engine plan-cuda: {}", cuda_unavailable()),
         }
     }
+}
+
+impl Model {
+    /// The greedy continuation of `prompt`: `n` tokens, each with its margin (top-1 minus
+    /// top-2 logit) at the step that chose it. plan-cpu decodes with its KV cache; the
+    /// other engines recompute the whole sequence each step.
+    pub fn greedy(
+        &mut self,
+        engine: Engine,
+        prompt: &[u32],
+        n: usize,
+        precision: Precision,
+    ) -> Result<Vec<(u32, f64)>> {
+        let vocab = self.vocab_size()?;
+        let mut out = vec![];
+        if n == 0 {
+            return Ok(out);
+        }
+        if engine == Engine::PlanCpu {
+            let plan = self.plan(prompt.len() + n)?;
+            let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
+            let logits = session.prefill(&[prompt.to_vec()])?;
+            let mut last: Vec<f64> = logits[(prompt.len() - 1) * vocab..]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            loop {
+                let (id, margin) = top_two(&last);
+                out.push((id, margin));
+                if out.len() == n {
+                    return Ok(out);
+                }
+                last = session.decode(&[id])?.into_iter().map(f64::from).collect();
+            }
+        }
+        let mut seq = prompt.to_vec();
+        while out.len() < n {
+            let logits = self.logits(engine, &seq, precision)?;
+            let (id, margin) = top_two(&logits[(seq.len() - 1) * vocab..]);
+            out.push((id, margin));
+            seq.push(id);
+        }
+        Ok(out)
+    }
+}
+
+/// One traced value: a named point of the forward (`h.1.mlp.out`) and its `[T, width]`
+/// values, row-major.
+pub struct TracePoint {
+    pub name: String,
+    pub width: usize,
+    pub values: Vec<f64>,
+}
+
+impl Model {
+    /// The named intermediate values of a forward over `tokens`, in the order computed:
+    /// the reference's hidden states and branch outputs, every IR node, every plan step.
+    /// tract offers only the logits.
+    pub fn trace(
+        &mut self,
+        engine: Engine,
+        tokens: &[u32],
+        precision: Precision,
+    ) -> Result<Vec<TracePoint>> {
+        let mut points = vec![];
+        let mut from_tensor = |name: &str, t: &candle_core::Tensor| {
+            let width = t.dims().last().copied().unwrap_or(1);
+            if let Ok(values) = tensor_to_f64(t) {
+                points.push(TracePoint {
+                    name: name.to_string(),
+                    width,
+                    values,
+                });
+            }
+        };
+        match engine {
+            Engine::Reference => {
+                reference::logits_traced(self.checkpoint()?, tokens, precision, &mut from_tensor)?;
+            }
+            Engine::Ir => {
+                let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+                graph::interp::run_traced(
+                    &self.compiled()?.graph,
+                    tokens,
+                    &positions,
+                    precision,
+                    &mut from_tensor,
+                )?;
+            }
+            Engine::PlanCpu => {
+                let plan = self.plan(tokens.len())?;
+                let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
+                session.prefill_traced(tokens, &mut |name, width, values| {
+                    points.push(TracePoint {
+                        name: name.to_string(),
+                        width,
+                        values: values.iter().map(|&v| f64::from(v)).collect(),
+                    })
+                })?;
+            }
+            Engine::Tract => {
+                let vocab = self.vocab_size()?;
+                let values = self.logits(engine, tokens, precision)?;
+                points.push(TracePoint {
+                    name: "lm_head".into(),
+                    width: vocab,
+                    values,
+                });
+            }
+            Engine::PlanCuda => bail!("plan-cuda: {}", cuda_unavailable()),
+        }
+        Ok(points)
+    }
+}
+
+/// The argmax of `row` (the first on ties) and its lead over the runner-up.
+pub fn top_two(row: &[f64]) -> (u32, f64) {
+    let mut best = (0usize, f64::NEG_INFINITY);
+    let mut second = f64::NEG_INFINITY;
+    for (i, &v) in row.iter().enumerate() {
+        if v > best.1 {
+            second = best.1;
+            best = (i, v);
+        } else if v > second {
+            second = v;
+        }
+    }
+    (best.0 as u32, best.1 - second)
 }
 
 /// Why plan-cuda cannot run in this process.

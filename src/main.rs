@@ -2,6 +2,7 @@
 
 mod commands;
 mod engines;
+mod parity;
 mod tokens;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,9 @@ enum Command {
     Inspect(commands::inspect::Args),
     Logits(commands::logits::Args),
     Plan(commands::plan::Args),
+    Snapshot(commands::snapshot::Args),
+    Check(commands::check::Args),
+    Bisect(commands::bisect::Args),
     Validate(commands::validate::Args),
 }
 
@@ -56,6 +60,9 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Plan(a) => commands::plan::run(a),
+        Command::Snapshot(a) => commands::snapshot::run(a),
+        Command::Check(a) => commands::check::run(a),
+        Command::Bisect(a) => commands::bisect::run(a),
         Command::Validate(a) => commands::validate::run(a),
     };
     if let Err(e) = result {

@@ -34,7 +34,12 @@ fn compiled(dir: &Path, extra: &[&str]) -> Result<std::path::PathBuf> {
     let ckpt = dir.join("ckpt");
     init::write(&ckpt, &o)?;
     let out = dir.join("out");
-    let mut args = vec!["compile", ckpt.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let mut args = vec![
+        "compile",
+        ckpt.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let o = ngpt(&args)?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -54,9 +59,18 @@ fn every_engine_within_tolerance_on_f32_and_reduced_precision_dirs() -> Result<(
         ),
     ] {
         let out = compiled(&tmp.path().join(name), extra)?;
-        let o = ngpt(&["validate", out.to_str().unwrap(), "--tokens", "3,40,7,7,1,22,39,5,11"])?;
+        let o = ngpt(&[
+            "validate",
+            out.to_str().unwrap(),
+            "--tokens",
+            "3,40,7,7,1,22,39,5,11",
+        ])?;
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{name}: {stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{name}: {stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(stdout.contains("9 positions"), "{stdout}");
         for (engine, numerics) in [
             ("reference", "f32"),
@@ -68,7 +82,10 @@ fn every_engine_within_tolerance_on_f32_and_reduced_precision_dirs() -> Result<(
             let line = row(&stdout, engine, numerics)
                 .unwrap_or_else(|| panic!("{name}: no {engine} {numerics} row in\n{stdout}"));
             assert!(line.ends_with(" ok"), "{name}: {line}");
-            assert!(line.contains("9/9") || numerics.contains("weights"), "{line}");
+            assert!(
+                line.contains("9/9") || numerics.contains("weights"),
+                "{line}"
+            );
         }
         // plan-cuda is either run or skipped with its reason, never silently absent.
         let cuda = row(&stdout, "plan-cuda", "").expect("a plan-cuda row");
@@ -128,7 +145,10 @@ fn bad_engine_lists_and_tokens_are_one_line_errors() -> Result<()> {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
         assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
-        assert!(lines[0].starts_with("error:") && lines[0].contains(expect), "{stderr}");
+        assert!(
+            lines[0].starts_with("error:") && lines[0].contains(expect),
+            "{stderr}"
+        );
     }
     Ok(())
 }

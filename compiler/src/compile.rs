@@ -15,6 +15,8 @@ use crate::passes::{self, PassRecord};
 pub struct Options {
     /// Run only the first N passes.
     pub stop_after: Option<usize>,
+    /// A deliberate miscompile, for testing `ngpt check` and `ngpt bisect`.
+    pub fault: Option<passes::Fault>,
 }
 
 /// A compiled model: the canonical graph and what each pass did.
@@ -30,6 +32,7 @@ pub fn compile(ckpt: &Checkpoint, opts: &Options) -> Result<Compiled> {
         &mut g,
         &passes::Options {
             stop_after: opts.stop_after,
+            fault: opts.fault.clone(),
             ..Default::default()
         },
     )?;

@@ -155,14 +155,18 @@ fn load_safetensors(path: &Path) -> Result<Loaded> {
     }
     let config = Config::from_json_file(&config_path)?;
     check_config_fits(&config, &config_path, file_len(path)?)?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // SAFETY: the file is mapped read-only; like every mmap user we rely on nobody
     // truncating it while we read. The data is copied into tensors before we return.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-        format_err(
-            path,
-            format!("not a valid safetensors file: {}", candle_message(&e)),
-        )
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
     })?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| format_err(path, format!("not a valid safetensors file: {e}")))?;
     let views = st.tensors();
     let mut found: HashMap<String, (String, Vec<usize>, DType)> = HashMap::new();
     for (raw, view) in &views {
@@ -186,12 +190,27 @@ fn load_safetensors(path: &Path) -> Result<Loaded> {
     let mut notes = prefix_note(found.values().map(|(raw, ..)| raw.as_str()));
     check_names_and_shapes(&config, path, &found)?;
     let mut tensors = BTreeMap::new();
-    for (name, (raw, ..)) in found {
-        let t = st.load(&raw, &Device::Cpu).map_err(|e| Error::Tensor {
+    for (name, (raw, shape, dtype)) in found {
+        let bad = |e: String| Error::Tensor {
             path: path.to_path_buf(),
             name: name.clone(),
-            problem: format!("cannot read data: {}", candle_message(&e)),
-        })?;
+            problem: format!("cannot read data: {e}"),
+        };
+        let view = st.tensor(&raw).map_err(|e| bad(e.to_string()))?;
+        let t = Tensor::from_raw_buffer(view.data(), dtype, &shape, &Device::Cpu)
+            .map_err(|e| bad(candle_message(&e)))?;
+        // The bytes are copied: let the kernel drop the mapped pages, so that peak memory
+        // holds the tensors once rather than the tensors plus the whole mapped file.
+        let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        // SAFETY: a read-only file mapping; dropped pages read back from the file if
+        // touched again (nothing here touches them again).
+        let _ = unsafe {
+            mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset,
+                view.data().len(),
+            )
+        };
         tensors.insert(name, t);
     }
     notes.retain(|n| !n.is_empty());

@@ -57,6 +57,26 @@ fn norm(x: &Tensor) -> candle_core::Result<Tensor> {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn logits(ckpt: &Checkpoint, tokens: &[u32], precision: Precision) -> Result<Tensor> {
+    check_tokens(ckpt, tokens)?;
+    forward(ckpt, tokens, precision.dtype(), None).ctx("reference forward")
+}
+
+/// As [`logits`], calling `on_value(name, value)` at the points of the forward that the
+/// compiled graph also has, named as its nodes are (`h.{i}.attn.attention`,
+/// `h.{i}.attn.out`, `h.{i}.attn.residual.norm`, `h.{i}.mlp.gated`, `h.{i}.mlp.out`,
+/// `h.{i}.mlp.residual.norm`, `lm_head`; each `[T, width]`): the trace `ngpt bisect`
+/// compares.
+pub fn logits_traced(
+    ckpt: &Checkpoint,
+    tokens: &[u32],
+    precision: Precision,
+    on_value: &mut dyn FnMut(&str, &Tensor),
+) -> Result<Tensor> {
+    check_tokens(ckpt, tokens)?;
+    forward(ckpt, tokens, precision.dtype(), Some(on_value)).ctx("reference forward")
+}
+
+fn check_tokens(ckpt: &Checkpoint, tokens: &[u32]) -> Result<()> {
     let cfg = &ckpt.config;
     if tokens.is_empty() {
         return Err(Error::Argument {
@@ -73,10 +93,20 @@ pub fn logits(ckpt: &Checkpoint, tokens: &[u32], precision: Precision) -> Result
             ),
         });
     }
-    forward(ckpt, tokens, precision.dtype()).ctx("reference forward")
+    Ok(())
 }
 
-fn forward(ckpt: &Checkpoint, tokens: &[u32], dt: DType) -> candle_core::Result<Tensor> {
+fn forward(
+    ckpt: &Checkpoint,
+    tokens: &[u32],
+    dt: DType,
+    mut on_value: Option<&mut dyn FnMut(&str, &Tensor)>,
+) -> candle_core::Result<Tensor> {
+    let mut trace = |name: String, t: &Tensor| {
+        if let Some(f) = on_value.as_mut() {
+            f(&name, t);
+        }
+    };
     let cfg = &ckpt.config;
     let dev = Device::Cpu;
     let (t_len, c, h, d) = (tokens.len(), cfg.n_embd, cfg.n_head, cfg.head_dim());
@@ -152,6 +182,9 @@ fn forward(ckpt: &Checkpoint, tokens: &[u32], dt: DType) -> candle_core::Result<
         let h_att = y.matmul(&l("att_c_proj.weight")?.t()?)?;
         // Step 6: residual with |alpha_eff|.
         x = residual(&x, &h_att, &l("attn_alpha")?, &alpha_scale)?;
+        trace(format!("h.{i}.attn.attention"), &y);
+        trace(format!("h.{i}.attn.out"), &h_att);
+        trace(format!("h.{i}.attn.residual.norm"), &x);
         // Step 7: MLP, suv * sqrt(C) on both halves, SiLU on the second half.
         let uv = x
             .matmul(&l("c_fc.weight")?.t()?)?
@@ -159,13 +192,19 @@ fn forward(ckpt: &Checkpoint, tokens: &[u32], dt: DType) -> candle_core::Result<
         let u = uv.narrow(1, 0, 4 * c)?;
         let gate = uv.narrow(1, 4 * c, 4 * c)?;
         let silu = (&gate / (gate.neg()?.exp()? + 1.0)?)?;
-        let h_mlp = (u * silu)?.matmul(&l("mlp_c_proj.weight")?.t()?)?;
+        let gated = (u * silu)?;
+        let h_mlp = gated.matmul(&l("mlp_c_proj.weight")?.t()?)?;
         // Step 8: residual with |mlp_alpha_eff|.
         x = residual(&x, &h_mlp, &l("mlp_alpha")?, &alpha_scale)?;
+        trace(format!("h.{i}.mlp.gated"), &gated);
+        trace(format!("h.{i}.mlp.out"), &h_mlp);
+        trace(format!("h.{i}.mlp.residual.norm"), &x);
     }
     // Output: sz/bs times the lm_head product; no final norm.
     let sz = (w("sz")? / bs)?;
-    x.matmul(&w("lm_head.weight")?.t()?)?.broadcast_mul(&sz)
+    let logits = x.matmul(&w("lm_head.weight")?.t()?)?.broadcast_mul(&sz)?;
+    trace("lm_head".into(), &logits);
+    Ok(logits)
 }
 
 /// `Norm(A + |alpha * 0.05/bs| * (B - A))` with `A = Norm(h)`, `B = Norm(branch)`.

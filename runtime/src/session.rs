@@ -84,6 +84,46 @@ impl Session {
         Ok(out)
     }
 
+    /// Prefills one sequence (batch 1 sessions), calling `on_step(step, width, values)`
+    /// after each plan step with what it wrote (see [`CpuExecutor::run_traced`]).
+    pub fn prefill_traced(
+        &mut self,
+        tokens: &[u32],
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<Vec<f32>> {
+        if self.exec.batch != 1 || tokens.is_empty() {
+            return Err(Error::Request {
+                what: "prompts".into(),
+                problem: "tracing runs one non-empty sequence in a batch-1 session".into(),
+            });
+        }
+        self.check_tokens(tokens)?;
+        let cap = self.exec.plan.dims.max_seq_len;
+        if tokens.len() > cap {
+            return Err(Error::Request {
+                what: "prompt".into(),
+                problem: format!(
+                    "{} tokens exceed the KV capacity {cap} (--max-seq-len)",
+                    tokens.len()
+                ),
+            });
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let positions: Vec<i32> = (0..tokens.len() as i32).collect();
+        let out = self
+            .exec
+            .run_traced(
+                ProgramKind::Prefill,
+                &ids,
+                &positions,
+                tokens.len(),
+                on_step,
+            )?
+            .to_vec();
+        self.lens = vec![tokens.len()];
+        Ok(out)
+    }
+
     /// Appends one token to each sequence and returns their logits, `[B, vocab]`.
     pub fn decode(&mut self, next: &[u32]) -> Result<Vec<f32>> {
         let b = self.exec.batch;

@@ -42,6 +42,24 @@ pub struct Args {
     /// they exceed 2 GiB.
     #[arg(long)]
     external_data: bool,
+    /// For testing `ngpt check` and `ngpt bisect` only: a deliberate miscompile,
+    /// `PASS@LAYER` (the first constant that pass makes in that layer is scaled by 1.5).
+    #[arg(long, hide = true, value_parser = parse_fault)]
+    inject_fault: Option<passes::Fault>,
+}
+
+fn parse_fault(s: &str) -> Result<passes::Fault, String> {
+    let (pass, layer) = s
+        .split_once('@')
+        .ok_or_else(|| format!("`{s}`: expected PASS@LAYER, e.g. fold_suv@1"))?;
+    let layer = layer
+        .parse()
+        .map_err(|_| format!("`{s}`: the layer `{layer}` is not a number"))?;
+    Ok(passes::Fault {
+        pass: pass.to_string(),
+        layer,
+        factor: 1.5,
+    })
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -69,8 +87,14 @@ pub fn run(a: Args) -> Result<()> {
         &ckpt,
         &compile::Options {
             stop_after: a.stop_after,
+            fault: a.inject_fault.clone(),
         },
     )?;
+    // The graph holds what it still needs (lazily folded weights keep their stored
+    // tensors); drop the checkpoint's own references so that the Q, K and V matrices
+    // fuse_qkv concatenated do not stay in memory twice while the files are written.
+    let mut ckpt = ckpt;
+    ckpt.tensors.clear();
     let source = std::fs::canonicalize(&ckpt.source).unwrap_or_else(|_| ckpt.source.clone());
     let source_sha256 = compile::sha256_file(&source)?;
     let max_seq_len = a.max_seq_len.unwrap_or(ckpt.config.block_size.max(2048));

@@ -1,5 +1,7 @@
 //! One module per subcommand: its clap arguments (`Args`) and its `run`.
 
+pub mod bisect;
+pub mod check;
 pub mod compile;
 pub mod demo;
 pub mod generate;
@@ -8,4 +10,5 @@ pub mod input;
 pub mod inspect;
 pub mod logits;
 pub mod plan;
+pub mod snapshot;
 pub mod validate;

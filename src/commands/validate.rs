@@ -128,7 +128,8 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
                     Ok((got, t.elapsed()))
                 });
             let load = t0.elapsed();
-            let row = match got.and_then(|(got, took)| Ok((got, took, model.numerics(engine, p)?))) {
+            let row = match got.and_then(|(got, took)| Ok((got, took, model.numerics(engine, p)?)))
+            {
                 Ok((got, took, numerics)) => Row {
                     engine,
                     numerics: Some(numerics),

@@ -115,6 +115,28 @@ pub fn run(
     positions: &[u32],
     precision: Precision,
 ) -> Result<Vec<Tensor>> {
+    evaluate(g, tokens, positions, precision, None)
+}
+
+/// As [`run`], calling `on_value(name, value)` with the value of every computed node (not
+/// inputs or constants) as it is made: the trace `ngpt bisect` compares.
+pub fn run_traced(
+    g: &Graph,
+    tokens: &[u32],
+    positions: &[u32],
+    precision: Precision,
+    on_value: &mut dyn FnMut(&str, &Tensor),
+) -> Result<Vec<Tensor>> {
+    evaluate(g, tokens, positions, precision, Some(on_value))
+}
+
+fn evaluate(
+    g: &Graph,
+    tokens: &[u32],
+    positions: &[u32],
+    precision: Precision,
+    mut on_value: Option<&mut dyn FnMut(&str, &Tensor)>,
+) -> Result<Vec<Tensor>> {
     if tokens.is_empty() || tokens.len() != positions.len() {
         return Err(Error::Argument {
             what: "tokens".into(),
@@ -159,7 +181,13 @@ pub fn run(
             Op::Input => Tensor::new(positions, &Device::Cpu),
             op => eval(op, &args, table.as_ref(), dt),
         };
-        values[id] = Some(out.ctx(&format!("IR node `{}` ({})", node.name, node.op.mnemonic()))?);
+        let out = out.ctx(&format!("IR node `{}` ({})", node.name, node.op.mnemonic()))?;
+        if let Some(f) = on_value.as_mut() {
+            if !matches!(node.op, Op::Input | Op::Const(_)) {
+                f(&node.name, &out);
+            }
+        }
+        values[id] = Some(out);
     }
     g.outputs
         .iter()

@@ -129,6 +129,27 @@ impl Const {
         })
     }
 
+    /// The value in `dtype`: as [`Const::value`] then converted, but a row-scaled constant
+    /// is made a block of rows at a time, so the full f64 product never exists at once.
+    pub fn value_in(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+        const BLOCK: usize = 1024;
+        let Some(s) = &self.row_scale else {
+            return self.tensor.to_dtype(dtype);
+        };
+        let rows = self.dims().first().copied().unwrap_or(0);
+        let mut parts = vec![];
+        for start in (0..rows).step_by(BLOCK) {
+            let len = BLOCK.min(rows - start);
+            let w = self
+                .tensor
+                .narrow(0, start, len)?
+                .to_dtype(candle_core::DType::F64)?;
+            let scaled = w.broadcast_mul(&s.narrow(0, start, len)?.unsqueeze(1)?)?;
+            parts.push(scaled.to_dtype(dtype)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
+
     /// The value: the tensor, with any row scale applied in f64.
     pub fn value(&self) -> candle_core::Result<Tensor> {
         match &self.row_scale {

@@ -169,7 +169,9 @@ impl Emit<'_, '_> {
                 self.name(id)
             )));
         };
-        let t = t.value().ctx("reading a constant")?;
+        let t = t
+            .value_in(self.initializer_dtype(t.rank()))
+            .ctx("reading a constant")?;
         let name = self.name(id).to_string();
         let v = self.constant(&name, &t, false)?;
         self.values[id] = Some(v.clone());
@@ -190,7 +192,7 @@ impl Emit<'_, '_> {
             );
         };
         let t = t
-            .value()
+            .value_in(self.initializer_dtype(t.rank()))
             .and_then(|t| t.t())
             .and_then(|t| t.contiguous())
             .ctx("transposing a weight")?;
@@ -199,6 +201,16 @@ impl Emit<'_, '_> {
             name.push_str(".transposed");
         }
         self.constant(&name, &t, true)
+    }
+
+    /// The dtype a constant is read in before [`Self::constant`] converts it: f32, or f64
+    /// for what becomes f16 (rounded once, from the exact value).
+    fn initializer_dtype(&self, rank: usize) -> DType {
+        if self.opts.weights == WeightDtype::F16 && rank == 2 {
+            DType::F64
+        } else {
+            DType::F32
+        }
     }
 
     /// An initializer for a constant: f32, or f16 for matrices under `--onnx-dtype f16`

@@ -343,9 +343,7 @@ pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
         .nodes
         .iter()
         .filter_map(|n| match &n.op {
-            crate::graph::Op::Const(c) => {
-                Some(c.elem_count() as u64 * elem(c.rank()))
-            }
+            crate::graph::Op::Const(c) => Some(c.elem_count() as u64 * elem(c.rank())),
             _ => None,
         })
         .sum();

@@ -198,6 +198,45 @@ pub struct Options {
     pub last_position_only: bool,
     /// Verify the graph after every rewrite (always on in debug builds).
     pub verify: bool,
+    /// A deliberate miscompile, for testing the tools that must catch one.
+    pub fault: Option<Fault>,
+}
+
+/// A deliberate miscompile: after pass `pass`, the first constant it made in layer `layer`
+/// is multiplied by `factor`. Only for testing `ngpt check` and `ngpt bisect`, which must
+/// catch and locate it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    pub pass: String,
+    pub layer: usize,
+    pub factor: f64,
+}
+
+impl Fault {
+    fn apply(&self, g: &mut Graph, before: &std::collections::HashSet<String>) -> Result<()> {
+        use crate::error::CandleContext;
+        let prefix = format!("h.{}.", self.layer);
+        let in_layer =
+            |name: &str| name.starts_with(&prefix) || name.contains(&format!(".{prefix}"));
+        let target = g.nodes.iter().position(|n| {
+            matches!(n.op, Op::Const(_)) && !before.contains(&n.name) && in_layer(&n.name)
+        });
+        let Some(id) = target else {
+            return Err(Error::Argument {
+                what: format!("fault injection after {}", self.pass),
+                problem: format!("the pass made no constant in layer {}", self.layer),
+            });
+        };
+        let Op::Const(c) = &g.nodes[id].op else {
+            return Ok(());
+        };
+        let scaled = c.value().and_then(|t| {
+            let t = t.to_dtype(candle_core::DType::F64)?;
+            t.affine(self.factor, 0.0)
+        });
+        g.nodes[id].op = Op::Const(Const::new(scaled.ctx("fault injection")?));
+        Ok(())
+    }
 }
 
 /// A rule that keeps firing has no fixpoint: a bug in the rule, reported as an error.
@@ -262,10 +301,26 @@ pub fn run(g: &mut Graph, opts: &Options) -> Result<Vec<PassRecord>> {
         passes.push(LAST_POSITION);
     }
     let n = opts.stop_after.unwrap_or(passes.len()).min(passes.len());
-    passes[..n]
-        .iter()
-        .map(|&p| run_pass(g, p, opts.verify))
-        .collect()
+    if let Some(f) = &opts.fault {
+        if !passes.iter().any(|p| p.name == f.pass) {
+            return Err(Error::Argument {
+                what: "fault injection".into(),
+                problem: format!("no pass named `{}`", f.pass),
+            });
+        }
+    }
+    let mut records = vec![];
+    for &p in &passes[..n] {
+        let before: std::collections::HashSet<String> = match &opts.fault {
+            Some(f) if f.pass == p.name => g.nodes.iter().map(|n| n.name.clone()).collect(),
+            _ => Default::default(),
+        };
+        records.push(run_pass(g, p, opts.verify)?);
+        if let Some(f) = opts.fault.as_ref().filter(|f| f.pass == p.name) {
+            f.apply(g, &before)?;
+        }
+    }
+    Ok(records)
 }
 
 /// The single consumer of `id`, if it has exactly one and is not a graph output.

@@ -161,8 +161,7 @@ impl Lowerer<'_> {
             problem: "expected a constant".into(),
         })?;
         let values = t
-            .value()
-            .and_then(|t| t.to_dtype(DType::F32))
+            .value_in(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .ctx(&node.name)?;

@@ -154,6 +154,50 @@ impl CpuExecutor {
         positions: &[i32],
         per_seq: usize,
     ) -> Result<&[f32]> {
+        self.run_program(kind, tokens, positions, per_seq, None)
+    }
+
+    /// As [`CpuExecutor::run`], calling `on_step(step name, row width, rows)` after each
+    /// step with what it wrote: its first output buffer (a launch's first `Out` slot, a
+    /// GEMM's C), `rows x width` values. The trace `ngpt bisect` compares; `run` pays
+    /// nothing for it.
+    pub fn run_traced(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<&[f32]> {
+        self.run_program(kind, tokens, positions, per_seq, Some(on_step))
+    }
+
+    /// The buffer a step writes first: a GEMM's C, a launch's first `Out` argument.
+    fn written_buffer(s: &pb::Step) -> Option<usize> {
+        match s.kind.as_ref()? {
+            step::Kind::Gemm(g) => match g.c.as_ref()?.source.as_ref()? {
+                pb::operand::Source::Buffer(b) => Some(*b as usize),
+                pb::operand::Source::Weight(_) => None,
+            },
+            step::Kind::Launch(l) => {
+                let slots = crate::abi::signature(&l.entry)?;
+                let i = slots.iter().position(|s| *s == crate::abi::Slot::Out)?;
+                match l.args.get(i)?.value.as_ref()? {
+                    arg::Value::Buffer(b) => Some(*b as usize),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    fn run_program(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        mut on_step: Option<&mut dyn FnMut(&str, usize, &[f32])>,
+    ) -> Result<&[f32]> {
         let rows = tokens.len();
         if rows != self.batch * per_seq || positions.len() != rows || per_seq == 0 {
             return Err(Error::Request {
@@ -210,6 +254,19 @@ impl CpuExecutor {
                 }
                 Some(step::Kind::Gemm(g)) => self.gemm(&s.name, g, rows)?,
                 None => return Err(step_err(&s.name, "empty step")),
+            }
+            if let Some(f) = on_step.as_mut() {
+                if let Some(b) = Self::written_buffer(s) {
+                    let width = plan.plan.buffers[b]
+                        .elements
+                        .as_ref()
+                        .map_or(0, |e| e.c_rows as usize);
+                    if let Buf::F32(v) = &self.buffers[b] {
+                        if width > 0 && v.len() >= rows * width {
+                            f(&s.name, width, &v[..rows * width]);
+                        }
+                    }
+                }
             }
         }
         let li = self.buffer_index("logits")?;
