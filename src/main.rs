@@ -32,6 +32,7 @@ enum Command {
     Plan(commands::plan::Args),
     Snapshot(commands::snapshot::Args),
     Check(commands::check::Args),
+    Bench(commands::bench::Args),
     Bisect(commands::bisect::Args),
     Validate(commands::validate::Args),
 }
@@ -62,6 +63,7 @@ fn main() {
         Command::Plan(a) => commands::plan::run(a),
         Command::Snapshot(a) => commands::snapshot::run(a),
         Command::Check(a) => commands::check::run(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::Bisect(a) => commands::bisect::run(a),
         Command::Validate(a) => commands::validate::run(a),
     };

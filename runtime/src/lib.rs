@@ -14,6 +14,7 @@
 //! ```
 
 pub mod abi;
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

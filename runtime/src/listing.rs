@@ -64,6 +64,30 @@ fn cost(p: &LoadedPlan, s: &pb::Step, rows: usize, batch: usize, keys: f64) -> (
     }
 }
 
+/// Total (bytes moved, FLOPs) of one program for `shape`: prefill for `shape.tokens`
+/// tokens per sequence, or one decode step against `shape.context` cached tokens.
+pub fn program_cost(p: &LoadedPlan, decode: bool, shape: Shape) -> (f64, f64) {
+    let (program, rows, keys) = if decode {
+        (
+            p.plan.decode.as_ref(),
+            shape.batch,
+            shape.context as f64 + 1.0,
+        )
+    } else {
+        (
+            p.plan.prefill.as_ref(),
+            shape.batch * shape.tokens,
+            (shape.tokens as f64 + 1.0) / 2.0,
+        )
+    };
+    program.map_or((0.0, 0.0), |prog| {
+        prog.steps.iter().fold((0.0, 0.0), |(b, f), s| {
+            let (sb, sf) = cost(p, s, rows, shape.batch, keys);
+            (b + sb, f + sf)
+        })
+    })
+}
+
 /// The listing of both programs for `shape`.
 pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
     let d = &p.dims;

@@ -1,5 +1,6 @@
 //! One module per subcommand: its clap arguments (`Args`) and its `run`.
 
+pub mod bench;
 pub mod bisect;
 pub mod check;
 pub mod compile;
