@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Side by side, one model, one prompt, one run: ngpt against what users would run instead.
+#
+#   scripts/bench_compare.sh CHECKPOINT_DIR [PROMPT_LEN [GEN_LEN [BATCH]]]
+#
+# CPU: ngpt plan-cpu, tract on model.onnx, onnxruntime (CPU, KV cache).
+# GPU (when nvidia-smi works): ngpt plan-cuda (bf16 plan), onnxruntime CUDA (if its
+# provider loads), PyTorch as NVIDIA's model.py runs (bf16, no KV cache) and PyTorch with
+# a static KV cache under torch.compile (scripts/torch_ngpt.py).
+# Env: NGPT (default target/release/ngpt), PYTHON (default python3; needs numpy and
+# onnxruntime, torch for the GPU rows). Prints one table with ratios to ngpt's decode rate.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+ckpt="${1:?usage: bench_compare.sh CHECKPOINT_DIR [PROMPT_LEN [GEN_LEN [BATCH]]]}"
+p="${2:-128}"; g="${3:-64}"; b="${4:-1}"
+NGPT="${NGPT:-$here/../target/release/ngpt}"
+PYTHON="${PYTHON:-python3}"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+"$NGPT" compile "$ckpt" -o "$tmp/f32" --max-seq-len $((p + g + 8)) >/dev/null
+gpu=0; nvidia-smi >/dev/null 2>&1 && gpu=1
+[[ $gpu == 1 ]] && "$NGPT" compile "$ckpt" -o "$tmp/bf16" --dtype bf16 --max-seq-len $((p + g + 8)) >/dev/null
+
+rows="$tmp/rows.jsonl"; : > "$rows"
+run() { # name, command...: the command's last stdout line is JSON; failures become a row
+  local name="$1"; shift
+  if out="$("$@" 2>"$tmp/err")"; then
+    tail -n 1 <<<"$out" | "$PYTHON" -c "import json,sys; d=json.loads(sys.stdin.read()); d['name']='$name'; print(json.dumps(d))" >> "$rows"
+  else
+    "$PYTHON" -c "import json,sys; print(json.dumps({'name': '$name', 'error': sys.argv[1]}))" "$(tail -n 1 "$tmp/err")" >> "$rows"
+  fi
+}
+common=(--prompt-len "$p" --gen-len "$g" --batch "$b" --json)
+run "ngpt plan-cpu (f32)" "$NGPT" bench "$tmp/f32" --engine plan-cpu "${common[@]}"
+run "tract (f32)" "$NGPT" bench "$tmp/f32" --engine tract "${common[@]}"
+run "onnxruntime CPU (f32)" "$PYTHON" "$here/ort_bench.py" "$tmp/f32/model.onnx" --prompt-len "$p" --gen-len "$g" --batch "$b"
+if [[ $gpu == 1 ]]; then
+  run "ngpt plan-cuda (bf16)" "$NGPT" bench "$tmp/bf16" --engine plan-cuda "${common[@]}"
+  run "onnxruntime CUDA (f32)" "$PYTHON" "$here/ort_bench.py" "$tmp/f32/model.onnx" --cuda --prompt-len "$p" --gen-len "$g" --batch "$b"
+  run "torch, as model.py (bf16, no cache)" "$PYTHON" "$here/torch_ngpt.py" "$ckpt" --mode nvidia --prompt-len "$p" --gen-len "$g" --batch "$b"
+  run "torch.compile, static cache (bf16)" "$PYTHON" "$here/torch_ngpt.py" "$ckpt" --mode static --prompt-len "$p" --gen-len "$g" --batch "$b"
+fi
+"$PYTHON" - "$rows" "$p" "$g" "$b" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+p, g, b = sys.argv[2:5]
+base = {}
+for r in rows:
+    if r["name"].startswith("ngpt") and "decode_tokens_per_s" in r:
+        base[r["name"].split()[1]] = r["decode_tokens_per_s"]
+ref = base.get("plan-cuda") or base.get("plan-cpu")
+print(f"prompt {p} tokens, {g} generated, batch {b}; ratio = ngpt's decode rate / this row's")
+print(f"{'engine':<38} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token':>12} {'ngpt is':>9}")
+for r in rows:
+    if "error" in r:
+        print(f"{r['name']:<38} failed: {r['error']}")
+        continue
+    ratio = f"{ref / r['decode_tokens_per_s']:.2f}x" if ref else "-"
+    print(f"{r['name']:<38} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
+          f"{r['ttft_ms']:>10.1f}ms {ratio:>9}")
+PY
