@@ -403,7 +403,6 @@ impl Model {
 /// values, row-major.
 pub struct TracePoint {
     pub name: String,
-    pub width: usize,
     pub values: Vec<f64>,
 }
 
@@ -419,11 +418,9 @@ impl Model {
     ) -> Result<Vec<TracePoint>> {
         let mut points = vec![];
         let mut from_tensor = |name: &str, t: &candle_core::Tensor| {
-            let width = t.dims().last().copied().unwrap_or(1);
             if let Ok(values) = tensor_to_f64(t) {
                 points.push(TracePoint {
                     name: name.to_string(),
-                    width,
                     values,
                 });
             }
@@ -445,10 +442,9 @@ impl Model {
             Engine::PlanCpu => {
                 let plan = self.plan(tokens.len())?;
                 let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
-                session.prefill_traced(tokens, &mut |name, width, values| {
+                session.prefill_traced(tokens, &mut |name, _width, values| {
                     points.push(TracePoint {
                         name: name.to_string(),
-                        width,
                         values: values.iter().map(|&v| f64::from(v)).collect(),
                     })
                 })?;
@@ -456,9 +452,9 @@ impl Model {
             Engine::Tract => {
                 let vocab = self.vocab_size()?;
                 let values = self.logits(engine, tokens, precision)?;
+                debug_assert_eq!(values.len(), tokens.len() * vocab);
                 points.push(TracePoint {
                     name: "lm_head".into(),
-                    width: vocab,
                     values,
                 });
             }

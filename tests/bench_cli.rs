@@ -25,11 +25,24 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
     for engine in ["plan-cpu", "tract"] {
         let out = Command::new(ngpt_bin())
             .args(["bench", dir.to_str().unwrap(), "--engine", engine])
-            .args(["--prompt-len", "7", "--gen-len", "5", "--batch", "2", "--runs", "2"])
+            .args([
+                "--prompt-len",
+                "7",
+                "--gen-len",
+                "5",
+                "--batch",
+                "2",
+                "--runs",
+                "2",
+            ])
             .arg("--json")
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{engine}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{engine}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         for label in ["prefill", "decode", "first token", "floor"] {
             assert!(stdout.contains(label), "{engine}: no {label} in {stdout}");
         }
@@ -46,7 +59,10 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             let v = j[key].as_f64().unwrap_or(f64::NAN);
             assert!(v.is_finite() && v > 0.0, "{engine}: {key} = {v} in {last}");
         }
-        assert!(j["peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{last}");
+        assert!(
+            j["peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+            "{last}"
+        );
     }
     // Beyond the KV capacity, and zero sizes: one-line errors.
     for args in [
@@ -60,7 +76,11 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             .output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{stderr}"
+        );
     }
     Ok(())
 }

@@ -188,14 +188,17 @@ fn a_broken_compile_is_caught_by_check_and_located_by_bisect() -> Result<()> {
         ("plan-cpu,reference", "mlp.gated"),
         ("plan-cpu,ir", "mlp.fc"),
     ] {
-        let o = ngpt(&[
-            "bisect",
-            bad.to_str().unwrap(),
-            "--tokens",
-            tokens,
-            "--engines",
-            engines,
-        ])?;
+        let bisect = |dir: &Path| {
+            ngpt(&[
+                "bisect",
+                dir.to_str().unwrap(),
+                "--tokens",
+                tokens,
+                "--engines",
+                engines,
+            ])
+        };
+        let o = bisect(&bad)?;
         let (out, err) = text(&o);
         assert_eq!(o.status.code(), Some(1), "{engines}: {out}\n{err}");
         let want = format!("diverge first at layer 1, op {op} (`h.1.{op}`)");
@@ -205,14 +208,7 @@ fn a_broken_compile_is_caught_by_check_and_located_by_bisect() -> Result<()> {
         assert!(rows.len() >= 6, "{out}");
         assert!(out.contains("<- first divergence"), "{out}");
         // On the good compile the same engines agree everywhere.
-        let o = ngpt(&[
-            "bisect",
-            good.to_str().unwrap(),
-            "--tokens",
-            tokens,
-            "--engines",
-            engines,
-        ])?;
+        let o = bisect(&good)?;
         let (out, err) = text(&o);
         assert!(o.status.success(), "{engines}: {out}\n{err}");
         assert!(out.contains("no divergence"), "{out}");
@@ -330,6 +326,9 @@ fn the_ci_example_records_then_checks_nv_tiny() -> Result<()> {
     let o = run(None)?;
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("3 prompts") && out.contains("0 drifted"), "{out}");
+    assert!(
+        out.contains("3 prompts") && out.contains("0 drifted"),
+        "{out}"
+    );
     Ok(())
 }

@@ -70,9 +70,7 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let prompts: Vec<Vec<u32>> = (0..a.batch)
-        .map(|b| {
-            super::validate::pseudo_random_tokens(a.prompt_len + b, vocab)[b..].to_vec()
-        })
+        .map(|b| super::validate::pseudo_random_tokens(a.prompt_len + b, vocab)[b..].to_vec())
         .collect();
 
     let mut run_once: Box<dyn FnMut() -> Result<Times> + '_> = match a.engine {
@@ -229,7 +227,10 @@ pub fn run(a: Args) -> Result<()> {
     );
     println!("  first token  {:>10.1} ms", ttft * 1e3);
     if let Some(p) = peak {
-        println!("  peak memory  {:>10.1} MiB (resident)", p as f64 / (1 << 20) as f64);
+        println!(
+            "  peak memory  {:>10.1} MiB (resident)",
+            p as f64 / (1 << 20) as f64
+        );
     }
     if a.json {
         let j = serde_json::json!({

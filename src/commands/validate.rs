@@ -180,25 +180,16 @@ pub fn print_table(rows: &[Row], positions: usize) {
                 load_millis,
                 if r.passed() { "ok" } else { "FAIL" }
             ),
-            Outcome::Skipped(why) => println!(
-                "  {:<10} {:<13} {:>10} {:>9} {:>10} {:>10} {:>10}  skipped: {why}",
+            Outcome::Skipped(why) | Outcome::Failed(why) => println!(
+                "  {:<10} {:<13} {:>10} {:>9} {:>10} {:>10} {:>10}  {}: {why}",
                 r.engine.name(),
                 numerics,
                 "-",
                 "-",
                 "-",
                 "-",
-                "-"
-            ),
-            Outcome::Failed(why) => println!(
-                "  {:<10} {:<13} {:>10} {:>9} {:>10} {:>10} {:>10}  FAIL: {why}",
-                r.engine.name(),
-                numerics,
                 "-",
-                "-",
-                "-",
-                "-",
-                "-"
+                if r.passed() { "skipped" } else { "FAIL" }
             ),
         }
     }
