@@ -1,5 +1,6 @@
 //! The CPU executor: runs a plan's steps over its buffer table.
 
+pub mod bf16;
 pub mod kernels;
 
 use std::sync::Arc;
@@ -81,6 +82,9 @@ pub struct CpuExecutor {
     pub batch: usize,
     buffers: Vec<Buf>,
     threading: Threading,
+    /// The plan's bf16 weights as bf16 bits (index = weight index), for the GEMMs of bf16
+    /// plans: they read half the bytes of the widened f32 weights.
+    bf16_weights: Vec<Option<Vec<u16>>>,
 }
 
 fn step_err(step: &str, problem: impl Into<String>) -> Error {
@@ -114,11 +118,22 @@ impl CpuExecutor {
             buf.resize(n, &b.name, &format!("batch {batch}"))?;
             buffers.push(buf);
         }
+        let bf16_weights = plan
+            .plan
+            .weights
+            .iter()
+            .zip(&plan.weights)
+            .map(|(w, values)| {
+                (w.dtype == pb::DType::Bf16 as i32)
+                    .then(|| values.iter().map(|&v| bf16::narrow_exact(v)).collect())
+            })
+            .collect();
         Ok(CpuExecutor {
             plan,
             batch,
             buffers,
             threading: Threading::Auto,
+            bf16_weights,
         })
     }
 
@@ -511,6 +526,13 @@ impl CpuExecutor {
             };
             let a = operand(src(g.a.as_ref()), "a")?;
             let b = operand(src(g.b.as_ref()), "b")?;
+            let bf16_a = match src(g.a.as_ref()) {
+                Some(operand::Source::Weight(w)) if g.trans_a && !g.trans_b => self
+                    .bf16_weights
+                    .get(w as usize)
+                    .and_then(|o| o.as_deref()),
+                _ => None,
+            };
             if a.len() < need_a || b.len() < need_b || c.len() < need_c {
                 return Err(step_err(
                     name,
@@ -518,6 +540,25 @@ impl CpuExecutor {
                 ));
             }
             if m == 0 || n == 0 {
+                return Ok(());
+            }
+            if let Some(w) = bf16_a {
+                // Same extents as the f32 copy it was narrowed from (checked above).
+                bf16::gemm(
+                    bf16::Shape {
+                        m,
+                        n,
+                        k,
+                        lda,
+                        ldb,
+                        ldc,
+                        alpha: g.alpha,
+                        beta: g.beta,
+                    },
+                    w,
+                    b,
+                    &mut c,
+                );
                 return Ok(());
             }
             let (a_rs, a_cs) = if g.trans_a {
