@@ -217,6 +217,7 @@ macro_rules! test_executors {
         mod plan_cpu {
             $(#[test] fn $body() -> anyhow::Result<()> { super::$body(super::PLAN_CPU) })*
         }
+        mod plan_cuda { $(#[test] fn $body() -> anyhow::Result<()> { if let Some(why) = ngpt_runtime::cuda::unavailable() { eprintln!("skipped: {why}"); return Ok(()) } super::$body(ngpt_runtime::session::Session::cuda) })* }
     };
 }
 

@@ -1,4 +1,8 @@
 //! A generation session: B sequences, their KV caches, prefill then decode.
+//!
+//! The request logic (ragged right padding, positions, capacity checks) lives here once;
+//! the executor that runs the plan's programs is behind [`Executor`]: the CPU executor
+//! ([`Session::new`]) or, with the `cuda` feature, the CUDA executor ([`Session::cuda`]).
 
 use std::sync::Arc;
 
@@ -6,9 +10,69 @@ use crate::cpu::{CpuExecutor, ProgramKind};
 use crate::error::{Error, Result};
 use crate::plan::LoadedPlan;
 
+/// What a session needs from an executor: run a program over `batch x per_seq` rows of
+/// tokens and positions and return the logits, `[rows, vocab]`.
+pub trait Executor: Send {
+    /// The plan this executor runs.
+    fn plan(&self) -> &Arc<LoadedPlan>;
+    /// Sequences (B) this executor holds KV caches for.
+    fn batch(&self) -> usize;
+    /// One line naming the executor and where it runs (e.g. `plan-cpu`).
+    fn describe(&self) -> String;
+    /// Runs `kind`; see [`CpuExecutor::run`].
+    fn run(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+    ) -> Result<&[f32]>;
+    /// Runs `kind`, calling `on_step(step, width, rows)` after each step with what it
+    /// wrote; see [`CpuExecutor::run_traced`].
+    fn run_traced(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<&[f32]>;
+}
+
+impl Executor for CpuExecutor {
+    fn plan(&self) -> &Arc<LoadedPlan> {
+        &self.plan
+    }
+    fn batch(&self) -> usize {
+        self.batch
+    }
+    fn describe(&self) -> String {
+        "plan-cpu".into()
+    }
+    fn run(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+    ) -> Result<&[f32]> {
+        CpuExecutor::run(self, kind, tokens, positions, per_seq)
+    }
+    fn run_traced(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<&[f32]> {
+        CpuExecutor::run_traced(self, kind, tokens, positions, per_seq, on_step)
+    }
+}
+
 /// B sequences sharing one executor and its KV caches.
 pub struct Session {
-    exec: CpuExecutor,
+    exec: Box<dyn Executor>,
     /// Tokens held in each sequence's cache.
     lens: Vec<usize>,
 }
@@ -16,14 +80,34 @@ pub struct Session {
 impl Session {
     /// A session for `batch` sequences on the CPU executor.
     pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<Session> {
-        Ok(Session {
-            exec: CpuExecutor::new(plan, batch)?,
-            lens: vec![0; batch],
-        })
+        Ok(Session::with_executor(Box::new(CpuExecutor::new(
+            plan, batch,
+        )?)))
+    }
+
+    /// A session for `batch` sequences on the CUDA executor (device 0). Fails with one
+    /// line naming what is missing where CUDA is not usable; see
+    /// [`crate::cuda::unavailable`].
+    #[cfg(feature = "cuda")]
+    pub fn cuda(plan: Arc<LoadedPlan>, batch: usize) -> Result<Session> {
+        Ok(Session::with_executor(Box::new(
+            crate::cuda::CudaExecutor::new(plan, batch)?,
+        )))
+    }
+
+    /// A session over any executor (its caches start empty).
+    pub fn with_executor(exec: Box<dyn Executor>) -> Session {
+        let lens = vec![0; exec.batch()];
+        Session { exec, lens }
+    }
+
+    /// The executor, e.g. for [`Executor::describe`].
+    pub fn executor(&self) -> &dyn Executor {
+        self.exec.as_ref()
     }
 
     pub fn vocab(&self) -> usize {
-        self.exec.plan.dims.vocab
+        self.exec.plan().dims.vocab
     }
 
     /// Tokens held per sequence.
@@ -46,7 +130,7 @@ impl Session {
     /// the logits of every position, `[B x T, vocab]` with T the longest prompt; row
     /// `b * T + i` is prompt b's position i (rows past a prompt's end are padding).
     pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let b = self.exec.batch;
+        let b = self.exec.batch();
         if prompts.len() != b {
             return Err(Error::Request {
                 what: "prompts".into(),
@@ -60,7 +144,7 @@ impl Session {
                 problem: "a prompt is empty; expected at least one token".into(),
             });
         }
-        let cap = self.exec.plan.dims.max_seq_len;
+        let cap = self.exec.plan().dims.max_seq_len;
         if t > cap {
             return Err(Error::Request {
                 what: "prompt".into(),
@@ -85,20 +169,20 @@ impl Session {
     }
 
     /// Prefills one sequence (batch 1 sessions), calling `on_step(step, width, values)`
-    /// after each plan step with what it wrote (see [`CpuExecutor::run_traced`]).
+    /// after each plan step with what it wrote (see [`Executor::run_traced`]).
     pub fn prefill_traced(
         &mut self,
         tokens: &[u32],
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<Vec<f32>> {
-        if self.exec.batch != 1 || tokens.is_empty() {
+        if self.exec.batch() != 1 || tokens.is_empty() {
             return Err(Error::Request {
                 what: "prompts".into(),
                 problem: "tracing runs one non-empty sequence in a batch-1 session".into(),
             });
         }
         self.check_tokens(tokens)?;
-        let cap = self.exec.plan.dims.max_seq_len;
+        let cap = self.exec.plan().dims.max_seq_len;
         if tokens.len() > cap {
             return Err(Error::Request {
                 what: "prompt".into(),
@@ -126,7 +210,7 @@ impl Session {
 
     /// Appends one token to each sequence and returns their logits, `[B, vocab]`.
     pub fn decode(&mut self, next: &[u32]) -> Result<Vec<f32>> {
-        let b = self.exec.batch;
+        let b = self.exec.batch();
         if next.len() != b {
             return Err(Error::Request {
                 what: "tokens".into(),
@@ -134,7 +218,7 @@ impl Session {
             });
         }
         self.check_tokens(next)?;
-        let cap = self.exec.plan.dims.max_seq_len;
+        let cap = self.exec.plan().dims.max_seq_len;
         if let Some(full) = self.lens.iter().position(|&l| l >= cap || l == 0) {
             let why = if self.lens[full] == 0 {
                 "has no prefill yet".to_string()

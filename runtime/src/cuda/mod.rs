@@ -1,14 +1,24 @@
 //! The CUDA side of the runtime, built everywhere (cudarc with dynamic loading): probing
-//! for the CUDA libraries and compiling a plan's kernel modules with NVRTC, cached on disk.
+//! for the CUDA libraries, compiling a plan's kernel modules with NVRTC (cached on disk),
+//! and the CUDA executor ([`CudaExecutor`], [`CudaSession`]): cuBLAS GEMMs, decode in a
+//! CUDA graph.
 //!
 //! cudarc panics when a library it needs is missing, so every entry point here probes
-//! first and returns a one-line reason instead. The CUDA executor (cuBLAS GEMMs, CUDA
-//! graphs for decode) is not written yet; NVRTC compilation is, and CI checks every
-//! module with it, so the kernel sources stay valid CUDA on machines without a GPU.
+//! first and returns a one-line reason instead ([`unavailable`]). CI has no GPU: it
+//! compiles every module with NVRTC, so the kernel sources stay valid CUDA there.
+
+mod executor;
+mod session;
 
 use std::path::PathBuf;
 
+pub use executor::CudaExecutor;
+pub use session::CudaSession;
+
 use crate::error::{Error, Result};
+
+/// The runtime's own helper kernels (`f32_to_bf16`), compiled beside each plan's modules.
+pub const HELPERS_CU: &str = include_str!("helpers.cu");
 
 /// Which CUDA libraries this process can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +59,23 @@ impl Availability {
                 gone.join(", ")
             )
         })
+    }
+}
+
+/// Why the CUDA executor cannot run in this process, or `None` when it can: a library
+/// missing (libcuda, libnvrtc, libcublas), the driver failing to start, or no device.
+/// Calls into libcuda only after probing that it loads.
+pub fn unavailable() -> Option<String> {
+    if let Some(why) = probe().missing() {
+        return Some(why);
+    }
+    match cudarc::driver::CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("no usable CUDA here: the driver sees no device".into()),
+        Err(e) => Some(format!(
+            "no usable CUDA here: the driver did not start ({:?})",
+            e.0
+        )),
     }
 }
 
@@ -134,9 +161,13 @@ pub fn compile_module(name: &str, source: &str, arch: &'static str) -> Result<St
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &text).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
+        // A name of its own per write: threads of one process compile the same module
+        // at once (parallel tests), and a shared temporary could be renamed half written.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+        if std::fs::write(&tmp, &text).is_err() || std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(text)

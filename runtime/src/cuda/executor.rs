@@ -1,0 +1,1798 @@
+//! The CUDA executor: a plan's programs on device 0, through cudarc's driver API and
+//! cuBLAS, with the decode program captured once in a CUDA graph and replayed.
+//!
+//! What it does, in order (ARCHITECTURE.md, runtime `cuda/`, says it in short):
+//! - [`CudaExecutor::new`] probes for the libraries before touching any of them (cudarc
+//!   panics when one is missing), retains device 0's primary context, makes one stream,
+//!   compiles the plan's kernel modules with NVRTC for the device's own architecture
+//!   (through the kernel cache), uploads every weight once (F32 as f32; BF16 GEMM weights
+//!   stay BF16 on the device) and allocates the KV caches.
+//! - Each run checks the request on the host (token ids, positions), sizes the per-call
+//!   buffers (grown, never shrunk), checks every step against the kernel contract (the
+//!   sizes each kernel reads and writes, the block shapes it assumes) and the GEMM extents,
+//!   fills every activation and output buffer with NaN, then enqueues the steps: kernel
+//!   launches with the plan's grid, block and shared memory; GEMMs through cuBLAS exactly
+//!   as the plan states them (column-major, transposes, leading dimensions, alpha, beta).
+//! - GEMMs: f32 x f32 is `cublasSgemm` (default math mode: no TF32). A BF16 weight is
+//!   multiplied by `cublasGemmEx` with both operands BF16, f32 accumulation
+//!   (`CUBLAS_COMPUTE_32F`) and an f32 C: cuBLAS has no bf16 x f32 form, so the f32
+//!   operand (the activation) is rounded to bf16 (nearest even) into a scratch buffer by a
+//!   small runtime kernel first. `NGPT_CUDA_BF16_GEMM=f32` instead keeps an f32 copy of
+//!   every BF16 weight on the device and runs Sgemm: the CPU executor's numbers, twice the
+//!   weight memory.
+//! - Checks: every driver and cuBLAS status is checked. Launch configuration errors come
+//!   back from `cuLaunchKernel` itself; errors of a running kernel surface at the next
+//!   synchronization. In check mode (`NGPT_CUDA_CHECK=1`, and by default in debug builds,
+//!   tests included; `NGPT_CUDA_CHECK=0` turns it off) the stream is synchronized after
+//!   every step, so an error names its step, and the logits are scanned for NaN (an
+//!   element no step wrote). Release builds synchronize once per run, before the logits
+//!   are copied back.
+//! - Decode (one row per sequence) is captured into a CUDA graph on its first call and
+//!   replayed after (tokens and positions are read from device buffers, so the graph is
+//!   the same every step); a buffer that grows (a longer prefill) drops the graph and the
+//!   next decode captures again. `NGPT_CUDA_GRAPH=0` runs decode step by step instead.
+//!   Prefill always runs step by step.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas_result, sys as blas};
+use cudarc::driver::{
+    result as cu_result, sys as cu, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice,
+    CudaStream, DevicePtr, DeviceRepr, DriverError, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use ngpt_schemas::plan::{self as pb, arg, operand, step};
+
+use crate::abi::{self, Slot};
+use crate::cpu::ProgramKind;
+use crate::error::{Error, Result};
+use crate::plan::{eval, LoadedPlan};
+
+/// cuBLAS workspace: 32 MiB, NVIDIA's recommendation for Hopper. Set explicitly so that
+/// no GEMM allocates while a graph is being captured.
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// What a traced run calls after each step: (step name, row width, rows written).
+type OnStep<'a> = &'a mut dyn FnMut(&str, usize, &[f32]);
+
+/// A quiet NaN: what every activation and output element holds before a run writes it.
+const POISON: u32 = 0x7fc0_0000;
+
+/// Dynamic shared memory a kernel gets without opting in.
+const DEFAULT_SHARED_LIMIT: u32 = 48 << 10;
+
+/// Threads per block of `attention_decode` (`NGPT_DEC_TILE` in ngpt.cu).
+const DEC_TILE: u32 = 128;
+
+fn plan_cuda_err(problem: impl Into<String>) -> Error {
+    Error::Request {
+        what: "plan-cuda".into(),
+        problem: problem.into(),
+    }
+}
+
+fn step_err(step: &str, problem: impl Into<String>) -> Error {
+    Error::Step {
+        step: step.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// A driver error as its CUDA name and description.
+fn drv(e: DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(s) => format!("{name} ({})", s.to_string_lossy()),
+        Err(_) => name,
+    }
+}
+
+fn blas_msg(e: blas_result::CublasError) -> String {
+    format!("{:?}", e.0)
+}
+
+/// Setup failures: `what` failed with a driver error.
+fn setup(what: &str) -> impl Fn(DriverError) -> Error + '_ {
+    move |e| plan_cuda_err(format!("{what}: {}", drv(e)))
+}
+
+/// Whether check mode is on: `NGPT_CUDA_CHECK` (0 off, anything else on), else debug
+/// builds.
+fn check_mode() -> bool {
+    match std::env::var("NGPT_CUDA_CHECK") {
+        Ok(v) => v != "0",
+        Err(_) => cfg!(debug_assertions),
+    }
+}
+
+fn env_is(name: &str, value: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.eq_ignore_ascii_case(value))
+}
+
+/// NVRTC's name for a compute capability.
+fn arch_name(major: i32, minor: i32) -> Option<&'static str> {
+    const ARCHS: [(i32, i32, &str); 12] = [
+        (7, 5, "sm_75"),
+        (8, 0, "sm_80"),
+        (8, 6, "sm_86"),
+        (8, 7, "sm_87"),
+        (8, 9, "sm_89"),
+        (9, 0, "sm_90"),
+        (10, 0, "sm_100"),
+        (10, 3, "sm_103"),
+        (11, 0, "sm_110"),
+        (12, 0, "sm_120"),
+        (12, 1, "sm_121"),
+        (12, 2, "sm_122"),
+    ];
+    ARCHS
+        .iter()
+        .find(|(a, b, _)| (*a, *b) == (major, minor))
+        .map(|(_, _, n)| *n)
+}
+
+/// A device allocation and its address.
+struct Dev<T> {
+    slice: CudaSlice<T>,
+    ptr: u64,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> Dev<T> {
+    /// `len` zeroed elements (at least one: the driver refuses empty allocations).
+    fn zeros(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<Dev<T>> {
+        let slice = stream.alloc_zeros::<T>(len.max(1)).map_err(|e| {
+            plan_cuda_err(format!(
+                "cannot allocate {what} ({} bytes): {}",
+                len.saturating_mul(std::mem::size_of::<T>()),
+                drv(e)
+            ))
+        })?;
+        Ok(Self::wrap(slice, stream))
+    }
+
+    fn upload(stream: &Arc<CudaStream>, data: &[T], what: &str) -> Result<Dev<T>> {
+        if data.is_empty() {
+            return Self::zeros(stream, 0, what);
+        }
+        let slice = stream.clone_htod(data).map_err(|e| {
+            plan_cuda_err(format!(
+                "cannot upload {what} ({} bytes): {}",
+                std::mem::size_of_val(data),
+                drv(e)
+            ))
+        })?;
+        Ok(Self::wrap(slice, stream))
+    }
+
+    fn wrap(slice: CudaSlice<T>, stream: &Arc<CudaStream>) -> Dev<T> {
+        // Event tracking is off for this context, so the guard records nothing.
+        let ptr = {
+            let (ptr, _guard) = slice.device_ptr(stream);
+            ptr
+        };
+        Dev { slice, ptr }
+    }
+
+    fn len(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+/// A weight on the device.
+struct DevWeight {
+    /// Elements (the product of its shape).
+    elems: usize,
+    /// As the plan stores it: f32, or bf16 bits.
+    f32: Option<Dev<f32>>,
+    bf16: Option<Dev<u16>>,
+}
+
+impl DevWeight {
+    /// The f32 form kernels read (F32 weights, or the f32 copy of a BF16 one).
+    fn f32_ptr(&self) -> Option<u64> {
+        self.f32.as_ref().map(|d| d.ptr)
+    }
+}
+
+/// A plan buffer on the device.
+enum Mem {
+    F32(Dev<f32>),
+    I32(Dev<i32>),
+}
+
+struct DevBuffer {
+    name: String,
+    int32: bool,
+    cache: bool,
+    /// Filled with NaN before each run (activations and outputs).
+    poison: bool,
+    mem: Option<Mem>,
+    /// Elements this call needs (the plan's affine size); bounds are checked against it,
+    /// as the CPU executor sizes its buffers to exactly this.
+    need: usize,
+}
+
+impl DevBuffer {
+    fn capacity(&self) -> usize {
+        match &self.mem {
+            Some(Mem::F32(d)) => d.len(),
+            Some(Mem::I32(d)) => d.len(),
+            None => 0,
+        }
+    }
+    fn ptr(&self) -> u64 {
+        match &self.mem {
+            Some(Mem::F32(d)) => d.ptr,
+            Some(Mem::I32(d)) => d.ptr,
+            None => 0,
+        }
+    }
+}
+
+/// A kernel parameter, by value.
+#[derive(Debug, Clone, Copy)]
+enum Param {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+/// A GEMM operand as cuBLAS will read it.
+#[derive(Debug, Clone, Copy)]
+enum GemmIn {
+    F32(u64),
+    Bf16(u64),
+    /// An f32 operand of a bf16 GEMM: `n` elements from `src`, rounded into scratch slot
+    /// `slot` first.
+    ToBf16 {
+        src: u64,
+        n: usize,
+        slot: usize,
+    },
+}
+
+/// One step, resolved to device addresses and checked.
+#[derive(Debug, Clone)]
+enum Op {
+    Launch {
+        step: usize,
+        func: usize,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        params: Vec<Param>,
+    },
+    Gemm {
+        step: usize,
+        trans_a: bool,
+        trans_b: bool,
+        mnk: (i32, i32, i32),
+        ld: (i32, i32, i32),
+        alpha: f32,
+        beta: f32,
+        a: GemmIn,
+        b: GemmIn,
+        c: u64,
+    },
+    /// A GEMM with m or n zero: nothing to compute (the CPU executor skips it too).
+    Nothing,
+}
+
+/// A captured decode program and what it was captured for.
+struct DecodeGraph {
+    graph: CudaGraph,
+    rows: usize,
+    per_seq: usize,
+    generation: u64,
+}
+
+/// The `#define` prelude values of a kernel module, checked against the plan's config.
+#[derive(Debug, Clone, Copy)]
+struct ModuleDims {
+    kv_tile: u64,
+}
+
+/// Runs plans on an NVIDIA GPU. Holds the device copies of the weights, the buffers and
+/// KV caches of one batch, and the decode graph.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use ngpt_runtime::cpu::ProgramKind;
+/// use ngpt_runtime::cuda::CudaExecutor;
+/// use ngpt_runtime::plan::LoadedPlan;
+/// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
+/// let mut exec = CudaExecutor::new(plan, 1)?; // an error, not a panic, without CUDA
+/// let logits = exec.run(ProgramKind::Prefill, &[45, 64, 77], &[0, 1, 2], 3)?;
+/// assert_eq!(logits.len(), 3 * exec.plan.dims.vocab);
+/// # Ok::<(), ngpt_runtime::Error>(())
+/// ```
+pub struct CudaExecutor {
+    pub plan: Arc<LoadedPlan>,
+    pub batch: usize,
+    // Field order is drop order: the graph and the cuBLAS handle go before the memory
+    // they use, the memory before the stream, everything before the context.
+    graph: Option<DecodeGraph>,
+    blas: BlasHandle,
+    weights: Vec<DevWeight>,
+    buffers: Vec<DevBuffer>,
+    scratch: [Option<Dev<u16>>; 2],
+    _workspace: Dev<u8>,
+    /// Loaded functions, indexed by `func` in [`Op::Launch`].
+    functions: Vec<CudaFunction>,
+    function_of: HashMap<(u32, String), usize>,
+    to_bf16: CudaFunction,
+    _modules: Vec<Arc<CudaModule>>,
+    module_dims: Vec<Option<ModuleDims>>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    /// Bumped whenever a buffer or scratch moves (a captured graph holds addresses).
+    generation: u64,
+    captures: u64,
+    host_logits: Vec<f32>,
+    tokens_buf: usize,
+    positions_buf: usize,
+    logits_buf: usize,
+    check: bool,
+    use_graph: bool,
+    widen_bf16: bool,
+    device_name: String,
+    arch: &'static str,
+}
+
+// SAFETY: every CUDA object here belongs to one context, which each entry point makes
+// current on the calling thread before using them (cudarc's safe calls do too). The one
+// member that is not Send, the CUDA graph, must not be used by two threads at once; it is
+// only reached through `&mut self`, so moving the executor to another thread is sound.
+unsafe impl Send for CudaExecutor {}
+
+impl Drop for CudaExecutor {
+    fn drop(&mut self) {
+        // The fields free device memory on the stream: make the context current on this
+        // thread (the executor may have moved) and let queued work finish first.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// A cuBLAS handle destroyed without panicking (cudarc's `CudaBlas` unwraps on drop,
+/// which would abort a process whose context already failed).
+struct BlasHandle(blas::cublasHandle_t);
+
+impl Drop for BlasHandle {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the handle came from cublasCreate and is destroyed once.
+            let _ = unsafe { blas_result::destroy_handle(self.0) };
+        }
+    }
+}
+
+/// Reads `#define NGPT_<key> <value>` lines from a module's prelude.
+fn prelude_value(source: &str, key: &str) -> Option<u64> {
+    source.lines().find_map(|line| {
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next(), it.next()) {
+            (Some("#define"), Some(k), Some(v)) if k == key => v.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+impl CudaExecutor {
+    /// A CUDA executor for `batch` sequences on device 0. Fails with one line where the
+    /// CUDA libraries or a device are missing, never panics.
+    pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<CudaExecutor> {
+        if batch == 0 {
+            return Err(Error::Request {
+                what: "--batch".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        if let Some(why) = super::unavailable() {
+            return Err(plan_cuda_err(why));
+        }
+        let ctx = CudaContext::new(0).map_err(setup("creating a context on device 0"))?;
+        // One stream, so cudarc's cross-stream events are not needed; they would also
+        // put waits on events recorded outside a graph capture into the capture.
+        // SAFETY: set before any allocation of this context object; all work goes to one
+        // stream.
+        unsafe { ctx.disable_event_tracking() };
+        let device_name = ctx.name().map_err(setup("reading the device name"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(setup("reading the compute capability"))?;
+        let arch = arch_name(major, minor).ok_or_else(|| {
+            plan_cuda_err(format!(
+                "{device_name}: compute capability {major}.{minor} is not one ngpt compiles for"
+            ))
+        })?;
+        let stream = ctx.new_stream().map_err(setup("creating a stream"))?;
+
+        // Kernel modules: every module a program launches from, checked and compiled.
+        let used = used_functions(&plan);
+        let mut modules: Vec<Option<Arc<CudaModule>>> = vec![None; plan.plan.modules.len()];
+        let mut module_dims = vec![None; plan.plan.modules.len()];
+        for &(m, _) in used.keys() {
+            let mi = m as usize;
+            if modules[mi].is_some() {
+                continue;
+            }
+            let module = &plan.plan.modules[mi];
+            module_dims[mi] = Some(check_prelude(&plan, module)?);
+            let ptx = super::compile_module(&module.name, &module.source, arch)?;
+            modules[mi] = Some(load_ptx(&ctx, &module.name, ptx)?);
+        }
+        let mut functions = vec![];
+        let mut function_of = HashMap::new();
+        let optin = ctx
+            .attribute(
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(setup("reading the shared memory limit"))?;
+        let mut sorted: Vec<_> = used.into_iter().collect();
+        sorted.sort();
+        for ((m, entry), shared) in sorted {
+            let module = modules[m as usize]
+                .as_ref()
+                .ok_or_else(|| plan_cuda_err("internal: module not loaded"))?;
+            let f = module.load_function(&entry).map_err(|e| {
+                plan_cuda_err(format!(
+                    "kernel `{entry}` of module `{}`: {}",
+                    plan.plan.modules[m as usize].name,
+                    drv(e)
+                ))
+            })?;
+            if shared > DEFAULT_SHARED_LIMIT {
+                if shared as i64 > optin as i64 {
+                    return Err(plan_cuda_err(format!(
+                        "kernel `{entry}` asks for {shared} bytes of shared memory; {device_name} allows {optin}"
+                    )));
+                }
+                f.set_attribute(
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .map_err(setup("raising a kernel's shared memory limit"))?;
+            }
+            function_of.insert((m, entry), functions.len());
+            functions.push(f);
+        }
+        let helpers = load_ptx(
+            &ctx,
+            "ngpt_runtime_helpers",
+            super::compile_module("ngpt_runtime_helpers", super::HELPERS_CU, arch)?,
+        )?;
+        let to_bf16 = helpers
+            .load_function("f32_to_bf16")
+            .map_err(setup("loading f32_to_bf16"))?;
+        let mut loaded: Vec<Arc<CudaModule>> = modules.into_iter().flatten().collect();
+        loaded.push(helpers);
+
+        // cuBLAS: our stream, an explicit workspace, default math (no TF32).
+        let handle = blas_result::create_handle()
+            .map_err(|e| plan_cuda_err(format!("cublasCreate: {}", blas_msg(e))))?;
+        let blas_handle = BlasHandle(handle);
+        let workspace = Dev::<u8>::zeros(&stream, CUBLAS_WORKSPACE_BYTES, "the cuBLAS workspace")?;
+        // SAFETY: a live handle, our stream and a workspace that outlives the handle (the
+        // handle is dropped first). cublasSetStream resets the workspace, so it goes first.
+        unsafe {
+            blas_result::set_stream(handle, stream.cu_stream() as blas::cudaStream_t)
+                .map_err(|e| plan_cuda_err(format!("cublasSetStream: {}", blas_msg(e))))?;
+            blas::cublasSetWorkspace_v2(
+                handle,
+                workspace.ptr as *mut c_void,
+                CUBLAS_WORKSPACE_BYTES,
+            )
+            .result()
+            .map_err(|e| plan_cuda_err(format!("cublasSetWorkspace: {}", blas_msg(e))))?;
+            blas::cublasSetMathMode(handle, blas::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                .result()
+                .map_err(|e| plan_cuda_err(format!("cublasSetMathMode: {}", blas_msg(e))))?;
+        }
+
+        // Weights: once. F32 as f32; BF16 as its bits, plus an f32 copy where a kernel
+        // reads it (or for every one under NGPT_CUDA_BF16_GEMM=f32).
+        let widen_bf16 = env_is("NGPT_CUDA_BF16_GEMM", "f32");
+        let launch_weights = launch_weight_set(&plan);
+        let mut weights = Vec::with_capacity(plan.weights.len());
+        for (i, (w, values)) in plan.plan.weights.iter().zip(&plan.weights).enumerate() {
+            let what = format!("weight `{}`", w.name);
+            let bf16 = w.dtype == pb::DType::Bf16 as i32;
+            let dw = if bf16 {
+                let bits: Vec<u16> = values
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                let f32_copy = if widen_bf16 || launch_weights.contains(&i) {
+                    Some(Dev::upload(&stream, values, &what)?)
+                } else {
+                    None
+                };
+                DevWeight {
+                    elems: values.len(),
+                    f32: f32_copy,
+                    bf16: Some(Dev::upload(&stream, &bits, &what)?),
+                }
+            } else {
+                DevWeight {
+                    elems: values.len(),
+                    f32: Some(Dev::upload(&stream, values, &what)?),
+                    bf16: None,
+                }
+            };
+            weights.push(dw);
+        }
+
+        // Buffers: the KV caches now, the rest per call.
+        let mut buffers = Vec::with_capacity(plan.plan.buffers.len());
+        for (i, b) in plan.plan.buffers.iter().enumerate() {
+            let cache = b.kind == pb::BufferKind::Cache as i32;
+            let int32 = b.dtype == pb::DType::I32 as i32;
+            let mut buf = DevBuffer {
+                name: b.name.clone(),
+                int32,
+                cache,
+                poison: !int32
+                    && (b.kind == pb::BufferKind::Activation as i32
+                        || b.kind == pb::BufferKind::Output as i32),
+                mem: None,
+                need: 0,
+            };
+            if cache {
+                let n = plan.buffer_len(i, 0, batch)?;
+                let what = format!("buffer `{}` (batch {batch})", b.name);
+                buf.mem = Some(if int32 {
+                    Mem::I32(Dev::zeros(&stream, n, &what)?)
+                } else {
+                    Mem::F32(Dev::zeros(&stream, n, &what)?)
+                });
+                buf.need = n;
+            }
+            buffers.push(buf);
+        }
+        let index = |name: &str| -> Result<usize> {
+            plan.plan
+                .buffers
+                .iter()
+                .position(|b| b.name == name)
+                .ok_or_else(|| Error::Plan {
+                    path: "model.plan".into(),
+                    problem: format!("no buffer named `{name}`"),
+                })
+        };
+        let (tokens_buf, positions_buf, logits_buf) =
+            (index("tokens")?, index("positions")?, index("logits")?);
+        stream
+            .synchronize()
+            .map_err(setup("uploading the weights"))?;
+        Ok(CudaExecutor {
+            batch,
+            graph: None,
+            blas: blas_handle,
+            weights,
+            buffers,
+            scratch: [None, None],
+            _workspace: workspace,
+            functions,
+            function_of,
+            to_bf16,
+            _modules: loaded,
+            module_dims,
+            stream,
+            ctx,
+            generation: 0,
+            captures: 0,
+            host_logits: vec![],
+            tokens_buf,
+            positions_buf,
+            logits_buf,
+            check: check_mode(),
+            use_graph: !env_is("NGPT_CUDA_GRAPH", "0"),
+            widen_bf16,
+            device_name,
+            arch,
+            plan,
+        })
+    }
+
+    /// The device's name, e.g. `NVIDIA H200`.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The architecture the kernels were compiled for, e.g. `sm_90`.
+    pub fn arch(&self) -> &'static str {
+        self.arch
+    }
+
+    /// Whether decode replays a CUDA graph (`NGPT_CUDA_GRAPH=0` turns it off).
+    pub fn uses_graph(&self) -> bool {
+        self.use_graph
+    }
+
+    /// Whether every step is synchronized and checked (`NGPT_CUDA_CHECK`).
+    pub fn check_mode(&self) -> bool {
+        self.check
+    }
+
+    /// Turns the decode graph on or off (the default comes from `NGPT_CUDA_GRAPH`).
+    pub fn set_graph(&mut self, on: bool) {
+        self.use_graph = on;
+        if !on {
+            self.graph = None;
+        }
+    }
+
+    /// Turns check mode on or off (the default comes from `NGPT_CUDA_CHECK`).
+    pub fn set_check(&mut self, on: bool) {
+        self.check = on;
+    }
+
+    /// How many times the decode program was captured into a graph (1 for a session
+    /// whose buffers never grew after its first decode).
+    pub fn graph_captures(&self) -> u64 {
+        self.captures
+    }
+
+    /// Runs `kind` on `tokens`/`positions` (`rows = batch x per_seq` entries each) and
+    /// returns the logits, `[rows, vocab]`, as [`crate::cpu::CpuExecutor::run`] does.
+    pub fn run(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+    ) -> Result<&[f32]> {
+        self.run_program(kind, tokens, positions, per_seq, None)
+    }
+
+    /// As [`CudaExecutor::run`], calling `on_step(step name, row width, rows)` after each
+    /// step with what it wrote (a launch's first `Out` buffer, a GEMM's C), copied back
+    /// from the device; as [`crate::cpu::CpuExecutor::run_traced`]. Never uses the graph.
+    pub fn run_traced(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<&[f32]> {
+        self.run_program(kind, tokens, positions, per_seq, Some(on_step))
+    }
+
+    fn run_program(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: Option<OnStep<'_>>,
+    ) -> Result<&[f32]> {
+        let rows = tokens.len();
+        if rows != self.batch * per_seq || positions.len() != rows || per_seq == 0 {
+            return Err(Error::Request {
+                what: "tokens".into(),
+                problem: format!(
+                    "expected {} x {per_seq} tokens and positions, found {} and {}",
+                    self.batch,
+                    rows,
+                    positions.len()
+                ),
+            });
+        }
+        // The kernels index with these without checks: check them here.
+        let d = self.plan.dims;
+        if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as usize >= d.vocab) {
+            return Err(Error::Request {
+                what: "tokens".into(),
+                problem: format!("token id {t} is outside 0..{}", d.vocab),
+            });
+        }
+        if let Some(p) = positions
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= d.max_seq_len)
+        {
+            return Err(Error::Request {
+                what: "positions".into(),
+                problem: format!(
+                    "position {p} is outside the KV capacity 0..{}",
+                    d.max_seq_len
+                ),
+            });
+        }
+        if i32::try_from(rows).is_err() {
+            return Err(Error::Request {
+                what: "tokens".into(),
+                problem: format!("{rows} rows exceed the kernels' int range"),
+            });
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| plan_cuda_err(format!("binding the context: {}", drv(e))))?;
+        self.size_buffers(rows)?;
+        let replay = kind == ProgramKind::Decode && self.use_graph && on_step.is_none();
+        let graph_ready = replay
+            && self.graph.as_ref().is_some_and(|g| {
+                (g.rows, g.per_seq, g.generation) == (rows, per_seq, self.generation)
+            });
+        let ops = if graph_ready {
+            vec![]
+        } else {
+            let ops = self.resolve(kind, rows, per_seq)?;
+            self.size_scratch(&ops)?;
+            ops
+        };
+        self.upload_inputs(tokens, positions)?;
+        if replay {
+            if !graph_ready {
+                self.capture(&ops, rows, per_seq)?;
+            }
+            let g = self
+                .graph
+                .as_ref()
+                .ok_or_else(|| plan_cuda_err("internal: no decode graph"))?;
+            g.graph
+                .launch()
+                .map_err(|e| step_err("decode graph", format!("cuGraphLaunch: {}", drv(e))))?;
+            if self.check {
+                self.sync("decode graph")?;
+            }
+        } else {
+            self.poison()
+                .map_err(|e| step_err("poison", format!("cuMemsetD32Async: {}", drv(e))))?;
+            self.enqueue(&ops, kind, rows, false, on_step)?;
+        }
+        self.fetch_logits(rows, kind)
+    }
+
+    /// Grows every per-call buffer to what `rows` rows need (zeroed when new).
+    fn size_buffers(&mut self, rows: usize) -> Result<()> {
+        for i in 0..self.buffers.len() {
+            if self.buffers[i].cache {
+                continue;
+            }
+            let need = self.plan.buffer_len(i, rows, self.batch)?;
+            let buf = &mut self.buffers[i];
+            if need > buf.capacity() || buf.mem.is_none() {
+                let what = format!("buffer `{}` for {rows} rows", buf.name);
+                // The old allocation goes first, so peak memory stays the new size.
+                buf.mem = None;
+                buf.mem = Some(if buf.int32 {
+                    Mem::I32(Dev::zeros(&self.stream, need, &what)?)
+                } else {
+                    Mem::F32(Dev::zeros(&self.stream, need, &what)?)
+                });
+                self.generation += 1;
+            }
+            buf.need = need;
+        }
+        Ok(())
+    }
+
+    /// Grows the bf16 scratch slots to what `ops` convert.
+    fn size_scratch(&mut self, ops: &[Op]) -> Result<()> {
+        let mut want = [0usize; 2];
+        for op in ops {
+            if let Op::Gemm { a, b, .. } = op {
+                for g in [a, b] {
+                    if let GemmIn::ToBf16 { n, slot, .. } = *g {
+                        want[slot] = want[slot].max(n);
+                    }
+                }
+            }
+        }
+        for (slot, &n) in want.iter().enumerate() {
+            let have = self.scratch[slot].as_ref().map_or(0, |d| d.len());
+            if n > have {
+                self.scratch[slot] = None;
+                self.scratch[slot] = Some(Dev::zeros(&self.stream, n, "bf16 GEMM scratch")?);
+                self.generation += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn upload_inputs(&mut self, tokens: &[i32], positions: &[i32]) -> Result<()> {
+        for (bi, src) in [(self.tokens_buf, tokens), (self.positions_buf, positions)] {
+            let buf = &self.buffers[bi];
+            if !buf.int32 || buf.need < src.len() || buf.capacity() < src.len() {
+                return Err(step_err(
+                    "inputs",
+                    "the tokens/positions buffers are not int32 [rows]",
+                ));
+            }
+            // SAFETY: the destination holds at least src.len() i32 (checked above); the
+            // copy from pageable memory is staged before this call returns.
+            unsafe { cu_result::memcpy_htod_async(buf.ptr(), src, self.stream.cu_stream()) }
+                .map_err(|e| step_err("inputs", format!("cuMemcpyHtoDAsync: {}", drv(e))))?;
+        }
+        Ok(())
+    }
+
+    /// NaN into every activation and output element this call uses.
+    fn poison(&self) -> std::result::Result<(), DriverError> {
+        for b in &self.buffers {
+            if b.poison && b.need > 0 && b.mem.is_some() {
+                // SAFETY: need <= capacity elements of 4 bytes at ptr.
+                unsafe {
+                    cu::cuMemsetD32Async(b.ptr(), POISON, b.need, self.stream.cu_stream())
+                        .result()?
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self, after: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| step_err(after, format!("the device reported {}", drv(e))))?;
+        self.ctx
+            .check_err()
+            .map_err(|e| step_err(after, format!("the device reported {}", drv(e))))
+    }
+
+    /// Captures the decode program (poison included) into a graph.
+    fn capture(&mut self, ops: &[Op], rows: usize, per_seq: usize) -> Result<()> {
+        self.graph = None;
+        self.stream
+            .begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| step_err("decode graph", format!("cuStreamBeginCapture: {}", drv(e))))?;
+        let recorded = self
+            .poison()
+            .map_err(|e| step_err("poison", format!("cuMemsetD32Async: {}", drv(e))))
+            .and_then(|()| self.enqueue(ops, ProgramKind::Decode, rows, true, None));
+        // Always end the capture, so the stream leaves capture mode even on an error.
+        let ended = self
+            .stream
+            .end_capture(cu::CUgraphInstantiate_flags(0))
+            .map_err(|e| {
+                step_err(
+                    "decode graph",
+                    format!(
+                        "capturing the decode program failed: {} (NGPT_CUDA_GRAPH=0 runs decode without a graph)",
+                        drv(e)
+                    ),
+                )
+            });
+        recorded?;
+        let graph = ended?.ok_or_else(|| step_err("decode graph", "the capture is empty"))?;
+        graph
+            .upload()
+            .map_err(|e| step_err("decode graph", format!("cuGraphUpload: {}", drv(e))))?;
+        self.captures += 1;
+        self.graph = Some(DecodeGraph {
+            graph,
+            rows,
+            per_seq,
+            generation: self.generation,
+        });
+        Ok(())
+    }
+
+    /// Enqueues `ops` on the stream. With `capturing`, nothing synchronizes.
+    fn enqueue(
+        &self,
+        ops: &[Op],
+        kind: ProgramKind,
+        rows: usize,
+        capturing: bool,
+        mut on_step: Option<OnStep<'_>>,
+    ) -> Result<()> {
+        let steps = &self.program(kind)?.steps;
+        let stream = self.stream.cu_stream();
+        for op in ops {
+            let si = match op {
+                Op::Launch { step, .. } | Op::Gemm { step, .. } => Some(*step),
+                Op::Nothing => None,
+            };
+            match op {
+                Op::Nothing => {}
+                Op::Launch {
+                    step,
+                    func,
+                    grid,
+                    block,
+                    shared,
+                    params,
+                } => {
+                    let name = &steps[*step].name;
+                    let mut args: Vec<*mut c_void> = params
+                        .iter()
+                        .map(|p| match p {
+                            Param::Ptr(v) => v as *const u64 as *mut c_void,
+                            Param::I32(v) => v as *const i32 as *mut c_void,
+                            Param::F32(v) => v as *const f32 as *mut c_void,
+                        })
+                        .collect();
+                    // SAFETY: the function's parameters are these, in this order (the
+                    // kernel ABI, checked at load), and every address and extent it
+                    // touches was checked in `resolve`; `params` outlives the call.
+                    unsafe {
+                        cu_result::launch_kernel(
+                            self.functions[*func].cu_function(),
+                            *grid,
+                            *block,
+                            *shared,
+                            stream,
+                            &mut args,
+                        )
+                    }
+                    .map_err(|e| step_err(name, format!("cuLaunchKernel: {}", drv(e))))?;
+                }
+                Op::Gemm {
+                    step,
+                    trans_a,
+                    trans_b,
+                    mnk,
+                    ld,
+                    alpha,
+                    beta,
+                    a,
+                    b,
+                    c,
+                } => {
+                    let name = &steps[*step].name;
+                    self.gemm(
+                        name,
+                        (*trans_a, *trans_b),
+                        *mnk,
+                        *ld,
+                        (*alpha, *beta),
+                        (*a, *b),
+                        *c,
+                    )?;
+                }
+            }
+            if let Some(si) = si {
+                let name = &steps[si].name;
+                if self.check && !capturing {
+                    self.sync(name)?;
+                }
+                if let Some(f) = on_step.as_mut() {
+                    self.trace_step(&steps[si], rows, &mut **f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies what a step wrote back and hands it to `on_step`.
+    fn trace_step(
+        &self,
+        s: &pb::Step,
+        rows: usize,
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<()> {
+        let Some(bi) = written_buffer(s) else {
+            return Ok(());
+        };
+        let buf = &self.buffers[bi];
+        let width = self.plan.plan.buffers[bi]
+            .elements
+            .as_ref()
+            .map_or(0, |e| e.c_rows as usize);
+        let n = rows.saturating_mul(width);
+        if buf.int32 || width == 0 || buf.need < n {
+            return Ok(());
+        }
+        let mut host = vec![0f32; n];
+        self.sync(&s.name)?;
+        // SAFETY: n <= need <= capacity f32 elements at ptr; synchronized after.
+        unsafe { cu_result::memcpy_dtoh_async(&mut host, buf.ptr(), self.stream.cu_stream()) }
+            .map_err(|e| step_err(&s.name, format!("cuMemcpyDtoHAsync: {}", drv(e))))?;
+        self.sync(&s.name)?;
+        on_step(&s.name, width, &host);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        name: &str,
+        (trans_a, trans_b): (bool, bool),
+        (m, n, k): (i32, i32, i32),
+        (lda, ldb, ldc): (i32, i32, i32),
+        (alpha, beta): (f32, f32),
+        (a, b): (GemmIn, GemmIn),
+        c: u64,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let stream = self.stream.cu_stream();
+        // Rounds an f32 operand into its scratch slot; returns the bf16 address.
+        let bf16_of = |g: GemmIn| -> Result<Option<u64>> {
+            match g {
+                GemmIn::F32(_) => Ok(None),
+                GemmIn::Bf16(p) => Ok(Some(p)),
+                GemmIn::ToBf16 { src, n, slot } => {
+                    let dst = self.scratch[slot]
+                        .as_ref()
+                        .filter(|d| d.len() >= n)
+                        .ok_or_else(|| step_err(name, "internal: bf16 scratch too small"))?
+                        .ptr;
+                    let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+                    let (mut s_arg, mut d_arg, mut n_arg) = (src, dst, n as i64);
+                    let mut args = [
+                        &mut s_arg as *mut u64 as *mut c_void,
+                        &mut d_arg as *mut u64 as *mut c_void,
+                        &mut n_arg as *mut i64 as *mut c_void,
+                    ];
+                    // SAFETY: f32_to_bf16(const float*, unsigned short*, long long):
+                    // src holds n f32 (checked in resolve), dst n u16 (checked above).
+                    unsafe {
+                        cu_result::launch_kernel(
+                            self.to_bf16.cu_function(),
+                            (blocks, 1, 1),
+                            (256, 1, 1),
+                            0,
+                            stream,
+                            &mut args,
+                        )
+                    }
+                    .map_err(|e| {
+                        step_err(name, format!("cuLaunchKernel f32_to_bf16: {}", drv(e)))
+                    })?;
+                    Ok(Some(dst))
+                }
+            }
+        };
+        let fptr = |g: GemmIn| match g {
+            GemmIn::F32(p) => p,
+            _ => 0,
+        };
+        let (a16, b16) = (bf16_of(a)?, bf16_of(b)?);
+        let status = match (a16, b16) {
+            (None, None) => {
+                // SAFETY: every operand's extent for these m, n, k and leading dimensions
+                // was checked in `resolve`; alpha and beta are host scalars.
+                unsafe {
+                    blas_result::sgemm(
+                        self.blas.0,
+                        op(trans_a),
+                        op(trans_b),
+                        m,
+                        n,
+                        k,
+                        &alpha,
+                        fptr(a) as *const f32,
+                        lda,
+                        fptr(b) as *const f32,
+                        ldb,
+                        &beta,
+                        c as *mut f32,
+                        ldc,
+                    )
+                }
+            }
+            (Some(pa), Some(pb_)) => {
+                // SAFETY: as above; both operands bf16, C f32, f32 compute and scalars.
+                unsafe {
+                    blas_result::gemm_ex(
+                        self.blas.0,
+                        op(trans_a),
+                        op(trans_b),
+                        m,
+                        n,
+                        k,
+                        &alpha as *const f32 as *const c_void,
+                        pa as *const c_void,
+                        blas::cudaDataType::CUDA_R_16BF,
+                        lda,
+                        pb_ as *const c_void,
+                        blas::cudaDataType::CUDA_R_16BF,
+                        ldb,
+                        &beta as *const f32 as *const c_void,
+                        c as *mut c_void,
+                        blas::cudaDataType::CUDA_R_32F,
+                        ldc,
+                        blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+            }
+            _ => return Err(step_err(name, "internal: mixed GEMM operand types")),
+        };
+        status.map_err(|e| step_err(name, format!("cuBLAS GEMM: {}", blas_msg(e))))
+    }
+
+    /// Copies the logits back (synchronizing the stream) and checks them in check mode.
+    fn fetch_logits(&mut self, rows: usize, kind: ProgramKind) -> Result<&[f32]> {
+        let v = self.plan.dims.vocab;
+        let want = rows * v;
+        let buf = &self.buffers[self.logits_buf];
+        if buf.int32 {
+            return Err(step_err("logits", "logits buffer is not f32"));
+        }
+        if buf.need < want || buf.capacity() < want {
+            return Err(step_err(
+                "logits",
+                format!(
+                    "the logits buffer holds {} elements, {rows} rows x vocab {v} need {want}",
+                    buf.need
+                ),
+            ));
+        }
+        let what = match kind {
+            ProgramKind::Prefill => "prefill",
+            ProgramKind::Decode => "decode",
+        };
+        self.host_logits.resize(want, 0.0);
+        // SAFETY: want <= capacity f32 elements at ptr; the stream is synchronized below
+        // before the host reads them.
+        unsafe {
+            cu_result::memcpy_dtoh_async(&mut self.host_logits, buf.ptr(), self.stream.cu_stream())
+        }
+        .map_err(|e| step_err(what, format!("copying the logits back: {}", drv(e))))?;
+        self.sync(what)?;
+        if self.check {
+            if let Some(i) = self.host_logits.iter().position(|x| x.is_nan()) {
+                return Err(step_err(
+                    what,
+                    format!(
+                        "logits row {} column {} is NaN: no step wrote it (outputs are poisoned with NaN before each run)",
+                        i / v,
+                        i % v
+                    ),
+                ));
+            }
+        }
+        Ok(&self.host_logits)
+    }
+
+    fn program(&self, kind: ProgramKind) -> Result<&pb::Program> {
+        match kind {
+            ProgramKind::Prefill => self.plan.plan.prefill.as_ref(),
+            ProgramKind::Decode => self.plan.plan.decode.as_ref(),
+        }
+        .ok_or_else(|| step_err("program", "missing"))
+    }
+
+    /// Resolves every step of `kind` for `rows` rows to device addresses, checking each
+    /// against its kernel's contract or the GEMM's extents.
+    fn resolve(&self, kind: ProgramKind, rows: usize, per_seq: usize) -> Result<Vec<Op>> {
+        let program = self.program(kind)?;
+        let mut ops = Vec::with_capacity(program.steps.len());
+        for (si, s) in program.steps.iter().enumerate() {
+            let op = match s.kind.as_ref() {
+                Some(step::Kind::Launch(l)) => {
+                    self.resolve_launch(si, &s.name, l, rows, per_seq)?
+                }
+                Some(step::Kind::Gemm(g)) => self.resolve_gemm(si, &s.name, g, rows)?,
+                None => return Err(step_err(&s.name, "empty step")),
+            };
+            ops.push(op);
+        }
+        Ok(ops)
+    }
+
+    fn resolve_launch(
+        &self,
+        si: usize,
+        name: &str,
+        l: &pb::Launch,
+        rows: usize,
+        per_seq: usize,
+    ) -> Result<Op> {
+        let plan = &self.plan;
+        let d = plan.dims;
+        let sig = abi::signature(&l.entry)
+            .ok_or_else(|| step_err(name, format!("unknown kernel entry `{}`", l.entry)))?;
+        if sig.len() != l.args.len() {
+            return Err(step_err(name, "argument count differs from the kernel ABI"));
+        }
+        let func = *self
+            .function_of
+            .get(&(l.module, l.entry.clone()))
+            .ok_or_else(|| step_err(name, format!("kernel `{}` is not loaded", l.entry)))?;
+        let md = self
+            .module_dims
+            .get(l.module as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| step_err(name, "module not checked"))?;
+        // Arguments: device addresses and symbol values.
+        let mut params = Vec::with_capacity(l.args.len());
+        let mut bufs: Vec<Option<usize>> = vec![None; l.args.len()];
+        let mut ints: Vec<i64> = vec![0; l.args.len()];
+        for (i, (slot, a)) in sig.iter().zip(&l.args).enumerate() {
+            match (slot, a.value.as_ref()) {
+                (Slot::In | Slot::Out, Some(arg::Value::Buffer(b))) => {
+                    let b = *b as usize;
+                    let buf = self
+                        .buffers
+                        .get(b)
+                        .ok_or_else(|| step_err(name, format!("buffer {b} does not exist")))?;
+                    bufs[i] = Some(b);
+                    params.push(Param::Ptr(buf.ptr()));
+                }
+                (Slot::Weight, Some(arg::Value::Weight(w))) => {
+                    let ptr = self
+                        .weights
+                        .get(*w as usize)
+                        .and_then(DevWeight::f32_ptr)
+                        .ok_or_else(|| {
+                            step_err(name, format!("weight {w} has no f32 form on the device"))
+                        })?;
+                    params.push(Param::Ptr(ptr));
+                }
+                (Slot::Symbol, Some(arg::Value::Symbol(s))) => {
+                    let v = match pb::Symbol::try_from(*s) {
+                        Ok(pb::Symbol::Rows) => rows,
+                        Ok(pb::Symbol::Batch) => self.batch,
+                        Ok(pb::Symbol::Tokens) => per_seq,
+                        _ => return Err(step_err(name, format!("bad symbol {s}"))),
+                    };
+                    let v32 = i32::try_from(v)
+                        .map_err(|_| step_err(name, format!("{v} exceeds the int range")))?;
+                    ints[i] = v as i64;
+                    params.push(Param::I32(v32));
+                }
+                (_, Some(arg::Value::IntConst(c))) => {
+                    let c32 = i32::try_from(*c)
+                        .map_err(|_| step_err(name, format!("{c} exceeds the int range")))?;
+                    ints[i] = *c;
+                    params.push(Param::I32(c32));
+                }
+                (_, Some(arg::Value::FloatConst(c))) => params.push(Param::F32(*c)),
+                _ => {
+                    return Err(step_err(
+                        name,
+                        format!("argument {i} does not fit its slot"),
+                    ))
+                }
+            }
+        }
+        let grid = dim3(l.grid.as_ref(), rows, self.batch)
+            .ok_or_else(|| step_err(name, "grid is missing or overflows"))?;
+        let block = dim3(l.block.as_ref(), rows, self.batch)
+            .ok_or_else(|| step_err(name, "block is missing or overflows"))?;
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 {
+            return Err(step_err(
+                name,
+                format!("grid {grid:?} is outside the device's limits"),
+            ));
+        }
+        if block.1 != 1 || block.2 != 1 || block.0 == 0 || block.0 > 1024 {
+            return Err(step_err(
+                name,
+                format!("block {block:?}: the kernels take 1..=1024 threads in x only"),
+            ));
+        }
+        // The kernel contract: what each entry reads and writes for these arguments.
+        let c = d.n_embd;
+        let per_cache = d.n_head * d.max_seq_len * d.head_dim;
+        let chk = Contract {
+            ex: self,
+            name,
+            bufs: &bufs,
+            args: &l.args,
+        };
+        let warps = |need_min: u32| -> Result<()> {
+            if block.0 % 32 != 0 || block.0 < need_min {
+                return Err(step_err(
+                    name,
+                    format!(
+                        "block of {} threads: `{}` needs a multiple of 32, at least {need_min}",
+                        block.0, l.entry
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        let heads = || -> Result<()> {
+            if grid.1 as usize > d.n_head {
+                return Err(step_err(
+                    name,
+                    format!("grid.y {} exceeds n_head {}", grid.1, d.n_head),
+                ));
+            }
+            Ok(())
+        };
+        let seqs_of = |rows_arg: i64, tokens_arg: i64| -> Result<usize> {
+            if tokens_arg < 1 || rows_arg < 0 {
+                return Err(step_err(name, "rows and tokens must be positive"));
+            }
+            Ok((rows_arg as usize).div_ceil(tokens_arg as usize))
+        };
+        match l.entry.as_str() {
+            "embed" => {
+                let r = ints[3].max(0) as usize;
+                chk.i32_buf(0, r)?;
+                chk.weight(1, d.vocab * c)?;
+                chk.f32_buf(2, r * c)?;
+            }
+            "norm_rows" => {
+                let r = ints[2].max(0) as usize;
+                warps(32)?;
+                chk.f32_buf(0, r * c)?;
+                chk.f32_buf(1, r * c)?;
+                chk.distinct(&[0, 1])?;
+            }
+            "lerp_norm" => {
+                let r = ints[3].max(0) as usize;
+                warps(32)?;
+                chk.f32_buf(0, r * c)?;
+                chk.f32_buf(1, r * c)?;
+                chk.weight(2, c)?;
+                chk.distinct(&[0, 1])?;
+            }
+            "swiglu" => {
+                let r = ints[2].max(0) as usize;
+                chk.f32_buf(0, r * 8 * c)?;
+                chk.f32_buf(1, r * 4 * c)?;
+                chk.distinct(&[0, 1])?;
+            }
+            "pos_norm" => {
+                let r = ints[8].max(0) as usize;
+                let seqs = seqs_of(ints[8], ints[9])?;
+                warps((d.head_dim / 2) as u32)?;
+                heads()?;
+                chk.f32_buf(0, r * 3 * c)?;
+                chk.i32_buf(1, r)?;
+                chk.weight(2, d.max_seq_len * d.head_dim)?;
+                chk.weight(3, c)?;
+                chk.weight(4, c)?;
+                chk.f32_buf(5, r * c)?;
+                chk.f32_buf(6, seqs * per_cache)?;
+                chk.f32_buf(7, seqs * per_cache)?;
+                chk.distinct(&[0, 1, 5, 6, 7])?;
+            }
+            "attention_prefill" | "attention_decode" => {
+                let r = ints[5].max(0) as usize;
+                let seqs = seqs_of(ints[5], ints[6])?;
+                heads()?;
+                if l.entry == "attention_decode" {
+                    if block.0 != DEC_TILE {
+                        return Err(step_err(
+                            name,
+                            format!(
+                                "attention_decode runs {DEC_TILE} threads a block, not {}",
+                                block.0
+                            ),
+                        ));
+                    }
+                } else {
+                    if block.0 < 128 {
+                        return Err(step_err(
+                            name,
+                            format!(
+                                "attention_prefill needs at least 128 threads a block, not {}",
+                                block.0
+                            ),
+                        ));
+                    }
+                    let tile = 2 * md.kv_tile as usize * d.head_dim * 4;
+                    if (l.shared_bytes as usize) < tile {
+                        return Err(step_err(
+                            name,
+                            format!(
+                                "attention_prefill needs {tile} bytes of shared memory for its tiles, the step gives {}",
+                                l.shared_bytes
+                            ),
+                        ));
+                    }
+                }
+                chk.f32_buf(0, r * c)?;
+                chk.f32_buf(1, seqs * per_cache)?;
+                chk.f32_buf(2, seqs * per_cache)?;
+                chk.i32_buf(3, r)?;
+                chk.f32_buf(4, r * c)?;
+                chk.distinct(&[0, 1, 3, 4])?;
+                chk.distinct(&[2, 4])?;
+            }
+            other => {
+                return Err(step_err(
+                    name,
+                    format!("kernel entry `{other}` is not run in programs"),
+                ))
+            }
+        }
+        Ok(Op::Launch {
+            step: si,
+            func,
+            grid,
+            block,
+            shared: l.shared_bytes,
+            params,
+        })
+    }
+
+    fn resolve_gemm(&self, si: usize, name: &str, g: &pb::Gemm, rows: usize) -> Result<Op> {
+        let batch = self.batch;
+        let dim = |a: Option<&pb::Affine>, what: &str| {
+            eval(a, rows, batch).ok_or_else(|| step_err(name, format!("GEMM {what} overflows")))
+        };
+        let (m, n, k) = (
+            dim(g.m.as_ref(), "m")?,
+            dim(g.n.as_ref(), "n")?,
+            dim(g.k.as_ref(), "k")?,
+        );
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        let need = |r: usize, c: usize, ld: usize, what: &str| -> Result<usize> {
+            if ld < r.max(1) {
+                return Err(step_err(
+                    name,
+                    format!("GEMM {what}: leading dimension {ld} < {r}"),
+                ));
+            }
+            if c == 0 {
+                return Ok(0);
+            }
+            (c - 1)
+                .checked_mul(ld)
+                .and_then(|x| x.checked_add(r))
+                .ok_or_else(|| step_err(name, "GEMM size overflows"))
+        };
+        let (ar, ac) = if g.trans_a { (k, m) } else { (m, k) };
+        let (br, bc) = if g.trans_b { (n, k) } else { (k, n) };
+        let need_a = need(ar, ac, lda, "a")?;
+        let need_b = need(br, bc, ldb, "b")?;
+        let need_c = need(m, n, ldc, "c")?;
+        let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source);
+        let ci = match src(g.c.as_ref()) {
+            Some(operand::Source::Buffer(b)) => b as usize,
+            _ => return Err(step_err(name, "GEMM c must be a buffer")),
+        };
+        let cbuf = self
+            .buffers
+            .get(ci)
+            .filter(|b| !b.int32)
+            .ok_or_else(|| step_err(name, "GEMM c must be f32"))?;
+        // (address, elements, bf16?)
+        let operand = |s: Option<operand::Source>, what: &str| -> Result<(u64, usize, bool)> {
+            let bad = || {
+                step_err(
+                    name,
+                    format!("GEMM {what} is not an f32 buffer or weight distinct from c"),
+                )
+            };
+            match s {
+                Some(operand::Source::Weight(w)) => {
+                    let dw = self.weights.get(w as usize).ok_or_else(bad)?;
+                    match (&dw.bf16, &dw.f32) {
+                        (Some(_), Some(f)) if self.widen_bf16 => Ok((f.ptr, dw.elems, false)),
+                        (Some(b16), _) => Ok((b16.ptr, dw.elems, true)),
+                        (None, Some(f)) => Ok((f.ptr, dw.elems, false)),
+                        (None, None) => Err(bad()),
+                    }
+                }
+                Some(operand::Source::Buffer(b)) if b as usize != ci => {
+                    let buf = self.buffers.get(b as usize).filter(|x| !x.int32);
+                    let buf = buf.ok_or_else(bad)?;
+                    Ok((buf.ptr(), buf.need, false))
+                }
+                _ => Err(bad()),
+            }
+        };
+        let (pa, la, a16) = operand(src(g.a.as_ref()), "a")?;
+        let (pb_, lb, b16) = operand(src(g.b.as_ref()), "b")?;
+        if la < need_a || lb < need_b || cbuf.need < need_c {
+            return Err(step_err(
+                name,
+                format!(
+                    "GEMM operands too small: a {la}/{need_a}, b {lb}/{need_b}, c {}/{need_c} elements",
+                    cbuf.need
+                ),
+            ));
+        }
+        if m == 0 || n == 0 {
+            return Ok(Op::Nothing);
+        }
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| {
+                step_err(
+                    name,
+                    format!("GEMM {what} = {v} exceeds cuBLAS's int range"),
+                )
+            })
+        };
+        let bf16 = a16 || b16;
+        let input = |p: u64, is16: bool, n_el: usize, slot: usize| {
+            if is16 {
+                GemmIn::Bf16(p)
+            } else if bf16 {
+                GemmIn::ToBf16 {
+                    src: p,
+                    n: n_el,
+                    slot,
+                }
+            } else {
+                GemmIn::F32(p)
+            }
+        };
+        Ok(Op::Gemm {
+            step: si,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            mnk: (int(m, "m")?, int(n, "n")?, int(k, "k")?),
+            ld: (int(lda, "lda")?, int(ldb, "ldb")?, int(ldc, "ldc")?),
+            alpha: g.alpha,
+            beta: g.beta,
+            a: input(pa, a16, need_a, 0),
+            b: input(pb_, b16, need_b, 1),
+            c: cbuf.ptr(),
+        })
+    }
+}
+
+/// Checks of one launch's buffer and weight arguments.
+struct Contract<'a> {
+    ex: &'a CudaExecutor,
+    name: &'a str,
+    bufs: &'a [Option<usize>],
+    args: &'a [pb::Arg],
+}
+
+impl Contract<'_> {
+    fn buf(&self, i: usize, len: usize, int32: bool) -> Result<()> {
+        let bi = self.bufs[i]
+            .ok_or_else(|| step_err(self.name, format!("argument {i} is not a buffer")))?;
+        let b = &self.ex.buffers[bi];
+        if b.int32 != int32 {
+            return Err(step_err(
+                self.name,
+                format!(
+                    "buffer {bi} `{}` should be {}",
+                    b.name,
+                    if int32 { "int32" } else { "f32" }
+                ),
+            ));
+        }
+        if b.need < len || b.capacity() < len {
+            return Err(step_err(
+                self.name,
+                format!(
+                    "needs elements 0..{len} of buffer `{}`, which holds {}",
+                    b.name, b.need
+                ),
+            ));
+        }
+        Ok(())
+    }
+    fn f32_buf(&self, i: usize, len: usize) -> Result<()> {
+        self.buf(i, len, false)
+    }
+    fn i32_buf(&self, i: usize, len: usize) -> Result<()> {
+        self.buf(i, len, true)
+    }
+    fn weight(&self, i: usize, len: usize) -> Result<()> {
+        let w = match self.args.get(i).and_then(|a| a.value.as_ref()) {
+            Some(arg::Value::Weight(w)) => *w as usize,
+            _ => return Err(step_err(self.name, format!("argument {i} is not a weight"))),
+        };
+        let have = self.ex.weights.get(w).map_or(0, |dw| dw.elems);
+        if have < len {
+            return Err(step_err(
+                self.name,
+                format!("needs elements 0..{len} of weight {w}, which holds {have}"),
+            ));
+        }
+        Ok(())
+    }
+    fn distinct(&self, slots: &[usize]) -> Result<()> {
+        let ids: Vec<Option<usize>> = slots.iter().map(|&s| self.bufs[s]).collect();
+        for (a, x) in ids.iter().enumerate() {
+            if ids[a + 1..].contains(x) {
+                return Err(step_err(
+                    self.name,
+                    "a buffer is passed twice where the kernel needs distinct buffers",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A launch dimension evaluated for this request, if every component fits u32.
+fn dim3(d: Option<&pb::Dim3>, rows: usize, batch: usize) -> Option<(u32, u32, u32)> {
+    let d = d?;
+    let one = |a: Option<&pb::Affine>| -> Option<u32> {
+        match a {
+            None => Some(1),
+            Some(_) => u32::try_from(eval(a, rows, batch)?).ok(),
+        }
+    };
+    d.x.as_ref()?;
+    Some((one(d.x.as_ref())?, one(d.y.as_ref())?, one(d.z.as_ref())?))
+}
+
+/// The buffer a step writes first: a GEMM's C, a launch's first `Out` argument.
+fn written_buffer(s: &pb::Step) -> Option<usize> {
+    match s.kind.as_ref()? {
+        step::Kind::Gemm(g) => match g.c.as_ref()?.source.as_ref()? {
+            operand::Source::Buffer(b) => Some(*b as usize),
+            operand::Source::Weight(_) => None,
+        },
+        step::Kind::Launch(l) => {
+            let slots = abi::signature(&l.entry)?;
+            let i = slots.iter().position(|s| *s == Slot::Out)?;
+            match l.args.get(i)?.value.as_ref()? {
+                arg::Value::Buffer(b) => Some(*b as usize),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Every (module, entry) the programs launch, with the most dynamic shared memory a
+/// launch of it asks for.
+fn used_functions(plan: &LoadedPlan) -> HashMap<(u32, String), u32> {
+    let mut used: HashMap<(u32, String), u32> = HashMap::new();
+    for program in [&plan.plan.prefill, &plan.plan.decode]
+        .into_iter()
+        .flatten()
+    {
+        for s in &program.steps {
+            if let Some(step::Kind::Launch(l)) = s.kind.as_ref() {
+                let e = used.entry((l.module, l.entry.clone())).or_insert(0);
+                *e = (*e).max(l.shared_bytes);
+            }
+        }
+    }
+    used
+}
+
+/// The weights some launch reads (they need an f32 form on the device).
+fn launch_weight_set(plan: &LoadedPlan) -> std::collections::HashSet<usize> {
+    let mut set = std::collections::HashSet::new();
+    for program in [&plan.plan.prefill, &plan.plan.decode]
+        .into_iter()
+        .flatten()
+    {
+        for s in &program.steps {
+            if let Some(step::Kind::Launch(l)) = s.kind.as_ref() {
+                for a in &l.args {
+                    if let Some(arg::Value::Weight(w)) = a.value {
+                        set.insert(w as usize);
+                    }
+                }
+            }
+        }
+    }
+    set
+}
+
+/// Checks a module's `#define` prelude against the plan's config: the kernels index with
+/// these constants, so a mismatch would read or write outside the buffers.
+fn check_prelude(plan: &LoadedPlan, module: &pb::KernelModule) -> Result<ModuleDims> {
+    let d = plan.dims;
+    let bad = |problem: String| Error::Plan {
+        path: format!("kernel module `{}`", module.name),
+        problem,
+    };
+    for (key, want) in [
+        ("NGPT_C", d.n_embd),
+        ("NGPT_H", d.n_head),
+        ("NGPT_D", d.head_dim),
+        ("NGPT_V", d.vocab),
+        ("NGPT_MAX_SEQ", d.max_seq_len),
+    ] {
+        match prelude_value(&module.source, key) {
+            Some(v) if v == want as u64 => {}
+            Some(v) => {
+                return Err(bad(format!(
+                    "#define {key} {v} differs from the plan's config ({want})"
+                )))
+            }
+            None => return Err(bad(format!("no `#define {key}` in its prelude"))),
+        }
+    }
+    let kv_tile = prelude_value(&module.source, "NGPT_KV_TILE")
+        .filter(|t| (1..=1024).contains(t))
+        .ok_or_else(|| bad("no `#define NGPT_KV_TILE` in 1..=1024 in its prelude".into()))?;
+    Ok(ModuleDims { kv_tile })
+}
+
+fn load_ptx(ctx: &Arc<CudaContext>, name: &str, ptx: String) -> Result<Arc<CudaModule>> {
+    if ptx.contains('\0') {
+        return Err(plan_cuda_err(format!(
+            "kernel module `{name}`: the cached PTX holds a NUL byte (clear the kernel cache, {})",
+            super::cache_dir().map_or("none".into(), |p| p.display().to_string())
+        )));
+    }
+    ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+        plan_cuda_err(format!(
+            "loading kernel module `{name}`: {} (a stale kernel cache? {})",
+            drv(e),
+            super::cache_dir().map_or("none".into(), |p| p.display().to_string())
+        ))
+    })
+}
+
+impl crate::session::Executor for CudaExecutor {
+    fn plan(&self) -> &Arc<LoadedPlan> {
+        &self.plan
+    }
+    fn batch(&self) -> usize {
+        self.batch
+    }
+    fn describe(&self) -> String {
+        format!(
+            "plan-cuda on {} ({}, decode {})",
+            self.device_name,
+            self.arch,
+            if self.use_graph {
+                "in a CUDA graph"
+            } else {
+                "step by step"
+            }
+        )
+    }
+    fn run(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+    ) -> Result<&[f32]> {
+        CudaExecutor::run(self, kind, tokens, positions, per_seq)
+    }
+    fn run_traced(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<&[f32]> {
+        CudaExecutor::run_traced(self, kind, tokens, positions, per_seq, on_step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prelude_values_are_read() {
+        let src = "// x\n#define NGPT_C 64\n#define NGPT_KV_TILE 32\n\nint a;";
+        assert_eq!(prelude_value(src, "NGPT_C"), Some(64));
+        assert_eq!(prelude_value(src, "NGPT_KV_TILE"), Some(32));
+        assert_eq!(prelude_value(src, "NGPT_H"), None);
+    }
+
+    #[test]
+    fn archs_are_named() {
+        assert_eq!(arch_name(9, 0), Some("sm_90"));
+        assert_eq!(arch_name(8, 6), Some("sm_86"));
+        assert_eq!(arch_name(1, 0), None);
+    }
+
+    #[test]
+    fn dims_need_x() {
+        let a = |c0| {
+            Some(pb::Affine {
+                c0,
+                c_rows: 0,
+                c_batch: 0,
+            })
+        };
+        let d = pb::Dim3 {
+            x: Some(pb::Affine {
+                c0: 0,
+                c_rows: 1,
+                c_batch: 0,
+            }),
+            y: a(4),
+            z: None,
+        };
+        assert_eq!(dim3(Some(&d), 7, 1), Some((7, 4, 1)));
+        let no_x = pb::Dim3 {
+            x: None,
+            y: a(1),
+            z: a(1),
+        };
+        assert_eq!(dim3(Some(&no_x), 7, 1), None);
+    }
+}

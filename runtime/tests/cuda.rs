@@ -1,0 +1,776 @@
+//! The CUDA executor against the CPU executor, on plans made here (the lowering's layout
+//! with seeded random weights, so this crate needs no compiler) and on compiled plan
+//! directories named by `NGPT_CUDA_TEST_PLANS` (comma-separated; `scripts/gpu-check.sh`
+//! passes the tiny and 0.5b presets).
+//!
+//! Without a usable GPU every GPU test prints `skipped: <why>` and passes; the tests that
+//! need no GPU (the helper module compiles with NVRTC, construction fails with one line
+//! instead of a panic) run everywhere.
+//!
+//! Tolerances, relative Frobenius error of the logits against the CPU executor: f32 plans
+//! 1e-5; bf16 plans 2e-2 with top-1 agreeing on at least 95% of the rows (the CUDA
+//! executor rounds the activation operand of a bf16 GEMM to bf16; the CPU widens the
+//! weights instead).
+
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use ngpt_runtime::cpu::ProgramKind;
+use ngpt_runtime::cuda::{self, CudaExecutor, CudaSession};
+use ngpt_runtime::plan::LoadedPlan;
+use ngpt_runtime::session::Session;
+use ngpt_schemas::plan::{
+    self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm, KernelModule,
+    Launch, Operand, Plan, Program, Step, Symbol,
+};
+use ngpt_schemas::prost::Message;
+
+type Result<T> = anyhow::Result<T>;
+
+const NGPT_CU: &str = include_str!("../../compiler/kernels/ngpt.cu");
+const ENTRIES: [&str; 8] = [
+    "embed",
+    "norm_rows",
+    "lerp_norm",
+    "swiglu",
+    "pos_norm",
+    "attention_prefill",
+    "attention_decode",
+    "sample_topk",
+];
+const KV_TILE: usize = 32;
+
+/// `Some(reason)` when this process cannot run CUDA; the GPU tests skip with it.
+fn skip() -> Option<String> {
+    cuda::unavailable()
+}
+
+macro_rules! gpu_or_skip {
+    () => {
+        if let Some(why) = skip() {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// A plan made here: the lowering's buffers and steps, random weights.
+
+#[derive(Clone, Copy)]
+struct Shape {
+    layers: usize,
+    heads: usize,
+    embd: usize,
+    vocab: usize,
+    max_seq: usize,
+    bf16: bool,
+}
+
+const TINY: Shape = Shape {
+    layers: 2,
+    heads: 4,
+    embd: 64,
+    vocab: 97,
+    max_seq: 64,
+    bf16: false,
+};
+
+/// Deterministic uniform values in [-1, 1).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn aff(c0: u64, c_rows: u64, c_batch: u64) -> Option<Affine> {
+    Some(Affine {
+        c0,
+        c_rows,
+        c_batch,
+    })
+}
+
+struct Builder {
+    plan: Plan,
+    weights: Vec<u8>,
+    rng: Lcg,
+}
+
+impl Builder {
+    fn weight(&mut self, name: &str, shape: &[u64], scale: f32, offset: f32, bf16: bool) -> u32 {
+        let n: u64 = shape.iter().product();
+        let pad = (256 - self.weights.len() % 256) % 256;
+        self.weights.extend(std::iter::repeat_n(0u8, pad));
+        let offset_bytes = self.weights.len() as u64;
+        for _ in 0..n {
+            let v = offset + scale * self.rng.next();
+            if bf16 {
+                self.weights.extend(half::bf16::from_f32(v).to_le_bytes());
+            } else {
+                self.weights.extend(v.to_le_bytes());
+            }
+        }
+        self.plan.weights.push(pb::Weight {
+            name: name.into(),
+            dtype: if bf16 {
+                pb::DType::Bf16
+            } else {
+                pb::DType::F32
+            } as i32,
+            shape: shape.to_vec(),
+            offset: offset_bytes,
+            bytes: self.weights.len() as u64 - offset_bytes,
+        });
+        (self.plan.weights.len() - 1) as u32
+    }
+
+    fn buffer(&mut self, name: &str, dtype: pb::DType, kind: BufferKind, e: Affine) -> u32 {
+        if let Some(i) = self.plan.buffers.iter().position(|b| b.name == name) {
+            return i as u32;
+        }
+        self.plan.buffers.push(Buffer {
+            name: name.into(),
+            dtype: dtype as i32,
+            kind: kind as i32,
+            elements: Some(e),
+        });
+        (self.plan.buffers.len() - 1) as u32
+    }
+
+    fn rows(&mut self, name: &str, width: usize, kind: BufferKind) -> u32 {
+        self.buffer(
+            name,
+            pb::DType::F32,
+            kind,
+            Affine {
+                c0: 0,
+                c_rows: width as u64,
+                c_batch: 0,
+            },
+        )
+    }
+}
+
+fn buf(i: u32) -> Arg {
+    Arg {
+        value: Some(arg::Value::Buffer(i)),
+    }
+}
+fn wt(i: u32) -> Arg {
+    Arg {
+        value: Some(arg::Value::Weight(i)),
+    }
+}
+fn sym(s: Symbol) -> Arg {
+    Arg {
+        value: Some(arg::Value::Symbol(s as i32)),
+    }
+}
+
+fn launch(name: &str, entry: &str, heads: u64, block: u64, shared: u32, args: Vec<Arg>) -> Step {
+    Step {
+        name: name.into(),
+        kind: Some(step::Kind::Launch(Launch {
+            module: 0,
+            entry: entry.into(),
+            grid: Some(Dim3 {
+                x: aff(0, 1, 0),
+                y: aff(heads, 0, 0),
+                z: aff(1, 0, 0),
+            }),
+            block: Some(Dim3 {
+                x: aff(block, 0, 0),
+                y: aff(1, 0, 0),
+                z: aff(1, 0, 0),
+            }),
+            shared_bytes: shared,
+            args,
+        })),
+    }
+}
+
+/// `out[R, n] = x[R, k] . W[n, k]^T`, as the lowering states it for cuBLAS.
+fn gemm(name: &str, x: u32, w: u32, n: usize, k: usize, out: u32) -> Step {
+    Step {
+        name: name.into(),
+        kind: Some(step::Kind::Gemm(Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: aff(n as u64, 0, 0),
+            n: aff(0, 1, 0),
+            k: aff(k as u64, 0, 0),
+            lda: k as u64,
+            ldb: k as u64,
+            ldc: n as u64,
+            alpha: 1.0,
+            beta: 0.0,
+            a: Some(Operand {
+                source: Some(operand::Source::Weight(w)),
+            }),
+            b: Some(Operand {
+                source: Some(operand::Source::Buffer(x)),
+            }),
+            c: Some(Operand {
+                source: Some(operand::Source::Buffer(out)),
+            }),
+        })),
+    }
+}
+
+/// A plan with the lowering's layout for `s`, its weights seeded by `seed`.
+fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
+    let (c, h) = (s.embd, s.heads);
+    let d = c / h;
+    let p = d / 2;
+    let source = format!(
+        "// Made by runtime/tests/cuda.rs.\n#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {d}\n#define NGPT_V {}\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 {}\n\n{NGPT_CU}",
+        s.vocab, s.max_seq, s.bf16 as u8
+    );
+    let mut b = Builder {
+        plan: Plan {
+            format_major: pb::FORMAT_MAJOR,
+            format_minor: pb::FORMAT_MINOR,
+            producer: "runtime/tests/cuda.rs".into(),
+            config: Some(pb::ModelConfig {
+                n_layer: s.layers as u32,
+                n_head: h as u32,
+                n_embd: c as u32,
+                head_dim: d as u32,
+                vocab_size: s.vocab as u32,
+                block_size: s.max_seq as u32,
+                base_scale: 1.0 / (c as f64).sqrt(),
+            }),
+            weight_dtype: if s.bf16 {
+                pb::DType::Bf16
+            } else {
+                pb::DType::F32
+            } as i32,
+            max_seq_len: s.max_seq as u32,
+            modules: vec![KernelModule {
+                name: "ngpt".into(),
+                source,
+                entries: ENTRIES.iter().map(|e| e.to_string()).collect(),
+            }],
+            ..Default::default()
+        },
+        weights: vec![],
+        rng: Lcg(seed),
+    };
+    let one = Affine {
+        c0: 0,
+        c_rows: 1,
+        c_batch: 0,
+    };
+    let tokens = b.buffer("tokens", pb::DType::I32, BufferKind::Input, one);
+    let positions = b.buffer("positions", pb::DType::I32, BufferKind::Input, one);
+    let x0 = b.rows("x0", c, BufferKind::Activation);
+    let hb = b.rows("h", c, BufferKind::Activation);
+    let qkv = b.rows("qkv", 3 * c, BufferKind::Activation);
+    let q = b.rows("q", c, BufferKind::Activation);
+    let att = b.rows("att", c, BufferKind::Activation);
+    let proj = b.rows("proj", c, BufferKind::Activation);
+    let fc = b.rows("fc", 8 * c, BufferKind::Activation);
+    let act = b.rows("act", 4 * c, BufferKind::Activation);
+    let logits = b.rows("logits", s.vocab, BufferKind::Output);
+    let gs = 1.0 / (c as f32).sqrt();
+    let wte = b.weight("wte", &[s.vocab as u64, c as u64], 1.0, 0.0, false);
+    // The position table: cos/sin-like pairs, as the lowering's diagonal form.
+    let table = b.weight(
+        "position_table",
+        &[s.max_seq as u64, d as u64],
+        1.0,
+        0.0,
+        false,
+    );
+    let mut layers = vec![];
+    for i in 0..s.layers {
+        let cu = c as u64;
+        let kc = b.buffer(
+            &format!("h.{i}.k_cache"),
+            pb::DType::F32,
+            BufferKind::Cache,
+            Affine {
+                c0: 0,
+                c_rows: 0,
+                c_batch: (h * s.max_seq * d) as u64,
+            },
+        );
+        let vc = b.buffer(
+            &format!("h.{i}.v_cache"),
+            pb::DType::F32,
+            BufferKind::Cache,
+            Affine {
+                c0: 0,
+                c_rows: 0,
+                c_batch: (h * s.max_seq * d) as u64,
+            },
+        );
+        let w_qkv = b.weight(&format!("h.{i}.qkv"), &[3 * cu, cu], gs, 0.0, s.bf16);
+        let qs = b.weight(&format!("h.{i}.q_scale"), &[cu], 0.5, 2.0, false);
+        let ks = b.weight(&format!("h.{i}.k_scale"), &[cu], 0.5, 2.0, false);
+        let w_o = b.weight(&format!("h.{i}.o"), &[cu, cu], gs, 0.0, s.bf16);
+        let lr_a = b.weight(&format!("h.{i}.lr_a"), &[cu], 0.1, 0.3, false);
+        let w_fc = b.weight(&format!("h.{i}.fc"), &[8 * cu, cu], gs, 0.0, s.bf16);
+        let w_mp = b.weight(
+            &format!("h.{i}.mlp_proj"),
+            &[cu, 4 * cu],
+            gs / 2.0,
+            0.0,
+            s.bf16,
+        );
+        let lr_m = b.weight(&format!("h.{i}.lr_m"), &[cu], 0.1, 0.3, false);
+        layers.push((kc, vc, w_qkv, qs, ks, w_o, lr_a, w_fc, w_mp, lr_m));
+    }
+    let lm = b.weight("lm_head", &[s.vocab as u64, c as u64], 1.0, 0.0, s.bf16);
+    let program = |decode: bool| {
+        let mut steps = vec![
+            launch(
+                "embed",
+                "embed",
+                1,
+                256,
+                0,
+                vec![buf(tokens), wt(wte), buf(x0), sym(Symbol::Rows)],
+            ),
+            launch(
+                "norm",
+                "norm_rows",
+                1,
+                256,
+                0,
+                vec![buf(x0), buf(hb), sym(Symbol::Rows)],
+            ),
+        ];
+        for (i, &(kc, vc, w_qkv, qs, ks, w_o, lr_a, w_fc, w_mp, lr_m)) in layers.iter().enumerate()
+        {
+            let n = |s: &str| format!("h.{i}.{s}");
+            steps.push(gemm(&n("qkv"), hb, w_qkv, 3 * c, c, qkv));
+            steps.push(launch(
+                &n("pos_norm"),
+                "pos_norm",
+                h as u64,
+                (p.div_ceil(32).max(1) * 32) as u64,
+                0,
+                vec![
+                    buf(qkv),
+                    buf(positions),
+                    wt(table),
+                    wt(qs),
+                    wt(ks),
+                    buf(q),
+                    buf(kc),
+                    buf(vc),
+                    sym(Symbol::Rows),
+                    sym(Symbol::Tokens),
+                ],
+            ));
+            steps.push(launch(
+                &n("attention"),
+                if decode {
+                    "attention_decode"
+                } else {
+                    "attention_prefill"
+                },
+                h as u64,
+                128,
+                if decode {
+                    0
+                } else {
+                    (2 * KV_TILE * d * 4) as u32
+                },
+                vec![
+                    buf(q),
+                    buf(kc),
+                    buf(vc),
+                    buf(positions),
+                    buf(att),
+                    sym(Symbol::Rows),
+                    sym(Symbol::Tokens),
+                ],
+            ));
+            steps.push(gemm(&n("o"), att, w_o, c, c, proj));
+            steps.push(launch(
+                &n("lerp_a"),
+                "lerp_norm",
+                1,
+                256,
+                0,
+                vec![buf(hb), buf(proj), wt(lr_a), sym(Symbol::Rows)],
+            ));
+            steps.push(gemm(&n("fc"), hb, w_fc, 8 * c, c, fc));
+            steps.push(launch(
+                &n("swiglu"),
+                "swiglu",
+                1,
+                256,
+                0,
+                vec![buf(fc), buf(act), sym(Symbol::Rows)],
+            ));
+            steps.push(gemm(&n("mlp_proj"), act, w_mp, c, 4 * c, proj));
+            steps.push(launch(
+                &n("lerp_m"),
+                "lerp_norm",
+                1,
+                256,
+                0,
+                vec![buf(hb), buf(proj), wt(lr_m), sym(Symbol::Rows)],
+            ));
+        }
+        steps.push(gemm("lm_head", hb, lm, s.vocab, c, logits));
+        Program {
+            name: if decode { "decode" } else { "prefill" }.into(),
+            steps,
+        }
+    };
+    b.plan.prefill = Some(program(false));
+    b.plan.decode = Some(program(true));
+    b.plan.weights_file_bytes = b.weights.len() as u64;
+    Ok((b.plan.encode_to_vec(), b.weights))
+}
+
+fn load(bytes: &(Vec<u8>, Vec<u8>)) -> Result<Arc<LoadedPlan>> {
+    Ok(Arc::new(LoadedPlan::from_bytes(
+        &bytes.0,
+        &bytes.1,
+        "made.plan",
+    )?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Comparison.
+
+/// Relative Frobenius error of `got` against `want`, and the fraction of rows whose
+/// argmax agrees. NaN anywhere makes the error infinite.
+fn compare(got: &[f32], want: &[f32], vocab: usize) -> (f64, f64) {
+    assert_eq!(got.len(), want.len(), "logit counts differ");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() || !w.is_finite() {
+            return (f64::INFINITY, 0.0);
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+            .0
+    };
+    let rows = got.len() / vocab;
+    let agree = (0..rows)
+        .filter(|&r| {
+            argmax(&got[r * vocab..(r + 1) * vocab]) == argmax(&want[r * vocab..(r + 1) * vocab])
+        })
+        .count();
+    (
+        (num / den.max(1e-300)).sqrt(),
+        agree as f64 / rows.max(1) as f64,
+    )
+}
+
+/// Checks the error bound of one call and tallies its top-1 agreement: a single decode
+/// row is one argmax, so the 95% is judged over every row of a session.
+struct Tally {
+    bf16: bool,
+    rows: usize,
+    agree: f64,
+}
+
+impl Tally {
+    fn check(&mut self, got: &[f32], want: &[f32], vocab: usize, what: &str) {
+        let (err, top1) = compare(got, want, vocab);
+        let tol = if self.bf16 { 2e-2 } else { 1e-5 };
+        assert!(
+            err <= tol,
+            "{what}: relative error {err:.3e} against the CPU executor (tolerance {tol:.0e})"
+        );
+        let rows = got.len() / vocab;
+        self.rows += rows;
+        self.agree += top1 * rows as f64;
+        eprintln!("{what}: relative error {err:.3e}, top-1 {top1:.3}");
+    }
+
+    fn finish(&self, what: &str) {
+        let top1 = self.agree / self.rows.max(1) as f64;
+        assert!(
+            top1 >= 0.95,
+            "{what}: top-1 agrees on {top1:.3} of {} rows (at least 0.95)",
+            self.rows
+        );
+    }
+}
+
+fn prompt(vocab: usize, n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104729 + 5) % vocab) as u32)
+        .collect()
+}
+
+/// Prefill (ragged when batch 2) then `steps` decodes, CUDA against CPU at every row.
+fn cuda_matches_cpu(plan: &Arc<LoadedPlan>, batch: usize, steps: usize, what: &str) -> Result<()> {
+    let v = plan.dims.vocab;
+    let bf16 = plan.plan.weight_dtype == pb::DType::Bf16 as i32;
+    let cap = plan.dims.max_seq_len;
+    let lens = [40usize.min(cap - steps), 23usize.min(cap - steps)];
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt(v, lens[b % 2], b + 1)).collect();
+    let mut cpu = Session::new(Arc::clone(plan), batch)?;
+    let mut gpu = CudaSession::new(Arc::clone(plan), batch)?;
+    eprintln!("{what}: {}", gpu.executor().describe());
+    assert_eq!(gpu.vocab(), v);
+    let mut tally = Tally {
+        bf16,
+        rows: 0,
+        agree: 0.0,
+    };
+    let want = cpu.prefill(&prompts)?;
+    let got = gpu.prefill(&prompts)?;
+    tally.check(&got, &want, v, &format!("{what}: prefill (batch {batch})"));
+    assert_eq!(gpu.lens(), cpu.lens());
+    let mut next: Vec<u32> = (0..batch).map(|b| ((b * 31 + 7) % v) as u32).collect();
+    for i in 0..steps {
+        let want = cpu.decode(&next)?;
+        let got = gpu.decode(&next)?;
+        tally.check(
+            &got,
+            &want,
+            v,
+            &format!("{what}: decode step {i} (batch {batch})"),
+        );
+        next = (0..batch)
+            .map(|b| ngpt_runtime::sample::argmax(&want[b * v..(b + 1) * v]))
+            .collect();
+    }
+    assert_eq!(gpu.lens(), cpu.lens());
+    tally.finish(what);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests that run everywhere.
+
+#[test]
+fn helper_kernels_compile_with_nvrtc() -> Result<()> {
+    if !cuda::probe().nvrtc {
+        eprintln!("skipped: libnvrtc not found (LD_LIBRARY_PATH)");
+        return Ok(());
+    }
+    // NVRTC itself, not the kernel cache: this must really compile.
+    let nvrtc = |name: &str, src: &str| -> Result<String> {
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some("sm_90"),
+            name: Some(format!("{name}.cu")),
+            ..Default::default()
+        };
+        Ok(cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?
+            .to_src())
+    };
+    let ptx = nvrtc("ngpt_runtime_helpers", cuda::HELPERS_CU)?;
+    assert!(ptx.contains(".entry f32_to_bf16("), "{ptx}");
+    // The made plan's module is valid CUDA too (it is ngpt.cu behind the same prelude).
+    let plan = load(&made_plan(TINY, 1)?)?;
+    let m = &plan.plan.modules[0];
+    assert!(nvrtc(&m.name, &m.source)?.contains(".entry attention_decode("));
+    Ok(())
+}
+
+#[test]
+fn without_cuda_construction_is_a_one_line_error() -> Result<()> {
+    let Some(why) = skip() else {
+        eprintln!("not applicable: CUDA is usable here, so construction succeeds");
+        return Ok(());
+    };
+    let plan = load(&made_plan(TINY, 1)?)?;
+    let err = match CudaSession::new(Arc::clone(&plan), 1) {
+        Ok(_) => anyhow::bail!("CudaSession::new succeeded although {why}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&why) && !err.contains('\n'), "{err}");
+    assert!(Session::cuda(plan, 1).is_err());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU tests.
+
+#[test]
+fn made_plans_match_the_cpu_executor() -> Result<()> {
+    gpu_or_skip!();
+    for bf16 in [false, true] {
+        let s = Shape { bf16, ..TINY };
+        let plan = load(&made_plan(s, 3)?)?;
+        for batch in [1, 2] {
+            cuda_matches_cpu(&plan, batch, 8, if bf16 { "made bf16" } else { "made f32" })?;
+        }
+    }
+    // An odd shape: 3 heads of 32, head_dim not a multiple of 64, vocab prime.
+    let odd = Shape {
+        layers: 3,
+        heads: 3,
+        embd: 96,
+        vocab: 211,
+        max_seq: 32,
+        bf16: false,
+    };
+    cuda_matches_cpu(&load(&made_plan(odd, 5)?)?, 2, 5, "made odd")?;
+    Ok(())
+}
+
+#[test]
+fn compiled_plans_match_the_cpu_executor() -> Result<()> {
+    gpu_or_skip!();
+    let Ok(dirs) = std::env::var("NGPT_CUDA_TEST_PLANS") else {
+        eprintln!("skipped: NGPT_CUDA_TEST_PLANS names no compiled plan directories");
+        return Ok(());
+    };
+    for dir in dirs.split(',').filter(|d| !d.is_empty()) {
+        let plan = Arc::new(LoadedPlan::load(dir.as_ref())?);
+        cuda_matches_cpu(&plan, 1, 6, dir)?;
+        cuda_matches_cpu(&plan, 2, 3, dir)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
+    gpu_or_skip!();
+    let plan = load(&made_plan(TINY, 7)?)?;
+    let v = plan.dims.vocab;
+    let (mut a, mut b) = (
+        CudaExecutor::new(Arc::clone(&plan), 2)?,
+        CudaExecutor::new(Arc::clone(&plan), 2)?,
+    );
+    a.set_graph(true);
+    b.set_graph(false);
+    let toks: Vec<i32> = prompt(v, 10, 1).iter().map(|&t| t as i32).collect();
+    let pos: Vec<i32> = (0..5).chain(0..5).collect();
+    let pa = a.run(ProgramKind::Prefill, &toks, &pos, 5)?.to_vec();
+    let pb_ = b.run(ProgramKind::Prefill, &toks, &pos, 5)?.to_vec();
+    let (err, _) = compare(&pa, &pb_, v);
+    eprintln!(
+        "the same prefill on two executors: relative difference {err:.3e} (bitwise equal: {})",
+        pa == pb_
+    );
+    assert!(err <= 1e-6, "the same prefill twice differs by {err:.3e}");
+    for step in 0..6 {
+        let t = [(step * 3 % v) as i32, (step * 5 % v) as i32];
+        let p = [5 + step as i32, 5 + step as i32];
+        let ga = a.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+        let gb = b.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+        let (err, _) = compare(&ga, &gb, v);
+        assert!(
+            err <= 1e-6,
+            "decode step {step}: graph vs step by step {err:.3e}"
+        );
+    }
+    assert_eq!(a.graph_captures(), 1, "decode should be captured once");
+    assert_eq!(b.graph_captures(), 0);
+    // A longer prefill grows the buffers: the next decode captures again.
+    let toks: Vec<i32> = prompt(v, 40, 2).iter().map(|&t| t as i32).collect();
+    let pos: Vec<i32> = (0..20).chain(0..20).collect();
+    a.run(ProgramKind::Prefill, &toks, &pos, 20)?;
+    let ga = a.run(ProgramKind::Decode, &[1, 2], &[20, 20], 1)?.to_vec();
+    assert!(ga.iter().all(|x| x.is_finite()));
+    assert_eq!(a.graph_captures(), 2);
+    Ok(())
+}
+
+#[test]
+fn traced_steps_match_the_cpu_executor() -> Result<()> {
+    gpu_or_skip!();
+    let plan = load(&made_plan(TINY, 9)?)?;
+    let toks: Vec<u32> = prompt(plan.dims.vocab, 7, 3);
+    let mut cpu_steps = vec![];
+    let mut cpu = Session::new(Arc::clone(&plan), 1)?;
+    cpu.prefill_traced(&toks, &mut |name, width, v| {
+        cpu_steps.push((name.to_string(), width, v.to_vec()))
+    })?;
+    let mut gpu_steps = vec![];
+    let mut gpu = CudaSession::new(Arc::clone(&plan), 1)?;
+    gpu.prefill_traced(&toks, &mut |name, width, v| {
+        gpu_steps.push((name.to_string(), width, v.to_vec()))
+    })?;
+    assert_eq!(cpu_steps.len(), gpu_steps.len());
+    for ((cn, cw, cv), (gn, gw, gv)) in cpu_steps.iter().zip(&gpu_steps) {
+        assert_eq!((cn, cw), (gn, gw));
+        let (err, _) = compare(gv, cv, *cw);
+        assert!(err <= 1e-5, "step {cn}: {err:.3e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn unwritten_logits_cannot_pass() -> Result<()> {
+    gpu_or_skip!();
+    // A prefill whose last step (the lm_head GEMM) is gone: nothing writes the logits.
+    let (bytes, weights) = made_plan(TINY, 11)?;
+    let mut plan = Plan::decode(bytes.as_slice())?;
+    if let Some(p) = plan.prefill.as_mut() {
+        p.steps.pop();
+    }
+    let plan = load(&(plan.encode_to_vec(), weights))?;
+    for check in [false, true] {
+        let mut ex = CudaExecutor::new(Arc::clone(&plan), 1)?;
+        ex.set_check(check);
+        match ex.run(ProgramKind::Prefill, &[1, 2, 3], &[0, 1, 2], 3) {
+            Ok(l) => {
+                assert!(!check, "check mode let NaN logits through");
+                assert!(l.iter().all(|x| x.is_nan()), "unwritten logits are not NaN");
+            }
+            Err(e) => {
+                assert!(check, "{e}");
+                assert!(e.to_string().contains("NaN"), "{e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_tampered_plan_is_an_error_not_a_fault() -> Result<()> {
+    gpu_or_skip!();
+    let (bytes, weights) = made_plan(TINY, 13)?;
+    // `att` one element a row short: the attention kernel would write past it.
+    let mut plan = Plan::decode(bytes.as_slice())?;
+    for b in &mut plan.buffers {
+        if b.name == "att" {
+            if let Some(e) = b.elements.as_mut() {
+                e.c_rows -= 1;
+            }
+        }
+    }
+    let plan = load(&(plan.encode_to_vec(), weights.clone()))?;
+    let cpu = Session::new(Arc::clone(&plan), 1)?.prefill(&[vec![1, 2, 3]]);
+    assert!(cpu.is_err(), "the CPU executor accepted it");
+    let err = match CudaSession::new(Arc::clone(&plan), 1)?.prefill(&[vec![1, 2, 3]]) {
+        Ok(_) => anyhow::bail!("the CUDA executor accepted a short buffer"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("att"), "{err}");
+    // A module prelude that disagrees with the config is refused at construction.
+    let mut plan = Plan::decode(bytes.as_slice())?;
+    plan.modules[0].source = plan.modules[0]
+        .source
+        .replace("#define NGPT_C 64", "#define NGPT_C 128");
+    let plan = load(&(plan.encode_to_vec(), weights))?;
+    let err = match CudaExecutor::new(plan, 1) {
+        Ok(_) => anyhow::bail!("a mismatched prelude was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("NGPT_C"), "{err}");
+    // Out-of-range requests are refused before anything runs.
+    let plan = load(&made_plan(TINY, 13)?)?;
+    let mut ex = CudaExecutor::new(plan, 1)?;
+    assert!(ex.run(ProgramKind::Prefill, &[97], &[0], 1).is_err());
+    assert!(ex.run(ProgramKind::Prefill, &[1], &[64], 1).is_err());
+    assert!(ex.run(ProgramKind::Prefill, &[1], &[0], 1).is_ok());
+    Ok(())
+}

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The CUDA executor on a GPU machine with CUDA 13 and no Rust toolchain, from a bundle made
+# by scripts/build-gpu-bundle.sh (prebuilt, stripped x86-64 binaries):
+#   1. finds libcuda, libnvrtc and libcublas and puts their folders on LD_LIBRARY_PATH;
+#   2. makes the tiny and 0.5b presets (ngpt init; ngpt compile --dtype bf16, tiny also f32);
+#   3. runs the CUDA tests: runtime/tests/cuda.rs (CUDA against the CPU executor on made and
+#      on these compiled plans) and tests/plan_parity.rs's plan_cuda bodies (against the
+#      float64 reference: f32 1e-5, bf16 2e-2 with top-1 >= 95%);
+#   4. ngpt validate on each plan (plan-cpu and plan-cuda against the reference);
+#   5. times ngpt generate (and ngpt bench where the CLI has it) with plan-cuda, and
+#      plan-cpu beside it, then prints a short table.
+# Every step has a time limit; the whole run stays well under 10 minutes on an H200 machine.
+# Logs go to $OUT (the device tool's folder) when set, else to the work folder.
+#
+# Usage: bash gpu-check.sh [BUNDLE_DIR]       (default: the folder holding this script)
+# NGPT_GPU_CHECK_HALF=0 leaves out the 0.5b preset (a dry run on a small machine).
+# Exit status: 0 when every check passed, 1 otherwise.
+set -uo pipefail
+
+bundle=${1:-$(cd "$(dirname "$0")" && pwd)}
+bundle=$(cd "$bundle" && pwd)
+work=$(mktemp -d /tmp/ngpt-gpu-check.XXXXXX)
+logdir=${OUT:-$work}
+mkdir -p "$logdir"
+log="$logdir/gpu-check.log"
+table="$logdir/gpu-check-table.txt"
+: > "$log"
+failures=0
+started=$(date +%s)
+
+say() { echo "$*" | tee -a "$log" >&2; }
+fail() { say "FAIL: $*"; failures=$((failures + 1)); }
+# run LIMIT_S LABEL CMD...: runs with a time limit, output to the log (stdout to
+# $STDOUT instead when that is set).
+run() {
+    local limit=$1 label=$2
+    shift 2
+    say "== $label"
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    timeout --kill-after=10 "$limit" "$@" >>"${STDOUT:-$log}" 2>>"$log"
+    rc=$?
+    t1=$(date +%s.%N)
+    say "   exit $rc after $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s"
+    return $rc
+}
+
+# --- 1. binaries and libraries ---------------------------------------------------------
+for f in "$bundle"/bin/*.gz; do
+    gunzip -c "$f" > "$work/$(basename "${f%.gz}")" && chmod +x "$work/$(basename "${f%.gz}")"
+done
+ngpt="$work/ngpt"
+for b in ngpt cuda-tests plan-parity; do
+    [ -x "$work/$b" ] || { say "error: $bundle/bin/$b.gz is missing (scripts/build-gpu-bundle.sh)"; exit 1; }
+done
+[ -f "$bundle/BUNDLE.txt" ] && cat "$bundle/BUNDLE.txt" >> "$log"
+
+add_lib_dir() {
+    case ":${LD_LIBRARY_PATH:-}:" in
+    *":$1:"*) ;;
+    *) export LD_LIBRARY_PATH="$1${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+    esac
+}
+# find_lib SONAME: succeeds when the loader can find it, adding its folder if needed.
+find_lib() {
+    ldconfig -p 2>/dev/null | awk '{print $1}' | grep -qx "$1" && return 0
+    local d f path=${LD_LIBRARY_PATH:-}
+    for d in ${path//:/ }; do [ -e "$d/$1" ] && return 0; done
+    f=$(find /usr/local/nvidia /usr/local/cuda /usr/local/cuda-13* /usr/lib/x86_64-linux-gnu \
+        /usr/lib64 /opt -maxdepth 10 -name "$1" 2>/dev/null | head -1)
+    [ -n "$f" ] || return 1
+    add_lib_dir "$(dirname "$f")"
+}
+for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
+    find_lib "$lib" || fail "$lib not found; plan-cuda will say what is missing"
+done
+say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log" >&2
+export NGPT_CACHE_DIR="$work/kernel-cache"
+
+# plan_parity reads nv-tiny from the path compiled into it: put the fixture there.
+mdir=$(cat "$bundle/manifest_dir" 2>/dev/null || echo /nonexistent)
+if [ ! -e "$mdir/tests/fixtures/nv-tiny/ckpt.pt" ]; then
+    mkdir -p "$mdir/tests/fixtures" && cp -r "$bundle/fixtures/nv-tiny" "$mdir/tests/fixtures/" ||
+        fail "cannot place the nv-tiny fixture at $mdir/tests/fixtures (plan_parity needs it)"
+fi
+
+# --- 2. models --------------------------------------------------------------------------
+models="$work/models"
+mkdir -p "$models"
+run 60 "init tiny" "$ngpt" init "$models/tiny" --preset tiny || fail "ngpt init tiny"
+half=${NGPT_GPU_CHECK_HALF:-1}
+if [ "$half" != 0 ]; then
+    run 120 "init 0.5b" "$ngpt" init "$models/half" --preset 0.5b || fail "ngpt init 0.5b"
+fi
+run 60 "compile tiny f32" "$ngpt" compile "$models/tiny" -o "$models/tiny-f32" || fail "compile tiny f32"
+run 60 "compile tiny bf16" "$ngpt" compile "$models/tiny" -o "$models/tiny-bf16" --dtype bf16 || fail "compile tiny bf16"
+plans="$models/tiny-f32,$models/tiny-bf16"
+if [ "$half" != 0 ]; then
+    run 240 "compile 0.5b bf16" "$ngpt" compile "$models/half" -o "$models/half-bf16" --dtype bf16 ||
+        fail "compile 0.5b bf16"
+    plans="$plans,$models/half-bf16"
+fi
+
+# --- 3. CUDA tests ------------------------------------------------------------------------
+NGPT_CUDA_TEST_PLANS="$plans" run 300 "runtime/tests/cuda.rs" \
+    "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs"
+run 240 "tests/plan_parity.rs plan_cuda" \
+    "$work/plan-parity" plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
+if grep -q "^skipped: " "$log"; then
+    fail "some CUDA tests skipped on a GPU machine: $(grep -m1 '^skipped: ' "$log")"
+fi
+
+# --- 4 and 5. validate and timings -------------------------------------------------------
+json_field() { # FILE FIELD: a number from the last JSON line of FILE
+    python3 - "$1" "$2" <<'EOF' 2>/dev/null || echo "-"
+import json, sys
+last = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
+v = json.loads(last).get(sys.argv[2])
+print("-" if v is None else (f"{v:.1f}" if isinstance(v, float) else v))
+EOF
+}
+vocab_of() { grep -o '"vocab_size": *[0-9]*' "$1/config.json" | grep -o '[0-9]*$'; }
+tokens_for() { # VOCAB N: N pseudo-random ids
+    awk -v v="$1" -v n="$2" 'BEGIN{for(i=0;i<n;i++) printf "%s%d", (i?",":""), (i*7919+5)%v}'
+}
+has_bench=0
+"$ngpt" bench --help >/dev/null 2>&1 && has_bench=1
+
+rows=()
+for m in tiny-f32 tiny-bf16 half-bf16; do
+    dir="$models/$m"
+    [ -f "$dir/model.plan" ] || continue
+    src="$models/${m%%-*}"
+    vocab=$(vocab_of "$src")
+    if run 240 "validate $m" "$ngpt" validate "$dir" --engines plan-cpu,plan-cuda; then
+        validate=ok
+    else
+        validate=FAIL
+        fail "ngpt validate $m"
+    fi
+    # The validate table's plan-cuda line, for the summary.
+    cuda_line=$(grep -E "^ *plan-cuda " "$log" | tail -1 | tr -s ' ')
+    case "$cuda_line" in *skipped*) fail "validate $m: plan-cuda was skipped on a GPU machine" ;; esac
+    toks=$(tokens_for "$vocab" 128)
+    for engine in plan-cuda plan-cpu; do
+        gen="$work/gen-$m-$engine.out"
+        if ! STDOUT="$gen" run 180 "generate $m $engine" "$ngpt" generate "$dir" \
+            --engine "$engine" --tokens "$toks" --max-new-tokens 64 --json; then
+            [ "$engine" = plan-cuda ] && fail "generate $m plan-cuda"
+        fi
+        cat "$gen" >> "$log"
+        gp=$(json_field "$gen" prefill_tokens_per_s)
+        gd=$(json_field "$gen" decode_tokens_per_s)
+        bp=- bd=- ttft=- floor=-
+        if [ "$has_bench" = 1 ]; then
+            bench="$work/bench-$m-$engine.out"
+            if STDOUT="$bench" run 240 "bench $m $engine" "$ngpt" bench "$dir" \
+                --engine "$engine" --prompt-len 128 --gen-len 64 --runs 3 --json; then
+                bp=$(json_field "$bench" prefill_tokens_per_s)
+                bd=$(json_field "$bench" decode_tokens_per_s)
+                ttft=$(json_field "$bench" ttft_ms)
+                floor=$(json_field "$bench" decode_floor_fraction)
+            elif [ "$engine" = plan-cuda ]; then
+                fail "bench $m plan-cuda"
+            fi
+            cat "$bench" >> "$log"
+        fi
+        rows+=("$(printf '%-10s %-9s %-8s %12s %12s %12s %12s %9s %7s' \
+            "$m" "$engine" "$validate" "$gp" "$gd" "$bp" "$bd" "$ttft" "$floor")")
+    done
+    say "   validate $m: ${cuda_line:-no plan-cuda line}"
+done
+
+{
+    echo
+    echo "ngpt gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(date -u +%Y-%m-%d)"
+    printf '%-10s %-9s %-8s %12s %12s %12s %12s %9s %7s\n' model engine validate \
+        "gen pre t/s" "gen dec t/s" "bench pre" "bench dec" "ttft ms" "floor"
+    printf '%s\n' "${rows[@]}"
+    echo "(generate: 128-token prompt, 64 new tokens, batch 1; bench: medians of 3 runs; floor: decode time floor / measured)"
+    echo "tests: $(grep -cE '^test .* ok$' "$log") ok, $(grep -cE '^test .* FAILED$' "$log") failed; $failures check(s) failed; $(( $(date +%s) - started )) s; log: $log"
+} | tee "$table"
+[ "$failures" -eq 0 ]
