@@ -267,8 +267,7 @@ impl Model {
             Engine::Reference => drop(self.checkpoint()?),
             Engine::Ir => drop(self.compiled()?),
             Engine::Tract => drop(self.tract(tokens)?),
-            Engine::PlanCpu => drop(self.plan(tokens)?),
-            Engine::PlanCuda => {}
+            Engine::PlanCpu | Engine::PlanCuda => drop(self.plan(tokens)?),
         }
         Ok(())
     }
@@ -345,12 +344,11 @@ impl Model {
                 }
                 Ok(widen(session.logits(tokens)?))
             }
-            Engine::PlanCpu => {
+            Engine::PlanCpu | Engine::PlanCuda => {
                 let plan = self.plan(tokens.len())?;
-                let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
+                let mut session = plan_session(engine, plan, 1)?;
                 Ok(widen(session.prefill(&[tokens.to_vec()])?))
             }
-            Engine::PlanCuda => bail!("--engine plan-cuda: {}", cuda_unavailable()),
         }
     }
 }
@@ -371,9 +369,9 @@ impl Model {
         if n == 0 {
             return Ok(out);
         }
-        if engine == Engine::PlanCpu {
+        if matches!(engine, Engine::PlanCpu | Engine::PlanCuda) {
             let plan = self.plan(prompt.len() + n)?;
-            let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
+            let mut session = plan_session(engine, plan, 1)?;
             let logits = session.prefill(&[prompt.to_vec()])?;
             let mut last: Vec<f64> = logits[(prompt.len() - 1) * vocab..]
                 .iter()
@@ -439,9 +437,9 @@ impl Model {
                     &mut from_tensor,
                 )?;
             }
-            Engine::PlanCpu => {
+            Engine::PlanCpu | Engine::PlanCuda => {
                 let plan = self.plan(tokens.len())?;
-                let mut session = ngpt_runtime::session::Session::new(plan, 1)?;
+                let mut session = plan_session(engine, plan, 1)?;
                 session.prefill_traced(tokens, &mut |name, _width, values| {
                     points.push(TracePoint {
                         name: name.to_string(),
@@ -458,7 +456,6 @@ impl Model {
                     values,
                 });
             }
-            Engine::PlanCuda => bail!("plan-cuda: {}", cuda_unavailable()),
         }
         Ok(points)
     }
@@ -479,12 +476,29 @@ pub fn top_two(row: &[f64]) -> (u32, f64) {
     (best.0 as u32, best.1 - second)
 }
 
-/// Why plan-cuda cannot run in this process.
-pub fn cuda_unavailable() -> String {
-    match ngpt_runtime::cuda::probe().missing() {
-        Some(why) => why,
-        None => "the CUDA executor is not part of this build yet; use plan-cpu".into(),
-    }
+/// Why plan-cuda cannot run in this process, or `None` when it can.
+pub fn cuda_unavailable() -> Option<String> {
+    ngpt_runtime::cuda::unavailable()
+}
+
+/// A runtime session on `plan` for the plan engines: the CPU executor, or the CUDA one
+/// (an error naming what is missing where CUDA is not usable).
+pub fn plan_session(
+    engine: Engine,
+    plan: Arc<LoadedPlan>,
+    batch: usize,
+) -> Result<ngpt_runtime::session::Session> {
+    use ngpt_runtime::session::Session;
+    Ok(match engine {
+        Engine::PlanCpu => Session::new(plan, batch)?,
+        Engine::PlanCuda => {
+            if let Some(why) = cuda_unavailable() {
+                bail!("--engine plan-cuda: {why}");
+            }
+            Session::cuda(plan, batch)?
+        }
+        other => bail!("{} is not a plan engine", other.name()),
+    })
 }
 
 fn tensor_to_f64(t: &candle_core::Tensor) -> Result<Vec<f64>> {

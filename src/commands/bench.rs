@@ -23,6 +23,7 @@ ngpt bench out/small --engine tract --json"
 pub struct Args {
     /// A compiled directory or a checkpoint.
     input: PathBuf,
+    /// plan-cpu, plan-cuda or tract.
     #[arg(long, value_enum, default_value = "plan-cpu")]
     engine: Engine,
     /// Prompt tokens per sequence (pseudo-random ids).
@@ -74,8 +75,8 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
 
     let mut run_once: Box<dyn FnMut() -> Result<Times> + '_> = match a.engine {
-        Engine::PlanCpu => {
-            let mut session = ngpt_runtime::session::Session::new(plan.clone(), a.batch)?;
+        Engine::PlanCpu | Engine::PlanCuda => {
+            let mut session = crate::engines::plan_session(a.engine, plan.clone(), a.batch)?;
             let (gen, p) = (a.gen_len, a.prompt_len);
             Box::new(move || {
                 let t0 = Instant::now();
@@ -149,13 +150,8 @@ pub fn run(a: Args) -> Result<()> {
             })
         }
         other => bail!(
-            "--engine {}: bench runs plan-cpu or tract{}",
-            other.name(),
-            if other == Engine::PlanCuda {
-                format!(" here ({})", crate::engines::cuda_unavailable())
-            } else {
-                String::new()
-            }
+            "--engine {}: bench times plan-cpu, plan-cuda or tract",
+            other.name()
         ),
     };
 
@@ -168,9 +164,14 @@ pub fn run(a: Args) -> Result<()> {
     let ttft = median(times.iter().map(|t| t.ttft).collect());
     let decode = median(times.iter().map(|t| t.decode).collect());
 
-    // The floors, from the plan's cost model and this machine's measured rates.
-    let bandwidth = memory_bandwidth(512 << 20, 3);
-    let rate = gemm_rate(1024, 3);
+    // The floors, from the plan's cost model and the measured rates of the machine the
+    // engine runs on: the GPU's copy bandwidth and cuBLAS bf16 rate for plan-cuda.
+    let (bandwidth, rate, rate_name) = if a.engine == Engine::PlanCuda {
+        let r = ngpt_runtime::cuda::rates::device_rates(1 << 30, 8192, 3)?;
+        (r.bandwidth, r.gemm_bf16, "cuBLAS bf16 GEMM")
+    } else {
+        (memory_bandwidth(512 << 20, 3), gemm_rate(1024, 3), "GEMM")
+    };
     let decode_bytes: f64 = (0..a.gen_len)
         .map(|i| {
             program_cost(
@@ -210,7 +211,7 @@ pub fn run(a: Args) -> Result<()> {
         a.runs
     );
     println!(
-        "  prefill      {prefill_tps:>10.1} tokens/s  ({:.1} ms; floor {:.1} ms = {:.2} GFLOP at {:.1} GFLOP/s measured GEMM: {:.0}% of it)",
+        "  prefill      {prefill_tps:>10.1} tokens/s  ({:.1} ms; floor {:.1} ms = {:.2} GFLOP at {:.1} GFLOP/s measured {rate_name}: {:.0}% of it)",
         prefill * 1e3,
         prefill_floor * 1e3,
         prefill_flops / 1e9,

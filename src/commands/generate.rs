@@ -70,10 +70,19 @@ fn find_vocab(a: &Args) -> Result<Option<Vocab>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let engine = match a.engine {
-        Some(Engine::PlanCuda) => bail!("--engine plan-cuda: the CUDA executor is not part of this build yet; use --engine plan-cpu"),
-        _ => Engine::PlanCpu,
+    // Default: the GPU where CUDA is usable, else the CPU (said once the request is known
+    // to be servable). Asked for explicitly, plan-cuda without a GPU is an error.
+    let cuda_missing = crate::engines::cuda_unavailable();
+    let engine = match (a.engine, &cuda_missing) {
+        (Some(e), _) => e,
+        (None, None) => Engine::PlanCuda,
+        (None, Some(_)) => Engine::PlanCpu,
     };
+    let runtime_engine = match engine {
+        Engine::PlanCpu => crate::engines::Engine::PlanCpu,
+        Engine::PlanCuda => crate::engines::Engine::PlanCuda,
+    };
+    let engine_name = runtime_engine.name();
     let vocab = find_vocab(&a)?;
     let plan = super::input::load_plan(&a.input, 0)?;
     let v = plan.dims.vocab;
@@ -131,7 +140,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("prompt ({longest} tokens) plus --max-new-tokens {} exceeds the KV capacity {cap} (--max-seq-len at compile time)", a.max_new_tokens);
     }
     let b = prompts.len();
-    let mut session = Session::new(Arc::new(plan), b)?;
+    let mut session: Session = crate::engines::plan_session(runtime_engine, Arc::new(plan), b)?;
     let mut sampler = Sampler::new(
         Sampling {
             temperature: a.temperature,
@@ -140,8 +149,11 @@ pub fn run(a: Args) -> Result<()> {
         a.seed,
     );
     // Said once the request is known to be servable, so a refused one prints only its error.
-    if engine == Engine::PlanCpu && a.engine.is_none() && !a.json {
-        eprintln!("engine: plan-cpu (no CUDA executor in this build)");
+    if a.engine.is_none() && !a.json {
+        match &cuda_missing {
+            Some(why) => eprintln!("engine: plan-cpu ({why})"),
+            None => eprintln!("engine: {}", session.executor().describe()),
+        }
     }
     if let (Some(voc), false) = (&vocab, a.json) {
         eprintln!("vocabulary: {}", voc.describe());
@@ -219,7 +231,7 @@ pub fn run(a: Args) -> Result<()> {
             "tokens": tokens,
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,
-            "engine": "plan-cpu",
+            "engine": engine_name,
         });
         if let Some(voc) = &vocab {
             let text: Vec<String> = generated.iter().map(|g| voc.decode(g)).collect();
@@ -231,7 +243,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         println!("{obj}");
     } else {
-        eprintln!("prefill {prefill_tps:.1} tokens/s, decode {decode_tps:.1} tokens/s (plan-cpu, batch {b})");
+        eprintln!("prefill {prefill_tps:.1} tokens/s, decode {decode_tps:.1} tokens/s ({engine_name}, batch {b})");
     }
     Ok(())
 }

@@ -111,11 +111,14 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
             _ => &[Precision::F32],
         };
         for &p in precisions {
-            if engine == Engine::PlanCuda {
+            if let Some(why) = (engine == Engine::PlanCuda)
+                .then(cuda_unavailable)
+                .flatten()
+            {
                 rows.push(Row {
                     engine,
                     numerics: None,
-                    outcome: Outcome::Skipped(cuda_unavailable()),
+                    outcome: Outcome::Skipped(why),
                 });
                 continue;
             }

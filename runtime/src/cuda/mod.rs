@@ -9,6 +9,7 @@
 
 mod executor;
 mod session;
+pub mod rates;
 
 use std::path::PathBuf;
 
