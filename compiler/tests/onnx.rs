@@ -547,6 +547,7 @@ fn every_pass_prefix_exports_at_parity() -> Result<()> {
             &m.ckpt,
             &compile::Options {
                 stop_after: Some(n),
+                ..Default::default()
             },
         )?;
         let s = Session::from_bytes(&export(&m.ckpt, &c, &opts)?.model)?;
