@@ -56,9 +56,20 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Creates `dir` (and its parents) or says which directory could not be made.
 pub fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
+    std::fs::create_dir_all(dir).map_err(|source| {
+        // A file where the directory should be: the OS says only "File exists".
+        let source = if dir.exists() && !dir.is_dir() {
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            )
+        } else {
+            source
+        };
+        Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        }
     })
 }
 

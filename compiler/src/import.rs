@@ -230,7 +230,7 @@ fn prefix_note<'a>(raw_names: impl Iterator<Item = &'a str>) -> Vec<String> {
 
 fn load_torch(path: &Path) -> Result<Loaded> {
     let len = file_len(path)?;
-    let model_args = read_model_args(path)?;
+    let model_args = read_model_args(path, len)?;
     let config = Config::from_args(&model_args, path)?;
     check_config_fits(&config, path, len)?;
     let pth = candle_core::pickle::PthTensors::new(path, Some("model")).map_err(|e| {
@@ -282,25 +282,52 @@ fn load_torch(path: &Path) -> Result<Loaded> {
     Ok((config, tensors, notes))
 }
 
-/// Reads `model_args` from the top-level dict of a torch zip checkpoint.
-fn read_model_args(path: &Path) -> Result<BTreeMap<String, ArgValue>> {
+/// Reads `model_args` from the top-level dict of a torch zip checkpoint, after checking the
+/// pickle and the state dict's tensor records as candle will read them
+/// (`crate::pickle_guard`).
+fn read_model_args(path: &Path, file_len: u64) -> Result<BTreeMap<String, ArgValue>> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| format_err(path, format!("not a torch checkpoint (zip archive): {e}")))?;
-    let pkl = zip
+    // candle reads every `*data.pkl`; torch writes one.
+    let pkls: Vec<String> = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
-        .find(|n| n.ends_with("data.pkl"))
-        .ok_or_else(|| format_err(path, "torch zip holds no data.pkl"))?;
+        .filter(|n| n.ends_with("data.pkl"))
+        .collect();
+    let pkl = match pkls.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(format_err(path, "torch zip holds no data.pkl")),
+        more => {
+            return Err(format_err(
+                path,
+                format!(
+                    "torch zip holds {} data.pkl files; expected one",
+                    more.len()
+                ),
+            ))
+        }
+    };
     let entry = zip
         .by_name(&pkl)
         .map_err(|e| format_err(path, format!("cannot open {pkl}: {e}")))?;
-    let mut reader = std::io::BufReader::new(entry);
+    let mut bytes = vec![];
+    let cap = file_len.saturating_mul(16).max(1 << 20);
+    std::io::Read::read_to_end(&mut std::io::Read::take(entry, cap + 1), &mut bytes)
+        .map_err(|e| format_err(path, format!("cannot read {pkl}: {e}")))?;
+    if bytes.len() as u64 > cap {
+        return Err(format_err(
+            path,
+            format!("{pkl} unpacks to more than {cap} bytes"),
+        ));
+    }
+    crate::pickle_guard::scan(&bytes)
+        .map_err(|p| format_err(path, format!("cannot parse the pickle {pkl}: {p}")))?;
     let mut stack = Stack::empty();
-    stack.read_loop(&mut reader).map_err(|e| {
+    stack.read_loop(&mut bytes.as_slice()).map_err(|e| {
         format_err(
             path,
             format!("cannot parse the pickle {pkl}: {}", candle_message(&e)),
@@ -318,6 +345,13 @@ fn read_model_args(path: &Path) -> Result<BTreeMap<String, ArgValue>> {
             "top-level object is not a dict (expected NVIDIA/ngpt's train.py checkpoint)",
         ));
     };
+    let model = entries
+        .iter()
+        .find(|(k, _)| matches!(k, Object::Unicode(s) if s == "model"));
+    if let Some((_, model)) = model {
+        crate::pickle_guard::check_state_dict(model, file_len)
+            .map_err(|p| format_err(path, format!("state dict under `model`: {p}")))?;
+    }
     let args = entries
         .into_iter()
         .find(|(k, _)| matches!(k, Object::Unicode(s) if s == "model_args"))

@@ -15,6 +15,7 @@ pub mod init;
 pub mod inspect;
 pub mod onnx;
 pub mod passes;
+mod pickle_guard;
 pub mod plan;
 pub mod reference;
 

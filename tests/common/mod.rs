@@ -146,3 +146,116 @@ pub fn edit_config(
 pub fn ngpt_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ngpt")
 }
+
+/// A minimal pickle (protocol 2) writer: what `torch.save` of NVIDIA's checkpoint dict uses
+/// (dicts, strings, ints, floats, tensors rebuilt from numbered storages).
+#[derive(Default)]
+pub struct Pickle(pub Vec<u8>);
+
+impl Pickle {
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        self.0.push(b'X');
+        self.0.extend((s.len() as u32).to_le_bytes());
+        self.0.extend(s.as_bytes());
+        self
+    }
+    pub fn int(&mut self, i: i32) -> &mut Self {
+        self.0.push(b'J');
+        self.0.extend(i.to_le_bytes());
+        self
+    }
+    pub fn float(&mut self, f: f64) -> &mut Self {
+        self.0.push(b'G');
+        self.0.extend(f.to_be_bytes());
+        self
+    }
+    pub fn op(&mut self, op: &[u8]) -> &mut Self {
+        self.0.extend(op);
+        self
+    }
+    pub fn global(&mut self, module: &str, name: &str) -> &mut Self {
+        self.op(format!("c{module}\n{name}\n").as_bytes())
+    }
+    pub fn ints(&mut self, v: &[usize]) -> &mut Self {
+        self.op(b"(");
+        for &d in v {
+            self.int(d as i32);
+        }
+        self.op(b"t")
+    }
+    /// `torch._utils._rebuild_tensor_v2(storage i, 0, shape, contiguous strides, False, {})`.
+    pub fn tensor(&mut self, storage: usize, class: &str, shape: &[usize]) -> &mut Self {
+        let numel: usize = shape.iter().product();
+        let mut strides = vec![1usize; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * shape[i + 1];
+        }
+        self.global("torch._utils", "_rebuild_tensor_v2").op(b"(");
+        self.op(b"(").str("storage").global("torch", class);
+        self.str(&storage.to_string()).str("cpu").int(numel as i32);
+        self.op(b"tQ").int(0).ints(shape).ints(&strides).op(&[0x89]);
+        self.global("collections", "OrderedDict").op(b")R");
+        self.op(b"tR")
+    }
+    /// `model_args` of `config` as a dict, after the key already written.
+    pub fn model_args(&mut self, config: &ngpt_compiler::config::Config) -> &mut Self {
+        self.op(b"}(");
+        for (k, v) in [
+            ("use_nGPT", 1),
+            ("n_layer", config.n_layer as i32),
+            ("n_head", config.n_head as i32),
+            ("n_embd", config.n_embd as i32),
+            ("block_size", config.block_size as i32),
+            ("vocab_size", config.vocab_size as i32),
+        ] {
+            self.str(k).int(v);
+        }
+        self.str("base_scale").float(config.base_scale);
+        self.str("bias").op(&[0x89]).str("dropout").float(0.0);
+        self.op(b"u")
+    }
+}
+
+/// The `ngpt init` model of `opts` as NVIDIA's `ckpt.pt` would hold it: the pickle of
+/// `{"model_args": {...}, "model": state dict}` with `prefix` before every key, and the
+/// storages it names (`archive/data/0`, ...).
+pub fn torch_ckpt_parts(opts: &InitOptions, prefix: &str) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+    let dir = tempfile::tempdir()?;
+    ngpt_compiler::init::write(dir.path(), opts)?;
+    let config = opts.config()?;
+    let entries = read_entries(&dir.path().join("model.safetensors"))?;
+    let mut p = Pickle::default();
+    p.op(&[0x80, 2])
+        .op(b"}(")
+        .str("model_args")
+        .model_args(&config);
+    p.str("model").op(b"}(");
+    let mut storages = vec![];
+    for (i, e) in entries.iter().enumerate() {
+        let class = match e.dtype {
+            safetensors::Dtype::F32 => "FloatStorage",
+            safetensors::Dtype::BF16 => "BFloat16Storage",
+            other => anyhow::bail!("{}: unexpected dtype {other:?}", e.name),
+        };
+        p.str(&format!("{prefix}{}", e.name))
+            .tensor(i, class, &e.shape);
+        storages.push(e.data.clone());
+    }
+    p.op(b"uu.");
+    Ok((p.0, storages))
+}
+
+/// A torch zip: `archive/data.pkl` and `archive/data/{i}`, stored uncompressed.
+pub fn torch_zip_bytes(pickle: &[u8], storages: &[Vec<u8>]) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts)?;
+    zip.write_all(pickle)?;
+    for (i, s) in storages.iter().enumerate() {
+        zip.start_file(format!("archive/data/{i}"), opts)?;
+        zip.write_all(s)?;
+    }
+    Ok(zip.finish()?.into_inner())
+}

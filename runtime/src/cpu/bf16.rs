@@ -67,7 +67,8 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;
     }
-    if s.n <= DOT_MAX_N {
+    // k = 0 (C = beta C, as cuBLAS and the f32 path compute it) has no rows to widen.
+    if s.n <= DOT_MAX_N || s.k == 0 {
         dots(s, w, x, c)
     } else {
         blocked(s, w, x, c)
@@ -184,6 +185,16 @@ mod tests {
         for (m, n, k) in [(1, 1, 1), (67, 1, 13), (130, 3, 70), (300, 8, 33), (517, 9, 40), (64, 40, 17)] {
             case(m, n, k, 0.0);
             case(m, n, k, 0.5);
+        }
+    }
+
+    #[test]
+    fn k_zero_scales_c_by_beta_on_both_paths() {
+        // Found by fuzz/ (target plan): the blocked path chunked its scratch by k and
+        // panicked on k = 0.
+        for n in [3, 40] {
+            case(64, n, 0, 0.0);
+            case(64, n, 0, 0.5);
         }
     }
 
