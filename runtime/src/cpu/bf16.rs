@@ -28,8 +28,30 @@ pub fn narrow_exact(v: f32) -> u16 {
     (v.to_bits() >> 16) as u16
 }
 
+/// The dot product, compiled for AVX2 where the CPU has it. Each of the eight lanes does
+/// the same separate multiplies and adds in the same order whatever the vector width (no
+/// FMA), so the result is bitwise the same on every x86-64 machine.
+fn dot_fn() -> fn(&[u16], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return |w, x| {
+                // SAFETY: AVX2 is present (checked just above).
+                unsafe { dot_avx2(w, x) }
+            };
+        }
+    }
+    dot
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(w: &[u16], x: &[f32]) -> f32 {
+    dot(w, x)
+}
+
 /// `sum_i widen(w[i]) * x[i]` in f32, eight lanes then their sum.
-#[inline]
+#[inline(always)]
 fn dot(w: &[u16], x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
@@ -43,7 +65,12 @@ fn dot(w: &[u16], x: &[f32]) -> f32 {
     for (&a, &b) in wr.iter().zip(xr) {
         tail += widen(a) * b;
     }
-    let pairs = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    let pairs = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
     (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
 }
 
@@ -76,6 +103,7 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
 }
 
 fn dots(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
+    let dot = dot_fn();
     // Each piece computes its rows of C for every column, into its own buffer.
     let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
         .step_by(ROWS_PER_PIECE)
@@ -158,10 +186,21 @@ mod tests {
         let w: Vec<u16> = (0..m * lda)
             .map(|i| narrow_exact(((i * 37 % 101) as f32 - 50.0) / 64.0))
             .collect();
-        let x: Vec<f32> = (0..n * ldb).map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0).collect();
+        let x: Vec<f32> = (0..n * ldb)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
+            .collect();
         let c0: Vec<f32> = (0..n * ldc).map(|i| (i % 5) as f32).collect();
         let mut c = c0.clone();
-        let s = Shape { m, n, k, lda, ldb, ldc, alpha: 0.75, beta };
+        let s = Shape {
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            alpha: 0.75,
+            beta,
+        };
         gemm(s, &w, &x, &mut c);
         for j in 0..n {
             for r in 0..m {
@@ -171,7 +210,10 @@ mod tests {
                     * 0.75
                     + beta as f64 * c0[j * ldc + r] as f64;
                 let got = c[j * ldc + r] as f64;
-                assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "m{m} n{n} k{k} ({r},{j}): {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                    "m{m} n{n} k{k} ({r},{j}): {got} vs {exact}"
+                );
             }
             // Padding rows of C are untouched.
             for r in m..ldc {
@@ -182,7 +224,14 @@ mod tests {
 
     #[test]
     fn both_paths_match_exact_products_on_odd_shapes() {
-        for (m, n, k) in [(1, 1, 1), (67, 1, 13), (130, 3, 70), (300, 8, 33), (517, 9, 40), (64, 40, 17)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (67, 1, 13),
+            (130, 3, 70),
+            (300, 8, 33),
+            (517, 9, 40),
+            (64, 40, 17),
+        ] {
             case(m, n, k, 0.0);
             case(m, n, k, 0.5);
         }
@@ -199,11 +248,38 @@ mod tests {
     }
 
     #[test]
+    fn the_avx2_dot_product_is_bitwise_the_portable_one() {
+        let w: Vec<u16> = (0..1000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 17) as u16 & 0x7f7f)
+            .collect();
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 7.0)
+            .collect();
+        for n in [0, 1, 7, 8, 9, 100, 1000] {
+            assert_eq!(
+                dot_fn()(&w[..n], &x[..n]).to_bits(),
+                dot(&w[..n], &x[..n]).to_bits()
+            );
+        }
+    }
+
+    #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let (m, n, k) = (333, 4, 100);
-        let w: Vec<u16> = (0..m * k).map(|i| (i as u16).wrapping_mul(7919) & 0x3fff).collect();
+        let w: Vec<u16> = (0..m * k)
+            .map(|i| (i as u16).wrapping_mul(7919) & 0x3fff)
+            .collect();
         let x: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 * 0.25).collect();
-        let s = Shape { m, n, k, lda: k, ldb: k, ldc: m, alpha: 1.0, beta: 0.0 };
+        let s = Shape {
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: k,
+            ldc: m,
+            alpha: 1.0,
+            beta: 0.0,
+        };
         let mut one = vec![0f32; m * n];
         rayon::ThreadPoolBuilder::new()
             .num_threads(1)
