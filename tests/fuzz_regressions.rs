@@ -105,16 +105,28 @@ fn seeds() -> Result<Vec<(&'static str, String, Vec<u8>)>> {
     Ok(out)
 }
 
-/// What one input did: `Ok(true)` accepted (imported, or a plan that ran), `Ok(false)`
-/// refused with an error, `Err` a panic or a broken contract.
-fn replay(target: &str, data: &[u8]) -> std::result::Result<bool, String> {
+/// What one input did, when it did not panic.
+#[derive(Debug, PartialEq)]
+enum Replay {
+    /// Imported, or a plan that loaded and ran.
+    Accepted,
+    /// Refused with this error.
+    Refused(String),
+}
+
+/// Replays one input; `Err` is a panic or a broken contract, with its message.
+fn replay(target: &str, data: &[u8]) -> std::result::Result<Replay, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let imported = |r: ngpt_compiler::Result<_>| match r {
+        Ok(_) => Ok(Replay::Accepted),
+        Err(e) => Ok(Replay::Refused(e.to_string())),
+    };
     let run = || match target {
-        "import_safetensors" => Ok(inputs::import_safetensors(data, dir.path()).is_ok()),
-        "import_torch" => Ok(inputs::import_torch(data, dir.path()).is_ok()),
+        "import_safetensors" => imported(inputs::import_safetensors(data, dir.path())),
+        "import_torch" => imported(inputs::import_torch(data, dir.path())),
         "plan" => match inputs::plan(data) {
-            PlanOutcome::Ran => Ok(true),
-            PlanOutcome::LoadErr(_) | PlanOutcome::RunErr(_) => Ok(false),
+            PlanOutcome::Ran => Ok(Replay::Accepted),
+            PlanOutcome::LoadErr(e) | PlanOutcome::RunErr(e) => Ok(Replay::Refused(e)),
             PlanOutcome::BadLogits(what) => Err(what),
         },
         other => Err(format!("unknown target {other}")),
@@ -136,7 +148,7 @@ fn generated_seeds_reach_the_end_of_each_entry_point() -> Result<()> {
     for (target, name, data) in &seeds {
         assert_eq!(
             replay(target, data),
-            Ok(true),
+            Ok(Replay::Accepted),
             "{target}/{name} is not accepted"
         );
         if write {
@@ -185,8 +197,8 @@ fn committed_seeds_never_panic() -> Result<()> {
             let mut accepted = 0;
             for (name, data) in &files {
                 match replay(target, data) {
-                    Ok(true) => accepted += 1,
-                    Ok(false) => {}
+                    Ok(Replay::Accepted) => accepted += 1,
+                    Ok(Replay::Refused(_)) => {}
                     Err(p) => panic!("{kind}/{target}/{name}: {p}"),
                 }
             }
@@ -210,13 +222,18 @@ fn crashing_inputs_found_by_fuzzing_no_longer_crash() -> Result<()> {
         }
         for (name, data) in committed("regressions", target)? {
             match replay(target, &data) {
-                Ok(false) => replayed += 1,
+                Ok(Replay::Refused(e)) => eprintln!("regressions/{target}/{name}: {e}"),
                 // A plan's fix may make it run (a GEMM with k = 0 computes C = beta C);
                 // `replay` has checked the logits' size.
-                Ok(true) if target == "plan" => replayed += 1,
-                Ok(true) => panic!("regressions/{target}/{name} is accepted; expected an error"),
+                Ok(Replay::Accepted) if target == "plan" => {
+                    eprintln!("regressions/{target}/{name}: runs")
+                }
+                Ok(Replay::Accepted) => {
+                    panic!("regressions/{target}/{name} is accepted; expected an error")
+                }
                 Err(p) => panic!("regressions/{target}/{name}: {p}"),
             }
+            replayed += 1;
         }
     }
     eprintln!("{replayed} fuzz regressions replayed");
