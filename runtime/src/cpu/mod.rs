@@ -527,10 +527,9 @@ impl CpuExecutor {
             let a = operand(src(g.a.as_ref()), "a")?;
             let b = operand(src(g.b.as_ref()), "b")?;
             let bf16_a = match src(g.a.as_ref()) {
-                Some(operand::Source::Weight(w)) if g.trans_a && !g.trans_b => self
-                    .bf16_weights
-                    .get(w as usize)
-                    .and_then(|o| o.as_deref()),
+                Some(operand::Source::Weight(w)) if g.trans_a && !g.trans_b => {
+                    self.bf16_weights.get(w as usize).and_then(|o| o.as_deref())
+                }
                 _ => None,
             };
             if a.len() < need_a || b.len() < need_b || c.len() < need_c {

@@ -8,8 +8,8 @@
 //! compiles every module with NVRTC, so the kernel sources stay valid CUDA there.
 
 mod executor;
-mod session;
 pub mod rates;
+mod session;
 
 use std::path::PathBuf;
 
