@@ -301,6 +301,64 @@ impl LoadedPlan {
     }
 }
 
+/// A GEMM step's sizes for one request, and the elements each operand must hold
+/// (column-major, as cuBLAS reads them).
+#[derive(Debug, Clone, Copy)]
+pub struct GemmExtents {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub need_a: usize,
+    pub need_b: usize,
+    pub need_c: usize,
+}
+
+/// Evaluates `g` for `rows` rows of `batch` sequences and checks its leading dimensions;
+/// the error is the problem, for the caller to attach to the step.
+pub fn gemm_extents(
+    g: &pb::Gemm,
+    rows: usize,
+    batch: usize,
+) -> std::result::Result<GemmExtents, String> {
+    let dim = |a: Option<&pb::Affine>, what: &str| {
+        eval(a, rows, batch).ok_or_else(|| format!("GEMM {what} overflows"))
+    };
+    let (m, n, k) = (
+        dim(g.m.as_ref(), "m")?,
+        dim(g.n.as_ref(), "n")?,
+        dim(g.k.as_ref(), "k")?,
+    );
+    let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+    let need = |r: usize, c: usize, ld: usize, what: &str| -> std::result::Result<usize, String> {
+        if ld < r.max(1) {
+            return Err(format!("GEMM {what}: leading dimension {ld} < {r}"));
+        }
+        if c == 0 {
+            return Ok(0);
+        }
+        (c - 1)
+            .checked_mul(ld)
+            .and_then(|x| x.checked_add(r))
+            .ok_or_else(|| "GEMM size overflows".to_string())
+    };
+    let (ar, ac) = if g.trans_a { (k, m) } else { (m, k) };
+    let (br, bc) = if g.trans_b { (n, k) } else { (k, n) };
+    Ok(GemmExtents {
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldc,
+        need_a: need(ar, ac, lda, "a")?,
+        need_b: need(br, bc, ldb, "b")?,
+        need_c: need(m, n, ldc, "c")?,
+    })
+}
+
 /// Evaluates an affine size; `None` on overflow or absence.
 pub fn eval(a: Option<&pb::Affine>, rows: usize, batch: usize) -> Option<usize> {
     let a = a?;

@@ -10,7 +10,7 @@ pub use kernels::Threading;
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
 use crate::error::{Error, Result};
-use crate::plan::{eval, LoadedPlan};
+use crate::plan::LoadedPlan;
 
 /// A buffer's storage.
 #[derive(Debug, Clone)]
@@ -86,6 +86,9 @@ pub struct CpuExecutor {
     /// plans: they read half the bytes of the widened f32 weights.
     bf16_weights: Vec<Option<Vec<u16>>>,
 }
+
+/// A step tracer: called with (step name, row width, rows x width values) after each step.
+pub type StepTrace<'a> = &'a mut dyn FnMut(&str, usize, &[f32]);
 
 fn step_err(step: &str, problem: impl Into<String>) -> Error {
     Error::Step {
@@ -211,7 +214,7 @@ impl CpuExecutor {
         tokens: &[i32],
         positions: &[i32],
         per_seq: usize,
-        mut on_step: Option<&mut dyn FnMut(&str, usize, &[f32])>,
+        mut on_step: Option<StepTrace<'_>>,
     ) -> Result<&[f32]> {
         let rows = tokens.len();
         if rows != self.batch * per_seq || positions.len() != rows || per_seq == 0 {
@@ -461,36 +464,17 @@ impl CpuExecutor {
     fn gemm(&mut self, name: &str, g: &pb::Gemm, rows: usize) -> Result<()> {
         let plan = Arc::clone(&self.plan);
         let batch = self.batch;
-        let dim = |a: Option<&pb::Affine>, what: &str| {
-            eval(a, rows, batch).ok_or_else(|| step_err(name, format!("GEMM {what} overflows")))
-        };
-        let (m, n, k) = (
-            dim(g.m.as_ref(), "m")?,
-            dim(g.n.as_ref(), "n")?,
-            dim(g.k.as_ref(), "k")?,
-        );
-        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
-        // Stored (rows, cols) of each operand, column-major, and the elements that needs.
-        let need = |r: usize, c: usize, ld: usize, what: &str| -> Result<usize> {
-            if ld < r.max(1) {
-                return Err(step_err(
-                    name,
-                    format!("GEMM {what}: leading dimension {ld} < {r}"),
-                ));
-            }
-            if c == 0 {
-                return Ok(0);
-            }
-            (c - 1)
-                .checked_mul(ld)
-                .and_then(|x| x.checked_add(r))
-                .ok_or_else(|| step_err(name, "GEMM size overflows"))
-        };
-        let (ar, ac) = if g.trans_a { (k, m) } else { (m, k) };
-        let (br, bc) = if g.trans_b { (n, k) } else { (k, n) };
-        let need_a = need(ar, ac, lda, "a")?;
-        let need_b = need(br, bc, ldb, "b")?;
-        let need_c = need(m, n, ldc, "c")?;
+        let crate::plan::GemmExtents {
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            need_a,
+            need_b,
+            need_c,
+        } = crate::plan::gemm_extents(g, rows, batch).map_err(|p| step_err(name, p))?;
         let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source);
         let ci = match src(g.c.as_ref()) {
             Some(operand::Source::Buffer(b)) => b as usize,

@@ -1410,35 +1410,17 @@ impl CudaExecutor {
 
     fn resolve_gemm(&self, si: usize, name: &str, g: &pb::Gemm, rows: usize) -> Result<Op> {
         let batch = self.batch;
-        let dim = |a: Option<&pb::Affine>, what: &str| {
-            eval(a, rows, batch).ok_or_else(|| step_err(name, format!("GEMM {what} overflows")))
-        };
-        let (m, n, k) = (
-            dim(g.m.as_ref(), "m")?,
-            dim(g.n.as_ref(), "n")?,
-            dim(g.k.as_ref(), "k")?,
-        );
-        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
-        let need = |r: usize, c: usize, ld: usize, what: &str| -> Result<usize> {
-            if ld < r.max(1) {
-                return Err(step_err(
-                    name,
-                    format!("GEMM {what}: leading dimension {ld} < {r}"),
-                ));
-            }
-            if c == 0 {
-                return Ok(0);
-            }
-            (c - 1)
-                .checked_mul(ld)
-                .and_then(|x| x.checked_add(r))
-                .ok_or_else(|| step_err(name, "GEMM size overflows"))
-        };
-        let (ar, ac) = if g.trans_a { (k, m) } else { (m, k) };
-        let (br, bc) = if g.trans_b { (n, k) } else { (k, n) };
-        let need_a = need(ar, ac, lda, "a")?;
-        let need_b = need(br, bc, ldb, "b")?;
-        let need_c = need(m, n, ldc, "c")?;
+        let crate::plan::GemmExtents {
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            need_a,
+            need_b,
+            need_c,
+        } = crate::plan::gemm_extents(g, rows, batch).map_err(|p| step_err(name, p))?;
         let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source);
         let ci = match src(g.c.as_ref()) {
             Some(operand::Source::Buffer(b)) => b as usize,
