@@ -100,7 +100,7 @@ fn forward(
     ckpt: &Checkpoint,
     tokens: &[u32],
     dt: DType,
-    mut on_value: Option<&mut dyn FnMut(&str, &Tensor)>,
+    mut on_value: Option<crate::graph::interp::ValueTrace<'_>>,
 ) -> candle_core::Result<Tensor> {
     let mut trace = |name: String, t: &Tensor| {
         if let Some(f) = on_value.as_mut() {

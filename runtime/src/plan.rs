@@ -301,6 +301,25 @@ impl LoadedPlan {
     }
 }
 
+/// The buffer a step writes first: a GEMM's C, a launch's first `Out` argument (what
+/// both executors hand a step tracer).
+pub fn written_buffer(s: &pb::Step) -> Option<usize> {
+    match s.kind.as_ref()? {
+        step::Kind::Gemm(g) => match g.c.as_ref()?.source.as_ref()? {
+            operand::Source::Buffer(b) => Some(*b as usize),
+            operand::Source::Weight(_) => None,
+        },
+        step::Kind::Launch(l) => {
+            let slots = abi::signature(&l.entry)?;
+            let i = slots.iter().position(|s| *s == Slot::Out)?;
+            match l.args.get(i)?.value.as_ref()? {
+                arg::Value::Buffer(b) => Some(*b as usize),
+                _ => None,
+            }
+        }
+    }
+}
+
 /// A GEMM step's sizes for one request, and the elements each operand must hold
 /// (column-major, as cuBLAS reads them).
 #[derive(Debug, Clone, Copy)]

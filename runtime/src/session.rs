@@ -130,6 +130,30 @@ impl Session {
     /// the logits of every position, `[B x T, vocab]` with T the longest prompt; row
     /// `b * T + i` is prompt b's position i (rows past a prompt's end are padding).
     pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+        self.prefill_with(prompts, None)
+    }
+
+    /// Prefills one sequence (batch 1 sessions), calling `on_step(step, width, values)`
+    /// after each plan step with what it wrote (see [`Executor::run_traced`]).
+    pub fn prefill_traced(
+        &mut self,
+        tokens: &[u32],
+        on_step: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<Vec<f32>> {
+        if self.exec.batch() != 1 {
+            return Err(Error::Request {
+                what: "prompts".into(),
+                problem: "tracing runs one sequence in a batch-1 session".into(),
+            });
+        }
+        self.prefill_with(&[tokens.to_vec()], Some(on_step))
+    }
+
+    fn prefill_with(
+        &mut self,
+        prompts: &[Vec<u32>],
+        on_step: Option<crate::cpu::StepTrace<'_>>,
+    ) -> Result<Vec<f32>> {
         let b = self.exec.batch();
         if prompts.len() != b {
             return Err(Error::Request {
@@ -160,51 +184,16 @@ impl Session {
             tokens.extend((0..t).map(|i| p.get(i).copied().unwrap_or(0) as i32));
             positions.extend((0..t).map(|i| i as i32));
         }
-        let out = self
-            .exec
-            .run(ProgramKind::Prefill, &tokens, &positions, t)?
-            .to_vec();
+        let out = match on_step {
+            None => self
+                .exec
+                .run(ProgramKind::Prefill, &tokens, &positions, t)?,
+            Some(f) => self
+                .exec
+                .run_traced(ProgramKind::Prefill, &tokens, &positions, t, f)?,
+        }
+        .to_vec();
         self.lens = prompts.iter().map(Vec::len).collect();
-        Ok(out)
-    }
-
-    /// Prefills one sequence (batch 1 sessions), calling `on_step(step, width, values)`
-    /// after each plan step with what it wrote (see [`Executor::run_traced`]).
-    pub fn prefill_traced(
-        &mut self,
-        tokens: &[u32],
-        on_step: &mut dyn FnMut(&str, usize, &[f32]),
-    ) -> Result<Vec<f32>> {
-        if self.exec.batch() != 1 || tokens.is_empty() {
-            return Err(Error::Request {
-                what: "prompts".into(),
-                problem: "tracing runs one non-empty sequence in a batch-1 session".into(),
-            });
-        }
-        self.check_tokens(tokens)?;
-        let cap = self.exec.plan().dims.max_seq_len;
-        if tokens.len() > cap {
-            return Err(Error::Request {
-                what: "prompt".into(),
-                problem: format!(
-                    "{} tokens exceed the KV capacity {cap} (--max-seq-len)",
-                    tokens.len()
-                ),
-            });
-        }
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let positions: Vec<i32> = (0..tokens.len() as i32).collect();
-        let out = self
-            .exec
-            .run_traced(
-                ProgramKind::Prefill,
-                &ids,
-                &positions,
-                tokens.len(),
-                on_step,
-            )?
-            .to_vec();
-        self.lens = vec![tokens.len()];
         Ok(out)
     }
 

@@ -118,11 +118,7 @@ pub fn run(a: Args) -> Result<()> {
                 let mut next: Vec<i64> = (0..b)
                     .map(|i| {
                         let row = (i * p + p - 1) * vocab;
-                        let l: Vec<f64> = step.logits[row..row + vocab]
-                            .iter()
-                            .map(|&v| f64::from(v))
-                            .collect();
-                        crate::engines::top_two(&l).0 as i64
+                        ngpt_runtime::sample::argmax(&step.logits[row..row + vocab]) as i64
                     })
                     .collect();
                 let ttft = t0.elapsed().as_secs_f64();
@@ -135,10 +131,7 @@ pub fn run(a: Args) -> Result<()> {
                     next = out
                         .logits
                         .chunks(vocab)
-                        .map(|row| {
-                            let l: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
-                            crate::engines::top_two(&l).0 as i64
-                        })
+                        .map(|row| ngpt_runtime::sample::argmax(row) as i64)
                         .collect();
                     cache = out.cache;
                 }

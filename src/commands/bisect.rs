@@ -141,7 +141,9 @@ pub fn run(a: Args) -> Result<()> {
         "  {:<5} {:<22} {:>11} {:>11}",
         "layer", "op", "rel. error", "max |diff|"
     );
-    let first_bad = compared.iter().position(|c| !(c.rel_err <= tol));
+    let first_bad = compared
+        .iter()
+        .position(|c| c.rel_err.is_nan() || c.rel_err > tol);
     for (i, c) in compared.iter().enumerate() {
         let (layer, op) = layer_and_op(&c.name);
         let mark = match first_bad {

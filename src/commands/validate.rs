@@ -125,7 +125,7 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
             let t0 = Instant::now();
             let got = model
                 .prepare(engine, tokens.len())
-                .and_then(|()| Ok(Instant::now()))
+                .map(|()| Instant::now())
                 .and_then(|t| {
                     let got = model.logits(engine, tokens, p)?;
                     Ok((got, t.elapsed()))

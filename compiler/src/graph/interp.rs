@@ -11,6 +11,10 @@ use crate::reference::{position_table, Precision};
 
 type CResult<T> = candle_core::Result<T>;
 
+/// A value tracer: called with (node or point name, value) as each is computed; shared
+/// by the interpreter and the literal reference.
+pub type ValueTrace<'a> = &'a mut dyn FnMut(&str, &Tensor);
+
 fn norm_groups(x: &Tensor, group: usize) -> CResult<Tensor> {
     let dims = x.dims().to_vec();
     let n = dims[dims.len() - 1];
@@ -135,7 +139,7 @@ fn evaluate(
     tokens: &[u32],
     positions: &[u32],
     precision: Precision,
-    mut on_value: Option<&mut dyn FnMut(&str, &Tensor)>,
+    mut on_value: Option<ValueTrace<'_>>,
 ) -> Result<Vec<Tensor>> {
     if tokens.is_empty() || tokens.len() != positions.len() {
         return Err(Error::Argument {

@@ -190,24 +190,6 @@ impl CpuExecutor {
         self.run_program(kind, tokens, positions, per_seq, Some(on_step))
     }
 
-    /// The buffer a step writes first: a GEMM's C, a launch's first `Out` argument.
-    fn written_buffer(s: &pb::Step) -> Option<usize> {
-        match s.kind.as_ref()? {
-            step::Kind::Gemm(g) => match g.c.as_ref()?.source.as_ref()? {
-                pb::operand::Source::Buffer(b) => Some(*b as usize),
-                pb::operand::Source::Weight(_) => None,
-            },
-            step::Kind::Launch(l) => {
-                let slots = crate::abi::signature(&l.entry)?;
-                let i = slots.iter().position(|s| *s == crate::abi::Slot::Out)?;
-                match l.args.get(i)?.value.as_ref()? {
-                    arg::Value::Buffer(b) => Some(*b as usize),
-                    _ => None,
-                }
-            }
-        }
-    }
-
     fn run_program(
         &mut self,
         kind: ProgramKind,
@@ -274,7 +256,7 @@ impl CpuExecutor {
                 None => return Err(step_err(&s.name, "empty step")),
             }
             if let Some(f) = on_step.as_mut() {
-                if let Some(b) = Self::written_buffer(s) {
+                if let Some(b) = crate::plan::written_buffer(s) {
                     let width = plan.plan.buffers[b]
                         .elements
                         .as_ref()

@@ -969,7 +969,7 @@ impl CudaExecutor {
         rows: usize,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<()> {
-        let Some(bi) = written_buffer(s) else {
+        let Some(bi) = crate::plan::written_buffer(s) else {
             return Ok(());
         };
         let buf = &self.buffers[bi];
@@ -1587,24 +1587,6 @@ fn dim3(d: Option<&pb::Dim3>, rows: usize, batch: usize) -> Option<(u32, u32, u3
     };
     d.x.as_ref()?;
     Some((one(d.x.as_ref())?, one(d.y.as_ref())?, one(d.z.as_ref())?))
-}
-
-/// The buffer a step writes first: a GEMM's C, a launch's first `Out` argument.
-fn written_buffer(s: &pb::Step) -> Option<usize> {
-    match s.kind.as_ref()? {
-        step::Kind::Gemm(g) => match g.c.as_ref()?.source.as_ref()? {
-            operand::Source::Buffer(b) => Some(*b as usize),
-            operand::Source::Weight(_) => None,
-        },
-        step::Kind::Launch(l) => {
-            let slots = abi::signature(&l.entry)?;
-            let i = slots.iter().position(|s| *s == Slot::Out)?;
-            match l.args.get(i)?.value.as_ref()? {
-                arg::Value::Buffer(b) => Some(*b as usize),
-                _ => None,
-            }
-        }
-    }
 }
 
 /// Every (module, entry) the programs launch, with the most dynamic shared memory a
