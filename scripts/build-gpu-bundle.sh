@@ -5,7 +5,7 @@
 #
 #   bin/ngpt.gz         the CLI, release profile
 #   bin/cuda-tests.gz   runtime/tests/cuda.rs  } test profile: debug assertions are on, so
-#   bin/plan-parity.gz  tests/plan_parity.rs   } the CUDA executor runs in check mode
+#   bin/it-tests.gz     tests/it (plan_parity) } the CUDA executor runs in check mode
 #   fixtures/nv-tiny/   the fixture plan_parity reads, and manifest_dir: the path the test
 #                       binary has compiled in for it (gpu-check.sh recreates it there)
 #   gpu-check.sh, BUNDLE.txt (commit, date, sizes)
@@ -49,8 +49,8 @@ echo "building the release CLI ..." >&2
 cargo build --release -p ngpt --bin ngpt
 echo "building the test binaries (test profile) ..." >&2
 cuda_tests=$(test_binary ngpt-runtime cuda)
-plan_parity=$(test_binary ngpt plan_parity)
-for b in "$cuda_tests" "$plan_parity"; do
+it_tests=$(test_binary ngpt it)
+for b in "$cuda_tests" "$it_tests"; do
     if [ -z "$b" ] || [ ! -x "$b" ]; then
         echo "error: a test binary was not built (run the cargo test --no-run commands above to see why)" >&2
         exit 1
@@ -65,7 +65,7 @@ pack() { # source, name
 }
 pack target/release/ngpt ngpt
 pack "$cuda_tests" cuda-tests
-pack "$plan_parity" plan-parity
+pack "$it_tests" it-tests
 cp -r tests/fixtures/nv-tiny "$out/fixtures/"
 echo "$root" > "$out/manifest_dir"
 cp scripts/gpu-check.sh "$out/"

@@ -4,7 +4,7 @@
 #   1. finds libcuda, libnvrtc and libcublas and puts their folders on LD_LIBRARY_PATH;
 #   2. makes the tiny and 0.5b presets (ngpt init; ngpt compile --dtype bf16, tiny also f32);
 #   3. runs the CUDA tests: runtime/tests/cuda.rs (CUDA against the CPU executor on made and
-#      on these compiled plans) and tests/plan_parity.rs's plan_cuda bodies (against the
+#      on these compiled plans) and tests/it/plan_parity.rs's plan_cuda bodies (against the
 #      float64 reference: f32 1e-5, bf16 2e-2 with top-1 >= 95%);
 #   4. ngpt validate on each plan (plan-cpu and plan-cuda against the reference);
 #   5. times ngpt generate (and ngpt bench where the CLI has it) with plan-cuda, and
@@ -50,7 +50,7 @@ for f in "$bundle"/bin/*.gz; do
     gunzip -c "$f" > "$work/$(basename "${f%.gz}")" && chmod +x "$work/$(basename "${f%.gz}")"
 done
 ngpt="$work/ngpt"
-for b in ngpt cuda-tests plan-parity; do
+for b in ngpt cuda-tests it-tests; do
     [ -x "$work/$b" ] || { say "error: $bundle/bin/$b.gz is missing (scripts/build-gpu-bundle.sh)"; exit 1; }
 done
 [ -f "$bundle/BUNDLE.txt" ] && cat "$bundle/BUNDLE.txt" >> "$log"
@@ -105,8 +105,8 @@ fi
 # --- 3. CUDA tests ------------------------------------------------------------------------
 NGPT_CUDA_TEST_PLANS="$plans" run 300 "runtime/tests/cuda.rs" \
     "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs"
-run 240 "tests/plan_parity.rs plan_cuda" \
-    "$work/plan-parity" plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
+run 240 "tests/it/plan_parity.rs plan_cuda" \
+    "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
 if grep -q "^skipped: " "$log"; then
     fail "some CUDA tests skipped on a GPU machine: $(grep -m1 '^skipped: ' "$log")"
 fi

@@ -1,7 +1,7 @@
 //! How a fuzz input reaches ngpt's entry points, in one place.
 //!
 //! The fuzz targets (`fuzz/fuzz_targets/*.rs`, nightly, cargo-fuzz) and the replay test
-//! `tests/fuzz_regressions.rs` (stable, plain `cargo test`) both include this file, so a
+//! `tests/it/fuzz_regressions.rs` (stable, plain `cargo test`) both include this file, so a
 //! committed input means the same thing to both. Each decoder has an encoder beside it, used
 //! to write the seed corpora.
 //!
@@ -171,7 +171,7 @@ pub enum PlanOutcome {
 }
 
 /// Loads the plan; if it loads, lists it and runs a ragged batch of two through prefill
-/// and two decode steps (as `tests/plan_cli.rs` does).
+/// and two decode steps (as `tests/it/plan_cli.rs` does).
 pub fn plan(data: &[u8]) -> PlanOutcome {
     use ngpt_runtime::listing::{listing, Shape};
     use ngpt_runtime::plan::LoadedPlan;

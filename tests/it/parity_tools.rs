@@ -2,7 +2,7 @@
 //! an edited record fails at the edited position, and a deliberately broken compile (a
 //! fault injected into one pass at one layer) is caught by check and located by bisect.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,6 +1,6 @@
 //! `ngpt compile` and `ngpt logits --engine ir` through the binary.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! `ngpt bench`: its report and JSON line on a tiny model (no speed is asserted; speed is
 //! recorded in BENCHMARKS.md), and its argument errors.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

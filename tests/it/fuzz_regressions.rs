@@ -13,9 +13,9 @@
 //! `NGPT_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_regressions` rewrites `fuzz/seeds/`;
 //! `NGPT_FUZZ_CORPUS=1` also replays the corpora a local fuzz run left in `fuzz/corpus/`.
 
-mod common;
+use crate::common;
 
-#[path = "../fuzz/src/inputs.rs"]
+#[path = "../../fuzz/src/inputs.rs"]
 mod inputs;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

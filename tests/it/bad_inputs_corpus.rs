@@ -20,7 +20,7 @@
 //! `tests/import_errors.rs` are run here through `ngpt compile`, which also shows that a
 //! failed compile writes no directory.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,7 +1,7 @@
 //! The `ngpt` binary as a user runs it: exit codes, one-line errors, no files left
 //! behind on failure, outputs equal to the library's, and `--help` with examples.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

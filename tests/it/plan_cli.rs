@@ -9,7 +9,7 @@
 //! streaming, batches, sampling, bad arguments), `ngpt logits --engine plan-cpu` and bf16
 //! plans.
 
-mod common;
+use crate::common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;

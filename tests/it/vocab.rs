@@ -7,7 +7,7 @@
 //! tests corrupt are pickled here with serde-pickle, so no test needs Python.
 
 #[allow(dead_code)]
-#[path = "../src/tokens/mod.rs"]
+#[path = "../../src/tokens/mod.rs"]
 mod tokens;
 
 use std::collections::BTreeMap;

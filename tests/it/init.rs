@@ -1,7 +1,7 @@
 //! `ngpt init`: deterministic, trained-like test models that the importer accepts and
 //! whose matrices are unit-norm as NVIDIA's training leaves them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

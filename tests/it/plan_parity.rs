@@ -3,7 +3,7 @@
 //! Each body takes the executor (session factory) as a parameter, so plan-cuda joins by
 //! adding one line.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

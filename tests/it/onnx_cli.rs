@@ -1,6 +1,6 @@
 //! `ngpt compile` writes model.onnx; `ngpt logits --engine tract` runs it; through the binary.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

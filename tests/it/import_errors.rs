@@ -2,7 +2,7 @@
 //! is corrupted in a temporary directory, and the error must name the file, the key or
 //! field, and what was expected. All messages are also kept in one snapshot.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

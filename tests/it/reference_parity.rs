@@ -2,7 +2,7 @@
 //! NVIDIA/ngpt's model.py and saved by its train.py), and import-form equivalence: ckpt.pt,
 //! model.safetensors and a `_orig_mod.`-prefixed copy give the same logits, bit for bit.
 
-mod common;
+use crate::common;
 
 use anyhow::{ensure, Result};
 use common::*;

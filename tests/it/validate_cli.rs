@@ -1,6 +1,6 @@
 //! `ngpt validate`: the parity table of every engine, and its exit code.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

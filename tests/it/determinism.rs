@@ -1,7 +1,7 @@
 //! Determinism (issue 8): the same checkpoint compiles to byte-identical artifacts, and the
 //! plan's CPU executor gives bitwise-identical logits from run to run.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,21 @@
+//! The integration tests of the `ngpt` command and its crates, one module per concern,
+//! linked as one test binary (a binary per file would link tract and candle eighteen times).
+
+mod common;
+
+mod bad_inputs_corpus;
+mod bench_cli;
+mod cli;
+mod compile_cli;
+mod cpu_threads;
+mod determinism;
+mod fuzz_regressions;
+mod import_errors;
+mod init;
+mod onnx_cli;
+mod parity_tools;
+mod plan_cli;
+mod plan_parity;
+mod reference_parity;
+mod validate_cli;
+mod vocab;
