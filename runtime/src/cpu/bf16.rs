@@ -1,19 +1,16 @@
 //! GEMMs over bf16 weights with f32 accumulation: what a bf16 plan's GEMM steps run on the
 //! CPU, reading half the bytes of widened f32 weights.
 //!
-//! The plan's GEMMs all have one form (`C = alpha W x^T + beta C`, column-major, `A = W`
-//! transposed): weight rows are contiguous, activation rows are contiguous. Decode-sized
-//! products (few activation rows) are dot products over bf16 weight rows, bound by memory
-//! bandwidth; larger ones widen a block of weight rows at a time into an f32 scratch and
-//! run the gemm crate on it. Every output element is computed by one thread in a fixed
-//! order, so results do not depend on the thread count.
+//! Decode-sized products (few activation rows) are dot products over bf16 weight rows
+//! (`super::dots`, shared with f32 weights), bound by memory bandwidth; larger ones widen a
+//! block of weight rows at a time into an f32 scratch and run the gemm crate on it. Every
+//! output element is computed by one thread in a fixed order, so results do not depend on
+//! the thread count.
 
 use rayon::prelude::*;
 
-/// At most this many activation rows take the dot-product path.
-const DOT_MAX_N: usize = 8;
-/// Weight rows per piece of work.
-const ROWS_PER_PIECE: usize = 64;
+use super::dots::{self, Shape};
+
 /// Weight rows widened at a time on the blocked path.
 const BLOCK_ROWS: usize = 256;
 
@@ -28,66 +25,6 @@ pub fn narrow_exact(v: f32) -> u16 {
     (v.to_bits() >> 16) as u16
 }
 
-/// The dot product, compiled for AVX2 where the CPU has it. Each of the eight lanes does
-/// the same separate multiplies and adds in the same order whatever the vector width (no
-/// FMA), so the result is bitwise the same on every x86-64 machine.
-fn dot_fn() -> fn(&[u16], &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return |w, x| {
-                // SAFETY: AVX2 is present (checked just above).
-                unsafe { dot_avx2(w, x) }
-            };
-        }
-    }
-    dot
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(w: &[u16], x: &[f32]) -> f32 {
-    dot(w, x)
-}
-
-/// `sum_i widen(w[i]) * x[i]` in f32, eight lanes then their sum.
-#[inline(always)]
-fn dot(w: &[u16], x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
-    let (wr, xr) = (wc.remainder(), xc.remainder());
-    for (w8, x8) in wc.zip(xc) {
-        for l in 0..8 {
-            acc[l] += widen(w8[l]) * x8[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (&a, &b) in wr.iter().zip(xr) {
-        tail += widen(a) * b;
-    }
-    let pairs = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
-}
-
-/// The shape of a weight GEMM: `C[m x n] = alpha * W[m x k] . X[n x k]^T + beta * C`, with
-/// W rows `lda` apart, X rows `ldb` apart, C column-major with columns `ldc` apart.
-#[derive(Debug, Clone, Copy)]
-pub struct Shape {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldc: usize,
-    pub alpha: f32,
-    pub beta: f32,
-}
-
 /// Runs the GEMM. The caller has checked that `w`, `x` and `c` hold every element the
 /// shape touches (the CPU executor checks every GEMM's extents first).
 pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
@@ -95,44 +32,10 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
         return;
     }
     // k = 0 (C = beta C, as cuBLAS and the f32 path compute it) has no rows to widen.
-    if s.n <= DOT_MAX_N || s.k == 0 {
-        dots(s, w, x, c)
+    if s.n <= dots::MAX_N || s.k == 0 {
+        dots::gemm(s, w, x, c)
     } else {
         blocked(s, w, x, c)
-    }
-}
-
-fn dots(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
-    let dot = dot_fn();
-    // Each piece computes its rows of C for every column, into its own buffer.
-    let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
-        .step_by(ROWS_PER_PIECE)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|m0| {
-            let m1 = (m0 + ROWS_PER_PIECE).min(s.m);
-            let mut out = Vec::with_capacity((m1 - m0) * s.n);
-            for j in 0..s.n {
-                let xj = &x[j * s.ldb..j * s.ldb + s.k];
-                for r in m0..m1 {
-                    out.push(dot(&w[r * s.lda..r * s.lda + s.k], xj));
-                }
-            }
-            (m0, out)
-        })
-        .collect();
-    for (m0, out) in pieces {
-        let rows = out.len() / s.n;
-        for j in 0..s.n {
-            for (i, v) in out[j * rows..(j + 1) * rows].iter().enumerate() {
-                let dst = &mut c[j * s.ldc + m0 + i];
-                *dst = if s.beta == 0.0 {
-                    s.alpha * v
-                } else {
-                    s.alpha * v + s.beta * *dst
-                };
-            }
-        }
     }
 }
 
@@ -245,53 +148,5 @@ mod tests {
             case(64, n, 0, 0.0);
             case(64, n, 0, 0.5);
         }
-    }
-
-    #[test]
-    fn the_avx2_dot_product_is_bitwise_the_portable_one() {
-        let w: Vec<u16> = (0..1000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 17) as u16 & 0x7f7f)
-            .collect();
-        let x: Vec<f32> = (0..1000)
-            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 7.0)
-            .collect();
-        for n in [0, 1, 7, 8, 9, 100, 1000] {
-            assert_eq!(
-                dot_fn()(&w[..n], &x[..n]).to_bits(),
-                dot(&w[..n], &x[..n]).to_bits()
-            );
-        }
-    }
-
-    #[test]
-    fn results_do_not_depend_on_the_thread_count() {
-        let (m, n, k) = (333, 4, 100);
-        let w: Vec<u16> = (0..m * k)
-            .map(|i| (i as u16).wrapping_mul(7919) & 0x3fff)
-            .collect();
-        let x: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 * 0.25).collect();
-        let s = Shape {
-            m,
-            n,
-            k,
-            lda: k,
-            ldb: k,
-            ldc: m,
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        let mut one = vec![0f32; m * n];
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .expect("pool")
-            .install(|| gemm(s, &w, &x, &mut one));
-        let mut many = vec![0f32; m * n];
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(5)
-            .build()
-            .expect("pool")
-            .install(|| gemm(s, &w, &x, &mut many));
-        assert_eq!(one, many);
     }
 }

@@ -1,6 +1,7 @@
 //! The CPU executor: runs a plan's steps over its buffer table.
 
 pub mod bf16;
+pub mod dots;
 pub mod kernels;
 
 use std::sync::Arc;
@@ -507,23 +508,24 @@ impl CpuExecutor {
             if m == 0 || n == 0 {
                 return Ok(());
             }
+            let shape = dots::Shape {
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                ldc,
+                alpha: g.alpha,
+                beta: g.beta,
+            };
             if let Some(w) = bf16_a {
                 // Same extents as the f32 copy it was narrowed from (checked above).
-                bf16::gemm(
-                    bf16::Shape {
-                        m,
-                        n,
-                        k,
-                        lda,
-                        ldb,
-                        ldc,
-                        alpha: g.alpha,
-                        beta: g.beta,
-                    },
-                    w,
-                    b,
-                    &mut c,
-                );
+                bf16::gemm(shape, w, b, &mut c);
+                return Ok(());
+            }
+            if g.trans_a && !g.trans_b && n <= dots::MAX_N {
+                // Decode-sized: W rows and x rows are both contiguous (the weight form).
+                dots::gemm(shape, a, b, &mut c);
                 return Ok(());
             }
             let (a_rs, a_cs) = if g.trans_a {
