@@ -1,5 +1,5 @@
 //! A small ONNX graph builder: unique node names, shared constants, initializers that go
-//! inline or to an external data file as they are made (so export streams).
+//! into `model.onnx` or to an external data file as they are made (so export streams).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -9,20 +9,62 @@ use ngpt_schemas::onnx::{
     AttributeProto, NodeProto, StringStringEntryProto, TensorProto,
 };
 
+use ngpt_schemas::prost::Message;
+
+use super::MODEL_FILE;
 use crate::error::{Error, Result};
 
 /// Tensors smaller than this stay inline even when the weights go to external data (the
 /// threshold `onnx.save_model` uses).
 pub const EXTERNAL_MIN_BYTES: usize = 1024;
 
-/// Where large initializers' bytes go: `out` (the file named `location`), at aligned
-/// offsets. Inline models are made the same way and their bytes put back inline when
-/// `model.onnx` is encoded, so no path ever holds all the weights twice.
-pub struct Sink<'a> {
-    pub out: &'a mut dyn Write,
-    pub location: String,
-    pub offset: u64,
+/// Where large initializers' bytes go.
+pub enum Sink<'a> {
+    /// To `out`, the external data file named `location`, at aligned offsets; the tensor
+    /// records its place in `external_data`.
+    External {
+        out: &'a mut dyn Write,
+        location: String,
+        offset: u64,
+    },
+    /// Straight into `model.onnx` (`out`), each as its own `graph { initializer { ... } }`
+    /// record with `raw_data`: protobuf merges repeated occurrences of a message field and
+    /// appends repeated fields, so these records and the graph written after them decode as
+    /// one graph. The weights are written once, as they are made, and never held together.
+    Inline {
+        out: &'a mut dyn Write,
+        written: u64,
+    },
 }
+
+/// `v` as a protobuf varint.
+pub fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Bytes of `v` as a protobuf varint.
+pub fn varint_len(v: u64) -> u64 {
+    let mut n = 1;
+    let mut v = v >> 7;
+    while v > 0 {
+        n += 1;
+        v >>= 7;
+    }
+    n
+}
+
+/// The key byte of a length-delimited field (wire type 2) with number `field` (< 16).
+pub const fn key(field: u8) -> u8 {
+    (field << 3) | 2
+}
+/// `ModelProto.graph`, `GraphProto.initializer`, `TensorProto.raw_data`.
+pub const MODEL_GRAPH: u8 = 7;
+pub const GRAPH_INITIALIZER: u8 = 5;
+pub const TENSOR_RAW_DATA: u8 = 9;
 
 /// An attribute value.
 pub enum Attr {
@@ -145,35 +187,55 @@ impl<'a> Builder<'a> {
             doc_string: doc,
             ..Default::default()
         };
-        if bytes.len() >= EXTERNAL_MIN_BYTES {
-            let Sink {
+        if bytes.len() < EXTERNAL_MIN_BYTES {
+            t.raw_data = Some(bytes);
+            self.initializers.push(t);
+            return Ok(name.to_string());
+        }
+        match &mut self.sink {
+            Sink::External {
                 out,
                 location,
                 offset,
-            } = &mut self.sink;
-            // Large tensors start on 64 KiB boundaries (memory-mappable on every OS, as
-            // onnx.save_model aligns them), small ones on 64 bytes.
-            let align: u64 = if bytes.len() >= 1 << 20 { 1 << 16 } else { 64 };
-            let pad = (align - *offset % align) % align;
-            out.write_all(&vec![0u8; pad as usize])
-                .map_err(|e| io_err(location, e))?;
-            *offset += pad;
-            out.write_all(&bytes).map_err(|e| io_err(location, e))?;
-            let entry = |k: &str, v: String| StringStringEntryProto {
-                key: Some(k.into()),
-                value: Some(v),
-            };
-            t.external_data = vec![
-                entry("location", location.clone()),
-                entry("offset", offset.to_string()),
-                entry("length", bytes.len().to_string()),
-            ];
-            t.set_data_location(DataLocation::External);
-            *offset += bytes.len() as u64;
-        } else {
-            t.raw_data = Some(bytes);
+            } => {
+                // Large tensors start on 64 KiB boundaries (memory-mappable on every OS, as
+                // onnx.save_model aligns them), small ones on 64 bytes.
+                let align: u64 = if bytes.len() >= 1 << 20 { 1 << 16 } else { 64 };
+                let pad = (align - *offset % align) % align;
+                out.write_all(&vec![0u8; pad as usize])
+                    .map_err(|e| io_err(location, e))?;
+                *offset += pad;
+                out.write_all(&bytes).map_err(|e| io_err(location, e))?;
+                let entry = |k: &str, v: String| StringStringEntryProto {
+                    key: Some(k.into()),
+                    value: Some(v),
+                };
+                t.external_data = vec![
+                    entry("location", location.clone()),
+                    entry("offset", offset.to_string()),
+                    entry("length", bytes.len().to_string()),
+                ];
+                t.set_data_location(DataLocation::External);
+                *offset += bytes.len() as u64;
+                self.initializers.push(t);
+            }
+            Sink::Inline { out, written } => {
+                let n = bytes.len() as u64;
+                let tensor_len = t.encoded_len() as u64 + 1 + varint_len(n) + n;
+                let mut head = vec![key(MODEL_GRAPH)];
+                varint(1 + varint_len(tensor_len) + tensor_len, &mut head);
+                head.push(key(GRAPH_INITIALIZER));
+                varint(tensor_len, &mut head);
+                t.encode(&mut head)
+                    .map_err(|e| io_err(MODEL_FILE, std::io::Error::other(e)))?;
+                head.push(key(TENSOR_RAW_DATA));
+                varint(n, &mut head);
+                out.write_all(&head)
+                    .and_then(|()| out.write_all(&bytes))
+                    .map_err(|e| io_err(MODEL_FILE, e))?;
+                *written += head.len() as u64 + n;
+            }
         }
-        self.initializers.push(t);
         Ok(name.to_string())
     }
 

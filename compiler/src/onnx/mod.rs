@@ -27,9 +27,9 @@ use std::io::Write;
 use std::path::Path;
 
 use ngpt_schemas::onnx::{
-    tensor_proto::DataLocation, tensor_proto::DataType, tensor_shape_proto::dimension,
-    tensor_shape_proto::Dimension, type_proto, GraphProto, ModelProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, tensor_shape_proto::dimension, tensor_shape_proto::Dimension,
+    type_proto, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use ngpt_schemas::prost::Message;
 
@@ -154,20 +154,32 @@ pub struct Written {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn export(g: &Graph, info: &ModelInfo, opts: &Options) -> Result<Exported> {
-    let mut data = vec![];
-    let proto = build(g, info, opts, &mut data)?;
     let mut model = vec![];
     if uses_external_data(g, opts) {
-        encode(proto, None, &mut model).map_err(|e| io_error(MODEL_FILE, e))?;
+        let mut data = vec![];
+        let proto = build(g, info, opts, sink_external(&mut data))?;
+        encode(proto, &mut model).map_err(|e| io_error(MODEL_FILE, e))?;
         Ok(Exported {
             model,
             data: Some(data),
         })
     } else {
-        let mut staged = std::io::Cursor::new(data);
-        encode(proto, Some(&mut staged), &mut model).map_err(|e| io_error(MODEL_FILE, e))?;
+        let proto = build(g, info, opts, sink_inline(&mut model))?;
+        encode(proto, &mut model).map_err(|e| io_error(MODEL_FILE, e))?;
         Ok(Exported { model, data: None })
     }
+}
+
+fn sink_external(out: &mut dyn Write) -> builder::Sink<'_> {
+    builder::Sink::External {
+        out,
+        location: DATA_FILE.into(),
+        offset: 0,
+    }
+}
+
+fn sink_inline(out: &mut dyn Write) -> builder::Sink<'_> {
+    builder::Sink::Inline { out, written: 0 }
 }
 
 fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Error {
@@ -178,9 +190,9 @@ fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Erro
 }
 
 /// Exports `g` into `dir` (which must exist): `model.onnx`, and `model.onnx.data` when the
-/// weights are external. Tensors are written to the data file as they are made; for an
-/// inline model that file is a temporary one whose bytes are copied into `model.onnx` one
-/// tensor at a time, so memory never holds the exported weights.
+/// weights are external. Tensors are written as they are made, into `model.onnx` itself
+/// for an inline model (see [`builder::Sink::Inline`]), so memory never holds the exported
+/// weights and every byte is written once.
 pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<Written> {
     let create = |tmp: &Path| {
         std::fs::File::create(tmp)
@@ -189,40 +201,28 @@ pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<
     };
     let external = uses_external_data(g, opts);
     let data_path = dir.join(DATA_FILE);
-    let staged_path = crate::artifact::temp_path(&dir.join(".model.onnx.staged"));
-    let stage = |path: &Path| -> Result<ModelProto> {
-        let mut w = create(path)?;
-        let proto = build(g, info, opts, &mut w)?;
-        w.flush().map_err(|e| io_error(path, e))?;
-        Ok(proto)
-    };
-    let result = (|| {
-        let proto = if external {
-            let mut proto = None;
-            crate::artifact::write_with(&data_path, |tmp| {
-                proto = Some(stage(tmp)?);
-                Ok(())
-            })?;
-            proto.expect("set by the writer")
-        } else {
-            stage(&staged_path)?
-        };
-        let mut model_bytes = 0;
-        crate::artifact::write_with(&dir.join(MODEL_FILE), |tmp| {
+    let mut proto = None;
+    if external {
+        crate::artifact::write_with(&data_path, |tmp| {
             let mut w = create(tmp)?;
-            model_bytes = if external {
-                encode(proto, None, &mut w)
-            } else {
-                let f = std::fs::File::open(&staged_path).map_err(|e| io_error(&staged_path, e))?;
-                encode(proto, Some(&mut std::io::BufReader::new(f)), &mut w)
-            }
-            .map_err(|e| io_error(tmp, e))?;
+            proto = Some(build(g, info, opts, sink_external(&mut w))?);
             w.flush().map_err(|e| io_error(tmp, e))
         })?;
-        Ok(model_bytes)
-    })();
-    let _ = std::fs::remove_file(&staged_path);
-    let model_bytes = result?;
+    }
+    let mut model_bytes = 0;
+    crate::artifact::write_with(&dir.join(MODEL_FILE), |tmp| {
+        let mut w = create(tmp)?;
+        let (proto, weights) = match proto.take() {
+            Some(p) => (p, 0),
+            None => {
+                let mut counted = Counted::new(&mut w);
+                let p = build(g, info, opts, sink_inline(&mut counted))?;
+                (p, counted.bytes)
+            }
+        };
+        model_bytes = weights + encode(proto, &mut w).map_err(|e| io_error(tmp, e))?;
+        w.flush().map_err(|e| io_error(tmp, e))
+    })?;
     let (files, data_bytes) = if external {
         let len = std::fs::metadata(&data_path)
             .map_err(|e| io_error(&data_path, e))?
@@ -238,97 +238,57 @@ pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<
     })
 }
 
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
+/// A writer that counts what passes through it.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Counted<W> {
+    fn new(inner: W) -> Self {
+        Counted { inner, bytes: 0 }
     }
-    out.push(v as u8);
 }
 
-fn varint_len(v: u64) -> u64 {
-    let mut b = vec![];
-    varint(v, &mut b);
-    b.len() as u64
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
-/// A staged data file: read back by offset.
-trait Staged: std::io::Read + std::io::Seek {}
-impl<T: std::io::Read + std::io::Seek> Staged for T {}
-
-/// Where an external tensor's bytes are: (offset, length).
-fn external_range(t: &TensorProto) -> std::io::Result<(u64, u64)> {
-    let get = |k: &str| {
-        t.external_data
-            .iter()
-            .find(|e| e.key() == k)
-            .and_then(|e| e.value().parse::<u64>().ok())
-            .ok_or_else(|| {
-                std::io::Error::other(format!("tensor `{}`: no external `{k}`", t.name()))
-            })
-    };
-    Ok((get("offset")?, get("length")?))
-}
-
-/// Encodes `model` into `out`, one initializer at a time. With `staged`, tensors whose bytes
-/// went to the staged data file are put back inline (as `raw_data`), read from it one at a
-/// time; without, external tensors stay external. The bytes are standard protobuf: the
-/// model's other fields, then the graph (field 7), whose initializers (field 5) come after
-/// its other fields. Parsers accept fields in any order; the order here is fixed, so the
-/// output is deterministic.
-fn encode(
-    mut model: ModelProto,
-    mut staged: Option<&mut dyn Staged>,
-    out: &mut impl Write,
-) -> std::io::Result<u64> {
+/// Encodes `model` into `out` and returns the bytes written: the model's other fields, then
+/// the graph (field 7), whose initializers (field 5) come after its other fields, one at a
+/// time. Parsers accept fields in any order; the order here is fixed, so the output is
+/// deterministic. Large inline initializers were written before this, as records of their
+/// own ([`builder::Sink::Inline`]).
+fn encode(mut model: ModelProto, out: &mut impl Write) -> std::io::Result<u64> {
+    use builder::{key, varint, varint_len, GRAPH_INITIALIZER, MODEL_GRAPH};
     let mut graph = model.graph.take().unwrap_or_default();
-    let mut initializers = Vec::with_capacity(graph.initializer.len());
-    for mut t in std::mem::take(&mut graph.initializer) {
-        let inline = if staged.is_some() && t.data_location() == DataLocation::External {
-            let range = external_range(&t)?;
-            t.external_data.clear();
-            t.data_location = None;
-            Some(range)
-        } else {
-            None
-        };
-        initializers.push((t, inline));
-    }
+    let initializers = std::mem::take(&mut graph.initializer);
     let lens: Vec<u64> = initializers
         .iter()
-        .map(|(t, inline)| {
-            let raw = inline.map_or(0, |(_, l)| 1 + varint_len(l) + l);
-            t.encoded_len() as u64 + raw
-        })
+        .map(|t| t.encoded_len() as u64)
         .collect();
     let mut head = model.encode_to_vec();
     let body = graph.encode_to_vec();
     let graph_len = body.len() as u64 + lens.iter().map(|&l| 1 + varint_len(l) + l).sum::<u64>();
-    head.push((7 << 3) | 2); // GraphProto graph = 7, length-delimited
+    head.push(key(MODEL_GRAPH));
     varint(graph_len, &mut head);
     out.write_all(&head)?;
     out.write_all(&body)?;
     let mut written = (head.len() + body.len()) as u64;
-    for ((t, inline), len) in initializers.into_iter().zip(lens) {
-        let mut bytes = vec![(5 << 3) | 2]; // TensorProto initializer = 5
+    for (t, len) in initializers.into_iter().zip(lens) {
+        let mut bytes = vec![key(GRAPH_INITIALIZER)];
         varint(len, &mut bytes);
-        bytes.extend(t.encode_to_vec());
-        if let (Some((offset, length)), Some(src)) = (inline, staged.as_mut()) {
-            bytes.push((9 << 3) | 2); // bytes raw_data = 9
-            varint(length, &mut bytes);
-            out.write_all(&bytes)?;
-            src.seek(std::io::SeekFrom::Start(offset))?;
-            let copied = std::io::copy(&mut std::io::Read::take(&mut **src, length), out)?;
-            if copied != length {
-                return Err(std::io::Error::other(format!(
-                    "tensor `{}`: staged data ended early",
-                    t.name()
-                )));
-            }
-        } else {
-            out.write_all(&bytes)?;
-        }
-        written += 1 + varint_len(len) + len;
+        t.encode(&mut bytes).map_err(std::io::Error::other)?;
+        out.write_all(&bytes)?;
+        written += bytes.len() as u64;
     }
     Ok(written)
 }
@@ -404,18 +364,13 @@ pub const SEQUENCE: &str = "sequence";
 pub const PAST_SEQUENCE: &str = "past_sequence";
 pub const TOTAL_SEQUENCE: &str = "past_sequence + sequence";
 
-fn build(g: &Graph, info: &ModelInfo, opts: &Options, data: &mut dyn Write) -> Result<ModelProto> {
+fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Result<ModelProto> {
     if opts.max_seq_len == 0 {
         return Err(Error::Argument {
             what: "--max-seq-len".into(),
             problem: "must be at least 1".into(),
         });
     }
-    let sink = builder::Sink {
-        out: data,
-        location: DATA_FILE.into(),
-        offset: 0,
-    };
     let mut b = builder::Builder::new(sink);
     for name in [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] {
         b.declare(name)?;

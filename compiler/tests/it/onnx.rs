@@ -358,6 +358,86 @@ fn external_data_round_trips_through_tract() -> Result<()> {
     )
 }
 
+/// A graph's initializers sorted by name.
+fn by_name(g: &ngpt_schemas::onnx::GraphProto) -> Vec<&ngpt_schemas::onnx::TensorProto> {
+    let mut v: Vec<_> = g.initializer.iter().collect();
+    v.sort_by(|a, b| a.name().cmp(b.name()));
+    v
+}
+
+/// An inline model.onnx is written in one pass: each large initializer is its own
+/// `graph { initializer }` record written as it is made, the rest of the graph after them.
+/// Protobuf merges the records into one graph: prost decodes every initializer inline, in
+/// the same order and with the same bytes as the external-data export's tensors, and tract
+/// runs it at parity. (CI also runs onnx.checker and onnxruntime on such a file.)
+#[test]
+fn inline_model_is_written_in_one_pass_and_decodes_as_one_graph() -> Result<()> {
+    let m = nv_tiny()?;
+    let c = compiled(&m.ckpt)?;
+    let info = onnx::ModelInfo::new(&m.ckpt, &c.records)?;
+    let opts = Options::for_config(&m.ckpt.config);
+    let dir = tempfile::tempdir()?;
+    let w = onnx::write(&c.graph, &info, &opts, dir.path())?;
+    assert_eq!(w.files, ["model.onnx"]);
+    let bytes = std::fs::read(dir.path().join("model.onnx"))?;
+    assert_eq!(w.model_bytes, bytes.len() as u64);
+    assert_eq!(onnx::export(&c.graph, &info, &opts)?.model, bytes);
+    let names: Vec<String> = std::fs::read_dir(dir.path())?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    assert_eq!(names, ["model.onnx"], "a staging file was left behind");
+
+    let inline = ModelProto::decode(&bytes[..])?;
+    let mut ext_opts = opts.clone();
+    ext_opts.external_data = true;
+    let ext = onnx::export(&c.graph, &info, &ext_opts)?;
+    let ext_model = ModelProto::decode(&ext.model[..])?;
+    let data = ext.data.unwrap();
+    let (gi, ge) = (
+        inline.graph.as_ref().unwrap(),
+        ext_model.graph.as_ref().unwrap(),
+    );
+    assert_eq!(gi.node, ge.node);
+    assert_eq!(gi.input, ge.input);
+    assert_eq!(gi.output, ge.output);
+    let (ti, te) = (by_name(gi), by_name(ge));
+    assert_eq!(ti.len(), te.len());
+    let mut large = 0;
+    for (a, b) in ti.iter().zip(&te) {
+        assert_eq!(
+            (a.name(), &a.dims, a.data_type),
+            (b.name(), &b.dims, b.data_type)
+        );
+        assert_ne!(a.data_location(), DataLocation::External, "{}", a.name());
+        let want: &[u8] = if b.data_location() == DataLocation::External {
+            large += 1;
+            let get = |k: &str| -> Result<usize> {
+                let e = b.external_data.iter().find(|e| e.key() == k);
+                Ok(e.map(|e| e.value()).unwrap_or_default().parse()?)
+            };
+            let (offset, length) = (get("offset")?, get("length")?);
+            &data[offset..offset + length]
+        } else {
+            b.raw_data()
+        };
+        assert_eq!(a.raw_data(), want, "{}", a.name());
+    }
+    assert!(large >= 9, "only {large} large tensors");
+
+    let s = Session::load(&dir.path().join("model.onnx"))?;
+    let tokens = prompt(&m)?;
+    check(
+        "nv-tiny inline, one pass",
+        compare(
+            &f64s(&s.logits(&tokens)?),
+            &reference(&m.ckpt, &tokens)?,
+            s.vocab,
+        ),
+        1e-5,
+        1.0,
+    )
+}
+
 #[test]
 fn metadata_says_where_the_model_came_from() -> Result<()> {
     let m = nv_tiny()?;
