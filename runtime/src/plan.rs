@@ -20,12 +20,52 @@ pub struct Dims {
     pub max_seq_len: usize,
 }
 
-/// A validated plan with its weights widened to f32 (the CPU executor's form).
+/// A validated plan with its weights as stored: f32, or bf16 (kept as bf16, so a bf16
+/// plan's weights take half the memory; executors widen only what they read as f32).
 pub struct LoadedPlan {
     pub plan: Plan,
     pub dims: Dims,
-    /// One f32 vector per plan weight.
-    pub weights: Vec<Vec<f32>>,
+    /// One per plan weight.
+    pub weights: Vec<WeightData>,
+}
+
+/// A weight's values as `model.weights` stores them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+}
+
+impl WeightData {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values in f32 (bf16 widened, exactly), borrowed when they already are f32.
+    ///
+    /// ```
+    /// use ngpt_runtime::plan::WeightData;
+    /// let w = WeightData::Bf16(vec![0x3fc0, 0xc000]); // 1.5, -2.0
+    /// assert_eq!(&*w.to_f32(), &[1.5, -2.0]);
+    /// ```
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            WeightData::F32(v) => std::borrow::Cow::Borrowed(v),
+            WeightData::Bf16(v) => v
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect(),
+        }
+    }
 }
 
 fn bad(path: &str, problem: impl Into<String>) -> Error {
@@ -165,13 +205,17 @@ impl LoadedPlan {
             spans.push((w.offset, end, w.name.clone()));
             let raw = &weights[w.offset as usize..end as usize];
             data.push(if size == 2 {
-                raw.chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect()
+                WeightData::Bf16(
+                    raw.chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect(),
+                )
             } else {
-                raw.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
+                WeightData::F32(
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
             });
         }
         spans.sort();
@@ -289,6 +333,38 @@ impl LoadedPlan {
             dims,
             weights: data,
         })
+    }
+
+    /// The weights some step reads as f32 values: kernel arguments, and GEMM operands other
+    /// than `a` in the weight form (`trans_a` and not `trans_b`: rows of W contiguous, which
+    /// the executors read as bf16 directly).
+    pub fn f32_weight_reads(&self) -> std::collections::BTreeSet<usize> {
+        let mut set = std::collections::BTreeSet::new();
+        let programs = [&self.plan.prefill, &self.plan.decode];
+        for s in programs.into_iter().flatten().flat_map(|p| &p.steps) {
+            match s.kind.as_ref() {
+                Some(step::Kind::Launch(l)) => {
+                    for a in &l.args {
+                        if let Some(arg::Value::Weight(w)) = a.value {
+                            set.insert(w as usize);
+                        }
+                    }
+                }
+                Some(step::Kind::Gemm(g)) => {
+                    let weight = |o: Option<&pb::Operand>| match o.and_then(|o| o.source) {
+                        Some(operand::Source::Weight(w)) => Some(w as usize),
+                        _ => None,
+                    };
+                    if !(g.trans_a && !g.trans_b) {
+                        set.extend(weight(g.a.as_ref()));
+                    }
+                    set.extend(weight(g.b.as_ref()));
+                    set.extend(weight(g.c.as_ref()));
+                }
+                _ => {}
+            }
+        }
+        set
     }
 
     /// The buffer's element count for `rows` rows and `batch` sequences.

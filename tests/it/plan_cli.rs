@@ -1336,6 +1336,23 @@ fn bf16_plans_halve_the_matrices_and_stay_close() -> Result<()> {
             assert_eq!(b.bytes, a.bytes, "{}", a.name);
         }
     }
+    // Loaded, the matrices stay bf16 (half the memory), and no step reads one of them as
+    // f32 (the embedding table `embed` reads is stored f32), so the executors widen none.
+    let loaded = ngpt_runtime::plan::LoadedPlan::load(&bf16_dir)?;
+    let mut bf16_loaded = 0;
+    for (w, data) in loaded.plan.weights.iter().zip(&loaded.weights) {
+        let is_bf16 = matches!(data, ngpt_runtime::plan::WeightData::Bf16(_));
+        assert_eq!(is_bf16, w.dtype == pb::DType::Bf16 as i32, "{}", w.name);
+        bf16_loaded += is_bf16 as usize;
+    }
+    assert_eq!(bf16_loaded, 9);
+    let reads: Vec<&str> = loaded
+        .f32_weight_reads()
+        .into_iter()
+        .filter(|&i| loaded.plan.weights[i].dtype == pb::DType::Bf16 as i32)
+        .map(|i| loaded.plan.weights[i].name.as_str())
+        .collect();
+    assert!(reads.is_empty(), "bf16 weights read as f32: {reads:?}");
     // The block matrices (4 per layer, 2 layers) and lm_head.
     assert_eq!(
         pb16.weights

@@ -11,7 +11,7 @@ pub use kernels::Threading;
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
 use crate::error::{Error, Result};
-use crate::plan::LoadedPlan;
+use crate::plan::{LoadedPlan, WeightData};
 
 /// A buffer's storage.
 #[derive(Debug, Clone)]
@@ -83,9 +83,9 @@ pub struct CpuExecutor {
     pub batch: usize,
     buffers: Vec<Buf>,
     threading: Threading,
-    /// The plan's bf16 weights as bf16 bits (index = weight index), for the GEMMs of bf16
-    /// plans: they read half the bytes of the widened f32 weights.
-    bf16_weights: Vec<Option<Vec<u16>>>,
+    /// f32 copies of the bf16 weights some step reads as f32 ([`LoadedPlan::f32_weight_reads`]:
+    /// kernel arguments such as the embedding table); None for the rest.
+    widened: Vec<Option<Vec<f32>>>,
 }
 
 /// A step tracer: called with (step name, row width, rows x width values) after each step.
@@ -122,14 +122,14 @@ impl CpuExecutor {
             buf.resize(n, &b.name, &format!("batch {batch}"))?;
             buffers.push(buf);
         }
-        let bf16_weights = plan
-            .plan
+        let reads = plan.f32_weight_reads();
+        let widened = plan
             .weights
             .iter()
-            .zip(&plan.weights)
-            .map(|(w, values)| {
-                (w.dtype == pb::DType::Bf16 as i32)
-                    .then(|| values.iter().map(|&v| bf16::narrow_exact(v)).collect())
+            .enumerate()
+            .map(|(i, w)| match w {
+                WeightData::Bf16(_) if reads.contains(&i) => Some(w.to_f32().into_owned()),
+                _ => None,
             })
             .collect();
         Ok(CpuExecutor {
@@ -137,7 +137,7 @@ impl CpuExecutor {
             batch,
             buffers,
             threading: Threading::Auto,
-            bf16_weights,
+            widened,
         })
     }
 
@@ -296,12 +296,10 @@ impl CpuExecutor {
                 _ => Err(step_err(name, format!("argument {i} is not a buffer"))),
             }
         };
+        let widened = &self.widened;
         let weight = |i: usize| -> Result<&[f32]> {
             match l.args.get(i).and_then(|a| a.value.as_ref()) {
-                Some(arg::Value::Weight(w)) => plan
-                    .weights
-                    .get(*w as usize)
-                    .map(|v| v.as_slice())
+                Some(arg::Value::Weight(w)) => f32_weight(&plan, widened, *w as usize)
                     .ok_or_else(|| step_err(name, "bad weight")),
                 _ => Err(step_err(name, format!("argument {i} is not a weight"))),
             }
@@ -474,7 +472,7 @@ impl CpuExecutor {
             let operand = |s: Option<operand::Source>, what: &str| -> Result<&[f32]> {
                 match s {
                     Some(operand::Source::Weight(w)) => {
-                        plan.weights.get(w as usize).map(|v| v.as_slice())
+                        f32_weight(&plan, &self.widened, w as usize)
                     }
                     Some(operand::Source::Buffer(b)) if b as usize != ci => {
                         match self.buffers.get(b as usize) {
@@ -491,18 +489,25 @@ impl CpuExecutor {
                     )
                 })
             };
-            let a = operand(src(g.a.as_ref()), "a")?;
-            let b = operand(src(g.b.as_ref()), "b")?;
+            // A bf16 weight in the weight form is read as bf16; every other operand as f32.
             let bf16_a = match src(g.a.as_ref()) {
                 Some(operand::Source::Weight(w)) if g.trans_a && !g.trans_b => {
-                    self.bf16_weights.get(w as usize).and_then(|o| o.as_deref())
+                    match plan.weights.get(w as usize) {
+                        Some(WeightData::Bf16(bits)) => Some(bits.as_slice()),
+                        _ => None,
+                    }
                 }
                 _ => None,
             };
-            if a.len() < need_a || b.len() < need_b || c.len() < need_c {
+            let a_len = match bf16_a {
+                Some(bits) => bits.len(),
+                None => operand(src(g.a.as_ref()), "a")?.len(),
+            };
+            let b = operand(src(g.b.as_ref()), "b")?;
+            if a_len < need_a || b.len() < need_b || c.len() < need_c {
                 return Err(step_err(
                     name,
-                    format!("GEMM operands too small: a {}/{need_a}, b {}/{need_b}, c {}/{need_c} elements", a.len(), b.len(), c.len()),
+                    format!("GEMM operands too small: a {a_len}/{need_a}, b {}/{need_b}, c {}/{need_c} elements", b.len(), c.len()),
                 ));
             }
             if m == 0 || n == 0 {
@@ -519,10 +524,10 @@ impl CpuExecutor {
                 beta: g.beta,
             };
             if let Some(w) = bf16_a {
-                // Same extents as the f32 copy it was narrowed from (checked above).
                 bf16::gemm(shape, w, b, &mut c);
                 return Ok(());
             }
+            let a = operand(src(g.a.as_ref()), "a")?;
             if g.trans_a && !g.trans_b && n <= dots::MAX_N {
                 // Decode-sized: W rows and x rows are both contiguous (the weight form).
                 dots::gemm(shape, a, b, &mut c);
@@ -567,5 +572,17 @@ impl CpuExecutor {
         })();
         self.buffers[ci] = Buf::F32(c);
         result
+    }
+}
+
+/// Weight `w` as f32: its own values, or its widened copy when it is stored in bf16.
+fn f32_weight<'a>(
+    plan: &'a LoadedPlan,
+    widened: &'a [Option<Vec<f32>>],
+    w: usize,
+) -> Option<&'a [f32]> {
+    match plan.weights.get(w)? {
+        WeightData::F32(v) => Some(v),
+        WeightData::Bf16(_) => widened.get(w)?.as_deref(),
     }
 }

@@ -48,7 +48,7 @@ use ngpt_schemas::plan::{self as pb, arg, operand, step};
 use crate::abi::{self, Slot};
 use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
-use crate::plan::{eval, LoadedPlan};
+use crate::plan::{eval, LoadedPlan, WeightData};
 
 /// cuBLAS workspace: 32 MiB, NVIDIA's recommendation for Hopper. Set explicitly so that
 /// no GEMM allocates while a graph is being captured.
@@ -498,32 +498,28 @@ impl CudaExecutor {
         // Weights: once. F32 as f32; BF16 as its bits, plus an f32 copy where a kernel
         // reads it (or for every one under NGPT_CUDA_BF16_GEMM=f32).
         let widen_bf16 = env_is("NGPT_CUDA_BF16_GEMM", "f32");
-        let launch_weights = launch_weight_set(&plan);
+        let f32_reads = plan.f32_weight_reads();
         let mut weights = Vec::with_capacity(plan.weights.len());
         for (i, (w, values)) in plan.plan.weights.iter().zip(&plan.weights).enumerate() {
             let what = format!("weight `{}`", w.name);
-            let bf16 = w.dtype == pb::DType::Bf16 as i32;
-            let dw = if bf16 {
-                let bits: Vec<u16> = values
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
-                let f32_copy = if widen_bf16 || launch_weights.contains(&i) {
-                    Some(Dev::upload(&stream, values, &what)?)
-                } else {
-                    None
-                };
-                DevWeight {
-                    elems: values.len(),
-                    f32: f32_copy,
-                    bf16: Some(Dev::upload(&stream, &bits, &what)?),
+            let dw = match values {
+                WeightData::Bf16(bits) => {
+                    let f32_copy = if widen_bf16 || f32_reads.contains(&i) {
+                        Some(Dev::upload(&stream, &values.to_f32(), &what)?)
+                    } else {
+                        None
+                    };
+                    DevWeight {
+                        elems: bits.len(),
+                        f32: f32_copy,
+                        bf16: Some(Dev::upload(&stream, bits, &what)?),
+                    }
                 }
-            } else {
-                DevWeight {
-                    elems: values.len(),
-                    f32: Some(Dev::upload(&stream, values, &what)?),
+                WeightData::F32(v) => DevWeight {
+                    elems: v.len(),
+                    f32: Some(Dev::upload(&stream, v, &what)?),
                     bf16: None,
-                }
+                },
             };
             weights.push(dw);
         }
@@ -1605,26 +1601,6 @@ fn used_functions(plan: &LoadedPlan) -> HashMap<(u32, String), u32> {
         }
     }
     used
-}
-
-/// The weights some launch reads (they need an f32 form on the device).
-fn launch_weight_set(plan: &LoadedPlan) -> std::collections::HashSet<usize> {
-    let mut set = std::collections::HashSet::new();
-    for program in [&plan.plan.prefill, &plan.plan.decode]
-        .into_iter()
-        .flatten()
-    {
-        for s in &program.steps {
-            if let Some(step::Kind::Launch(l)) = s.kind.as_ref() {
-                for a in &l.args {
-                    if let Some(arg::Value::Weight(w)) = a.value {
-                        set.insert(w as usize);
-                    }
-                }
-            }
-        }
-    }
-    set
 }
 
 /// Checks a module's `#define` prelude against the plan's config: the kernels index with
