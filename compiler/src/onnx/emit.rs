@@ -255,7 +255,11 @@ impl Emit<'_, '_> {
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
                 .ctx(&ctx)?;
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut bytes = Vec::with_capacity(values.len() * 4);
+            for v in &values {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            drop(values);
             self.b.initializer(name, &dims, DataType::Float, bytes, doc)
         }
     }
@@ -684,11 +688,18 @@ fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
 fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 32;
     let mut out = vec![T::default(); rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
     for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        let band = &src[r0 * cols..r1 * cols];
         for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = src[r * cols + c];
+            let c1 = (c0 + TILE).min(cols);
+            for c in c0..c1 {
+                let dst = &mut out[c * rows + r0..c * rows + r1];
+                for (d, row) in dst.iter_mut().zip(band.chunks_exact(cols)) {
+                    *d = row[c];
                 }
             }
         }
