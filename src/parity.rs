@@ -356,6 +356,48 @@ pub fn compare_prompt(
     out
 }
 
+/// The prompts of a `--prompts FILE`: one per line, token ids (`5,17,3`) or text (encoded
+/// with `vocab`); blank lines and lines starting with `#` are skipped. Returns each line
+/// with its tokens.
+pub fn read_prompts(
+    path: &Path,
+    vocab: Option<&crate::tokens::Vocab>,
+    vocab_size: usize,
+) -> Result<Vec<(String, Vec<u32>)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --prompts {}", path.display()))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let numeric = trimmed
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ',' || c == ' ' || c == '-');
+        let tokens = match (numeric, vocab) {
+            (true, _) => crate::tokens::parse_tokens(trimmed, vocab_size),
+            (false, Some(v)) => v.encode(line),
+            (false, None) => Err(anyhow::anyhow!(
+                "the line is text but no vocabulary was found beside the model; pass --vocab FILE or write token ids"
+            )),
+        }
+        .with_context(|| format!("--prompts {} line {}", path.display(), i + 1))?;
+        if tokens.is_empty() {
+            bail!(
+                "--prompts {} line {}: encodes to no tokens",
+                path.display(),
+                i + 1
+            );
+        }
+        out.push((line.to_string(), tokens));
+    }
+    if out.is_empty() {
+        bail!("--prompts {}: holds no prompt", path.display());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,46 +481,4 @@ mod tests {
         assert_eq!(serde_json::from_str::<Record>(&text)?, r);
         Ok(())
     }
-}
-
-/// The prompts of a `--prompts FILE`: one per line, token ids (`5,17,3`) or text (encoded
-/// with `vocab`); blank lines and lines starting with `#` are skipped. Returns each line
-/// with its tokens.
-pub fn read_prompts(
-    path: &Path,
-    vocab: Option<&crate::tokens::Vocab>,
-    vocab_size: usize,
-) -> Result<Vec<(String, Vec<u32>)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --prompts {}", path.display()))?;
-    let mut out = vec![];
-    for (i, line) in text.lines().enumerate() {
-        let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let numeric = trimmed
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == ',' || c == ' ' || c == '-');
-        let tokens = match (numeric, vocab) {
-            (true, _) => crate::tokens::parse_tokens(trimmed, vocab_size),
-            (false, Some(v)) => v.encode(line),
-            (false, None) => Err(anyhow::anyhow!(
-                "the line is text but no vocabulary was found beside the model; pass --vocab FILE or write token ids"
-            )),
-        }
-        .with_context(|| format!("--prompts {} line {}", path.display(), i + 1))?;
-        if tokens.is_empty() {
-            bail!(
-                "--prompts {} line {}: encodes to no tokens",
-                path.display(),
-                i + 1
-            );
-        }
-        out.push((line.to_string(), tokens));
-    }
-    if out.is_empty() {
-        bail!("--prompts {}: holds no prompt", path.display());
-    }
-    Ok(out)
 }

@@ -135,7 +135,7 @@ impl Config {
             use_ngpt,
             dropout,
         };
-        if config.n_embd % config.n_head != 0 {
+        if !config.n_embd.is_multiple_of(config.n_head) {
             return Err(err(
                 "n_embd",
                 format!(
@@ -144,7 +144,7 @@ impl Config {
                 ),
             ));
         }
-        if config.head_dim() % 2 != 0 {
+        if !config.head_dim().is_multiple_of(2) {
             return Err(err(
                 "n_head",
                 format!(

@@ -355,7 +355,8 @@ impl LoadedPlan {
                         Some(operand::Source::Weight(w)) => Some(w as usize),
                         _ => None,
                     };
-                    if !(g.trans_a && !g.trans_b) {
+                    let weight_form = g.trans_a && !g.trans_b;
+                    if !weight_form {
                         set.extend(weight(g.a.as_ref()));
                     }
                     set.extend(weight(g.b.as_ref()));

@@ -174,7 +174,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     let mut session = ngpt_runtime::session::Session::new(std::sync::Arc::clone(&plan), 1)?;
     let got: Vec<f64> = session
-        .prefill(&[tokens.clone()])?
+        .prefill(std::slice::from_ref(&tokens))?
         .iter()
         .map(|&v| v as f64)
         .collect();

@@ -79,7 +79,7 @@ fn prefill_every_position(exec: Executor) -> Result<()> {
         let toks = tokens(v, 29, 1);
         let plan = plan_for(&ckpt, WeightDtype::F32, 64)?;
         let mut s = exec(plan, 1)?;
-        let got = s.prefill(&[toks.clone()])?;
+        let got = s.prefill(std::slice::from_ref(&toks))?;
         let c = cmp(&got, &reference_rows(&ckpt, &toks)?, v);
         assert!(c.passes(1e-5, 1.0), "{name}: {c:?}");
     }
@@ -148,7 +148,7 @@ fn bf16_weights_stay_close(exec: Executor) -> Result<()> {
         let toks = tokens(v, 40, 5);
         let mut s = exec(plan_for(&ckpt, WeightDtype::Bf16, 64)?, 1)?;
         let c = cmp(
-            &s.prefill(&[toks.clone()])?,
+            &s.prefill(std::slice::from_ref(&toks))?,
             &reference_rows(&ckpt, &toks)?,
             v,
         );

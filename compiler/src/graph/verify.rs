@@ -24,7 +24,7 @@ fn arity(op: &Op, inputs: &[&Fact], n: usize) -> Result<(), String> {
 }
 
 fn heads_fit(width: usize, head_dim: usize) -> Result<(), String> {
-    if head_dim == 0 || head_dim % 2 != 0 || width % head_dim != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !width.is_multiple_of(head_dim) {
         Err(format!(
             "width {width} is not a whole number of even heads of {head_dim}"
         ))

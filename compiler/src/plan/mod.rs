@@ -279,12 +279,7 @@ impl Lowerer<'_> {
             c_rows: 1,
             c_batch: 0,
         };
-        let tokens = self.buffer(
-            "tokens",
-            pb::DType::I32,
-            BufferKind::Input,
-            one_per_row.clone(),
-        );
+        let tokens = self.buffer("tokens", pb::DType::I32, BufferKind::Input, one_per_row);
         let positions = self.buffer("positions", pb::DType::I32, BufferKind::Input, one_per_row);
         let rows_grid = aff(0, 1, 0);
         let mut layer = 0usize;
@@ -303,7 +298,7 @@ impl Lowerer<'_> {
                     self.launch(
                         &name,
                         "embed",
-                        dim3(rows_grid.clone(), 1, 1),
+                        dim3(rows_grid, 1, 1),
                         256,
                         0,
                         vec![buf(tokens), wt(wte), buf(out), sym(Symbol::Rows)],
@@ -316,7 +311,7 @@ impl Lowerer<'_> {
                     self.launch(
                         &name,
                         "norm_rows",
-                        dim3(rows_grid.clone(), 1, 1),
+                        dim3(rows_grid, 1, 1),
                         256,
                         0,
                         vec![buf(x.0), buf(out), sym(Symbol::Rows)],
@@ -374,13 +369,13 @@ impl Lowerer<'_> {
                     let q_scale = self.weight(self.g.nodes[q].inputs[2], false)?;
                     let k_scale = self.weight(self.g.nodes[k].inputs[2], false)?;
                     let q_out = self.rows("q", c, BufferKind::Activation);
-                    let kc = self.layer_cache(layer, 'k', cache_elems.clone());
-                    let vc = self.layer_cache(layer, 'v', cache_elems.clone());
+                    let kc = self.layer_cache(layer, 'k', cache_elems);
+                    let vc = self.layer_cache(layer, 'v', cache_elems);
                     let base = name.trim_end_matches(".attention").to_string();
                     self.launch(
                         &format!("{base}.pos_norm"),
                         "pos_norm",
-                        dim3(rows_grid.clone(), h as u64, 1),
+                        dim3(rows_grid, h as u64, 1),
                         (d / 2).div_ceil(32).max(1) as u64 * 32,
                         0,
                         vec![
@@ -410,7 +405,7 @@ impl Lowerer<'_> {
                     self.launch(
                         &name,
                         entry,
-                        dim3(rows_grid.clone(), h as u64, 1),
+                        dim3(rows_grid, h as u64, 1),
                         128,
                         shared,
                         vec![
@@ -437,7 +432,7 @@ impl Lowerer<'_> {
                     self.launch(
                         &name,
                         "lerp_norm",
-                        dim3(rows_grid.clone(), 1, 1),
+                        dim3(rows_grid, 1, 1),
                         256,
                         0,
                         vec![buf(out), buf(br.0), wt(lr), sym(Symbol::Rows)],
@@ -450,7 +445,7 @@ impl Lowerer<'_> {
                     self.launch(
                         &name,
                         "swiglu",
-                        dim3(rows_grid.clone(), 1, 1),
+                        dim3(rows_grid, 1, 1),
                         256,
                         0,
                         vec![buf(x.0), buf(out), sym(Symbol::Rows)],
