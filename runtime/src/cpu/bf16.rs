@@ -84,45 +84,9 @@ fn blocked(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// Both paths (dot products up to 8 columns, widened blocks beyond) on one shape.
     fn case(m: usize, n: usize, k: usize, beta: f32) {
-        let (lda, ldb, ldc) = (k + 3, k + 1, m + 2);
-        let w: Vec<u16> = (0..m * lda)
-            .map(|i| narrow_exact(((i * 37 % 101) as f32 - 50.0) / 64.0))
-            .collect();
-        let x: Vec<f32> = (0..n * ldb)
-            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
-            .collect();
-        let c0: Vec<f32> = (0..n * ldc).map(|i| (i % 5) as f32).collect();
-        let mut c = c0.clone();
-        let s = Shape {
-            m,
-            n,
-            k,
-            lda,
-            ldb,
-            ldc,
-            alpha: 0.75,
-            beta,
-        };
-        gemm(s, &w, &x, &mut c);
-        for j in 0..n {
-            for r in 0..m {
-                let exact: f64 = (0..k)
-                    .map(|i| widen(w[r * lda + i]) as f64 * x[j * ldb + i] as f64)
-                    .sum::<f64>()
-                    * 0.75
-                    + beta as f64 * c0[j * ldc + r] as f64;
-                let got = c[j * ldc + r] as f64;
-                assert!(
-                    (got - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
-                    "m{m} n{n} k{k} ({r},{j}): {got} vs {exact}"
-                );
-            }
-            // Padding rows of C are untouched.
-            for r in m..ldc {
-                assert_eq!(c[j * ldc + r], c0[j * ldc + r]);
-            }
-        }
+        dots::tests::case(m, n, k, beta, |v| (v.to_bits() >> 16) as u16, gemm);
     }
 
     #[test]
