@@ -3,7 +3,7 @@
 #
 #   scripts/bench_compare.sh CHECKPOINT_DIR [PROMPT_LEN [GEN_LEN [BATCH]]]
 #
-# CPU: ngpt plan-cpu, tract on model.onnx, onnxruntime (CPU, KV cache).
+# CPU: ngpt plan-cpu (f32 and bf16 weights), tract on model.onnx, onnxruntime (CPU, KV cache).
 # GPU (when nvidia-smi works): ngpt plan-cuda (bf16 plan), onnxruntime CUDA (if its
 # provider loads), PyTorch as NVIDIA's model.py runs (bf16, no KV cache) and PyTorch with
 # a static KV cache under torch.compile (scripts/torch_ngpt.py).
@@ -18,7 +18,7 @@ PYTHON="${PYTHON:-python3}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 "$NGPT" compile "$ckpt" -o "$tmp/f32" --max-seq-len $((p + g + 8)) >/dev/null
 gpu=0; nvidia-smi >/dev/null 2>&1 && gpu=1
-[[ $gpu == 1 ]] && "$NGPT" compile "$ckpt" -o "$tmp/bf16" --dtype bf16 --max-seq-len $((p + g + 8)) >/dev/null
+"$NGPT" compile "$ckpt" -o "$tmp/bf16" --dtype bf16 --max-seq-len $((p + g + 8)) >/dev/null
 
 rows="$tmp/rows.jsonl"; : > "$rows"
 run() { # name, command...: the command's last stdout line is JSON; failures become a row
@@ -31,6 +31,7 @@ run() { # name, command...: the command's last stdout line is JSON; failures bec
 }
 common=(--prompt-len "$p" --gen-len "$g" --batch "$b" --json)
 run "ngpt plan-cpu (f32)" "$NGPT" bench "$tmp/f32" --engine plan-cpu "${common[@]}"
+run "ngpt plan-cpu (bf16 weights)" "$NGPT" bench "$tmp/bf16" --engine plan-cpu "${common[@]}"
 run "tract (f32)" "$NGPT" bench "$tmp/f32" --engine tract "${common[@]}"
 run "onnxruntime CPU (f32)" "$PYTHON" "$here/ort_bench.py" "$tmp/f32/model.onnx" --prompt-len "$p" --gen-len "$g" --batch "$b"
 if [[ $gpu == 1 ]]; then
@@ -46,7 +47,8 @@ p, g, b = sys.argv[2:5]
 base = {}
 for r in rows:
     if r["name"].startswith("ngpt") and "decode_tokens_per_s" in r:
-        base[r["name"].split()[1]] = r["decode_tokens_per_s"]
+        # The first row of each engine (plan-cpu: its f32 row) is the reference.
+        base.setdefault(r["name"].split()[1], r["decode_tokens_per_s"])
 ref = base.get("plan-cuda") or base.get("plan-cpu")
 print(f"prompt {p} tokens, {g} generated, batch {b}; ratio = ngpt's decode rate / this row's")
 print(f"{'engine':<38} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token':>12} {'ngpt is':>9}")
