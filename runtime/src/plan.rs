@@ -29,6 +29,12 @@ pub struct LoadedPlan {
     pub weights: Vec<WeightData>,
 }
 
+/// bf16 bits to f32, exactly (the bits are the f32's upper half; NaNs kept as they are).
+#[inline(always)]
+pub fn widen_bf16(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
 /// A weight's values as `model.weights` stores them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightData {
@@ -60,10 +66,7 @@ impl WeightData {
     pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
             WeightData::F32(v) => std::borrow::Cow::Borrowed(v),
-            WeightData::Bf16(v) => v
-                .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
-                .collect(),
+            WeightData::Bf16(v) => v.iter().map(|&b| widen_bf16(b)).collect(),
         }
     }
 }
@@ -410,6 +413,27 @@ pub struct GemmExtents {
     pub need_a: usize,
     pub need_b: usize,
     pub need_c: usize,
+}
+
+/// The rows of a program run: `batch` sequences of `per_seq` tokens, with one position per
+/// token. Both executors check a request with this before running it.
+pub fn request_rows(
+    batch: usize,
+    per_seq: usize,
+    tokens: &[i32],
+    positions: &[i32],
+) -> Result<usize> {
+    let rows = tokens.len();
+    if rows != batch * per_seq || positions.len() != rows || per_seq == 0 {
+        return Err(Error::Request {
+            what: "tokens".into(),
+            problem: format!(
+                "expected {batch} x {per_seq} tokens and positions, found {rows} and {}",
+                positions.len()
+            ),
+        });
+    }
+    Ok(rows)
 }
 
 /// Evaluates `g` for `rows` rows of `batch` sequences and checks its leading dimensions;

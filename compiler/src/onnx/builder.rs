@@ -31,10 +31,7 @@ pub enum Sink<'a> {
     /// record with `raw_data`: protobuf merges repeated occurrences of a message field and
     /// appends repeated fields, so these records and the graph written after them decode as
     /// one graph. The weights are written once, as they are made, and never held together.
-    Inline {
-        out: &'a mut dyn Write,
-        written: u64,
-    },
+    Inline { out: &'a mut dyn Write },
 }
 
 /// `v` as a protobuf varint.
@@ -219,7 +216,7 @@ impl<'a> Builder<'a> {
                 *offset += bytes.len() as u64;
                 self.initializers.push(t);
             }
-            Sink::Inline { out, written } => {
+            Sink::Inline { out } => {
                 let n = bytes.len() as u64;
                 let tensor_len = t.encoded_len() as u64 + 1 + varint_len(n) + n;
                 let mut head = vec![key(MODEL_GRAPH)];
@@ -233,7 +230,6 @@ impl<'a> Builder<'a> {
                 out.write_all(&head)
                     .and_then(|()| out.write_all(&bytes))
                     .map_err(|e| io_err(MODEL_FILE, e))?;
-                *written += head.len() as u64 + n;
             }
         }
         Ok(name.to_string())

@@ -15,8 +15,9 @@
 //! built in the graph from the shapes, combined with `attention_mask`, so ragged
 //! (left-padded) batches work.
 //!
-//! Export streams: initializers are made one at a time from the graph's constants and, with
-//! external data, written to `model.onnx.data` as they are made.
+//! Export streams: initializers are made one at a time from the graph's constants and
+//! written as they are made, to `model.onnx.data` with external data, else into
+//! `model.onnx` itself.
 
 mod builder;
 mod emit;
@@ -179,7 +180,7 @@ fn sink_external(out: &mut dyn Write) -> builder::Sink<'_> {
 }
 
 fn sink_inline(out: &mut dyn Write) -> builder::Sink<'_> {
-    builder::Sink::Inline { out, written: 0 }
+    builder::Sink::Inline { out }
 }
 
 fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Error {

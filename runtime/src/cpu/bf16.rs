@@ -10,20 +10,10 @@
 use rayon::prelude::*;
 
 use super::dots::{self, Shape};
+use crate::plan::widen_bf16;
 
 /// Weight rows widened at a time on the blocked path.
 const BLOCK_ROWS: usize = 256;
-
-/// bf16 bits to f32 (exact).
-#[inline]
-fn widen(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// bf16 bits of `v`, which must be a widened bf16 (exact; the low 16 bits are zero).
-pub fn narrow_exact(v: f32) -> u16 {
-    (v.to_bits() >> 16) as u16
-}
 
 /// Runs the GEMM. The caller has checked that `w`, `x` and `c` hold every element the
 /// shape touches (the CPU executor checks every GEMM's extents first).
@@ -49,7 +39,7 @@ fn blocked(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
             .for_each(|(i, dst)| {
                 let src = &w[(m0 + i) * s.lda..(m0 + i) * s.lda + s.k];
                 for (d, &b) in dst.iter_mut().zip(src) {
-                    *d = widen(b);
+                    *d = widen_bf16(b);
                 }
             });
         // SAFETY: the block's C rows m0..m0+rows of every column lie inside c (the caller

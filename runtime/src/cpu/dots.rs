@@ -68,7 +68,7 @@ impl Weight for f32 {
 impl Weight for u16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        f32::from_bits((self as u32) << 16)
+        crate::plan::widen_bf16(self)
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -199,18 +199,7 @@ impl CpuExecutor {
         per_seq: usize,
         mut on_step: Option<StepTrace<'_>>,
     ) -> Result<&[f32]> {
-        let rows = tokens.len();
-        if rows != self.batch * per_seq || positions.len() != rows || per_seq == 0 {
-            return Err(Error::Request {
-                what: "tokens".into(),
-                problem: format!(
-                    "expected {} x {per_seq} tokens and positions, found {} and {}",
-                    self.batch,
-                    rows,
-                    positions.len()
-                ),
-            });
-        }
+        let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
         let plan = Arc::clone(&self.plan);
         // Size the per-call buffers.
         for (i, b) in plan.plan.buffers.iter().enumerate() {

@@ -669,18 +669,7 @@ impl CudaExecutor {
         per_seq: usize,
         on_step: Option<OnStep<'_>>,
     ) -> Result<&[f32]> {
-        let rows = tokens.len();
-        if rows != self.batch * per_seq || positions.len() != rows || per_seq == 0 {
-            return Err(Error::Request {
-                what: "tokens".into(),
-                problem: format!(
-                    "expected {} x {per_seq} tokens and positions, found {} and {}",
-                    self.batch,
-                    rows,
-                    positions.len()
-                ),
-            });
-        }
+        let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
         // The kernels index with these without checks: check them here.
         let d = self.plan.dims;
         if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as usize >= d.vocab) {
