@@ -479,18 +479,19 @@ impl CpuExecutor {
                 })
             };
             // A bf16 weight in the weight form is read as bf16; every other operand as f32.
-            let bf16_a = match src(g.a.as_ref()) {
-                Some(operand::Source::Weight(w)) if g.trans_a && !g.trans_b => {
-                    match plan.weights.get(w as usize) {
-                        Some(WeightData::Bf16(bits)) => Some(bits.as_slice()),
-                        _ => None,
-                    }
-                }
-                _ => None,
+            // In the weight form (W rows and x rows both contiguous) a bf16 weight is read
+            // as bf16; every other operand as f32.
+            let weight_form = g.trans_a && !g.trans_b;
+            let a = match (src(g.a.as_ref()), weight_form) {
+                (Some(operand::Source::Weight(w)), true) => match plan.weights.get(w as usize) {
+                    Some(WeightData::Bf16(bits)) => GemmA::Bf16(bits),
+                    _ => GemmA::F32(operand(src(g.a.as_ref()), "a")?),
+                },
+                (s, _) => GemmA::F32(operand(s, "a")?),
             };
-            let a_len = match bf16_a {
-                Some(bits) => bits.len(),
-                None => operand(src(g.a.as_ref()), "a")?.len(),
+            let a_len = match a {
+                GemmA::Bf16(v) => v.len(),
+                GemmA::F32(v) => v.len(),
             };
             let b = operand(src(g.b.as_ref()), "b")?;
             if a_len < need_a || b.len() < need_b || c.len() < need_c {
@@ -512,13 +513,15 @@ impl CpuExecutor {
                 alpha: g.alpha,
                 beta: g.beta,
             };
-            if let Some(w) = bf16_a {
-                bf16::gemm(shape, w, b, &mut c);
-                return Ok(());
-            }
-            let a = operand(src(g.a.as_ref()), "a")?;
-            if g.trans_a && !g.trans_b && n <= dots::MAX_N {
-                // Decode-sized: W rows and x rows are both contiguous (the weight form).
+            let a = match a {
+                GemmA::Bf16(w) => {
+                    bf16::gemm(shape, w, b, &mut c);
+                    return Ok(());
+                }
+                GemmA::F32(a) => a,
+            };
+            if weight_form && n <= dots::MAX_N {
+                // Decode-sized: a dot product per weight row.
                 dots::gemm(shape, a, b, &mut c);
                 return Ok(());
             }
@@ -562,6 +565,12 @@ impl CpuExecutor {
         self.buffers[ci] = Buf::F32(c);
         result
     }
+}
+
+/// A GEMM's `a` operand as the executor reads it.
+enum GemmA<'a> {
+    Bf16(&'a [u16]),
+    F32(&'a [f32]),
 }
 
 /// Weight `w` as f32: its own values, or its widened copy when it is stored in bf16.
