@@ -68,7 +68,7 @@ pack "$cuda_tests" cuda-tests
 pack "$it_tests" it-tests
 cp -r tests/fixtures/nv-tiny "$out/fixtures/"
 echo "$root" > "$out/manifest_dir"
-cp scripts/gpu-check.sh "$out/"
+cp scripts/gpu-check.sh scripts/torch_ngpt.py "$out/"
 {
     echo "ngpt GPU bundle"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"

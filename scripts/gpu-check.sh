@@ -12,14 +12,26 @@
 # Every step has a time limit; the whole run stays well under 10 minutes on an H200 machine.
 # Logs go to $OUT (the device tool's folder) when set, else to the work folder.
 #
+#   6. with NGPT_GPU_PARTS naming `targets`: issue 7's GPU figures on the 0.5b bf16 plan
+#      (decode floor fraction at 256 new tokens, with and without the CUDA graph; a
+#      2048-token prefill against cuBLAS's bf16 rate; batch 8 and 32 decode), then the
+#      PyTorch nGPT (scripts/torch_ngpt.py, carried in the bundle): its f32 logits checked
+#      against ngpt's reference, then bf16 as model.py runs it and under torch.compile
+#      with a static cache, 128-token prompt and 256 new tokens; a second table.
+#
 # Usage: bash gpu-check.sh [BUNDLE_DIR]       (default: the folder holding this script)
 # NGPT_GPU_CHECK_HALF=0 leaves out the 0.5b preset (a dry run on a small machine).
+# NGPT_GPU_PARTS: comma-separated, of `tests` (steps 3 to 5) and `targets` (step 6), or
+# `targets-if-ok` (step 6 only when every earlier check passed); default `tests`. The work folder is /tmp/ngpt-gpu-check: a second call on a machine
+# still warm reuses the models made by the first.
 # Exit status: 0 when every check passed, 1 otherwise.
 set -uo pipefail
 
 bundle=${1:-$(cd "$(dirname "$0")" && pwd)}
 bundle=$(cd "$bundle" && pwd)
-work=$(mktemp -d /tmp/ngpt-gpu-check.XXXXXX)
+work=/tmp/ngpt-gpu-check
+mkdir -p "$work"
+parts=",${NGPT_GPU_PARTS:-tests},"
 logdir=${OUT:-$work}
 mkdir -p "$logdir"
 log="$logdir/gpu-check.log"
@@ -85,23 +97,46 @@ if [ ! -e "$mdir/tests/fixtures/nv-tiny/ckpt.pt" ]; then
         fail "cannot place the nv-tiny fixture at $mdir/tests/fixtures (plan_parity needs it)"
 fi
 
+json_field() { # FILE FIELD: a number from the last JSON line of FILE
+    python3 - "$1" "$2" <<'EOF' 2>/dev/null || echo "-"
+import json, sys
+last = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
+v = json.loads(last).get(sys.argv[2])
+print("-" if v is None else (f"{v:.3f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.1f}" if isinstance(v, float) else v))
+EOF
+}
+vocab_of() { grep -o '"vocab_size": *[0-9]*' "$1/config.json" | grep -o '[0-9]*$'; }
+tokens_for() { # VOCAB N: N pseudo-random ids
+    awk -v v="$1" -v n="$2" 'BEGIN{for(i=0;i<n;i++) printf "%s%d", (i?",":""), (i*7919+5)%v}'
+}
 # --- 2. models --------------------------------------------------------------------------
 models="$work/models"
 mkdir -p "$models"
-run 60 "init tiny" "$ngpt" init "$models/tiny" --preset tiny || fail "ngpt init tiny"
+# once LIMIT_S LABEL OUTPUT CMD...: runs CMD unless OUTPUT was made by an earlier call.
+once() {
+    local limit=$1 label=$2 made=$3
+    shift 3
+    [ -f "$made.done" ] && { say "== $label: kept from an earlier call"; return 0; }
+    rm -rf "$made"
+    run "$limit" "$label" "$@" && touch "$made.done"
+}
+once 60 "init tiny" "$models/tiny" "$ngpt" init "$models/tiny" --preset tiny || fail "ngpt init tiny"
 half=${NGPT_GPU_CHECK_HALF:-1}
 if [ "$half" != 0 ]; then
-    run 120 "init 0.5b" "$ngpt" init "$models/half" --preset 0.5b || fail "ngpt init 0.5b"
+    once 120 "init 0.5b" "$models/half" "$ngpt" init "$models/half" --preset 0.5b || fail "ngpt init 0.5b"
 fi
-run 60 "compile tiny f32" "$ngpt" compile "$models/tiny" -o "$models/tiny-f32" || fail "compile tiny f32"
-run 60 "compile tiny bf16" "$ngpt" compile "$models/tiny" -o "$models/tiny-bf16" --dtype bf16 || fail "compile tiny bf16"
+once 60 "compile tiny f32" "$models/tiny-f32" "$ngpt" compile "$models/tiny" -o "$models/tiny-f32" ||
+    fail "compile tiny f32"
+once 60 "compile tiny bf16" "$models/tiny-bf16" "$ngpt" compile "$models/tiny" -o "$models/tiny-bf16" \
+    --dtype bf16 || fail "compile tiny bf16"
 plans="$models/tiny-f32,$models/tiny-bf16"
 if [ "$half" != 0 ]; then
-    run 240 "compile 0.5b bf16" "$ngpt" compile "$models/half" -o "$models/half-bf16" --dtype bf16 ||
-        fail "compile 0.5b bf16"
+    once 240 "compile 0.5b bf16" "$models/half-bf16" "$ngpt" compile "$models/half" \
+        -o "$models/half-bf16" --dtype bf16 || fail "compile 0.5b bf16"
     plans="$plans,$models/half-bf16"
 fi
 
+if [[ $parts == *,tests,* ]]; then
 # --- 3. CUDA tests ------------------------------------------------------------------------
 NGPT_CUDA_TEST_PLANS="$plans" run 300 "runtime/tests/cuda.rs" \
     "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs"
@@ -112,18 +147,6 @@ if grep -q "^skipped: " "$log"; then
 fi
 
 # --- 4 and 5. validate and timings -------------------------------------------------------
-json_field() { # FILE FIELD: a number from the last JSON line of FILE
-    python3 - "$1" "$2" <<'EOF' 2>/dev/null || echo "-"
-import json, sys
-last = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
-v = json.loads(last).get(sys.argv[2])
-print("-" if v is None else (f"{v:.1f}" if isinstance(v, float) else v))
-EOF
-}
-vocab_of() { grep -o '"vocab_size": *[0-9]*' "$1/config.json" | grep -o '[0-9]*$'; }
-tokens_for() { # VOCAB N: N pseudo-random ids
-    awk -v v="$1" -v n="$2" 'BEGIN{for(i=0;i<n;i++) printf "%s%d", (i?",":""), (i*7919+5)%v}'
-}
 has_bench=0
 "$ngpt" bench --help >/dev/null 2>&1 && has_bench=1
 
@@ -181,4 +204,76 @@ done
     echo "(generate: 128-token prompt, 64 new tokens, batch 1; bench: medians of 3 runs; floor: decode time floor / measured)"
     echo "tests: $(grep -cE '^test .* ok$' "$log") ok, $(grep -cE '^test .* FAILED$' "$log") failed; $failures check(s) failed; $(( $(date +%s) - started )) s; log: $log"
 } | tee "$table"
+fi
+
+# --- 6. issue 7's GPU targets --------------------------------------------------------------
+# `targets-if-ok` runs them only when every earlier check passed.
+if [[ -f "$models/half-bf16/model.plan" ]] &&
+    { [[ $parts == *,targets,* ]] || { [[ $parts == *,targets-if-ok,* ]] && [ "$failures" -eq 0 ]; }; }; then
+    dir="$models/half-bf16"
+    trows=()
+    # bench_row LABEL LIMIT ENV... -- ARGS...: one ngpt bench plan-cuda row.
+    bench_row() {
+        local label=$1 limit=$2
+        shift 2
+        local envs=()
+        while [ "$1" != -- ]; do envs+=("$1"); shift; done
+        shift
+        local out="$work/t-${label//[^a-zA-Z0-9]/_}.out"
+        if STDOUT="$out" run "$limit" "target: $label" env "${envs[@]}" "$ngpt" bench "$dir" \
+            --engine plan-cuda --json "$@"; then
+            cat "$out" >> "$log"
+            trows+=("$(printf '%-34s %12s %12s %9s %8s %8s' "$label" \
+                "$(json_field "$out" prefill_tokens_per_s)" "$(json_field "$out" decode_tokens_per_s)" \
+                "$(json_field "$out" ttft_ms)" "$(json_field "$out" decode_floor_fraction)" \
+                "$(json_field "$out" prefill_floor_fraction)")")
+        else
+            cat "$out" >> "$log"
+            fail "target bench: $label"
+            trows+=("$(printf '%-34s failed' "$label")")
+        fi
+    }
+    bench_row "plan-cuda b1 p128 g256" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 256 --runs 5
+    bench_row "plan-cuda b1 p128 g256 no graph" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GRAPH=0 -- \
+        --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
+    bench_row "plan-cuda b8 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 8 --runs 3
+    bench_row "plan-cuda b32 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 32 --runs 3
+    # PyTorch: first its f32 logits against ngpt's reference (so that the rows below time
+    # the same model), then the two ways users run it.
+    torch_py="$bundle/torch_ngpt.py"
+    ids=$(tokens_for "$(vocab_of "$models/half")" 48)
+    if run 180 "reference logits 0.5b (48 tokens)" "$ngpt" logits "$models/half" --tokens "$ids" \
+        -o "$work/half-ref.npy" --precision f64 &&
+        STDOUT="$work/torch-check.out" run 120 "torch f32 check" python3 "$torch_py" "$models/half" \
+            --check "$work/half-ref.npy" --tokens "$ids"; then
+        tcheck=$(tail -1 "$work/torch-check.out")
+    else
+        tcheck="FAILED: $(tail -1 "$work/torch-check.out" 2>/dev/null)"
+        fail "torch_ngpt.py --check"
+    fi
+    cat "$work/torch-check.out" >> "$log" 2>/dev/null
+    for mode in nvidia static; do
+        out="$work/torch-$mode.out"
+        if STDOUT="$out" run 300 "torch $mode" python3 "$torch_py" "$models/half" --mode "$mode" \
+            --prompt-len 128 --gen-len 256; then
+            trows+=("$(printf '%-34s %12s %12s %9s' "torch $mode b1 p128 g256" \
+                "$(json_field "$out" prefill_tokens_per_s)" "$(json_field "$out" decode_tokens_per_s)" \
+                "$(json_field "$out" ttft_ms)")")
+        else
+            fail "torch $mode"
+            trows+=("$(printf '%-34s failed' "torch $mode b1 p128 g256")")
+        fi
+        cat "$out" >> "$log"
+    done
+    {
+        echo
+        echo "issue 7 GPU targets, 0.5b preset, bf16 plan, $(date -u +%Y-%m-%d)"
+        printf '%-34s %12s %12s %9s %8s %8s\n' run "prefill t/s" "decode t/s" "ttft ms" "dec.fl" "pre.fl"
+        printf '%s\n' "${trows[@]}"
+        echo "torch f32 logits vs ngpt reference: $tcheck"
+        echo "(dec.fl: decode floor / measured; pre.fl: prefill FLOP floor at cuBLAS bf16 rate / measured)"
+        echo "$failures check(s) failed; $(( $(date +%s) - started )) s"
+    } | tee -a "$table"
+fi
 [ "$failures" -eq 0 ]
