@@ -138,9 +138,9 @@ fi
 
 if [[ $parts == *,tests,* ]]; then
 # --- 3. CUDA tests ------------------------------------------------------------------------
-NGPT_CUDA_TEST_PLANS="$plans" run 300 "runtime/tests/cuda.rs" \
+NGPT_CUDA_TEST_PLANS="$plans" run 150 "runtime/tests/cuda.rs" \
     "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs"
-run 240 "tests/it/plan_parity.rs plan_cuda" \
+run 150 "tests/it/plan_parity.rs plan_cuda" \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
 if grep -q "^skipped: " "$log"; then
     fail "some CUDA tests skipped on a GPU machine: $(grep -m1 '^skipped: ' "$log")"
