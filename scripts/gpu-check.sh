@@ -132,7 +132,7 @@ once 60 "compile tiny bf16" "$models/tiny-bf16" "$ngpt" compile "$models/tiny" -
 plans="$models/tiny-f32,$models/tiny-bf16"
 if [ "$half" != 0 ]; then
     once 240 "compile 0.5b bf16" "$models/half-bf16" "$ngpt" compile "$models/half" \
-        -o "$models/half-bf16" --dtype bf16 || fail "compile 0.5b bf16"
+        -o "$models/half-bf16" --dtype bf16 --max-seq-len 2304 || fail "compile 0.5b bf16"
     plans="$plans,$models/half-bf16"
 fi
 
@@ -140,6 +140,9 @@ if [[ $parts == *,tests,* ]]; then
 # --- 3. CUDA tests ------------------------------------------------------------------------
 NGPT_CUDA_TEST_PLANS="$plans" run 150 "runtime/tests/cuda.rs" \
     "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs"
+NGPT_CUDA_ATTENTION=simple NGPT_CUDA_TEST_PLANS="$plans" run 150 \
+    "runtime/tests/cuda.rs, first (untiled) attention kernels" \
+    "$work/cuda-tests" --test-threads 4 || fail "runtime/tests/cuda.rs (NGPT_CUDA_ATTENTION=simple)"
 run 150 "tests/it/plan_parity.rs plan_cuda" \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
 if grep -q "^skipped: " "$log"; then
@@ -212,6 +215,7 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
     { [[ $parts == *,targets,* ]] || { [[ $parts == *,targets-if-ok,* ]] && [ "$failures" -eq 0 ]; }; }; then
     dir="$models/half-bf16"
     trows=()
+    profiles=()
     # bench_row LABEL LIMIT ENV... -- ARGS...: one ngpt bench plan-cuda row.
     bench_row() {
         local label=$1 limit=$2
@@ -236,9 +240,22 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
     bench_row "plan-cuda b1 p128 g256" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p128 g256 no graph" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GRAPH=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
+        --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
     bench_row "plan-cuda b8 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 8 --runs 3
     bench_row "plan-cuda b32 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 32 --runs 3
+    # Where the time goes: GPU time per kernel (NGPT_CUDA_PROFILE, printed at exit).
+    for shape in "128 32" "2048 4"; do
+        set -- $shape
+        prof="$work/profile-p$1.out"
+        say "== profile p$1 g$2"
+        NGPT_CUDA_CHECK=0 NGPT_CUDA_PROFILE=1 timeout 120 "$ngpt" bench "$dir" \
+            --engine plan-cuda --prompt-len "$1" --gen-len "$2" --runs 1 >"$prof" 2>&1 ||
+            fail "profile p$1"
+        cat "$prof" >> "$log"
+        profiles+=("$(grep -E '^  (prefill|decode) ' "$prof" | awk '{c[$1]++} c[$1] <= 8')")
+    done
     # PyTorch: first its f32 logits against ngpt's reference (so that the rows below time
     # the same model), then the two ways users run it.
     torch_py="$bundle/torch_ngpt.py"
@@ -272,6 +289,8 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         printf '%-34s %12s %12s %9s %8s %8s\n' run "prefill t/s" "decode t/s" "ttft ms" "dec.fl" "pre.fl"
         printf '%s\n' "${trows[@]}"
         echo "torch f32 logits vs ngpt reference: $tcheck"
+        echo "profiles (p128 g32, then p2048 g4; top 8 per program):"
+        printf '%s\n' "${profiles[@]}"
         echo "(dec.fl: decode floor / measured; pre.fl: prefill FLOP floor at cuBLAS bf16 rate / measured)"
         echo "$failures check(s) failed; $(( $(date +%s) - started )) s"
     } | tee -a "$table"

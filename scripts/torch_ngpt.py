@@ -131,6 +131,10 @@ class StaticCache:
         shape = (m.cfg["n_layer"], batch, m.h, max_len, m.d)
         self.k = torch.zeros(shape, device=m.device, dtype=dtype)
         self.v = torch.zeros(shape, device=m.device, dtype=dtype)
+        # The caches keep their addresses, as gpt-fast's module buffers and Hugging Face's
+        # StaticCache do: without this, CUDA graphs are skipped ("mutated inputs").
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
         self.m, self.max_len = m, max_len
         self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
 

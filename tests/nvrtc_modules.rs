@@ -36,6 +36,31 @@ fn every_module_compiles_for_sm_90() -> Result<()> {
         }
     }
     assert_eq!(compiled, 6);
+    // Head widths the tiled attention kernels handle differently: not a multiple of 4
+    // (12), one P.V group with 16-row query tiles (96, 128), and the simple fallback (256).
+    for (heads, embd) in [(3, 36), (2, 192), (4, 512), (2, 512)] {
+        let mut o = InitOptions::preset(Preset::Tiny);
+        o.n_head = heads;
+        o.n_embd = embd;
+        let cfg = o.config()?;
+        let ptx = ngpt_runtime::cuda::compile_module(
+            "ngpt",
+            &kernel_source(&cfg, WeightDtype::Bf16, 64),
+            "sm_90",
+        )?;
+        for entry in [
+            "attention_prefill",
+            "attention_decode",
+            "attention_prefill_simple",
+            "attention_decode_simple",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {entry}(")),
+                "head_dim {}: no entry {entry}",
+                embd / heads
+            );
+        }
+    }
     // The second compile of the same source comes from the cache.
     let cfg = InitOptions::preset(Preset::Tiny).config()?;
     let src = kernel_source(&cfg, WeightDtype::F32, 2048);

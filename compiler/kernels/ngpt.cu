@@ -7,6 +7,8 @@
 // Every entry has a Rust twin in runtime/src/cpu/kernels.rs with the same semantics.
 
 #define NGPT_P (NGPT_D / 2)
+// Threads per block, and keys per tile, of attention_decode.
+#define NGPT_DEC_TILE 128
 
 // Sum of v over the block (blockDim.x a multiple of 32, at most 1024).
 __device__ float block_sum(float v) {
@@ -112,10 +114,13 @@ extern "C" __global__ void pos_norm(const float* qkv, const int* positions, cons
     }
 }
 
+// The first attention kernels, kept as the fallback for head_dim > 128 and as
+// `NGPT_CUDA_ATTENTION=simple`: a reference on the GPU for the tiled ones below.
+//
 // Causal attention for prefill, one block per (query row, head): keys 0..=pos of the
 // row's sequence, in tiles of NGPT_KV_TILE staged in shared memory, online softmax.
 // Softmax scale 1 (folded into q). Grid: (rows, H); block: 128.
-extern "C" __global__ void attention_prefill(const float* q, const float* k_cache, const float* v_cache,
+__device__ void attention_prefill_simple_body(const float* q, const float* k_cache, const float* v_cache,
                                              const int* positions, float* out, int rows, int tokens) {
     extern __shared__ float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
     __shared__ float scores[NGPT_KV_TILE];
@@ -163,8 +168,7 @@ extern "C" __global__ void attention_prefill(const float* q, const float* k_cach
 // Causal attention for decode, one block per (row, head), split across the KV length:
 // keys 0..=pos are scored 128 at a time, one key per thread, then every thread folds the
 // tile into its own output dims with an online softmax. Grid: (rows, H); block: 128.
-#define NGPT_DEC_TILE 128
-extern "C" __global__ void attention_decode(const float* q, const float* k_cache, const float* v_cache,
+__device__ void attention_decode_simple_body(const float* q, const float* k_cache, const float* v_cache,
                                             const int* positions, float* out, int rows, int tokens) {
     __shared__ float scores[NGPT_DEC_TILE];
     __shared__ float red[NGPT_DEC_TILE];
@@ -207,6 +211,228 @@ extern "C" __global__ void attention_decode(const float* q, const float* k_cache
     for (int i = 0, d = t; d < NGPT_D; ++i, d += blockDim.x)
         out[(long long)r * NGPT_C + head * NGPT_D + d] = acc[i] / run_sum;
 }
+
+
+#define NGPT_NEG_BIG (-3.402823466e38f)
+#define NGPT_ATT_ARGS const float* q, const float* k_cache, const float* v_cache, const int* positions, float* out, int rows, int tokens
+#define NGPT_ATT_PASS q, k_cache, v_cache, positions, out, rows, tokens
+
+extern "C" __global__ void attention_prefill_simple(NGPT_ATT_ARGS) { attention_prefill_simple_body(NGPT_ATT_PASS); }
+extern "C" __global__ void attention_decode_simple(NGPT_ATT_ARGS) { attention_decode_simple_body(NGPT_ATT_PASS); }
+
+// Max of v over the block (as block_sum).
+__device__ float block_max(float v) {
+    __shared__ float warp_max[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) warp_max[warp] = v;
+    __syncthreads();
+    int n_warps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < n_warps) ? warp_max[threadIdx.x] : NGPT_NEG_BIG;
+    if (warp == 0) {
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) warp_max[0] = v;
+    }
+    __syncthreads();
+    float m = warp_max[0];
+    __syncthreads();
+    return m;
+}
+
+#if NGPT_D <= 128
+// q . k for one cached key row (16-byte loads where D allows), q in shared memory.
+__device__ __forceinline__ float dot_key(const float* qs, const float* kr) {
+    float s = 0.0f;
+#if NGPT_D % 4 == 0
+    const float4* k4 = reinterpret_cast<const float4*>(kr);
+#pragma unroll
+    for (int d = 0; d < NGPT_D / 4; ++d) {
+        float4 kv = k4[d];
+        s += qs[4 * d] * kv.x + qs[4 * d + 1] * kv.y + qs[4 * d + 2] * kv.z + qs[4 * d + 3] * kv.w;
+    }
+#else
+    for (int d = 0; d < NGPT_D; ++d) s += qs[d] * kr[d];
+#endif
+    return s;
+}
+
+// Causal attention for decode, one block of 128 threads per (row, head): keys 0..=pos in
+// tiles of 128, one key per thread for the scores (online softmax across tiles), then each
+// warp folds its 32 keys of the tile into the output dims (lanes over dims, coalesced
+// rows of v); the four warps' sums are added at the end. Grid: (rows, H); block: 128.
+#define NGPT_DEC_DW ((NGPT_D + 31) / 32)
+extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) {
+    __shared__ float qs[NGPT_D];
+    __shared__ float ps[NGPT_DEC_TILE];
+    __shared__ float part[NGPT_DEC_TILE / 32][NGPT_D];
+    int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    if (r >= rows) return;
+    int b = r / tokens, pos = positions[r];
+    long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
+    if (t < NGPT_D) qs[t] = q[(long long)r * NGPT_C + head * NGPT_D + t];
+    __syncthreads();
+    float run_max = NGPT_NEG_BIG, run_sum = 0.0f;
+    float acc[NGPT_DEC_DW];
+#pragma unroll
+    for (int i = 0; i < NGPT_DEC_DW; ++i) acc[i] = 0.0f;
+    for (int start = 0; start <= pos; start += NGPT_DEC_TILE) {
+        int n = min(NGPT_DEC_TILE, pos + 1 - start);
+        float s = t < n ? dot_key(qs, k_cache + base + (long long)(start + t) * NGPT_D) : NGPT_NEG_BIG;
+        float m_new = fmaxf(run_max, block_max(s));
+        float p = t < n ? expf(s - m_new) : 0.0f;
+        float corr = expf(run_max - m_new);
+        ps[t] = p;
+        run_sum = run_sum * corr + block_sum(p);  // block_sum's barriers publish ps
+        run_max = m_new;
+#pragma unroll
+        for (int i = 0; i < NGPT_DEC_DW; ++i) acc[i] *= corr;
+        int k1 = min(warp * 32 + 32, n);
+#pragma unroll 4
+        for (int u = warp * 32; u < k1; ++u) {
+            float pu = ps[u];
+            const float* vr = v_cache + base + (long long)(start + u) * NGPT_D;
+#pragma unroll
+            for (int i = 0; i < NGPT_DEC_DW; ++i) {
+                int d = lane + 32 * i;
+                if (d < NGPT_D) acc[i] += pu * vr[d];
+            }
+        }
+        __syncthreads();  // the next tile rewrites ps
+    }
+#pragma unroll
+    for (int i = 0; i < NGPT_DEC_DW; ++i) {
+        int d = lane + 32 * i;
+        if (d < NGPT_D) part[warp][d] = acc[i];
+    }
+    __syncthreads();
+    if (t < NGPT_D) {
+        float o = 0.0f;
+        for (int w = 0; w < NGPT_DEC_TILE / 32; ++w) o += part[w][t];
+        out[(long long)r * NGPT_C + head * NGPT_D + t] = o / run_sum;
+    }
+}
+
+// Causal attention for prefill, tiled as flash attention is: the block whose row is the
+// first of a query tile (NGPT_QT rows of one sequence) does the whole tile, the other
+// blocks of the plan's (rows, H) grid return at once. Keys 0..=max position of the tile
+// are staged NGPT_KV_TILE at a time in the dynamic shared memory the plan gives
+// ([2][KV_TILE][D]), each row masked at its own position, online softmax per row.
+// Scores: thread -> (key t % KV_TILE, rows t / KV_TILE + 4 i), dims walked from the key
+// index on (no shared-memory bank conflicts); softmax: 128 / QT threads per row; P.V:
+// thread -> (dim t % D, rows t / D + (128 / D) i). Grid: (rows, H); block: 128.
+#define NGPT_QT (NGPT_D <= 64 ? 32 : 16)
+#define NGPT_QSTEP (128 / NGPT_KV_TILE)
+#define NGPT_TPR (128 / NGPT_QT)
+#define NGPT_PV_G (128 / NGPT_D)
+#define NGPT_PV_Q ((NGPT_QT + NGPT_PV_G - 1) / NGPT_PV_G)
+extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) {
+    extern __shared__ float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
+    __shared__ float qs[NGPT_QT * NGPT_D];
+    __shared__ float sc[NGPT_QT][NGPT_KV_TILE + 1];
+    __shared__ float row_max[NGPT_QT], row_sum[NGPT_QT], row_corr[NGPT_QT];
+    __shared__ int row_pos[NGPT_QT];
+    int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x;
+    if (r >= rows) return;
+    int b = r / tokens, lr = r - b * tokens;
+    if (lr % NGPT_QT != 0) return;
+    int nq = min(NGPT_QT, tokens - lr);
+    long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
+    float* kt = tile;
+    float* vt = tile + NGPT_KV_TILE * NGPT_D;
+    for (int e = t; e < NGPT_QT * NGPT_D; e += blockDim.x) {
+        int i = e / NGPT_D, d = e - i * NGPT_D;
+        qs[e] = i < nq ? q[(long long)(r + i) * NGPT_C + head * NGPT_D + d] : 0.0f;
+    }
+    if (t < NGPT_QT) {
+        row_pos[t] = t < nq ? positions[r + t] : -1;
+        row_max[t] = NGPT_NEG_BIG;
+        row_sum[t] = 0.0f;
+    }
+    __syncthreads();
+    int max_pos = -1;
+    for (int i = 0; i < nq; ++i) max_pos = max(max_pos, row_pos[i]);
+    int pv_d = t % NGPT_D, pv_g = t / NGPT_D;
+    float acc[NGPT_PV_Q];
+#pragma unroll
+    for (int i = 0; i < NGPT_PV_Q; ++i) acc[i] = 0.0f;
+    for (int start = 0; start <= max_pos; start += NGPT_KV_TILE) {
+        int n = min(NGPT_KV_TILE, max_pos + 1 - start);
+        for (int e = t; e < n * NGPT_D; e += blockDim.x) {
+            kt[e] = k_cache[base + (long long)start * NGPT_D + e];
+            vt[e] = v_cache[base + (long long)start * NGPT_D + e];
+        }
+        __syncthreads();
+        {
+            int kj = t % NGPT_KV_TILE, q0 = t / NGPT_KV_TILE;
+            float s[NGPT_QT / NGPT_QSTEP];
+#pragma unroll
+            for (int i = 0; i < NGPT_QT / NGPT_QSTEP; ++i) s[i] = 0.0f;
+            if (kj < n) {
+                for (int dd = 0; dd < NGPT_D; ++dd) {
+                    int d = (dd + kj) % NGPT_D;
+                    float kv = kt[kj * NGPT_D + d];
+#pragma unroll
+                    for (int i = 0; i < NGPT_QT / NGPT_QSTEP; ++i)
+                        s[i] += qs[(q0 + NGPT_QSTEP * i) * NGPT_D + d] * kv;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < NGPT_QT / NGPT_QSTEP; ++i) sc[q0 + NGPT_QSTEP * i][kj] = s[i];
+        }
+        __syncthreads();
+        {
+            int qi = t / NGPT_TPR, part = t % NGPT_TPR, pos_i = row_pos[qi];
+            float m = NGPT_NEG_BIG;
+            for (int kj = part; kj < n; kj += NGPT_TPR)
+                if (start + kj <= pos_i) m = fmaxf(m, sc[qi][kj]);
+            for (int o = NGPT_TPR / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            float m_old = row_max[qi];
+            float m_new = fmaxf(m_old, m);
+            float sum = 0.0f;
+            for (int kj = part; kj < NGPT_KV_TILE; kj += NGPT_TPR) {
+                float p = (kj < n && start + kj <= pos_i) ? expf(sc[qi][kj] - m_new) : 0.0f;
+                sc[qi][kj] = p;
+                sum += p;
+            }
+            for (int o = NGPT_TPR / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (part == 0) {
+                float c = expf(m_old - m_new);
+                row_corr[qi] = c;
+                row_sum[qi] = row_sum[qi] * c + sum;
+                row_max[qi] = m_new;
+            }
+        }
+        __syncthreads();
+        if (pv_g < NGPT_PV_G) {
+#pragma unroll
+            for (int i = 0; i < NGPT_PV_Q; ++i) {
+                int qi = pv_g + NGPT_PV_G * i;
+                if (qi < NGPT_QT) acc[i] *= row_corr[qi];
+            }
+            for (int kj = 0; kj < n; ++kj) {
+                float vv = vt[kj * NGPT_D + pv_d];
+#pragma unroll
+                for (int i = 0; i < NGPT_PV_Q; ++i) {
+                    int qi = pv_g + NGPT_PV_G * i;
+                    if (qi < NGPT_QT) acc[i] += sc[qi][kj] * vv;
+                }
+            }
+        }
+        __syncthreads();  // the next tile rewrites kt, vt and sc
+    }
+    if (pv_g < NGPT_PV_G) {
+#pragma unroll
+        for (int i = 0; i < NGPT_PV_Q; ++i) {
+            int qi = pv_g + NGPT_PV_G * i;
+            if (qi < nq) out[(long long)(r + qi) * NGPT_C + head * NGPT_D + pv_d] = acc[i] / row_sum[qi];
+        }
+    }
+}
+#else
+extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) { attention_prefill_simple_body(NGPT_ATT_PASS); }
+extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) { attention_decode_simple_body(NGPT_ATT_PASS); }
+#endif
 
 // Greedy (temperature 0) or top-k sampling of one token per row of logits [rows, V].
 // uniform[r] in [0, 1) is drawn by the host. Grid: rows; block: 1 (vocabularies are

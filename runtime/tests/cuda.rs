@@ -516,13 +516,24 @@ fn prompt(vocab: usize, n: usize, salt: usize) -> Vec<u32> {
 
 /// Prefill (ragged when batch 2) then `steps` decodes, CUDA against CPU at every row.
 fn cuda_matches_cpu(plan: &Arc<LoadedPlan>, batch: usize, steps: usize, what: &str) -> Result<()> {
+    let gpu = Session::with_executor(Box::new(CudaExecutor::new(Arc::clone(plan), batch)?));
+    cuda_session_matches_cpu(plan, gpu, batch, steps, what)
+}
+
+/// As [`cuda_matches_cpu`], on a given CUDA session.
+fn cuda_session_matches_cpu(
+    plan: &Arc<LoadedPlan>,
+    mut gpu: Session,
+    batch: usize,
+    steps: usize,
+    what: &str,
+) -> Result<()> {
     let v = plan.dims.vocab;
     let bf16 = plan.plan.weight_dtype == pb::DType::Bf16 as i32;
     let cap = plan.dims.max_seq_len;
     let lens = [40usize.min(cap - steps), 23usize.min(cap - steps)];
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt(v, lens[b % 2], b + 1)).collect();
     let mut cpu = Session::new(Arc::clone(plan), batch)?;
-    let mut gpu = CudaSession::new(Arc::clone(plan), batch)?;
     eprintln!("{what}: {}", gpu.executor().describe());
     assert_eq!(gpu.vocab(), v);
     let mut tally = Tally {
@@ -574,7 +585,19 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             .to_src())
     };
     let ptx = nvrtc("ngpt_runtime_helpers", cuda::HELPERS_CU)?;
-    assert!(ptx.contains(".entry f32_to_bf16("), "{ptx}");
+    for entry in [
+        "f32_to_bf16",
+        "spin",
+        "gemv_bf16_1",
+        "gemv_bf16_8",
+        "gemv_f32_1",
+        "gemv_f32_8",
+    ] {
+        assert!(
+            ptx.contains(&format!(".entry {entry}(")),
+            "{entry} missing from {ptx}"
+        );
+    }
     // The made plan's module is valid CUDA too (it is ngpt.cu behind the same prelude).
     let plan = load(&made_plan(TINY, 1)?)?;
     let m = &plan.plan.modules[0];
@@ -621,6 +644,37 @@ fn made_plans_match_the_cpu_executor() -> Result<()> {
         bf16: false,
     };
     cuda_matches_cpu(&load(&made_plan(odd, 5)?)?, 2, 5, "made odd")?;
+    Ok(())
+}
+
+#[test]
+fn gemv_kernels_and_cublas_both_match_the_cpu_executor() -> Result<()> {
+    gpu_or_skip!();
+    // Decode GEMMs of at most 8 rows run as gemv_* kernels, wider ones on cuBLAS; each
+    // path against the CPU executor, f32 and bf16, with the gemv kernels turned off too.
+    for bf16 in [false, true] {
+        let plan = load(&made_plan(Shape { bf16, ..TINY }, 11)?)?;
+        let what = if bf16 { "bf16" } else { "f32" };
+        for batch in [3, 8, 9] {
+            cuda_matches_cpu(&plan, batch, 3, &format!("made {what}, gemv on"))?;
+        }
+        for batch in [1, 3] {
+            let mut exec = CudaExecutor::new(Arc::clone(&plan), batch)?;
+            exec.set_gemv(false);
+            let gpu = Session::with_executor(Box::new(exec));
+            cuda_session_matches_cpu(&plan, gpu, batch, 4, &format!("made {what}, cuBLAS only"))?;
+        }
+    }
+    // Odd widths: k = 96 and 36 (not multiples of 8 for the last): the element-wise path.
+    let odd = Shape {
+        layers: 2,
+        heads: 3,
+        embd: 36,
+        vocab: 97,
+        max_seq: 24,
+        bf16: true,
+    };
+    cuda_matches_cpu(&load(&made_plan(odd, 13)?)?, 2, 4, "made odd 36")?;
     Ok(())
 }
 
@@ -677,7 +731,11 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     let toks: Vec<i32> = prompt(v, 40, 2).iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..20).chain(0..20).collect();
     a.run(ProgramKind::Prefill, &toks, &pos, 20)?;
+    // The first decode of the new shape warms up step by step, the second captures.
     let ga = a.run(ProgramKind::Decode, &[1, 2], &[20, 20], 1)?.to_vec();
+    assert!(ga.iter().all(|x| x.is_finite()));
+    assert_eq!(a.graph_captures(), 1);
+    let ga = a.run(ProgramKind::Decode, &[3, 4], &[21, 21], 1)?.to_vec();
     assert!(ga.iter().all(|x| x.is_finite()));
     assert_eq!(a.graph_captures(), 2);
     Ok(())

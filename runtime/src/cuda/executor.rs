@@ -20,6 +20,12 @@
 //!   small runtime kernel first. `NGPT_CUDA_BF16_GEMM=f32` instead keeps an f32 copy of
 //!   every BF16 weight on the device and runs Sgemm: the CPU executor's numbers, twice the
 //!   weight memory.
+//! - GEMMs of at most 8 columns in the weight form (op(A) = T, op(B) = N: every weight
+//!   product of a decode step) run instead as the runtime's own `gemv_*` kernels
+//!   (helpers.cu): one warp per output row streams the weight once, f32 activations, no
+//!   rounding to bf16. cuBLAS ran these shapes at a few percent of the memory bandwidth
+//!   on an H200 (BENCHMARKS.md); the CPU executor's dot products are the same idea.
+//!   `NGPT_CUDA_GEMV=0` sends them to cuBLAS again.
 //! - Checks: every driver and cuBLAS status is checked. Launch configuration errors come
 //!   back from `cuLaunchKernel` itself; errors of a running kernel surface at the next
 //!   synchronization. In check mode (`NGPT_CUDA_CHECK=1`, and by default in debug builds,
@@ -27,20 +33,26 @@
 //!   every step, so an error names its step, and the logits are scanned for NaN (an
 //!   element no step wrote). Release builds synchronize once per run, before the logits
 //!   are copied back.
-//! - Decode (one row per sequence) is captured into a CUDA graph on its first call and
-//!   replayed after (tokens and positions are read from device buffers, so the graph is
-//!   the same every step); a buffer that grows (a longer prefill) drops the graph and the
-//!   next decode captures again. `NGPT_CUDA_GRAPH=0` runs decode step by step instead.
-//!   Prefill always runs step by step.
+//! - Decode (one row per sequence) runs step by step on its first call (a warm-up: cuBLAS
+//!   and the driver finish their lazy setup outside any capture), is captured into a CUDA
+//!   graph on its second and replayed after (tokens and positions are read from device
+//!   buffers, so the graph is the same every step); a buffer that grows (a longer prefill)
+//!   drops the graph and decode warms up and captures again. `NGPT_CUDA_GRAPH=0` runs
+//!   decode step by step instead. Prefill always runs step by step.
+//! - `NGPT_CUDA_PROFILE=1`: every run goes step by step behind a short spin kernel (so
+//!   that all of it is queued before the GPU starts and the events between steps time the
+//!   kernels, not the host), and dropping the executor prints the GPU time per kernel and
+//!   GEMM shape to stderr. Timings of a profiled process are not the executor's speed.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cudarc::cublas::{result as blas_result, sys as blas};
 use cudarc::driver::{
-    result as cu_result, sys as cu, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice,
-    CudaStream, DevicePtr, DeviceRepr, DriverError, ValidAsZeroBits,
+    result as cu_result, sys as cu, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule,
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
@@ -49,6 +61,29 @@ use crate::abi::{self, Slot};
 use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
 use crate::plan::{eval, LoadedPlan, WeightData};
+
+/// Every CUDA executor of the process holds this while it works with the device: shared
+/// for construction, runs and drop, exclusive while a decode graph is captured. On the
+/// H200, a capture in one thread failed ("CUDA_ERROR_STREAM_CAPTURE_INVALIDATED", or a
+/// cuBLAS GEMM with EXECUTION_FAILED) while other threads of the process (parallel tests)
+/// loaded modules, allocated and ran their own executors, although the capture mode is
+/// thread-local and every executor has its own non-blocking stream. Captures happen once
+/// per decode shape, so serializing them costs nothing in steady state.
+static DEVICE_WORK: RwLock<()> = RwLock::new(());
+
+fn shared_device() -> RwLockReadGuard<'static, ()> {
+    DEVICE_WORK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive_device() -> RwLockWriteGuard<'static, ()> {
+    DEVICE_WORK.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guards of [`DEVICE_WORK`], held for one run.
+enum DeviceGuard {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
 
 /// cuBLAS workspace: 32 MiB, NVIDIA's recommendation for Hopper. Set explicitly so that
 /// no GEMM allocates while a graph is being captured.
@@ -62,6 +97,16 @@ const POISON: u32 = 0x7fc0_0000;
 
 /// Dynamic shared memory a kernel gets without opting in.
 const DEFAULT_SHARED_LIMIT: u32 = 48 << 10;
+
+/// The widest GEMM (columns, i.e. activation rows) that runs as a `gemv_*` kernel.
+const GEMV_MAX_N: usize = 8;
+
+/// Output rows per block of a `gemv_*` kernel (one warp each).
+const GEMV_ROWS_PER_BLOCK: u32 = 8;
+
+/// Clock cycles of the spin kernel before a profiled run: 40 ms at 2 GHz, long enough to
+/// queue a whole program (a few hundred launches) behind it.
+const PROFILE_SPIN_CYCLES: i64 = 80_000_000;
 
 /// Threads per block of `attention_decode` (`NGPT_DEC_TILE` in ngpt.cu).
 const DEC_TILE: u32 = 128;
@@ -291,6 +336,75 @@ struct DecodeGraph {
     generation: u64,
 }
 
+/// `NGPT_CUDA_PROFILE`: events between the steps of the current run, and GPU time per
+/// (program, kernel or GEMM shape) over the executor's life.
+struct Profile {
+    /// Reused timing events; `marks` of them are recorded in the current run.
+    events: Vec<CudaEvent>,
+    labels: Vec<String>,
+    marks: usize,
+    /// (program, label) -> (calls, milliseconds).
+    totals: BTreeMap<(String, String), (u64, f64)>,
+}
+
+impl Profile {
+    fn mark(&mut self, ctx: &Arc<CudaContext>, stream: &CudaStream, label: String) -> Result<()> {
+        if self.marks == self.events.len() {
+            let e = ctx
+                .new_event(Some(cu::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(setup("creating a profiling event"))?;
+            self.events.push(e);
+            self.labels.push(String::new());
+        }
+        self.events[self.marks]
+            .record(stream)
+            .map_err(setup("recording a profiling event"))?;
+        self.labels[self.marks] = label;
+        self.marks += 1;
+        Ok(())
+    }
+
+    /// Adds the time between consecutive marks to the label of the later one.
+    fn collect(&mut self, program: &str) -> Result<()> {
+        for i in 1..self.marks {
+            let ms = self.events[i - 1]
+                .elapsed_ms(&self.events[i])
+                .map_err(setup("reading a profiling event"))?;
+            let e = self
+                .totals
+                .entry((program.to_string(), self.labels[i].clone()))
+                .or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms as f64;
+        }
+        self.marks = 0;
+        Ok(())
+    }
+
+    fn report(&self) -> String {
+        let mut rows: Vec<_> = self.totals.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let mut out = String::from(
+            "plan-cuda profile (NGPT_CUDA_PROFILE): GPU time per program and kernel or GEMM shape\n",
+        );
+        for program in ["prefill", "decode"] {
+            let total: f64 = rows
+                .iter()
+                .filter(|r| r.0 .0 == program)
+                .map(|r| r.1 .1)
+                .sum();
+            for ((p, label), (calls, ms)) in rows.iter().filter(|r| r.0 .0 == program) {
+                out.push_str(&format!(
+                    "  {p:<8} {label:<40} {calls:>7} calls {ms:>10.3} ms {:>9.2} us/call {:>5.1}%\n",
+                    1e3 * ms / *calls as f64,
+                    100.0 * ms / total.max(1e-12)
+                ));
+            }
+        }
+        out
+    }
+}
+
 /// The `#define` prelude values of a kernel module, checked against the plan's config.
 #[derive(Debug, Clone, Copy)]
 struct ModuleDims {
@@ -317,13 +431,23 @@ pub struct CudaExecutor {
     // Field order is drop order: the graph and the cuBLAS handle go before the memory
     // they use, the memory before the stream, everything before the context.
     graph: Option<DecodeGraph>,
+    /// The decode shape (rows, per_seq, generation) that ran once without a graph: the
+    /// next decode of that shape captures.
+    warmed: Option<(usize, usize, u64)>,
+    profile: Option<RefCell<Profile>>,
     blas: BlasHandle,
     weights: Vec<DevWeight>,
     buffers: Vec<DevBuffer>,
     scratch: [Option<Dev<u16>>; 2],
     _workspace: Dev<u8>,
-    /// Loaded functions, indexed by `func` in [`Op::Launch`].
+    /// Loaded functions, indexed by `func` in [`Op::Launch`], and their entry names.
     functions: Vec<CudaFunction>,
+    function_names: Vec<String>,
+    /// `functions` indices of gemv_bf16_1..8 and gemv_f32_1..8.
+    gemv: [[usize; GEMV_MAX_N]; 2],
+    /// Whether narrow weight GEMMs run as `gemv_*` (`NGPT_CUDA_GEMV=0` turns it off).
+    use_gemv: bool,
+    spin: CudaFunction,
     function_of: HashMap<(u32, String), usize>,
     to_bf16: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
@@ -354,8 +478,12 @@ impl Drop for CudaExecutor {
     fn drop(&mut self) {
         // The fields free device memory on the stream: make the context current on this
         // thread (the executor may have moved) and let queued work finish first.
+        let _guard = shared_device();
         let _ = self.ctx.bind_to_thread();
         let _ = self.stream.synchronize();
+        if let Some(p) = &self.profile {
+            eprint!("{}", p.borrow().report());
+        }
     }
 }
 
@@ -396,6 +524,7 @@ impl CudaExecutor {
         if let Some(why) = super::unavailable() {
             return Err(plan_cuda_err(why));
         }
+        let _guard = shared_device();
         let ctx = CudaContext::new(0).map_err(setup("creating a context on device 0"))?;
         // One stream, so cudarc's cross-stream events are not needed; they would also
         // put waits on events recorded outside a graph capture into the capture.
@@ -434,13 +563,20 @@ impl CudaExecutor {
                 cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(setup("reading the shared memory limit"))?;
+        // NGPT_CUDA_ATTENTION=simple: the first, untiled attention kernels (a GPU reference).
+        let attention_simple = env_is("NGPT_CUDA_ATTENTION", "simple");
         let mut sorted: Vec<_> = used.into_iter().collect();
         sorted.sort();
         for ((m, entry), shared) in sorted {
             let module = modules[m as usize]
                 .as_ref()
                 .ok_or_else(|| plan_cuda_err("internal: module not loaded"))?;
-            let f = module.load_function(&entry).map_err(|e| {
+            let loaded_entry = if attention_simple && entry.starts_with("attention_") {
+                format!("{entry}_simple")
+            } else {
+                entry.clone()
+            };
+            let f = module.load_function(&loaded_entry).map_err(|e| {
                 plan_cuda_err(format!(
                     "kernel `{entry}` of module `{}`: {}",
                     plan.plan.modules[m as usize].name,
@@ -470,6 +606,25 @@ impl CudaExecutor {
         let to_bf16 = helpers
             .load_function("f32_to_bf16")
             .map_err(setup("loading f32_to_bf16"))?;
+        let spin = helpers
+            .load_function("spin")
+            .map_err(setup("loading spin"))?;
+        let mut function_names: Vec<String> = vec![String::new(); functions.len()];
+        for ((_, entry), &i) in &function_of {
+            function_names[i] = entry.clone();
+        }
+        let mut gemv = [[0usize; GEMV_MAX_N]; 2];
+        for (wi, w) in ["bf16", "f32"].iter().enumerate() {
+            for (n, slot) in gemv[wi].iter_mut().enumerate() {
+                let entry = format!("gemv_{w}_{}", n + 1);
+                let f = helpers
+                    .load_function(&entry)
+                    .map_err(|e| plan_cuda_err(format!("loading {entry}: {}", drv(e))))?;
+                *slot = functions.len();
+                functions.push(f);
+                function_names.push(entry);
+            }
+        }
         let mut loaded: Vec<Arc<CudaModule>> = modules.into_iter().flatten().collect();
         loaded.push(helpers);
 
@@ -569,12 +724,27 @@ impl CudaExecutor {
         Ok(CudaExecutor {
             batch,
             graph: None,
+            warmed: None,
+            profile: std::env::var("NGPT_CUDA_PROFILE")
+                .is_ok_and(|v| v != "0")
+                .then(|| {
+                    RefCell::new(Profile {
+                        events: vec![],
+                        labels: vec![],
+                        marks: 0,
+                        totals: BTreeMap::new(),
+                    })
+                }),
             blas: blas_handle,
             weights,
             buffers,
             scratch: [None, None],
             _workspace: workspace,
             functions,
+            function_names,
+            gemv,
+            use_gemv: !env_is("NGPT_CUDA_GEMV", "0"),
+            spin,
             function_of,
             to_bf16,
             _modules: loaded,
@@ -622,6 +792,14 @@ impl CudaExecutor {
         if !on {
             self.graph = None;
         }
+    }
+
+    /// Sends GEMMs of at most 8 columns to the `gemv_*` kernels (on) or to cuBLAS (off);
+    /// the default comes from `NGPT_CUDA_GEMV`. Drops a captured decode graph.
+    pub fn set_gemv(&mut self, on: bool) {
+        self.use_gemv = on;
+        self.graph = None;
+        self.warmed = None;
     }
 
     /// Turns check mode on or off (the default comes from `NGPT_CUDA_CHECK`).
@@ -696,11 +874,27 @@ impl CudaExecutor {
                 problem: format!("{rows} rows exceed the kernels' int range"),
             });
         }
+        // Exclusive when this call may capture the decode graph (see DEVICE_WORK).
+        let may_capture = kind == ProgramKind::Decode
+            && self.use_graph
+            && on_step.is_none()
+            && self.profile.is_none()
+            && !self.graph.as_ref().is_some_and(|g| {
+                (g.rows, g.per_seq, g.generation) == (rows, per_seq, self.generation)
+            });
+        let _guard = if may_capture {
+            DeviceGuard::Exclusive(exclusive_device())
+        } else {
+            DeviceGuard::Shared(shared_device())
+        };
         self.ctx
             .bind_to_thread()
             .map_err(|e| plan_cuda_err(format!("binding the context: {}", drv(e))))?;
         self.size_buffers(rows)?;
-        let replay = kind == ProgramKind::Decode && self.use_graph && on_step.is_none();
+        let replay = kind == ProgramKind::Decode
+            && self.use_graph
+            && on_step.is_none()
+            && self.profile.is_none();
         let graph_ready = replay
             && self.graph.as_ref().is_some_and(|g| {
                 (g.rows, g.per_seq, g.generation) == (rows, per_seq, self.generation)
@@ -713,8 +907,10 @@ impl CudaExecutor {
             ops
         };
         self.upload_inputs(tokens, positions)?;
-        if replay {
-            if !graph_ready {
+        let capture_now =
+            replay && !graph_ready && self.warmed == Some((rows, per_seq, self.generation));
+        if graph_ready || capture_now {
+            if capture_now {
                 self.capture(&ops, rows, per_seq)?;
             }
             let g = self
@@ -728,11 +924,20 @@ impl CudaExecutor {
                 self.sync("decode graph")?;
             }
         } else {
+            if replay {
+                // The warm-up: this shape runs once step by step, the next call captures.
+                self.graph = None;
+                self.warmed = Some((rows, per_seq, self.generation));
+            }
             self.poison()
                 .map_err(|e| step_err("poison", format!("cuMemsetD32Async: {}", drv(e))))?;
             self.enqueue(&ops, kind, rows, false, on_step)?;
         }
-        self.fetch_logits(rows, kind)
+        self.fetch_logits(rows, kind)?;
+        if let Some(p) = &self.profile {
+            p.borrow_mut().collect(program_name(kind))?;
+        }
+        Ok(&self.host_logits)
     }
 
     /// Grows every per-call buffer to what `rows` rows need (zeroed when new).
@@ -871,6 +1076,25 @@ impl CudaExecutor {
     ) -> Result<()> {
         let steps = &self.program(kind)?.steps;
         let stream = self.stream.cu_stream();
+        let profile = self.profile.as_ref().filter(|_| !capturing);
+        if let Some(p) = profile {
+            let mut cycles = PROFILE_SPIN_CYCLES;
+            let mut args = [&mut cycles as *mut i64 as *mut c_void];
+            // SAFETY: spin(long long) reads its one argument.
+            unsafe {
+                cu_result::launch_kernel(
+                    self.spin.cu_function(),
+                    (1, 1, 1),
+                    (1, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }
+            .map_err(|e| step_err("profile", format!("cuLaunchKernel spin: {}", drv(e))))?;
+            p.borrow_mut()
+                .mark(&self.ctx, &self.stream, "start".into())?;
+        }
         for op in ops {
             let si = match op {
                 Op::Launch { step, .. } | Op::Gemm { step, .. } => Some(*step),
@@ -933,6 +1157,10 @@ impl CudaExecutor {
                         *c,
                     )?;
                 }
+            }
+            if let Some(p) = profile {
+                p.borrow_mut()
+                    .mark(&self.ctx, &self.stream, self.op_label(op))?;
             }
             if let Some(si) = si {
                 let name = &steps[si].name;
@@ -1092,7 +1320,7 @@ impl CudaExecutor {
     }
 
     /// Copies the logits back (synchronizing the stream) and checks them in check mode.
-    fn fetch_logits(&mut self, rows: usize, kind: ProgramKind) -> Result<&[f32]> {
+    fn fetch_logits(&mut self, rows: usize, kind: ProgramKind) -> Result<()> {
         let v = self.plan.dims.vocab;
         let want = rows * v;
         let buf = &self.buffers[self.logits_buf];
@@ -1108,10 +1336,7 @@ impl CudaExecutor {
                 ),
             ));
         }
-        let what = match kind {
-            ProgramKind::Prefill => "prefill",
-            ProgramKind::Decode => "decode",
-        };
+        let what = program_name(kind);
         self.host_logits.resize(want, 0.0);
         // SAFETY: want <= capacity f32 elements at ptr; the stream is synchronized below
         // before the host reads them.
@@ -1132,7 +1357,34 @@ impl CudaExecutor {
                 ));
             }
         }
-        Ok(&self.host_logits)
+        Ok(())
+    }
+
+    /// What a profile calls `op`: the kernel (with the shape, for gemv) or the GEMM shape.
+    fn op_label(&self, op: &Op) -> String {
+        match op {
+            Op::Launch { func, params, .. } => {
+                let name = &self.function_names[*func];
+                match (name.starts_with("gemv_"), params.get(3), params.get(4)) {
+                    (true, Some(Param::I32(m)), Some(Param::I32(k))) => {
+                        format!("{name} m{m} k{k}")
+                    }
+                    _ => name.clone(),
+                }
+            }
+            Op::Gemm { mnk, a, .. } => format!(
+                "cublas {}gemm m{} n{} k{}",
+                if matches!(a, GemmIn::F32(_)) {
+                    "s"
+                } else {
+                    "bf16 "
+                },
+                mnk.0,
+                mnk.1,
+                mnk.2
+            ),
+            Op::Nothing => "nothing".into(),
+        }
     }
 
     fn program(&self, kind: ProgramKind) -> Result<&pb::Program> {
@@ -1464,6 +1716,42 @@ impl CudaExecutor {
                 )
             })
         };
+        let (m32, n32, k32) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
+        let (lda32, ldb32, ldc32) = (int(lda, "lda")?, int(ldb, "ldb")?, int(ldc, "ldc")?);
+        if self.use_gemv && g.trans_a && !g.trans_b && !b16 {
+            if n <= GEMV_MAX_N {
+                // The weight form: row i of op(A) is A[i * lda ..][..k], column j of B is
+                // B[j * ldb ..][..k]; 16-byte loads where both line up.
+                let esize = if a16 { 2 } else { 4 };
+                let vec = pa % 16 == 0
+                    && (lda * esize) % 16 == 0
+                    && k % 8 == 0
+                    && pb_ % 16 == 0
+                    && ldb % 4 == 0;
+                let blocks = u32::try_from(m.div_ceil(GEMV_ROWS_PER_BLOCK as usize))
+                    .map_err(|_| step_err(name, format!("GEMM m = {m} is too large")))?;
+                return Ok(Op::Launch {
+                    step: si,
+                    func: self.gemv[usize::from(!a16)][n - 1],
+                    grid: (blocks, 1, 1),
+                    block: (32 * GEMV_ROWS_PER_BLOCK, 1, 1),
+                    shared: 0,
+                    params: vec![
+                        Param::Ptr(pa),
+                        Param::Ptr(pb_),
+                        Param::Ptr(cbuf.ptr()),
+                        Param::I32(m32),
+                        Param::I32(k32),
+                        Param::I32(lda32),
+                        Param::I32(ldb32),
+                        Param::I32(ldc32),
+                        Param::F32(g.alpha),
+                        Param::F32(g.beta),
+                        Param::I32(i32::from(vec)),
+                    ],
+                });
+            }
+        }
         let bf16 = a16 || b16;
         let input = |p: u64, is16: bool, n_el: usize, slot: usize| {
             if is16 {
@@ -1482,8 +1770,8 @@ impl CudaExecutor {
             step: si,
             trans_a: g.trans_a,
             trans_b: g.trans_b,
-            mnk: (int(m, "m")?, int(n, "n")?, int(k, "k")?),
-            ld: (int(lda, "lda")?, int(ldb, "ldb")?, int(ldc, "ldc")?),
+            mnk: (m32, n32, k32),
+            ld: (lda32, ldb32, ldc32),
             alpha: g.alpha,
             beta: g.beta,
             a: input(pa, a16, need_a, 0),
@@ -1723,5 +2011,12 @@ mod tests {
             z: a(1),
         };
         assert_eq!(dim3(Some(&no_x), 7, 1), None);
+    }
+}
+
+fn program_name(kind: ProgramKind) -> &'static str {
+    match kind {
+        ProgramKind::Prefill => "prefill",
+        ProgramKind::Decode => "decode",
     }
 }
