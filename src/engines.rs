@@ -372,11 +372,8 @@ impl Model {
         if matches!(engine, Engine::PlanCpu | Engine::PlanCuda) {
             let plan = self.plan(prompt.len() + n)?;
             let mut session = plan_session(engine, plan, 1)?;
-            let logits = session.prefill(&[prompt.to_vec()])?;
-            let mut last: Vec<f64> = logits[(prompt.len() - 1) * vocab..]
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect();
+            let logits = session.prefill_last(&[prompt.to_vec()])?;
+            let mut last: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
             loop {
                 let (id, margin) = top_two(&last);
                 out.push((id, margin));

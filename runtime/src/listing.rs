@@ -88,6 +88,22 @@ pub fn program_cost(p: &LoadedPlan, decode: bool, shape: Shape) -> (f64, f64) {
     })
 }
 
+/// FLOPs of a prefill that keeps only each sequence's last logits row
+/// ([`crate::session::Session::prefill_last`], what generation runs): the prefill program's
+/// FLOPs with its last step (the lm_head) costed for `shape.batch` rows instead of all.
+pub fn prefill_last_flops(p: &LoadedPlan, shape: Shape) -> f64 {
+    let (_, all) = program_cost(p, false, shape);
+    let rows = shape.batch * shape.tokens;
+    let keys = (shape.tokens as f64 + 1.0) / 2.0;
+    match p.plan.prefill.as_ref().and_then(|prog| prog.steps.last()) {
+        Some(last) => {
+            all - cost(p, last, rows, shape.batch, keys).1
+                + cost(p, last, shape.batch, shape.batch, keys).1
+        }
+        None => all,
+    }
+}
+
 /// The listing of both programs for `shape`.
 pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
     let d = &p.dims;

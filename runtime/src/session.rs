@@ -37,6 +37,39 @@ pub trait Executor: Send {
         per_seq: usize,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]>;
+    /// Runs `kind` and returns the logits of the chosen rows only, `[rows.len(), vocab]`,
+    /// in the order given (each row below batch x per_seq). This default runs everything
+    /// and copies the rows out; an executor may skip the work no chosen row needs.
+    fn run_rows(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let v = self.plan().dims.vocab;
+        let all = self.run(kind, tokens, positions, per_seq)?;
+        gather_rows(all, v, rows)
+    }
+}
+
+/// Rows `rows` of a row-major `[_, width]` array, in that order.
+pub(crate) fn gather_rows(all: &[f32], width: usize, rows: &[usize]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        let row = all
+            .get(r * width..(r + 1) * width)
+            .ok_or_else(|| Error::Request {
+                what: "rows".into(),
+                problem: format!(
+                    "row {r} is outside the {} rows computed",
+                    all.len() / width.max(1)
+                ),
+            })?;
+        out.extend_from_slice(row);
+    }
+    Ok(out)
 }
 
 impl Executor for CpuExecutor {
@@ -67,6 +100,16 @@ impl Executor for CpuExecutor {
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
         CpuExecutor::run_traced(self, kind, tokens, positions, per_seq, on_step)
+    }
+    fn run_rows(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        CpuExecutor::run_rows(self, kind, tokens, positions, per_seq, rows)
     }
 }
 
@@ -133,6 +176,24 @@ impl Session {
         self.prefill_with(prompts, None)
     }
 
+    /// As [`Session::prefill`], returning only each prompt's last position, `[B, vocab]`:
+    /// what generation needs. The executors skip the lm_head rows nobody reads (and the
+    /// GPU copies back B rows, not B x T), so the first token comes sooner; the values are
+    /// those rows of [`Session::prefill`] up to the GEMM's summation order.
+    pub fn prefill_last(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let (tokens, positions, t) = self.prefill_request(prompts)?;
+        let last: Vec<usize> = prompts
+            .iter()
+            .enumerate()
+            .map(|(b, p)| b * t + p.len() - 1)
+            .collect();
+        let out = self
+            .exec
+            .run_rows(ProgramKind::Prefill, &tokens, &positions, t, &last)?;
+        self.lens = prompts.iter().map(Vec::len).collect();
+        Ok(out)
+    }
+
     /// Prefills one sequence (batch 1 sessions), calling `on_step(step, width, values)`
     /// after each plan step with what it wrote (see [`Executor::run_traced`]).
     pub fn prefill_traced(
@@ -154,6 +215,22 @@ impl Session {
         prompts: &[Vec<u32>],
         on_step: Option<crate::cpu::StepTrace<'_>>,
     ) -> Result<Vec<f32>> {
+        let (tokens, positions, t) = self.prefill_request(prompts)?;
+        let out = match on_step {
+            None => self
+                .exec
+                .run(ProgramKind::Prefill, &tokens, &positions, t)?,
+            Some(f) => self
+                .exec
+                .run_traced(ProgramKind::Prefill, &tokens, &positions, t, f)?,
+        }
+        .to_vec();
+        self.lens = prompts.iter().map(Vec::len).collect();
+        Ok(out)
+    }
+
+    /// The tokens and positions of a prefill (right-padded to the longest prompt, T) and T.
+    fn prefill_request(&self, prompts: &[Vec<u32>]) -> Result<(Vec<i32>, Vec<i32>, usize)> {
         let b = self.exec.batch();
         if prompts.len() != b {
             return Err(Error::Request {
@@ -184,17 +261,7 @@ impl Session {
             tokens.extend((0..t).map(|i| p.get(i).copied().unwrap_or(0) as i32));
             positions.extend((0..t).map(|i| i as i32));
         }
-        let out = match on_step {
-            None => self
-                .exec
-                .run(ProgramKind::Prefill, &tokens, &positions, t)?,
-            Some(f) => self
-                .exec
-                .run_traced(ProgramKind::Prefill, &tokens, &positions, t, f)?,
-        }
-        .to_vec();
-        self.lens = prompts.iter().map(Vec::len).collect();
-        Ok(out)
+        Ok((tokens, positions, t))
     }
 
     /// Appends one token to each sequence and returns their logits, `[B, vocab]`.

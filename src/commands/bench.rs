@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use ngpt_runtime::bench::{gemm_rate, memory_bandwidth, peak_rss_bytes};
-use ngpt_runtime::listing::{program_cost, Shape};
+use ngpt_runtime::listing::{prefill_last_flops, program_cost, Shape};
 
 use crate::engines::{Engine, Model};
 
@@ -16,7 +16,8 @@ use crate::engines::{Engine, Model};
 #[command(
     after_help = "Medians over --runs runs after one warm-up. The floors are the plan's own cost \
 model (`ngpt plan show`): a decode step moves the weights as the plan stores them plus the KV \
-cache read, a prefill does the plan's FLOPs; a fraction of 1 would mean running at the \
+cache read, a prefill does the plan's FLOPs with the lm_head for each prompt's last \
+position only (generation reads no other; plan-cpu skips the rest); a fraction of 1 would mean running at the \
 machine's limit.\n\nExample:\n  ngpt bench out/small --prompt-len 128 --gen-len 64\n  \
 ngpt bench out/small --engine tract --json"
 )]
@@ -77,17 +78,15 @@ pub fn run(a: Args) -> Result<()> {
     let mut run_once: Box<dyn FnMut() -> Result<Times> + '_> = match a.engine {
         Engine::PlanCpu | Engine::PlanCuda => {
             let mut session = crate::engines::plan_session(a.engine, plan.clone(), a.batch)?;
-            let (gen, p) = (a.gen_len, a.prompt_len);
+            let gen = a.gen_len;
             Box::new(move || {
                 let t0 = Instant::now();
-                let logits = session.prefill(&prompts)?;
+                // What generation needs: each prompt's last position, `[B, vocab]`.
+                let logits = session.prefill_last(&prompts)?;
                 let prefill = t0.elapsed().as_secs_f64();
-                // Every prompt has p tokens: sequence b's last row is b * p + p - 1.
-                let mut next: Vec<u32> = (0..prompts.len())
-                    .map(|b| {
-                        let row = (b * p + p - 1) * vocab;
-                        ngpt_runtime::sample::argmax(&logits[row..row + vocab])
-                    })
+                let mut next: Vec<u32> = logits
+                    .chunks(vocab)
+                    .map(ngpt_runtime::sample::argmax)
                     .collect();
                 let ttft = t0.elapsed().as_secs_f64();
                 let t1 = Instant::now();
@@ -179,9 +178,9 @@ pub fn run(a: Args) -> Result<()> {
             .0
         })
         .sum();
-    let (_, prefill_flops) = program_cost(
+    // The prefill a generation runs: every position, but lm_head rows only for the last.
+    let prefill_flops = prefill_last_flops(
         &plan,
-        false,
         Shape {
             batch: a.batch,
             tokens: a.prompt_len,

@@ -183,9 +183,8 @@ pub fn run(a: Args) -> Result<()> {
         "             plan-cpu: relative error {:.2e} vs NVIDIA's float64 logits, top-1 {}/{}",
         cmp.rel_err, cmp.top1_agree, cmp.positions
     );
-    let v = c.vocab_size;
-    let logits = session.prefill(&[start.to_vec()])?;
-    let mut next = ngpt_runtime::sample::argmax(&logits[(start.len() - 1) * v..]);
+    let logits = session.prefill_last(&[start.to_vec()])?;
+    let mut next = ngpt_runtime::sample::argmax(&logits);
     let mut out = vec![next];
     let t0 = std::time::Instant::now();
     while out.len() < a.new_tokens {

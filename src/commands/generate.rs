@@ -167,16 +167,10 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let t0 = Instant::now();
-    let logits = session.prefill(&prompts)?;
+    // Each prompt's last position only: `[B, vocab]`.
+    let logits = session.prefill_last(&prompts)?;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let t_len = longest;
-    let mut next: Vec<u32> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            sampler.pick(&logits[(i * t_len + p.len() - 1) * v..(i * t_len + p.len()) * v])
-        })
-        .collect();
+    let mut next: Vec<u32> = logits.chunks(v).map(|row| sampler.pick(row)).collect();
     let mut generated: Vec<Vec<u32>> = vec![vec![]; b];
     let t1 = Instant::now();
     for step in 0..a.max_new_tokens {

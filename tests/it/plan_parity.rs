@@ -142,6 +142,52 @@ fn ragged_batch_of_two(exec: Executor) -> Result<()> {
     Ok(())
 }
 
+/// `prefill_last` (what generation uses: only each prompt's last row, whose lm_head rows
+/// the CPU executor computes alone) against the same rows of a full prefill and the
+/// reference, ragged batch of three, f32 and bf16 weights; then decode goes on from it.
+fn prefill_last_rows_match_the_full_prefill(exec: Executor) -> Result<()> {
+    for (name, _d, ckpt) in models()? {
+        let v = ckpt.config.vocab_size;
+        let prompts = [tokens(v, 13, 7), tokens(v, 1, 8), tokens(v, 9, 9)];
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let plan = plan_for(&ckpt, dtype, 32)?;
+            let full: Vec<f64> = exec(Arc::clone(&plan), 3)?
+                .prefill(&prompts)?
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let mut s = exec(plan, 3)?;
+            let last = s.prefill_last(&prompts)?;
+            assert_eq!(last.len(), 3 * v, "{name}: [B, vocab]");
+            for (b, p) in prompts.iter().enumerate() {
+                let row = (b * 13 + p.len() - 1) * v;
+                let c = cmp(&last[b * v..(b + 1) * v], &full[row..row + v], v);
+                assert!(c.passes(1e-6, 1.0), "{name} {dtype:?} prompt {b}: {c:?}");
+                if dtype == WeightDtype::F32 {
+                    let want = reference_rows(&ckpt, p)?;
+                    let c = cmp(&last[b * v..(b + 1) * v], &want[(p.len() - 1) * v..], v);
+                    assert!(c.passes(1e-5, 1.0), "{name} prompt {b} vs reference: {c:?}");
+                }
+            }
+            assert_eq!(s.lens(), &[13, 1, 9]);
+            let step = s.decode(&[1, 2, 3])?;
+            for (b, (p, t)) in prompts.iter().zip([1u32, 2, 3]).enumerate() {
+                let mut q = p.clone();
+                q.push(t % v as u32);
+                if dtype == WeightDtype::F32 {
+                    let want = reference_rows(&ckpt, &q)?;
+                    let c = cmp(&step[b * v..(b + 1) * v], &want[p.len() * v..], v);
+                    assert!(
+                        c.passes(1e-5, 1.0),
+                        "{name} decode {b} after prefill_last: {c:?}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn bf16_weights_stay_close(exec: Executor) -> Result<()> {
     for (name, _d, ckpt) in models()? {
         let v = ckpt.config.vocab_size;
@@ -212,6 +258,45 @@ fn plan_agrees_with_tract(exec: Executor) -> Result<()> {
     Ok(())
 }
 
+/// The CPU executor's `run_rows` multiplies only the chosen rows by the lm_head (it
+/// fired), and the same rows as a full run otherwise (odd shapes and bf16 included above).
+#[test]
+fn cpu_run_rows_multiplies_only_the_chosen_rows() -> Result<()> {
+    use ngpt_runtime::cpu::{CpuExecutor, ProgramKind};
+    for (name, _d, ckpt) in models()? {
+        let v = ckpt.config.vocab_size;
+        let plan = plan_for(&ckpt, WeightDtype::F32, 32)?;
+        let mut ex = CpuExecutor::new(plan, 2)?;
+        let toks: Vec<i32> = tokens(v, 20, 3).iter().map(|&t| t as i32).collect();
+        let pos: Vec<i32> = (0..10).chain(0..10).collect();
+        let full = ex.run(ProgramKind::Prefill, &toks, &pos, 10)?.to_vec();
+        assert_eq!(ex.logits_rows_computed(), 20);
+        let rows = [4, 9, 13];
+        let some = ex.run_rows(ProgramKind::Prefill, &toks, &pos, 10, &rows)?;
+        assert_eq!(
+            ex.logits_rows_computed(),
+            3,
+            "{name}: the lm_head was not narrowed"
+        );
+        for (i, &r) in rows.iter().enumerate() {
+            let want: Vec<f64> = full[r * v..(r + 1) * v]
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let c = cmp(&some[i * v..(i + 1) * v], &want, v);
+            assert!(c.passes(1e-6, 1.0), "{name} row {r}: {c:?}");
+        }
+        // Rows out of order cannot be gathered in place: computed in full, then copied.
+        let back = ex.run_rows(ProgramKind::Prefill, &toks, &pos, 10, &[13, 4])?;
+        assert_eq!(ex.logits_rows_computed(), 20);
+        assert_eq!(&back[..v], &full[13 * v..14 * v]);
+        assert!(ex
+            .run_rows(ProgramKind::Prefill, &toks, &pos, 10, &[20])
+            .is_err());
+    }
+    Ok(())
+}
+
 macro_rules! test_executors {
     ($($body:ident),*) => {
         mod plan_cpu {
@@ -225,6 +310,7 @@ test_executors!(
     prefill_every_position,
     kv_decode_equals_full_recomputation,
     ragged_batch_of_two,
+    prefill_last_rows_match_the_full_prefill,
     bf16_weights_stay_close,
     greedy_reproduces_nvidia,
     plan_agrees_with_tract

@@ -86,6 +86,8 @@ pub struct CpuExecutor {
     /// f32 copies of the bf16 weights some step reads as f32 ([`LoadedPlan::f32_weight_reads`]:
     /// kernel arguments such as the embedding table); None for the rest.
     widened: Vec<Option<Vec<f32>>>,
+    /// Rows of logits the last run computed.
+    logits_rows: usize,
 }
 
 /// A step tracer: called with (step name, row width, rows x width values) after each step.
@@ -138,6 +140,7 @@ impl CpuExecutor {
             buffers,
             threading: Threading::Auto,
             widened,
+            logits_rows: 0,
         })
     }
 
@@ -145,6 +148,12 @@ impl CpuExecutor {
     /// the same in every mode.
     pub fn set_threading(&mut self, threading: Threading) {
         self.threading = threading;
+    }
+
+    /// Rows of logits the last run computed: every row, or for [`CpuExecutor::run_rows`]
+    /// the chosen ones when the lm_head GEMM could be narrowed to them.
+    pub fn logits_rows_computed(&self) -> usize {
+        self.logits_rows
     }
 
     /// The current [`Threading`].
@@ -173,7 +182,31 @@ impl CpuExecutor {
         positions: &[i32],
         per_seq: usize,
     ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, None)
+        Ok(self
+            .run_program(kind, tokens, positions, per_seq, None, None)?
+            .0)
+    }
+
+    /// As [`CpuExecutor::run`], returning only the logits of `rows`, `[rows.len(), vocab]`
+    /// ([`crate::session::Executor::run_rows`]). When the program's last step is the
+    /// lm_head GEMM (weight form, beta 0), only those rows are multiplied: their final
+    /// hidden states are gathered to the front of the GEMM's input first.
+    pub fn run_rows(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let v = self.plan.dims.vocab;
+        let (out, compact) =
+            self.run_program(kind, tokens, positions, per_seq, None, Some(rows))?;
+        if compact {
+            Ok(out.to_vec())
+        } else {
+            crate::session::gather_rows(out, v, rows)
+        }
     }
 
     /// As [`CpuExecutor::run`], calling `on_step(step name, row width, rows)` after each
@@ -188,9 +221,13 @@ impl CpuExecutor {
         per_seq: usize,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, Some(on_step))
+        Ok(self
+            .run_program(kind, tokens, positions, per_seq, Some(on_step), None)?
+            .0)
     }
 
+    /// Runs a program; with `select`, the logits of those rows only where the last step
+    /// allows it. Returns the logits and whether they are just the selected rows.
     fn run_program(
         &mut self,
         kind: ProgramKind,
@@ -198,7 +235,8 @@ impl CpuExecutor {
         positions: &[i32],
         per_seq: usize,
         mut on_step: Option<StepTrace<'_>>,
-    ) -> Result<&[f32]> {
+        select: Option<&[usize]>,
+    ) -> Result<(&[f32], bool)> {
         let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
         let plan = Arc::clone(&self.plan);
         // Size the per-call buffers.
@@ -229,7 +267,9 @@ impl CpuExecutor {
             ProgramKind::Decode => plan.plan.decode.as_ref(),
         };
         let program = program.ok_or_else(|| step_err("program", "missing"))?;
-        for s in &program.steps {
+        let last = program.steps.len().saturating_sub(1);
+        let mut out_rows = rows;
+        for (si, s) in program.steps.iter().enumerate() {
             match s.kind.as_ref() {
                 Some(step::Kind::Launch(l)) => {
                     // A twin's bounds error names the kernel's operand; add the step.
@@ -242,7 +282,13 @@ impl CpuExecutor {
                             e => e,
                         })?
                 }
-                Some(step::Kind::Gemm(g)) => self.gemm(&s.name, g, rows)?,
+                Some(step::Kind::Gemm(g)) => match select.filter(|_| si == last) {
+                    Some(sel) if self.gather_final_rows(g, rows, sel)? => {
+                        out_rows = sel.len();
+                        self.gemm(&s.name, g, out_rows)?
+                    }
+                    _ => self.gemm(&s.name, g, rows)?,
+                },
                 None => return Err(step_err(&s.name, "empty step")),
             }
             if let Some(f) = on_step.as_mut() {
@@ -259,10 +305,11 @@ impl CpuExecutor {
                 }
             }
         }
+        self.logits_rows = out_rows;
         let li = self.buffer_index("logits")?;
-        let want = rows * plan.dims.vocab;
+        let want = out_rows * plan.dims.vocab;
         match &self.buffers[li] {
-            Buf::F32(v) if v.len() >= want => Ok(&v[..want]),
+            Buf::F32(v) if v.len() >= want => Ok((&v[..want], out_rows != rows)),
             Buf::F32(v) => Err(step_err(
                 "logits",
                 format!(
@@ -273,6 +320,51 @@ impl CpuExecutor {
             )),
             Buf::I32(_) => Err(step_err("logits", "logits buffer is not f32")),
         }
+    }
+
+    /// For [`CpuExecutor::run_rows`]: when `g` (a program's last step) is the lm_head
+    /// GEMM in the weight form (C the logits, B an activation buffer whose row r is
+    /// column r, beta 0, n = rows), moves rows `sel` of B to its front, so that the same
+    /// GEMM with n = sel.len() computes just their logits. `sel` must be strictly
+    /// increasing (each row then moves towards the front over rows already read).
+    /// Returns whether it did.
+    fn gather_final_rows(&mut self, g: &pb::Gemm, rows: usize, sel: &[usize]) -> Result<bool> {
+        let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source);
+        let (Some(operand::Source::Buffer(bi)), Some(operand::Source::Buffer(ci))) =
+            (src(g.b.as_ref()), src(g.c.as_ref()))
+        else {
+            return Ok(false);
+        };
+        let increasing = sel.windows(2).all(|w| w[0] < w[1]);
+        let fits = sel.last().is_some_and(|&r| r < rows);
+        if !(g.trans_a && !g.trans_b && g.beta == 0.0 && increasing && fits)
+            || ci as usize != self.buffer_index("logits")?
+            || bi == ci
+        {
+            return Ok(false);
+        }
+        let (Ok(full), Ok(part)) = (
+            crate::plan::gemm_extents(g, rows, self.batch),
+            crate::plan::gemm_extents(g, sel.len(), self.batch),
+        ) else {
+            return Ok(false);
+        };
+        if full.n != rows || part.n != sel.len() || full.ldb != part.ldb {
+            return Ok(false);
+        }
+        let (ldb, k) = (full.ldb, full.k);
+        let Some(Buf::F32(b)) = self.buffers.get_mut(bi as usize) else {
+            return Ok(false);
+        };
+        if b.len() < full.need_b {
+            return Ok(false);
+        }
+        for (i, &r) in sel.iter().enumerate() {
+            if r != i {
+                b.copy_within(r * ldb..r * ldb + k, i * ldb);
+            }
+        }
+        Ok(true)
     }
 
     fn launch(&mut self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {

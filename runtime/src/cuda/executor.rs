@@ -832,7 +832,7 @@ impl CudaExecutor {
         positions: &[i32],
         per_seq: usize,
     ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, None)
+        self.run_program(kind, tokens, positions, per_seq, None, None)
     }
 
     /// As [`CudaExecutor::run`], calling `on_step(step name, row width, rows)` after each
@@ -846,7 +846,23 @@ impl CudaExecutor {
         per_seq: usize,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, Some(on_step))
+        self.run_program(kind, tokens, positions, per_seq, Some(on_step), None)
+    }
+
+    /// As [`CudaExecutor::run`], copying back only the logits of `rows` (in that order),
+    /// `[rows.len(), vocab]`: a 2048-token prefill's full logits are 412 MB, about 400 ms
+    /// of a 460 ms first token on the H200 (BENCHMARKS.md). Every row is still computed.
+    pub fn run_rows(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        Ok(self
+            .run_program(kind, tokens, positions, per_seq, None, Some(rows))?
+            .to_vec())
     }
 
     fn run_program(
@@ -856,8 +872,15 @@ impl CudaExecutor {
         positions: &[i32],
         per_seq: usize,
         on_step: Option<OnStep<'_>>,
+        fetch: Option<&[usize]>,
     ) -> Result<&[f32]> {
         let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
+        if let Some(r) = fetch.and_then(|f| f.iter().find(|&&r| r >= rows)) {
+            return Err(Error::Request {
+                what: "rows".into(),
+                problem: format!("row {r} is outside the {rows} rows of this call"),
+            });
+        }
         // The kernels index with these without checks: check them here.
         let d = self.plan.dims;
         if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as usize >= d.vocab) {
@@ -943,7 +966,7 @@ impl CudaExecutor {
                 .map_err(|e| step_err("poison", format!("cuMemsetD32Async: {}", drv(e))))?;
             self.enqueue(&ops, kind, rows, false, on_step)?;
         }
-        self.fetch_logits(rows, kind)?;
+        self.fetch_logits(rows, kind, fetch)?;
         if let Some(p) = &self.profile {
             p.borrow_mut().collect(program_name(kind))?;
         }
@@ -1330,7 +1353,14 @@ impl CudaExecutor {
     }
 
     /// Copies the logits back (synchronizing the stream) and checks them in check mode.
-    fn fetch_logits(&mut self, rows: usize, kind: ProgramKind) -> Result<()> {
+    /// Copies the logits back (all `rows`, or only `fetch`'s, in its order), synchronizing
+    /// the stream, and checks them in check mode.
+    fn fetch_logits(
+        &mut self,
+        rows: usize,
+        kind: ProgramKind,
+        fetch: Option<&[usize]>,
+    ) -> Result<()> {
         let v = self.plan.dims.vocab;
         let want = rows * v;
         let buf = &self.buffers[self.logits_buf];
@@ -1347,13 +1377,26 @@ impl CudaExecutor {
             ));
         }
         let what = program_name(kind);
-        self.host_logits.resize(want, 0.0);
-        // SAFETY: want <= capacity f32 elements at ptr; the stream is synchronized below
-        // before the host reads them.
-        unsafe {
-            cu_result::memcpy_dtoh_async(&mut self.host_logits, buf.ptr(), self.stream.cu_stream())
+        let stream = self.stream.cu_stream();
+        let copy_err = |e| step_err(what, format!("copying the logits back: {}", drv(e)));
+        match fetch {
+            None => {
+                self.host_logits.resize(want, 0.0);
+                // SAFETY: want <= capacity f32 elements at ptr; the stream is synchronized
+                // below before the host reads them.
+                unsafe { cu_result::memcpy_dtoh_async(&mut self.host_logits, buf.ptr(), stream) }
+                    .map_err(copy_err)?;
+            }
+            Some(sel) => {
+                self.host_logits.resize(sel.len() * v, 0.0);
+                for (dst, &r) in self.host_logits.chunks_exact_mut(v).zip(sel) {
+                    // SAFETY: r < rows (checked in run_program), so row r's v elements lie
+                    // within the want <= capacity f32 elements at ptr; synchronized below.
+                    let src = buf.ptr() + (r * v * std::mem::size_of::<f32>()) as u64;
+                    unsafe { cu_result::memcpy_dtoh_async(dst, src, stream) }.map_err(copy_err)?;
+                }
+            }
         }
-        .map_err(|e| step_err(what, format!("copying the logits back: {}", drv(e))))?;
         self.sync(what)?;
         if self.check {
             if let Some(i) = self.host_logits.iter().position(|x| x.is_nan()) {
@@ -1974,6 +2017,16 @@ impl crate::session::Executor for CudaExecutor {
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
         CudaExecutor::run_traced(self, kind, tokens, positions, per_seq, on_step)
+    }
+    fn run_rows(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        CudaExecutor::run_rows(self, kind, tokens, positions, per_seq, rows)
     }
 }
 
