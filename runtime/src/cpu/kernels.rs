@@ -410,7 +410,7 @@ pub fn pos_norm(
     Ok(())
 }
 
-/// Causal attention over the cache: row r attends keys 0..=positions[r] of its sequence,
+/// Causal attention over the cache: row r attends keys 0..=`positions[r]` of its sequence,
 /// softmax scale 1. Both attention entries (prefill, decode) compute this, one (row, head)
 /// pair per work item.
 #[allow(clippy::too_many_arguments)]

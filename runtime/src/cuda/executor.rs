@@ -47,7 +47,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{result as blas_result, sys as blas};
 use cudarc::driver::{
@@ -62,27 +62,20 @@ use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
 use crate::plan::{eval, LoadedPlan, WeightData};
 
-/// Every CUDA executor of the process holds this while it works with the device: shared
-/// for construction, runs and drop, exclusive while a decode graph is captured. On the
-/// H200, a capture in one thread failed ("CUDA_ERROR_STREAM_CAPTURE_INVALIDATED", or a
-/// cuBLAS GEMM with EXECUTION_FAILED) while other threads of the process (parallel tests)
-/// loaded modules, allocated and ran their own executors, although the capture mode is
-/// thread-local and every executor has its own non-blocking stream. Captures happen once
-/// per decode shape, so serializing them costs nothing in steady state.
-static DEVICE_WORK: RwLock<()> = RwLock::new(());
+/// Every CUDA executor of the process holds this while it works with the device
+/// (construction, each run, drop): their work never overlaps. On the H200, with executors
+/// in parallel threads of one process (the tests), a decode graph capture failed
+/// (`CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`, a cuBLAS GEMM in it with
+/// `CUBLAS_STATUS_EXECUTION_FAILED`) while other threads loaded modules, allocated and
+/// ran, although the capture mode is thread-local and each executor has its own
+/// non-blocking stream; with only captures made exclusive, a first cuBLAS GEMM outside
+/// any capture still failed once the same way (RELIABILITY.md). One executor per process
+/// (the CLI) never failed. Until the cause is known, executors of one process take turns;
+/// a batch in one session is the way to share a GPU.
+static DEVICE_WORK: Mutex<()> = Mutex::new(());
 
-fn shared_device() -> RwLockReadGuard<'static, ()> {
-    DEVICE_WORK.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn exclusive_device() -> RwLockWriteGuard<'static, ()> {
-    DEVICE_WORK.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Guards of [`DEVICE_WORK`], held for one run.
-enum DeviceGuard {
-    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
-    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+fn device_turn() -> MutexGuard<'static, ()> {
+    DEVICE_WORK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// cuBLAS workspace: 32 MiB, NVIDIA's recommendation for Hopper. Set explicitly so that
@@ -487,7 +480,7 @@ impl Drop for CudaExecutor {
     fn drop(&mut self) {
         // The fields free device memory on the stream: make the context current on this
         // thread (the executor may have moved) and let queued work finish first.
-        let _guard = shared_device();
+        let _guard = device_turn();
         let _ = self.ctx.bind_to_thread();
         let _ = self.stream.synchronize();
         if let Some(p) = &self.profile {
@@ -533,7 +526,7 @@ impl CudaExecutor {
         if let Some(why) = super::unavailable() {
             return Err(plan_cuda_err(why));
         }
-        let _guard = shared_device();
+        let _guard = device_turn();
         let ctx = CudaContext::new(0).map_err(setup("creating a context on device 0"))?;
         // One stream, so cudarc's cross-stream events are not needed; they would also
         // put waits on events recorded outside a graph capture into the capture.
@@ -838,6 +831,8 @@ impl CudaExecutor {
     /// As [`CudaExecutor::run`], calling `on_step(step name, row width, rows)` after each
     /// step with what it wrote (a launch's first `Out` buffer, a GEMM's C), copied back
     /// from the device; as [`crate::cpu::CpuExecutor::run_traced`]. Never uses the graph.
+    /// `on_step` runs while this executor holds the process's device turn: it must not use
+    /// another CUDA executor.
     pub fn run_traced(
         &mut self,
         kind: ProgramKind,
@@ -907,19 +902,7 @@ impl CudaExecutor {
                 problem: format!("{rows} rows exceed the kernels' int range"),
             });
         }
-        // Exclusive when this call may capture the decode graph (see DEVICE_WORK).
-        let may_capture = kind == ProgramKind::Decode
-            && self.use_graph
-            && on_step.is_none()
-            && self.profile.is_none()
-            && !self.graph.as_ref().is_some_and(|g| {
-                (g.rows, g.per_seq, g.generation) == (rows, per_seq, self.generation)
-            });
-        let _guard = if may_capture {
-            DeviceGuard::Exclusive(exclusive_device())
-        } else {
-            DeviceGuard::Shared(shared_device())
-        };
+        let _guard = device_turn();
         self.ctx
             .bind_to_thread()
             .map_err(|e| plan_cuda_err(format!("binding the context: {}", drv(e))))?;
