@@ -33,11 +33,7 @@ impl Comparison {
 /// assert_eq!(c.top1_agree, 2);
 /// ```
 pub fn compare(out: &[f64], reference: &[f64], vocab: usize) -> Comparison {
-    let positions = if vocab == 0 {
-        0
-    } else {
-        reference.len() / vocab
-    };
+    let positions = reference.len().checked_div(vocab).unwrap_or(0);
     if out.len() != reference.len() || vocab == 0 {
         return Comparison {
             rel_err: f64::NAN,

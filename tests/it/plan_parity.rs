@@ -209,7 +209,7 @@ fn greedy_reproduces_nvidia(exec: Executor) -> Result<()> {
     let want = common::fixture_tokens("greedy.json", "greedy_tokens")?;
     let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 64)?, 1)?;
     let v = ckpt.config.vocab_size;
-    let logits = s.prefill(&[prompt.clone()])?;
+    let logits = s.prefill(std::slice::from_ref(&prompt))?;
     let mut next = ngpt_runtime::sample::argmax(&logits[(prompt.len() - 1) * v..]);
     let mut got = vec![next];
     while got.len() < want.len() {

@@ -1754,39 +1754,37 @@ impl CudaExecutor {
         };
         let (m32, n32, k32) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
         let (lda32, ldb32, ldc32) = (int(lda, "lda")?, int(ldb, "ldb")?, int(ldc, "ldc")?);
-        if self.use_gemv && g.trans_a && !g.trans_b && !b16 {
-            if n <= GEMV_MAX_N {
-                // The weight form: row i of op(A) is A[i * lda ..][..k], column j of B is
-                // B[j * ldb ..][..k]; 16-byte loads where both line up.
-                let esize = if a16 { 2 } else { 4 };
-                let vec = pa % 16 == 0
-                    && (lda * esize) % 16 == 0
-                    && k % 8 == 0
-                    && pb_ % 16 == 0
-                    && ldb % 4 == 0;
-                let blocks = u32::try_from(m.div_ceil(GEMV_ROWS_PER_BLOCK as usize))
-                    .map_err(|_| step_err(name, format!("GEMM m = {m} is too large")))?;
-                return Ok(Op::Launch {
-                    step: si,
-                    func: self.gemv[usize::from(!a16)][n - 1],
-                    grid: (blocks, 1, 1),
-                    block: (32 * GEMV_ROWS_PER_BLOCK, 1, 1),
-                    shared: 0,
-                    params: vec![
-                        Param::Ptr(pa),
-                        Param::Ptr(pb_),
-                        Param::Ptr(cbuf.ptr()),
-                        Param::I32(m32),
-                        Param::I32(k32),
-                        Param::I32(lda32),
-                        Param::I32(ldb32),
-                        Param::I32(ldc32),
-                        Param::F32(g.alpha),
-                        Param::F32(g.beta),
-                        Param::I32(i32::from(vec)),
-                    ],
-                });
-            }
+        if self.use_gemv && g.trans_a && !g.trans_b && !b16 && n <= GEMV_MAX_N {
+            // The weight form: row i of op(A) is A[i * lda ..][..k], column j of B is
+            // B[j * ldb ..][..k]; 16-byte loads where both line up.
+            let esize = if a16 { 2 } else { 4 };
+            let vec = pa % 16 == 0
+                && (lda * esize) % 16 == 0
+                && k % 8 == 0
+                && pb_ % 16 == 0
+                && ldb % 4 == 0;
+            let blocks = u32::try_from(m.div_ceil(GEMV_ROWS_PER_BLOCK as usize))
+                .map_err(|_| step_err(name, format!("GEMM m = {m} is too large")))?;
+            return Ok(Op::Launch {
+                step: si,
+                func: self.gemv[usize::from(!a16)][n - 1],
+                grid: (blocks, 1, 1),
+                block: (32 * GEMV_ROWS_PER_BLOCK, 1, 1),
+                shared: 0,
+                params: vec![
+                    Param::Ptr(pa),
+                    Param::Ptr(pb_),
+                    Param::Ptr(cbuf.ptr()),
+                    Param::I32(m32),
+                    Param::I32(k32),
+                    Param::I32(lda32),
+                    Param::I32(ldb32),
+                    Param::I32(ldc32),
+                    Param::F32(g.alpha),
+                    Param::F32(g.beta),
+                    Param::I32(i32::from(vec)),
+                ],
+            });
         }
         let bf16 = a16 || b16;
         let input = |p: u64, is16: bool, n_el: usize, slot: usize| {
@@ -2013,6 +2011,13 @@ impl crate::session::Executor for CudaExecutor {
     }
 }
 
+fn program_name(kind: ProgramKind) -> &'static str {
+    match kind {
+        ProgramKind::Prefill => "prefill",
+        ProgramKind::Decode => "decode",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2057,12 +2062,5 @@ mod tests {
             z: a(1),
         };
         assert_eq!(dim3(Some(&no_x), 7, 1), None);
-    }
-}
-
-fn program_name(kind: ProgramKind) -> &'static str {
-    match kind {
-        ProgramKind::Prefill => "prefill",
-        ProgramKind::Decode => "decode",
     }
 }
