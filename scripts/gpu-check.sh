@@ -138,8 +138,12 @@ fi
 
 if [[ $parts == *,tests,* ]]; then
 # --- 3. CUDA tests ------------------------------------------------------------------------
-NGPT_CUDA_TEST_PLANS="$plans" run 150 "runtime/tests/cuda.rs" \
-    "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs"
+# Repeated (NGPT_GPU_TEST_REPEAT, default 2): a failure seen once under concurrent
+# executors (RELIABILITY.md) must not pass by luck.
+for i in $(seq 1 "${NGPT_GPU_TEST_REPEAT:-2}"); do
+    NGPT_CUDA_TEST_PLANS="$plans" run 150 "runtime/tests/cuda.rs (pass $i)" \
+        "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs (pass $i)"
+done
 NGPT_CUDA_ATTENTION=simple NGPT_CUDA_TEST_PLANS="$plans" run 150 \
     "runtime/tests/cuda.rs, first (untiled) attention kernels" \
     "$work/cuda-tests" --test-threads 4 || fail "runtime/tests/cuda.rs (NGPT_CUDA_ATTENTION=simple)"
