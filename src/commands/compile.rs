@@ -167,11 +167,8 @@ pub fn run(a: Args) -> Result<()> {
             // model.weights streams: each weight is made and written in turn.
             let mut plan = None;
             artifact::write_with(&dir.join("model.weights"), |tmp| {
-                let io = |source| ngpt_compiler::Error::Io {
-                    path: tmp.to_path_buf(),
-                    source,
-                };
-                let mut file = std::io::BufWriter::new(std::fs::File::create(tmp).map_err(io)?);
+                // Written by a thread of its own, beside the lowering.
+                let mut file = artifact::BackgroundWriter::create(tmp)?;
                 plan = Some(plan::lower_into(
                     &compiled.graph,
                     &ckpt.config,
@@ -181,7 +178,7 @@ pub fn run(a: Args) -> Result<()> {
                     &mut file,
                     tmp,
                 )?);
-                file.into_inner().map(drop).map_err(|e| io(e.into_error()))
+                file.finish()
             })?;
             if let Some(p) = plan {
                 artifact::write_bytes(&dir.join("model.plan"), &p.encode_to_vec())?;

@@ -195,11 +195,8 @@ fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Erro
 /// for an inline model (see [`builder::Sink::Inline`]), so memory never holds the exported
 /// weights and every byte is written once.
 pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<Written> {
-    let create = |tmp: &Path| {
-        std::fs::File::create(tmp)
-            .map(std::io::BufWriter::new)
-            .map_err(|e| io_error(tmp, e))
-    };
+    // Written by a thread of its own: the kernel's copying runs beside the export.
+    let create = crate::artifact::BackgroundWriter::create;
     let external = uses_external_data(g, opts);
     let data_path = dir.join(DATA_FILE);
     let mut proto = None;
@@ -207,7 +204,7 @@ pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<
         crate::artifact::write_with(&data_path, |tmp| {
             let mut w = create(tmp)?;
             proto = Some(build(g, info, opts, sink_external(&mut w))?);
-            w.flush().map_err(|e| io_error(tmp, e))
+            w.finish()
         })?;
     }
     let mut model_bytes = 0;
@@ -222,7 +219,7 @@ pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<
             }
         };
         model_bytes = weights + encode(proto, &mut w).map_err(|e| io_error(tmp, e))?;
-        w.flush().map_err(|e| io_error(tmp, e))
+        w.finish()
     })?;
     let (files, data_bytes) = if external {
         let len = std::fs::metadata(&data_path)
