@@ -10,25 +10,36 @@
 // Threads per block, and keys per tile, of attention_decode.
 #define NGPT_DEC_TILE 128
 
-// Sum of v over the block (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v) {
-    __shared__ float warp_sums[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// The lowest finite float: the running maximum before any key, and masked scores.
+#define NGPT_NEG_BIG (-3.402823466e38f)
+
+template <bool MAX>
+__device__ __forceinline__ float block_combine(float a, float b) { return MAX ? fmaxf(a, b) : a + b; }
+
+// Sum (MAX false) or maximum (MAX true) of v over the block (blockDim.x a multiple of 32,
+// at most 1024): within each warp by shuffles, then across the warps' results.
+template <bool MAX>
+__device__ float block_reduce(float v) {
+    __shared__ float warp_parts[32];
+    for (int o = 16; o > 0; o >>= 1) v = block_combine<MAX>(v, __shfl_xor_sync(0xffffffffu, v, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
-    if (lane == 0) warp_sums[warp] = v;
+    if (lane == 0) warp_parts[warp] = v;
     __syncthreads();
     int n_warps = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < n_warps) ? warp_sums[threadIdx.x] : 0.0f;
+    v = (threadIdx.x < n_warps) ? warp_parts[threadIdx.x] : (MAX ? NGPT_NEG_BIG : 0.0f);
     if (warp == 0) {
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) warp_sums[0] = v;
+        for (int o = 16; o > 0; o >>= 1) v = block_combine<MAX>(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) warp_parts[0] = v;
     }
     __syncthreads();
-    float total = warp_sums[0];
+    float total = warp_parts[0];
     __syncthreads();
     return total;
 }
+
+__device__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ float block_max(float v) { return block_reduce<true>(v); }
 
 // out[r, :] = wte[tokens[r], :]. Grid: rows.
 extern "C" __global__ void embed(const int* tokens, const float* wte, float* out, int rows) {
@@ -131,7 +142,7 @@ __device__ void attention_prefill_simple_body(const float* q, const float* k_cac
     long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
     float* kt = tile;
     float* vt = tile + NGPT_KV_TILE * NGPT_D;
-    float run_max = -3.402823466e38f, run_sum = 0.0f;
+    float run_max = NGPT_NEG_BIG, run_sum = 0.0f;
     // Each thread owns output dims d = threadIdx.x, threadIdx.x + blockDim.x, ...
     float acc[(NGPT_D + 127) / 128];
     for (int i = 0; i < (NGPT_D + 127) / 128; ++i) acc[i] = 0.0f;
@@ -177,12 +188,12 @@ __device__ void attention_decode_simple_body(const float* q, const float* k_cach
     int b = r / tokens, pos = positions[r];
     const float* qr = q + (long long)r * NGPT_C + head * NGPT_D;
     long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
-    float run_max = -3.402823466e38f, run_sum = 0.0f;
+    float run_max = NGPT_NEG_BIG, run_sum = 0.0f;
     float acc[(NGPT_D + NGPT_DEC_TILE - 1) / NGPT_DEC_TILE];
     for (int i = 0; i < (NGPT_D + NGPT_DEC_TILE - 1) / NGPT_DEC_TILE; ++i) acc[i] = 0.0f;
     for (int start = 0; start <= pos; start += NGPT_DEC_TILE) {
         int n = min(NGPT_DEC_TILE, pos + 1 - start);
-        float s = -3.402823466e38f;
+        float s = NGPT_NEG_BIG;
         if (t < n) {
             s = 0.0f;
             const float* kr = k_cache + base + (long long)(start + t) * NGPT_D;
@@ -213,32 +224,11 @@ __device__ void attention_decode_simple_body(const float* q, const float* k_cach
 }
 
 
-#define NGPT_NEG_BIG (-3.402823466e38f)
 #define NGPT_ATT_ARGS const float* q, const float* k_cache, const float* v_cache, const int* positions, float* out, int rows, int tokens
 #define NGPT_ATT_PASS q, k_cache, v_cache, positions, out, rows, tokens
 
 extern "C" __global__ void attention_prefill_simple(NGPT_ATT_ARGS) { attention_prefill_simple_body(NGPT_ATT_PASS); }
 extern "C" __global__ void attention_decode_simple(NGPT_ATT_ARGS) { attention_decode_simple_body(NGPT_ATT_PASS); }
-
-// Max of v over the block (as block_sum).
-__device__ float block_max(float v) {
-    __shared__ float warp_max[32];
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) warp_max[warp] = v;
-    __syncthreads();
-    int n_warps = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < n_warps) ? warp_max[threadIdx.x] : NGPT_NEG_BIG;
-    if (warp == 0) {
-        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) warp_max[0] = v;
-    }
-    __syncthreads();
-    float m = warp_max[0];
-    __syncthreads();
-    return m;
-}
 
 #if NGPT_D <= 128
 // q . k for one cached key row (16-byte loads where D allows), q in shared memory.
@@ -449,14 +439,14 @@ extern "C" __global__ void sample_topk(const float* logits, const float* uniform
         return;
     }
     // Threshold: the k-th largest logit, found by k passes (k is small).
-    float hi = 3.402823466e38f, kth = -3.402823466e38f;
+    float hi = 3.402823466e38f, kth = NGPT_NEG_BIG;
     for (int i = 0; i < k; ++i) {
-        float m = -3.402823466e38f;
+        float m = NGPT_NEG_BIG;
         for (int v = 0; v < NGPT_V; ++v) if (row[v] < hi && row[v] > m) m = row[v];
         kth = m;
         hi = m;
     }
-    float top = -3.402823466e38f;
+    float top = NGPT_NEG_BIG;
     for (int v = 0; v < NGPT_V; ++v) top = fmaxf(top, row[v]);
     float z = 0.0f;
     for (int v = 0; v < NGPT_V; ++v) if (row[v] >= kth) z += expf((row[v] - top) / temperature);

@@ -17,8 +17,8 @@ use crate::engines::{Engine, Model};
     after_help = "Medians over --runs runs after one warm-up. The floors are the plan's own cost \
 model (`ngpt plan show`): a decode step moves the weights as the plan stores them plus the KV \
 cache read, a prefill does the plan's FLOPs with the lm_head for each prompt's last \
-position only (generation reads no other; plan-cpu skips the rest); a fraction of 1 would mean running at the \
-machine's limit.\n\nExample:\n  ngpt bench out/small --prompt-len 128 --gen-len 64\n  \
+position only (generation reads no other; plan-cpu skips the rest); a fraction of 1 would \
+mean running at the machine's limit.\n\nExample:\n  ngpt bench out/small --prompt-len 128 --gen-len 64\n  \
 ngpt bench out/small --engine tract --json"
 )]
 pub struct Args {

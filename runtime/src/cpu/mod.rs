@@ -182,9 +182,7 @@ impl CpuExecutor {
         positions: &[i32],
         per_seq: usize,
     ) -> Result<&[f32]> {
-        Ok(self
-            .run_program(kind, tokens, positions, per_seq, None, None)?
-            .0)
+        self.run_program(kind, tokens, positions, per_seq, None, None)
     }
 
     /// As [`CpuExecutor::run`], returning only the logits of `rows`, `[rows.len(), vocab]`
@@ -200,12 +198,12 @@ impl CpuExecutor {
         rows: &[usize],
     ) -> Result<Vec<f32>> {
         let v = self.plan.dims.vocab;
-        let (out, compact) =
-            self.run_program(kind, tokens, positions, per_seq, None, Some(rows))?;
-        if compact {
-            Ok(out.to_vec())
-        } else {
+        let out = self.run_program(kind, tokens, positions, per_seq, None, Some(rows))?;
+        // Every row computed (the lm_head could not be narrowed): pick the rows out.
+        if out.len() == tokens.len() * v {
             crate::session::gather_rows(out, v, rows)
+        } else {
+            Ok(out.to_vec())
         }
     }
 
@@ -221,13 +219,11 @@ impl CpuExecutor {
         per_seq: usize,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        Ok(self
-            .run_program(kind, tokens, positions, per_seq, Some(on_step), None)?
-            .0)
+        self.run_program(kind, tokens, positions, per_seq, Some(on_step), None)
     }
 
-    /// Runs a program; with `select`, the logits of those rows only where the last step
-    /// allows it. Returns the logits and whether they are just the selected rows.
+    /// Runs a program and returns the logits it computed: every row, or with `select`
+    /// only those rows (in order) where the last step can be narrowed to them.
     fn run_program(
         &mut self,
         kind: ProgramKind,
@@ -236,7 +232,7 @@ impl CpuExecutor {
         per_seq: usize,
         mut on_step: Option<StepTrace<'_>>,
         select: Option<&[usize]>,
-    ) -> Result<(&[f32], bool)> {
+    ) -> Result<&[f32]> {
         let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
         let plan = Arc::clone(&self.plan);
         // Size the per-call buffers.
@@ -309,7 +305,7 @@ impl CpuExecutor {
         let li = self.buffer_index("logits")?;
         let want = out_rows * plan.dims.vocab;
         match &self.buffers[li] {
-            Buf::F32(v) if v.len() >= want => Ok((&v[..want], out_rows != rows)),
+            Buf::F32(v) if v.len() >= want => Ok(&v[..want]),
             Buf::F32(v) => Err(step_err(
                 "logits",
                 format!(

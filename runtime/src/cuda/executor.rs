@@ -1335,7 +1335,6 @@ impl CudaExecutor {
         status.map_err(|e| step_err(name, format!("cuBLAS GEMM: {}", blas_msg(e))))
     }
 
-    /// Copies the logits back (synchronizing the stream) and checks them in check mode.
     /// Copies the logits back (all `rows`, or only `fetch`'s, in its order), synchronizing
     /// the stream, and checks them in check mode.
     fn fetch_logits(
