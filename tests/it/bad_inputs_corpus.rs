@@ -23,23 +23,11 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use anyhow::{Context, Result};
 use common::*;
 use ngpt_schemas::plan::Plan;
 use ngpt_schemas::prost::Message;
-
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn ngpt(args: &[&str]) -> Result<Output> {
-    Command::new(ngpt_bin())
-        .args(args)
-        .output()
-        .with_context(|| format!("running ngpt {args:?}"))
-}
 
 fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

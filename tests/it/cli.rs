@@ -12,21 +12,6 @@ use common::*;
 use ngpt_compiler::import;
 use ngpt_compiler::reference::Precision;
 
-fn ngpt(args: &[&str]) -> Result<Output> {
-    Command::new(ngpt_bin())
-        .args(args)
-        .output()
-        .with_context(|| format!("running ngpt {args:?}"))
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// The run failed the way the CLI contract says: non-zero exit, one stderr line starting
 /// with `error:`, and nothing that looks like a panic.
 fn assert_clean_failure(o: &Output, what: &str) -> String {

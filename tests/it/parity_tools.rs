@@ -11,10 +11,6 @@ use anyhow::Result;
 use common::*;
 use ngpt_compiler::init;
 
-fn ngpt(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(ngpt_bin()).args(args).output()?)
-}
-
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),

@@ -13,7 +13,7 @@ use crate::common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -803,30 +803,6 @@ fn requests_beyond_the_plan_are_errors() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Part 2: the binary.
 // ---------------------------------------------------------------------------------------
-
-fn ngpt(args: &[&str]) -> Result<Output> {
-    Command::new(ngpt_bin())
-        .args(args)
-        .output()
-        .with_context(|| format!("running ngpt {args:?}"))
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output, what: &str) -> Result<Output> {
-    anyhow::ensure!(o.status.success(), "{what} failed: {}", stderr(&o));
-    Ok(o)
-}
-
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn no_panic(o: &Output, what: &str) {
     let err = stderr(o);

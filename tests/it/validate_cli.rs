@@ -3,15 +3,10 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use anyhow::Result;
 use common::*;
 use ngpt_compiler::init;
-
-fn ngpt(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(ngpt_bin()).args(args).output()?)
-}
 
 /// The table row of `engine` computing in `numerics`, if printed.
 fn row<'a>(stdout: &'a str, engine: &str, numerics: &str) -> Option<&'a str> {

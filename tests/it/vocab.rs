@@ -12,9 +12,11 @@ mod tokens;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::{Context, Result};
+
+use crate::common::{ngpt, ok, stderr, stdout, utf8};
 use serde_pickle::{HashableValue as H, SerOptions, Value};
 use tokens::Vocab;
 
@@ -378,30 +380,6 @@ fn bad_files() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
 // ---------------------------------------------------------------------------------------
 // `ngpt generate` with each vocabulary.
 // ---------------------------------------------------------------------------------------
-
-fn ngpt(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_ngpt"))
-        .args(args)
-        .output()
-        .with_context(|| format!("running ngpt {args:?}"))
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output, what: &str) -> Result<Output> {
-    anyhow::ensure!(o.status.success(), "{what} failed: {}", stderr(&o));
-    Ok(o)
-}
-
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Exit 1, no panic, stderr exactly one `error: ` line.
 fn clean_failure(o: &Output, what: &str) -> String {

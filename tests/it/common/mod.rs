@@ -147,6 +147,32 @@ pub fn ngpt_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ngpt")
 }
 
+/// Runs the built `ngpt` with `args` and returns what it did.
+pub fn ngpt(args: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new(ngpt_bin())
+        .args(args)
+        .output()
+        .with_context(|| format!("running ngpt {args:?}"))
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `o` when its run succeeded, else an error with `what` and its stderr.
+pub fn ok(o: std::process::Output, what: &str) -> Result<std::process::Output> {
+    anyhow::ensure!(o.status.success(), "{what} failed: {}", stderr(&o));
+    Ok(o)
+}
+
+pub fn utf8(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
 /// A minimal pickle (protocol 2) writer: what `torch.save` of NVIDIA's checkpoint dict uses
 /// (dicts, strings, ints, floats, tensors rebuilt from numbered storages).
 #[derive(Default)]
