@@ -21,6 +21,7 @@
 #
 # Usage: bash gpu-check.sh [BUNDLE_DIR]       (default: the folder holding this script)
 # NGPT_GPU_CHECK_HALF=0 leaves out the 0.5b preset (a dry run on a small machine).
+# NGPT_GPU_CPU_ROWS=0 leaves out the plan-cpu generate and bench rows (saves device time).
 # NGPT_GPU_PARTS: comma-separated, of `tests` (steps 3 to 5) and `targets` (step 6), or
 # `targets-if-ok` (step 6 only when every earlier check passed); default `tests`. The work folder is /tmp/ngpt-gpu-check: a second call on a machine
 # still warm reuses the models made by the first.
@@ -173,7 +174,9 @@ for m in tiny-f32 tiny-bf16 half-bf16; do
     cuda_line=$(grep -E "^ *plan-cuda " "$log" | tail -1 | tr -s ' ')
     case "$cuda_line" in *skipped*) fail "validate $m: plan-cuda was skipped on a GPU machine" ;; esac
     toks=$(tokens_for "$vocab" 128)
-    for engine in plan-cuda plan-cpu; do
+    engines="plan-cuda plan-cpu"
+    [ "${NGPT_GPU_CPU_ROWS:-1}" = 0 ] && engines=plan-cuda
+    for engine in $engines; do
         gen="$work/gen-$m-$engine.out"
         if ! STDOUT="$gen" run 180 "generate $m $engine" "$ngpt" generate "$dir" \
             --engine "$engine" --tokens "$toks" --max-new-tokens 64 --json; then

@@ -47,6 +47,8 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{result as blas_result, sys as blas};
@@ -428,8 +430,15 @@ struct ModuleDims {
 /// # Ok::<(), ngpt_runtime::Error>(())
 /// ```
 pub struct CudaExecutor {
-    pub plan: Arc<LoadedPlan>,
-    pub batch: usize,
+    /// Dropped by hand in `Drop`, while this executor holds the device lock: freeing
+    /// memory, unloading modules and destroying the stream are device work too.
+    state: ManuallyDrop<State>,
+}
+
+/// Everything a [`CudaExecutor`] owns (reached through `Deref`).
+pub struct State {
+    plan: Arc<LoadedPlan>,
+    batch: usize,
     // Field order is drop order: the graph and the cuBLAS handle go before the memory
     // they use, the memory before the stream, everything before the context.
     graph: Option<DecodeGraph>,
@@ -476,16 +485,34 @@ pub struct CudaExecutor {
 // only reached through `&mut self`, so moving the executor to another thread is sound.
 unsafe impl Send for CudaExecutor {}
 
+impl Deref for CudaExecutor {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl DerefMut for CudaExecutor {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
 impl Drop for CudaExecutor {
     fn drop(&mut self) {
-        // The fields free device memory on the stream: make the context current on this
-        // thread (the executor may have moved) and let queued work finish first.
+        // Dropping the state frees device memory, destroys the cuBLAS handle and the
+        // stream and unloads the modules: device work, so under the lock (dropping the
+        // fields after this body returned, outside it, invalidated another executor's
+        // graph capture on the H200). Make the context current on this thread (the
+        // executor may have moved) and let queued work finish first.
         let _guard = device_turn();
         let _ = self.ctx.bind_to_thread();
         let _ = self.stream.synchronize();
         if let Some(p) = &self.profile {
             eprint!("{}", p.borrow().report());
         }
+        // SAFETY: the state is dropped once, here, and never used after.
+        unsafe { ManuallyDrop::drop(&mut self.state) };
     }
 }
 
@@ -724,48 +751,50 @@ impl CudaExecutor {
             .synchronize()
             .map_err(setup("uploading the weights"))?;
         Ok(CudaExecutor {
-            batch,
-            graph: None,
-            warmed: None,
-            profile: std::env::var("NGPT_CUDA_PROFILE")
-                .is_ok_and(|v| v != "0")
-                .then(|| {
-                    RefCell::new(Profile {
-                        events: vec![],
-                        labels: vec![],
-                        marks: 0,
-                        totals: BTreeMap::new(),
-                        warmed: vec![],
-                    })
-                }),
-            blas: blas_handle,
-            weights,
-            buffers,
-            scratch: [None, None],
-            _workspace: workspace,
-            functions,
-            function_names,
-            gemv,
-            use_gemv: !env_is("NGPT_CUDA_GEMV", "0"),
-            spin,
-            function_of,
-            to_bf16,
-            _modules: loaded,
-            module_dims,
-            stream,
-            ctx,
-            generation: 0,
-            captures: 0,
-            host_logits: vec![],
-            tokens_buf,
-            positions_buf,
-            logits_buf,
-            check: check_mode(),
-            use_graph: !env_is("NGPT_CUDA_GRAPH", "0"),
-            widen_bf16,
-            device_name,
-            arch,
-            plan,
+            state: ManuallyDrop::new(State {
+                batch,
+                graph: None,
+                warmed: None,
+                profile: std::env::var("NGPT_CUDA_PROFILE")
+                    .is_ok_and(|v| v != "0")
+                    .then(|| {
+                        RefCell::new(Profile {
+                            events: vec![],
+                            labels: vec![],
+                            marks: 0,
+                            totals: BTreeMap::new(),
+                            warmed: vec![],
+                        })
+                    }),
+                blas: blas_handle,
+                weights,
+                buffers,
+                scratch: [None, None],
+                _workspace: workspace,
+                functions,
+                function_names,
+                gemv,
+                use_gemv: !env_is("NGPT_CUDA_GEMV", "0"),
+                spin,
+                function_of,
+                to_bf16,
+                _modules: loaded,
+                module_dims,
+                stream,
+                ctx,
+                generation: 0,
+                captures: 0,
+                host_logits: vec![],
+                tokens_buf,
+                positions_buf,
+                logits_buf,
+                check: check_mode(),
+                use_graph: !env_is("NGPT_CUDA_GRAPH", "0"),
+                widen_bf16,
+                device_name,
+                arch,
+                plan,
+            }),
         })
     }
 
@@ -958,22 +987,23 @@ impl CudaExecutor {
 
     /// Grows every per-call buffer to what `rows` rows need (zeroed when new).
     fn size_buffers(&mut self, rows: usize) -> Result<()> {
-        for i in 0..self.buffers.len() {
-            if self.buffers[i].cache {
+        let st = &mut *self.state;
+        for i in 0..st.buffers.len() {
+            if st.buffers[i].cache {
                 continue;
             }
-            let need = self.plan.buffer_len(i, rows, self.batch)?;
-            let buf = &mut self.buffers[i];
+            let need = st.plan.buffer_len(i, rows, st.batch)?;
+            let buf = &mut st.buffers[i];
             if need > buf.capacity() || buf.mem.is_none() {
                 let what = format!("buffer `{}` for {rows} rows", buf.name);
                 // The old allocation goes first, so peak memory stays the new size.
                 buf.mem = None;
                 buf.mem = Some(if buf.int32 {
-                    Mem::I32(Dev::zeros(&self.stream, need, &what)?)
+                    Mem::I32(Dev::zeros(&st.stream, need, &what)?)
                 } else {
-                    Mem::F32(Dev::zeros(&self.stream, need, &what)?)
+                    Mem::F32(Dev::zeros(&st.stream, need, &what)?)
                 });
-                self.generation += 1;
+                st.generation += 1;
             }
             buf.need = need;
         }
@@ -1345,7 +1375,8 @@ impl CudaExecutor {
     ) -> Result<()> {
         let v = self.plan.dims.vocab;
         let want = rows * v;
-        let buf = &self.buffers[self.logits_buf];
+        let st = &mut *self.state;
+        let buf = &st.buffers[st.logits_buf];
         if buf.int32 {
             return Err(step_err("logits", "logits buffer is not f32"));
         }
@@ -1359,19 +1390,19 @@ impl CudaExecutor {
             ));
         }
         let what = program_name(kind);
-        let stream = self.stream.cu_stream();
+        let stream = st.stream.cu_stream();
         let copy_err = |e| step_err(what, format!("copying the logits back: {}", drv(e)));
         match fetch {
             None => {
-                self.host_logits.resize(want, 0.0);
+                st.host_logits.resize(want, 0.0);
                 // SAFETY: want <= capacity f32 elements at ptr; the stream is synchronized
                 // below before the host reads them.
-                unsafe { cu_result::memcpy_dtoh_async(&mut self.host_logits, buf.ptr(), stream) }
+                unsafe { cu_result::memcpy_dtoh_async(&mut st.host_logits, buf.ptr(), stream) }
                     .map_err(copy_err)?;
             }
             Some(sel) => {
-                self.host_logits.resize(sel.len() * v, 0.0);
-                for (dst, &r) in self.host_logits.chunks_exact_mut(v).zip(sel) {
+                st.host_logits.resize(sel.len() * v, 0.0);
+                for (dst, &r) in st.host_logits.chunks_exact_mut(v).zip(sel) {
                     // SAFETY: r < rows (checked in run_program), so row r's v elements lie
                     // within the want <= capacity f32 elements at ptr; synchronized below.
                     let src = buf.ptr() + (r * v * std::mem::size_of::<f32>()) as u64;
