@@ -145,9 +145,10 @@ for i in $(seq 1 "${NGPT_GPU_TEST_REPEAT:-2}"); do
     NGPT_CUDA_TEST_PLANS="$plans" run 150 "runtime/tests/cuda.rs (pass $i)" \
         "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs (pass $i)"
 done
-NGPT_CUDA_ATTENTION=simple NGPT_CUDA_TEST_PLANS="$plans" run 150 \
-    "runtime/tests/cuda.rs, first (untiled) attention kernels" \
-    "$work/cuda-tests" --test-threads 4 || fail "runtime/tests/cuda.rs (NGPT_CUDA_ATTENTION=simple)"
+NGPT_CUDA_ATTENTION=simple NGPT_CUDA_PERSISTENT=0 NGPT_CUDA_TEST_PLANS="$plans" run 150 \
+    "runtime/tests/cuda.rs, first (untiled) attention kernels, decode launch by launch" \
+    "$work/cuda-tests" --test-threads 4 ||
+    fail "runtime/tests/cuda.rs (NGPT_CUDA_ATTENTION=simple NGPT_CUDA_PERSISTENT=0)"
 run 150 "tests/it/plan_parity.rs plan_cuda" \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
 if grep -q "^skipped: " "$log"; then
@@ -246,6 +247,8 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
     }
     bench_row "plan-cuda b1 p128 g256" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p128 g256 no graph" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GRAPH=0 -- \
+        --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 launch by launch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PERSISTENT=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3

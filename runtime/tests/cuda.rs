@@ -592,6 +592,7 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
         "gemv_bf16_8",
         "gemv_f32_1",
         "gemv_f32_8",
+        "decode_persistent",
     ] {
         assert!(
             ptx.contains(&format!(".entry {entry}(")),
@@ -738,6 +739,92 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     let ga = a.run(ProgramKind::Decode, &[3, 4], &[21, 21], 1)?.to_vec();
     assert!(ga.iter().all(|x| x.is_finite()));
     assert_eq!(a.graph_captures(), 2);
+    Ok(())
+}
+
+#[test]
+fn persistent_decode_matches_launch_by_launch() -> Result<()> {
+    gpu_or_skip!();
+    // decode_persistent (one launch, grid barriers, split attention) against the same
+    // plan launched step by step: it fired, equal logits, on odd shapes (head_dim 12 and
+    // 32, prime vocabularies, 3 and 8 rows) and at a KV length past 32 tiles of 32 keys
+    // (more tiles than attention splits, so splits hold 2 tiles and some none).
+    let long = Shape {
+        layers: 2,
+        heads: 2,
+        embd: 64,
+        vocab: 101,
+        max_seq: 1200,
+        bf16: true,
+    };
+    let odd12 = Shape {
+        layers: 2,
+        heads: 3,
+        embd: 36,
+        vocab: 97,
+        max_seq: 24,
+        bf16: true,
+    };
+    let odd32 = Shape {
+        layers: 3,
+        heads: 3,
+        embd: 96,
+        vocab: 211,
+        max_seq: 32,
+        bf16: false,
+    };
+    let cases = [
+        (TINY, 1, 4, "tiny f32"),
+        (Shape { bf16: true, ..TINY }, 3, 4, "tiny bf16"),
+        (TINY, 8, 4, "tiny f32, 8 rows"),
+        (odd12, 3, 12, "head_dim 12"),
+        (odd32, 2, 5, "head_dim 32"),
+        (long, 1, 1100, "1100 cached keys"),
+    ];
+    for (seed, (shape, batch, prompt_len, what)) in cases.into_iter().enumerate() {
+        let plan = load(&made_plan(shape, 20 + seed as u64)?)?;
+        let v = plan.dims.vocab;
+        let (mut a, mut b) = (
+            CudaExecutor::new(Arc::clone(&plan), batch)?,
+            CudaExecutor::new(Arc::clone(&plan), batch)?,
+        );
+        a.set_persistent(true);
+        b.set_persistent(false);
+        let toks: Vec<i32> = prompt(v, batch * prompt_len, seed)
+            .iter()
+            .map(|&t| t as i32)
+            .collect();
+        let pos: Vec<i32> = (0..batch).flat_map(|_| 0..prompt_len as i32).collect();
+        a.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
+        b.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
+        let steps = 4;
+        let mut agree = 0.0;
+        for step in 0..steps {
+            let t: Vec<i32> = (0..batch)
+                .map(|r| ((step * 7 + r * 3) % v) as i32)
+                .collect();
+            let p = vec![(prompt_len + step) as i32; batch];
+            let ga = a.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let gb = b.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let (err, top1) = compare(&ga, &gb, v);
+            eprintln!("{what}: decode step {step}: persistent vs launch by launch {err:.3e}, top-1 {top1:.3}");
+            assert!(
+                err <= 1e-5,
+                "{what}, decode step {step}: persistent vs launch by launch {err:.3e}"
+            );
+            agree += top1;
+        }
+        assert!(
+            agree / steps as f64 >= 0.95,
+            "{what}: top-1 agreement {agree}/{steps}"
+        );
+        assert_eq!(
+            a.persistent_runs(),
+            steps as u64,
+            "{what}: decode_persistent should run every step"
+        );
+        assert_eq!(b.persistent_runs(), 0);
+    }
     Ok(())
 }
 

@@ -26,6 +26,14 @@
 //!   rounding to bf16. cuBLAS ran these shapes at a few percent of the memory bandwidth
 //!   on an H200 (BENCHMARKS.md); the CPU executor's dot products are the same idea.
 //!   `NGPT_CUDA_GEMV=0` sends them to cuBLAS again.
+//! - Decode as one launch (`decode_persistent`, helpers.cu): when every step of the
+//!   decode program is one of the plan kernels or a gemv, the resolved steps become a
+//!   table (`PdOp`, 112 bytes each) and one grid of as many blocks as fit on the device at
+//!   once walks it, every block doing its share of each step and all of them meeting at a
+//!   grid barrier between steps; attention is split across the KV length (32 warps per
+//!   row and head) and combined after a barrier. This replaces about 220 launches per
+//!   token and the gaps between them. `NGPT_CUDA_PERSISTENT=0` (or `set_persistent`)
+//!   launches the steps one by one instead; traced runs always do.
 //! - Checks: every driver and cuBLAS status is checked. Launch configuration errors come
 //!   back from `cuLaunchKernel` itself; errors of a running kernel surface at the next
 //!   synchronization. In check mode (`NGPT_CUDA_CHECK=1`, and by default in debug builds,
@@ -321,7 +329,61 @@ enum Op {
     },
     /// A GEMM with m or n zero: nothing to compute (the CPU executor skips it too).
     Nothing,
+    /// The whole decode program as one `decode_persistent` launch over `n_ops` table
+    /// entries (the steps it replaced are in the table, in order).
+    Persistent { n_ops: usize },
 }
+
+/// The runtime's `PdOp` (helpers.cu): one step of `decode_persistent`'s table. Addresses,
+/// ints and floats in the order of the kernel's parameters, as each case reads them.
+#[derive(Debug, Clone, Copy, Default)]
+struct PdOp {
+    p: [u64; 8],
+    i: [i32; 8],
+    f: [f32; 2],
+    kind: i32,
+}
+
+impl PdOp {
+    /// Bytes of one entry in the device table (`sizeof(PdOp)`).
+    const BYTES: usize = 112;
+
+    fn write(&self, out: &mut Vec<u8>) {
+        for p in self.p {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        for i in self.i {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        for f in self.f {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&0i32.to_le_bytes());
+    }
+}
+
+/// `decode_persistent`'s launch and memory: the function, the grid (blocks that fit on the
+/// device at once), the step table, the attention partials and the grid barrier.
+struct Persistent {
+    func: CudaFunction,
+    blocks: u32,
+    table_host: Vec<u8>,
+    table: Option<Dev<u8>>,
+    part: Option<Dev<f32>>,
+    barrier: Dev<u32>,
+    /// Decode runs that went through it.
+    runs: u64,
+    /// Whether the decode program last resolved (and so the captured graph) uses it.
+    active: bool,
+}
+
+/// Threads per block of `decode_persistent` (`PD_THREADS`).
+const PD_THREADS: u32 = 512;
+/// Largest head_dim `decode_persistent` takes (`PD_MAX_D`).
+const PD_MAX_D: usize = 128;
+/// Attention partials per (row, head) (`PD_SPLITS`), each of `PD_MAX_D + 2` floats.
+const PD_SPLITS: usize = 32;
 
 /// A captured decode program and what it was captured for.
 struct DecodeGraph {
@@ -458,6 +520,9 @@ pub struct State {
     gemv: [[usize; GEMV_MAX_N]; 2],
     /// Whether narrow weight GEMMs run as `gemv_*` (`NGPT_CUDA_GEMV=0` turns it off).
     use_gemv: bool,
+    /// Decode as one `decode_persistent` launch (`NGPT_CUDA_PERSISTENT=0` turns it off).
+    use_persistent: bool,
+    persistent: Persistent,
     spin: CudaFunction,
     function_of: HashMap<(u32, String), usize>,
     to_bf16: CudaFunction,
@@ -638,6 +703,33 @@ impl CudaExecutor {
         let spin = helpers
             .load_function("spin")
             .map_err(setup("loading spin"))?;
+        // decode_persistent: as many blocks as are resident at once (its grid barrier
+        // needs every block running); none where the head dim is beyond its registers.
+        let pd_func = helpers
+            .load_function("decode_persistent")
+            .map_err(setup("loading decode_persistent"))?;
+        let sms = ctx
+            .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(setup("reading the multiprocessor count"))?;
+        let per_sm = pd_func
+            .occupancy_max_active_blocks_per_multiprocessor(PD_THREADS, 0, None)
+            .map_err(setup("reading decode_persistent's occupancy"))?;
+        let d = plan.dims;
+        let pd_fits = d.head_dim <= PD_MAX_D && d.head_dim % 2 == 0;
+        let persistent = Persistent {
+            func: pd_func,
+            blocks: if pd_fits {
+                (sms.max(0) as u32).saturating_mul(per_sm)
+            } else {
+                0
+            },
+            table_host: vec![],
+            table: None,
+            part: None,
+            barrier: Dev::zeros(&stream, 4, "the decode grid barrier")?,
+            runs: 0,
+            active: false,
+        };
         let mut function_names: Vec<String> = vec![String::new(); functions.len()];
         for ((_, entry), &i) in &function_of {
             function_names[i] = entry.clone();
@@ -775,6 +867,8 @@ impl CudaExecutor {
                 function_names,
                 gemv,
                 use_gemv: !env_is("NGPT_CUDA_GEMV", "0"),
+                use_persistent: !env_is("NGPT_CUDA_PERSISTENT", "0") && persistent.blocks > 0,
+                persistent,
                 spin,
                 function_of,
                 to_bf16,
@@ -832,6 +926,20 @@ impl CudaExecutor {
         self.use_gemv = on;
         self.graph = None;
         self.warmed = None;
+    }
+
+    /// Runs decode as one `decode_persistent` launch where the program allows (on) or
+    /// launch by launch (off); the default comes from `NGPT_CUDA_PERSISTENT`. Drops a
+    /// captured decode graph. A device on which the kernel cannot run stays off.
+    pub fn set_persistent(&mut self, on: bool) {
+        self.use_persistent = on && self.persistent.blocks > 0;
+        self.graph = None;
+        self.warmed = None;
+    }
+
+    /// How many decode runs went through `decode_persistent` so far.
+    pub fn persistent_runs(&self) -> u64 {
+        self.persistent.runs
     }
 
     /// Turns check mode on or off (the default comes from `NGPT_CUDA_CHECK`).
@@ -949,8 +1057,19 @@ impl CudaExecutor {
         } else {
             let ops = self.resolve(kind, rows, per_seq)?;
             self.size_scratch(&ops)?;
+            let ops = if kind == ProgramKind::Decode && on_step.is_none() && self.use_persistent {
+                self.into_persistent(ops, rows)?
+            } else {
+                ops
+            };
+            if kind == ProgramKind::Decode {
+                self.persistent.active = matches!(ops.first(), Some(Op::Persistent { .. }));
+            }
             ops
         };
+        if kind == ProgramKind::Decode && self.persistent.active {
+            self.persistent.runs += 1;
+        }
         self.upload_inputs(tokens, positions)?;
         let capture_now =
             replay && !graph_ready && self.warmed == Some((rows, per_seq, self.generation));
@@ -1144,10 +1263,16 @@ impl CudaExecutor {
         for op in ops {
             let si = match op {
                 Op::Launch { step, .. } | Op::Gemm { step, .. } => Some(*step),
-                Op::Nothing => None,
+                Op::Nothing | Op::Persistent { .. } => None,
             };
             match op {
                 Op::Nothing => {}
+                Op::Persistent { n_ops } => {
+                    self.launch_persistent(*n_ops)?;
+                    if self.check && !capturing {
+                        self.sync("decode (decode_persistent)")?;
+                    }
+                }
                 Op::Launch {
                     step,
                     func,
@@ -1426,9 +1551,138 @@ impl CudaExecutor {
         Ok(())
     }
 
+    /// The decode program as one `decode_persistent` launch: its table built from `ops`
+    /// (already resolved and checked) and uploaded, the partials sized for `rows`. Returns
+    /// `ops` unchanged when a step is not one the kernel runs (a cuBLAS GEMM, another
+    /// kernel).
+    fn into_persistent(&mut self, ops: Vec<Op>, rows: usize) -> Result<Vec<Op>> {
+        let mut table = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let (func, params) = match op {
+                Op::Nothing => continue,
+                Op::Launch { func, params, .. } => (*func, params),
+                Op::Gemm { .. } | Op::Persistent { .. } => return Ok(ops),
+            };
+            let name = self.function_names[func].as_str();
+            let mut e = PdOp::default();
+            e.kind = match name {
+                "embed" => 0,
+                "norm_rows" => 1,
+                "lerp_norm" => 2,
+                "swiglu" => 3,
+                "pos_norm" => 4,
+                "attention_decode" => 5,
+                _ if name.starts_with("gemv_bf16_") => 6,
+                _ if name.starts_with("gemv_f32_") => 7,
+                _ => return Ok(ops),
+            };
+            // Addresses, ints and floats, each in parameter order.
+            let (mut np, mut ni, mut nf) = (0, 0, 0);
+            for p in params {
+                let room = match p {
+                    Param::Ptr(v) => e.p.get_mut(np).map(|x| *x = *v).map(|()| np += 1),
+                    Param::I32(v) => e.i.get_mut(ni).map(|x| *x = *v).map(|()| ni += 1),
+                    Param::F32(v) => e.f.get_mut(nf).map(|x| *x = *v).map(|()| nf += 1),
+                };
+                if room.is_none() {
+                    return Err(plan_cuda_err(format!(
+                        "internal: `{name}` has more arguments than a decode_persistent step holds"
+                    )));
+                }
+            }
+            if e.kind >= 6 {
+                // The gemv's column count, from its name (gemv_bf16_N).
+                let n = name.rsplit('_').next().and_then(|n| n.parse::<i32>().ok());
+                e.i[6] = n.ok_or_else(|| plan_cuda_err(format!("internal: `{name}`")))?;
+            }
+            table.push(e);
+        }
+        let st = &mut *self.state;
+        let pd = &mut st.persistent;
+        pd.table_host.clear();
+        for e in &table {
+            e.write(&mut pd.table_host);
+        }
+        let part_len = rows * st.plan.dims.n_head * PD_SPLITS * (PD_MAX_D + 2);
+        if pd.part.as_ref().map_or(0, |d| d.len()) < part_len {
+            pd.part = None;
+            pd.part = Some(Dev::zeros(
+                &st.stream,
+                part_len,
+                "decode attention partials",
+            )?);
+            st.generation += 1;
+        }
+        if pd.table.as_ref().map_or(0, |d| d.len()) < pd.table_host.len() {
+            pd.table = None;
+            pd.table = Some(Dev::zeros(
+                &st.stream,
+                pd.table_host.len(),
+                "the decode step table",
+            )?);
+            st.generation += 1;
+        }
+        let dst = pd.table.as_ref().map_or(0, |d| d.ptr);
+        // SAFETY: the table holds at least table_host.len() bytes; table_host is not
+        // touched again before the stream is synchronized at the end of this run.
+        unsafe { cu_result::memcpy_htod_async(dst, &pd.table_host, st.stream.cu_stream()) }
+            .map_err(|e| step_err("decode", format!("uploading the step table: {}", drv(e))))?;
+        debug_assert_eq!(pd.table_host.len(), table.len() * PdOp::BYTES);
+        Ok(vec![Op::Persistent { n_ops: table.len() }])
+    }
+
+    /// Zeroes the grid barrier and launches `decode_persistent` over the table.
+    fn launch_persistent(&self, n_ops: usize) -> Result<()> {
+        let pd = &self.persistent;
+        let what = "decode (decode_persistent)";
+        let stream = self.stream.cu_stream();
+        let (Some(table), Some(part)) = (&pd.table, &pd.part) else {
+            return Err(step_err(what, "internal: the step table is not uploaded"));
+        };
+        // SAFETY: the barrier holds 4 u32.
+        unsafe { cu::cuMemsetD32Async(pd.barrier.ptr, 0, 4, stream).result() }
+            .map_err(|e| step_err(what, format!("cuMemsetD32Async: {}", drv(e))))?;
+        let d = self.plan.dims;
+        let int = |v: usize| i32::try_from(v).map_err(|_| step_err(what, "a dim exceeds int"));
+        let (mut t, mut n, mut bar, mut part_p) =
+            (table.ptr, int(n_ops)?, pd.barrier.ptr, part.ptr);
+        let (mut c, mut h, mut hd, mut ms) = (
+            int(d.n_embd)?,
+            int(d.n_head)?,
+            int(d.head_dim)?,
+            int(d.max_seq_len)?,
+        );
+        let mut args = [
+            &mut t as *mut u64 as *mut c_void,
+            &mut n as *mut i32 as *mut c_void,
+            &mut bar as *mut u64 as *mut c_void,
+            &mut part_p as *mut u64 as *mut c_void,
+            &mut c as *mut i32 as *mut c_void,
+            &mut h as *mut i32 as *mut c_void,
+            &mut hd as *mut i32 as *mut c_void,
+            &mut ms as *mut i32 as *mut c_void,
+        ];
+        // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
+        // int): the table holds n_ops entries built from steps checked in `resolve`, the
+        // partials rows x n_head x PD_SPLITS x (PD_MAX_D + 2) floats (head_dim <= PD_MAX_D
+        // was checked at construction); `blocks` blocks are resident at once.
+        unsafe {
+            cu_result::launch_kernel(
+                pd.func.cu_function(),
+                (pd.blocks, 1, 1),
+                (PD_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| step_err(what, format!("cuLaunchKernel: {}", drv(e))))
+    }
+
     /// What a profile calls `op`: the kernel (with the shape, for gemv) or the GEMM shape.
     fn op_label(&self, op: &Op) -> String {
         match op {
+            Op::Persistent { .. } => "decode_persistent".into(),
             Op::Launch { func, params, .. } => {
                 let name = &self.function_names[*func];
                 match (name.starts_with("gemv_"), params.get(3), params.get(4)) {

@@ -42,12 +42,17 @@ __device__ __forceinline__ void load8(const float* p, float* w) {
 __device__ __forceinline__ float load1(const unsigned short* p) { return bf16_lo(*p); }
 __device__ __forceinline__ float load1(const float* p) { return *p; }
 
-template <typename W, int N>
-__device__ void gemv_body(const W* a, const float* b, float* c, int m, int k, int lda, int ldb,
-                          int ldc, float alpha, float beta, int vec) {
-    int lane = threadIdx.x & 31;
-    int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (i >= m) return;
+// Activation loads: through the read-only data path (NC), or plain, for data written
+// earlier in the same launch (the persistent kernel below), which that path may not see.
+template <bool NC>
+__device__ __forceinline__ float4 act4(const float* p) {
+    return NC ? __ldg(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
+}
+
+// Output row i of a gemv, computed by one warp (lane = threadIdx.x % 32).
+template <typename W, int N, bool NC>
+__device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, int i, int k, int lda,
+                                         int ldb, int ldc, float alpha, float beta, int vec, int lane) {
     const W* row = a + (long long)i * lda;
     float acc[N];
 #pragma unroll
@@ -59,8 +64,8 @@ __device__ void gemv_body(const W* a, const float* b, float* c, int m, int k, in
             load8(row + kk, w);
 #pragma unroll
             for (int j = 0; j < N; ++j) {
-                const float4* x = reinterpret_cast<const float4*>(b + (long long)j * ldb + kk);
-                float4 x0 = __ldg(x), x1 = __ldg(x + 1);
+                const float* x = b + (long long)j * ldb + kk;
+                float4 x0 = act4<NC>(x), x1 = act4<NC>(x + 4);
                 acc[j] += w[0] * x0.x + w[1] * x0.y + w[2] * x0.z + w[3] * x0.w +
                           w[4] * x1.x + w[5] * x1.y + w[6] * x1.z + w[7] * x1.w;
             }
@@ -83,6 +88,14 @@ __device__ void gemv_body(const W* a, const float* b, float* c, int m, int k, in
     }
 }
 
+template <typename W, int N>
+__device__ void gemv_body(const W* a, const float* b, float* c, int m, int k, int lda, int ldb,
+                          int ldc, float alpha, float beta, int vec) {
+    int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= m) return;
+    gemv_row<W, N, true>(a, b, c, i, k, lda, ldb, ldc, alpha, beta, vec, threadIdx.x & 31);
+}
+
 #define NGPT_GEMV(W, NAME, N)                                                                   \
     extern "C" __global__ void gemv_##NAME##_##N(const W* a, const float* b, float* c, int m,   \
                                                  int k, int lda, int ldb, int ldc, float alpha, \
@@ -101,5 +114,352 @@ NGPT_GEMV_ALL(float, f32)
 extern "C" __global__ void spin(long long cycles) {
     long long start = clock64();
     while (clock64() - start < cycles) {
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// decode_persistent: a whole decode step in one launch. The executor turns the steps of a
+// plan's decode program (embed, norm_rows, the weight GEMMs as gemv, pos_norm,
+// attention_decode, lerp_norm, swiglu) into a table of PdOp, and one grid of
+// (SMs x blocks that fit per SM) blocks walks it: every block takes its share of each
+// step (grid-stride over rows, elements, warps), then all blocks meet at a grid barrier
+// before the next step, as the separate launches met at kernel boundaries. Semantics are
+// those of the ngpt.cu kernels of the same names (the CPU executor's twins), with the
+// attention split across the KV length: PD_SPLITS warps per (row, head) each fold a run
+// of 32-key tiles with an online softmax into a partial (max, sum, acc[D]) in `part`;
+// after a barrier one warp per (row, head) combines the partials.
+//
+// Activations written during the launch are read with plain loads (not __ldg), weights
+// through the read-only path. The grid barrier: `bar` = {arrived, generation, failed},
+// zeroed by the executor before each launch; a block that waits longer than
+// PD_SPIN_LIMIT cycles (a grid that is not all resident) sets `failed` and traps, so the
+// run fails instead of hanging. Block: PD_THREADS.
+#define PD_THREADS 512
+#define PD_WARPS (PD_THREADS / 32)
+#define PD_MAX_D 128
+#define PD_SPLITS 32
+#define PD_PART (PD_MAX_D + 2)
+#define PD_SPIN_LIMIT 8000000000LL
+#define PD_NEG_BIG (-3.402823466e38f)
+
+enum PdKind {
+    PD_EMBED = 0,
+    PD_NORM_ROWS = 1,
+    PD_LERP_NORM = 2,
+    PD_SWIGLU = 3,
+    PD_POS_NORM = 4,
+    PD_ATTENTION = 5,
+    PD_GEMV_BF16 = 6,
+    PD_GEMV_F32 = 7,
+};
+
+// One step: device addresses, ints and floats as each kind reads them (see the cases of
+// decode_persistent), 112 bytes; the executor writes the same layout (PdOp in
+// executor.rs).
+struct PdOp {
+    unsigned long long p[8];
+    int i[8];
+    float f[2];
+    int kind;
+    int pad;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (PD_THREADS threads, all of which call it).
+__device__ float pd_block_sum(float v) {
+    __shared__ float parts[PD_WARPS];
+    v = warp_sum(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) parts[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float t = 0.0f;
+#pragma unroll
+    for (int w = 0; w < PD_WARPS; ++w) t += parts[w];
+    return t;
+}
+
+__device__ void pd_barrier(unsigned int* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned int* gen = bar + 1;
+        unsigned int g = *gen;
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            long long t0 = clock64();
+            while (*gen == g) {
+                if (clock64() - t0 > PD_SPIN_LIMIT) {
+                    atomicExch(bar + 2, 1u);
+                    __threadfence();
+                    __trap();
+                }
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+template <typename W, int N>
+__device__ void pd_gemv_n(const PdOp& op, int gwarp, int nwarps, int lane) {
+    const W* a = reinterpret_cast<const W*>(op.p[0]);
+    const float* b = reinterpret_cast<const float*>(op.p[1]);
+    float* c = reinterpret_cast<float*>(op.p[2]);
+    for (int i = gwarp; i < op.i[0]; i += nwarps)
+        gemv_row<W, N, false>(a, b, c, i, op.i[1], op.i[2], op.i[3], op.i[4], op.f[0], op.f[1], op.i[5], lane);
+}
+
+template <typename W>
+__device__ void pd_gemv(const PdOp& op, int gwarp, int nwarps, int lane) {
+    switch (op.i[6]) {
+    case 1: pd_gemv_n<W, 1>(op, gwarp, nwarps, lane); break;
+    case 2: pd_gemv_n<W, 2>(op, gwarp, nwarps, lane); break;
+    case 3: pd_gemv_n<W, 3>(op, gwarp, nwarps, lane); break;
+    case 4: pd_gemv_n<W, 4>(op, gwarp, nwarps, lane); break;
+    case 5: pd_gemv_n<W, 5>(op, gwarp, nwarps, lane); break;
+    case 6: pd_gemv_n<W, 6>(op, gwarp, nwarps, lane); break;
+    case 7: pd_gemv_n<W, 7>(op, gwarp, nwarps, lane); break;
+    default: pd_gemv_n<W, 8>(op, gwarp, nwarps, lane); break;
+    }
+}
+
+// The split of row r's keys 0..=pos into runs of 32-key tiles: how many splits, and
+// how many tiles each.
+__device__ __forceinline__ void pd_splits(int pos, int* n_tiles, int* splits, int* per) {
+    *n_tiles = (pos + 1 + 31) / 32;
+    *splits = min(*n_tiles, PD_SPLITS);
+    *per = (*n_tiles + *splits - 1) / *splits;
+}
+
+// Dims: c = n_embd, h = n_head, d = head_dim (even, at most PD_MAX_D), max_seq = KV capacity.
+extern "C" __global__ void __launch_bounds__(PD_THREADS)
+    decode_persistent(const PdOp* ops, int n_ops, unsigned int* bar, float* part, int c, int h, int d,
+                      int max_seq) {
+    __shared__ float qs[PD_WARPS][PD_MAX_D];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
+    const long long gthread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long nthreads = (long long)gridDim.x * blockDim.x;
+    for (int o = 0; o < n_ops; ++o) {
+        const PdOp& op = ops[o];
+        switch (op.kind) {
+        case PD_EMBED: {  // tokens, wte, out; rows
+            const int* tokens = reinterpret_cast<const int*>(op.p[0]);
+            const float* wte = reinterpret_cast<const float*>(op.p[1]);
+            float* out = reinterpret_cast<float*>(op.p[2]);
+            long long n = (long long)op.i[0] * c;
+            for (long long e = gthread; e < n; e += nthreads) {
+                long long r = e / c;
+                out[e] = wte[(long long)tokens[r] * c + (e - r * c)];
+            }
+            break;
+        }
+        case PD_NORM_ROWS: {  // x, out; rows
+            const float* x = reinterpret_cast<const float*>(op.p[0]);
+            float* out = reinterpret_cast<float*>(op.p[1]);
+            for (int r = blockIdx.x; r < op.i[0]; r += gridDim.x) {
+                const float* row = x + (long long)r * c;
+                float ss = 0.0f;
+                for (int j = threadIdx.x; j < c; j += blockDim.x) ss += row[j] * row[j];
+                float inv = rsqrtf(pd_block_sum(ss));
+                for (int j = threadIdx.x; j < c; j += blockDim.x) out[(long long)r * c + j] = row[j] * inv;
+            }
+            break;
+        }
+        case PD_LERP_NORM: {  // h (in place), branch, lr; rows
+            float* hh = reinterpret_cast<float*>(op.p[0]);
+            const float* branch = reinterpret_cast<const float*>(op.p[1]);
+            const float* lr = reinterpret_cast<const float*>(op.p[2]);
+            for (int r = blockIdx.x; r < op.i[0]; r += gridDim.x) {
+                float* hr = hh + (long long)r * c;
+                const float* br = branch + (long long)r * c;
+                float ss = 0.0f;
+                for (int j = threadIdx.x; j < c; j += blockDim.x) ss += br[j] * br[j];
+                float inv_b = rsqrtf(pd_block_sum(ss));
+                float ss2 = 0.0f;
+                for (int j = threadIdx.x; j < c; j += blockDim.x) {
+                    float m = hr[j] + __ldg(lr + j) * (br[j] * inv_b - hr[j]);
+                    ss2 += m * m;
+                }
+                float inv_m = rsqrtf(pd_block_sum(ss2));
+                for (int j = threadIdx.x; j < c; j += blockDim.x) {
+                    float m = hr[j] + __ldg(lr + j) * (br[j] * inv_b - hr[j]);
+                    hr[j] = m * inv_m;
+                }
+            }
+            break;
+        }
+        case PD_SWIGLU: {  // fc, out; rows
+            const float* fc = reinterpret_cast<const float*>(op.p[0]);
+            float* out = reinterpret_cast<float*>(op.p[1]);
+            long long w4 = 4LL * c, n = op.i[0] * w4;
+            for (long long e = gthread; e < n; e += nthreads) {
+                long long r = e / w4, j = e - r * w4;
+                float v = fc[r * 2 * w4 + w4 + j];
+                out[e] = fc[r * 2 * w4 + j] * (v / (1.0f + expf(-v)));
+            }
+            break;
+        }
+        case PD_POS_NORM: {  // qkv, positions, table, q_scale, k_scale, q_out, k_cache, v_cache; rows, tokens
+            const float* qkv = reinterpret_cast<const float*>(op.p[0]);
+            const int* positions = reinterpret_cast<const int*>(op.p[1]);
+            const float* table = reinterpret_cast<const float*>(op.p[2]);
+            const float* q_scale = reinterpret_cast<const float*>(op.p[3]);
+            const float* k_scale = reinterpret_cast<const float*>(op.p[4]);
+            float* q_out = reinterpret_cast<float*>(op.p[5]);
+            float* k_cache = reinterpret_cast<float*>(op.p[6]);
+            float* v_cache = reinterpret_cast<float*>(op.p[7]);
+            int half = d / 2;
+            for (int item = gwarp; item < op.i[0] * h; item += nwarps) {
+                int r = item / h, head = item - r * h;
+                int b = r / op.i[1], pos = positions[r];
+                const float* row = qkv + (long long)r * 3 * c;
+                const float* m = table + (long long)pos * d;
+                long long cache = (((long long)b * h + head) * max_seq + pos) * d;
+                float q[PD_MAX_D / 32], k[PD_MAX_D / 32];
+                float sq = 0.0f, sk = 0.0f;
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 64; ++u) {
+                    int j = lane + 32 * u, col = head * d + 2 * j;
+                    q[2 * u] = q[2 * u + 1] = k[2 * u] = k[2 * u + 1] = 0.0f;
+                    if (j < half) {
+                        q[2 * u] = row[col] * __ldg(m + 2 * j);
+                        q[2 * u + 1] = row[col + 1] * __ldg(m + 2 * j + 1);
+                        k[2 * u] = row[c + col] * __ldg(m + 2 * j);
+                        k[2 * u + 1] = row[c + col + 1] * __ldg(m + 2 * j + 1);
+                    }
+                    sq += q[2 * u] * q[2 * u] + q[2 * u + 1] * q[2 * u + 1];
+                    sk += k[2 * u] * k[2 * u] + k[2 * u + 1] * k[2 * u + 1];
+                }
+                float inv_q = rsqrtf(warp_sum(sq)), inv_k = rsqrtf(warp_sum(sk));
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 64; ++u) {
+                    int j = lane + 32 * u, col = head * d + 2 * j;
+                    if (j < half) {
+                        q_out[(long long)r * c + col] = q[2 * u] * inv_q * __ldg(q_scale + col);
+                        q_out[(long long)r * c + col + 1] = q[2 * u + 1] * inv_q * __ldg(q_scale + col + 1);
+                        k_cache[cache + 2 * j] = k[2 * u] * inv_k * __ldg(k_scale + col);
+                        k_cache[cache + 2 * j + 1] = k[2 * u + 1] * inv_k * __ldg(k_scale + col + 1);
+                        v_cache[cache + 2 * j] = row[2 * c + col];
+                        v_cache[cache + 2 * j + 1] = row[2 * c + col + 1];
+                    }
+                }
+            }
+            break;
+        }
+        case PD_ATTENTION: {  // q, k_cache, v_cache, positions, out; rows, tokens
+            const float* q = reinterpret_cast<const float*>(op.p[0]);
+            const float* k_cache = reinterpret_cast<const float*>(op.p[1]);
+            const float* v_cache = reinterpret_cast<const float*>(op.p[2]);
+            const int* positions = reinterpret_cast<const int*>(op.p[3]);
+            float* out = reinterpret_cast<float*>(op.p[4]);
+            int rows = op.i[0], tokens = op.i[1];
+            // Partials: one warp per (row, head, split).
+            for (int item = gwarp; item < rows * h * PD_SPLITS; item += nwarps) {
+                int s = item % PD_SPLITS, rh = item / PD_SPLITS;
+                int r = rh / h, head = rh - r * h, b = r / tokens, pos = positions[r];
+                int n_tiles, splits, per;
+                pd_splits(pos, &n_tiles, &splits, &per);
+                if (s >= splits) continue;
+                int t0 = s * per, t1 = min(n_tiles, t0 + per);
+                __syncwarp();
+                for (int j = lane; j < d; j += 32) qs[warp][j] = q[(long long)r * c + head * d + j];
+                __syncwarp();
+                long long base = ((long long)b * h + head) * max_seq * d;
+                float run_max = PD_NEG_BIG, run_sum = 0.0f, acc[PD_MAX_D / 32];
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+                for (int t = t0; t < t1; ++t) {
+                    int key = t * 32 + lane;
+                    bool valid = key <= pos;
+                    float sc = PD_NEG_BIG;
+                    if (valid) {
+                        const float* kr = k_cache + base + (long long)key * d;
+                        sc = 0.0f;
+                        if ((d & 3) == 0) {
+                            for (int j = 0; j < d; j += 4) {
+                                float4 kv = *reinterpret_cast<const float4*>(kr + j);
+                                sc += qs[warp][j] * kv.x + qs[warp][j + 1] * kv.y + qs[warp][j + 2] * kv.z +
+                                      qs[warp][j + 3] * kv.w;
+                            }
+                        } else {
+                            for (int j = 0; j < d; ++j) sc += qs[warp][j] * kr[j];
+                        }
+                    }
+                    float m_new = fmaxf(run_max, warp_max(sc));
+                    float p = valid ? expf(sc - m_new) : 0.0f;
+                    float corr = expf(run_max - m_new);
+                    run_sum = run_sum * corr + warp_sum(p);
+                    run_max = m_new;
+                    int nk = min(32, pos + 1 - t * 32);
+#pragma unroll
+                    for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] *= corr;
+                    for (int key2 = 0; key2 < nk; ++key2) {
+                        float pu = __shfl_sync(0xffffffffu, p, key2);
+                        const float* vr = v_cache + base + (long long)(t * 32 + key2) * d;
+#pragma unroll
+                        for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                            int j = lane + 32 * u;
+                            if (j < d) acc[u] += pu * vr[j];
+                        }
+                    }
+                }
+                float* pp = part + ((long long)rh * PD_SPLITS + s) * PD_PART;
+                if (lane == 0) {
+                    pp[0] = run_max;
+                    pp[1] = run_sum;
+                }
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                    int j = lane + 32 * u;
+                    if (j < d) pp[2 + j] = acc[u];
+                }
+            }
+            pd_barrier(bar);
+            // Combine: one warp per (row, head).
+            for (int rh = gwarp; rh < rows * h; rh += nwarps) {
+                int r = rh / h, head = rh - r * h, pos = positions[r];
+                int n_tiles, splits, per;
+                pd_splits(pos, &n_tiles, &splits, &per);
+                const float* pp = part + (long long)rh * PD_SPLITS * PD_PART;
+                float big = PD_NEG_BIG;
+                for (int s = 0; s < splits; ++s) big = fmaxf(big, pp[s * PD_PART]);
+                float total = 0.0f, acc[PD_MAX_D / 32];
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+                for (int s = 0; s < splits; ++s) {
+                    const float* ps = pp + s * PD_PART;
+                    float wgt = expf(ps[0] - big);
+                    total += ps[1] * wgt;
+#pragma unroll
+                    for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                        int j = lane + 32 * u;
+                        if (j < d) acc[u] += ps[2 + j] * wgt;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                    int j = lane + 32 * u;
+                    if (j < d) out[(long long)r * c + head * d + j] = acc[u] / total;
+                }
+            }
+            break;
+        }
+        case PD_GEMV_BF16: pd_gemv<unsigned short>(op, gwarp, nwarps, lane); break;
+        case PD_GEMV_F32: pd_gemv<float>(op, gwarp, nwarps, lane); break;
+        default: break;
+        }
+        if (o + 1 < n_ops) pd_barrier(bar);
     }
 }
