@@ -21,7 +21,8 @@
 #
 # Usage: bash gpu-check.sh [BUNDLE_DIR]       (default: the folder holding this script)
 # NGPT_GPU_CHECK_HALF=0 leaves out the 0.5b preset (a dry run on a small machine).
-# NGPT_GPU_CPU_ROWS=0 leaves out the plan-cpu generate and bench rows (saves device time).
+# NGPT_GPU_CPU_ROWS=0 leaves out the plan-cpu generate and bench rows, NGPT_GPU_TORCH=0
+# the PyTorch rows (each saves device time).
 # NGPT_GPU_PARTS: comma-separated, of `tests` (steps 3 to 5) and `targets` (step 6), or
 # `targets-if-ok` (step 6 only when every earlier check passed); default `tests`. The work folder is /tmp/ngpt-gpu-check: a second call on a machine
 # still warm reuses the models made by the first.
@@ -250,6 +251,10 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 launch by launch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PERSISTENT=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 steps unfolded" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_FUSE=0 -- \
+        --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 1 block/SM" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_BLOCKS_PER_SM=1 -- \
+        --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
@@ -269,6 +274,7 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
     # PyTorch: first its f32 logits against ngpt's reference (so that the rows below time
     # the same model), then the two ways users run it.
     torch_py="$bundle/torch_ngpt.py"
+    if [ "${NGPT_GPU_TORCH:-1}" != 0 ]; then
     ids=$(tokens_for "$(vocab_of "$models/half")" 48)
     if run 180 "reference logits 0.5b (48 tokens)" "$ngpt" logits "$models/half" --tokens "$ids" \
         -o "$work/half-ref.npy" --precision f64 &&
@@ -293,6 +299,9 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         fi
         cat "$out" >> "$log"
     done
+    else
+        tcheck="not run (NGPT_GPU_TORCH=0)"
+    fi
     {
         echo
         echo "issue 7 GPU targets, 0.5b preset, bf16 plan, $(date -u +%Y-%m-%d)"

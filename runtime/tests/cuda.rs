@@ -745,8 +745,10 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
 #[test]
 fn persistent_decode_matches_launch_by_launch() -> Result<()> {
     gpu_or_skip!();
-    // decode_persistent (one launch, grid barriers, split attention) against the same
-    // plan launched step by step: it fired, equal logits, on odd shapes (head_dim 12 and
+    // decode_persistent (one launch, grid barriers, split attention), with its steps
+    // folded (lerp_norm and swiglu into the gemv after them, pos_norm into attention) and
+    // without, against the same plan launched step by step: it fired and folded, equal
+    // logits, on odd shapes (head_dim 12 and
     // 32, prime vocabularies, 3 and 8 rows) and at a KV length past 32 tiles of 32 keys
     // (more tiles than attention splits, so splits hold 2 tiles and some none).
     let long = Shape {
@@ -784,19 +786,24 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
     for (seed, (shape, batch, prompt_len, what)) in cases.into_iter().enumerate() {
         let plan = load(&made_plan(shape, 20 + seed as u64)?)?;
         let v = plan.dims.vocab;
-        let (mut a, mut b) = (
+        let (mut a, mut b, mut c) = (
+            CudaExecutor::new(Arc::clone(&plan), batch)?,
             CudaExecutor::new(Arc::clone(&plan), batch)?,
             CudaExecutor::new(Arc::clone(&plan), batch)?,
         );
         a.set_persistent(true);
+        a.set_persistent_fusion(true);
         b.set_persistent(false);
+        c.set_persistent(true);
+        c.set_persistent_fusion(false);
         let toks: Vec<i32> = prompt(v, batch * prompt_len, seed)
             .iter()
             .map(|&t| t as i32)
             .collect();
         let pos: Vec<i32> = (0..batch).flat_map(|_| 0..prompt_len as i32).collect();
-        a.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
-        b.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
+        for ex in [&mut a, &mut b, &mut c] {
+            ex.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
+        }
         let steps = 4;
         let mut agree = 0.0;
         for step in 0..steps {
@@ -806,11 +813,13 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
             let p = vec![(prompt_len + step) as i32; batch];
             let ga = a.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
             let gb = b.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let gc = c.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
             let (err, top1) = compare(&ga, &gb, v);
-            eprintln!("{what}: decode step {step}: persistent vs launch by launch {err:.3e}, top-1 {top1:.3}");
+            let (err_c, _) = compare(&gc, &gb, v);
+            eprintln!("{what}: decode step {step}: persistent vs launch by launch {err:.3e} (steps folded {:?}), unfolded {err_c:.3e}, top-1 {top1:.3}", a.persistent_folds());
             assert!(
-                err <= 1e-5,
-                "{what}, decode step {step}: persistent vs launch by launch {err:.3e}"
+                err <= 1e-5 && err_c <= 1e-5,
+                "{what}, decode step {step}: persistent vs launch by launch {err:.3e}, unfolded {err_c:.3e}"
             );
             agree += top1;
         }
@@ -823,6 +832,11 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
             steps as u64,
             "{what}: decode_persistent should run every step"
         );
+        assert_eq!(c.persistent_runs(), steps as u64);
+        // Every layer folds its two lerp_norms, its swiglu and its pos_norm.
+        let layers = shape.layers;
+        assert_eq!(a.persistent_folds(), (2 * layers, layers, layers), "{what}");
+        assert_eq!(c.persistent_folds(), (0, 0, 0));
         assert_eq!(b.persistent_runs(), 0);
     }
     Ok(())

@@ -67,6 +67,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
+use super::persistent::{self, PdOp};
 use crate::abi::{self, Slot};
 use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
@@ -334,56 +335,28 @@ enum Op {
     Persistent { n_ops: usize },
 }
 
-/// The runtime's `PdOp` (helpers.cu): one step of `decode_persistent`'s table. Addresses,
-/// ints and floats in the order of the kernel's parameters, as each case reads them.
-#[derive(Debug, Clone, Copy, Default)]
-struct PdOp {
-    p: [u64; 8],
-    i: [i32; 8],
-    f: [f32; 2],
-    kind: i32,
-}
-
-impl PdOp {
-    /// Bytes of one entry in the device table (`sizeof(PdOp)`).
-    const BYTES: usize = 112;
-
-    fn write(&self, out: &mut Vec<u8>) {
-        for p in self.p {
-            out.extend_from_slice(&p.to_le_bytes());
-        }
-        for i in self.i {
-            out.extend_from_slice(&i.to_le_bytes());
-        }
-        for f in self.f {
-            out.extend_from_slice(&f.to_le_bytes());
-        }
-        out.extend_from_slice(&self.kind.to_le_bytes());
-        out.extend_from_slice(&0i32.to_le_bytes());
-    }
-}
-
 /// `decode_persistent`'s launch and memory: the function, the grid (blocks that fit on the
 /// device at once), the step table, the attention partials and the grid barrier.
 struct Persistent {
     func: CudaFunction,
     blocks: u32,
+    /// Dynamic shared memory per block for staged gemv inputs (`persistent::stage_bytes`).
+    stage: usize,
+    /// Whether entries are folded (`persistent::fuse`; `NGPT_CUDA_PD_FUSE=0` turns it off).
+    fuse: bool,
+    /// What the last table folded.
+    fused: persistent::Fused,
     table_host: Vec<u8>,
     table: Option<Dev<u8>>,
     part: Option<Dev<f32>>,
+    /// The second buffer for rows a folded lerp_norm updates.
+    shadow: Option<Dev<f32>>,
     barrier: Dev<u32>,
     /// Decode runs that went through it.
     runs: u64,
     /// Whether the decode program last resolved (and so the captured graph) uses it.
     active: bool,
 }
-
-/// Threads per block of `decode_persistent` (`PD_THREADS`).
-const PD_THREADS: u32 = 512;
-/// Largest head_dim `decode_persistent` takes (`PD_MAX_D`).
-const PD_MAX_D: usize = 128;
-/// Attention partials per (row, head) (`PD_SPLITS`), each of `PD_MAX_D + 2` floats.
-const PD_SPLITS: usize = 32;
 
 /// A captured decode program and what it was captured for.
 struct DecodeGraph {
@@ -711,11 +684,26 @@ impl CudaExecutor {
         let sms = ctx
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(setup("reading the multiprocessor count"))?;
-        let per_sm = pd_func
-            .occupancy_max_active_blocks_per_multiprocessor(PD_THREADS, 0, None)
-            .map_err(setup("reading decode_persistent's occupancy"))?;
         let d = plan.dims;
-        let pd_fits = d.head_dim <= PD_MAX_D && d.head_dim % 2 == 0;
+        let stage = persistent::stage_bytes(batch, d.n_embd);
+        if stage > DEFAULT_SHARED_LIMIT as usize {
+            pd_func
+                .set_attribute(
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    stage as i32,
+                )
+                .map_err(setup("raising decode_persistent's shared memory limit"))?;
+        }
+        let mut per_sm = pd_func
+            .occupancy_max_active_blocks_per_multiprocessor(persistent::THREADS, stage, None)
+            .map_err(setup("reading decode_persistent's occupancy"))?;
+        if let Some(cap) = std::env::var("NGPT_CUDA_PD_BLOCKS_PER_SM")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            per_sm = per_sm.min(cap);
+        }
+        let pd_fits = d.head_dim <= persistent::MAX_D && d.head_dim % 2 == 0;
         let persistent = Persistent {
             func: pd_func,
             blocks: if pd_fits {
@@ -723,6 +711,10 @@ impl CudaExecutor {
             } else {
                 0
             },
+            stage,
+            fuse: !env_is("NGPT_CUDA_PD_FUSE", "0"),
+            fused: persistent::Fused::default(),
+            shadow: None,
             table_host: vec![],
             table: None,
             part: None,
@@ -935,6 +927,22 @@ impl CudaExecutor {
         self.use_persistent = on && self.persistent.blocks > 0;
         self.graph = None;
         self.warmed = None;
+    }
+
+    /// Folds steps into their neighbours in `decode_persistent`'s table (on) or keeps one
+    /// table entry per step (off); the default comes from `NGPT_CUDA_PD_FUSE`. Drops a
+    /// captured decode graph.
+    pub fn set_persistent_fusion(&mut self, on: bool) {
+        self.persistent.fuse = on;
+        self.graph = None;
+        self.warmed = None;
+    }
+
+    /// What the last decode table folded: (lerp_norm into a gemv, swiglu into a gemv,
+    /// pos_norm into attention).
+    pub fn persistent_folds(&self) -> (usize, usize, usize) {
+        let f = self.persistent.fused;
+        (f.lerp_gemv, f.swiglu_gemv, f.pos_attention)
     }
 
     /// How many decode runs went through `decode_persistent` so far.
@@ -1564,17 +1572,12 @@ impl CudaExecutor {
                 Op::Gemm { .. } | Op::Persistent { .. } => return Ok(ops),
             };
             let name = self.function_names[func].as_str();
-            let mut e = PdOp::default();
-            e.kind = match name {
-                "embed" => 0,
-                "norm_rows" => 1,
-                "lerp_norm" => 2,
-                "swiglu" => 3,
-                "pos_norm" => 4,
-                "attention_decode" => 5,
-                _ if name.starts_with("gemv_bf16_") => 6,
-                _ if name.starts_with("gemv_f32_") => 7,
-                _ => return Ok(ops),
+            let Some(kind) = persistent::kind_of(name) else {
+                return Ok(ops);
+            };
+            let mut e = PdOp {
+                kind,
+                ..PdOp::default()
             };
             // Addresses, ints and floats, each in parameter order.
             let (mut np, mut ni, mut nf) = (0, 0, 0);
@@ -1590,7 +1593,7 @@ impl CudaExecutor {
                     )));
                 }
             }
-            if e.kind >= 6 {
+            if kind == persistent::kind::GEMV_BF16 || kind == persistent::kind::GEMV_F32 {
                 // The gemv's column count, from its name (gemv_bf16_N).
                 let n = name.rsplit('_').next().and_then(|n| n.parse::<i32>().ok());
                 e.i[6] = n.ok_or_else(|| plan_cuda_err(format!("internal: `{name}`")))?;
@@ -1599,11 +1602,32 @@ impl CudaExecutor {
         }
         let st = &mut *self.state;
         let pd = &mut st.persistent;
+        let c = st.plan.dims.n_embd;
+        if pd.fuse && pd.shadow.as_ref().map_or(0, |d| d.len()) < rows * c {
+            pd.shadow = None;
+            pd.shadow = Some(Dev::zeros(
+                &st.stream,
+                rows * c,
+                "decode rows (second buffer)",
+            )?);
+            st.generation += 1;
+        }
+        let table = match (&pd.shadow, pd.fuse) {
+            (Some(shadow), true) => {
+                let (fused_table, fused) = persistent::fuse(&table, rows, c, pd.stage, shadow.ptr);
+                pd.fused = fused;
+                fused_table
+            }
+            _ => {
+                pd.fused = persistent::Fused::default();
+                table
+            }
+        };
         pd.table_host.clear();
         for e in &table {
             e.write(&mut pd.table_host);
         }
-        let part_len = rows * st.plan.dims.n_head * PD_SPLITS * (PD_MAX_D + 2);
+        let part_len = rows * st.plan.dims.n_head * persistent::SPLITS * (persistent::MAX_D + 2);
         if pd.part.as_ref().map_or(0, |d| d.len()) < part_len {
             pd.part = None;
             pd.part = Some(Dev::zeros(
@@ -1664,14 +1688,15 @@ impl CudaExecutor {
         ];
         // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
         // int): the table holds n_ops entries built from steps checked in `resolve`, the
-        // partials rows x n_head x PD_SPLITS x (PD_MAX_D + 2) floats (head_dim <= PD_MAX_D
-        // was checked at construction); `blocks` blocks are resident at once.
+        // partials rows x n_head x SPLITS x (MAX_D + 2) floats (head_dim <= MAX_D was
+        // checked at construction), staged rows fit `stage` bytes (checked by `fuse`);
+        // `blocks` blocks are resident at once.
         unsafe {
             cu_result::launch_kernel(
                 pd.func.cu_function(),
                 (pd.blocks, 1, 1),
-                (PD_THREADS, 1, 1),
-                0,
+                (persistent::THREADS, 1, 1),
+                pd.stage as u32,
                 stream,
                 &mut args,
             )
@@ -2253,14 +2278,27 @@ impl crate::session::Executor for CudaExecutor {
         self.batch
     }
     fn describe(&self) -> String {
+        let launches = if self.use_persistent {
+            format!(
+                "as one launch of {} blocks{}",
+                self.persistent.blocks,
+                if self.persistent.fuse {
+                    ", steps folded"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            "launch by launch".into()
+        };
         format!(
-            "plan-cuda on {} ({}, decode {})",
+            "plan-cuda on {} ({}, decode {launches}, {})",
             self.device_name,
             self.arch,
             if self.use_graph {
                 "in a CUDA graph"
             } else {
-                "step by step"
+                "no graph"
             }
         )
     }

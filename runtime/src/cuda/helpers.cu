@@ -151,13 +151,22 @@ enum PdKind {
     PD_ATTENTION = 5,
     PD_GEMV_BF16 = 6,
     PD_GEMV_F32 = 7,
+    // pos_norm folded into attention_decode's partials (the executor's fusion).
+    PD_POS_ATTENTION = 8,
 };
 
+// Where a gemv step's activations come from (PdOp.i[7]): the B operand in global memory,
+// or rows staged by each block in its shared memory (`xs`) from a step the executor
+// folded in: lerp_norm (p[3] h_in, p[4] branch, p[5] lr; block 0 also writes the result
+// to p[6] h_out, a different buffer, since other blocks still read h_in) or swiglu
+// (p[3] fc). Staged rows are the B operand with ldb = their width.
+enum PdInput { PD_IN_GLOBAL = 0, PD_IN_LERP = 1, PD_IN_SWIGLU = 2 };
+
 // One step: device addresses, ints and floats as each kind reads them (see the cases of
-// decode_persistent), 112 bytes; the executor writes the same layout (PdOp in
+// decode_persistent), 128 bytes; the executor writes the same layout (PdOp in
 // executor.rs).
 struct PdOp {
-    unsigned long long p[8];
+    unsigned long long p[10];
     int i[8];
     float f[2];
     int kind;
@@ -212,25 +221,76 @@ __device__ void pd_barrier(unsigned int* bar) {
 }
 
 template <typename W, int N>
-__device__ void pd_gemv_n(const PdOp& op, int gwarp, int nwarps, int lane) {
+__device__ void pd_gemv_n(const PdOp& op, const float* b, int ldb, int gwarp, int nwarps, int lane) {
     const W* a = reinterpret_cast<const W*>(op.p[0]);
-    const float* b = reinterpret_cast<const float*>(op.p[1]);
     float* c = reinterpret_cast<float*>(op.p[2]);
     for (int i = gwarp; i < op.i[0]; i += nwarps)
-        gemv_row<W, N, false>(a, b, c, i, op.i[1], op.i[2], op.i[3], op.i[4], op.f[0], op.f[1], op.i[5], lane);
+        gemv_row<W, N, false>(a, b, c, i, op.i[1], op.i[2], ldb, op.i[4], op.f[0], op.f[1], op.i[5], lane);
+}
+
+// Stages the gemv's input rows in xs where the step folded in lerp_norm or swiglu (see
+// PdInput); returns the B operand and sets its leading dimension.
+__device__ const float* pd_gemv_input(const PdOp& op, float* xs, int c, int* ldb) {
+    int rows = op.i[6], mode = op.i[7];
+    if (mode == PD_IN_LERP) {
+        // One warp per row: lerp_norm's two norms are warp sums.
+        const float* h_in = reinterpret_cast<const float*>(op.p[3]);
+        const float* branch = reinterpret_cast<const float*>(op.p[4]);
+        const float* lr = reinterpret_cast<const float*>(op.p[5]);
+        float* h_out = reinterpret_cast<float*>(op.p[6]);
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        for (int r = warp; r < rows; r += PD_WARPS) {
+            const float* hr = h_in + (long long)r * c;
+            const float* br = branch + (long long)r * c;
+            float ss = 0.0f;
+            for (int j = lane; j < c; j += 32) ss += br[j] * br[j];
+            float inv_b = rsqrtf(warp_sum(ss));
+            float ss2 = 0.0f;
+            for (int j = lane; j < c; j += 32) {
+                float m = hr[j] + __ldg(lr + j) * (br[j] * inv_b - hr[j]);
+                xs[r * c + j] = m;
+                ss2 += m * m;
+            }
+            float inv_m = rsqrtf(warp_sum(ss2));
+            for (int j = lane; j < c; j += 32) {
+                float m = xs[r * c + j] * inv_m;
+                xs[r * c + j] = m;
+                if (blockIdx.x == 0) h_out[(long long)r * c + j] = m;
+            }
+        }
+        __syncthreads();
+        *ldb = c;
+        return xs;
+    }
+    if (mode == PD_IN_SWIGLU) {
+        const float* fc = reinterpret_cast<const float*>(op.p[3]);
+        int w4 = 4 * c;
+        for (int e = threadIdx.x; e < rows * w4; e += blockDim.x) {
+            int r = e / w4, j = e - r * w4;
+            float v = fc[(long long)r * 2 * w4 + w4 + j];
+            xs[e] = fc[(long long)r * 2 * w4 + j] * (v / (1.0f + expf(-v)));
+        }
+        __syncthreads();
+        *ldb = w4;
+        return xs;
+    }
+    *ldb = op.i[3];
+    return reinterpret_cast<const float*>(op.p[1]);
 }
 
 template <typename W>
-__device__ void pd_gemv(const PdOp& op, int gwarp, int nwarps, int lane) {
+__device__ void pd_gemv(const PdOp& op, float* xs, int c, int gwarp, int nwarps, int lane) {
+    int ldb;
+    const float* b = pd_gemv_input(op, xs, c, &ldb);
     switch (op.i[6]) {
-    case 1: pd_gemv_n<W, 1>(op, gwarp, nwarps, lane); break;
-    case 2: pd_gemv_n<W, 2>(op, gwarp, nwarps, lane); break;
-    case 3: pd_gemv_n<W, 3>(op, gwarp, nwarps, lane); break;
-    case 4: pd_gemv_n<W, 4>(op, gwarp, nwarps, lane); break;
-    case 5: pd_gemv_n<W, 5>(op, gwarp, nwarps, lane); break;
-    case 6: pd_gemv_n<W, 6>(op, gwarp, nwarps, lane); break;
-    case 7: pd_gemv_n<W, 7>(op, gwarp, nwarps, lane); break;
-    default: pd_gemv_n<W, 8>(op, gwarp, nwarps, lane); break;
+    case 1: pd_gemv_n<W, 1>(op, b, ldb, gwarp, nwarps, lane); break;
+    case 2: pd_gemv_n<W, 2>(op, b, ldb, gwarp, nwarps, lane); break;
+    case 3: pd_gemv_n<W, 3>(op, b, ldb, gwarp, nwarps, lane); break;
+    case 4: pd_gemv_n<W, 4>(op, b, ldb, gwarp, nwarps, lane); break;
+    case 5: pd_gemv_n<W, 5>(op, b, ldb, gwarp, nwarps, lane); break;
+    case 6: pd_gemv_n<W, 6>(op, b, ldb, gwarp, nwarps, lane); break;
+    case 7: pd_gemv_n<W, 7>(op, b, ldb, gwarp, nwarps, lane); break;
+    default: pd_gemv_n<W, 8>(op, b, ldb, gwarp, nwarps, lane); break;
     }
 }
 
@@ -242,11 +302,162 @@ __device__ __forceinline__ void pd_splits(int pos, int* n_tiles, int* splits, in
     *per = (*n_tiles + *splits - 1) / *splits;
 }
 
+// Attention for one decode row per sequence, split across the KV length: one warp per
+// (row, head, split) folds its run of 32-key tiles into a partial, then (after a grid
+// barrier) one warp per (row, head) combines the partials into out. With qkv non-null,
+// pos_norm is folded in: each warp computes its q from qkv (Norm(M_pos q) * q_scale), and
+// the warp whose split holds key `pos` also computes k and v, writes them into the
+// caches and uses its own copies for that key (no other warp reads it).
+__device__ void pd_attention(const float* q_in, const float* qkv, const float* table, const float* q_scale,
+                             const float* k_scale, float* k_cache, float* v_cache, const int* positions,
+                             float* out, int rows, int tokens, float* part, unsigned int* bar,
+                             float (*qs)[PD_MAX_D], float (*kvs)[2][PD_MAX_D], int c, int h, int d,
+                             int max_seq) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
+    for (int item = gwarp; item < rows * h * PD_SPLITS; item += nwarps) {
+        int s = item % PD_SPLITS, rh = item / PD_SPLITS;
+        int r = rh / h, head = rh - r * h, b = r / tokens, pos = positions[r];
+        int n_tiles, splits, per;
+        pd_splits(pos, &n_tiles, &splits, &per);
+        if (s >= splits) continue;
+        int t0 = s * per, t1 = min(n_tiles, t0 + per);
+        bool own = qkv != nullptr && s == (pos / 32) / per;
+        long long base = ((long long)b * h + head) * max_seq * d;
+        __syncwarp();
+        if (qkv == nullptr) {
+            for (int j = lane; j < d; j += 32) qs[warp][j] = q_in[(long long)r * c + head * d + j];
+        } else {
+            const float* row = qkv + (long long)r * 3 * c;
+            const float* m = table + (long long)pos * d;
+            float qv[PD_MAX_D / 32], kv[PD_MAX_D / 32];
+            float sq = 0.0f, sk = 0.0f;
+#pragma unroll
+            for (int u = 0; u < PD_MAX_D / 64; ++u) {
+                int j = lane + 32 * u, col = head * d + 2 * j;
+                qv[2 * u] = qv[2 * u + 1] = kv[2 * u] = kv[2 * u + 1] = 0.0f;
+                if (j < d / 2) {
+                    qv[2 * u] = row[col] * __ldg(m + 2 * j);
+                    qv[2 * u + 1] = row[col + 1] * __ldg(m + 2 * j + 1);
+                    kv[2 * u] = row[c + col] * __ldg(m + 2 * j);
+                    kv[2 * u + 1] = row[c + col + 1] * __ldg(m + 2 * j + 1);
+                }
+                sq += qv[2 * u] * qv[2 * u] + qv[2 * u + 1] * qv[2 * u + 1];
+                sk += kv[2 * u] * kv[2 * u] + kv[2 * u + 1] * kv[2 * u + 1];
+            }
+            float inv_q = rsqrtf(warp_sum(sq));
+            float inv_k = own ? rsqrtf(warp_sum(sk)) : 0.0f;
+            long long at = base + (long long)pos * d;
+#pragma unroll
+            for (int u = 0; u < PD_MAX_D / 64; ++u) {
+                int j = lane + 32 * u, col = head * d + 2 * j;
+                if (j < d / 2) {
+                    qs[warp][2 * j] = qv[2 * u] * inv_q * __ldg(q_scale + col);
+                    qs[warp][2 * j + 1] = qv[2 * u + 1] * inv_q * __ldg(q_scale + col + 1);
+                    if (own) {
+                        float k0 = kv[2 * u] * inv_k * __ldg(k_scale + col);
+                        float k1 = kv[2 * u + 1] * inv_k * __ldg(k_scale + col + 1);
+                        float v0 = row[2 * c + col], v1 = row[2 * c + col + 1];
+                        kvs[warp][0][2 * j] = k0;
+                        kvs[warp][0][2 * j + 1] = k1;
+                        kvs[warp][1][2 * j] = v0;
+                        kvs[warp][1][2 * j + 1] = v1;
+                        k_cache[at + 2 * j] = k0;
+                        k_cache[at + 2 * j + 1] = k1;
+                        v_cache[at + 2 * j] = v0;
+                        v_cache[at + 2 * j + 1] = v1;
+                    }
+                }
+            }
+        }
+        __syncwarp();
+        float run_max = PD_NEG_BIG, run_sum = 0.0f, acc[PD_MAX_D / 32];
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+        for (int t = t0; t < t1; ++t) {
+            int key = t * 32 + lane;
+            bool valid = key <= pos;
+            float sc = PD_NEG_BIG;
+            if (valid) {
+                const float* kr = (own && key == pos) ? kvs[warp][0] : k_cache + base + (long long)key * d;
+                sc = 0.0f;
+                if ((d & 3) == 0) {
+                    for (int j = 0; j < d; j += 4) {
+                        float4 k4 = *reinterpret_cast<const float4*>(kr + j);
+                        sc += qs[warp][j] * k4.x + qs[warp][j + 1] * k4.y + qs[warp][j + 2] * k4.z +
+                              qs[warp][j + 3] * k4.w;
+                    }
+                } else {
+                    for (int j = 0; j < d; ++j) sc += qs[warp][j] * kr[j];
+                }
+            }
+            float m_new = fmaxf(run_max, warp_max(sc));
+            float p = valid ? expf(sc - m_new) : 0.0f;
+            float corr = expf(run_max - m_new);
+            run_sum = run_sum * corr + warp_sum(p);
+            run_max = m_new;
+            int nk = min(32, pos + 1 - t * 32);
+#pragma unroll
+            for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] *= corr;
+            for (int key2 = 0; key2 < nk; ++key2) {
+                float pu = __shfl_sync(0xffffffffu, p, key2);
+                int kk = t * 32 + key2;
+                const float* vr = (own && kk == pos) ? kvs[warp][1] : v_cache + base + (long long)kk * d;
+#pragma unroll
+                for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                    int j = lane + 32 * u;
+                    if (j < d) acc[u] += pu * vr[j];
+                }
+            }
+        }
+        float* pp = part + ((long long)rh * PD_SPLITS + s) * PD_PART;
+        if (lane == 0) {
+            pp[0] = run_max;
+            pp[1] = run_sum;
+        }
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) {
+            int j = lane + 32 * u;
+            if (j < d) pp[2 + j] = acc[u];
+        }
+    }
+    pd_barrier(bar);
+    // Combine: one warp per (row, head).
+    for (int rh = gwarp; rh < rows * h; rh += nwarps) {
+        int r = rh / h, head = rh - r * h, pos = positions[r];
+        int n_tiles, splits, per;
+        pd_splits(pos, &n_tiles, &splits, &per);
+        const float* pp = part + (long long)rh * PD_SPLITS * PD_PART;
+        float big = PD_NEG_BIG;
+        for (int s = 0; s < splits; ++s) big = fmaxf(big, pp[s * PD_PART]);
+        float total = 0.0f, acc[PD_MAX_D / 32];
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float* ps = pp + s * PD_PART;
+            float wgt = expf(ps[0] - big);
+            total += ps[1] * wgt;
+#pragma unroll
+            for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                int j = lane + 32 * u;
+                if (j < d) acc[u] += ps[2 + j] * wgt;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) {
+            int j = lane + 32 * u;
+            if (j < d) out[(long long)r * c + head * d + j] = acc[u] / total;
+        }
+    }
+}
+
 // Dims: c = n_embd, h = n_head, d = head_dim (even, at most PD_MAX_D), max_seq = KV capacity.
 extern "C" __global__ void __launch_bounds__(PD_THREADS)
     decode_persistent(const PdOp* ops, int n_ops, unsigned int* bar, float* part, int c, int h, int d,
                       int max_seq) {
-    __shared__ float qs[PD_WARPS][PD_MAX_D];
+    __shared__ __align__(16) float qs[PD_WARPS][PD_MAX_D];
+    __shared__ __align__(16) float kvs[PD_WARPS][2][PD_MAX_D];
+    extern __shared__ __align__(16) float xs[];  // staged gemv inputs (PdInput)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
     const long long gthread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -358,106 +569,21 @@ extern "C" __global__ void __launch_bounds__(PD_THREADS)
             }
             break;
         }
-        case PD_ATTENTION: {  // q, k_cache, v_cache, positions, out; rows, tokens
-            const float* q = reinterpret_cast<const float*>(op.p[0]);
-            const float* k_cache = reinterpret_cast<const float*>(op.p[1]);
-            const float* v_cache = reinterpret_cast<const float*>(op.p[2]);
-            const int* positions = reinterpret_cast<const int*>(op.p[3]);
-            float* out = reinterpret_cast<float*>(op.p[4]);
-            int rows = op.i[0], tokens = op.i[1];
-            // Partials: one warp per (row, head, split).
-            for (int item = gwarp; item < rows * h * PD_SPLITS; item += nwarps) {
-                int s = item % PD_SPLITS, rh = item / PD_SPLITS;
-                int r = rh / h, head = rh - r * h, b = r / tokens, pos = positions[r];
-                int n_tiles, splits, per;
-                pd_splits(pos, &n_tiles, &splits, &per);
-                if (s >= splits) continue;
-                int t0 = s * per, t1 = min(n_tiles, t0 + per);
-                __syncwarp();
-                for (int j = lane; j < d; j += 32) qs[warp][j] = q[(long long)r * c + head * d + j];
-                __syncwarp();
-                long long base = ((long long)b * h + head) * max_seq * d;
-                float run_max = PD_NEG_BIG, run_sum = 0.0f, acc[PD_MAX_D / 32];
-#pragma unroll
-                for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
-                for (int t = t0; t < t1; ++t) {
-                    int key = t * 32 + lane;
-                    bool valid = key <= pos;
-                    float sc = PD_NEG_BIG;
-                    if (valid) {
-                        const float* kr = k_cache + base + (long long)key * d;
-                        sc = 0.0f;
-                        if ((d & 3) == 0) {
-                            for (int j = 0; j < d; j += 4) {
-                                float4 kv = *reinterpret_cast<const float4*>(kr + j);
-                                sc += qs[warp][j] * kv.x + qs[warp][j + 1] * kv.y + qs[warp][j + 2] * kv.z +
-                                      qs[warp][j + 3] * kv.w;
-                            }
-                        } else {
-                            for (int j = 0; j < d; ++j) sc += qs[warp][j] * kr[j];
-                        }
-                    }
-                    float m_new = fmaxf(run_max, warp_max(sc));
-                    float p = valid ? expf(sc - m_new) : 0.0f;
-                    float corr = expf(run_max - m_new);
-                    run_sum = run_sum * corr + warp_sum(p);
-                    run_max = m_new;
-                    int nk = min(32, pos + 1 - t * 32);
-#pragma unroll
-                    for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] *= corr;
-                    for (int key2 = 0; key2 < nk; ++key2) {
-                        float pu = __shfl_sync(0xffffffffu, p, key2);
-                        const float* vr = v_cache + base + (long long)(t * 32 + key2) * d;
-#pragma unroll
-                        for (int u = 0; u < PD_MAX_D / 32; ++u) {
-                            int j = lane + 32 * u;
-                            if (j < d) acc[u] += pu * vr[j];
-                        }
-                    }
-                }
-                float* pp = part + ((long long)rh * PD_SPLITS + s) * PD_PART;
-                if (lane == 0) {
-                    pp[0] = run_max;
-                    pp[1] = run_sum;
-                }
-#pragma unroll
-                for (int u = 0; u < PD_MAX_D / 32; ++u) {
-                    int j = lane + 32 * u;
-                    if (j < d) pp[2 + j] = acc[u];
-                }
-            }
-            pd_barrier(bar);
-            // Combine: one warp per (row, head).
-            for (int rh = gwarp; rh < rows * h; rh += nwarps) {
-                int r = rh / h, head = rh - r * h, pos = positions[r];
-                int n_tiles, splits, per;
-                pd_splits(pos, &n_tiles, &splits, &per);
-                const float* pp = part + (long long)rh * PD_SPLITS * PD_PART;
-                float big = PD_NEG_BIG;
-                for (int s = 0; s < splits; ++s) big = fmaxf(big, pp[s * PD_PART]);
-                float total = 0.0f, acc[PD_MAX_D / 32];
-#pragma unroll
-                for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
-                for (int s = 0; s < splits; ++s) {
-                    const float* ps = pp + s * PD_PART;
-                    float wgt = expf(ps[0] - big);
-                    total += ps[1] * wgt;
-#pragma unroll
-                    for (int u = 0; u < PD_MAX_D / 32; ++u) {
-                        int j = lane + 32 * u;
-                        if (j < d) acc[u] += ps[2 + j] * wgt;
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < PD_MAX_D / 32; ++u) {
-                    int j = lane + 32 * u;
-                    if (j < d) out[(long long)r * c + head * d + j] = acc[u] / total;
-                }
-            }
+        case PD_ATTENTION:  // q, k_cache, v_cache, positions, out; rows, tokens
+            pd_attention(reinterpret_cast<const float*>(op.p[0]), nullptr, nullptr, nullptr, nullptr,
+                         reinterpret_cast<float*>(op.p[1]), reinterpret_cast<float*>(op.p[2]),
+                         reinterpret_cast<const int*>(op.p[3]), reinterpret_cast<float*>(op.p[4]), op.i[0],
+                         op.i[1], part, bar, qs, kvs, c, h, d, max_seq);
             break;
-        }
-        case PD_GEMV_BF16: pd_gemv<unsigned short>(op, gwarp, nwarps, lane); break;
-        case PD_GEMV_F32: pd_gemv<float>(op, gwarp, nwarps, lane); break;
+        case PD_POS_ATTENTION:  // qkv, positions, table, q_scale, k_scale, k_cache, v_cache, out; rows, tokens
+            pd_attention(nullptr, reinterpret_cast<const float*>(op.p[0]), reinterpret_cast<const float*>(op.p[2]),
+                         reinterpret_cast<const float*>(op.p[3]), reinterpret_cast<const float*>(op.p[4]),
+                         reinterpret_cast<float*>(op.p[5]), reinterpret_cast<float*>(op.p[6]),
+                         reinterpret_cast<const int*>(op.p[1]), reinterpret_cast<float*>(op.p[7]), op.i[0],
+                         op.i[1], part, bar, qs, kvs, c, h, d, max_seq);
+            break;
+        case PD_GEMV_BF16: pd_gemv<unsigned short>(op, xs, c, gwarp, nwarps, lane); break;
+        case PD_GEMV_F32: pd_gemv<float>(op, xs, c, gwarp, nwarps, lane); break;
         default: break;
         }
         if (o + 1 < n_ops) pd_barrier(bar);

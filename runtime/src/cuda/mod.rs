@@ -8,6 +8,7 @@
 //! compiles every module with NVRTC, so the kernel sources stay valid CUDA there.
 
 mod executor;
+mod persistent;
 pub mod rates;
 mod session;
 

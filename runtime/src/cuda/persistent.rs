@@ -1,0 +1,421 @@
+//! The step table of `decode_persistent` (helpers.cu): a decode program, resolved to device
+//! addresses, as the entries one persistent launch walks, and the fusions that let it meet
+//! at fewer grid barriers.
+//!
+//! Every entry is one of the plan kernels (`embed`, `norm_rows`, `lerp_norm`, `swiglu`,
+//! `pos_norm`, `attention_decode`) or a `gemv_*` with its arguments, in parameter order.
+//! [`fuse`] then folds, where the shapes allow:
+//! - `lerp_norm` into the gemv after it that reads the updated rows: each block stages the
+//!   rows in shared memory (one warp per row) and block 0 writes them to a second buffer,
+//!   because other blocks still read the old rows; from there on every entry that named
+//!   the rows' buffer names the one holding the current rows (the two alternate);
+//! - `swiglu` into the gemv that reads its output (staged the same way), where nothing
+//!   later reads that output;
+//! - `pos_norm` into the `attention_decode` after it, where nothing later reads its q.
+//!
+//! Each fusion removes a grid barrier and a phase in which most blocks wait. The kernel
+//! computes what the separate entries compute, with sums in another order.
+
+use std::collections::HashMap;
+
+/// Entry kinds (`PdKind` in helpers.cu).
+pub(super) mod kind {
+    pub const EMBED: i32 = 0;
+    pub const NORM_ROWS: i32 = 1;
+    pub const LERP_NORM: i32 = 2;
+    pub const SWIGLU: i32 = 3;
+    pub const POS_NORM: i32 = 4;
+    pub const ATTENTION: i32 = 5;
+    pub const GEMV_BF16: i32 = 6;
+    pub const GEMV_F32: i32 = 7;
+    pub const POS_ATTENTION: i32 = 8;
+}
+
+/// Where a gemv entry's activations come from, `i[7]` (`PdInput` in helpers.cu).
+pub(super) mod input {
+    pub const GLOBAL: i32 = 0;
+    pub const LERP: i32 = 1;
+    pub const SWIGLU: i32 = 2;
+}
+
+/// Threads per block of `decode_persistent` (`PD_THREADS`).
+pub(super) const THREADS: u32 = 512;
+/// Largest head_dim `decode_persistent` takes (`PD_MAX_D`).
+pub(super) const MAX_D: usize = 128;
+/// Attention partials per (row, head) (`PD_SPLITS`), each of `MAX_D + 2` floats.
+pub(super) const SPLITS: usize = 32;
+/// Most dynamic shared memory a launch asks for, for staged gemv inputs.
+pub(super) const MAX_STAGE_BYTES: usize = 96 << 10;
+
+/// One entry of the table (`PdOp` in helpers.cu): addresses, ints and floats in the order
+/// of the kernel's parameters; gemv entries add their column count (`i[6]`) and input
+/// (`i[7]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct PdOp {
+    pub p: [u64; 10],
+    pub i: [i32; 8],
+    pub f: [f32; 2],
+    pub kind: i32,
+}
+
+impl PdOp {
+    /// Bytes of one entry in the device table (`sizeof(PdOp)`).
+    pub const BYTES: usize = 128;
+
+    /// Appends the entry as the kernel reads it (little-endian, no padding but the last
+    /// word).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for p in self.p {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        for i in self.i {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        for f in self.f {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&0i32.to_le_bytes());
+    }
+
+    fn is_gemv(&self) -> bool {
+        self.kind == kind::GEMV_BF16 || self.kind == kind::GEMV_F32
+    }
+
+    /// The address slot this entry overwrites without reading it, if any (a gemv with
+    /// beta != 0 reads its output too; caches and lerp_norm's rows are updated in place).
+    fn output_slot(&self) -> Option<usize> {
+        match self.kind {
+            kind::GEMV_BF16 | kind::GEMV_F32 => (self.f[1] == 0.0).then_some(2),
+            kind::EMBED => Some(2),
+            kind::NORM_ROWS | kind::SWIGLU => Some(1),
+            kind::POS_NORM => Some(5),
+            kind::ATTENTION => Some(4),
+            kind::POS_ATTENTION => Some(7),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an entry of `later` reads `ptr` before one overwrites it.
+fn read_later(later: &[PdOp], ptr: u64) -> bool {
+    for e in later {
+        let out = e.output_slot();
+        if e.p.iter().enumerate().any(|(k, &p)| p == ptr && Some(k) != out) {
+            return true;
+        }
+        if out.is_some_and(|k| e.p[k] == ptr) {
+            return false;
+        }
+    }
+    false
+}
+
+/// The entry kind of a loaded kernel or gemv, by its entry name.
+pub(super) fn kind_of(entry: &str) -> Option<i32> {
+    Some(match entry {
+        "embed" => kind::EMBED,
+        "norm_rows" => kind::NORM_ROWS,
+        "lerp_norm" => kind::LERP_NORM,
+        "swiglu" => kind::SWIGLU,
+        "pos_norm" => kind::POS_NORM,
+        "attention_decode" => kind::ATTENTION,
+        _ if entry.starts_with("gemv_bf16_") => kind::GEMV_BF16,
+        _ if entry.starts_with("gemv_f32_") => kind::GEMV_F32,
+        _ => return None,
+    })
+}
+
+/// Dynamic shared memory for staging the gemv inputs of `rows` rows of width `c`: the
+/// swiglu rows (4c wide) where they fit in [`MAX_STAGE_BYTES`], else the lerp_norm rows
+/// (c wide), else none.
+pub(super) fn stage_bytes(rows: usize, c: usize) -> usize {
+    let f = std::mem::size_of::<f32>();
+    [rows * 4 * c * f, rows * c * f]
+        .into_iter()
+        .find(|&b| b <= MAX_STAGE_BYTES)
+        .unwrap_or(0)
+}
+
+/// How many entries [`fuse`] folded, by fusion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Fused {
+    pub lerp_gemv: usize,
+    pub swiglu_gemv: usize,
+    pub pos_attention: usize,
+}
+
+/// Folds entries of `raw` (one decode program of `rows` rows, width `c`) as the module
+/// says, with `stage` bytes of shared memory per block for staged rows and `shadow` the
+/// address of a second buffer of `rows * c` floats for rows updated by a folded lerp_norm.
+pub(super) fn fuse(
+    raw: &[PdOp],
+    rows: usize,
+    c: usize,
+    stage: usize,
+    shadow: u64,
+) -> (Vec<PdOp>, Fused) {
+    let f32s = std::mem::size_of::<f32>();
+    let (rows_i, c_i) = (rows as i64, c as i64);
+    // The buffer now holding what the program calls buffer `k`.
+    let mut current: HashMap<u64, u64> = HashMap::new();
+    let renamed = |current: &HashMap<u64, u64>, mut e: PdOp| {
+        for p in e.p.iter_mut() {
+            if let Some(&to) = current.get(p) {
+                *p = to;
+            }
+        }
+        e
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    let mut fused = Fused::default();
+    let mut i = 0;
+    while i < raw.len() {
+        let (e, next) = (raw[i], raw.get(i + 1).copied());
+        let gemv_of = |g: &PdOp, b: u64, k: i64| {
+            g.is_gemv()
+                && g.p[1] == b
+                && i64::from(g.i[6]) == rows_i
+                && i64::from(g.i[1]) == k
+                && i64::from(g.i[3]) == k
+                && i64::from(e.i[0]) == rows_i
+                && g.i[7] == input::GLOBAL
+        };
+        match next {
+            Some(g)
+                if e.kind == kind::LERP_NORM
+                    && gemv_of(&g, e.p[0], c_i)
+                    && rows * c * f32s <= stage
+                    && shadow != 0 =>
+            {
+                let (h, h_in) = (e.p[0], renamed(&current, e).p[0]);
+                let h_out = if h_in == h { shadow } else { h };
+                let mut f = renamed(&current, g);
+                f.i[7] = input::LERP;
+                f.p[3] = h_in;
+                f.p[4] = renamed(&current, e).p[1];
+                f.p[5] = e.p[2];
+                f.p[6] = h_out;
+                if h_out == h {
+                    current.remove(&h);
+                } else {
+                    current.insert(h, h_out);
+                }
+                out.push(f);
+                fused.lerp_gemv += 1;
+                i += 2;
+            }
+            Some(g)
+                if e.kind == kind::SWIGLU
+                    && gemv_of(&g, e.p[1], 4 * c_i)
+                    && rows * 4 * c * f32s <= stage
+                    && !read_later(&raw[i + 2..], e.p[1]) =>
+            {
+                let mut f = renamed(&current, g);
+                f.i[7] = input::SWIGLU;
+                f.p[3] = renamed(&current, e).p[0];
+                out.push(f);
+                fused.swiglu_gemv += 1;
+                i += 2;
+            }
+            Some(a)
+                if e.kind == kind::POS_NORM
+                    && a.kind == kind::ATTENTION
+                    // attention reads pos_norm's q, caches and positions, same rows
+                    && a.p[0] == e.p[5]
+                    && a.p[1] == e.p[6]
+                    && a.p[2] == e.p[7]
+                    && a.p[3] == e.p[1]
+                    && a.i[..2] == e.i[..2]
+                    && !read_later(&raw[i + 2..], e.p[5]) =>
+            {
+                let e = renamed(&current, e);
+                let a = renamed(&current, a);
+                let mut f = PdOp {
+                    kind: kind::POS_ATTENTION,
+                    ..PdOp::default()
+                };
+                // qkv, positions, table, q_scale, k_scale, k_cache, v_cache, out
+                f.p[..8].copy_from_slice(&[
+                    e.p[0], e.p[1], e.p[2], e.p[3], e.p[4], e.p[6], e.p[7], a.p[4],
+                ]);
+                f.i[..2].copy_from_slice(&e.i[..2]);
+                out.push(f);
+                fused.pos_attention += 1;
+                i += 2;
+            }
+            _ => {
+                out.push(renamed(&current, e));
+                i += 1;
+            }
+        }
+    }
+    (out, fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: usize = 64;
+    const SHADOW: u64 = 0x9000;
+
+    fn op(kind: i32, p: &[u64], i: &[i32]) -> PdOp {
+        let mut e = PdOp {
+            kind,
+            ..PdOp::default()
+        };
+        e.p[..p.len()].copy_from_slice(p);
+        e.i[..i.len()].copy_from_slice(i);
+        e
+    }
+
+    /// gemv of weight `w`: input `b` of width `k`, output `out`, `n` rows.
+    fn gemv(w: u64, b: u64, out: u64, m: i32, k: i32, n: i32) -> PdOp {
+        let mut e = op(kind::GEMV_BF16, &[w, b, out], &[m, k, k, k, m, 1, n]);
+        e.f = [1.0, 0.0];
+        e
+    }
+
+    // Buffers of a made-up decode program: addresses 0x100.. are activations, 0x800.. weights.
+    const TOKENS: u64 = 0x100;
+    const X0: u64 = 0x110;
+    const H: u64 = 0x120;
+    const QKV: u64 = 0x130;
+    const POS: u64 = 0x140;
+    const Q: u64 = 0x150;
+    const KC: u64 = 0x160;
+    const VC: u64 = 0x170;
+    const ATT: u64 = 0x180;
+    const PROJ: u64 = 0x190;
+    const FC: u64 = 0x1a0;
+    const ACT: u64 = 0x1b0;
+    const LOGITS: u64 = 0x1c0;
+
+    /// The decode program the compiler emits, `layers` layers of `rows` rows.
+    fn program(layers: usize, rows: i32) -> Vec<PdOp> {
+        let c = C as i32;
+        let mut v = vec![
+            op(kind::EMBED, &[TOKENS, 0x800, X0], &[rows]),
+            op(kind::NORM_ROWS, &[X0, H], &[rows]),
+        ];
+        for l in 0..layers as u64 {
+            let w = 0x1000 * (l + 1);
+            let input = if l == 0 { X0 } else { H };
+            v.extend([
+                gemv(w, input, QKV, 3 * c, c, rows),
+                op(
+                    kind::POS_NORM,
+                    &[QKV, POS, 0x810, w + 1, w + 2, Q, KC + l, VC + l],
+                    &[rows, 1],
+                ),
+                op(kind::ATTENTION, &[Q, KC + l, VC + l, POS, ATT], &[rows, 1]),
+                gemv(w + 3, ATT, PROJ, c, c, rows),
+                op(kind::LERP_NORM, &[H, PROJ, w + 4], &[rows]),
+                gemv(w + 5, H, FC, 8 * c, c, rows),
+                op(kind::SWIGLU, &[FC, ACT], &[rows]),
+                gemv(w + 6, ACT, PROJ, c, 4 * c, rows),
+                op(kind::LERP_NORM, &[H, PROJ, w + 7], &[rows]),
+            ]);
+        }
+        v.push(gemv(0x820, H, LOGITS, 97, c, rows));
+        v
+    }
+
+    #[test]
+    fn every_fusion_fires_on_the_compiled_decode_program() {
+        let raw = program(3, 1);
+        let (out, fused) = fuse(&raw, 1, C, stage_bytes(1, C), SHADOW);
+        // Per layer: lerp into fc, swiglu into the MLP's gemv, pos_norm into attention,
+        // and the MLP's lerp into the next gemv (next layer's qkv, or lm_head).
+        assert_eq!(
+            fused,
+            Fused {
+                lerp_gemv: 6,
+                swiglu_gemv: 3,
+                pos_attention: 3
+            }
+        );
+        assert_eq!(out.len(), raw.len() - 12);
+        assert!(out.iter().all(|e| e.kind != kind::LERP_NORM
+            && e.kind != kind::SWIGLU
+            && e.kind != kind::POS_NORM));
+    }
+
+    #[test]
+    fn the_updated_rows_alternate_between_the_buffer_and_its_shadow() {
+        let raw = program(2, 2);
+        let (out, _) = fuse(&raw, 2, C, stage_bytes(2, C), SHADOW);
+        let lerps: Vec<(u64, u64)> = out
+            .iter()
+            .filter(|e| e.is_gemv() && e.i[7] == input::LERP)
+            .map(|e| (e.p[3], e.p[6]))
+            .collect();
+        // in -> out pairs chain: each reads what the previous one wrote.
+        assert_eq!(
+            lerps,
+            vec![(H, SHADOW), (SHADOW, H), (H, SHADOW), (SHADOW, H)]
+        );
+        // Between the first and second fused lerp, the layer's residual reads are renamed:
+        // nothing unfused reads H while the rows live in the shadow.
+        let first = out.iter().position(|e| e.i[7] == input::LERP).unwrap();
+        let second = first
+            + 1
+            + out[first + 1..]
+                .iter()
+                .position(|e| e.i[7] == input::LERP)
+                .unwrap();
+        for e in &out[first + 1..second] {
+            assert!(!e.p.contains(&H), "{e:?} reads the stale rows");
+        }
+    }
+
+    #[test]
+    fn fusions_hold_back_where_shapes_or_later_reads_forbid() {
+        // Too little shared memory: no staged rows, only pos_norm folds.
+        let raw = program(2, 1);
+        let (out, fused) = fuse(&raw, 1, C, 0, SHADOW);
+        assert_eq!(
+            (fused.lerp_gemv, fused.swiglu_gemv, fused.pos_attention),
+            (0, 0, 2)
+        );
+        assert_eq!(out.len(), raw.len() - 2);
+        // Room for c-wide rows only: lerp_norm folds, swiglu does not.
+        let (_, fused) = fuse(&raw, 1, C, C * 4, SHADOW);
+        assert_eq!((fused.lerp_gemv, fused.swiglu_gemv), (4, 0));
+        // A later read of swiglu's output or of pos_norm's q keeps them separate (the
+        // compiled program only overwrites them, in the next layer: those fold, above).
+        let mut raw = program(1, 1);
+        raw.push(op(kind::LERP_NORM, &[Q, ACT, 0x830], &[1]));
+        let (_, fused) = fuse(&raw, 1, C, stage_bytes(1, C), SHADOW);
+        assert_eq!((fused.swiglu_gemv, fused.pos_attention), (0, 0));
+        // A gemv with more columns than the lerp's rows does not take staged rows.
+        let raw = program(1, 2);
+        let (_, fused) = fuse(&raw, 1, C, stage_bytes(2, C), SHADOW);
+        assert_eq!((fused.lerp_gemv, fused.swiglu_gemv), (0, 0));
+    }
+
+    #[test]
+    fn entries_are_written_in_the_kernels_layout() {
+        let mut e = op(
+            kind::POS_ATTENTION,
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            &[11, 12],
+        );
+        e.f = [0.5, -2.0];
+        let mut bytes = vec![];
+        e.write(&mut bytes);
+        assert_eq!(bytes.len(), PdOp::BYTES);
+        assert_eq!(bytes[72..80], 10u64.to_le_bytes());
+        assert_eq!(bytes[80..84], 11i32.to_le_bytes());
+        assert_eq!(bytes[112..116], 0.5f32.to_le_bytes());
+        assert_eq!(bytes[120..124], kind::POS_ATTENTION.to_le_bytes());
+    }
+
+    #[test]
+    fn staging_fits_swiglu_rows_then_lerp_rows_then_nothing() {
+        assert_eq!(stage_bytes(1, 1024), 16 << 10);
+        assert_eq!(stage_bytes(8, 1024), 32 << 10);
+        assert_eq!(stage_bytes(8, 8192), 0);
+    }
+}
