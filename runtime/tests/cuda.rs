@@ -584,20 +584,30 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?
             .to_src())
     };
-    let ptx = nvrtc("ngpt_runtime_helpers", cuda::HELPERS_CU)?;
-    for entry in [
-        "f32_to_bf16",
-        "spin",
-        "gemv_bf16_1",
-        "gemv_bf16_8",
-        "gemv_f32_1",
-        "gemv_f32_8",
-        "decode_persistent",
+    // Generic, and specialized as the executor compiles it for a plan's widths.
+    for prelude in [
+        "",
+        "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n",
+        "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n",
     ] {
-        assert!(
-            ptx.contains(&format!(".entry {entry}(")),
-            "{entry} missing from {ptx}"
-        );
+        let ptx = nvrtc(
+            "ngpt_runtime_helpers",
+            &format!("{prelude}{}", cuda::HELPERS_CU),
+        )?;
+        for entry in [
+            "f32_to_bf16",
+            "spin",
+            "gemv_bf16_1",
+            "gemv_bf16_8",
+            "gemv_f32_1",
+            "gemv_f32_8",
+            "decode_persistent",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {entry}(")),
+                "{entry} missing from {ptx}"
+            );
+        }
     }
     // The made plan's module is valid CUDA too (it is ngpt.cu behind the same prelude).
     let plan = load(&made_plan(TINY, 1)?)?;

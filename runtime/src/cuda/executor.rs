@@ -665,10 +665,17 @@ impl CudaExecutor {
             function_of.insert((m, entry), functions.len());
             functions.push(f);
         }
+        // Specialized to the plan's widths (decode_persistent's loops unroll over them).
+        let helpers_source = format!(
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{}",
+            plan.dims.n_embd,
+            plan.dims.head_dim,
+            super::HELPERS_CU
+        );
         let helpers = load_ptx(
             &ctx,
             "ngpt_runtime_helpers",
-            super::compile_module("ngpt_runtime_helpers", super::HELPERS_CU, arch)?,
+            super::compile_module("ngpt_runtime_helpers", &helpers_source, arch)?,
         )?;
         let to_bf16 = helpers
             .load_function("f32_to_bf16")
@@ -703,7 +710,7 @@ impl CudaExecutor {
         {
             per_sm = per_sm.min(cap);
         }
-        let pd_fits = d.head_dim <= persistent::MAX_D && d.head_dim % 2 == 0;
+        let pd_fits = d.head_dim <= persistent::MAX_D && d.head_dim.is_multiple_of(2);
         let persistent = Persistent {
             func: pd_func,
             blocks: if pd_fits {
@@ -1066,7 +1073,7 @@ impl CudaExecutor {
             let ops = self.resolve(kind, rows, per_seq)?;
             self.size_scratch(&ops)?;
             let ops = if kind == ProgramKind::Decode && on_step.is_none() && self.use_persistent {
-                self.into_persistent(ops, rows)?
+                self.persistent_ops(ops, rows)?
             } else {
                 ops
             };
@@ -1563,7 +1570,7 @@ impl CudaExecutor {
     /// (already resolved and checked) and uploaded, the partials sized for `rows`. Returns
     /// `ops` unchanged when a step is not one the kernel runs (a cuBLAS GEMM, another
     /// kernel).
-    fn into_persistent(&mut self, ops: Vec<Op>, rows: usize) -> Result<Vec<Op>> {
+    fn persistent_ops(&mut self, ops: Vec<Op>, rows: usize) -> Result<Vec<Op>> {
         let mut table = Vec::with_capacity(ops.len());
         for op in &ops {
             let (func, params) = match op {

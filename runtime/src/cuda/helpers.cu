@@ -141,6 +141,19 @@ extern "C" __global__ void spin(long long cycles) {
 #define PD_PART (PD_MAX_D + 2)
 #define PD_SPIN_LIMIT 8000000000LL
 #define PD_NEG_BIG (-3.402823466e38f)
+// The executor compiles this module with the plan's n_embd and head_dim defined
+// (NGPT_PD_C, NGPT_PD_D), so that the loops over them unroll and their loads are in flight
+// together; without them (NVRTC checks) the kernel takes any width at run time.
+#ifdef NGPT_PD_C
+#define PD_C_OR(x) NGPT_PD_C
+#else
+#define PD_C_OR(x) (x)
+#endif
+#ifdef NGPT_PD_D
+#define PD_D_OR(x) NGPT_PD_D
+#else
+#define PD_D_OR(x) (x)
+#endif
 
 enum PdKind {
     PD_EMBED = 0,
@@ -195,6 +208,26 @@ __device__ float pd_block_sum(float v) {
     return t;
 }
 
+// Sums of v[0..8) over the block, each (PD_THREADS threads, all of which call it).
+__device__ void pd_block_sum8(float* v) {
+    __shared__ float parts8[PD_WARPS][8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) v[r] = warp_sum(v[r]);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) parts8[threadIdx.x >> 5][r] = v[r];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+        float t = 0.0f;
+#pragma unroll
+        for (int w = 0; w < PD_WARPS; ++w) t += parts8[w][r];
+        v[r] = t;
+    }
+}
+
 __device__ void pd_barrier(unsigned int* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -231,31 +264,53 @@ __device__ void pd_gemv_n(const PdOp& op, const float* b, int ldb, int gwarp, in
 // Stages the gemv's input rows in xs where the step folded in lerp_norm or swiglu (see
 // PdInput); returns the B operand and sets its leading dimension.
 __device__ const float* pd_gemv_input(const PdOp& op, float* xs, int c, int* ldb) {
+    c = PD_C_OR(c);
     int rows = op.i[6], mode = op.i[7];
     if (mode == PD_IN_LERP) {
-        // One warp per row: lerp_norm's two norms are warp sums.
+        // The whole block on each pass over the rows (at most 8), one block sum per norm.
         const float* h_in = reinterpret_cast<const float*>(op.p[3]);
         const float* branch = reinterpret_cast<const float*>(op.p[4]);
         const float* lr = reinterpret_cast<const float*>(op.p[5]);
         float* h_out = reinterpret_cast<float*>(op.p[6]);
-        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        for (int r = warp; r < rows; r += PD_WARPS) {
-            const float* hr = h_in + (long long)r * c;
-            const float* br = branch + (long long)r * c;
-            float ss = 0.0f;
-            for (int j = lane; j < c; j += 32) ss += br[j] * br[j];
-            float inv_b = rsqrtf(warp_sum(ss));
-            float ss2 = 0.0f;
-            for (int j = lane; j < c; j += 32) {
-                float m = hr[j] + __ldg(lr + j) * (br[j] * inv_b - hr[j]);
-                xs[r * c + j] = m;
-                ss2 += m * m;
+        float ss[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            ss[r] = 0.0f;
+            if (r < rows) {
+#pragma unroll 4
+                for (int j = threadIdx.x; j < c; j += PD_THREADS) {
+                    float b = branch[(long long)r * c + j];
+                    ss[r] += b * b;
+                }
             }
-            float inv_m = rsqrtf(warp_sum(ss2));
-            for (int j = lane; j < c; j += 32) {
-                float m = xs[r * c + j] * inv_m;
-                xs[r * c + j] = m;
-                if (blockIdx.x == 0) h_out[(long long)r * c + j] = m;
+        }
+        pd_block_sum8(ss);
+        float ss2[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            ss2[r] = 0.0f;
+            if (r < rows) {
+                float inv_b = rsqrtf(ss[r]);
+#pragma unroll 4
+                for (int j = threadIdx.x; j < c; j += PD_THREADS) {
+                    float h = h_in[(long long)r * c + j];
+                    float m = h + __ldg(lr + j) * (branch[(long long)r * c + j] * inv_b - h);
+                    xs[r * c + j] = m;
+                    ss2[r] += m * m;
+                }
+            }
+        }
+        pd_block_sum8(ss2);
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            if (r < rows) {
+                float inv_m = rsqrtf(ss2[r]);
+#pragma unroll 4
+                for (int j = threadIdx.x; j < c; j += PD_THREADS) {
+                    float m = xs[r * c + j] * inv_m;
+                    xs[r * c + j] = m;
+                    if (blockIdx.x == 0) h_out[(long long)r * c + j] = m;
+                }
             }
         }
         __syncthreads();
@@ -265,6 +320,7 @@ __device__ const float* pd_gemv_input(const PdOp& op, float* xs, int c, int* ldb
     if (mode == PD_IN_SWIGLU) {
         const float* fc = reinterpret_cast<const float*>(op.p[3]);
         int w4 = 4 * c;
+#pragma unroll 4
         for (int e = threadIdx.x; e < rows * w4; e += blockDim.x) {
             int r = e / w4, j = e - r * w4;
             float v = fc[(long long)r * 2 * w4 + w4 + j];
@@ -313,6 +369,8 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
                              float* out, int rows, int tokens, float* part, unsigned int* bar,
                              float (*qs)[PD_MAX_D], float (*kvs)[2][PD_MAX_D], int c, int h, int d,
                              int max_seq) {
+    c = PD_C_OR(c);
+    d = PD_D_OR(d);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
     for (int item = gwarp; item < rows * h * PD_SPLITS; item += nwarps) {
@@ -382,6 +440,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
                 const float* kr = (own && key == pos) ? kvs[warp][0] : k_cache + base + (long long)key * d;
                 sc = 0.0f;
                 if ((d & 3) == 0) {
+#pragma unroll
                     for (int j = 0; j < d; j += 4) {
                         float4 k4 = *reinterpret_cast<const float4*>(kr + j);
                         sc += qs[warp][j] * k4.x + qs[warp][j + 1] * k4.y + qs[warp][j + 2] * k4.z +
@@ -399,6 +458,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
             int nk = min(32, pos + 1 - t * 32);
 #pragma unroll
             for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] *= corr;
+#pragma unroll 8
             for (int key2 = 0; key2 < nk; ++key2) {
                 float pu = __shfl_sync(0xffffffffu, p, key2);
                 int kk = t * 32 + key2;
@@ -429,10 +489,12 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
         pd_splits(pos, &n_tiles, &splits, &per);
         const float* pp = part + (long long)rh * PD_SPLITS * PD_PART;
         float big = PD_NEG_BIG;
+#pragma unroll 4
         for (int s = 0; s < splits; ++s) big = fmaxf(big, pp[s * PD_PART]);
         float total = 0.0f, acc[PD_MAX_D / 32];
 #pragma unroll
         for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+#pragma unroll 4
         for (int s = 0; s < splits; ++s) {
             const float* ps = pp + s * PD_PART;
             float wgt = expf(ps[0] - big);
@@ -458,6 +520,8 @@ extern "C" __global__ void __launch_bounds__(PD_THREADS)
     __shared__ __align__(16) float qs[PD_WARPS][PD_MAX_D];
     __shared__ __align__(16) float kvs[PD_WARPS][2][PD_MAX_D];
     extern __shared__ __align__(16) float xs[];  // staged gemv inputs (PdInput)
+    c = PD_C_OR(c);
+    d = PD_D_OR(d);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
     const long long gthread = (long long)blockIdx.x * blockDim.x + threadIdx.x;

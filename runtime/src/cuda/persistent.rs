@@ -101,7 +101,11 @@ impl PdOp {
 fn read_later(later: &[PdOp], ptr: u64) -> bool {
     for e in later {
         let out = e.output_slot();
-        if e.p.iter().enumerate().any(|(k, &p)| p == ptr && Some(k) != out) {
+        if e.p
+            .iter()
+            .enumerate()
+            .any(|(k, &p)| p == ptr && Some(k) != out)
+        {
             return true;
         }
         if out.is_some_and(|k| e.p[k] == ptr) {
