@@ -253,7 +253,7 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 steps unfolded" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_FUSE=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
-    bench_row "plan-cuda b1 p128 g256 1 block/SM" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_BLOCKS_PER_SM=1 -- \
+    bench_row "plan-cuda b1 p128 g256 no prefetch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_PREFETCH=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
@@ -269,7 +269,8 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
             --engine plan-cuda --prompt-len "$1" --gen-len "$2" --runs 1 >"$prof" 2>&1 ||
             fail "profile p$1"
         cat "$prof" >> "$log"
-        profiles+=("$(grep -E '^  (prefill|decode) ' "$prof" | awk '{c[$1]++} c[$1] <= 8')")
+        profiles+=("$(grep -E '^  (prefill|decode|decode\.pd) ' "$prof" |
+            awk '{c[$1]++} c[$1] <= ($1 == "decode.pd" ? 14 : 8)')")
     done
     # PyTorch: first its f32 logits against ngpt's reference (so that the rows below time
     # the same model), then the two ways users run it.

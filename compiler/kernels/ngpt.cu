@@ -133,7 +133,7 @@ extern "C" __global__ void pos_norm(const float* qkv, const int* positions, cons
 // Softmax scale 1 (folded into q). Grid: (rows, H); block: 128.
 __device__ void attention_prefill_simple_body(const float* q, const float* k_cache, const float* v_cache,
                                              const int* positions, float* out, int rows, int tokens) {
-    extern __shared__ float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
+    extern __shared__ __align__(16) float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
     __shared__ float scores[NGPT_KV_TILE];
     int r = blockIdx.x, head = blockIdx.y;
     if (r >= rows) return;
@@ -317,7 +317,7 @@ extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) {
 #define NGPT_PV_G (128 / NGPT_D)
 #define NGPT_PV_Q ((NGPT_QT + NGPT_PV_G - 1) / NGPT_PV_G)
 extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) {
-    extern __shared__ float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
+    extern __shared__ __align__(16) float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
     __shared__ float qs[NGPT_QT * NGPT_D];
     __shared__ float sc[NGPT_QT][NGPT_KV_TILE + 1];
     __shared__ float row_max[NGPT_QT], row_sum[NGPT_QT], row_corr[NGPT_QT];
@@ -348,10 +348,27 @@ extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) {
     for (int i = 0; i < NGPT_PV_Q; ++i) acc[i] = 0.0f;
     for (int start = 0; start <= max_pos; start += NGPT_KV_TILE) {
         int n = min(NGPT_KV_TILE, max_pos + 1 - start);
+        // The tile's keys and values are n * D contiguous floats in each cache: 16-byte
+        // loads where D allows, unrolled so that they are all in flight at once.
+#if NGPT_D % 4 == 0
+        {
+            const float4* k4 = reinterpret_cast<const float4*>(k_cache + base + (long long)start * NGPT_D);
+            const float4* v4 = reinterpret_cast<const float4*>(v_cache + base + (long long)start * NGPT_D);
+            float4* kt4 = reinterpret_cast<float4*>(kt);
+            float4* vt4 = reinterpret_cast<float4*>(vt);
+#pragma unroll 8
+            for (int e = t; e < n * (NGPT_D / 4); e += blockDim.x) {
+                kt4[e] = k4[e];
+                vt4[e] = v4[e];
+            }
+        }
+#else
+#pragma unroll 8
         for (int e = t; e < n * NGPT_D; e += blockDim.x) {
             kt[e] = k_cache[base + (long long)start * NGPT_D + e];
             vt[e] = v_cache[base + (long long)start * NGPT_D + e];
         }
+#endif
         __syncthreads();
         {
             int kj = t % NGPT_KV_TILE, q0 = t / NGPT_KV_TILE;

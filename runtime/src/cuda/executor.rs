@@ -342,6 +342,8 @@ struct Persistent {
     blocks: u32,
     /// Dynamic shared memory per block for staged gemv inputs (`persistent::stage_bytes`).
     stage: usize,
+    /// Registers per thread (they decide how many blocks fit on an SM).
+    regs: i32,
     /// Whether entries are folded (`persistent::fuse`; `NGPT_CUDA_PD_FUSE=0` turns it off).
     fuse: bool,
     /// What the last table folded.
@@ -351,6 +353,12 @@ struct Persistent {
     part: Option<Dev<f32>>,
     /// The second buffer for rows a folded lerp_norm updates.
     shadow: Option<Dev<f32>>,
+    /// Whether warps prefetch the next gemv's weights into L2 at each barrier
+    /// (`NGPT_CUDA_PD_PREFETCH=0` turns it off).
+    prefetch: bool,
+    /// Under NGPT_CUDA_PROFILE: the GPU clock after each entry, and the entries' labels.
+    timer: Option<Dev<u64>>,
+    labels: Vec<String>,
     barrier: Dev<u32>,
     /// Decode runs that went through it.
     runs: u64,
@@ -420,13 +428,23 @@ impl Profile {
         Ok(())
     }
 
+    /// Adds `ms` to (program, label).
+    fn add(&mut self, program: &str, label: &str, ms: f64) {
+        let e = self
+            .totals
+            .entry((program.to_string(), label.to_string()))
+            .or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += ms;
+    }
+
     fn report(&self) -> String {
         let mut rows: Vec<_> = self.totals.iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
         let mut out = String::from(
             "plan-cuda profile (NGPT_CUDA_PROFILE): GPU time per program and kernel or GEMM shape, first run of each program left out\n",
         );
-        for program in ["prefill", "decode"] {
+        for program in ["prefill", "decode", "decode.pd"] {
             let total: f64 = rows
                 .iter()
                 .filter(|r| r.0 .0 == program)
@@ -434,7 +452,7 @@ impl Profile {
                 .sum();
             for ((p, label), (calls, ms)) in rows.iter().filter(|r| r.0 .0 == program) {
                 out.push_str(&format!(
-                    "  {p:<8} {label:<40} {calls:>7} calls {ms:>10.3} ms {:>9.2} us/call {:>5.1}%\n",
+                    "  {p:<9} {label:<40} {calls:>7} calls {ms:>10.3} ms {:>9.2} us/call {:>5.1}%\n",
                     1e3 * ms / *calls as f64,
                     100.0 * ms / total.max(1e-12)
                 ));
@@ -472,8 +490,10 @@ pub struct CudaExecutor {
 
 /// Everything a [`CudaExecutor`] owns (reached through `Deref`).
 pub struct State {
-    plan: Arc<LoadedPlan>,
-    batch: usize,
+    /// The plan this executor runs.
+    pub plan: Arc<LoadedPlan>,
+    /// Sequences per call.
+    pub batch: usize,
     // Field order is drop order: the graph and the cuBLAS handle go before the memory
     // they use, the memory before the stream, everything before the context.
     graph: Option<DecodeGraph>,
@@ -710,6 +730,7 @@ impl CudaExecutor {
         {
             per_sm = per_sm.min(cap);
         }
+        let pd_regs = pd_func.num_regs().unwrap_or(0);
         let pd_fits = d.head_dim <= persistent::MAX_D && d.head_dim.is_multiple_of(2);
         let persistent = Persistent {
             func: pd_func,
@@ -719,9 +740,13 @@ impl CudaExecutor {
                 0
             },
             stage,
+            regs: pd_regs,
             fuse: !env_is("NGPT_CUDA_PD_FUSE", "0"),
             fused: persistent::Fused::default(),
             shadow: None,
+            prefetch: !env_is("NGPT_CUDA_PD_PREFETCH", "0"),
+            timer: None,
+            labels: vec![],
             table_host: vec![],
             table: None,
             part: None,
@@ -1113,6 +1138,9 @@ impl CudaExecutor {
             self.enqueue(&ops, kind, rows, false, on_step)?;
         }
         self.fetch_logits(rows, kind, fetch)?;
+        if kind == ProgramKind::Decode && self.persistent.active {
+            self.collect_entry_times()?;
+        }
         if let Some(p) = &self.profile {
             p.borrow_mut().collect(program_name(kind))?;
         }
@@ -1634,6 +1662,15 @@ impl CudaExecutor {
         for e in &table {
             e.write(&mut pd.table_host);
         }
+        pd.labels = table.iter().map(persistent::label).collect();
+        if st.profile.is_some() && pd.timer.as_ref().map_or(0, |t| t.len()) <= table.len() {
+            pd.timer = None;
+            pd.timer = Some(Dev::zeros(
+                &st.stream,
+                table.len() + 1,
+                "decode entry timers",
+            )?);
+        }
         let part_len = rows * st.plan.dims.n_head * persistent::SPLITS * (persistent::MAX_D + 2);
         if pd.part.as_ref().map_or(0, |d| d.len()) < part_len {
             pd.part = None;
@@ -1662,6 +1699,32 @@ impl CudaExecutor {
         Ok(vec![Op::Persistent { n_ops: table.len() }])
     }
 
+    /// Under NGPT_CUDA_PROFILE, after a decode run (synchronized): the time of each entry
+    /// inside `decode_persistent`, added to the profile as program `decode.pd` (the first
+    /// decode run left out, as the profile leaves it out).
+    fn collect_entry_times(&self) -> Result<()> {
+        let (Some(p), Some(timer)) = (&self.profile, &self.persistent.timer) else {
+            return Ok(());
+        };
+        let mut p = p.borrow_mut();
+        if !p.warmed.contains(&"decode") {
+            return Ok(());
+        }
+        let labels = &self.persistent.labels;
+        let mut clock = vec![0u64; labels.len() + 1];
+        if timer.len() < clock.len() {
+            return Ok(());
+        }
+        // SAFETY: the timer holds at least labels.len() + 1 u64; synchronized below.
+        unsafe { cu_result::memcpy_dtoh_async(&mut clock, timer.ptr, self.stream.cu_stream()) }
+            .map_err(|e| step_err("profile", format!("reading decode timers: {}", drv(e))))?;
+        self.sync("profile")?;
+        for (label, w) in labels.iter().zip(clock.windows(2)) {
+            p.add("decode.pd", label, w[1].saturating_sub(w[0]) as f64 * 1e-6);
+        }
+        Ok(())
+    }
+
     /// Zeroes the grid barrier and launches `decode_persistent` over the table.
     fn launch_persistent(&self, n_ops: usize) -> Result<()> {
         let pd = &self.persistent;
@@ -1677,6 +1740,11 @@ impl CudaExecutor {
         let int = |v: usize| i32::try_from(v).map_err(|_| step_err(what, "a dim exceeds int"));
         let (mut t, mut n, mut bar, mut part_p) =
             (table.ptr, int(n_ops)?, pd.barrier.ptr, part.ptr);
+        let mut prefetch = i32::from(pd.prefetch);
+        let mut timer = match (&self.profile, &pd.timer) {
+            (Some(_), Some(t)) => t.ptr,
+            _ => 0u64,
+        };
         let (mut c, mut h, mut hd, mut ms) = (
             int(d.n_embd)?,
             int(d.n_head)?,
@@ -1692,9 +1760,11 @@ impl CudaExecutor {
             &mut h as *mut i32 as *mut c_void,
             &mut hd as *mut i32 as *mut c_void,
             &mut ms as *mut i32 as *mut c_void,
+            &mut prefetch as *mut i32 as *mut c_void,
+            &mut timer as *mut u64 as *mut c_void,
         ];
         // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
-        // int): the table holds n_ops entries built from steps checked in `resolve`, the
+        // int, int, unsigned long long*): the timer, when not null, holds n_ops + 1; the table holds n_ops entries built from steps checked in `resolve`, the
         // partials rows x n_head x SPLITS x (MAX_D + 2) floats (head_dim <= MAX_D was
         // checked at construction), staged rows fit `stage` bytes (checked by `fuse`);
         // `blocks` blocks are resident at once.
@@ -2287,8 +2357,10 @@ impl crate::session::Executor for CudaExecutor {
     fn describe(&self) -> String {
         let launches = if self.use_persistent {
             format!(
-                "as one launch of {} blocks{}",
+                "as one launch of {} blocks of {} threads, {} registers each{}",
                 self.persistent.blocks,
+                persistent::THREADS,
+                self.persistent.regs,
                 if self.persistent.fuse {
                     ", steps folded"
                 } else {

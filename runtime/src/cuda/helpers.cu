@@ -49,8 +49,9 @@ __device__ __forceinline__ float4 act4(const float* p) {
     return NC ? __ldg(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
 }
 
-// Output row i of a gemv, computed by one warp (lane = threadIdx.x % 32).
-template <typename W, int N, bool NC>
+// Output row i of a gemv, computed by one warp (lane = threadIdx.x % 32). U: 16-byte
+// loads per lane in flight (the loop's unroll).
+template <typename W, int N, bool NC, int U = 4>
 __device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, int i, int k, int lda,
                                          int ldb, int ldc, float alpha, float beta, int vec, int lane) {
     const W* row = a + (long long)i * lda;
@@ -58,7 +59,7 @@ __device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, i
 #pragma unroll
     for (int j = 0; j < N; ++j) acc[j] = 0.0f;
     if (vec) {
-#pragma unroll 4
+#pragma unroll U
         for (int kk = lane * 8; kk < k; kk += 256) {
             float w[8];
             load8(row + kk, w);
@@ -123,14 +124,16 @@ extern "C" __global__ void spin(long long cycles) {
 // attention_decode, lerp_norm, swiglu) into a table of PdOp, and one grid of
 // (SMs x blocks that fit per SM) blocks walks it: every block takes its share of each
 // step (grid-stride over rows, elements, warps), then all blocks meet at a grid barrier
-// before the next step, as the separate launches met at kernel boundaries. Semantics are
+// before the next step, as the separate launches met at kernel boundaries. While waiting
+// there, warps ask L2 for the weight rows of the next gemv (`prefetch`). With `timer`
+// non-null, block 0 records the GPU clock after each entry (NGPT_CUDA_PROFILE). Semantics are
 // those of the ngpt.cu kernels of the same names (the CPU executor's twins), with the
 // attention split across the KV length: PD_SPLITS warps per (row, head) each fold a run
 // of 32-key tiles with an online softmax into a partial (max, sum, acc[D]) in `part`;
 // after a barrier one warp per (row, head) combines the partials.
 //
 // Activations written during the launch are read with plain loads (not __ldg), weights
-// through the read-only path. The grid barrier: `bar` = {arrived, generation, failed},
+// through the read-only path. The grid barrier: `bar` = {arrivals, unused, failed},
 // zeroed by the executor before each launch; a block that waits longer than
 // PD_SPIN_LIMIT cycles (a grid that is not all resident) sets `failed` and traps, so the
 // run fails instead of hanging. Block: PD_THREADS.
@@ -228,24 +231,25 @@ __device__ void pd_block_sum8(float* v) {
     }
 }
 
+// Barriers this block has passed in the current launch (zeroed at its start).
+__shared__ unsigned int pd_epoch;
+
+// All blocks meet: each adds one to the arrival count bar[0], which only grows during a
+// launch, and waits until it reaches (barriers passed) x (blocks). One atomic per block
+// and no reset, so the last arrival releases everyone at once.
 __device__ void pd_barrier(unsigned int* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        volatile unsigned int* gen = bar + 1;
-        unsigned int g = *gen;
+        unsigned int target = (++pd_epoch) * gridDim.x;
         __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            long long t0 = clock64();
-            while (*gen == g) {
-                if (clock64() - t0 > PD_SPIN_LIMIT) {
-                    atomicExch(bar + 2, 1u);
-                    __threadfence();
-                    __trap();
-                }
+        atomicAdd(bar, 1u);
+        volatile unsigned int* count = bar;
+        long long t0 = clock64();
+        while (*count < target) {
+            if (clock64() - t0 > PD_SPIN_LIMIT) {
+                atomicExch(bar + 2, 1u);
+                __threadfence();
+                __trap();
             }
         }
         __threadfence();
@@ -253,12 +257,42 @@ __device__ void pd_barrier(unsigned int* bar) {
     __syncthreads();
 }
 
+// Asks L2 for the weight rows of the next gemv entry (within the next two) that this warp
+// will read, so that they stream in while the blocks wait at the barrier. Skipped for
+// weights larger than PD_PREFETCH_MAX (they would not stay in L2).
+#define PD_PREFETCH_MAX (32LL << 20)
+__device__ void pd_prefetch_next(const PdOp* ops, int o, int n_ops, int gwarp, int nwarps, int lane) {
+    for (int x = o + 1; x < n_ops && x <= o + 2; ++x) {
+        const PdOp& nx = ops[x];
+        if (nx.kind != PD_GEMV_BF16 && nx.kind != PD_GEMV_F32) continue;
+        long long esize = nx.kind == PD_GEMV_BF16 ? 2 : 4;
+        long long row_bytes = (long long)nx.i[1] * esize;
+        if ((long long)nx.i[0] * row_bytes > PD_PREFETCH_MAX) return;
+        const char* a = reinterpret_cast<const char*>(nx.p[0]);
+        for (int i = gwarp; i < nx.i[0]; i += nwarps) {
+            const char* row = a + (long long)i * nx.i[2] * esize;
+            for (long long off = (long long)lane * 128; off < row_bytes; off += 32 * 128)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+        }
+        return;
+    }
+}
+
+__device__ __forceinline__ unsigned long long pd_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 template <typename W, int N>
 __device__ void pd_gemv_n(const PdOp& op, const float* b, int ldb, int gwarp, int nwarps, int lane) {
     const W* a = reinterpret_cast<const W*>(op.p[0]);
     float* c = reinterpret_cast<float*>(op.p[2]);
+    // Few warps per SM here (the whole grid fits at once): more loads in flight per warp,
+    // where the columns leave registers for them.
+    constexpr int U = N <= 2 ? 8 : 4;
     for (int i = gwarp; i < op.i[0]; i += nwarps)
-        gemv_row<W, N, false>(a, b, c, i, op.i[1], op.i[2], ldb, op.i[4], op.f[0], op.f[1], op.i[5], lane);
+        gemv_row<W, N, false, U>(a, b, c, i, op.i[1], op.i[2], ldb, op.i[4], op.f[0], op.f[1], op.i[5], lane);
 }
 
 // Stages the gemv's input rows in xs where the step folded in lerp_norm or swiglu (see
@@ -516,7 +550,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
 // Dims: c = n_embd, h = n_head, d = head_dim (even, at most PD_MAX_D), max_seq = KV capacity.
 extern "C" __global__ void __launch_bounds__(PD_THREADS)
     decode_persistent(const PdOp* ops, int n_ops, unsigned int* bar, float* part, int c, int h, int d,
-                      int max_seq) {
+                      int max_seq, int prefetch, unsigned long long* timer) {
     __shared__ __align__(16) float qs[PD_WARPS][PD_MAX_D];
     __shared__ __align__(16) float kvs[PD_WARPS][2][PD_MAX_D];
     extern __shared__ __align__(16) float xs[];  // staged gemv inputs (PdInput)
@@ -526,6 +560,10 @@ extern "C" __global__ void __launch_bounds__(PD_THREADS)
     const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
     const long long gthread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long nthreads = (long long)gridDim.x * blockDim.x;
+    if (threadIdx.x == 0) pd_epoch = 0;
+    __syncthreads();
+    const bool timing = timer != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
+    if (timing) timer[0] = pd_now();
     for (int o = 0; o < n_ops; ++o) {
         const PdOp& op = ops[o];
         switch (op.kind) {
@@ -650,6 +688,11 @@ extern "C" __global__ void __launch_bounds__(PD_THREADS)
         case PD_GEMV_F32: pd_gemv<float>(op, xs, c, gwarp, nwarps, lane); break;
         default: break;
         }
-        if (o + 1 < n_ops) pd_barrier(bar);
+        if (o + 1 < n_ops) {
+            if (prefetch) pd_prefetch_next(ops, o, n_ops, gwarp, nwarps, lane);
+            pd_barrier(bar);
+        }
+        // With `timer` (profiling), the end of each entry, barrier included: timer[o + 1].
+        if (timing) timer[o + 1] = pd_now();
     }
 }

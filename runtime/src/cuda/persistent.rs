@@ -130,6 +130,29 @@ pub(super) fn kind_of(entry: &str) -> Option<i32> {
     })
 }
 
+/// What a profile calls an entry (`NGPT_CUDA_PROFILE` times each inside the launch).
+pub(super) fn label(e: &PdOp) -> String {
+    match e.kind {
+        kind::EMBED => "embed".into(),
+        kind::NORM_ROWS => "norm_rows".into(),
+        kind::LERP_NORM => "lerp_norm".into(),
+        kind::SWIGLU => "swiglu".into(),
+        kind::POS_NORM => "pos_norm".into(),
+        kind::ATTENTION => "attention_decode (split, combine)".into(),
+        kind::POS_ATTENTION => "pos_norm + attention_decode".into(),
+        _ => format!(
+            "gemv m{} k{}{}",
+            e.i[0],
+            e.i[1],
+            match e.i[7] {
+                input::LERP => " + lerp_norm",
+                input::SWIGLU => " + swiglu",
+                _ => "",
+            }
+        ),
+    }
+}
+
 /// Dynamic shared memory for staging the gemv inputs of `rows` rows of width `c`: the
 /// swiglu rows (4c wide) where they fit in [`MAX_STAGE_BYTES`], else the lerp_norm rows
 /// (c wide), else none.
