@@ -2355,7 +2355,8 @@ impl crate::session::Executor for CudaExecutor {
         self.batch
     }
     fn describe(&self) -> String {
-        let launches = if self.use_persistent {
+        // decode_persistent runs gemv steps only: with cuBLAS GEMMs, launch by launch.
+        let launches = if self.use_persistent && self.use_gemv {
             format!(
                 "as one launch of {} blocks of {} threads, {} registers each{}",
                 self.persistent.blocks,
