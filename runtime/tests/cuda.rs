@@ -77,6 +77,27 @@ const TINY: Shape = Shape {
     bf16: false,
 };
 
+/// An odd shape: 3 heads of 32 (head_dim not a multiple of 64), a prime vocabulary.
+const ODD32: Shape = Shape {
+    layers: 3,
+    heads: 3,
+    embd: 96,
+    vocab: 211,
+    max_seq: 32,
+    bf16: false,
+};
+
+/// Odder: 3 heads of 12, n_embd 36 (rows not a multiple of 8 elements for the gemv's
+/// 16-byte loads: the element-wise path), bf16.
+const ODD12: Shape = Shape {
+    layers: 2,
+    heads: 3,
+    embd: 36,
+    vocab: 97,
+    max_seq: 24,
+    bf16: true,
+};
+
 /// Deterministic uniform values in [-1, 1).
 struct Lcg(u64);
 impl Lcg {
@@ -646,15 +667,7 @@ fn made_plans_match_the_cpu_executor() -> Result<()> {
         }
     }
     // An odd shape: 3 heads of 32, head_dim not a multiple of 64, vocab prime.
-    let odd = Shape {
-        layers: 3,
-        heads: 3,
-        embd: 96,
-        vocab: 211,
-        max_seq: 32,
-        bf16: false,
-    };
-    cuda_matches_cpu(&load(&made_plan(odd, 5)?)?, 2, 5, "made odd")?;
+    cuda_matches_cpu(&load(&made_plan(ODD32, 5)?)?, 2, 5, "made odd")?;
     Ok(())
 }
 
@@ -677,15 +690,7 @@ fn gemv_kernels_and_cublas_both_match_the_cpu_executor() -> Result<()> {
         }
     }
     // Odd widths: k = 96 and 36 (not multiples of 8 for the last): the element-wise path.
-    let odd = Shape {
-        layers: 2,
-        heads: 3,
-        embd: 36,
-        vocab: 97,
-        max_seq: 24,
-        bf16: true,
-    };
-    cuda_matches_cpu(&load(&made_plan(odd, 13)?)?, 2, 4, "made odd 36")?;
+    cuda_matches_cpu(&load(&made_plan(ODD12, 13)?)?, 2, 4, "made odd 36")?;
     Ok(())
 }
 
@@ -769,28 +774,12 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
         max_seq: 1200,
         bf16: true,
     };
-    let odd12 = Shape {
-        layers: 2,
-        heads: 3,
-        embd: 36,
-        vocab: 97,
-        max_seq: 24,
-        bf16: true,
-    };
-    let odd32 = Shape {
-        layers: 3,
-        heads: 3,
-        embd: 96,
-        vocab: 211,
-        max_seq: 32,
-        bf16: false,
-    };
     let cases = [
         (TINY, 1, 4, "tiny f32"),
         (Shape { bf16: true, ..TINY }, 3, 4, "tiny bf16"),
         (TINY, 8, 4, "tiny f32, 8 rows"),
-        (odd12, 3, 12, "head_dim 12"),
-        (odd32, 2, 5, "head_dim 32"),
+        (ODD12, 3, 12, "head_dim 12"),
+        (ODD32, 2, 5, "head_dim 32"),
         (long, 1, 1100, "1100 cached keys"),
     ];
     for (seed, (shape, batch, prompt_len, what)) in cases.into_iter().enumerate() {
