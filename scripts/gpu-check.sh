@@ -8,7 +8,8 @@
 #      float64 reference: f32 1e-5, bf16 2e-2 with top-1 >= 95%);
 #   4. ngpt validate on each plan (plan-cpu and plan-cuda against the reference);
 #   5. times ngpt generate (and ngpt bench where the CLI has it) with plan-cuda, and
-#      plan-cpu beside it, then prints a short table.
+#      plan-cpu beside it; runs ngpt logits --engine plan-cuda (against the float64
+#      reference) and ngpt demo (its plan-cuda row must be ok); prints a short table.
 # Every step has a time limit; the whole run stays well under 10 minutes on an H200 machine.
 # Logs go to $OUT (the device tool's folder) when set, else to the work folder.
 #
@@ -206,6 +207,37 @@ for m in tiny-f32 tiny-bf16 half-bf16; do
     done
     say "   validate $m: ${cuda_line:-no plan-cuda line}"
 done
+
+# --- 5b. the other plan-cuda entry points: ngpt logits and ngpt demo ---------------------
+cat > "$work/compare_npy.py" <<'EOF'
+import sys
+import numpy as np
+a = np.load(sys.argv[1]).astype(np.float64)
+b = np.load(sys.argv[2]).astype(np.float64)
+rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
+print(f"relative error {rel:.3e}, top-1 {top1:.3f}")
+sys.exit(0 if np.isfinite(rel) and rel <= 1e-5 and top1 >= 0.95 else 1)
+EOF
+ltoks=$(tokens_for "$(vocab_of "$models/tiny")" 48)
+if run 120 "logits tiny-f32 --engine plan-cuda" "$ngpt" logits "$models/tiny-f32" --tokens "$ltoks" \
+    --engine plan-cuda -o "$work/logits-cuda.npy" &&
+    run 120 "logits tiny (reference, f64)" "$ngpt" logits "$models/tiny" --tokens "$ltoks" \
+        -o "$work/logits-ref.npy"; then
+    lcmp=$(python3 "$work/compare_npy.py" "$work/logits-cuda.npy" "$work/logits-ref.npy" 2>&1) ||
+        fail "ngpt logits --engine plan-cuda against the reference: $lcmp"
+    say "   ngpt logits --engine plan-cuda vs the float64 reference (tiny, f32 plan): $lcmp"
+else
+    fail "ngpt logits --engine plan-cuda"
+fi
+if STDOUT="$work/demo.out" run 300 "ngpt demo" "$ngpt" demo; then
+    demo_row=$(grep -E "^ *plan-cuda " "$work/demo.out" | tail -1 | tr -s ' ')
+    say "   ngpt demo's plan-cuda row:${demo_row:- none}"
+    case "$demo_row" in *" ok") ;; *) fail "ngpt demo: plan-cuda did not run ok" ;; esac
+else
+    fail "ngpt demo"
+fi
+cat "$work/demo.out" >> "$log" 2>/dev/null
 
 {
     echo
