@@ -445,4 +445,164 @@ mod tests {
         assert_eq!(stage_bytes(8, 1024), 32 << 10);
         assert_eq!(stage_bytes(8, 8192), 0);
     }
+
+    /// A host model of the table: every buffer by address, each entry kind as the kernel
+    /// computes it in shape (simplified where the fusions do not care: pos_norm
+    /// normalizes whole q and k rows into one cache slot per row, attention mixes q with
+    /// that slot). Running a table and its folded form must leave the same logits and
+    /// caches: the folding pass's renaming and liveness rules, checked without a GPU.
+    struct Host {
+        c: usize,
+        rows: usize,
+        mem: HashMap<u64, Vec<f64>>,
+    }
+
+    impl Host {
+        fn buf(&mut self, a: u64) -> &mut Vec<f64> {
+            let n = self.rows * 8 * self.c;
+            // Weights (0x800 and up) hold values of their address; activations start as NaN.
+            self.mem.entry(a).or_insert_with(|| {
+                (0..n.max(97 * 64))
+                    .map(|i| {
+                        if a >= 0x800 {
+                            (((a as usize * 31 + i * 17) % 101) as f64 - 50.0) / 50.0
+                        } else {
+                            f64::NAN
+                        }
+                    })
+                    .collect()
+            })
+        }
+        fn row(&mut self, a: u64, r: usize, w: usize) -> Vec<f64> {
+            self.buf(a)[r * w..(r + 1) * w].to_vec()
+        }
+        fn set_row(&mut self, a: u64, r: usize, w: usize, v: &[f64]) {
+            self.buf(a)[r * w..(r + 1) * w].copy_from_slice(v);
+        }
+        fn norm(v: &[f64]) -> Vec<f64> {
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / n).collect()
+        }
+        fn lerp(&mut self, h: u64, br: u64, lr: u64, r: usize) -> Vec<f64> {
+            let c = self.c;
+            let (hv, bv, lv) = (
+                self.row(h, r, c),
+                Self::norm(&self.row(br, r, c)),
+                self.row(lr, 0, c),
+            );
+            Self::norm(
+                &(0..c)
+                    .map(|j| hv[j] + lv[j] * (bv[j] - hv[j]))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        fn swiglu(&mut self, fc: u64, r: usize) -> Vec<f64> {
+            let (c, f) = (self.c, self.row(fc, r, 8 * self.c));
+            (0..4 * c)
+                .map(|j| f[j] * (f[4 * c + j] / (1.0 + (-f[4 * c + j]).exp())))
+                .collect()
+        }
+        /// pos_norm's q, and its k and v written to the caches.
+        fn pos(&mut self, e: &PdOp, k_at: usize, r: usize) -> Vec<f64> {
+            let c = self.c;
+            let row = self.row(e.p[0], r, 3 * c);
+            self.set_row(e.p[k_at], r, c, &Self::norm(&row[c..2 * c]));
+            self.set_row(e.p[k_at + 1], r, c, &row[2 * c..]);
+            Self::norm(&row[..c])
+        }
+        fn attend(&mut self, q: &[f64], kc: u64, vc: u64, out: u64, r: usize) {
+            let c = self.c;
+            let (k, v) = (self.row(kc, r, c), self.row(vc, r, c));
+            let o: Vec<f64> = (0..c).map(|j| q[j] * k[(j + 1) % c] + v[j]).collect();
+            self.set_row(out, r, c, &o);
+        }
+        fn run(&mut self, table: &[PdOp]) {
+            let c = self.c;
+            for e in table {
+                for r in 0..self.rows {
+                    match e.kind {
+                        kind::LERP_NORM => {
+                            let h = self.lerp(e.p[0], e.p[1], e.p[2], r);
+                            self.set_row(e.p[0], r, c, &h);
+                        }
+                        kind::SWIGLU => {
+                            let a = self.swiglu(e.p[0], r);
+                            self.set_row(e.p[1], r, 4 * c, &a);
+                        }
+                        kind::POS_NORM => {
+                            let q = self.pos(e, 6, r);
+                            self.set_row(e.p[5], r, c, &q);
+                        }
+                        kind::ATTENTION => {
+                            let q = self.row(e.p[0], r, c);
+                            self.attend(&q, e.p[1], e.p[2], e.p[4], r);
+                        }
+                        kind::POS_ATTENTION => {
+                            let q = self.pos(e, 5, r);
+                            self.attend(&q, e.p[5], e.p[6], e.p[7], r);
+                        }
+                        kind::GEMV_BF16 | kind::GEMV_F32 => {
+                            let (m, k) = (e.i[0] as usize, e.i[1] as usize);
+                            let x = match e.i[7] {
+                                input::LERP => {
+                                    let h = self.lerp(e.p[3], e.p[4], e.p[5], r);
+                                    self.set_row(e.p[6], r, c, &h);
+                                    h
+                                }
+                                input::SWIGLU => self.swiglu(e.p[3], r),
+                                _ => self.row(e.p[1], r, e.i[3] as usize),
+                            };
+                            let w = self.buf(e.p[0]).clone();
+                            let y: Vec<f64> = (0..m)
+                                .map(|i| (0..k).map(|kk| w[(i * k + kk) % w.len()] * x[kk]).sum())
+                                .collect();
+                            self.set_row(e.p[2], r, m, &y);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_folded_table_computes_what_the_unfolded_one_does() {
+        for (layers, rows) in [(1, 1), (3, 2), (2, 3)] {
+            // From the first gemv on (embedding left out): X0 and H hold a row each.
+            let raw: Vec<PdOp> = program(layers, rows as i32)
+                .into_iter()
+                .filter(|e| e.kind != kind::EMBED && e.kind != kind::NORM_ROWS)
+                .collect();
+            let (folded, fused) = fuse(&raw, rows, C, stage_bytes(rows, C), SHADOW);
+            assert_eq!(fused.lerp_gemv, 2 * layers);
+            let mut results = vec![];
+            for table in [&raw, &folded] {
+                let mut host = Host {
+                    c: C,
+                    rows,
+                    mem: HashMap::new(),
+                };
+                for (a, salt) in [(X0, 1.0), (H, 2.0)] {
+                    for r in 0..rows {
+                        let v: Vec<f64> = (0..C)
+                            .map(|j| ((j * 7 + r) % 13) as f64 - 6.0 + salt)
+                            .collect();
+                        host.set_row(a, r, C, &Host::norm(&v));
+                    }
+                }
+                host.run(table);
+                let mut out = host.buf(LOGITS)[..rows * 97].to_vec();
+                for l in 0..layers as u64 {
+                    out.extend_from_slice(&host.buf(KC + l)[..rows * C]);
+                    out.extend_from_slice(&host.buf(VC + l)[..rows * C]);
+                }
+                assert!(
+                    out.iter().all(|x| x.is_finite()),
+                    "a read of an unwritten buffer"
+                );
+                results.push(out);
+            }
+            assert_eq!(results[0], results[1], "{layers} layers, {rows} rows");
+        }
+    }
 }
