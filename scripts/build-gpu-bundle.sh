@@ -8,7 +8,8 @@
 #   bin/it-tests.gz     tests/it (plan_parity) } the CUDA executor runs in check mode
 #   fixtures/nv-tiny/   the fixture plan_parity reads, and manifest_dir: the path the test
 #                       binary has compiled in for it (gpu-check.sh recreates it there)
-#   gpu-check.sh, BUNDLE.txt (commit, date, sizes)
+#   gpu-check.sh, torch_ngpt.py, bench_compare.sh and ort_bench.py (the side-by-side
+#   table), BUNDLE.txt (commit, date, sizes)
 #
 # The test binaries are found the way cargo reports them:
 #   cargo test --no-run -p ngpt-runtime --test cuda --message-format=json
@@ -68,7 +69,7 @@ pack "$cuda_tests" cuda-tests
 pack "$it_tests" it-tests
 cp -r tests/fixtures/nv-tiny "$out/fixtures/"
 echo "$root" > "$out/manifest_dir"
-cp scripts/gpu-check.sh scripts/torch_ngpt.py "$out/"
+cp scripts/gpu-check.sh scripts/torch_ngpt.py scripts/bench_compare.sh scripts/ort_bench.py "$out/"
 {
     echo "ngpt GPU bundle"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"

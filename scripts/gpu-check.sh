@@ -24,7 +24,8 @@
 # NGPT_GPU_CHECK_HALF=0 leaves out the 0.5b preset (a dry run on a small machine).
 # NGPT_GPU_CPU_ROWS=0 leaves out the plan-cpu generate and bench rows, NGPT_GPU_TORCH=0
 # the PyTorch rows (each saves device time).
-# NGPT_GPU_PARTS: comma-separated, of `tests` (steps 3 to 5) and `targets` (step 6), or
+# NGPT_GPU_PARTS: comma-separated, of `tests` (steps 3 to 5), `targets` (step 6) and
+# `compare` (step 7: scripts/bench_compare.sh's table, about 5 minutes), or
 # `targets-if-ok` (step 6 only when every earlier check passed); default `tests`. The work folder is /tmp/ngpt-gpu-check: a second call on a machine
 # still warm reuses the models made by the first.
 # Exit status: 0 when every check passed, 1 otherwise.
@@ -346,5 +347,18 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         echo "(dec.fl: decode floor / measured; pre.fl: prefill FLOP floor at cuBLAS bf16 rate / measured)"
         echo "$failures check(s) failed; $(( $(date +%s) - started )) s"
     } | tee -a "$table"
+fi
+# --- 7. issue 7's side-by-side table (`compare`): scripts/bench_compare.sh on the 0.5b
+# preset: ngpt plan-cpu, tract, onnxruntime CPU, and here ngpt plan-cuda, onnxruntime CUDA
+# (where its provider loads) and the two PyTorch rows, with ratios to ngpt's decode rate.
+if [[ $parts == *,compare,* ]] && [ -f "$models/half/config.json" ]; then
+    if STDOUT="$work/compare.out" run 500 "scripts/bench_compare.sh 0.5b p128 g256" \
+        env NGPT="$ngpt" PYTHON=python3 bash "$bundle/bench_compare.sh" "$models/half" 128 256 1; then
+        { echo; echo "scripts/bench_compare.sh, 0.5b preset, $(date -u +%Y-%m-%d)"; cat "$work/compare.out"; } |
+            tee -a "$table"
+    else
+        fail "scripts/bench_compare.sh"
+        cat "$work/compare.out" >> "$log"
+    fi
 fi
 [ "$failures" -eq 0 ]

@@ -1137,7 +1137,23 @@ impl CudaExecutor {
                 .map_err(|e| step_err("poison", format!("cuMemsetD32Async: {}", drv(e))))?;
             self.enqueue(&ops, kind, rows, false, on_step)?;
         }
-        self.fetch_logits(rows, kind, fetch)?;
+        match self.fetch_logits(rows, kind, fetch) {
+            // A device error of a decode_persistent run: say which launch it was and how
+            // to run without it.
+            Err(Error::Step { step, problem })
+                if kind == ProgramKind::Decode
+                    && self.persistent.active
+                    && problem.contains("the device reported") =>
+            {
+                return Err(step_err(
+                    &step,
+                    format!(
+                        "{problem} (decode ran as one decode_persistent launch, which stops the run if a grid barrier waits more than about 4 s; NGPT_CUDA_PERSISTENT=0 decodes launch by launch)"
+                    ),
+                ));
+            }
+            fetched => fetched?,
+        }
         if kind == ProgramKind::Decode && self.persistent.active {
             self.collect_entry_times()?;
         }
