@@ -232,6 +232,23 @@ impl<T: DeviceRepr + ValidAsZeroBits> Dev<T> {
     }
 }
 
+/// Makes `slot` hold at least `len` zeroed-when-new elements, freeing the old allocation
+/// first (so peak memory stays the new size); returns whether it moved (a captured graph
+/// holds its address).
+fn grow<T: DeviceRepr + ValidAsZeroBits>(
+    slot: &mut Option<Dev<T>>,
+    len: usize,
+    stream: &Arc<CudaStream>,
+    what: &str,
+) -> Result<bool> {
+    if slot.as_ref().map_or(0, Dev::len) >= len {
+        return Ok(false);
+    }
+    *slot = None;
+    *slot = Some(Dev::zeros(stream, len, what)?);
+    Ok(true)
+}
+
 /// A weight on the device.
 struct DevWeight {
     /// Elements (the product of its shape).
@@ -1200,12 +1217,10 @@ impl CudaExecutor {
                 }
             }
         }
+        let st = &mut *self.state;
         for (slot, &n) in want.iter().enumerate() {
-            let have = self.scratch[slot].as_ref().map_or(0, |d| d.len());
-            if n > have {
-                self.scratch[slot] = None;
-                self.scratch[slot] = Some(Dev::zeros(&self.stream, n, "bf16 GEMM scratch")?);
-                self.generation += 1;
+            if grow(&mut st.scratch[slot], n, &st.stream, "bf16 GEMM scratch")? {
+                st.generation += 1;
             }
         }
         Ok(())
@@ -1654,13 +1669,14 @@ impl CudaExecutor {
         let st = &mut *self.state;
         let pd = &mut st.persistent;
         let c = st.plan.dims.n_embd;
-        if pd.fuse && pd.shadow.as_ref().map_or(0, |d| d.len()) < rows * c {
-            pd.shadow = None;
-            pd.shadow = Some(Dev::zeros(
-                &st.stream,
+        if pd.fuse
+            && grow(
+                &mut pd.shadow,
                 rows * c,
+                &st.stream,
                 "decode rows (second buffer)",
-            )?);
+            )?
+        {
             st.generation += 1;
         }
         let table = match (&pd.shadow, pd.fuse) {
@@ -1679,31 +1695,30 @@ impl CudaExecutor {
             e.write(&mut pd.table_host);
         }
         pd.labels = table.iter().map(persistent::label).collect();
-        if st.profile.is_some() && pd.timer.as_ref().map_or(0, |t| t.len()) <= table.len() {
-            pd.timer = None;
-            pd.timer = Some(Dev::zeros(
-                &st.stream,
+        if st.profile.is_some() {
+            // Not in a graph (profiled runs are not captured): no generation to bump.
+            grow(
+                &mut pd.timer,
                 table.len() + 1,
+                &st.stream,
                 "decode entry timers",
-            )?);
+            )?;
         }
         let part_len = rows * st.plan.dims.n_head * persistent::SPLITS * (persistent::MAX_D + 2);
-        if pd.part.as_ref().map_or(0, |d| d.len()) < part_len {
-            pd.part = None;
-            pd.part = Some(Dev::zeros(
-                &st.stream,
-                part_len,
-                "decode attention partials",
-            )?);
-            st.generation += 1;
-        }
-        if pd.table.as_ref().map_or(0, |d| d.len()) < pd.table_host.len() {
-            pd.table = None;
-            pd.table = Some(Dev::zeros(
-                &st.stream,
-                pd.table_host.len(),
-                "the decode step table",
-            )?);
+        let moved = grow(
+            &mut pd.part,
+            part_len,
+            &st.stream,
+            "decode attention partials",
+        )?;
+        let table_len = pd.table_host.len();
+        if grow(
+            &mut pd.table,
+            table_len,
+            &st.stream,
+            "the decode step table",
+        )? || moved
+        {
             st.generation += 1;
         }
         let dst = pd.table.as_ref().map_or(0, |d| d.ptr);
