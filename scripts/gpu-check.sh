@@ -288,6 +288,8 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 no prefetch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_PREFETCH=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 2 blocks/SM" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_MIN_BLOCKS=2 -- \
+        --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3

@@ -609,7 +609,7 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
     for prelude in [
         "",
         "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n",
-        "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n",
+        "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n#define NGPT_PD_MIN_BLOCKS 2\n",
     ] {
         let ptx = nvrtc(
             "ngpt_runtime_helpers",

@@ -703,8 +703,15 @@ impl CudaExecutor {
             functions.push(f);
         }
         // Specialized to the plan's widths (decode_persistent's loops unroll over them).
+        let min_blocks = std::env::var("NGPT_CUDA_PD_MIN_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&n| n > 1)
+            .map_or(String::new(), |n| {
+                format!("#define NGPT_PD_MIN_BLOCKS {n}\n")
+            });
         let helpers_source = format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{min_blocks}{}",
             plan.dims.n_embd,
             plan.dims.head_dim,
             super::HELPERS_CU

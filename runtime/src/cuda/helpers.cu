@@ -548,7 +548,14 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
 }
 
 // Dims: c = n_embd, h = n_head, d = head_dim (even, at most PD_MAX_D), max_seq = KV capacity.
-extern "C" __global__ void __launch_bounds__(PD_THREADS)
+// NGPT_PD_MIN_BLOCKS (from NGPT_CUDA_PD_MIN_BLOCKS): ask the compiler for registers that
+// fit that many blocks per SM (an experiment: fewer registers, maybe spills).
+#ifdef NGPT_PD_MIN_BLOCKS
+#define PD_BOUNDS __launch_bounds__(PD_THREADS, NGPT_PD_MIN_BLOCKS)
+#else
+#define PD_BOUNDS __launch_bounds__(PD_THREADS)
+#endif
+extern "C" __global__ void PD_BOUNDS
     decode_persistent(const PdOp* ops, int n_ops, unsigned int* bar, float* part, int c, int h, int d,
                       int max_seq, int prefetch, unsigned long long* timer) {
     __shared__ __align__(16) float qs[PD_WARPS][PD_MAX_D];
