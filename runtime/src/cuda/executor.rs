@@ -28,12 +28,13 @@
 //!   `NGPT_CUDA_GEMV=0` sends them to cuBLAS again.
 //! - Decode as one launch (`decode_persistent`, helpers.cu): when every step of the
 //!   decode program is one of the plan kernels or a gemv, the resolved steps become a
-//!   table (`PdOp`, 112 bytes each) and one grid of as many blocks as fit on the device at
-//!   once walks it, every block doing its share of each step and all of them meeting at a
-//!   grid barrier between steps; attention is split across the KV length (32 warps per
-//!   row and head) and combined after a barrier. This replaces about 220 launches per
-//!   token and the gaps between them. `NGPT_CUDA_PERSISTENT=0` (or `set_persistent`)
-//!   launches the steps one by one instead; traced runs always do.
+//!   table (`PdOp` in persistent.rs, 128 bytes each) and one grid of as many blocks as
+//!   fit on the device at once walks it, every block doing its share of each step and all
+//!   of them meeting at a grid barrier between steps; attention is split across the KV
+//!   length (32 warps per row and head) and combined after a barrier. `persistent::fuse`
+//!   folds lerp_norm and swiglu into the gemv after them and pos_norm into attention.
+//!   This replaces about 220 launches per token. `NGPT_CUDA_PERSISTENT=0` (or
+//!   `set_persistent`) launches the steps one by one instead; traced runs always do.
 //! - Checks: every driver and cuBLAS status is checked. Launch configuration errors come
 //!   back from `cuLaunchKernel` itself; errors of a running kernel surface at the next
 //!   synchronization. In check mode (`NGPT_CUDA_CHECK=1`, and by default in debug builds,
