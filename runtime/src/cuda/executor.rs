@@ -75,15 +75,14 @@ use crate::error::{Error, Result};
 use crate::plan::{eval, LoadedPlan, WeightData};
 
 /// Every CUDA executor of the process holds this while it works with the device
-/// (construction, each run, drop): their work never overlaps. On the H200, with executors
-/// in parallel threads of one process (the tests), a decode graph capture failed
-/// (`CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`, a cuBLAS GEMM in it with
-/// `CUBLAS_STATUS_EXECUTION_FAILED`) while other threads loaded modules, allocated and
-/// ran, although the capture mode is thread-local and each executor has its own
-/// non-blocking stream; with only captures made exclusive, a first cuBLAS GEMM outside
-/// any capture still failed once the same way (RELIABILITY.md). One executor per process
-/// (the CLI) never failed. Until the cause is known, executors of one process take turns;
-/// a batch in one session is the way to share a GPU.
+/// (construction, each run, drop, its fields' drops included): their work never
+/// overlaps. On the H200, with executors in parallel threads of one process (the tests),
+/// decode graph captures failed (`CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`, cuBLAS GEMMs
+/// with `CUBLAS_STATUS_EXECUTION_FAILED`) while another executor's memory, stream and
+/// modules were freed; the last such failures came from fields dropped after `Drop`
+/// released this lock (RELIABILITY.md). It also keeps `decode_persistent`, whose grid
+/// barrier needs every block resident, from sharing the device with another executor's
+/// kernels. A batch in one session is the way to share a GPU.
 static DEVICE_WORK: Mutex<()> = Mutex::new(());
 
 fn device_turn() -> MutexGuard<'static, ()> {
@@ -1702,9 +1701,10 @@ impl CudaExecutor {
         for e in &table {
             e.write(&mut pd.table_host);
         }
-        pd.labels = table.iter().map(persistent::label).collect();
         if st.profile.is_some() {
-            // Not in a graph (profiled runs are not captured): no generation to bump.
+            // Only a profile reads them (decode without a graph rebuilds the table each
+            // step). Not in a graph (profiled runs are not captured): no generation to bump.
+            pd.labels = table.iter().map(persistent::label).collect();
             grow(
                 &mut pd.timer,
                 table.len() + 1,

@@ -180,7 +180,7 @@ enum PdInput { PD_IN_GLOBAL = 0, PD_IN_LERP = 1, PD_IN_SWIGLU = 2 };
 
 // One step: device addresses, ints and floats as each kind reads them (see the cases of
 // decode_persistent), 128 bytes; the executor writes the same layout (PdOp in
-// executor.rs).
+// persistent.rs).
 struct PdOp {
     unsigned long long p[10];
     int i[8];
