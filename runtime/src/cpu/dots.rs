@@ -11,6 +11,15 @@
 //! Every output element is computed by one thread in a fixed order (four accumulators of
 //! eight lanes, separate multiplies and adds, no FMA), so results are bitwise the same
 //! whatever the thread count and whether or not the CPU has AVX2.
+//!
+//! bf16 weights are widened in pairs: one 256-bit load of sixteen bf16 values is eight
+//! 32-bit words, and a shift left by 16 turns each word's low half (the even element) into
+//! an f32 while a mask keeps its high half (the odd element) as one. Two vector operations
+//! per sixteen elements instead of a zero-extending shuffle and a shift per eight, which
+//! took the bf16 dot product from compute bound to bandwidth bound (BENCHMARKS.md). The
+//! even elements then sit in one accumulator and the odd ones in the next ([`Weight::slot`]),
+//! so the activation row is read in the same split order: the AVX2 path gets a copy of it
+//! with each sixteen values reordered evens first ([`split_pairs`]), made once per GEMM.
 
 use std::mem::size_of;
 
@@ -41,62 +50,120 @@ pub struct Shape {
 
 /// A weight element: f32, or bf16 bits (`u16`), read as f32 exactly.
 pub trait Weight: Copy + Send + Sync + 'static {
+    /// Whether the AVX2 body reads the activation row in [`split_pairs`] order.
+    const SPLIT_PAIRS: bool;
+
     fn widen(self) -> f32;
 
-    /// Eight consecutive elements from `p`, widened.
+    /// The accumulator and lane that element `i` (0 to 31) of a 32-wide body chunk is
+    /// added into; every pair is hit once per chunk.
+    fn slot(i: usize) -> (usize, usize);
+
+    /// One 32-wide chunk of the body: `v[a][l] += w[i] * x[i]` for every `i` at its
+    /// [`Weight::slot`] `(a, l)`, with `x` in the order [`Weight::SPLIT_PAIRS`] says.
     ///
     /// # Safety
-    /// `p` points at eight readable elements; the CPU has AVX2.
+    /// `w` and `x` point at 32 readable elements; the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    unsafe fn body32(w: *const Self, x: *const f32, v: &mut [std::arch::x86_64::__m256; 4]);
 }
 
 impl Weight for f32 {
+    const SPLIT_PAIRS: bool = false;
+
     #[inline(always)]
     fn widen(self) -> f32 {
         self
     }
 
+    #[inline(always)]
+    fn slot(i: usize) -> (usize, usize) {
+        (i / 8, i % 8)
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+    unsafe fn body32(w: *const f32, x: *const f32, v: &mut [std::arch::x86_64::__m256; 4]) {
+        use std::arch::x86_64::*;
+        for (a, v) in v.iter_mut().enumerate() {
+            // SAFETY: a * 8 + 8 <= 32: inside both chunks.
+            let p = _mm256_mul_ps(_mm256_loadu_ps(w.add(a * 8)), _mm256_loadu_ps(x.add(a * 8)));
+            *v = _mm256_add_ps(*v, p);
+        }
     }
 }
 
 impl Weight for u16 {
+    const SPLIT_PAIRS: bool = true;
+
     #[inline(always)]
     fn widen(self) -> f32 {
         crate::plan::widen_bf16(self)
     }
 
+    #[inline(always)]
+    fn slot(i: usize) -> (usize, usize) {
+        (2 * (i / 16) + i % 2, (i % 16) / 2)
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+    unsafe fn body32(w: *const u16, x: *const f32, v: &mut [std::arch::x86_64::__m256; 4]) {
         use std::arch::x86_64::*;
-        let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits))
+        let odd = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        for h in 0..2 {
+            // SAFETY: h * 16 + 16 <= 32: inside both chunks.
+            let words = _mm256_loadu_si256(w.add(h * 16).cast());
+            let even_w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
+            let odd_w = _mm256_castsi256_ps(_mm256_and_si256(words, odd));
+            let (even_x, odd_x) = (
+                _mm256_loadu_ps(x.add(h * 16)),
+                _mm256_loadu_ps(x.add(h * 16 + 8)),
+            );
+            v[2 * h] = _mm256_add_ps(v[2 * h], _mm256_mul_ps(even_w, even_x));
+            v[2 * h + 1] = _mm256_add_ps(v[2 * h + 1], _mm256_mul_ps(odd_w, odd_x));
+        }
     }
 }
 
-/// The dot product, with AVX2 where the CPU has it (bitwise the portable result).
-fn dot_fn<W: Weight>() -> fn(&[W], &[f32]) -> f32 {
+/// `x` with every sixteen values of each whole 32-wide chunk reordered evens first (`x0 x2
+/// .. x14 x1 x3 .. x15`), the order [`Weight::body32`] reads for bf16 weights; the values
+/// after the last whole chunk are copied as they are.
+fn split_pairs(x: &[f32], out: &mut [f32]) {
+    let body = x.len() / 32 * 32;
+    for (src, dst) in x[..body].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+        for l in 0..8 {
+            dst[l] = src[2 * l];
+            dst[8 + l] = src[2 * l + 1];
+        }
+    }
+    out[body..x.len()].copy_from_slice(&x[body..]);
+}
+
+/// A dot product of a weight row with an activation row.
+type DotFn<W> = fn(&[W], &[f32]) -> f32;
+
+/// The dot product for this CPU: with AVX2 where it has it (bitwise the portable result),
+/// and whether that one wants the activation row in [`split_pairs`] order.
+fn dot_fn<W: Weight>() -> (DotFn<W>, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
-            return |w, x| {
+            let avx2: DotFn<W> = |w, x| {
                 // SAFETY: AVX2 is present (checked just above).
                 unsafe { dot_avx2(w, x) }
             };
+            return (avx2, W::SPLIT_PAIRS);
         }
     }
-    dot
+    (dot, false)
 }
 
 /// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators of eight
-/// lanes, the same separate multiplies and adds in the same order, so the same bits.
+/// lanes, the same separate multiplies and adds in the same order, so the same bits. `x`
+/// is in [`split_pairs`] order where `W::SPLIT_PAIRS`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2<W: Weight>(w: &[W], x: &[f32]) -> f32 {
@@ -117,12 +184,8 @@ unsafe fn dot_avx2<W: Weight>(w: &[W], x: &[f32]) -> f32 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             line += 64;
         }
-        for (a, v) in v.iter_mut().enumerate() {
-            let o = i + a * 8;
-            // SAFETY: o + 8 <= body <= k: inside both slices.
-            let p = _mm256_mul_ps(W::load8(pw.add(o)), _mm256_loadu_ps(px.add(o)));
-            *v = _mm256_add_ps(*v, p);
-        }
+        // SAFETY: i + 32 <= body <= k: inside both slices.
+        W::body32(pw.add(i), px.add(i), &mut v);
         i += 32;
     }
     let mut acc = [[0f32; 8]; 4];
@@ -133,7 +196,8 @@ unsafe fn dot_avx2<W: Weight>(w: &[W], x: &[f32]) -> f32 {
 }
 
 /// `sum_i w[i] * x[i]` in f32: four independent accumulators of eight lanes (so the adds
-/// do not wait on each other), then [`finish`].
+/// do not wait on each other; element `i` of each 32-wide chunk goes to
+/// [`Weight::slot`]), then [`finish`].
 #[inline(always)]
 pub(crate) fn dot<W: Weight>(w: &[W], x: &[f32]) -> f32 {
     let k = w.len().min(x.len());
@@ -142,10 +206,9 @@ pub(crate) fn dot<W: Weight>(w: &[W], x: &[f32]) -> f32 {
     let (wc, xc) = (w.chunks_exact(32), x.chunks_exact(32));
     let (wr, xr) = (wc.remainder(), xc.remainder());
     for (w32, x32) in wc.zip(xc) {
-        for (a, acc) in acc.iter_mut().enumerate() {
-            for l in 0..8 {
-                acc[l] += w32[a * 8 + l].widen() * x32[a * 8 + l];
-            }
+        for i in 0..32 {
+            let (a, l) = W::slot(i);
+            acc[a][l] += w32[i].widen() * x32[i];
         }
     }
     finish(acc, wr, xr)
@@ -185,7 +248,20 @@ pub fn gemm<W: Weight>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;
     }
-    let dot = dot_fn::<W>();
+    let (dot, split) = dot_fn::<W>();
+    // The activation rows in the order the dot product reads them, made once.
+    let (x, ldb) = if split {
+        let mut xs = vec![0f32; s.n * s.k];
+        for j in 0..s.n {
+            split_pairs(
+                &x[j * s.ldb..j * s.ldb + s.k],
+                &mut xs[j * s.k..(j + 1) * s.k],
+            );
+        }
+        (std::borrow::Cow::Owned(xs), s.k)
+    } else {
+        (std::borrow::Cow::Borrowed(x), s.ldb)
+    };
     // Each piece computes its rows of C for every column, into its own buffer: a weight row
     // is read once and dotted with every activation row.
     let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
@@ -199,7 +275,7 @@ pub fn gemm<W: Weight>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
                 let r = m0 + i;
                 let wr = &w[r * s.lda..r * s.lda + s.k];
                 for j in 0..s.n {
-                    out[j * rows + i] = dot(wr, &x[j * s.ldb..j * s.ldb + s.k]);
+                    out[j * rows + i] = dot(wr, &x[j * ldb..j * ldb + s.k]);
                 }
             }
             (m0, out)
@@ -306,11 +382,26 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..1000)
             .map(|i| ((i * 31 % 97) as f32 - 48.0) / 7.0)
             .collect();
-        for n in [0, 1, 7, 8, 9, 31, 32, 33, 41, 100, 1000] {
-            let want = dot(&w[..n], &x[..n]).to_bits();
-            assert_eq!(dot_fn::<u16>()(&w[..n], &x[..n]).to_bits(), want);
-            // f32 weights holding the same values give the same bits.
-            assert_eq!(dot_fn::<f32>()(&wf[..n], &x[..n]).to_bits(), want);
+        /// The dot product this CPU runs, fed as `gemm` feeds it.
+        fn fast<W: Weight>(w: &[W], x: &[f32]) -> f32 {
+            let (f, split) = dot_fn::<W>();
+            let mut xs = x.to_vec();
+            if split {
+                split_pairs(x, &mut xs);
+            }
+            f(w, &xs)
+        }
+        for n in [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 41, 48, 64, 100, 1000] {
+            assert_eq!(
+                fast(&w[..n], &x[..n]).to_bits(),
+                dot(&w[..n], &x[..n]).to_bits(),
+                "bf16, k = {n}"
+            );
+            assert_eq!(
+                fast(&wf[..n], &x[..n]).to_bits(),
+                dot(&wf[..n], &x[..n]).to_bits(),
+                "f32, k = {n}"
+            );
         }
     }
 
