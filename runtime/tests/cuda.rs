@@ -606,15 +606,38 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             .to_src())
     };
     // Generic, and specialized as the executor compiles it for a plan's widths.
-    for prelude in [
-        "",
-        "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n",
-        "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n#define NGPT_PD_MIN_BLOCKS 2\n",
+    // attention_prefill_mma is compiled where the head dim is a multiple of 16 up to 128.
+    for (prelude, mma) in [
+        ("", false),
+        (
+            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_MAX_SEQ 4096\n",
+            true,
+        ),
+        (
+            "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n#define NGPT_PD_MAX_SEQ 100\n#define NGPT_PD_MIN_BLOCKS 2\n",
+            false,
+        ),
+        (
+            "#define NGPT_PD_C 96\n#define NGPT_PD_D 16\n#define NGPT_PD_MAX_SEQ 77\n",
+            true,
+        ),
+        (
+            "#define NGPT_PD_C 256\n#define NGPT_PD_D 128\n#define NGPT_PD_MAX_SEQ 1024\n",
+            true,
+        ),
     ] {
         let ptx = nvrtc(
             "ngpt_runtime_helpers",
             &format!("{prelude}{}", cuda::HELPERS_CU),
         )?;
+        assert_eq!(
+            ptx.contains(".entry attention_prefill_mma("),
+            mma,
+            "attention_prefill_mma with {prelude:?}"
+        );
+        if mma {
+            assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+        }
         for entry in [
             "f32_to_bf16",
             "spin",
@@ -838,6 +861,78 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
         assert_eq!(c.persistent_folds(), (0, 0, 0));
         assert_eq!(b.persistent_runs(), 0);
     }
+    Ok(())
+}
+
+#[test]
+fn tensor_core_prefill_attention_matches_the_f32_kernel() -> Result<()> {
+    gpu_or_skip!();
+    // attention_prefill_mma (bf16 mma.sync) against the plan's f32 attention_prefill, on bf16
+    // plans: it fired, logits within bf16's tolerance with the same top-1, on head dims 16,
+    // 32 and 64, query tiles whole and partial, and a second prefill chunk that attends
+    // to the keys the first one cached (tests/host_emulation.rs checks the kernel itself
+    // against exact attention on the CPU).
+    let d64 = Shape {
+        layers: 2,
+        heads: 2,
+        embd: 128,
+        vocab: 131,
+        max_seq: 300,
+        bf16: true,
+    };
+    let cases = [
+        (Shape { bf16: true, ..TINY }, 2, [40, 20], "head_dim 16"),
+        (
+            Shape {
+                bf16: true,
+                ..ODD32
+            },
+            3,
+            [20, 9],
+            "head_dim 32",
+        ),
+        (d64, 1, [200, 70], "head_dim 64"),
+    ];
+    for (seed, (shape, batch, chunks, what)) in cases.into_iter().enumerate() {
+        let plan = load(&made_plan(shape, 40 + seed as u64)?)?;
+        let v = plan.dims.vocab;
+        let mut mma = CudaExecutor::new(Arc::clone(&plan), batch)?;
+        let mut f32 = CudaExecutor::new(Arc::clone(&plan), batch)?;
+        assert!(
+            mma.set_prefill_mma(true),
+            "{what}: attention_prefill_mma unavailable"
+        );
+        f32.set_prefill_mma(false);
+        let mut start = 0;
+        for (ci, len) in chunks.into_iter().enumerate() {
+            let toks: Vec<i32> = prompt(v, batch * len, seed + ci)
+                .iter()
+                .map(|&t| t as i32)
+                .collect();
+            let pos: Vec<i32> = (0..batch)
+                .flat_map(|_| start as i32..(start + len) as i32)
+                .collect();
+            let got = mma.run(ProgramKind::Prefill, &toks, &pos, len)?.to_vec();
+            let want = f32.run(ProgramKind::Prefill, &toks, &pos, len)?.to_vec();
+            let (err, top1) = compare(&got, &want, v);
+            eprintln!("{what}: chunk {ci} ({len} tokens from {start}): tensor cores vs f32 {err:.3e}, top-1 {top1:.3}");
+            assert!(
+                err <= 2e-2 && top1 >= 0.95,
+                "{what}, chunk {ci}: tensor cores vs f32 {err:.3e}, top-1 {top1}"
+            );
+            start += len;
+        }
+        assert_eq!(
+            mma.prefill_mma_runs(),
+            2,
+            "{what}: the kernel should run every prefill"
+        );
+        assert_eq!(f32.prefill_mma_runs(), 0);
+    }
+    // f32 plans keep the f32 kernel (their tolerance is 1e-5).
+    let plan = load(&made_plan(TINY, 43)?)?;
+    let mut ex = CudaExecutor::new(plan, 1)?;
+    assert!(!ex.set_prefill_mma(true));
     Ok(())
 }
 

@@ -533,6 +533,12 @@ pub struct State {
     /// Decode as one `decode_persistent` launch (`NGPT_CUDA_PERSISTENT=0` turns it off).
     use_persistent: bool,
     persistent: Persistent,
+    /// `functions` index of `attention_prefill_mma`, where this plan and device can run it.
+    prefill_mma: Option<usize>,
+    /// Prefill attention on the tensor cores (`NGPT_CUDA_PREFILL_MMA=1` turns it on).
+    use_prefill_mma: bool,
+    /// Prefill runs that launched `attention_prefill_mma`.
+    prefill_mma_runs: u64,
     spin: CudaFunction,
     function_of: HashMap<(u32, String), usize>,
     to_bf16: CudaFunction,
@@ -711,9 +717,10 @@ impl CudaExecutor {
                 format!("#define NGPT_PD_MIN_BLOCKS {n}\n")
             });
         let helpers_source = format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{min_blocks}{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{min_blocks}{}",
             plan.dims.n_embd,
             plan.dims.head_dim,
+            plan.dims.max_seq_len,
             super::HELPERS_CU
         );
         let helpers = load_ptx(
@@ -794,6 +801,23 @@ impl CudaExecutor {
                 function_names.push(entry);
             }
         }
+        // attention_prefill_mma: for plans with bf16 weights (bf16's tolerance), a head dim
+        // the kernel is compiled for, and a device with bf16 mma.sync (sm_80 and later).
+        let bf16_plan = plan
+            .weights
+            .iter()
+            .any(|w| matches!(w, crate::plan::WeightData::Bf16(_)));
+        let hd = plan.dims.head_dim;
+        let prefill_mma = if bf16_plan && hd.is_multiple_of(16) && hd <= 128 && major >= 8 {
+            let f = helpers
+                .load_function("attention_prefill_mma")
+                .map_err(setup("loading attention_prefill_mma"))?;
+            functions.push(f);
+            function_names.push("attention_prefill_mma".into());
+            Some(functions.len() - 1)
+        } else {
+            None
+        };
         let mut loaded: Vec<Arc<CudaModule>> = modules.into_iter().flatten().collect();
         loaded.push(helpers);
 
@@ -917,6 +941,9 @@ impl CudaExecutor {
                 use_gemv: !env_is("NGPT_CUDA_GEMV", "0"),
                 use_persistent: !env_is("NGPT_CUDA_PERSISTENT", "0") && persistent.blocks > 0,
                 persistent,
+                use_prefill_mma: env_is("NGPT_CUDA_PREFILL_MMA", "1") && prefill_mma.is_some(),
+                prefill_mma,
+                prefill_mma_runs: 0,
                 spin,
                 function_of,
                 to_bf16,
@@ -1004,6 +1031,21 @@ impl CudaExecutor {
     /// How many decode runs went through `decode_persistent` so far.
     pub fn persistent_runs(&self) -> u64 {
         self.persistent.runs
+    }
+
+    /// Runs prefill attention on the tensor cores (`attention_prefill_mma`: bf16 operands,
+    /// f32 accumulation and softmax) where the plan has bf16 weights, a head dim that is a
+    /// multiple of 16 up to 128 and the device is sm_80 or later (on), or with the plan's
+    /// f32 `attention_prefill` (off). The default comes from `NGPT_CUDA_PREFILL_MMA`
+    /// (off until it has been measured on a GPU). Returns whether it is on.
+    pub fn set_prefill_mma(&mut self, on: bool) -> bool {
+        self.use_prefill_mma = on && self.prefill_mma.is_some();
+        self.use_prefill_mma
+    }
+
+    /// How many prefill runs launched `attention_prefill_mma` so far.
+    pub fn prefill_mma_runs(&self) -> u64 {
+        self.prefill_mma_runs
     }
 
     /// Turns check mode on or off (the default comes from `NGPT_CUDA_CHECK`).
@@ -1121,6 +1163,14 @@ impl CudaExecutor {
         } else {
             let ops = self.resolve(kind, rows, per_seq)?;
             self.size_scratch(&ops)?;
+            if let Some(mma) = self.prefill_mma {
+                if ops
+                    .iter()
+                    .any(|op| matches!(op, Op::Launch { func, .. } if *func == mma))
+                {
+                    self.prefill_mma_runs += 1;
+                }
+            }
             let ops = if kind == ProgramKind::Decode && on_step.is_none() && self.use_persistent {
                 self.persistent_ops(ops, rows)?
             } else {
@@ -2096,6 +2146,23 @@ impl CudaExecutor {
                 ))
             }
         }
+        // The tensor-core prefill attention takes the same launch (its tiles are static
+        // shared memory, so the dynamic part is dropped).
+        if let (true, Some(mma), "attention_prefill", (128, 1, 1)) = (
+            self.use_prefill_mma,
+            self.prefill_mma,
+            l.entry.as_str(),
+            block,
+        ) {
+            return Ok(Op::Launch {
+                step: si,
+                func: mma,
+                grid,
+                block,
+                shared: 0,
+                params,
+            });
+        }
         Ok(Op::Launch {
             step: si,
             func,
@@ -2411,9 +2478,14 @@ impl crate::session::Executor for CudaExecutor {
             "launch by launch".into()
         };
         format!(
-            "plan-cuda on {} ({}, decode {launches}, {})",
+            "plan-cuda on {} ({}, decode {launches}, {}{})",
             self.device_name,
             self.arch,
+            if self.use_prefill_mma {
+                "prefill attention on the tensor cores, "
+            } else {
+                ""
+            },
             if self.use_graph {
                 "in a CUDA graph"
             } else {

@@ -4,17 +4,16 @@
 // activation operand of a GEMM whose weight is BF16: cuBLAS multiplies bf16 by bf16 with
 // f32 accumulation and f32 output (cublasGemmEx, CUBLAS_COMPUTE_32F); it has no
 // bf16 x f32 form. Grid-stride loop: any grid covers any n.
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
 extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, long long n) {
     long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        unsigned int u = __float_as_uint(x[i]);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            y[i] = (unsigned short)((u >> 16) | 0x40u);
-        } else {
-            u += 0x7fffu + ((u >> 16) & 1u);
-            y[i] = (unsigned short)(u >> 16);
-        }
-    }
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = bf16_bits(x[i]);
 }
 
 // gemv_<w>_<N>: C[i + j*ldc] = alpha * sum_kk A[kk + i*lda] * B[kk + j*ldb] (+ beta * C,
@@ -703,3 +702,203 @@ extern "C" __global__ void PD_BOUNDS
         if (timing) timer[o + 1] = pd_now();
     }
 }
+
+// attention_prefill_mma: causal attention for prefill on the tensor cores, for plans with
+// bf16 weights (their tolerance; f32 plans keep attention_prefill's f32 arithmetic). The
+// plan's attention_prefill launch as it is: grid (rows, H), 128 threads, the same
+// arguments; the block whose row is the first of a tile of AM_QT rows of one sequence does
+// the tile, the others return. Each of the 4 warps owns 16 query rows. Keys 0..=max
+// position of the tile are staged AM_KT at a time in shared memory as bf16 (K as rows,
+// V transposed, zeros past the last key), then per warp: S = Q K^T and O += P V with
+// mma.sync m16n8k16 (bf16 in, f32 accumulate), online softmax per row in f32, each row
+// masked at its own position. Fragment layouts: PTX ISA, "Matrix Fragments for
+// mma.m16n8k16 with floating point type" (g = lane / 4, tg = lane % 4; A: rows g and
+// g + 8, columns 2 tg, 2 tg + 1 and + 8; B: rows 2 tg, 2 tg + 1 and + 8, column g; C: rows
+// g and g + 8, columns 2 tg, 2 tg + 1). The S accumulators of two adjacent 8-key tiles are
+// the A fragment of P for those 16 keys, so P never leaves registers.
+// Needs NGPT_PD_C, NGPT_PD_D (a multiple of 16, at most 128) and NGPT_PD_MAX_SEQ; sm_80+.
+#if defined(NGPT_PD_C) && defined(NGPT_PD_D) && defined(NGPT_PD_MAX_SEQ) && NGPT_PD_D % 16 == 0 && NGPT_PD_D <= 128
+#define AM_QT 64
+#define AM_KT 64
+#define AM_D NGPT_PD_D
+#define AM_H (NGPT_PD_C / NGPT_PD_D)
+// Row strides (bf16 elements) of the staged tiles: (stride / 2) % 8 == 4 spreads the 32
+// lanes of a fragment load over the 32 banks.
+#define AM_KS (AM_D + 8)
+#define AM_VS (AM_KT + 8)
+
+// Two floats as bf16x2, round to nearest even: lo in the low half (the lower index).
+__device__ __forceinline__ unsigned int am_pack(float lo, float hi) {
+    return (unsigned int)bf16_bits(lo) | ((unsigned int)bf16_bits(hi) << 16);
+}
+
+// d += a b for one m16n8k16 tile (bf16 inputs, f32 accumulators). A host test
+// (runtime/tests/host_emulation.rs) runs this kernel on the CPU with its own am_mma.
+#ifndef NGPT_HOST_MMA
+__device__ __forceinline__ void am_mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_prefill_mma(const float* q, const float* k_cache, const float* v_cache, const int* positions,
+                          float* out, int rows, int tokens) {
+    __shared__ __align__(16) unsigned short ks[AM_KT * AM_KS];  // [key][dim]
+    __shared__ __align__(16) unsigned short vt[AM_D * AM_VS];   // [dim][key]
+    __shared__ int row_pos[AM_QT];
+    int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x;
+    if (r >= rows) return;
+    int b = r / tokens, lr = r - b * tokens;
+    if (lr % AM_QT != 0) return;
+    int nq = min(AM_QT, tokens - lr);
+    int lane = t & 31, warp = t >> 5, g = lane >> 2, tg = lane & 3;
+    long long base = ((long long)b * AM_H + head) * NGPT_PD_MAX_SEQ * AM_D;
+    if (t < AM_QT) row_pos[t] = t < nq ? positions[r + t] : -1;
+    __syncthreads();
+    int max_pos = -1, warp_max = -1;
+    for (int i = 0; i < nq; ++i) max_pos = max(max_pos, row_pos[i]);
+    for (int i = 16 * warp; i < 16 * warp + 16; ++i) warp_max = max(warp_max, row_pos[i]);
+    // This thread's two rows of the warp's sixteen.
+    int i0 = 16 * warp + g, i1 = i0 + 8;
+    int pos0 = row_pos[i0], pos1 = row_pos[i1];
+    // Q as A fragments, one per 16 dims (rows past the tile's end are zeros).
+    unsigned int qa[AM_D / 16][4];
+    {
+        const float* q0 = q + (long long)(r + i0) * NGPT_PD_C + head * AM_D + 2 * tg;
+        const float* q1 = q + (long long)(r + i1) * NGPT_PD_C + head * AM_D + 2 * tg;
+        float2 zero = make_float2(0.0f, 0.0f);
+#pragma unroll
+        for (int kc = 0; kc < AM_D / 16; ++kc) {
+            float2 a = i0 < nq ? *reinterpret_cast<const float2*>(q0 + 16 * kc) : zero;
+            float2 c = i0 < nq ? *reinterpret_cast<const float2*>(q0 + 16 * kc + 8) : zero;
+            float2 bq = i1 < nq ? *reinterpret_cast<const float2*>(q1 + 16 * kc) : zero;
+            float2 dq = i1 < nq ? *reinterpret_cast<const float2*>(q1 + 16 * kc + 8) : zero;
+            qa[kc][0] = am_pack(a.x, a.y);
+            qa[kc][1] = am_pack(bq.x, bq.y);
+            qa[kc][2] = am_pack(c.x, c.y);
+            qa[kc][3] = am_pack(dq.x, dq.y);
+        }
+    }
+    float o[AM_D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < AM_D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+    // Running maximum and (this thread's part of the) sum of each of the two rows.
+    float m0 = PD_NEG_BIG, m1 = PD_NEG_BIG, l0 = 0.0f, l1 = 0.0f;
+    for (int start = 0; start <= max_pos; start += AM_KT) {
+        int n = min(AM_KT, max_pos + 1 - start);
+        __syncthreads();  // every warp is done with the previous tile
+        {
+            const float4* k4 = reinterpret_cast<const float4*>(k_cache + base + (long long)start * AM_D);
+            const float4* v4 = reinterpret_cast<const float4*>(v_cache + base + (long long)start * AM_D);
+            float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+            for (int e = t; e < AM_KT * (AM_D / 4); e += 128) {
+                int key = e / (AM_D / 4), d = 4 * (e - key * (AM_D / 4));
+                float4 kv = key < n ? k4[e] : zero;
+                float4 vv = key < n ? v4[e] : zero;
+                *reinterpret_cast<uint2*>(ks + key * AM_KS + d) = make_uint2(am_pack(kv.x, kv.y), am_pack(kv.z, kv.w));
+                vt[(d + 0) * AM_VS + key] = bf16_bits(vv.x);
+                vt[(d + 1) * AM_VS + key] = bf16_bits(vv.y);
+                vt[(d + 2) * AM_VS + key] = bf16_bits(vv.z);
+                vt[(d + 3) * AM_VS + key] = bf16_bits(vv.w);
+            }
+        }
+        __syncthreads();
+        if (start > warp_max) continue;  // every key of the tile is after this warp's rows
+        // S = Q K^T for the warp's 16 rows and the tile's 64 keys: 8 tiles of 8 keys.
+        float s[AM_KT / 8][4];
+#pragma unroll
+        for (int j = 0; j < AM_KT / 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            const unsigned short* kr = ks + (8 * j + g) * AM_KS + 2 * tg;
+#pragma unroll
+            for (int kc = 0; kc < AM_D / 16; ++kc) {
+                unsigned int b0 = *reinterpret_cast<const unsigned int*>(kr + 16 * kc);
+                unsigned int b1 = *reinterpret_cast<const unsigned int*>(kr + 16 * kc + 8);
+                am_mma(s[j], qa[kc], b0, b1);
+            }
+        }
+        // Online softmax: the tile's maximum of each row over its 4 threads, then
+        // p = exp(s - max), zero where the key is after the row's position.
+        float mx0 = PD_NEG_BIG, mx1 = PD_NEG_BIG;
+#pragma unroll
+        for (int j = 0; j < AM_KT / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int key = start + 8 * j + 2 * tg + e;
+                if (key <= pos0) mx0 = fmaxf(mx0, s[j][e]);
+                if (key <= pos1) mx1 = fmaxf(mx1, s[j][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int j = 0; j < AM_KT / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int key = start + 8 * j + 2 * tg + e;
+                float p0 = key <= pos0 ? expf(s[j][e] - n0) : 0.0f;
+                float p1 = key <= pos1 ? expf(s[j][2 + e] - n1) : 0.0f;
+                s[j][e] = p0;
+                s[j][2 + e] = p1;
+                l0 += p0;
+                l1 += p1;
+            }
+        }
+#pragma unroll
+        for (int dn = 0; dn < AM_D / 8; ++dn) {
+            o[dn][0] *= c0;
+            o[dn][1] *= c0;
+            o[dn][2] *= c1;
+            o[dn][3] *= c1;
+        }
+        // O += P V, 16 keys at a time: P's A fragment is the S tiles 2 kk and 2 kk + 1.
+#pragma unroll
+        for (int kk = 0; kk < AM_KT / 16; ++kk) {
+            unsigned int pa[4] = {am_pack(s[2 * kk][0], s[2 * kk][1]), am_pack(s[2 * kk][2], s[2 * kk][3]),
+                                  am_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  am_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const unsigned short* vr = vt + g * AM_VS + 16 * kk + 2 * tg;
+#pragma unroll
+            for (int dn = 0; dn < AM_D / 8; ++dn) {
+                unsigned int b0 = *reinterpret_cast<const unsigned int*>(vr + 8 * dn * AM_VS);
+                unsigned int b1 = *reinterpret_cast<const unsigned int*>(vr + 8 * dn * AM_VS + 8);
+                am_mma(o[dn], pa, b0, b1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float* out0 = out + (long long)(r + i0) * NGPT_PD_C + head * AM_D + 2 * tg;
+    float* out1 = out + (long long)(r + i1) * NGPT_PD_C + head * AM_D + 2 * tg;
+#pragma unroll
+    for (int dn = 0; dn < AM_D / 8; ++dn) {
+        if (i0 < nq) {
+            out0[8 * dn] = o[dn][0] / l0;
+            out0[8 * dn + 1] = o[dn][1] / l0;
+        }
+        if (i1 < nq) {
+            out1[8 * dn] = o[dn][2] / l1;
+            out1[8 * dn + 1] = o[dn][3] / l1;
+        }
+    }
+}
+#endif

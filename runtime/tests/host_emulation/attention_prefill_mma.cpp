@@ -1,0 +1,78 @@
+// attention_prefill_mma on the CPU (runtime/tests/host_emulation.rs writes kernel.inc: the
+// executor's prelude, then the kernel's text from helpers.cu).
+//
+//   attention_prefill_mma BATCH TOKENS OFFSET SEED
+//
+// Random q and caches, row r of sequence r / TOKENS at position OFFSET + r % TOKENS (the
+// cache holds keys before OFFSET too, as after an earlier prefill); the output is poisoned
+// with NaN first. Prints the relative error against exact causal attention (float64),
+// the worst row's, and how many outputs were left unwritten.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "warp.hpp"
+#define NGPT_HOST_MMA 1
+#include "kernel.inc"
+
+int main(int argc, char** argv) {
+    if (argc != 5) {
+        std::fprintf(stderr, "usage: %s BATCH TOKENS OFFSET SEED\n", argv[0]);
+        return 2;
+    }
+    const int batch = std::atoi(argv[1]), tokens = std::atoi(argv[2]), offset = std::atoi(argv[3]);
+    const int C = NGPT_PD_C, D = NGPT_PD_D, H = C / D, S = NGPT_PD_MAX_SEQ;
+    const int rows = batch * tokens;
+    if (offset + tokens > S) return 2;
+    std::mt19937 rng(std::atoi(argv[4]));
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> q((size_t)rows * C), kc((size_t)batch * H * S * D), vc(kc.size());
+    std::vector<float> out((size_t)rows * C, NAN);
+    for (auto& x : q) x = 0.6f * u(rng);
+    for (auto& x : kc) x = u(rng);
+    for (auto& x : vc) x = u(rng);
+    std::vector<int> pos(rows);
+    for (int r = 0; r < rows; ++r) pos[r] = offset + r % tokens;
+
+    launch(Dim3{(unsigned)rows, (unsigned)H, 1}, 128,
+           [&] { attention_prefill_mma(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, tokens); });
+
+    double num = 0, den = 0, worst = 0;
+    long unwritten = 0;
+    for (int r = 0; r < rows; ++r) {
+        int b = r / tokens;
+        for (int h = 0; h < H; ++h) {
+            const float* qr = &q[(size_t)r * C + h * D];
+            const float* kb = &kc[((size_t)b * H + h) * S * D];
+            const float* vb = &vc[((size_t)b * H + h) * S * D];
+            std::vector<double> sc(pos[r] + 1);
+            double m = -1e300;
+            for (int j = 0; j <= pos[r]; ++j) {
+                double s = 0;
+                for (int d = 0; d < D; ++d) s += (double)qr[d] * kb[(size_t)j * D + d];
+                sc[j] = s;
+                m = std::max(m, s);
+            }
+            double z = 0;
+            for (auto& s : sc) z += (s = std::exp(s - m));
+            double rn = 0, rd = 0;
+            for (int d = 0; d < D; ++d) {
+                double want = 0;
+                for (int j = 0; j <= pos[r]; ++j) want += sc[j] * vb[(size_t)j * D + d];
+                want /= z;
+                double got = out[(size_t)r * C + h * D + d];
+                if (std::isnan(got)) {
+                    ++unwritten;
+                    continue;
+                }
+                rn += (got - want) * (got - want);
+                rd += want * want;
+            }
+            num += rn;
+            den += rd;
+            worst = std::max(worst, std::sqrt(rn / std::max(rd, 1e-300)));
+        }
+    }
+    std::printf("rel_err %.6e worst_row %.6e unwritten %ld\n", std::sqrt(num / den), worst, unwritten);
+    return 0;
+}

@@ -1,0 +1,132 @@
+// Just enough CUDA to run one of the runtime's kernels on the CPU, for
+// runtime/tests/host_emulation.rs: each block's threads are OS threads, __syncthreads and
+// warp collectives are barriers, and mma.sync m16n8k16 (bf16 in, f32 out) is computed
+// from the fragments every lane of the warp holds, by the layout in the PTX ISA
+// ("Matrix Fragments for mma.m16n8k16 with floating point type"), written out here
+// independently of the kernel's own index arithmetic.
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct Dim3 {
+    unsigned x, y, z;
+};
+thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim, gridDim;
+
+struct float2 {
+    float x, y;
+};
+struct float4 {
+    float x, y, z, w;
+};
+struct uint2 {
+    unsigned x, y;
+};
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+using std::max;
+using std::min;
+
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __launch_bounds__(n)
+// One block runs at a time, so a function's static arrays are its block's shared memory.
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __trap() std::abort()
+
+constexpr int kMaxWarps = 32;
+static std::barrier<>* g_block;
+static std::barrier<>* g_warp[kMaxWarps];
+#define __syncthreads() g_block->arrive_and_wait()
+
+static float g_xch[kMaxWarps][32];
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_xch[w][l] = v;
+    g_warp[w]->arrive_and_wait();
+    float r = g_xch[w][l ^ o];
+    g_warp[w]->arrive_and_wait();
+    return r;
+}
+
+struct MmaIn {
+    unsigned a[4], b[2];
+};
+static MmaIn g_mma[kMaxWarps][32];
+inline float bf16_value(unsigned reg, int high) { return __uint_as_float((high ? reg >> 16 : reg & 0xffffu) << 16); }
+
+// d += A B for the warp's m16n8k16 tile; every lane of the warp calls it together.
+// A (16 x 16): a_i in register i / 2, half i % 2; rows g (i in 0,1,4,5) or g + 8, columns
+// 2 tg + i % 2 (+ 8 for i >= 4). B (16 x 8): b_i in register i / 2, half i % 2; row
+// 2 tg + i % 2 (+ 8 for i >= 2), column g. C (16 x 8): c_i row g (i < 2) or g + 8, column
+// 2 tg + i % 2. With g = lane / 4, tg = lane % 4.
+inline void am_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_mma[w][l] = MmaIn{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    g_warp[w]->arrive_and_wait();
+    int g = l / 4, tg = l % 4;
+    for (int i = 0; i < 4; ++i) {
+        int row = i < 2 ? g : g + 8, col = 2 * tg + i % 2;
+        double acc = d[i];
+        for (int k = 0; k < 16; ++k) {
+            // A(row, k): a_i with i = 2 * (row >= 8) + 4 * (k >= 8) + k % 2, held by lane
+            // 4 * (row % 8) + (k % 8) / 2.
+            const MmaIn& ha = g_mma[w][4 * (row % 8) + (k % 8) / 2];
+            float av = bf16_value(ha.a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+            // B(k, col): b_i with i = 2 * (k >= 8) + k % 2, held by lane 4 * col + (k % 8) / 2.
+            const MmaIn& hb = g_mma[w][4 * col + (k % 8) / 2];
+            float bv = bf16_value(hb.b[k >= 8 ? 1 : 0], k % 2);
+            acc += (double)av * bv;
+        }
+        d[i] = (float)acc;
+    }
+    g_warp[w]->arrive_and_wait();
+}
+
+// Runs `body` as a grid of blocks of `threads` threads (a multiple of 32), one block at a
+// time.
+inline void launch(Dim3 grid, unsigned threads, const std::function<void()>& body) {
+    gridDim = grid;
+    blockDim = Dim3{threads, 1, 1};
+    for (unsigned by = 0; by < grid.y; ++by) {
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+            std::barrier<> block(threads);
+            std::vector<std::unique_ptr<std::barrier<>>> warps;
+            for (unsigned w = 0; w < threads / 32; ++w) {
+                warps.push_back(std::make_unique<std::barrier<>>(32));
+                g_warp[w] = warps.back().get();
+            }
+            g_block = &block;
+            std::vector<std::thread> pool;
+            for (unsigned t = 0; t < threads; ++t) {
+                pool.emplace_back([&, t] {
+                    threadIdx = Dim3{t, 0, 0};
+                    blockIdx = Dim3{bx, by, 0};
+                    body();
+                });
+            }
+            for (auto& th : pool) th.join();
+        }
+    }
+}
