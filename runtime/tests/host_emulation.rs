@@ -1,23 +1,43 @@
-//! GPU kernels run on the CPU: `attention_prefill_mma` (runtime/src/cuda/helpers.cu) is
-//! compiled with g++ against `host_emulation/warp.hpp` (threads for a block's threads,
-//! barriers for `__syncthreads` and warp collectives, `mma.sync` computed from every lane's
-//! fragments by the PTX ISA's layout) and checked against exact causal attention. This
-//! runs on every machine with g++ (CI included), so the tensor-core kernel's fragment
-//! arithmetic, masking and online softmax are tested before any GPU runs it; on a GPU,
-//! runtime/tests/cuda.rs checks it against the f32 kernel.
+//! GPU kernels run on the CPU. The attention kernels (the plan's `attention_prefill` and
+//! `attention_decode` from compiler/kernels/ngpt.cu with their untiled `_simple` twins,
+//! and the runtime's tensor-core `attention_prefill_mma` from helpers.cu) are compiled with
+//! g++ against `host_emulation/warp.hpp`: a block's threads are OS threads,
+//! `__syncthreads` and warp collectives are barriers, and `mma.sync` is computed from
+//! every lane's fragments by the PTX ISA's layout. Each is checked against exact causal
+//! attention on odd shapes. This runs wherever g++ is (CI included), so what the kernels
+//! compute is tested before a GPU runs them; on a GPU, runtime/tests/cuda.rs checks them
+//! against the CPU executor and each other.
 #![cfg(feature = "cuda")]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 const WARP_HPP: &str = include_str!("host_emulation/warp.hpp");
-const MAIN_CPP: &str = include_str!("host_emulation/attention_prefill_mma.cpp");
+const MAIN_CPP: &str = include_str!("host_emulation/attention.cpp");
+const NGPT_CU: &str = include_str!("../../compiler/kernels/ngpt.cu");
+/// Keys per staged tile of ngpt.cu's attention_prefill (the compiler's `KV_TILE`).
+const KV_TILE: usize = 32;
 
-/// The kernel's text from helpers.cu: the bf16 rounding it uses, the constant it needs,
+/// The widths a kernel is compiled for.
+#[derive(Clone, Copy)]
+struct Widths {
+    c: usize,
+    d: usize,
+    max_seq: usize,
+}
+
+/// A kernel to emulate: its name, its source behind its prelude, dynamic shared memory.
+struct Kernel {
+    name: &'static str,
+    source: String,
+    shared: usize,
+}
+
+/// helpers.cu's attention_prefill_mma: the bf16 rounding it uses, the constant it needs,
 /// and everything from its comment to the end of the file.
-fn kernel_text() -> Result<String> {
+fn mma_kernel(w: Widths) -> Result<Kernel> {
     let src = ngpt_runtime::cuda::HELPERS_CU;
     let a = src
         .find("__device__ __forceinline__ unsigned short bf16_bits")
@@ -30,72 +50,204 @@ fn kernel_text() -> Result<String> {
     let m = src
         .find("// attention_prefill_mma:")
         .context("attention_prefill_mma not in helpers.cu")?;
-    Ok(format!("{neg}\n{}{}", &src[a..b], &src[m..]))
+    Ok(Kernel {
+        name: "attention_prefill_mma",
+        source: format!(
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{neg}\n{}{}",
+            w.c,
+            w.d,
+            w.max_seq,
+            &src[a..b],
+            &src[m..]
+        ),
+        shared: 0,
+    })
 }
 
-/// Builds the emulated kernel for one set of widths.
-fn build(dir: &Path, c: usize, d: usize, max_seq: usize) -> Result<std::path::PathBuf> {
-    std::fs::write(dir.join("warp.hpp"), WARP_HPP)?;
-    std::fs::write(dir.join("attention_prefill_mma.cpp"), MAIN_CPP)?;
+/// One of ngpt.cu's attention kernels, behind the prelude a plan gives it; its dynamic
+/// shared memory array becomes a pointer to the emulation's.
+fn ngpt_kernel(name: &'static str, w: Widths) -> Result<Kernel> {
+    let decl = "extern __shared__ __align__(16) float tile[];";
+    ensure!(
+        NGPT_CU.contains(decl),
+        "ngpt.cu no longer declares `{decl}`"
+    );
+    let body = NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;");
+    Ok(Kernel {
+        name,
+        source: format!(
+            "#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V 7\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 0\n{body}",
+            w.c,
+            w.c / w.d,
+            w.d,
+            w.max_seq
+        ),
+        shared: if name.starts_with("attention_prefill") {
+            2 * KV_TILE * w.d * 4
+        } else {
+            0
+        },
+    })
+}
+
+/// Builds the emulation of one kernel for one set of widths.
+fn build(dir: &Path, k: &Kernel, w: Widths) -> Result<PathBuf> {
+    let sub = dir.join(format!("{}_{}_{}", k.name, w.c, w.d));
+    std::fs::create_dir_all(&sub)?;
+    std::fs::write(sub.join("warp.hpp"), WARP_HPP)?;
+    std::fs::write(sub.join("attention.cpp"), MAIN_CPP)?;
     std::fs::write(
-        dir.join("kernel.inc"),
+        sub.join("kernel.inc"),
         format!(
-            "#define NGPT_PD_C {c}\n#define NGPT_PD_D {d}\n#define NGPT_PD_MAX_SEQ {max_seq}\n{}",
-            kernel_text()?
+            "#define NGPT_EMU_KERNEL {}\n#define NGPT_EMU_SHARED {}\n#define NGPT_EMU_C {}\n#define NGPT_EMU_D {}\n#define NGPT_EMU_MAX_SEQ {}\n{}",
+            k.name, k.shared, w.c, w.d, w.max_seq, k.source
         ),
     )?;
-    let exe = dir.join(format!("emu_{c}_{d}"));
+    let exe = sub.join("emu");
     let out = Command::new("g++")
         .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
         .arg(&exe)
-        .arg(dir.join("attention_prefill_mma.cpp"))
+        .arg(sub.join("attention.cpp"))
         .output()?;
     if !out.status.success() {
-        bail!("g++: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("g++ ({}): {}", k.name, String::from_utf8_lossy(&out.stderr));
     }
     Ok(exe)
 }
 
+/// (sequences, tokens per sequence, first position).
+type Run = (usize, usize, usize);
+
+/// Runs the emulation on each of `runs`; the worst relative error and worst row's.
+fn check(exe: &Path, what: &str, runs: &[Run], tol: (f64, f64)) -> Result<()> {
+    for (seed, &(batch, tokens, offset)) in runs.iter().enumerate() {
+        let out = Command::new(exe)
+            .args([batch, tokens, offset, seed + 1].map(|v| v.to_string()))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        ensure!(
+            out.status.success(),
+            "{what}: emulation of {batch} x {tokens} from {offset} failed ({}): {text}",
+            out.status
+        );
+        let field = |name: &str| -> Result<f64> {
+            let mut words = text.split_whitespace();
+            words
+                .by_ref()
+                .find(|w| *w == name)
+                .and_then(|_| words.next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in {text:?}"))
+        };
+        let (rel, worst, unwritten) = (field("rel_err")?, field("worst_row")?, field("unwritten")?);
+        let run = format!("{what}, {batch} x {tokens} rows from position {offset}");
+        eprintln!("{run}: rel err {rel:.3e}, worst row {worst:.3e}");
+        // NaN fails both comparisons.
+        assert!(rel <= tol.0 && worst <= tol.1, "{run}: {text}");
+        assert_eq!(unwritten, 0.0, "{run}: outputs left unwritten");
+    }
+    Ok(())
+}
+
+fn gxx() -> bool {
+    let found = Command::new("g++").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("skipped: g++ not found (the emulation is compiled C++)");
+    }
+    found
+}
+
 #[test]
 fn tensor_core_prefill_attention_matches_exact_attention_on_the_cpu() -> Result<()> {
-    if Command::new("g++").arg("--version").output().is_err() {
-        eprintln!("skipped: g++ not found (the emulation is compiled C++)");
+    if !gxx() {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    // (n_embd, head_dim, KV capacity) and runs of (sequences, tokens, first position):
-    // query tiles of 64 rows, whole and partial; a second prefill chunk after cached keys;
-    // head dims 16, 64 and 128; key tiles of 64, whole and partial.
-    type Run = (usize, usize, usize);
-    let cases: [(usize, usize, usize, &[Run]); 3] = [
-        (128, 64, 200, &[(2, 70, 0), (1, 130, 37), (3, 5, 0)]),
-        (48, 16, 150, &[(2, 65, 0), (1, 64, 80)]),
-        (128, 128, 140, &[(1, 129, 0)]),
+    // Query tiles of 64 rows, whole and partial; a second prefill chunk after cached keys;
+    // head dims 16, 64 and 128; key tiles of 64, whole and partial. bf16 operands: about
+    // 3e-3 here.
+    let cases: [(Widths, &[Run]); 3] = [
+        (
+            Widths {
+                c: 128,
+                d: 64,
+                max_seq: 200,
+            },
+            &[(2, 70, 0), (1, 130, 37), (3, 5, 0)],
+        ),
+        (
+            Widths {
+                c: 48,
+                d: 16,
+                max_seq: 150,
+            },
+            &[(2, 65, 0), (1, 64, 80)],
+        ),
+        (
+            Widths {
+                c: 128,
+                d: 128,
+                max_seq: 140,
+            },
+            &[(1, 129, 0)],
+        ),
     ];
-    for (c, d, max_seq, runs) in cases {
-        let exe = build(dir.path(), c, d, max_seq)?;
-        for (seed, &(batch, tokens, offset)) in runs.iter().enumerate() {
-            let out = Command::new(&exe)
-                .args([batch, tokens, offset, seed + 1].map(|v| v.to_string()))
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            anyhow::ensure!(out.status.success(), "emulation failed: {text}");
-            let field = |name: &str| -> Result<f64> {
-                let mut words = text.split_whitespace();
-                words
-                    .by_ref()
-                    .find(|w| *w == name)
-                    .and_then(|_| words.next())
-                    .and_then(|v| v.parse().ok())
-                    .with_context(|| format!("no {name} in {text:?}"))
-            };
-            let (rel, worst, unwritten) =
-                (field("rel_err")?, field("worst_row")?, field("unwritten")?);
-            let what = format!("head_dim {d}, {batch} x {tokens} rows from position {offset}");
-            eprintln!("{what}: rel err {rel:.3e}, worst row {worst:.3e}");
-            // bf16 operands (about 3e-3 here); NaN fails every comparison.
-            assert!(rel <= 1e-2 && worst <= 3e-2, "{what}: {text}");
-            assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
+    for (w, runs) in cases {
+        let k = mma_kernel(w)?;
+        let exe = build(dir.path(), &k, w)?;
+        check(
+            &exe,
+            &format!("{}, head_dim {}", k.name, w.d),
+            runs,
+            (1e-2, 3e-2),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn f32_attention_kernels_match_exact_attention_on_the_cpu() -> Result<()> {
+    if !gxx() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // Head dims 12 (not a multiple of 4: the scalar staging), 32 and 64; key tiles of 32
+    // whole and partial; query tiles (32 rows at these head dims) whole and partial;
+    // decode rows of different lengths, one past a 128-key tile.
+    let widths = [
+        Widths {
+            c: 36,
+            d: 12,
+            max_seq: 150,
+        },
+        Widths {
+            c: 96,
+            d: 32,
+            max_seq: 180,
+        },
+        Widths {
+            c: 128,
+            d: 64,
+            max_seq: 160,
+        },
+    ];
+    let prefill: &[Run] = &[(2, 40, 0), (1, 33, 41)];
+    let decode: &[Run] = &[(3, 1, 5), (2, 1, 130)];
+    for w in widths {
+        for (name, runs) in [
+            ("attention_prefill", prefill),
+            ("attention_prefill_simple", prefill),
+            ("attention_decode", decode),
+            ("attention_decode_simple", decode),
+        ] {
+            let k = ngpt_kernel(name, w)?;
+            let exe = build(dir.path(), &k, w)?;
+            check(
+                &exe,
+                &format!("{name}, head_dim {}", w.d),
+                runs,
+                (1e-5, 1e-5),
+            )?;
         }
     }
     Ok(())

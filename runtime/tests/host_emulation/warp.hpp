@@ -43,6 +43,7 @@ inline float __uint_as_float(unsigned u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 using std::max;
 using std::min;
 
@@ -69,6 +70,9 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_warp[w]->arrive_and_wait();
     return r;
 }
+
+// helpers.cu leaves am_mma to this file.
+#define NGPT_HOST_MMA 1
 
 struct MmaIn {
     unsigned a[4], b[2];
@@ -104,9 +108,15 @@ inline void am_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     g_warp[w]->arrive_and_wait();
 }
 
-// Runs `body` as a grid of blocks of `threads` threads (a multiple of 32), one block at a
-// time.
-inline void launch(Dim3 grid, unsigned threads, const std::function<void()>& body) {
+// The block's dynamic shared memory (`extern __shared__` arrays are declared as pointers
+// to it: host_emulation.rs rewrites those declarations).
+static float* g_dynamic_smem;
+
+// Runs `body` as a grid of blocks of `threads` threads (a multiple of 32) with `shared`
+// bytes of dynamic shared memory, one block at a time.
+inline void launch(Dim3 grid, unsigned threads, size_t shared, const std::function<void()>& body) {
+    std::vector<float> dynamic(shared / sizeof(float) + 4);
+    g_dynamic_smem = dynamic.data();
     gridDim = grid;
     blockDim = Dim3{threads, 1, 1};
     for (unsigned by = 0; by < grid.y; ++by) {

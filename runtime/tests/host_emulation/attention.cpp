@@ -1,18 +1,22 @@
-// attention_prefill_mma on the CPU (runtime/tests/host_emulation.rs writes kernel.inc: the
-// executor's prelude, then the kernel's text from helpers.cu).
+// One attention kernel on the CPU (runtime/tests/host_emulation.rs writes kernel.inc: the
+// kernel's source behind its prelude, and NGPT_EMU_KERNEL, NGPT_EMU_SHARED (dynamic shared
+// memory bytes), NGPT_EMU_C, NGPT_EMU_D and NGPT_EMU_MAX_SEQ for this harness). Every
+// attention kernel of the runtime has the same arguments: q [rows, C], the caches
+// [batch, H, MAX_SEQ, D], positions [rows], out [rows, C], rows, tokens; grid (rows, H),
+// 128 threads.
 //
-//   attention_prefill_mma BATCH TOKENS OFFSET SEED
+//   attention BATCH TOKENS OFFSET SEED
 //
-// Random q and caches, row r of sequence r / TOKENS at position OFFSET + r % TOKENS (the
-// cache holds keys before OFFSET too, as after an earlier prefill); the output is poisoned
-// with NaN first. Prints the relative error against exact causal attention (float64),
-// the worst row's, and how many outputs were left unwritten.
+// Random q and caches; row r of sequence b = r / TOKENS sits at position OFFSET + r %
+// TOKENS, plus 13 b when TOKENS is 1 (decode rows at different lengths); the cache holds
+// keys before OFFSET too, as after an earlier prefill. The output is poisoned with NaN
+// first. Prints the relative error against exact causal attention (float64), the worst
+// (row, head)'s, and how many outputs were left unwritten.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 
 #include "warp.hpp"
-#define NGPT_HOST_MMA 1
 #include "kernel.inc"
 
 int main(int argc, char** argv) {
@@ -21,9 +25,8 @@ int main(int argc, char** argv) {
         return 2;
     }
     const int batch = std::atoi(argv[1]), tokens = std::atoi(argv[2]), offset = std::atoi(argv[3]);
-    const int C = NGPT_PD_C, D = NGPT_PD_D, H = C / D, S = NGPT_PD_MAX_SEQ;
+    const int C = NGPT_EMU_C, D = NGPT_EMU_D, H = C / D, S = NGPT_EMU_MAX_SEQ;
     const int rows = batch * tokens;
-    if (offset + tokens > S) return 2;
     std::mt19937 rng(std::atoi(argv[4]));
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     std::vector<float> q((size_t)rows * C), kc((size_t)batch * H * S * D), vc(kc.size());
@@ -32,10 +35,11 @@ int main(int argc, char** argv) {
     for (auto& x : kc) x = u(rng);
     for (auto& x : vc) x = u(rng);
     std::vector<int> pos(rows);
-    for (int r = 0; r < rows; ++r) pos[r] = offset + r % tokens;
+    for (int r = 0; r < rows; ++r) pos[r] = offset + r % tokens + (tokens == 1 ? 13 * r : 0);
+    if (pos[rows - 1] >= S) return 2;
 
-    launch(Dim3{(unsigned)rows, (unsigned)H, 1}, 128,
-           [&] { attention_prefill_mma(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, tokens); });
+    launch(Dim3{(unsigned)rows, (unsigned)H, 1}, 128, NGPT_EMU_SHARED,
+           [&] { NGPT_EMU_KERNEL(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, tokens); });
 
     double num = 0, den = 0, worst = 0;
     long unwritten = 0;
