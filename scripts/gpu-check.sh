@@ -7,7 +7,8 @@
 #      on these compiled plans) and tests/it/plan_parity.rs's plan_cuda bodies (against the
 #      float64 reference: f32 1e-5, bf16 2e-2 with top-1 >= 95%);
 #   4. ngpt validate on each plan (plan-cpu and plan-cuda against the reference);
-#      Both again with NGPT_CUDA_PREFILL_MMA=1 (prefill attention on the tensor cores).
+#      Both again with the opt-in paths on (NGPT_CUDA_PREFILL_MMA=1: prefill attention on
+#      the tensor cores; NGPT_CUDA_PD_STREAM=1: decode_persistent streams weights).
 #   5. times ngpt generate (and ngpt bench where the CLI has it) with plan-cuda, and
 #      plan-cpu beside it; runs ngpt logits --engine plan-cuda (against the float64
 #      reference) and ngpt demo (its plan-cuda row must be ok); prints a short table.
@@ -37,6 +38,8 @@ bundle=$(cd "$bundle" && pwd)
 work=/tmp/ngpt-gpu-check
 mkdir -p "$work"
 parts=",${NGPT_GPU_PARTS:-tests},"
+# The opt-in GPU paths (off by default until measured on a GPU): run again with these.
+optin="NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_PD_STREAM=1"
 logdir=${OUT:-$work}
 mkdir -p "$logdir"
 log="$logdir/gpu-check.log"
@@ -155,15 +158,14 @@ NGPT_CUDA_ATTENTION=simple NGPT_CUDA_PERSISTENT=0 NGPT_CUDA_TEST_PLANS="$plans" 
     fail "runtime/tests/cuda.rs (NGPT_CUDA_ATTENTION=simple NGPT_CUDA_PERSISTENT=0)"
 run 150 "tests/it/plan_parity.rs plan_cuda" \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
-# Prefill attention on the tensor cores (attention_prefill_mma, opt-in until measured here):
-# every bf16 plan of both test binaries through it, against the CPU executor and the
-# float64 reference.
-NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_TEST_PLANS="$plans" run 150 \
-    "runtime/tests/cuda.rs, NGPT_CUDA_PREFILL_MMA=1" "$work/cuda-tests" --test-threads 4 --nocapture ||
-    fail "runtime/tests/cuda.rs (NGPT_CUDA_PREFILL_MMA=1)"
-NGPT_CUDA_PREFILL_MMA=1 run 150 "tests/it/plan_parity.rs plan_cuda, NGPT_CUDA_PREFILL_MMA=1" \
+# The opt-in paths, until measured here: prefill attention on the tensor cores
+# (attention_prefill_mma, bf16 plans) and decode_persistent's weight streaming; every plan
+# of both test binaries through them, against the CPU executor and the float64 reference.
+run 150 "runtime/tests/cuda.rs, $optin" env $optin NGPT_CUDA_TEST_PLANS="$plans" \
+    "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs ($optin)"
+run 150 "tests/it/plan_parity.rs plan_cuda, $optin" env $optin \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture ||
-    fail "plan_parity plan_cuda (NGPT_CUDA_PREFILL_MMA=1)"
+    fail "plan_parity plan_cuda ($optin)"
 if grep -q "^skipped: " "$log"; then
     fail "some CUDA tests skipped on a GPU machine: $(grep -m1 '^skipped: ' "$log")"
 fi
@@ -217,11 +219,9 @@ for m in tiny-f32 tiny-bf16 half-bf16; do
             "$m" "$engine" "$validate" "$gp" "$gd" "$bp" "$bd" "$ttft" "$floor")")
     done
     say "   validate $m: ${cuda_line:-no plan-cuda line}"
-    if [ "$m" != tiny-f32 ]; then
-        NGPT_CUDA_PREFILL_MMA=1 run 240 "validate $m, NGPT_CUDA_PREFILL_MMA=1" "$ngpt" validate "$dir" \
-            --engines plan-cuda || fail "ngpt validate $m (NGPT_CUDA_PREFILL_MMA=1)"
-        say "   validate $m, tensor-core prefill attention: $(grep -E "^ *plan-cuda " "$log" | tail -1 | tr -s ' ')"
-    fi
+    run 240 "validate $m, $optin" env $optin "$ngpt" validate "$dir" --engines plan-cuda ||
+        fail "ngpt validate $m ($optin)"
+    say "   validate $m, $optin: $(grep -E "^ *plan-cuda " "$log" | tail -1 | tr -s ' ')"
 done
 
 # --- 5b. the other plan-cuda entry points: ngpt logits and ngpt demo ---------------------
@@ -305,19 +305,23 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 2 blocks/SM" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_MIN_BLOCKS=2 -- \
         --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 weights streamed" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_STREAM=1 -- \
+        --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
     bench_row "plan-cuda b1 p2048 g16 tensor-core attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PREFILL_MMA=1 -- \
         --prompt-len 2048 --gen-len 16 --runs 3
     bench_row "plan-cuda b8 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 8 --runs 3
+    bench_row "plan-cuda b8 p128 g64 weights streamed" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_STREAM=1 -- \
+        --prompt-len 128 --gen-len 64 --batch 8 --runs 3
     bench_row "plan-cuda b32 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 32 --runs 3
     # Where the time goes: GPU time per kernel (NGPT_CUDA_PROFILE, printed at exit).
-    for shape in "128 32 0" "2048 4 0" "2048 4 1"; do
+    for shape in "128 32 0" "128 32 1" "2048 4 0" "2048 4 1"; do
         set -- $shape
-        prof="$work/profile-p$1-mma$3.out"
-        say "== profile p$1 g$2 (NGPT_CUDA_PREFILL_MMA=$3)"
-        NGPT_CUDA_PREFILL_MMA=$3 NGPT_CUDA_CHECK=0 NGPT_CUDA_PROFILE=1 timeout 120 "$ngpt" bench "$dir" \
+        prof="$work/profile-p$1-optin$3.out"
+        say "== profile p$1 g$2 (opt-ins $3: NGPT_CUDA_PREFILL_MMA, NGPT_CUDA_PD_STREAM)"
+        NGPT_CUDA_PREFILL_MMA=$3 NGPT_CUDA_PD_STREAM=$3 NGPT_CUDA_CHECK=0 NGPT_CUDA_PROFILE=1 timeout 120 "$ngpt" bench "$dir" \
             --engine plan-cuda --prompt-len "$1" --gen-len "$2" --runs 1 >"$prof" 2>&1 ||
             fail "profile p$1"
         cat "$prof" >> "$log"

@@ -625,6 +625,11 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             "#define NGPT_PD_C 256\n#define NGPT_PD_D 128\n#define NGPT_PD_MAX_SEQ 1024\n",
             true,
         ),
+        // With decode_persistent's weight-streaming buffers (cp.async).
+        (
+            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_MAX_SEQ 4096\n#define NGPT_PD_STREAM 65536\n#define NGPT_PD_RING_OFFSET 16384\n",
+            true,
+        ),
     ] {
         let ptx = nvrtc(
             "ngpt_runtime_helpers",
@@ -638,6 +643,11 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
         if mma {
             assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         }
+        assert_eq!(
+            ptx.contains("cp.async.cg.shared.global"),
+            prelude.contains("NGPT_PD_STREAM"),
+            "weight streaming with {prelude:?}"
+        );
         for entry in [
             "f32_to_bf16",
             "spin",
@@ -808,22 +818,32 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
     for (seed, (shape, batch, prompt_len, what)) in cases.into_iter().enumerate() {
         let plan = load(&made_plan(shape, 20 + seed as u64)?)?;
         let v = plan.dims.vocab;
-        let (mut a, mut b, mut c) = (
+        let (mut a, mut b, mut c, mut s) = (
+            CudaExecutor::new(Arc::clone(&plan), batch)?,
             CudaExecutor::new(Arc::clone(&plan), batch)?,
             CudaExecutor::new(Arc::clone(&plan), batch)?,
             CudaExecutor::new(Arc::clone(&plan), batch)?,
         );
         a.set_persistent(true);
         a.set_persistent_fusion(true);
+        a.set_persistent_stream(false);
         b.set_persistent(false);
         c.set_persistent(true);
         c.set_persistent_fusion(false);
+        c.set_persistent_stream(false);
+        // Folded, with the weights streamed into shared memory ahead of each gemv.
+        s.set_persistent(true);
+        s.set_persistent_fusion(true);
+        assert!(
+            s.set_persistent_stream(true),
+            "{what}: no room for the streaming buffers"
+        );
         let toks: Vec<i32> = prompt(v, batch * prompt_len, seed)
             .iter()
             .map(|&t| t as i32)
             .collect();
         let pos: Vec<i32> = (0..batch).flat_map(|_| 0..prompt_len as i32).collect();
-        for ex in [&mut a, &mut b, &mut c] {
+        for ex in [&mut a, &mut b, &mut c, &mut s] {
             ex.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
         }
         let steps = 4;
@@ -836,12 +856,14 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
             let ga = a.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
             let gb = b.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
             let gc = c.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let gs = s.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
             let (err, top1) = compare(&ga, &gb, v);
             let (err_c, _) = compare(&gc, &gb, v);
-            eprintln!("{what}: decode step {step}: persistent vs launch by launch {err:.3e} (steps folded {:?}), unfolded {err_c:.3e}, top-1 {top1:.3}", a.persistent_folds());
+            let (err_s, _) = compare(&gs, &gb, v);
+            eprintln!("{what}: decode step {step}: persistent vs launch by launch {err:.3e} (steps folded {:?}), unfolded {err_c:.3e}, weights streamed {err_s:.3e}, top-1 {top1:.3}", a.persistent_folds());
             assert!(
-                err <= 1e-5 && err_c <= 1e-5,
-                "{what}, decode step {step}: persistent vs launch by launch {err:.3e}, unfolded {err_c:.3e}"
+                err <= 1e-5 && err_c <= 1e-5 && err_s <= 1e-5,
+                "{what}, decode step {step}: persistent vs launch by launch {err:.3e}, unfolded {err_c:.3e}, streamed {err_s:.3e}"
             );
             agree += top1;
         }
@@ -855,6 +877,7 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
             "{what}: decode_persistent should run every step"
         );
         assert_eq!(c.persistent_runs(), steps as u64);
+        assert_eq!(s.persistent_runs(), steps as u64);
         // Every layer folds its two lerp_norms, its swiglu and its pos_norm.
         let layers = shape.layers;
         assert_eq!(a.persistent_folds(), (2 * layers, layers, layers), "{what}");

@@ -1,10 +1,12 @@
 //! GPU kernels run on the CPU. The attention kernels (the plan's `attention_prefill` and
 //! `attention_decode` from compiler/kernels/ngpt.cu with their untiled `_simple` twins,
-//! and the runtime's tensor-core `attention_prefill_mma` from helpers.cu) are compiled with
+//! and the runtime's tensor-core `attention_prefill_mma` from helpers.cu) and
+//! `decode_persistent`'s gemv entries (with and without weight streaming) are compiled with
 //! g++ against `host_emulation/warp.hpp`: a block's threads are OS threads,
-//! `__syncthreads` and warp collectives are barriers, and `mma.sync` is computed from
-//! every lane's fragments by the PTX ISA's layout. Each is checked against exact causal
-//! attention on odd shapes. This runs wherever g++ is (CI included), so what the kernels
+//! `__syncthreads` and warp collectives are barriers, `mma.sync` is computed from every
+//! lane's fragments by the PTX ISA's layout, and for the persistent kernel every block is a
+//! process sharing one mapping of "device memory", all resident at once as its grid
+//! barrier needs. Each is checked against float64 arithmetic on odd shapes. This runs wherever g++ is (CI included), so what the kernels
 //! compute is tested before a GPU runs them; on a GPU, runtime/tests/cuda.rs checks them
 //! against the CPU executor and each other.
 #![cfg(feature = "cuda")]
@@ -16,6 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 const WARP_HPP: &str = include_str!("host_emulation/warp.hpp");
 const MAIN_CPP: &str = include_str!("host_emulation/attention.cpp");
+const PERSISTENT_CPP: &str = include_str!("host_emulation/persistent.cpp");
 const NGPT_CU: &str = include_str!("../../compiler/kernels/ngpt.cu");
 /// Keys per staged tile of ngpt.cu's attention_prefill (the compiler's `KV_TILE`).
 const KV_TILE: usize = 32;
@@ -249,6 +252,63 @@ fn f32_attention_kernels_match_exact_attention_on_the_cpu() -> Result<()> {
                 (1e-5, 1e-5),
             )?;
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn persistent_gemv_entries_match_float64_with_and_without_weight_streaming() -> Result<()> {
+    if !gxx() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let src = ngpt_runtime::cuda::HELPERS_CU;
+    let decl = "extern __shared__ __align__(16) float xs[];";
+    ensure!(src.contains(decl), "helpers.cu no longer declares `{decl}`");
+    // Buffers of 4 KiB (a slice holds 8 to 64 of a block's rows, never all of the
+    // 1,000-row gemv's), behind 8 KiB of staged rows (8 rows of swiglu at n_embd 64).
+    let (slice, ring) = (4096, 8192);
+    std::fs::write(dir.path().join("warp.hpp"), WARP_HPP)?;
+    std::fs::write(dir.path().join("persistent.cpp"), PERSISTENT_CPP)?;
+    std::fs::write(
+        dir.path().join("kernel.inc"),
+        format!(
+            "#define NGPT_PD_C 64\n#define NGPT_PD_D 16\n#define NGPT_PD_MAX_SEQ 32\n#define NGPT_PD_STREAM {slice}\n#define NGPT_PD_RING_OFFSET {ring}\n#define NGPT_EMU_SHARED {}\n{}",
+            ring + 2 * slice,
+            src.replace(decl, "float* xs = g_dynamic_smem;")
+        ),
+    )?;
+    let exe = dir.path().join("persistent");
+    let out = Command::new("g++")
+        .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
+        .arg(&exe)
+        .arg(dir.path().join("persistent.cpp"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "g++ (decode_persistent): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (rows, blocks, streaming)
+    for (rows, blocks, stream) in [(1, 3, 0), (1, 3, 1), (3, 3, 1), (8, 2, 1), (8, 2, 0)] {
+        let out = Command::new(&exe)
+            .args([rows, blocks, stream].map(|v: i32| v.to_string()))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let what = format!("decode_persistent, {rows} rows, {blocks} blocks, streaming {stream}");
+        ensure!(out.status.success(), "{what}: {} {text}", out.status);
+        let mut words = text.split_whitespace();
+        let mut field = |name: &str| -> Result<f64> {
+            words
+                .find(|w| *w == name)
+                .and_then(|_| words.next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in {text:?}"))
+        };
+        let (worst, unwritten) = (field("worst_rel_err")?, field("unwritten")?);
+        eprintln!("{what}: worst relative error {worst:.3e}");
+        assert!(worst <= 1e-5, "{what}: {text}");
+        assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
     }
     Ok(())
 }

@@ -373,6 +373,11 @@ struct Persistent {
     /// Whether warps prefetch the next gemv's weights into L2 at each barrier
     /// (`NGPT_CUDA_PD_PREFETCH=0` turns it off).
     prefetch: bool,
+    /// Bytes of each weight-streaming buffer compiled in (0: none fit).
+    slice: usize,
+    /// Whether gemv weights stream into shared memory ahead of their entries
+    /// (`NGPT_CUDA_PD_STREAM=1` turns it on; off until measured on a GPU).
+    stream: bool,
     /// Under NGPT_CUDA_PROFILE: the GPU clock after each entry, and the entries' labels.
     timer: Option<Dev<u64>>,
     labels: Vec<String>,
@@ -716,8 +721,18 @@ impl CudaExecutor {
             .map_or(String::new(), |n| {
                 format!("#define NGPT_PD_MIN_BLOCKS {n}\n")
             });
+        // decode_persistent's dynamic shared memory: staged gemv inputs, then (where they
+        // fit) the two weight-streaming buffers.
+        let stage = persistent::stage_bytes(batch, plan.dims.n_embd);
+        let slice = persistent::stream_slice(optin.max(0) as usize, stage);
+        let ring_offset = stage.next_multiple_of(16);
+        let streaming = if slice > 0 {
+            format!("#define NGPT_PD_STREAM {slice}\n#define NGPT_PD_RING_OFFSET {ring_offset}\n")
+        } else {
+            String::new()
+        };
         let helpers_source = format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{min_blocks}{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{min_blocks}{streaming}{}",
             plan.dims.n_embd,
             plan.dims.head_dim,
             plan.dims.max_seq_len,
@@ -743,17 +758,22 @@ impl CudaExecutor {
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(setup("reading the multiprocessor count"))?;
         let d = plan.dims;
-        let stage = persistent::stage_bytes(batch, d.n_embd);
-        if stage > DEFAULT_SHARED_LIMIT as usize {
+        // The most a launch asks for: with the streaming buffers where they are compiled in.
+        let dynamic = if slice > 0 {
+            ring_offset + 2 * slice
+        } else {
+            stage
+        };
+        if dynamic > DEFAULT_SHARED_LIMIT as usize {
             pd_func
                 .set_attribute(
                     cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    stage as i32,
+                    dynamic as i32,
                 )
                 .map_err(setup("raising decode_persistent's shared memory limit"))?;
         }
         let mut per_sm = pd_func
-            .occupancy_max_active_blocks_per_multiprocessor(persistent::THREADS, stage, None)
+            .occupancy_max_active_blocks_per_multiprocessor(persistent::THREADS, dynamic, None)
             .map_err(setup("reading decode_persistent's occupancy"))?;
         if let Some(cap) = std::env::var("NGPT_CUDA_PD_BLOCKS_PER_SM")
             .ok()
@@ -771,6 +791,8 @@ impl CudaExecutor {
                 0
             },
             stage,
+            slice,
+            stream: slice > 0 && env_is("NGPT_CUDA_PD_STREAM", "1"),
             regs: pd_regs,
             fuse: !env_is("NGPT_CUDA_PD_FUSE", "0"),
             fused: persistent::Fused::default(),
@@ -1019,6 +1041,18 @@ impl CudaExecutor {
         self.persistent.fuse = on;
         self.graph = None;
         self.warmed = None;
+    }
+
+    /// Streams each gemv's weights into shared memory while the entries before it run
+    /// (on), or reads them when the gemv starts (off); the default comes from
+    /// `NGPT_CUDA_PD_STREAM` (off until measured on a GPU). Returns whether it is on: only
+    /// where the buffers fit in shared memory beside the staged rows. Drops a captured
+    /// decode graph.
+    pub fn set_persistent_stream(&mut self, on: bool) -> bool {
+        self.persistent.stream = on && self.persistent.slice > 0;
+        self.graph = None;
+        self.warmed = None;
+        self.persistent.stream
     }
 
     /// What the last decode table folded: (lerp_norm into a gemv, swiglu into a gemv,
@@ -1830,6 +1864,12 @@ impl CudaExecutor {
         let (mut t, mut n, mut bar, mut part_p) =
             (table.ptr, int(n_ops)?, pd.barrier.ptr, part.ptr);
         let mut prefetch = i32::from(pd.prefetch);
+        let mut stream_on = i32::from(pd.stream);
+        let dynamic = if pd.stream {
+            pd.stage.next_multiple_of(16) + 2 * pd.slice
+        } else {
+            pd.stage
+        };
         let mut timer = match (&self.profile, &pd.timer) {
             (Some(_), Some(t)) => t.ptr,
             _ => 0u64,
@@ -1850,10 +1890,12 @@ impl CudaExecutor {
             &mut hd as *mut i32 as *mut c_void,
             &mut ms as *mut i32 as *mut c_void,
             &mut prefetch as *mut i32 as *mut c_void,
+            &mut stream_on as *mut i32 as *mut c_void,
             &mut timer as *mut u64 as *mut c_void,
         ];
         // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
-        // int, int, unsigned long long*): the timer, when not null, holds n_ops + 1; the table holds n_ops entries built from steps checked in `resolve`, the
+        // int, int, int, unsigned long long*): streaming only where its buffers were
+        // compiled in and are in `dynamic`; the timer, when not null, holds n_ops + 1; the table holds n_ops entries built from steps checked in `resolve`, the
         // partials rows x n_head x SPLITS x (MAX_D + 2) floats (head_dim <= MAX_D was
         // checked at construction), staged rows fit `stage` bytes (checked by `fuse`);
         // `blocks` blocks are resident at once.
@@ -1862,7 +1904,7 @@ impl CudaExecutor {
                 pd.func.cu_function(),
                 (pd.blocks, 1, 1),
                 (persistent::THREADS, 1, 1),
-                pd.stage as u32,
+                dynamic as u32,
                 stream,
                 &mut args,
             )
@@ -2464,7 +2506,7 @@ impl crate::session::Executor for CudaExecutor {
         // decode_persistent runs gemv steps only: with cuBLAS GEMMs, launch by launch.
         let launches = if self.use_persistent && self.use_gemv {
             format!(
-                "as one launch of {} blocks of {} threads, {} registers each{}",
+                "as one launch of {} blocks of {} threads, {} registers each{}{}",
                 self.persistent.blocks,
                 persistent::THREADS,
                 self.persistent.regs,
@@ -2472,6 +2514,14 @@ impl crate::session::Executor for CudaExecutor {
                     ", steps folded"
                 } else {
                     ""
+                },
+                if self.persistent.stream {
+                    format!(
+                        ", weights streamed through 2 x {} KiB",
+                        self.persistent.slice >> 10
+                    )
+                } else {
+                    String::new()
                 }
             )
         } else {

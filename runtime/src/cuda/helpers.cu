@@ -40,6 +40,18 @@ __device__ __forceinline__ void load8(const float* p, float* w) {
 }
 __device__ __forceinline__ float load1(const unsigned short* p) { return bf16_lo(*p); }
 __device__ __forceinline__ float load1(const float* p) { return *p; }
+// The same from shared memory (decode_persistent's streamed weights): plain loads, since
+// the read-only path is for global memory only.
+__device__ __forceinline__ void load8_shared(const unsigned short* p, float* w) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    w[0] = bf16_lo(u.x); w[1] = bf16_hi(u.x); w[2] = bf16_lo(u.y); w[3] = bf16_hi(u.y);
+    w[4] = bf16_lo(u.z); w[5] = bf16_hi(u.z); w[6] = bf16_lo(u.w); w[7] = bf16_hi(u.w);
+}
+__device__ __forceinline__ void load8_shared(const float* p, float* w) {
+    float4 a = reinterpret_cast<const float4*>(p)[0];
+    float4 b = reinterpret_cast<const float4*>(p)[1];
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+}
 
 // Activation loads: through the read-only data path (NC), or plain, for data written
 // earlier in the same launch (the persistent kernel below), which that path may not see.
@@ -48,12 +60,12 @@ __device__ __forceinline__ float4 act4(const float* p) {
     return NC ? __ldg(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
 }
 
-// Output row i of a gemv, computed by one warp (lane = threadIdx.x % 32). U: 16-byte
-// loads per lane in flight (the loop's unroll).
-template <typename W, int N, bool NC, int U = 4>
-__device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, int i, int k, int lda,
-                                         int ldb, int ldc, float alpha, float beta, int vec, int lane) {
-    const W* row = a + (long long)i * lda;
+// Output row i of a gemv, computed by one warp (lane = threadIdx.x % 32), from the
+// weight row at `row` (in shared memory when SHARED, and then `vec`). U: 16-byte loads per
+// lane in flight (the loop's unroll).
+template <typename W, int N, bool NC, int U = 4, bool SHARED = false>
+__device__ __forceinline__ void gemv_row_at(const W* row, const float* b, float* c, int i, int k, int ldb,
+                                            int ldc, float alpha, float beta, int vec, int lane) {
     float acc[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) acc[j] = 0.0f;
@@ -61,7 +73,10 @@ __device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, i
 #pragma unroll U
         for (int kk = lane * 8; kk < k; kk += 256) {
             float w[8];
-            load8(row + kk, w);
+            if (SHARED)
+                load8_shared(row + kk, w);
+            else
+                load8(row + kk, w);
 #pragma unroll
             for (int j = 0; j < N; ++j) {
                 const float* x = b + (long long)j * ldb + kk;
@@ -86,6 +101,12 @@ __device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, i
             *out = beta != 0.0f ? alpha * v + beta * *out : alpha * v;
         }
     }
+}
+
+template <typename W, int N, bool NC, int U = 4>
+__device__ __forceinline__ void gemv_row(const W* a, const float* b, float* c, int i, int k, int lda,
+                                         int ldb, int ldc, float alpha, float beta, int vec, int lane) {
+    gemv_row_at<W, N, NC, U>(a + (long long)i * lda, b, c, i, k, ldb, ldc, alpha, beta, vec, lane);
 }
 
 template <typename W, int N>
@@ -260,6 +281,38 @@ __device__ void pd_barrier(unsigned int* bar) {
 // will read, so that they stream in while the blocks wait at the barrier. Skipped for
 // weights larger than PD_PREFETCH_MAX (they would not stay in L2).
 #define PD_PREFETCH_MAX (32LL << 20)
+
+// The few PTX instructions decode_persistent uses, which the host emulation
+// (runtime/tests/host_emulation/warp.hpp) provides in its own way.
+#ifndef NGPT_HOST_EMULATION
+__device__ __forceinline__ void pd_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ unsigned long long pd_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// 16 bytes from global to shared memory without passing through registers; the copies a
+// thread issued since its last commit form a group, and wait(n) returns once at most n of
+// its groups are still in flight.
+// Before sm_80 (no cp.async) the copy is a plain one and groups are always complete.
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void pd_copy16_async(void* shared_dst, const void* global_src) {
+    unsigned int dst = (unsigned int)__cvta_generic_to_shared(shared_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void pd_copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void pd_copy_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void pd_copy_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+#else
+__device__ __forceinline__ void pd_copy16_async(void* shared_dst, const void* global_src) {
+    *reinterpret_cast<uint4*>(shared_dst) = *reinterpret_cast<const uint4*>(global_src);
+}
+__device__ __forceinline__ void pd_copy_commit() {}
+__device__ __forceinline__ void pd_copy_wait1() {}
+__device__ __forceinline__ void pd_copy_wait0() {}
+#endif
+#endif
+
 __device__ void pd_prefetch_next(const PdOp* ops, int o, int n_ops, int gwarp, int nwarps, int lane) {
     for (int x = o + 1; x < n_ops && x <= o + 2; ++x) {
         const PdOp& nx = ops[x];
@@ -270,17 +323,10 @@ __device__ void pd_prefetch_next(const PdOp* ops, int o, int n_ops, int gwarp, i
         const char* a = reinterpret_cast<const char*>(nx.p[0]);
         for (int i = gwarp; i < nx.i[0]; i += nwarps) {
             const char* row = a + (long long)i * nx.i[2] * esize;
-            for (long long off = (long long)lane * 128; off < row_bytes; off += 32 * 128)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+            for (long long off = (long long)lane * 128; off < row_bytes; off += 32 * 128) pd_prefetch_l2(row + off);
         }
         return;
     }
-}
-
-__device__ __forceinline__ unsigned long long pd_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
 }
 
 template <typename W, int N>
@@ -366,6 +412,85 @@ __device__ const float* pd_gemv_input(const PdOp& op, float* xs, int c, int* ldb
     *ldb = op.i[3];
     return reinterpret_cast<const float*>(op.p[1]);
 }
+
+// Weight streaming (`stream` non-zero, NGPT_CUDA_PD_STREAM=1; the executor compiles this
+// module with NGPT_PD_STREAM, the bytes of each of two buffers, and NGPT_PD_RING_OFFSET,
+// where they start in the dynamic shared memory, after the staged inputs). A gemv's rows are then
+// split into one contiguous range per block, and the first rows of the block's range that
+// fit a buffer (its slice) are copied into shared memory with cp.async while the entries
+// before it run: the slice of the first gemv after each entry is issued at that entry's
+// start, so the weights stream in during the entry and its grid barrier instead of after
+// them. Slice k of the launch (gemv entries in table order) goes to buffer k % 2; at most
+// two slices are in flight (the current gemv's and the next one's), and slice k + 2 is
+// issued only after every thread of the block left gemv k (a grid barrier lies between).
+// Rows past the slice, and gemvs that are not `vec`, read global memory as without
+// streaming.
+#ifdef NGPT_PD_STREAM
+// This block's rows [r0, r1) of a gemv with m rows.
+__device__ __forceinline__ void pd_block_rows(int m, int* r0, int* r1) {
+    *r0 = (int)((long long)m * blockIdx.x / gridDim.x);
+    *r1 = (int)((long long)m * (blockIdx.x + 1) / gridDim.x);
+}
+
+// How many of rows [r0, r1) of gemv `op` its slice holds.
+__device__ __forceinline__ int pd_slice_rows(const PdOp& op, int r0, int r1) {
+    if (!op.i[5]) return 0;
+    long long row_bytes = (long long)op.i[1] * (op.kind == PD_GEMV_BF16 ? 2 : 4);
+    return (int)min((long long)(r1 - r0), (long long)NGPT_PD_STREAM / row_bytes);
+}
+
+// Issues the copies of gemv `op`'s slice into `buf` (row after row, each k elements) and
+// commits them as one group (an empty one where the slice is empty).
+__device__ void pd_issue_slice(const PdOp& op, char* buf) {
+    int r0, r1;
+    pd_block_rows(op.i[0], &r0, &r1);
+    int rows = pd_slice_rows(op, r0, r1);
+    long long esize = op.kind == PD_GEMV_BF16 ? 2 : 4;
+    int pieces = (int)((long long)op.i[1] * esize / 16);
+    const char* a = reinterpret_cast<const char*>(op.p[0]);
+    long long lda_bytes = (long long)op.i[2] * esize;
+    for (int e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
+        int r = e / pieces, q = e - r * pieces;
+        pd_copy16_async(buf + (long long)e * 16, a + (long long)(r0 + r) * lda_bytes + (long long)q * 16);
+    }
+    pd_copy_commit();
+}
+
+template <typename W, int N>
+__device__ void pd_gemv_stream_n(const PdOp& op, const float* b, int ldb, const char* slice, int warp, int lane) {
+    const W* a = reinterpret_cast<const W*>(op.p[0]);
+    const W* sa = reinterpret_cast<const W*>(slice);
+    float* c = reinterpret_cast<float*>(op.p[2]);
+    constexpr int U = N <= 2 ? 8 : 4;
+    int r0, r1;
+    pd_block_rows(op.i[0], &r0, &r1);
+    int in_slice = pd_slice_rows(op, r0, r1), k = op.i[1];
+    for (int i = r0 + warp; i < r1; i += PD_WARPS) {
+        if (i - r0 < in_slice)
+            gemv_row_at<W, N, false, U, true>(sa + (long long)(i - r0) * k, b, c, i, k, ldb, op.i[4], op.f[0],
+                                              op.f[1], op.i[5], lane);
+        else
+            gemv_row_at<W, N, false, U>(a + (long long)i * op.i[2], b, c, i, k, ldb, op.i[4], op.f[0], op.f[1],
+                                        op.i[5], lane);
+    }
+}
+
+template <typename W>
+__device__ void pd_gemv_stream(const PdOp& op, float* xs, int c, const char* slice, int warp, int lane) {
+    int ldb;
+    const float* b = pd_gemv_input(op, xs, c, &ldb);
+    switch (op.i[6]) {
+    case 1: pd_gemv_stream_n<W, 1>(op, b, ldb, slice, warp, lane); break;
+    case 2: pd_gemv_stream_n<W, 2>(op, b, ldb, slice, warp, lane); break;
+    case 3: pd_gemv_stream_n<W, 3>(op, b, ldb, slice, warp, lane); break;
+    case 4: pd_gemv_stream_n<W, 4>(op, b, ldb, slice, warp, lane); break;
+    case 5: pd_gemv_stream_n<W, 5>(op, b, ldb, slice, warp, lane); break;
+    case 6: pd_gemv_stream_n<W, 6>(op, b, ldb, slice, warp, lane); break;
+    case 7: pd_gemv_stream_n<W, 7>(op, b, ldb, slice, warp, lane); break;
+    default: pd_gemv_stream_n<W, 8>(op, b, ldb, slice, warp, lane); break;
+    }
+}
+#endif
 
 template <typename W>
 __device__ void pd_gemv(const PdOp& op, float* xs, int c, int gwarp, int nwarps, int lane) {
@@ -556,7 +681,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
 #endif
 extern "C" __global__ void PD_BOUNDS
     decode_persistent(const PdOp* ops, int n_ops, unsigned int* bar, float* part, int c, int h, int d,
-                      int max_seq, int prefetch, unsigned long long* timer) {
+                      int max_seq, int prefetch, int stream, unsigned long long* timer) {
     __shared__ __align__(16) float qs[PD_WARPS][PD_MAX_D];
     __shared__ __align__(16) float kvs[PD_WARPS][2][PD_MAX_D];
     extern __shared__ __align__(16) float xs[];  // staged gemv inputs (PdInput)
@@ -570,8 +695,46 @@ extern "C" __global__ void PD_BOUNDS
     __syncthreads();
     const bool timing = timer != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
     if (timing) timer[0] = pd_now();
+#ifdef NGPT_PD_STREAM
+    char* ring = reinterpret_cast<char*>(xs) + NGPT_PD_RING_OFFSET;
+    // Slices issued and consumed so far, and the table index of the last gemv issued.
+    int issued = 0, consumed = 0, last_issued = -1;
+#endif
     for (int o = 0; o < n_ops; ++o) {
         const PdOp& op = ops[o];
+#ifdef NGPT_PD_STREAM
+        if (stream) {
+            // Every gemv up to the first one after this entry has its slice issued.
+            int after = o + 1;
+            while (after < n_ops && ops[after].kind != PD_GEMV_BF16 && ops[after].kind != PD_GEMV_F32) ++after;
+            for (int x = last_issued + 1; x < n_ops && x <= after; ++x) {
+                if (ops[x].kind != PD_GEMV_BF16 && ops[x].kind != PD_GEMV_F32) continue;
+                pd_issue_slice(ops[x], ring + (issued & 1) * NGPT_PD_STREAM);
+                ++issued;
+                last_issued = x;
+            }
+            if (op.kind == PD_GEMV_BF16 || op.kind == PD_GEMV_F32) {
+                // This gemv's slice is the oldest in flight; the next one may stay in flight.
+                if (issued - consumed >= 2)
+                    pd_copy_wait1();
+                else
+                    pd_copy_wait0();
+                __syncthreads();
+                const char* slice = ring + (consumed & 1) * NGPT_PD_STREAM;
+                if (op.kind == PD_GEMV_BF16)
+                    pd_gemv_stream<unsigned short>(op, xs, c, slice, warp, lane);
+                else
+                    pd_gemv_stream<float>(op, xs, c, slice, warp, lane);
+                ++consumed;
+                if (o + 1 < n_ops) {
+                    if (prefetch) pd_prefetch_next(ops, o, n_ops, gwarp, nwarps, lane);
+                    pd_barrier(bar);
+                }
+                if (timing) timer[o + 1] = pd_now();
+                continue;
+            }
+        }
+#endif
         switch (op.kind) {
         case PD_EMBED: {  // tokens, wte, out; rows
             const int* tokens = reinterpret_cast<const int*>(op.p[0]);

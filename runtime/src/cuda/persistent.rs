@@ -164,6 +164,23 @@ pub(super) fn stage_bytes(rows: usize, c: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// Shared memory the kernel declares statically (attention rows, reductions; 25,168 bytes
+/// in the sm_90 build), kept free when sizing the streaming buffers.
+const STATIC_SHARED: usize = 28 << 10;
+
+/// Bytes of each of `decode_persistent`'s two weight-streaming buffers, behind `stage`
+/// bytes of staged inputs, for a block allowed `limit` bytes of shared memory: as much as
+/// fits up to 64 KiB, in whole KiB; 0 (no streaming) where less than 8 KiB would.
+pub(super) fn stream_slice(limit: usize, stage: usize) -> usize {
+    let room = limit.saturating_sub(stage.next_multiple_of(16) + STATIC_SHARED) / 2;
+    let slice = room.min(64 << 10) / 1024 * 1024;
+    if slice >= 8 << 10 {
+        slice
+    } else {
+        0
+    }
+}
+
 /// How many entries [`fuse`] folded, by fusion.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Fused {
@@ -282,6 +299,24 @@ pub(super) fn fuse(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn streaming_buffers_fit_beside_the_staged_rows() {
+        // H200: 227 KiB a block. Batch 1 at n_embd 1024 stages 16 KiB: two full buffers.
+        let limit = 227 << 10;
+        assert_eq!(
+            super::stream_slice(limit, super::stage_bytes(1, 1024)),
+            64 << 10
+        );
+        // Batch 6 stages 96 KiB of swiglu rows: what is left, in whole KiB; it all fits.
+        let stage = super::stage_bytes(6, 1024);
+        assert_eq!(stage, 96 << 10);
+        let slice = super::stream_slice(limit, stage);
+        assert!((8 << 10..64 << 10).contains(&slice) && slice.is_multiple_of(1024));
+        assert!(stage + 2 * slice + super::STATIC_SHARED <= limit);
+        // No room: no streaming.
+        assert_eq!(super::stream_slice(48 << 10, 16 << 10), 0);
+    }
+
     use super::*;
 
     const C: usize = 64;

@@ -5,8 +5,13 @@
 // ("Matrix Fragments for mma.m16n8k16 with floating point type"), written out here
 // independently of the kernel's own index arithmetic.
 #pragma once
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +35,9 @@ struct float4 {
 struct uint2 {
     unsigned x, y;
 };
+struct uint4 {
+    unsigned x, y, z, w;
+};
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
@@ -50,7 +58,7 @@ using std::min;
 #define __device__
 #define __forceinline__ inline
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 // One block runs at a time, so a function's static arrays are its block's shared memory.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
@@ -62,14 +70,48 @@ static std::barrier<>* g_warp[kMaxWarps];
 #define __syncthreads() g_block->arrive_and_wait()
 
 static float g_xch[kMaxWarps][32];
-inline float __shfl_xor_sync(unsigned, float v, int o) {
+// The value lane `src(l)` passed, for every lane l of the warp (all of which call it).
+template <typename F>
+inline float warp_exchange(float v, F src) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
     g_xch[w][l] = v;
     g_warp[w]->arrive_and_wait();
-    float r = g_xch[w][l ^ o];
+    float r = g_xch[w][src(l) & 31];
     g_warp[w]->arrive_and_wait();
     return r;
 }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    return warp_exchange(v, [o](int l) { return l ^ o; });
+}
+inline float __shfl_sync(unsigned, float v, int src) {
+    return warp_exchange(v, [src](int) { return src; });
+}
+inline void __syncwarp() { g_warp[threadIdx.x / 32]->arrive_and_wait(); }
+
+// Global memory: loads through the read-only path are plain loads; atomics and fences are
+// the compiler's (blocks may be processes sharing one mapping, see launch_resident).
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// A clock that lets other threads run: spin loops read it on every pass.
+inline long long clock64() {
+    std::this_thread::yield();
+    return std::chrono::steady_clock::now().time_since_epoch().count();
+}
+
+// The PTX helpers of decode_persistent (helpers.cu): no L2 to prefetch into, no timer, and
+// cp.async as a plain copy, complete at once (so a missing wait cannot show here).
+#define NGPT_HOST_EMULATION 1
+inline void pd_prefetch_l2(const void*) {}
+inline unsigned long long pd_now() { return 0; }
+inline void pd_copy16_async(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+inline void pd_copy_commit() {}
+inline void pd_copy_wait1() {}
+inline void pd_copy_wait0() {}
 
 // helpers.cu leaves am_mma to this file.
 #define NGPT_HOST_MMA 1
@@ -111,6 +153,69 @@ inline void am_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
 // The block's dynamic shared memory (`extern __shared__` arrays are declared as pointers
 // to it: host_emulation.rs rewrites those declarations).
 static float* g_dynamic_smem;
+
+// Device memory for launch_resident: one shared mapping, so that every block (a process)
+// sees the same buffers; allocations are never freed.
+struct Arena {
+    char* base = nullptr;
+    size_t used = 0, size = 0;
+    explicit Arena(size_t bytes) : size(bytes) {
+        void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) std::abort();
+        base = static_cast<char*>(p);
+    }
+    template <typename T>
+    T* alloc(size_t n) {
+        used = (used + 255) / 256 * 256;
+        T* p = reinterpret_cast<T*>(base + used);
+        used += n * sizeof(T);
+        if (used > size) std::abort();
+        return p;
+    }
+};
+
+// Runs `body` as a grid whose blocks are all resident at once, as decode_persistent's grid
+// barrier needs: each block is a process (forked after the arena was filled, so its
+// static "__shared__" variables are its own) with `threads` threads. Returns whether every
+// block exited normally.
+inline bool launch_resident(Dim3 grid, unsigned threads, size_t shared, const std::function<void()>& body) {
+    std::fflush(nullptr);
+    std::vector<pid_t> pids;
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            std::vector<float> dynamic(shared / sizeof(float) + 4);
+            g_dynamic_smem = dynamic.data();
+            gridDim = grid;
+            blockDim = Dim3{threads, 1, 1};
+            std::barrier<> block(threads);
+            std::vector<std::unique_ptr<std::barrier<>>> warps;
+            for (unsigned w = 0; w < threads / 32; ++w) {
+                warps.push_back(std::make_unique<std::barrier<>>(32));
+                g_warp[w] = warps.back().get();
+            }
+            g_block = &block;
+            std::vector<std::thread> pool;
+            for (unsigned t = 0; t < threads; ++t) {
+                pool.emplace_back([&, t] {
+                    threadIdx = Dim3{t, 0, 0};
+                    blockIdx = Dim3{bx, 0, 0};
+                    body();
+                });
+            }
+            for (auto& th : pool) th.join();
+            _exit(0);
+        }
+        pids.push_back(pid);
+    }
+    bool ok = true;
+    for (pid_t pid : pids) {
+        int status = 0;
+        waitpid(pid, &status, 0);
+        ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
+    return ok;
+}
 
 // Runs `body` as a grid of blocks of `threads` threads (a multiple of 32) with `shared`
 // bytes of dynamic shared memory, one block at a time.

@@ -1,0 +1,188 @@
+// decode_persistent (runtime/src/cuda/helpers.cu) on the CPU, on a table of gemv entries:
+// runtime/tests/host_emulation.rs writes kernel.inc (helpers.cu behind the executor's
+// prelude, with NGPT_PD_STREAM and NGPT_PD_RING_OFFSET small enough that a slice holds
+// only part of a block's rows) and NGPT_EMU_SHARED (dynamic shared memory bytes).
+//
+//   persistent ROWS BLOCKS STREAM
+//
+// The table: a bf16 gemv with padded rows; an f32 gemv whose input is a folded lerp_norm;
+// swiglu; a bf16 gemv whose input is a folded swiglu, with beta != 0; a bf16 gemv that is
+// not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows. Every output is compared
+// with float64 arithmetic on the same inputs. Prints the worst relative error of any
+// output and how many outputs were left unwritten (poisoned with NaN first).
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "warp.hpp"
+#include "kernel.inc"
+
+static std::mt19937 rng(7);
+static float uni() { return std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng); }
+static unsigned short to_bf16(float x) { return (unsigned short)(__float_as_uint(x) >> 16); }
+static double wide(unsigned short b) { return __uint_as_float((unsigned)b << 16); }
+static double wide(float f) { return f; }
+
+struct Gemv {
+    int kind, m, k, lda, ldb, ldc, vec, mode;
+    float alpha, beta;
+    void* a;
+    float *b, *c, *c0;
+};
+
+int main(int argc, char** argv) {
+    if (argc != 4) return 2;
+    const int rows = std::atoi(argv[1]), blocks = std::atoi(argv[2]), stream = std::atoi(argv[3]);
+    const int C = NGPT_PD_C;
+    Arena arena(64 << 20);
+    auto filled = [&](size_t n, float scale) {
+        float* p = arena.alloc<float>(n);
+        for (size_t i = 0; i < n; ++i) p[i] = scale * uni();
+        return p;
+    };
+    auto weight = [&](int kind, int m, int lda) -> void* {
+        if (kind == PD_GEMV_F32) return filled((size_t)m * lda, 0.5f);
+        unsigned short* w = arena.alloc<unsigned short>((size_t)m * lda);
+        for (size_t i = 0; i < (size_t)m * lda; ++i) w[i] = to_bf16(0.5f * uni());
+        return w;
+    };
+    auto out = [&](size_t n) {
+        float* p = arena.alloc<float>(n);
+        for (size_t i = 0; i < n; ++i) p[i] = NAN;
+        return p;
+    };
+    float* x = filled((size_t)rows * C, 1.0f);
+    float* h_in = filled((size_t)rows * C, 1.0f);
+    float* branch = filled((size_t)rows * C, 1.0f);
+    float* lr = filled(C, 0.3f);
+    float* h_out = out((size_t)rows * C);
+    float* fc = filled((size_t)rows * 8 * C, 1.5f);
+    float* sw = out((size_t)rows * 4 * C);
+
+    std::vector<Gemv> gemvs = {
+        {PD_GEMV_BF16, 301, C, C + 8, C, 301, 1, PD_IN_GLOBAL, 0.5f, 0.0f},
+        {PD_GEMV_F32, 77, C, C, 0, 77, 1, PD_IN_LERP, 1.0f, 0.0f},
+        {PD_GEMV_BF16, 50, 4 * C, 4 * C, 0, 53, 1, PD_IN_SWIGLU, 0.75f, 0.25f},
+        {PD_GEMV_BF16, 40, 60, 61, 60, 40, 0, PD_IN_GLOBAL, 1.0f, 0.0f},
+        {PD_GEMV_F32, 1000, C, C, C, 1000, 1, PD_IN_GLOBAL, 1.0f, 0.0f},
+    };
+    float* x60 = filled((size_t)rows * 60, 1.0f);
+    for (auto& g : gemvs) {
+        g.a = weight(g.kind, g.m, g.lda);
+        g.b = g.k == 60 ? x60 : x;
+        g.c = out((size_t)rows * g.ldc);
+        g.c0 = nullptr;
+        if (g.beta != 0.0f) {
+            g.c0 = arena.alloc<float>((size_t)rows * g.ldc);
+            for (size_t i = 0; i < (size_t)rows * g.ldc; ++i) g.c[i] = g.c0[i] = uni();
+        }
+    }
+
+    // The table, with swiglu between the second and third gemv (a non-gemv entry).
+    std::vector<PdOp> table;
+    auto gemv_op = [&](const Gemv& g) {
+        PdOp e{};
+        e.kind = g.kind;
+        e.p[0] = (unsigned long long)g.a;
+        e.p[1] = (unsigned long long)g.b;
+        e.p[2] = (unsigned long long)g.c;
+        e.i[0] = g.m;
+        e.i[1] = g.k;
+        e.i[2] = g.lda;
+        e.i[3] = g.ldb;
+        e.i[4] = g.ldc;
+        e.i[5] = g.vec;
+        e.i[6] = rows;
+        e.i[7] = g.mode;
+        e.f[0] = g.alpha;
+        e.f[1] = g.beta;
+        if (g.mode == PD_IN_LERP) {
+            e.p[3] = (unsigned long long)h_in;
+            e.p[4] = (unsigned long long)branch;
+            e.p[5] = (unsigned long long)lr;
+            e.p[6] = (unsigned long long)h_out;
+        }
+        if (g.mode == PD_IN_SWIGLU) e.p[3] = (unsigned long long)fc;
+        return e;
+    };
+    table.push_back(gemv_op(gemvs[0]));
+    table.push_back(gemv_op(gemvs[1]));
+    PdOp swiglu{};
+    swiglu.kind = PD_SWIGLU;
+    swiglu.p[0] = (unsigned long long)fc;
+    swiglu.p[1] = (unsigned long long)sw;
+    swiglu.i[0] = rows;
+    table.push_back(swiglu);
+    for (int g = 2; g < (int)gemvs.size(); ++g) table.push_back(gemv_op(gemvs[g]));
+    PdOp* ops = arena.alloc<PdOp>(table.size());
+    std::copy(table.begin(), table.end(), ops);
+    unsigned* bar = arena.alloc<unsigned>(4);
+    bar[0] = bar[1] = bar[2] = bar[3] = 0;
+    float* part = arena.alloc<float>(16);
+    int n_ops = (int)table.size();
+
+    bool ok = launch_resident(Dim3{(unsigned)blocks, 1, 1}, PD_THREADS, NGPT_EMU_SHARED, [&] {
+        decode_persistent(ops, n_ops, bar, part, C, 1, 16, 32, 1, stream, nullptr);
+    });
+    if (!ok) {
+        std::printf("a block failed\n");
+        return 1;
+    }
+
+    // Float64 references of the staged inputs, then of every output.
+    std::vector<double> lerp((size_t)rows * C), swi((size_t)rows * 4 * C);
+    for (int r = 0; r < rows; ++r) {
+        double sb = 0, sm = 0;
+        for (int j = 0; j < C; ++j) sb += (double)branch[r * C + j] * branch[r * C + j];
+        for (int j = 0; j < C; ++j) {
+            double h = h_in[r * C + j];
+            lerp[r * C + j] = h + lr[j] * (branch[r * C + j] / std::sqrt(sb) - h);
+            sm += lerp[r * C + j] * lerp[r * C + j];
+        }
+        for (int j = 0; j < C; ++j) lerp[r * C + j] /= std::sqrt(sm);
+        for (int j = 0; j < 4 * C; ++j) {
+            double u = fc[(size_t)r * 8 * C + j], v = fc[(size_t)r * 8 * C + 4 * C + j];
+            swi[r * 4 * C + j] = u * (v / (1.0 + std::exp(-v)));
+        }
+    }
+    double worst = 0;
+    long unwritten = 0;
+    auto compare = [&](const float* got, const std::vector<double>& want) {
+        double num = 0, den = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+            if (std::isnan(got[i])) {
+                ++unwritten;
+                continue;
+            }
+            num += (got[i] - want[i]) * (got[i] - want[i]);
+            den += want[i] * want[i];
+        }
+        worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
+    };
+    compare(h_out, lerp);
+    compare(sw, swi);
+    for (auto& g : gemvs) {
+        std::vector<double> want((size_t)rows * g.m);
+        std::vector<float> got((size_t)rows * g.m);
+        for (int j = 0; j < rows; ++j) {
+            for (int i = 0; i < g.m; ++i) {
+                double acc = 0;
+                for (int kk = 0; kk < g.k; ++kk) {
+                    double w = g.kind == PD_GEMV_F32 ? wide(((float*)g.a)[(size_t)i * g.lda + kk])
+                                                     : wide(((unsigned short*)g.a)[(size_t)i * g.lda + kk]);
+                    double in = g.mode == PD_IN_LERP     ? lerp[j * C + kk]
+                                : g.mode == PD_IN_SWIGLU ? swi[j * 4 * C + kk]
+                                                         : g.b[(size_t)j * g.ldb + kk];
+                    acc += w * in;
+                }
+                double v = g.alpha * acc;
+                if (g.beta != 0.0f) v += g.beta * g.c0[(size_t)j * g.ldc + i];
+                want[(size_t)j * g.m + i] = v;
+                got[(size_t)j * g.m + i] = g.c[(size_t)j * g.ldc + i];
+            }
+        }
+        compare(got.data(), want);
+    }
+    std::printf("worst_rel_err %.6e unwritten %ld\n", worst, unwritten);
+    return 0;
+}
