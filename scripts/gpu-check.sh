@@ -7,8 +7,8 @@
 #      on these compiled plans) and tests/it/plan_parity.rs's plan_cuda bodies (against the
 #      float64 reference: f32 1e-5, bf16 2e-2 with top-1 >= 95%);
 #   4. ngpt validate on each plan (plan-cpu and plan-cuda against the reference);
-#      Both again with the opt-in paths on (NGPT_CUDA_PREFILL_MMA=1: prefill attention on
-#      the tensor cores; NGPT_CUDA_PD_STREAM=1: decode_persistent streams weights).
+#      Both again with the opt-in paths on ($optin below: prefill attention on the tensor
+#      cores; decode_persistent streaming weights and with a release/acquire barrier).
 #   5. times ngpt generate (and ngpt bench where the CLI has it) with plan-cuda, and
 #      plan-cpu beside it; runs ngpt logits --engine plan-cuda (against the float64
 #      reference) and ngpt demo (its plan-cuda row must be ok); prints a short table.
@@ -39,7 +39,7 @@ work=/tmp/ngpt-gpu-check
 mkdir -p "$work"
 parts=",${NGPT_GPU_PARTS:-tests},"
 # The opt-in GPU paths (off by default until measured on a GPU): run again with these.
-optin="NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_PD_STREAM=1"
+optin="NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_PD_STREAM=1 NGPT_CUDA_PD_BARRIER=acqrel"
 logdir=${OUT:-$work}
 mkdir -p "$logdir"
 log="$logdir/gpu-check.log"
@@ -294,21 +294,19 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
             trows+=("$(printf '%-34s failed' "$label")")
         fi
     }
+    # (Session 5 measured no graph, steps unfolded, no L2 prefetch and cuBLAS only:
+    # BENCHMARKS.md. The rows below are what is open.)
     bench_row "plan-cuda b1 p128 g256" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p128 g256 no graph" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GRAPH=0 -- \
-        --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 launch by launch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PERSISTENT=0 -- \
-        --prompt-len 128 --gen-len 256 --runs 3
-    bench_row "plan-cuda b1 p128 g256 steps unfolded" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_FUSE=0 -- \
-        --prompt-len 128 --gen-len 256 --runs 3
-    bench_row "plan-cuda b1 p128 g256 no prefetch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_PREFETCH=0 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 2 blocks/SM" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_MIN_BLOCKS=2 -- \
         --prompt-len 128 --gen-len 256 --runs 3
     bench_row "plan-cuda b1 p128 g256 weights streamed" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_STREAM=1 -- \
         --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p128 g256 cuBLAS only" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_GEMV=0 -- \
-        --prompt-len 128 --gen-len 256 --runs 3
+    bench_row "plan-cuda b1 p128 g256 acq/rel barrier" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_BARRIER=acqrel -- \
+        --prompt-len 128 --gen-len 256 --runs 5
+    bench_row "plan-cuda b1 p128 g256 all opt-ins" 120 NGPT_CUDA_CHECK=0 $optin -- \
+        --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
     bench_row "plan-cuda b1 p2048 g16 tensor-core attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PREFILL_MMA=1 -- \
         --prompt-len 2048 --gen-len 16 --runs 3
@@ -320,8 +318,10 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
     for shape in "128 32 0" "128 32 1" "2048 4 0" "2048 4 1"; do
         set -- $shape
         prof="$work/profile-p$1-optin$3.out"
-        say "== profile p$1 g$2 (opt-ins $3: NGPT_CUDA_PREFILL_MMA, NGPT_CUDA_PD_STREAM)"
-        NGPT_CUDA_PREFILL_MMA=$3 NGPT_CUDA_PD_STREAM=$3 NGPT_CUDA_CHECK=0 NGPT_CUDA_PROFILE=1 timeout 120 "$ngpt" bench "$dir" \
+        say "== profile p$1 g$2 (opt-ins: ${3/1/$optin})"
+        optins=""
+        [ "$3" = 1 ] && optins=$optin
+        env $optins NGPT_CUDA_CHECK=0 NGPT_CUDA_PROFILE=1 timeout 120 "$ngpt" bench "$dir" \
             --engine plan-cuda --prompt-len "$1" --gen-len "$2" --runs 1 >"$prof" 2>&1 ||
             fail "profile p$1"
         cat "$prof" >> "$log"

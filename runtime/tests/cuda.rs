@@ -625,9 +625,10 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             "#define NGPT_PD_C 256\n#define NGPT_PD_D 128\n#define NGPT_PD_MAX_SEQ 1024\n",
             true,
         ),
-        // With decode_persistent's weight-streaming buffers (cp.async).
+        // With decode_persistent's weight-streaming buffers (cp.async) and its
+        // release/acquire grid barrier.
         (
-            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_MAX_SEQ 4096\n#define NGPT_PD_STREAM 65536\n#define NGPT_PD_RING_OFFSET 16384\n",
+            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_MAX_SEQ 4096\n#define NGPT_PD_STREAM 65536\n#define NGPT_PD_RING_OFFSET 16384\n#define NGPT_PD_ACQREL 1\n",
             true,
         ),
     ] {
@@ -647,6 +648,11 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             ptx.contains("cp.async.cg.shared.global"),
             prelude.contains("NGPT_PD_STREAM"),
             "weight streaming with {prelude:?}"
+        );
+        assert_eq!(
+            ptx.contains("red.release.gpu.global.add.u32"),
+            prelude.contains("NGPT_PD_ACQREL"),
+            "release/acquire barrier with {prelude:?}"
         );
         for entry in [
             "f32_to_bf16",

@@ -731,8 +731,15 @@ impl CudaExecutor {
         } else {
             String::new()
         };
+        // NGPT_CUDA_PD_BARRIER=acqrel: the grid barrier with release and acquire operations
+        // instead of full fences (opt-in until measured on a GPU).
+        let barrier = if env_is("NGPT_CUDA_PD_BARRIER", "acqrel") {
+            "#define NGPT_PD_ACQREL 1\n"
+        } else {
+            ""
+        };
         let helpers_source = format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{min_blocks}{streaming}{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{min_blocks}{streaming}{barrier}{}",
             plan.dims.n_embd,
             plan.dims.head_dim,
             plan.dims.max_seq_len,

@@ -254,6 +254,35 @@ __device__ void pd_block_sum8(float* v) {
 // Barriers this block has passed in the current launch (zeroed at its start).
 __shared__ unsigned int pd_epoch;
 
+// Arrival at, and the arrival count of, the grid barrier below. By default a fence then an
+// atomic add, and volatile reads then a fence once the count is reached (as cooperative
+// groups' grid sync does). With NGPT_PD_ACQREL (NGPT_CUDA_PD_BARRIER=acqrel, opt-in until
+// measured on a GPU): a release reduction and acquire loads at GPU scope, as CUTLASS's
+// inter-block barrier does; the __syncthreads around them carry the other threads' writes
+// and reads (release and acquire are cumulative), and no full fence is waited for.
+#ifndef NGPT_HOST_EMULATION
+#if defined(NGPT_PD_ACQREL) && __CUDA_ARCH__ >= 700
+__device__ __forceinline__ void pd_arrive(unsigned int* bar) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+}
+__device__ __forceinline__ unsigned int pd_arrivals(const unsigned int* bar) {
+    unsigned int v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+    return v;
+}
+__device__ __forceinline__ void pd_arrived() {}
+#else
+__device__ __forceinline__ void pd_arrive(unsigned int* bar) {
+    __threadfence();
+    atomicAdd(bar, 1u);
+}
+__device__ __forceinline__ unsigned int pd_arrivals(const unsigned int* bar) {
+    return *reinterpret_cast<const volatile unsigned int*>(bar);
+}
+__device__ __forceinline__ void pd_arrived() { __threadfence(); }
+#endif
+#endif
+
 // All blocks meet: each adds one to the arrival count bar[0], which only grows during a
 // launch, and waits until it reaches (barriers passed) x (blocks). One atomic per block
 // and no reset, so the last arrival releases everyone at once.
@@ -261,18 +290,16 @@ __device__ void pd_barrier(unsigned int* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned int target = (++pd_epoch) * gridDim.x;
-        __threadfence();
-        atomicAdd(bar, 1u);
-        volatile unsigned int* count = bar;
+        pd_arrive(bar);
         long long t0 = clock64();
-        while (*count < target) {
+        while (pd_arrivals(bar) < target) {
             if (clock64() - t0 > PD_SPIN_LIMIT) {
                 atomicExch(bar + 2, 1u);
                 __threadfence();
                 __trap();
             }
         }
-        __threadfence();
+        pd_arrived();
     }
     __syncthreads();
 }

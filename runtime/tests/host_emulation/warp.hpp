@@ -103,9 +103,13 @@ inline long long clock64() {
     return std::chrono::steady_clock::now().time_since_epoch().count();
 }
 
-// The PTX helpers of decode_persistent (helpers.cu): no L2 to prefetch into, no timer, and
-// cp.async as a plain copy, complete at once (so a missing wait cannot show here).
+// The PTX helpers of decode_persistent (helpers.cu): a sequentially consistent grid
+// barrier, no L2 to prefetch into, no timer, and cp.async as a plain copy, complete at
+// once (so a missing wait cannot show here).
 #define NGPT_HOST_EMULATION 1
+inline void pd_arrive(unsigned* bar) { __atomic_fetch_add(bar, 1u, __ATOMIC_SEQ_CST); }
+inline unsigned pd_arrivals(const unsigned* bar) { return __atomic_load_n(bar, __ATOMIC_SEQ_CST); }
+inline void pd_arrived() {}
 inline void pd_prefetch_l2(const void*) {}
 inline unsigned long long pd_now() { return 0; }
 inline void pd_copy16_async(void* dst, const void* src) { std::memcpy(dst, src, 16); }
