@@ -257,7 +257,8 @@ fn f32_attention_kernels_match_exact_attention_on_the_cpu() -> Result<()> {
 }
 
 #[test]
-fn persistent_gemv_entries_match_float64_with_and_without_weight_streaming() -> Result<()> {
+fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_attention() -> Result<()>
+{
     if !gxx() {
         return Ok(());
     }
@@ -289,13 +290,25 @@ fn persistent_gemv_entries_match_float64_with_and_without_weight_streaming() -> 
         "g++ (decode_persistent): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // (rows, blocks, streaming)
-    for (rows, blocks, stream) in [(1, 3, 0), (1, 3, 1), (3, 3, 1), (8, 2, 1), (8, 2, 0)] {
+    // (table, rows, blocks, streaming for gemv / pos_norm folded into attention)
+    let runs = [
+        ("gemv", 1, 3, 0),
+        ("gemv", 1, 3, 1),
+        ("gemv", 3, 3, 1),
+        ("gemv", 8, 2, 1),
+        ("gemv", 8, 2, 0),
+        ("attention", 3, 3, 0),
+        ("attention", 3, 3, 1),
+        ("attention", 8, 2, 1),
+    ];
+    for (table, rows, blocks, flag) in runs {
         let out = Command::new(&exe)
-            .args([rows, blocks, stream].map(|v: i32| v.to_string()))
+            .arg(table)
+            .args([rows, blocks, flag].map(|v: i32| v.to_string()))
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let what = format!("decode_persistent, {rows} rows, {blocks} blocks, streaming {stream}");
+        let what =
+            format!("decode_persistent {table} entries, {rows} rows, {blocks} blocks, flag {flag}");
         ensure!(out.status.success(), "{what}: {} {text}", out.status);
         let mut words = text.split_whitespace();
         let mut field = |name: &str| -> Result<f64> {

@@ -3,16 +3,22 @@
 // prelude, with NGPT_PD_STREAM and NGPT_PD_RING_OFFSET small enough that a slice holds
 // only part of a block's rows) and NGPT_EMU_SHARED (dynamic shared memory bytes).
 //
-//   persistent ROWS BLOCKS STREAM
+//   persistent gemv ROWS BLOCKS STREAM
+//   persistent attention ROWS BLOCKS FOLD
 //
-// The table: a bf16 gemv with padded rows; an f32 gemv whose input is a folded lerp_norm;
+// gemv: a bf16 gemv with padded rows; an f32 gemv whose input is a folded lerp_norm;
 // swiglu; a bf16 gemv whose input is a folded swiglu, with beta != 0; a bf16 gemv that is
-// not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows. Every output is compared
-// with float64 arithmetic on the same inputs. Prints the worst relative error of any
-// output and how many outputs were left unwritten (poisoned with NaN first).
+// not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows.
+// attention: one decode row per sequence at positions 5, 1,100 (more 32-key tiles than
+// splits), 40, 31 (one whole tile), ..., the caches random before them: pos_norm then
+// attention as two entries, or folded into one (FOLD 1).
+// Every output is compared with float64 arithmetic on the same inputs. Prints the worst
+// relative error of any output and how many outputs were left unwritten (poisoned with
+// NaN first).
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 
 #include "warp.hpp"
 #include "kernel.inc"
@@ -30,9 +36,139 @@ struct Gemv {
     float *b, *c, *c0;
 };
 
+static double worst = 0;
+static long unwritten = 0;
+static void compare(const float* got, const std::vector<double>& want) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (std::isnan(got[i])) {
+            ++unwritten;
+            continue;
+        }
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+    }
+    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
+}
+
+static int attention(int rows, int blocks, int fold) {
+    const int C = NGPT_PD_C, D = NGPT_PD_D, H = C / D, S = 1200;
+    const int at[] = {5, 1100, 40, 31, 700, 0, 64, 1000};
+    Arena arena(256 << 20);
+    auto filled = [&](size_t n, float lo, float hi) {
+        float* p = arena.alloc<float>(n);
+        for (size_t i = 0; i < n; ++i) p[i] = lo + (hi - lo) * 0.5f * (uni() + 1.0f);
+        return p;
+    };
+    float* qkv = filled((size_t)rows * 3 * C, -1.0f, 1.0f);
+    float* table = filled((size_t)S * D, -1.0f, 1.0f);
+    float* q_scale = filled(C, 1.0f, 3.0f);
+    float* k_scale = filled(C, -2.0f, 2.0f);
+    float* kc = filled((size_t)rows * H * S * D, -1.0f, 1.0f);
+    float* vc = filled((size_t)rows * H * S * D, -1.0f, 1.0f);
+    std::vector<float> kc0(kc, kc + (size_t)rows * H * S * D), vc0(vc, vc + (size_t)rows * H * S * D);
+    int* positions = arena.alloc<int>(rows);
+    for (int r = 0; r < rows; ++r) positions[r] = at[r % 8];
+    float* q_out = arena.alloc<float>((size_t)rows * C);
+    float* out = arena.alloc<float>((size_t)rows * C);
+    for (int i = 0; i < rows * C; ++i) out[i] = q_out[i] = NAN;
+    float* part = arena.alloc<float>((size_t)rows * H * PD_SPLITS * PD_PART);
+    std::vector<PdOp> t;
+    if (fold) {
+        PdOp e{};
+        e.kind = PD_POS_ATTENTION;
+        unsigned long long p[] = {(unsigned long long)qkv, (unsigned long long)positions, (unsigned long long)table,
+                                  (unsigned long long)q_scale, (unsigned long long)k_scale, (unsigned long long)kc,
+                                  (unsigned long long)vc, (unsigned long long)out};
+        std::copy(p, p + 8, e.p);
+        e.i[0] = rows;
+        e.i[1] = 1;
+        t.push_back(e);
+    } else {
+        PdOp e{};
+        e.kind = PD_POS_NORM;
+        unsigned long long p[] = {(unsigned long long)qkv, (unsigned long long)positions, (unsigned long long)table,
+                                  (unsigned long long)q_scale, (unsigned long long)k_scale, (unsigned long long)q_out,
+                                  (unsigned long long)kc, (unsigned long long)vc};
+        std::copy(p, p + 8, e.p);
+        e.i[0] = rows;
+        e.i[1] = 1;
+        t.push_back(e);
+        PdOp a{};
+        a.kind = PD_ATTENTION;
+        unsigned long long pa[] = {(unsigned long long)q_out, (unsigned long long)kc, (unsigned long long)vc,
+                                   (unsigned long long)positions, (unsigned long long)out};
+        std::copy(pa, pa + 5, a.p);
+        a.i[0] = rows;
+        a.i[1] = 1;
+        t.push_back(a);
+    }
+    PdOp* ops = arena.alloc<PdOp>(t.size());
+    std::copy(t.begin(), t.end(), ops);
+    unsigned* bar = arena.alloc<unsigned>(4);
+    bar[0] = bar[1] = bar[2] = bar[3] = 0;
+    int n_ops = (int)t.size();
+    bool ok = launch_resident(Dim3{(unsigned)blocks, 1, 1}, PD_THREADS, NGPT_EMU_SHARED, [&] {
+        decode_persistent(ops, n_ops, bar, part, C, H, D, S, 1, 0, nullptr);
+    });
+    if (!ok) {
+        std::printf("a block failed\n");
+        return 1;
+    }
+    std::vector<double> want_out((size_t)rows * C), want_kv, got_kv;
+    for (int r = 0; r < rows; ++r) {
+        int pos = positions[r];
+        for (int h = 0; h < H; ++h) {
+            std::vector<double> q(D), k(D), v(D);
+            double sq = 0, sk = 0;
+            for (int j = 0; j < D; ++j) {
+                int col = h * D + j;
+                q[j] = (double)qkv[(size_t)r * 3 * C + col] * table[(size_t)pos * D + j];
+                k[j] = (double)qkv[(size_t)r * 3 * C + C + col] * table[(size_t)pos * D + j];
+                v[j] = qkv[(size_t)r * 3 * C + 2 * C + col];
+                sq += q[j] * q[j];
+                sk += k[j] * k[j];
+            }
+            for (int j = 0; j < D; ++j) {
+                q[j] = q[j] / std::sqrt(sq) * q_scale[h * D + j];
+                k[j] = k[j] / std::sqrt(sk) * k_scale[h * D + j];
+            }
+            size_t base = ((size_t)r * H + h) * S * D;
+            // The new key and value, as the kernel must have cached them.
+            for (int j = 0; j < D; ++j) {
+                want_kv.push_back(k[j]);
+                want_kv.push_back(v[j]);
+                got_kv.push_back(kc[base + (size_t)pos * D + j]);
+                got_kv.push_back(vc[base + (size_t)pos * D + j]);
+            }
+            std::vector<double> sc(pos + 1);
+            double m = -1e300;
+            for (int key = 0; key <= pos; ++key) {
+                double s = 0;
+                for (int j = 0; j < D; ++j) s += q[j] * (key == pos ? k[j] : kc0[base + (size_t)key * D + j]);
+                sc[key] = s;
+                m = std::max(m, s);
+            }
+            double z = 0;
+            for (auto& s : sc) z += (s = std::exp(s - m));
+            for (int j = 0; j < D; ++j) {
+                double o = 0;
+                for (int key = 0; key <= pos; ++key) o += sc[key] * (key == pos ? v[j] : vc0[base + (size_t)key * D + j]);
+                want_out[(size_t)r * C + h * D + j] = o / z;
+            }
+        }
+    }
+    compare(out, want_out);
+    std::vector<float> got_kv_f(got_kv.begin(), got_kv.end());
+    compare(got_kv_f.data(), want_kv);
+    std::printf("worst_rel_err %.6e unwritten %ld\n", worst, unwritten);
+    return 0;
+}
+
 int main(int argc, char** argv) {
-    if (argc != 4) return 2;
-    const int rows = std::atoi(argv[1]), blocks = std::atoi(argv[2]), stream = std::atoi(argv[3]);
+    if (argc != 5) return 2;
+    const int rows = std::atoi(argv[2]), blocks = std::atoi(argv[3]), stream = std::atoi(argv[4]);
+    if (std::string(argv[1]) == "attention") return attention(rows, blocks, stream);
     const int C = NGPT_PD_C;
     Arena arena(64 << 20);
     auto filled = [&](size_t n, float scale) {
@@ -145,20 +281,6 @@ int main(int argc, char** argv) {
             swi[r * 4 * C + j] = u * (v / (1.0 + std::exp(-v)));
         }
     }
-    double worst = 0;
-    long unwritten = 0;
-    auto compare = [&](const float* got, const std::vector<double>& want) {
-        double num = 0, den = 0;
-        for (size_t i = 0; i < want.size(); ++i) {
-            if (std::isnan(got[i])) {
-                ++unwritten;
-                continue;
-            }
-            num += (got[i] - want[i]) * (got[i] - want[i]);
-            den += want[i] * want[i];
-        }
-        worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
-    };
     compare(h_out, lerp);
     compare(sw, swi);
     for (auto& g : gemvs) {
