@@ -367,6 +367,20 @@ __device__ void pd_gemv_n(const PdOp& op, const float* b, int ldb, int gwarp, in
         gemv_row<W, N, false, U>(a, b, c, i, op.i[1], op.i[2], ldb, op.i[4], op.f[0], op.f[1], op.i[5], lane);
 }
 
+// Runs CALL with the constant PD_N = n, 1 to 8 (more: 8): the gemv bodies are compiled for
+// each column count. (A macro: NVRTC takes no device lambdas without --extended-lambda.)
+#define PD_WITH_COLS(n, CALL)                         \
+    switch (n) {                                      \
+    case 1: { constexpr int PD_N = 1; CALL; } break;  \
+    case 2: { constexpr int PD_N = 2; CALL; } break;  \
+    case 3: { constexpr int PD_N = 3; CALL; } break;  \
+    case 4: { constexpr int PD_N = 4; CALL; } break;  \
+    case 5: { constexpr int PD_N = 5; CALL; } break;  \
+    case 6: { constexpr int PD_N = 6; CALL; } break;  \
+    case 7: { constexpr int PD_N = 7; CALL; } break;  \
+    default: { constexpr int PD_N = 8; CALL; } break; \
+    }
+
 // Stages the gemv's input rows in xs where the step folded in lerp_norm or swiglu (see
 // PdInput); returns the B operand and sets its leading dimension.
 __device__ const float* pd_gemv_input(const PdOp& op, float* xs, int c, int* ldb) {
@@ -506,16 +520,7 @@ template <typename W>
 __device__ void pd_gemv_stream(const PdOp& op, float* xs, int c, const char* slice, int warp, int lane) {
     int ldb;
     const float* b = pd_gemv_input(op, xs, c, &ldb);
-    switch (op.i[6]) {
-    case 1: pd_gemv_stream_n<W, 1>(op, b, ldb, slice, warp, lane); break;
-    case 2: pd_gemv_stream_n<W, 2>(op, b, ldb, slice, warp, lane); break;
-    case 3: pd_gemv_stream_n<W, 3>(op, b, ldb, slice, warp, lane); break;
-    case 4: pd_gemv_stream_n<W, 4>(op, b, ldb, slice, warp, lane); break;
-    case 5: pd_gemv_stream_n<W, 5>(op, b, ldb, slice, warp, lane); break;
-    case 6: pd_gemv_stream_n<W, 6>(op, b, ldb, slice, warp, lane); break;
-    case 7: pd_gemv_stream_n<W, 7>(op, b, ldb, slice, warp, lane); break;
-    default: pd_gemv_stream_n<W, 8>(op, b, ldb, slice, warp, lane); break;
-    }
+    PD_WITH_COLS(op.i[6], (pd_gemv_stream_n<W, PD_N>(op, b, ldb, slice, warp, lane)));
 }
 #endif
 
@@ -523,16 +528,7 @@ template <typename W>
 __device__ void pd_gemv(const PdOp& op, float* xs, int c, int gwarp, int nwarps, int lane) {
     int ldb;
     const float* b = pd_gemv_input(op, xs, c, &ldb);
-    switch (op.i[6]) {
-    case 1: pd_gemv_n<W, 1>(op, b, ldb, gwarp, nwarps, lane); break;
-    case 2: pd_gemv_n<W, 2>(op, b, ldb, gwarp, nwarps, lane); break;
-    case 3: pd_gemv_n<W, 3>(op, b, ldb, gwarp, nwarps, lane); break;
-    case 4: pd_gemv_n<W, 4>(op, b, ldb, gwarp, nwarps, lane); break;
-    case 5: pd_gemv_n<W, 5>(op, b, ldb, gwarp, nwarps, lane); break;
-    case 6: pd_gemv_n<W, 6>(op, b, ldb, gwarp, nwarps, lane); break;
-    case 7: pd_gemv_n<W, 7>(op, b, ldb, gwarp, nwarps, lane); break;
-    default: pd_gemv_n<W, 8>(op, b, ldb, gwarp, nwarps, lane); break;
-    }
+    PD_WITH_COLS(op.i[6], (pd_gemv_n<W, PD_N>(op, b, ldb, gwarp, nwarps, lane)));
 }
 
 // The split of row r's keys 0..=pos into runs of 32-key tiles: how many splits, and

@@ -73,35 +73,22 @@ static int attention(int rows, int blocks, int fold) {
     float* out = arena.alloc<float>((size_t)rows * C);
     for (int i = 0; i < rows * C; ++i) out[i] = q_out[i] = NAN;
     float* part = arena.alloc<float>((size_t)rows * H * PD_SPLITS * PD_PART);
+    // An entry of one decode row per sequence (ints: rows, tokens = 1).
+    auto entry = [&](int kind, std::initializer_list<const void*> ptrs) {
+        PdOp e{};
+        e.kind = kind;
+        int i = 0;
+        for (const void* p : ptrs) e.p[i++] = (unsigned long long)p;
+        e.i[0] = rows;
+        e.i[1] = 1;
+        return e;
+    };
     std::vector<PdOp> t;
     if (fold) {
-        PdOp e{};
-        e.kind = PD_POS_ATTENTION;
-        unsigned long long p[] = {(unsigned long long)qkv, (unsigned long long)positions, (unsigned long long)table,
-                                  (unsigned long long)q_scale, (unsigned long long)k_scale, (unsigned long long)kc,
-                                  (unsigned long long)vc, (unsigned long long)out};
-        std::copy(p, p + 8, e.p);
-        e.i[0] = rows;
-        e.i[1] = 1;
-        t.push_back(e);
+        t.push_back(entry(PD_POS_ATTENTION, {qkv, positions, table, q_scale, k_scale, kc, vc, out}));
     } else {
-        PdOp e{};
-        e.kind = PD_POS_NORM;
-        unsigned long long p[] = {(unsigned long long)qkv, (unsigned long long)positions, (unsigned long long)table,
-                                  (unsigned long long)q_scale, (unsigned long long)k_scale, (unsigned long long)q_out,
-                                  (unsigned long long)kc, (unsigned long long)vc};
-        std::copy(p, p + 8, e.p);
-        e.i[0] = rows;
-        e.i[1] = 1;
-        t.push_back(e);
-        PdOp a{};
-        a.kind = PD_ATTENTION;
-        unsigned long long pa[] = {(unsigned long long)q_out, (unsigned long long)kc, (unsigned long long)vc,
-                                   (unsigned long long)positions, (unsigned long long)out};
-        std::copy(pa, pa + 5, a.p);
-        a.i[0] = rows;
-        a.i[1] = 1;
-        t.push_back(a);
+        t.push_back(entry(PD_POS_NORM, {qkv, positions, table, q_scale, k_scale, q_out, kc, vc}));
+        t.push_back(entry(PD_ATTENTION, {q_out, kc, vc, positions, out}));
     }
     PdOp* ops = arena.alloc<PdOp>(t.size());
     std::copy(t.begin(), t.end(), ops);

@@ -158,6 +158,26 @@ inline void am_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
 // to it: host_emulation.rs rewrites those declarations).
 static float* g_dynamic_smem;
 
+// Runs block `block_idx` of `body`: `threads` OS threads, with the block and warp barriers.
+inline void run_block(Dim3 block_idx, unsigned threads, const std::function<void()>& body) {
+    std::barrier<> block(threads);
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (unsigned w = 0; w < threads / 32; ++w) {
+        warps.push_back(std::make_unique<std::barrier<>>(32));
+        g_warp[w] = warps.back().get();
+    }
+    g_block = &block;
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+            threadIdx = Dim3{t, 0, 0};
+            blockIdx = block_idx;
+            body();
+        });
+    }
+    for (auto& th : pool) th.join();
+}
+
 // Device memory for launch_resident: one shared mapping, so that every block (a process)
 // sees the same buffers; allocations are never freed.
 struct Arena {
@@ -192,22 +212,7 @@ inline bool launch_resident(Dim3 grid, unsigned threads, size_t shared, const st
             g_dynamic_smem = dynamic.data();
             gridDim = grid;
             blockDim = Dim3{threads, 1, 1};
-            std::barrier<> block(threads);
-            std::vector<std::unique_ptr<std::barrier<>>> warps;
-            for (unsigned w = 0; w < threads / 32; ++w) {
-                warps.push_back(std::make_unique<std::barrier<>>(32));
-                g_warp[w] = warps.back().get();
-            }
-            g_block = &block;
-            std::vector<std::thread> pool;
-            for (unsigned t = 0; t < threads; ++t) {
-                pool.emplace_back([&, t] {
-                    threadIdx = Dim3{t, 0, 0};
-                    blockIdx = Dim3{bx, 0, 0};
-                    body();
-                });
-            }
-            for (auto& th : pool) th.join();
+            run_block(Dim3{bx, 0, 0}, threads, body);
             _exit(0);
         }
         pids.push_back(pid);
@@ -229,23 +234,6 @@ inline void launch(Dim3 grid, unsigned threads, size_t shared, const std::functi
     gridDim = grid;
     blockDim = Dim3{threads, 1, 1};
     for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-            std::barrier<> block(threads);
-            std::vector<std::unique_ptr<std::barrier<>>> warps;
-            for (unsigned w = 0; w < threads / 32; ++w) {
-                warps.push_back(std::make_unique<std::barrier<>>(32));
-                g_warp[w] = warps.back().get();
-            }
-            g_block = &block;
-            std::vector<std::thread> pool;
-            for (unsigned t = 0; t < threads; ++t) {
-                pool.emplace_back([&, t] {
-                    threadIdx = Dim3{t, 0, 0};
-                    blockIdx = Dim3{bx, by, 0};
-                    body();
-                });
-            }
-            for (auto& th : pool) th.join();
-        }
+        for (unsigned bx = 0; bx < grid.x; ++bx) run_block(Dim3{bx, by, 0}, threads, body);
     }
 }
