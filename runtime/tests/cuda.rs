@@ -610,25 +610,25 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
     for (prelude, mma) in [
         ("", false),
         (
-            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_MAX_SEQ 4096\n",
+            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n",
             true,
         ),
         (
-            "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n#define NGPT_PD_MAX_SEQ 100\n#define NGPT_PD_MIN_BLOCKS 2\n",
+            "#define NGPT_PD_C 36\n#define NGPT_PD_D 12\n#define NGPT_PD_MIN_BLOCKS 2\n",
             false,
         ),
         (
-            "#define NGPT_PD_C 96\n#define NGPT_PD_D 16\n#define NGPT_PD_MAX_SEQ 77\n",
+            "#define NGPT_PD_C 96\n#define NGPT_PD_D 16\n",
             true,
         ),
         (
-            "#define NGPT_PD_C 256\n#define NGPT_PD_D 128\n#define NGPT_PD_MAX_SEQ 1024\n",
+            "#define NGPT_PD_C 256\n#define NGPT_PD_D 128\n",
             true,
         ),
         // With decode_persistent's weight-streaming buffers (cp.async) and its
         // release/acquire grid barrier.
         (
-            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_MAX_SEQ 4096\n#define NGPT_PD_STREAM 65536\n#define NGPT_PD_RING_OFFSET 16384\n#define NGPT_PD_ACQREL 1\n",
+            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_STREAM 1\n#define NGPT_PD_ACQREL 1\n",
             true,
         ),
     ] {
@@ -832,16 +832,16 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
         );
         a.set_persistent(true);
         a.set_persistent_fusion(true);
-        a.set_persistent_stream(false);
+        a.set_persistent_stream(false)?;
         b.set_persistent(false);
         c.set_persistent(true);
         c.set_persistent_fusion(false);
-        c.set_persistent_stream(false);
+        c.set_persistent_stream(false)?;
         // Folded, with the weights streamed into shared memory ahead of each gemv.
         s.set_persistent(true);
         s.set_persistent_fusion(true);
         assert!(
-            s.set_persistent_stream(true),
+            s.set_persistent_stream(true)?,
             "{what}: no room for the streaming buffers"
         );
         let toks: Vec<i32> = prompt(v, batch * prompt_len, seed)

@@ -55,11 +55,11 @@ fn mma_kernel(w: Widths) -> Result<Kernel> {
         .context("attention_prefill_mma not in helpers.cu")?;
     Ok(Kernel {
         name: "attention_prefill_mma",
+        // The executor appends the KV capacity to the plan's arguments.
         source: format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{neg}\n{}{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_EMU_EXTRA_ARGS , NGPT_EMU_MAX_SEQ\n{neg}\n{}{}",
             w.c,
             w.d,
-            w.max_seq,
             &src[a..b],
             &src[m..]
         ),
@@ -274,7 +274,7 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
     std::fs::write(
         dir.path().join("kernel.inc"),
         format!(
-            "#define NGPT_PD_C 64\n#define NGPT_PD_D 16\n#define NGPT_PD_MAX_SEQ 32\n#define NGPT_PD_STREAM {slice}\n#define NGPT_PD_RING_OFFSET {ring}\n#define NGPT_EMU_SHARED {}\n{}",
+            "#define NGPT_PD_C 64\n#define NGPT_PD_D 16\n#define NGPT_PD_STREAM 1\n#define NGPT_EMU_SLICE {slice}\n#define NGPT_EMU_RING {ring}\n#define NGPT_EMU_SHARED {}\n{}",
             ring + 2 * slice,
             src.replace(decl, "float* xs = g_dynamic_smem;")
         ),

@@ -373,11 +373,18 @@ struct Persistent {
     /// Whether warps prefetch the next gemv's weights into L2 at each barrier
     /// (`NGPT_CUDA_PD_PREFETCH=0` turns it off).
     prefetch: bool,
-    /// Bytes of each weight-streaming buffer compiled in (0: none fit).
+    /// Bytes of each weight-streaming buffer (0: they do not fit in shared memory).
     slice: usize,
     /// Whether gemv weights stream into shared memory ahead of their entries
     /// (`NGPT_CUDA_PD_STREAM=1` turns it on; off until measured on a GPU).
     stream: bool,
+    /// The build of decode_persistent with weight streaming, compiled when first asked for.
+    streamed: Option<StreamedKernel>,
+    /// The helpers module's source (the streaming build adds a define to it).
+    helpers_source: String,
+    sms: i32,
+    /// Whether the plan's head dim fits the kernel's registers.
+    fits: bool,
     /// Under NGPT_CUDA_PROFILE: the GPU clock after each entry, and the entries' labels.
     timer: Option<Dev<u64>>,
     labels: Vec<String>,
@@ -386,6 +393,41 @@ struct Persistent {
     runs: u64,
     /// Whether the decode program last resolved (and so the captured graph) uses it.
     active: bool,
+}
+
+/// `decode_persistent` built with weight streaming (`NGPT_PD_STREAM`): its module, the
+/// function and how many of its blocks are resident at once with both buffers.
+struct StreamedKernel {
+    _module: Arc<CudaModule>,
+    func: CudaFunction,
+    blocks: u32,
+}
+
+/// How many blocks of `decode_persistent` (`func`) are resident at once with `dynamic`
+/// bytes of dynamic shared memory: the grid its barrier needs every block of; 0 where the
+/// plan does not fit it. `NGPT_CUDA_PD_BLOCKS_PER_SM` caps the blocks per SM.
+fn resident_blocks(func: &CudaFunction, dynamic: usize, sms: i32, fits: bool) -> Result<u32> {
+    if dynamic > DEFAULT_SHARED_LIMIT as usize {
+        func.set_attribute(
+            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic as i32,
+        )
+        .map_err(setup("raising decode_persistent's shared memory limit"))?;
+    }
+    let mut per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(persistent::THREADS, dynamic, None)
+        .map_err(setup("reading decode_persistent's occupancy"))?;
+    if let Some(cap) = std::env::var("NGPT_CUDA_PD_BLOCKS_PER_SM")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        per_sm = per_sm.min(cap);
+    }
+    Ok(if fits {
+        (sms.max(0) as u32).saturating_mul(per_sm)
+    } else {
+        0
+    })
 }
 
 /// A captured decode program and what it was captured for.
@@ -722,15 +764,9 @@ impl CudaExecutor {
                 format!("#define NGPT_PD_MIN_BLOCKS {n}\n")
             });
         // decode_persistent's dynamic shared memory: staged gemv inputs, then (where they
-        // fit) the two weight-streaming buffers.
+        // fit, for weight streaming) two buffers of `slice` bytes.
         let stage = persistent::stage_bytes(batch, plan.dims.n_embd);
         let slice = persistent::stream_slice(optin.max(0) as usize, stage);
-        let ring_offset = stage.next_multiple_of(16);
-        let streaming = if slice > 0 {
-            format!("#define NGPT_PD_STREAM {slice}\n#define NGPT_PD_RING_OFFSET {ring_offset}\n")
-        } else {
-            String::new()
-        };
         // NGPT_CUDA_PD_BARRIER=acqrel: the grid barrier with release and acquire operations
         // instead of full fences (opt-in until measured on a GPU).
         let barrier = if env_is("NGPT_CUDA_PD_BARRIER", "acqrel") {
@@ -739,10 +775,9 @@ impl CudaExecutor {
             ""
         };
         let helpers_source = format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n#define NGPT_PD_MAX_SEQ {}\n{min_blocks}{streaming}{barrier}{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{min_blocks}{barrier}{}",
             plan.dims.n_embd,
             plan.dims.head_dim,
-            plan.dims.max_seq_len,
             super::HELPERS_CU
         );
         let helpers = load_ptx(
@@ -765,41 +800,19 @@ impl CudaExecutor {
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(setup("reading the multiprocessor count"))?;
         let d = plan.dims;
-        // The most a launch asks for: with the streaming buffers where they are compiled in.
-        let dynamic = if slice > 0 {
-            ring_offset + 2 * slice
-        } else {
-            stage
-        };
-        if dynamic > DEFAULT_SHARED_LIMIT as usize {
-            pd_func
-                .set_attribute(
-                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    dynamic as i32,
-                )
-                .map_err(setup("raising decode_persistent's shared memory limit"))?;
-        }
-        let mut per_sm = pd_func
-            .occupancy_max_active_blocks_per_multiprocessor(persistent::THREADS, dynamic, None)
-            .map_err(setup("reading decode_persistent's occupancy"))?;
-        if let Some(cap) = std::env::var("NGPT_CUDA_PD_BLOCKS_PER_SM")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-        {
-            per_sm = per_sm.min(cap);
-        }
-        let pd_regs = pd_func.num_regs().unwrap_or(0);
         let pd_fits = d.head_dim <= persistent::MAX_D && d.head_dim.is_multiple_of(2);
+        let pd_regs = pd_func.num_regs().unwrap_or(0);
+        let blocks = resident_blocks(&pd_func, stage, sms, pd_fits)?;
         let persistent = Persistent {
             func: pd_func,
-            blocks: if pd_fits {
-                (sms.max(0) as u32).saturating_mul(per_sm)
-            } else {
-                0
-            },
+            blocks,
             stage,
             slice,
-            stream: slice > 0 && env_is("NGPT_CUDA_PD_STREAM", "1"),
+            stream: false,
+            streamed: None,
+            helpers_source,
+            sms,
+            fits: pd_fits,
             regs: pd_regs,
             fuse: !env_is("NGPT_CUDA_PD_FUSE", "0"),
             fused: persistent::Fused::default(),
@@ -943,7 +956,7 @@ impl CudaExecutor {
         stream
             .synchronize()
             .map_err(setup("uploading the weights"))?;
-        Ok(CudaExecutor {
+        let mut executor = CudaExecutor {
             state: ManuallyDrop::new(State {
                 batch,
                 graph: None,
@@ -993,7 +1006,12 @@ impl CudaExecutor {
                 arch,
                 plan,
             }),
-        })
+        };
+        drop(_guard);
+        if env_is("NGPT_CUDA_PD_STREAM", "1") {
+            executor.set_persistent_stream(true)?;
+        }
+        Ok(executor)
     }
 
     /// The device's name, e.g. `NVIDIA H200`.
@@ -1052,14 +1070,39 @@ impl CudaExecutor {
 
     /// Streams each gemv's weights into shared memory while the entries before it run
     /// (on), or reads them when the gemv starts (off); the default comes from
-    /// `NGPT_CUDA_PD_STREAM` (off until measured on a GPU). Returns whether it is on: only
-    /// where the buffers fit in shared memory beside the staged rows. Drops a captured
-    /// decode graph.
-    pub fn set_persistent_stream(&mut self, on: bool) -> bool {
-        self.persistent.stream = on && self.persistent.slice > 0;
+    /// `NGPT_CUDA_PD_STREAM` (off until measured on a GPU). The first time it is turned on,
+    /// compiles the kernel's streaming build. Returns whether it is on: only where the
+    /// buffers fit in shared memory beside the staged rows and a grid of the streaming
+    /// build is resident. Drops a captured decode graph.
+    pub fn set_persistent_stream(&mut self, on: bool) -> Result<bool> {
         self.graph = None;
         self.warmed = None;
-        self.persistent.stream
+        let pd = &self.state.persistent;
+        if on && pd.slice > 0 && pd.streamed.is_none() {
+            let _device = device_turn();
+            self.ctx
+                .bind_to_thread()
+                .map_err(setup("making the context current"))?;
+            let source = format!("#define NGPT_PD_STREAM 1\n{}", pd.helpers_source);
+            let module = load_ptx(
+                &self.ctx,
+                "ngpt_runtime_helpers_streamed",
+                super::compile_module("ngpt_runtime_helpers_streamed", &source, self.arch)?,
+            )?;
+            let func = module
+                .load_function("decode_persistent")
+                .map_err(setup("loading decode_persistent (streaming)"))?;
+            let dynamic = pd.stage.next_multiple_of(16) + 2 * pd.slice;
+            let blocks = resident_blocks(&func, dynamic, pd.sms, pd.fits)?;
+            self.state.persistent.streamed = Some(StreamedKernel {
+                _module: module,
+                func,
+                blocks,
+            });
+        }
+        let pd = &mut self.state.persistent;
+        pd.stream = on && pd.streamed.as_ref().is_some_and(|k| k.blocks > 0);
+        Ok(pd.stream)
     }
 
     /// What the last decode table folded: (lerp_norm into a gemv, swiglu into a gemv,
@@ -1871,12 +1914,21 @@ impl CudaExecutor {
         let (mut t, mut n, mut bar, mut part_p) =
             (table.ptr, int(n_ops)?, pd.barrier.ptr, part.ptr);
         let mut prefetch = i32::from(pd.prefetch);
-        let mut stream_on = i32::from(pd.stream);
-        let dynamic = if pd.stream {
-            pd.stage.next_multiple_of(16) + 2 * pd.slice
-        } else {
-            pd.stage
-        };
+        // The streaming build with its buffers, or the default one.
+        let (func, blocks, mut slice_bytes, mut ring_offset, dynamic) =
+            match (pd.stream, &pd.streamed) {
+                (true, Some(k)) => {
+                    let ring = pd.stage.next_multiple_of(16);
+                    (
+                        &k.func,
+                        k.blocks,
+                        int(pd.slice)?,
+                        int(ring)?,
+                        ring + 2 * pd.slice,
+                    )
+                }
+                _ => (&pd.func, pd.blocks, 0, 0, pd.stage),
+            };
         let mut timer = match (&self.profile, &pd.timer) {
             (Some(_), Some(t)) => t.ptr,
             _ => 0u64,
@@ -1897,19 +1949,20 @@ impl CudaExecutor {
             &mut hd as *mut i32 as *mut c_void,
             &mut ms as *mut i32 as *mut c_void,
             &mut prefetch as *mut i32 as *mut c_void,
-            &mut stream_on as *mut i32 as *mut c_void,
+            &mut slice_bytes as *mut i32 as *mut c_void,
+            &mut ring_offset as *mut i32 as *mut c_void,
             &mut timer as *mut u64 as *mut c_void,
         ];
         // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
-        // int, int, int, unsigned long long*): streaming only where its buffers were
-        // compiled in and are in `dynamic`; the timer, when not null, holds n_ops + 1; the table holds n_ops entries built from steps checked in `resolve`, the
+        // int, int, int, int, unsigned long long*): slice_bytes non-zero only for the
+        // streaming build, whose two buffers lie at ring_offset inside `dynamic`; the timer, when not null, holds n_ops + 1; the table holds n_ops entries built from steps checked in `resolve`, the
         // partials rows x n_head x SPLITS x (MAX_D + 2) floats (head_dim <= MAX_D was
         // checked at construction), staged rows fit `stage` bytes (checked by `fuse`);
         // `blocks` blocks are resident at once.
         unsafe {
             cu_result::launch_kernel(
-                pd.func.cu_function(),
-                (pd.blocks, 1, 1),
+                func.cu_function(),
+                (blocks, 1, 1),
                 (persistent::THREADS, 1, 1),
                 dynamic as u32,
                 stream,
@@ -2196,13 +2249,19 @@ impl CudaExecutor {
             }
         }
         // The tensor-core prefill attention takes the same launch (its tiles are static
-        // shared memory, so the dynamic part is dropped).
+        // shared memory, so the dynamic part is dropped) and the KV capacity after the
+        // plan's arguments.
         if let (true, Some(mma), "attention_prefill", (128, 1, 1)) = (
             self.use_prefill_mma,
             self.prefill_mma,
             l.entry.as_str(),
             block,
         ) {
+            let mut params = params;
+            params
+                .push(Param::I32(i32::try_from(d.max_seq_len).map_err(|_| {
+                    step_err(name, "max_seq_len exceeds the int range")
+                })?));
             return Ok(Op::Launch {
                 step: si,
                 func: mma,

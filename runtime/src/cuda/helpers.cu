@@ -454,9 +454,10 @@ __device__ const float* pd_gemv_input(const PdOp& op, float* xs, int c, int* ldb
     return reinterpret_cast<const float*>(op.p[1]);
 }
 
-// Weight streaming (`stream` non-zero, NGPT_CUDA_PD_STREAM=1; the executor compiles this
-// module with NGPT_PD_STREAM, the bytes of each of two buffers, and NGPT_PD_RING_OFFSET,
-// where they start in the dynamic shared memory, after the staged inputs). A gemv's rows are then
+// Weight streaming (NGPT_CUDA_PD_STREAM=1: the executor compiles a second build of this
+// module with NGPT_PD_STREAM defined and launches it with `slice_bytes`, the size of each
+// of two buffers, and `ring_offset`, where they start in the dynamic shared memory, after
+// the staged inputs; the default build has none of this code). A gemv's rows are then
 // split into one contiguous range per block, and the first rows of the block's range that
 // fit a buffer (its slice) are copied into shared memory with cp.async while the entries
 // before it run: the slice of the first gemv after each entry is issued at that entry's
@@ -473,19 +474,19 @@ __device__ __forceinline__ void pd_block_rows(int m, int* r0, int* r1) {
     *r1 = (int)((long long)m * (blockIdx.x + 1) / gridDim.x);
 }
 
-// How many of rows [r0, r1) of gemv `op` its slice holds.
-__device__ __forceinline__ int pd_slice_rows(const PdOp& op, int r0, int r1) {
+// How many of rows [r0, r1) of gemv `op` its slice of `slice_bytes` holds.
+__device__ __forceinline__ int pd_slice_rows(const PdOp& op, int r0, int r1, int slice_bytes) {
     if (!op.i[5]) return 0;
     long long row_bytes = (long long)op.i[1] * (op.kind == PD_GEMV_BF16 ? 2 : 4);
-    return (int)min((long long)(r1 - r0), (long long)NGPT_PD_STREAM / row_bytes);
+    return (int)min((long long)(r1 - r0), (long long)slice_bytes / row_bytes);
 }
 
 // Issues the copies of gemv `op`'s slice into `buf` (row after row, each k elements) and
 // commits them as one group (an empty one where the slice is empty).
-__device__ void pd_issue_slice(const PdOp& op, char* buf) {
+__device__ void pd_issue_slice(const PdOp& op, char* buf, int slice_bytes) {
     int r0, r1;
     pd_block_rows(op.i[0], &r0, &r1);
-    int rows = pd_slice_rows(op, r0, r1);
+    int rows = pd_slice_rows(op, r0, r1, slice_bytes);
     long long esize = op.kind == PD_GEMV_BF16 ? 2 : 4;
     int pieces = (int)((long long)op.i[1] * esize / 16);
     const char* a = reinterpret_cast<const char*>(op.p[0]);
@@ -498,14 +499,15 @@ __device__ void pd_issue_slice(const PdOp& op, char* buf) {
 }
 
 template <typename W, int N>
-__device__ void pd_gemv_stream_n(const PdOp& op, const float* b, int ldb, const char* slice, int warp, int lane) {
+__device__ void pd_gemv_stream_n(const PdOp& op, const float* b, int ldb, const char* slice, int slice_bytes,
+                                 int warp, int lane) {
     const W* a = reinterpret_cast<const W*>(op.p[0]);
     const W* sa = reinterpret_cast<const W*>(slice);
     float* c = reinterpret_cast<float*>(op.p[2]);
     constexpr int U = N <= 2 ? 8 : 4;
     int r0, r1;
     pd_block_rows(op.i[0], &r0, &r1);
-    int in_slice = pd_slice_rows(op, r0, r1), k = op.i[1];
+    int in_slice = pd_slice_rows(op, r0, r1, slice_bytes), k = op.i[1];
     for (int i = r0 + warp; i < r1; i += PD_WARPS) {
         if (i - r0 < in_slice)
             gemv_row_at<W, N, false, U, true>(sa + (long long)(i - r0) * k, b, c, i, k, ldb, op.i[4], op.f[0],
@@ -517,10 +519,11 @@ __device__ void pd_gemv_stream_n(const PdOp& op, const float* b, int ldb, const 
 }
 
 template <typename W>
-__device__ void pd_gemv_stream(const PdOp& op, float* xs, int c, const char* slice, int warp, int lane) {
+__device__ void pd_gemv_stream(const PdOp& op, float* xs, int c, const char* slice, int slice_bytes, int warp,
+                               int lane) {
     int ldb;
     const float* b = pd_gemv_input(op, xs, c, &ldb);
-    PD_WITH_COLS(op.i[6], (pd_gemv_stream_n<W, PD_N>(op, b, ldb, slice, warp, lane)));
+    PD_WITH_COLS(op.i[6], (pd_gemv_stream_n<W, PD_N>(op, b, ldb, slice, slice_bytes, warp, lane)));
 }
 #endif
 
@@ -704,7 +707,8 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
 #endif
 extern "C" __global__ void PD_BOUNDS
     decode_persistent(const PdOp* ops, int n_ops, unsigned int* bar, float* part, int c, int h, int d,
-                      int max_seq, int prefetch, int stream, unsigned long long* timer) {
+                      int max_seq, int prefetch, int slice_bytes, int ring_offset,
+                      unsigned long long* timer) {
     __shared__ __align__(16) float qs[PD_WARPS][PD_MAX_D];
     __shared__ __align__(16) float kvs[PD_WARPS][2][PD_MAX_D];
     extern __shared__ __align__(16) float xs[];  // staged gemv inputs (PdInput)
@@ -719,20 +723,20 @@ extern "C" __global__ void PD_BOUNDS
     const bool timing = timer != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
     if (timing) timer[0] = pd_now();
 #ifdef NGPT_PD_STREAM
-    char* ring = reinterpret_cast<char*>(xs) + NGPT_PD_RING_OFFSET;
+    char* ring = reinterpret_cast<char*>(xs) + ring_offset;
     // Slices issued and consumed so far, and the table index of the last gemv issued.
     int issued = 0, consumed = 0, last_issued = -1;
 #endif
     for (int o = 0; o < n_ops; ++o) {
         const PdOp& op = ops[o];
 #ifdef NGPT_PD_STREAM
-        if (stream) {
+        if (slice_bytes > 0) {
             // Every gemv up to the first one after this entry has its slice issued.
             int after = o + 1;
             while (after < n_ops && ops[after].kind != PD_GEMV_BF16 && ops[after].kind != PD_GEMV_F32) ++after;
             for (int x = last_issued + 1; x < n_ops && x <= after; ++x) {
                 if (ops[x].kind != PD_GEMV_BF16 && ops[x].kind != PD_GEMV_F32) continue;
-                pd_issue_slice(ops[x], ring + (issued & 1) * NGPT_PD_STREAM);
+                pd_issue_slice(ops[x], ring + (issued & 1) * slice_bytes, slice_bytes);
                 ++issued;
                 last_issued = x;
             }
@@ -743,11 +747,11 @@ extern "C" __global__ void PD_BOUNDS
                 else
                     pd_copy_wait0();
                 __syncthreads();
-                const char* slice = ring + (consumed & 1) * NGPT_PD_STREAM;
+                const char* slice = ring + (consumed & 1) * slice_bytes;
                 if (op.kind == PD_GEMV_BF16)
-                    pd_gemv_stream<unsigned short>(op, xs, c, slice, warp, lane);
+                    pd_gemv_stream<unsigned short>(op, xs, c, slice, slice_bytes, warp, lane);
                 else
-                    pd_gemv_stream<float>(op, xs, c, slice, warp, lane);
+                    pd_gemv_stream<float>(op, xs, c, slice, slice_bytes, warp, lane);
                 ++consumed;
                 if (o + 1 < n_ops) {
                     if (prefetch) pd_prefetch_next(ops, o, n_ops, gwarp, nwarps, lane);
@@ -902,8 +906,9 @@ extern "C" __global__ void PD_BOUNDS
 // g + 8, columns 2 tg, 2 tg + 1 and + 8; B: rows 2 tg, 2 tg + 1 and + 8, column g; C: rows
 // g and g + 8, columns 2 tg, 2 tg + 1). The S accumulators of two adjacent 8-key tiles are
 // the A fragment of P for those 16 keys, so P never leaves registers.
-// Needs NGPT_PD_C, NGPT_PD_D (a multiple of 16, at most 128) and NGPT_PD_MAX_SEQ; sm_80+.
-#if defined(NGPT_PD_C) && defined(NGPT_PD_D) && defined(NGPT_PD_MAX_SEQ) && NGPT_PD_D % 16 == 0 && NGPT_PD_D <= 128
+// The executor appends the KV capacity `max_seq` to the plan's arguments. Needs NGPT_PD_C
+// and NGPT_PD_D (a multiple of 16, at most 128); sm_80+.
+#if defined(NGPT_PD_C) && defined(NGPT_PD_D) && NGPT_PD_D % 16 == 0 && NGPT_PD_D <= 128
 #define AM_QT 64
 #define AM_KT 64
 #define AM_D NGPT_PD_D
@@ -936,7 +941,7 @@ __device__ __forceinline__ void am_mma(float* d, const unsigned int* a, unsigned
 
 extern "C" __global__ void __launch_bounds__(128)
     attention_prefill_mma(const float* q, const float* k_cache, const float* v_cache, const int* positions,
-                          float* out, int rows, int tokens) {
+                          float* out, int rows, int tokens, int max_seq) {
     __shared__ __align__(16) unsigned short ks[AM_KT * AM_KS];  // [key][dim]
     __shared__ __align__(16) unsigned short vt[AM_D * AM_VS];   // [dim][key]
     __shared__ int row_pos[AM_QT];
@@ -946,7 +951,7 @@ extern "C" __global__ void __launch_bounds__(128)
     if (lr % AM_QT != 0) return;
     int nq = min(AM_QT, tokens - lr);
     int lane = t & 31, warp = t >> 5, g = lane >> 2, tg = lane & 3;
-    long long base = ((long long)b * AM_H + head) * NGPT_PD_MAX_SEQ * AM_D;
+    long long base = ((long long)b * AM_H + head) * max_seq * AM_D;
     if (t < AM_QT) row_pos[t] = t < nq ? positions[r + t] : -1;
     __syncthreads();
     int max_pos = -1, warp_max = -1;

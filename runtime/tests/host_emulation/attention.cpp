@@ -18,6 +18,10 @@
 
 #include "warp.hpp"
 #include "kernel.inc"
+// Arguments a kernel takes after the plan's (attention_prefill_mma: the KV capacity).
+#ifndef NGPT_EMU_EXTRA_ARGS
+#define NGPT_EMU_EXTRA_ARGS
+#endif
 
 int main(int argc, char** argv) {
     if (argc != 5) {
@@ -39,7 +43,7 @@ int main(int argc, char** argv) {
     if (pos[rows - 1] >= S) return 2;
 
     launch(Dim3{(unsigned)rows, (unsigned)H, 1}, 128, NGPT_EMU_SHARED,
-           [&] { NGPT_EMU_KERNEL(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, tokens); });
+           [&] { NGPT_EMU_KERNEL(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, tokens NGPT_EMU_EXTRA_ARGS); });
 
     double num = 0, den = 0, worst = 0;
     long unwritten = 0;

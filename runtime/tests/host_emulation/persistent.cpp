@@ -1,7 +1,8 @@
 // decode_persistent (runtime/src/cuda/helpers.cu) on the CPU, on a table of gemv entries:
 // runtime/tests/host_emulation.rs writes kernel.inc (helpers.cu behind the executor's
-// prelude, with NGPT_PD_STREAM and NGPT_PD_RING_OFFSET small enough that a slice holds
-// only part of a block's rows) and NGPT_EMU_SHARED (dynamic shared memory bytes).
+// prelude, its streaming build: NGPT_PD_STREAM) with NGPT_EMU_SLICE and NGPT_EMU_RING (the
+// buffers' size, small enough that a slice holds only part of a block's rows, and offset)
+// and NGPT_EMU_SHARED (dynamic shared memory bytes).
 //
 //   persistent gemv ROWS BLOCKS STREAM
 //   persistent attention ROWS BLOCKS FOLD
@@ -96,7 +97,7 @@ static int attention(int rows, int blocks, int fold) {
     bar[0] = bar[1] = bar[2] = bar[3] = 0;
     int n_ops = (int)t.size();
     bool ok = launch_resident(Dim3{(unsigned)blocks, 1, 1}, PD_THREADS, NGPT_EMU_SHARED, [&] {
-        decode_persistent(ops, n_ops, bar, part, C, H, D, S, 1, 0, nullptr);
+        decode_persistent(ops, n_ops, bar, part, C, H, D, S, 1, 0, 0, nullptr);
     });
     if (!ok) {
         std::printf("a block failed\n");
@@ -245,7 +246,7 @@ int main(int argc, char** argv) {
     int n_ops = (int)table.size();
 
     bool ok = launch_resident(Dim3{(unsigned)blocks, 1, 1}, PD_THREADS, NGPT_EMU_SHARED, [&] {
-        decode_persistent(ops, n_ops, bar, part, C, 1, 16, 32, 1, stream, nullptr);
+        decode_persistent(ops, n_ops, bar, part, C, 1, 16, 32, 1, stream ? NGPT_EMU_SLICE : 0, NGPT_EMU_RING, nullptr);
     });
     if (!ok) {
         std::printf("a block failed\n");
