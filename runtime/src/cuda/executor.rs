@@ -1954,11 +1954,12 @@ impl CudaExecutor {
             &mut timer as *mut u64 as *mut c_void,
         ];
         // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
-        // int, int, int, int, unsigned long long*): slice_bytes non-zero only for the
-        // streaming build, whose two buffers lie at ring_offset inside `dynamic`; the timer, when not null, holds n_ops + 1; the table holds n_ops entries built from steps checked in `resolve`, the
-        // partials rows x n_head x SPLITS x (MAX_D + 2) floats (head_dim <= MAX_D was
-        // checked at construction), staged rows fit `stage` bytes (checked by `fuse`);
-        // `blocks` blocks are resident at once.
+        // int, int, int, int, unsigned long long*): slice_bytes is non-zero only for the
+        // streaming build, whose two buffers lie at ring_offset inside `dynamic`; the
+        // timer, when not null, holds n_ops + 1; the table holds n_ops entries built from
+        // steps checked in `resolve`; the partials rows x n_head x SPLITS x (MAX_D + 2)
+        // floats (head_dim <= MAX_D was checked at construction); staged rows fit `stage`
+        // bytes (checked by `fuse`); `blocks` blocks of that build are resident at once.
         unsafe {
             cu_result::launch_kernel(
                 func.cu_function(),
