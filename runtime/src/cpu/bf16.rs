@@ -6,14 +6,29 @@
 //! block of weight rows at a time into an f32 scratch and run the gemm crate on it. Every
 //! output element is computed by one thread in a fixed order, so results do not depend on
 //! the thread count.
+//!
+//! The blocks are as large as [`SCRATCH_BYTES`] allows (at least [`MIN_BLOCK_ROWS`] rows):
+//! each gemm call packs the activations again and synchronizes its threads, so 256-row
+//! blocks made a 128-token prefill of the 0.5b preset about 1,450 calls and 1.6x slower
+//! than with f32 weights (BENCHMARKS.md). The scratch is kept per thread and reused, so
+//! its pages are not faulted in and cleared for every GEMM.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use super::dots::{self, Shape};
 use crate::plan::widen_bf16;
 
-/// Weight rows widened at a time on the blocked path.
-const BLOCK_ROWS: usize = 256;
+/// Widened weights held at a time on the blocked path.
+pub const SCRATCH_BYTES: usize = 16 << 20;
+/// The fewest weight rows widened at a time (for very long rows).
+pub const MIN_BLOCK_ROWS: usize = 64;
+
+thread_local! {
+    /// The blocked path's scratch, reused by the calls of this thread.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Runs the GEMM. The caller has checked that `w`, `x` and `c` hold every element the
 /// shape touches (the CPU executor checks every GEMM's extents first).
@@ -30,9 +45,27 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
 }
 
 fn blocked(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
-    let mut scratch = vec![0f32; BLOCK_ROWS * s.k];
-    for m0 in (0..s.m).step_by(BLOCK_ROWS) {
-        let rows = BLOCK_ROWS.min(s.m - m0);
+    blocked_by(s, w, x, c, (SCRATCH_BYTES / 4 / s.k).max(MIN_BLOCK_ROWS));
+}
+
+/// The blocked path, `block_rows` weight rows at a time.
+fn blocked_by(s: Shape, w: &[u16], x: &[f32], c: &mut [f32], block_rows: usize) {
+    let block_rows = block_rows.min(s.m);
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            if scratch.len() < block_rows * s.k {
+                scratch.resize(block_rows * s.k, 0.0);
+            }
+            blocks(s, w, x, c, block_rows, &mut scratch);
+        }
+        // A GEMM that rayon ran on this thread while it waited inside another one.
+        Err(_) => blocks(s, w, x, c, block_rows, &mut vec![0f32; block_rows * s.k]),
+    });
+}
+
+fn blocks(s: Shape, w: &[u16], x: &[f32], c: &mut [f32], block_rows: usize, scratch: &mut [f32]) {
+    for m0 in (0..s.m).step_by(block_rows) {
+        let rows = block_rows.min(s.m - m0);
         scratch[..rows * s.k]
             .par_chunks_mut(s.k)
             .enumerate()
@@ -91,6 +124,21 @@ mod tests {
         ] {
             case(m, n, k, 0.0);
             case(m, n, k, 0.5);
+        }
+    }
+
+    #[test]
+    fn the_blocked_path_holds_across_blocks_and_a_partial_last_one() {
+        // The widening scratch holds 64 rows: 517 rows are 8 whole blocks and 5 rows.
+        for (n, k, beta) in [(9, 40, 0.0), (12, 33, 0.5)] {
+            dots::tests::case(
+                517,
+                n,
+                k,
+                beta,
+                |v| (v.to_bits() >> 16) as u16,
+                |s, w, x, c| blocked_by(s, w, x, c, 64),
+            );
         }
     }
 
