@@ -534,6 +534,31 @@ __device__ void pd_gemv(const PdOp& op, float* xs, int c, int gwarp, int nwarps,
     PD_WITH_COLS(op.i[6], (pd_gemv_n<W, PD_N>(op, b, ldb, gwarp, nwarps, lane)));
 }
 
+// pos_norm's first half for one (row, head), by one warp: q and k of the head after the
+// position step (each pair times the position's table entries; pair j = lane + 32 u in
+// q[2u], q[2u + 1]) and their inverse norms (k's only `with_k`, a warp-uniform flag).
+// `row` is the row's qkv, `m` its position's table row. Shared by the pos_norm entry and
+// the attention it folds into.
+__device__ __forceinline__ void pd_pos_step(const float* row, const float* m, int c, int d, int head, int lane,
+                                            bool with_k, float* q, float* k, float* inv_q, float* inv_k) {
+    float sq = 0.0f, sk = 0.0f;
+#pragma unroll
+    for (int u = 0; u < PD_MAX_D / 64; ++u) {
+        int j = lane + 32 * u, col = head * d + 2 * j;
+        q[2 * u] = q[2 * u + 1] = k[2 * u] = k[2 * u + 1] = 0.0f;
+        if (j < d / 2) {
+            q[2 * u] = row[col] * __ldg(m + 2 * j);
+            q[2 * u + 1] = row[col + 1] * __ldg(m + 2 * j + 1);
+            k[2 * u] = row[c + col] * __ldg(m + 2 * j);
+            k[2 * u + 1] = row[c + col + 1] * __ldg(m + 2 * j + 1);
+        }
+        sq += q[2 * u] * q[2 * u] + q[2 * u + 1] * q[2 * u + 1];
+        sk += k[2 * u] * k[2 * u] + k[2 * u + 1] * k[2 * u + 1];
+    }
+    *inv_q = rsqrtf(warp_sum(sq));
+    *inv_k = with_k ? rsqrtf(warp_sum(sk)) : 0.0f;
+}
+
 // The split of row r's keys 0..=pos into runs of 32-key tiles: how many splits, and
 // how many tiles each.
 __device__ __forceinline__ void pd_splits(int pos, int* n_tiles, int* splits, int* per) {
@@ -571,24 +596,8 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
             for (int j = lane; j < d; j += 32) qs[warp][j] = q_in[(long long)r * c + head * d + j];
         } else {
             const float* row = qkv + (long long)r * 3 * c;
-            const float* m = table + (long long)pos * d;
-            float qv[PD_MAX_D / 32], kv[PD_MAX_D / 32];
-            float sq = 0.0f, sk = 0.0f;
-#pragma unroll
-            for (int u = 0; u < PD_MAX_D / 64; ++u) {
-                int j = lane + 32 * u, col = head * d + 2 * j;
-                qv[2 * u] = qv[2 * u + 1] = kv[2 * u] = kv[2 * u + 1] = 0.0f;
-                if (j < d / 2) {
-                    qv[2 * u] = row[col] * __ldg(m + 2 * j);
-                    qv[2 * u + 1] = row[col + 1] * __ldg(m + 2 * j + 1);
-                    kv[2 * u] = row[c + col] * __ldg(m + 2 * j);
-                    kv[2 * u + 1] = row[c + col + 1] * __ldg(m + 2 * j + 1);
-                }
-                sq += qv[2 * u] * qv[2 * u] + qv[2 * u + 1] * qv[2 * u + 1];
-                sk += kv[2 * u] * kv[2 * u] + kv[2 * u + 1] * kv[2 * u + 1];
-            }
-            float inv_q = rsqrtf(warp_sum(sq));
-            float inv_k = own ? rsqrtf(warp_sum(sk)) : 0.0f;
+            float qv[PD_MAX_D / 32], kv[PD_MAX_D / 32], inv_q, inv_k;
+            pd_pos_step(row, table + (long long)pos * d, c, d, head, lane, own, qv, kv, &inv_q, &inv_k);
             long long at = base + (long long)pos * d;
 #pragma unroll
             for (int u = 0; u < PD_MAX_D / 64; ++u) {
@@ -834,24 +843,9 @@ extern "C" __global__ void PD_BOUNDS
                 int r = item / h, head = item - r * h;
                 int b = r / op.i[1], pos = positions[r];
                 const float* row = qkv + (long long)r * 3 * c;
-                const float* m = table + (long long)pos * d;
                 long long cache = (((long long)b * h + head) * max_seq + pos) * d;
-                float q[PD_MAX_D / 32], k[PD_MAX_D / 32];
-                float sq = 0.0f, sk = 0.0f;
-#pragma unroll
-                for (int u = 0; u < PD_MAX_D / 64; ++u) {
-                    int j = lane + 32 * u, col = head * d + 2 * j;
-                    q[2 * u] = q[2 * u + 1] = k[2 * u] = k[2 * u + 1] = 0.0f;
-                    if (j < half) {
-                        q[2 * u] = row[col] * __ldg(m + 2 * j);
-                        q[2 * u + 1] = row[col + 1] * __ldg(m + 2 * j + 1);
-                        k[2 * u] = row[c + col] * __ldg(m + 2 * j);
-                        k[2 * u + 1] = row[c + col + 1] * __ldg(m + 2 * j + 1);
-                    }
-                    sq += q[2 * u] * q[2 * u] + q[2 * u + 1] * q[2 * u + 1];
-                    sk += k[2 * u] * k[2 * u] + k[2 * u + 1] * k[2 * u + 1];
-                }
-                float inv_q = rsqrtf(warp_sum(sq)), inv_k = rsqrtf(warp_sum(sk));
+                float q[PD_MAX_D / 32], k[PD_MAX_D / 32], inv_q, inv_k;
+                pd_pos_step(row, table + (long long)pos * d, c, d, head, lane, true, q, k, &inv_q, &inv_k);
 #pragma unroll
                 for (int u = 0; u < PD_MAX_D / 64; ++u) {
                     int j = lane + 32 * u, col = head * d + 2 * j;
