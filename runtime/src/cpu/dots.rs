@@ -19,7 +19,7 @@
 //! took the bf16 dot product from compute bound to bandwidth bound (BENCHMARKS.md). The
 //! even elements then sit in one accumulator and the odd ones in the next ([`Weight::slot`]),
 //! so the activation row is read in the same split order: the AVX2 path gets a copy of it
-//! with each sixteen values reordered evens first ([`split_pairs`]), made once per GEMM.
+//! with each sixteen values reordered evens first (`split_pairs`), made once per GEMM.
 
 use std::mem::size_of;
 
@@ -50,7 +50,7 @@ pub struct Shape {
 
 /// A weight element: f32, or bf16 bits (`u16`), read as f32 exactly.
 pub trait Weight: Copy + Send + Sync + 'static {
-    /// Whether the AVX2 body reads the activation row in [`split_pairs`] order.
+    /// Whether the AVX2 body reads the activation row in `split_pairs` order.
     const SPLIT_PAIRS: bool;
 
     fn widen(self) -> f32;
@@ -146,7 +146,7 @@ fn split_pairs(x: &[f32], out: &mut [f32]) {
 type DotFn<W> = fn(&[W], &[f32]) -> f32;
 
 /// The dot product for this CPU: with AVX2 where it has it (bitwise the portable result),
-/// and whether that one wants the activation row in [`split_pairs`] order.
+/// and whether that one wants the activation row in `split_pairs` order.
 fn dot_fn<W: Weight>() -> (DotFn<W>, bool) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -163,7 +163,7 @@ fn dot_fn<W: Weight>() -> (DotFn<W>, bool) {
 
 /// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators of eight
 /// lanes, the same separate multiplies and adds in the same order, so the same bits. `x`
-/// is in [`split_pairs`] order where `W::SPLIT_PAIRS`.
+/// is in `split_pairs` order where `W::SPLIT_PAIRS`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2<W: Weight>(w: &[W], x: &[f32]) -> f32 {
