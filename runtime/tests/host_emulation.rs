@@ -1,6 +1,7 @@
-//! GPU kernels run on the CPU. The attention kernels (the plan's `attention_prefill` and
-//! `attention_decode` from compiler/kernels/ngpt.cu with their untiled `_simple` twins,
-//! and the runtime's tensor-core `attention_prefill_mma` from helpers.cu) and
+//! GPU kernels run on the CPU. Every kernel of compiler/kernels/ngpt.cu (the plan's
+//! `embed`, `norm_rows`, `lerp_norm`, `swiglu`, `pos_norm`, `sample_topk`, and
+//! `attention_prefill` and `attention_decode` with their untiled `_simple` twins), the
+//! runtime's tensor-core `attention_prefill_mma` from helpers.cu, and
 //! `decode_persistent`'s gemv entries (with and without weight streaming) are compiled with
 //! g++ against `host_emulation/warp.hpp`: a block's threads are OS threads,
 //! `__syncthreads` and warp collectives are barriers, `mma.sync` is computed from every
@@ -19,6 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 const WARP_HPP: &str = include_str!("host_emulation/warp.hpp");
 const MAIN_CPP: &str = include_str!("host_emulation/attention.cpp");
 const PERSISTENT_CPP: &str = include_str!("host_emulation/persistent.cpp");
+const ROWS_CPP: &str = include_str!("host_emulation/rows.cpp");
 const NGPT_CU: &str = include_str!("../../compiler/kernels/ngpt.cu");
 /// Keys per staged tile of ngpt.cu's attention_prefill (the compiler's `KV_TILE`).
 const KV_TILE: usize = 32;
@@ -322,6 +324,74 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
         eprintln!("{what}: worst relative error {worst:.3e}");
         assert!(worst <= 1e-5, "{what}: {text}");
         assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
+    }
+    Ok(())
+}
+
+#[test]
+fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
+    if !gxx() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let decl = "extern __shared__ __align__(16) float tile[];";
+    ensure!(
+        NGPT_CU.contains(decl),
+        "ngpt.cu no longer declares `{decl}`"
+    );
+    // (n_embd, n_head, vocab, KV capacity): head dims 16, 12 (pos_norm's pairs fill part of
+    // one warp) and 64 (one warp of pairs); odd vocabularies.
+    for (c, h, v, max_seq) in [(48, 3, 37, 40), (36, 3, 97, 24), (128, 2, 101, 80)] {
+        let sub = dir.path().join(format!("rows_{c}_{h}"));
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(sub.join("warp.hpp"), WARP_HPP)?;
+        std::fs::write(sub.join("rows.cpp"), ROWS_CPP)?;
+        std::fs::write(
+            sub.join("kernel.inc"),
+            format!(
+                "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 0\n{}",
+                c / h,
+                NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;")
+            ),
+        )?;
+        let exe = sub.join("rows");
+        let out = Command::new("g++")
+            .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
+            .arg(&exe)
+            .arg(sub.join("rows.cpp"))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "g++ (ngpt.cu row kernels): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // (rows, tokens per sequence)
+        for (rows, tokens) in [(5, 3), (1, 1), (8, 8)] {
+            let out = Command::new(&exe)
+                .args([rows, tokens].map(|v: i32| v.to_string()))
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let what =
+                format!("ngpt.cu row kernels, n_embd {c}, {h} heads, {rows} rows of {tokens}");
+            ensure!(out.status.success(), "{what}: {} {text}", out.status);
+            let mut words = text.split_whitespace();
+            let mut field = |name: &str| -> Result<f64> {
+                words
+                    .find(|w| *w == name)
+                    .and_then(|_| words.next())
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("no {name} in {text:?}"))
+            };
+            let (worst, unwritten, mismatches) = (
+                field("worst_rel_err")?,
+                field("unwritten")?,
+                field("sample_mismatches")?,
+            );
+            eprintln!("{what}: worst relative error {worst:.3e}");
+            assert!(worst <= 1e-5, "{what}: {text}");
+            assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
+            assert_eq!(mismatches, 0.0, "{what}: sampled tokens differ");
+        }
     }
     Ok(())
 }

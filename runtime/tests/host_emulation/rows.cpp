@@ -1,0 +1,173 @@
+// The plan's row kernels from compiler/kernels/ngpt.cu on the CPU: embed, norm_rows,
+// lerp_norm, swiglu, pos_norm (launched as plans launch them) and sample_topk, each against
+// float64 arithmetic on random inputs (runtime/tests/host_emulation.rs writes kernel.inc:
+// ngpt.cu behind a plan's prelude). Outputs are poisoned with NaN first.
+//
+//   rows ROWS TOKENS
+//
+// Prints the worst relative error of any float output, how many outputs were left
+// unwritten, and how many sampled tokens differ from the reference's choice.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "warp.hpp"
+#include "kernel.inc"
+
+static std::mt19937 rng(11);
+static float uni() { return std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng); }
+static std::vector<float> filled(size_t n, float scale) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = scale * uni();
+    return v;
+}
+static double worst = 0;
+static long unwritten = 0;
+static void compare(const std::vector<float>& got, const std::vector<double>& want) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (std::isnan(got[i])) {
+            ++unwritten;
+            continue;
+        }
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+    }
+    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
+}
+static std::vector<double> normed(const double* x, int n) {
+    double ss = 0;
+    for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+    std::vector<double> out(x, x + n);
+    for (auto& v : out) v /= std::sqrt(ss);
+    return out;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) return 2;
+    const int rows = std::atoi(argv[1]), tokens = std::atoi(argv[2]);
+    const int C = NGPT_C, H = NGPT_H, D = NGPT_D, V = NGPT_V, S = NGPT_MAX_SEQ, P = D / 2;
+    const unsigned grid = (unsigned)rows;
+
+    // embed
+    std::vector<int> tok(rows);
+    for (int r = 0; r < rows; ++r) tok[r] = (r * 7 + 3) % V;
+    auto wte = filled((size_t)V * C, 1.0f);
+    std::vector<float> x0((size_t)rows * C, NAN);
+    launch(Dim3{grid, 1, 1}, 256, 0, [&] { embed(tok.data(), wte.data(), x0.data(), rows); });
+    std::vector<double> want((size_t)rows * C);
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < C; ++c) want[(size_t)r * C + c] = wte[(size_t)tok[r] * C + c];
+    compare(x0, want);
+
+    // norm_rows
+    auto x = filled((size_t)rows * C, 2.0f);
+    std::vector<float> h((size_t)rows * C, NAN);
+    launch(Dim3{grid, 1, 1}, 256, 0, [&] { norm_rows(x.data(), h.data(), rows); });
+    for (int r = 0; r < rows; ++r) {
+        std::vector<double> xr(x.begin() + (size_t)r * C, x.begin() + (size_t)(r + 1) * C);
+        auto n = normed(xr.data(), C);
+        std::copy(n.begin(), n.end(), want.begin() + (size_t)r * C);
+    }
+    compare(h, want);
+
+    // lerp_norm (in place on h)
+    auto branch = filled((size_t)rows * C, 1.5f);
+    auto lr = filled(C, 0.4f);
+    std::vector<double> h0(h.begin(), h.end());
+    launch(Dim3{grid, 1, 1}, 256, 0, [&] { lerp_norm(h.data(), branch.data(), lr.data(), rows); });
+    for (int r = 0; r < rows; ++r) {
+        std::vector<double> br(branch.begin() + (size_t)r * C, branch.begin() + (size_t)(r + 1) * C);
+        auto b = normed(br.data(), C);
+        std::vector<double> m(C);
+        for (int c = 0; c < C; ++c) m[c] = h0[(size_t)r * C + c] + lr[c] * (b[c] - h0[(size_t)r * C + c]);
+        auto n = normed(m.data(), C);
+        std::copy(n.begin(), n.end(), want.begin() + (size_t)r * C);
+    }
+    compare(h, want);
+
+    // swiglu
+    auto fc = filled((size_t)rows * 8 * C, 3.0f);
+    std::vector<float> act((size_t)rows * 4 * C, NAN);
+    launch(Dim3{grid, 1, 1}, 256, 0, [&] { swiglu(fc.data(), act.data(), rows); });
+    std::vector<double> want_act((size_t)rows * 4 * C);
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < 4 * C; ++j) {
+            double u = fc[(size_t)r * 8 * C + j], v = fc[(size_t)r * 8 * C + 4 * C + j];
+            want_act[(size_t)r * 4 * C + j] = u * (v / (1.0 + std::exp(-v)));
+        }
+    compare(act, want_act);
+
+    // pos_norm: row r of sequence r / tokens at position 3 + r % tokens
+    auto qkv = filled((size_t)rows * 3 * C, 1.0f);
+    auto table = filled((size_t)S * D, 1.0f);
+    auto q_scale = filled(C, 2.0f), k_scale = filled(C, 2.0f);
+    int seqs = (rows + tokens - 1) / tokens;
+    std::vector<int> pos(rows);
+    for (int r = 0; r < rows; ++r) pos[r] = 3 + r % tokens;
+    std::vector<float> q((size_t)rows * C, NAN), kc((size_t)seqs * H * S * D, NAN), vc(kc.size(), NAN);
+    unsigned block = (unsigned)(std::max(1, (P + 31) / 32) * 32);
+    launch(Dim3{grid, (unsigned)H, 1}, block, 0, [&] {
+        pos_norm(qkv.data(), pos.data(), table.data(), q_scale.data(), k_scale.data(), q.data(), kc.data(),
+                 vc.data(), rows, tokens);
+    });
+    std::vector<double> want_q((size_t)rows * C), want_kv;
+    std::vector<float> got_kv;
+    for (int r = 0; r < rows; ++r) {
+        int b = r / tokens;
+        for (int hd = 0; hd < H; ++hd) {
+            std::vector<double> qh(D), kh(D);
+            for (int j = 0; j < D; ++j) {
+                int col = hd * D + j;
+                qh[j] = (double)qkv[(size_t)r * 3 * C + col] * table[(size_t)pos[r] * D + j];
+                kh[j] = (double)qkv[(size_t)r * 3 * C + C + col] * table[(size_t)pos[r] * D + j];
+            }
+            auto qn = normed(qh.data(), D), kn = normed(kh.data(), D);
+            size_t at = (((size_t)b * H + hd) * S + pos[r]) * D;
+            for (int j = 0; j < D; ++j) {
+                int col = hd * D + j;
+                want_q[(size_t)r * C + col] = qn[j] * q_scale[col];
+                want_kv.push_back(kn[j] * k_scale[col]);
+                want_kv.push_back(qkv[(size_t)r * 3 * C + 2 * C + col]);
+                got_kv.push_back(kc[at + j]);
+                got_kv.push_back(vc[at + j]);
+            }
+        }
+    }
+    compare(q, want_q);
+    compare(got_kv, want_kv);
+
+    // sample_topk: greedy, then top-3 at temperature 0.7 with host-drawn uniforms.
+    auto logits = filled((size_t)rows * V, 4.0f);
+    std::vector<float> uniform(rows);
+    for (auto& u : uniform) u = 0.5f * (uni() + 1.0f) * 0.999f;
+    long mismatches = 0;
+    for (int k : {1, 3}) {
+        float temperature = k == 1 ? 0.0f : 0.7f;
+        std::vector<int> got(rows, -1);
+        launch(Dim3{grid, 1, 1}, 32, 0,
+               [&] { sample_topk(logits.data(), uniform.data(), got.data(), rows, k, temperature); });
+        for (int r = 0; r < rows; ++r) {
+            const float* row = &logits[(size_t)r * V];
+            std::vector<int> idx(V);
+            for (int v = 0; v < V; ++v) idx[v] = v;
+            std::sort(idx.begin(), idx.end(), [&](int a, int b) { return row[a] > row[b]; });
+            int pick = idx[0];
+            if (k > 1) {
+                double z = 0, c = 0;
+                for (int i = 0; i < k; ++i) z += std::exp((row[idx[i]] - row[idx[0]]) / temperature);
+                // The kernel walks the vocabulary in order, keeping the top k.
+                std::vector<int> top(idx.begin(), idx.begin() + k);
+                std::sort(top.begin(), top.end());
+                for (int v : top) {
+                    c += std::exp((row[v] - row[idx[0]]) / temperature);
+                    pick = v;
+                    if (c > uniform[r] * z) break;
+                }
+            }
+            if (got[r] != pick) ++mismatches;
+        }
+    }
+    std::printf("worst_rel_err %.6e unwritten %ld sample_mismatches %ld\n", worst, unwritten, mismatches);
+    return 0;
+}
