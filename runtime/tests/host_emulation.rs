@@ -18,6 +18,7 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 
 const WARP_HPP: &str = include_str!("host_emulation/warp.hpp");
+const CHECK_HPP: &str = include_str!("host_emulation/check.hpp");
 const MAIN_CPP: &str = include_str!("host_emulation/attention.cpp");
 const PERSISTENT_CPP: &str = include_str!("host_emulation/persistent.cpp");
 const ROWS_CPP: &str = include_str!("host_emulation/rows.cpp");
@@ -95,29 +96,62 @@ fn ngpt_kernel(name: &'static str, w: Widths) -> Result<Kernel> {
     })
 }
 
-/// Builds the emulation of one kernel for one set of widths.
-fn build(dir: &Path, k: &Kernel, w: Widths) -> Result<PathBuf> {
-    let sub = dir.join(format!("{}_{}_{}", k.name, w.c, w.d));
+/// Writes the emulation program `main` (one of host_emulation/) into folder `sub` of
+/// `dir`, beside warp.hpp, check.hpp and `kernel_inc` (the kernel source it includes), and
+/// compiles it with g++.
+fn compile(dir: &Path, sub: &str, main: (&str, &str), kernel_inc: &str) -> Result<PathBuf> {
+    let sub = dir.join(sub);
     std::fs::create_dir_all(&sub)?;
     std::fs::write(sub.join("warp.hpp"), WARP_HPP)?;
-    std::fs::write(sub.join("attention.cpp"), MAIN_CPP)?;
-    std::fs::write(
-        sub.join("kernel.inc"),
-        format!(
-            "#define NGPT_EMU_KERNEL {}\n#define NGPT_EMU_SHARED {}\n#define NGPT_EMU_C {}\n#define NGPT_EMU_D {}\n#define NGPT_EMU_MAX_SEQ {}\n{}",
-            k.name, k.shared, w.c, w.d, w.max_seq, k.source
-        ),
-    )?;
+    std::fs::write(sub.join("check.hpp"), CHECK_HPP)?;
+    std::fs::write(sub.join(main.0), main.1)?;
+    std::fs::write(sub.join("kernel.inc"), kernel_inc)?;
     let exe = sub.join("emu");
     let out = Command::new("g++")
         .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
         .arg(&exe)
-        .arg(sub.join("attention.cpp"))
+        .arg(sub.join(main.0))
         .output()?;
     if !out.status.success() {
-        bail!("g++ ({}): {}", k.name, String::from_utf8_lossy(&out.stderr));
+        bail!("g++ ({}): {}", main.0, String::from_utf8_lossy(&out.stderr));
     }
     Ok(exe)
+}
+
+/// Runs an emulation program; what it printed (`name value` pairs) when it exited 0.
+fn emulate(exe: &Path, args: &[String], what: &str) -> Result<String> {
+    let out = Command::new(exe).args(args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "{what}: emulation failed ({}): {text}",
+        out.status
+    );
+    Ok(text)
+}
+
+/// The number after `name` in an emulation program's output.
+fn field(text: &str, name: &str) -> Result<f64> {
+    let mut words = text.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == name)
+        .and_then(|_| words.next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {name} in {text:?}"))
+}
+
+/// Builds the emulation of one attention kernel for one set of widths.
+fn build(dir: &Path, k: &Kernel, w: Widths) -> Result<PathBuf> {
+    compile(
+        dir,
+        &format!("{}_{}_{}", k.name, w.c, w.d),
+        ("attention.cpp", MAIN_CPP),
+        &format!(
+            "#define NGPT_EMU_KERNEL {}\n#define NGPT_EMU_SHARED {}\n#define NGPT_EMU_C {}\n#define NGPT_EMU_D {}\n#define NGPT_EMU_MAX_SEQ {}\n{}",
+            k.name, k.shared, w.c, w.d, w.max_seq, k.source
+        ),
+    )
 }
 
 /// (sequences, tokens per sequence, first position).
@@ -126,26 +160,14 @@ type Run = (usize, usize, usize);
 /// Runs the emulation on each of `runs`; the worst relative error and worst row's.
 fn check(exe: &Path, what: &str, runs: &[Run], tol: (f64, f64)) -> Result<()> {
     for (seed, &(batch, tokens, offset)) in runs.iter().enumerate() {
-        let out = Command::new(exe)
-            .args([batch, tokens, offset, seed + 1].map(|v| v.to_string()))
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        ensure!(
-            out.status.success(),
-            "{what}: emulation of {batch} x {tokens} from {offset} failed ({}): {text}",
-            out.status
-        );
-        let field = |name: &str| -> Result<f64> {
-            let mut words = text.split_whitespace();
-            words
-                .by_ref()
-                .find(|w| *w == name)
-                .and_then(|_| words.next())
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("no {name} in {text:?}"))
-        };
-        let (rel, worst, unwritten) = (field("rel_err")?, field("worst_row")?, field("unwritten")?);
         let run = format!("{what}, {batch} x {tokens} rows from position {offset}");
+        let args = [batch, tokens, offset, seed + 1].map(|v| v.to_string());
+        let text = emulate(exe, &args, &run)?;
+        let (rel, worst, unwritten) = (
+            field(&text, "rel_err")?,
+            field(&text, "worst_row")?,
+            field(&text, "unwritten")?,
+        );
         eprintln!("{run}: rel err {rel:.3e}, worst row {worst:.3e}");
         // NaN fails both comparisons.
         assert!(rel <= tol.0 && worst <= tol.1, "{run}: {text}");
@@ -271,27 +293,16 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
     // Buffers of 4 KiB (a slice holds 8 to 64 of a block's rows, never all of the
     // 1,000-row gemv's), behind 8 KiB of staged rows (8 rows of swiglu at n_embd 64).
     let (slice, ring) = (4096, 8192);
-    std::fs::write(dir.path().join("warp.hpp"), WARP_HPP)?;
-    std::fs::write(dir.path().join("persistent.cpp"), PERSISTENT_CPP)?;
-    std::fs::write(
-        dir.path().join("kernel.inc"),
-        format!(
+    let exe = compile(
+        dir.path(),
+        "persistent",
+        ("persistent.cpp", PERSISTENT_CPP),
+        &format!(
             "#define NGPT_PD_C 64\n#define NGPT_PD_D 16\n#define NGPT_PD_STREAM 1\n#define NGPT_EMU_SLICE {slice}\n#define NGPT_EMU_RING {ring}\n#define NGPT_EMU_SHARED {}\n{}",
             ring + 2 * slice,
             src.replace(decl, "float* xs = g_dynamic_smem;")
         ),
     )?;
-    let exe = dir.path().join("persistent");
-    let out = Command::new("g++")
-        .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
-        .arg(&exe)
-        .arg(dir.path().join("persistent.cpp"))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "g++ (decode_persistent): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // (table, rows, blocks, streaming for gemv / pos_norm folded into attention)
     let runs = [
         ("gemv", 1, 3, 0),
@@ -304,23 +315,16 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
         ("attention", 8, 2, 1),
     ];
     for (table, rows, blocks, flag) in runs {
-        let out = Command::new(&exe)
-            .arg(table)
-            .args([rows, blocks, flag].map(|v: i32| v.to_string()))
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
         let what =
             format!("decode_persistent {table} entries, {rows} rows, {blocks} blocks, flag {flag}");
-        ensure!(out.status.success(), "{what}: {} {text}", out.status);
-        let mut words = text.split_whitespace();
-        let mut field = |name: &str| -> Result<f64> {
-            words
-                .find(|w| *w == name)
-                .and_then(|_| words.next())
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("no {name} in {text:?}"))
-        };
-        let (worst, unwritten) = (field("worst_rel_err")?, field("unwritten")?);
+        let args = [
+            table.to_string(),
+            rows.to_string(),
+            blocks.to_string(),
+            flag.to_string(),
+        ];
+        let text = emulate(&exe, &args, &what)?;
+        let (worst, unwritten) = (field(&text, "worst_rel_err")?, field(&text, "unwritten")?);
         eprintln!("{what}: worst relative error {worst:.3e}");
         assert!(worst <= 1e-5, "{what}: {text}");
         assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
@@ -342,50 +346,25 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
     // (n_embd, n_head, vocab, KV capacity): head dims 16, 12 (pos_norm's pairs fill part of
     // one warp) and 64 (one warp of pairs); odd vocabularies.
     for (c, h, v, max_seq) in [(48, 3, 37, 40), (36, 3, 97, 24), (128, 2, 101, 80)] {
-        let sub = dir.path().join(format!("rows_{c}_{h}"));
-        std::fs::create_dir_all(&sub)?;
-        std::fs::write(sub.join("warp.hpp"), WARP_HPP)?;
-        std::fs::write(sub.join("rows.cpp"), ROWS_CPP)?;
-        std::fs::write(
-            sub.join("kernel.inc"),
-            format!(
+        let exe = compile(
+            dir.path(),
+            &format!("rows_{c}_{h}"),
+            ("rows.cpp", ROWS_CPP),
+            &format!(
                 "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 0\n{}",
                 c / h,
                 NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;")
             ),
         )?;
-        let exe = sub.join("rows");
-        let out = Command::new("g++")
-            .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
-            .arg(&exe)
-            .arg(sub.join("rows.cpp"))
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "g++ (ngpt.cu row kernels): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         // (rows, tokens per sequence)
         for (rows, tokens) in [(5, 3), (1, 1), (8, 8)] {
-            let out = Command::new(&exe)
-                .args([rows, tokens].map(|v: i32| v.to_string()))
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
             let what =
                 format!("ngpt.cu row kernels, n_embd {c}, {h} heads, {rows} rows of {tokens}");
-            ensure!(out.status.success(), "{what}: {} {text}", out.status);
-            let mut words = text.split_whitespace();
-            let mut field = |name: &str| -> Result<f64> {
-                words
-                    .find(|w| *w == name)
-                    .and_then(|_| words.next())
-                    .and_then(|v| v.parse().ok())
-                    .with_context(|| format!("no {name} in {text:?}"))
-            };
+            let text = emulate(&exe, &[rows, tokens].map(|v: i32| v.to_string()), &what)?;
             let (worst, unwritten, mismatches) = (
-                field("worst_rel_err")?,
-                field("unwritten")?,
-                field("sample_mismatches")?,
+                field(&text, "worst_rel_err")?,
+                field(&text, "unwritten")?,
+                field(&text, "sample_mismatches")?,
             );
             eprintln!("{what}: worst relative error {worst:.3e}");
             assert!(worst <= 1e-5, "{what}: {text}");

@@ -383,8 +383,6 @@ struct Persistent {
     /// The helpers module's source (the streaming build adds a define to it).
     helpers_source: String,
     sms: i32,
-    /// Whether the plan's head dim fits the kernel's registers.
-    fits: bool,
     /// Under NGPT_CUDA_PROFILE: the GPU clock after each entry, and the entries' labels.
     timer: Option<Dev<u64>>,
     labels: Vec<String>,
@@ -800,9 +798,8 @@ impl CudaExecutor {
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(setup("reading the multiprocessor count"))?;
         let d = plan.dims;
-        let pd_fits = d.head_dim <= persistent::MAX_D && d.head_dim.is_multiple_of(2);
         let pd_regs = pd_func.num_regs().unwrap_or(0);
-        let blocks = resident_blocks(&pd_func, stage, sms, pd_fits)?;
+        let blocks = resident_blocks(&pd_func, stage, sms, persistent::fits(d.head_dim))?;
         let persistent = Persistent {
             func: pd_func,
             blocks,
@@ -812,7 +809,6 @@ impl CudaExecutor {
             streamed: None,
             helpers_source,
             sms,
-            fits: pd_fits,
             regs: pd_regs,
             fuse: !env_is("NGPT_CUDA_PD_FUSE", "0"),
             fused: persistent::Fused::default(),
@@ -848,7 +844,7 @@ impl CudaExecutor {
         let bf16_plan = plan
             .weights
             .iter()
-            .any(|w| matches!(w, crate::plan::WeightData::Bf16(_)));
+            .any(|w| matches!(w, WeightData::Bf16(_)));
         let hd = plan.dims.head_dim;
         let prefill_mma = if bf16_plan && hd.is_multiple_of(16) && hd <= 128 && major >= 8 {
             let f = helpers
@@ -1092,8 +1088,9 @@ impl CudaExecutor {
             let func = module
                 .load_function("decode_persistent")
                 .map_err(setup("loading decode_persistent (streaming)"))?;
-            let dynamic = pd.stage.next_multiple_of(16) + 2 * pd.slice;
-            let blocks = resident_blocks(&func, dynamic, pd.sms, pd.fits)?;
+            let dynamic = persistent::ring_offset(pd.stage) + 2 * pd.slice;
+            let fits = persistent::fits(self.plan.dims.head_dim);
+            let blocks = resident_blocks(&func, dynamic, pd.sms, fits)?;
             self.state.persistent.streamed = Some(StreamedKernel {
                 _module: module,
                 func,
@@ -1247,7 +1244,7 @@ impl CudaExecutor {
         } else {
             let ops = self.resolve(kind, rows, per_seq)?;
             self.size_scratch(&ops)?;
-            if let Some(mma) = self.prefill_mma {
+            if let (ProgramKind::Prefill, Some(mma)) = (kind, self.prefill_mma) {
                 if ops
                     .iter()
                     .any(|op| matches!(op, Op::Launch { func, .. } if *func == mma))
@@ -1918,7 +1915,7 @@ impl CudaExecutor {
         let (func, blocks, mut slice_bytes, mut ring_offset, dynamic) =
             match (pd.stream, &pd.streamed) {
                 (true, Some(k)) => {
-                    let ring = pd.stage.next_multiple_of(16);
+                    let ring = persistent::ring_offset(pd.stage);
                     (
                         &k.func,
                         k.blocks,

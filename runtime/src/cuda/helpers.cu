@@ -28,10 +28,13 @@ extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, long l
 __device__ __forceinline__ float bf16_lo(unsigned int u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16_hi(unsigned int u) { return __uint_as_float(u & 0xffff0000u); }
 
-__device__ __forceinline__ void load8(const unsigned short* p, float* w) {
-    uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+// Eight bf16 values, as 16 bytes, widened.
+__device__ __forceinline__ void unpack8(uint4 u, float* w) {
     w[0] = bf16_lo(u.x); w[1] = bf16_hi(u.x); w[2] = bf16_lo(u.y); w[3] = bf16_hi(u.y);
     w[4] = bf16_lo(u.z); w[5] = bf16_hi(u.z); w[6] = bf16_lo(u.w); w[7] = bf16_hi(u.w);
+}
+__device__ __forceinline__ void load8(const unsigned short* p, float* w) {
+    unpack8(__ldg(reinterpret_cast<const uint4*>(p)), w);
 }
 __device__ __forceinline__ void load8(const float* p, float* w) {
     float4 a = __ldg(reinterpret_cast<const float4*>(p));
@@ -43,9 +46,7 @@ __device__ __forceinline__ float load1(const float* p) { return *p; }
 // The same from shared memory (decode_persistent's streamed weights): plain loads, since
 // the read-only path is for global memory only.
 __device__ __forceinline__ void load8_shared(const unsigned short* p, float* w) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
-    w[0] = bf16_lo(u.x); w[1] = bf16_hi(u.x); w[2] = bf16_lo(u.y); w[3] = bf16_hi(u.y);
-    w[4] = bf16_lo(u.z); w[5] = bf16_hi(u.z); w[6] = bf16_lo(u.w); w[7] = bf16_hi(u.w);
+    unpack8(*reinterpret_cast<const uint4*>(p), w);
 }
 __device__ __forceinline__ void load8_shared(const float* p, float* w) {
     float4 a = reinterpret_cast<const float4*>(p)[0];
@@ -304,11 +305,6 @@ __device__ void pd_barrier(unsigned int* bar) {
     __syncthreads();
 }
 
-// Asks L2 for the weight rows of the next gemv entry (within the next two) that this warp
-// will read, so that they stream in while the blocks wait at the barrier. Skipped for
-// weights larger than PD_PREFETCH_MAX (they would not stay in L2).
-#define PD_PREFETCH_MAX (32LL << 20)
-
 // The few PTX instructions decode_persistent uses, which the host emulation
 // (runtime/tests/host_emulation/warp.hpp) provides in its own way.
 #ifndef NGPT_HOST_EMULATION
@@ -340,10 +336,18 @@ __device__ __forceinline__ void pd_copy_wait0() {}
 #endif
 #endif
 
+// Whether an entry is a gemv (bf16 or f32 weights).
+__device__ __forceinline__ bool pd_is_gemv(int kind) { return kind == PD_GEMV_BF16 || kind == PD_GEMV_F32; }
+
+// Asks L2 for the weight rows of the next gemv entry (within the next two) that this warp
+// will read, so that they stream in while the blocks wait at the barrier. Skipped for
+// weights larger than PD_PREFETCH_MAX (they would not stay in L2).
+#define PD_PREFETCH_MAX (32LL << 20)
+
 __device__ void pd_prefetch_next(const PdOp* ops, int o, int n_ops, int gwarp, int nwarps, int lane) {
     for (int x = o + 1; x < n_ops && x <= o + 2; ++x) {
         const PdOp& nx = ops[x];
-        if (nx.kind != PD_GEMV_BF16 && nx.kind != PD_GEMV_F32) continue;
+        if (!pd_is_gemv(nx.kind)) continue;
         long long esize = nx.kind == PD_GEMV_BF16 ? 2 : 4;
         long long row_bytes = (long long)nx.i[1] * esize;
         if ((long long)nx.i[0] * row_bytes > PD_PREFETCH_MAX) return;
@@ -742,34 +746,27 @@ extern "C" __global__ void PD_BOUNDS
         if (slice_bytes > 0) {
             // Every gemv up to the first one after this entry has its slice issued.
             int after = o + 1;
-            while (after < n_ops && ops[after].kind != PD_GEMV_BF16 && ops[after].kind != PD_GEMV_F32) ++after;
+            while (after < n_ops && !pd_is_gemv(ops[after].kind)) ++after;
             for (int x = last_issued + 1; x < n_ops && x <= after; ++x) {
-                if (ops[x].kind != PD_GEMV_BF16 && ops[x].kind != PD_GEMV_F32) continue;
+                if (!pd_is_gemv(ops[x].kind)) continue;
                 pd_issue_slice(ops[x], ring + (issued & 1) * slice_bytes, slice_bytes);
                 ++issued;
                 last_issued = x;
             }
-            if (op.kind == PD_GEMV_BF16 || op.kind == PD_GEMV_F32) {
-                // This gemv's slice is the oldest in flight; the next one may stay in flight.
-                if (issued - consumed >= 2)
-                    pd_copy_wait1();
-                else
-                    pd_copy_wait0();
-                __syncthreads();
-                const char* slice = ring + (consumed & 1) * slice_bytes;
-                if (op.kind == PD_GEMV_BF16)
-                    pd_gemv_stream<unsigned short>(op, xs, c, slice, slice_bytes, warp, lane);
-                else
-                    pd_gemv_stream<float>(op, xs, c, slice, slice_bytes, warp, lane);
-                ++consumed;
-                if (o + 1 < n_ops) {
-                    if (prefetch) pd_prefetch_next(ops, o, n_ops, gwarp, nwarps, lane);
-                    pd_barrier(bar);
-                }
-                if (timing) timer[o + 1] = pd_now();
-                continue;
-            }
         }
+        if (slice_bytes > 0 && pd_is_gemv(op.kind)) {
+            // This gemv's slice is the oldest in flight; the next one may stay in flight.
+            if (issued - consumed >= 2)
+                pd_copy_wait1();
+            else
+                pd_copy_wait0();
+            __syncthreads();
+            const char* slice = ring + (consumed++ & 1) * slice_bytes;
+            if (op.kind == PD_GEMV_BF16)
+                pd_gemv_stream<unsigned short>(op, xs, c, slice, slice_bytes, warp, lane);
+            else
+                pd_gemv_stream<float>(op, xs, c, slice, slice_bytes, warp, lane);
+        } else
 #endif
         switch (op.kind) {
         case PD_EMBED: {  // tokens, wte, out; rows

@@ -164,6 +164,18 @@ pub(super) fn stage_bytes(rows: usize, c: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// Whether `decode_persistent` takes a plan with this head_dim (its registers hold at
+/// most [`MAX_D`] dims, in pairs).
+pub(super) fn fits(head_dim: usize) -> bool {
+    head_dim <= MAX_D && head_dim.is_multiple_of(2)
+}
+
+/// Where the streaming buffers start in the dynamic shared memory: after `stage` bytes of
+/// staged inputs, 16-byte aligned for `cp.async`.
+pub(super) fn ring_offset(stage: usize) -> usize {
+    stage.next_multiple_of(16)
+}
+
 /// Shared memory the kernel declares statically (attention rows, reductions; 25,168 bytes
 /// in the sm_90 build), kept free when sizing the streaming buffers.
 const STATIC_SHARED: usize = 28 << 10;
@@ -172,7 +184,7 @@ const STATIC_SHARED: usize = 28 << 10;
 /// bytes of staged inputs, for a block allowed `limit` bytes of shared memory: as much as
 /// fits up to 64 KiB, in whole KiB; 0 (no streaming) where less than 8 KiB would.
 pub(super) fn stream_slice(limit: usize, stage: usize) -> usize {
-    let room = limit.saturating_sub(stage.next_multiple_of(16) + STATIC_SHARED) / 2;
+    let room = limit.saturating_sub(ring_offset(stage) + STATIC_SHARED) / 2;
     let slice = room.min(64 << 10) / 1024 * 1024;
     if slice >= 8 << 10 {
         slice
@@ -299,25 +311,22 @@ pub(super) fn fuse(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn streaming_buffers_fit_beside_the_staged_rows() {
         // H200: 227 KiB a block. Batch 1 at n_embd 1024 stages 16 KiB: two full buffers.
         let limit = 227 << 10;
-        assert_eq!(
-            super::stream_slice(limit, super::stage_bytes(1, 1024)),
-            64 << 10
-        );
+        assert_eq!(stream_slice(limit, stage_bytes(1, 1024)), 64 << 10);
         // Batch 6 stages 96 KiB of swiglu rows: what is left, in whole KiB; it all fits.
-        let stage = super::stage_bytes(6, 1024);
+        let stage = stage_bytes(6, 1024);
         assert_eq!(stage, 96 << 10);
-        let slice = super::stream_slice(limit, stage);
+        let slice = stream_slice(limit, stage);
         assert!((8 << 10..64 << 10).contains(&slice) && slice.is_multiple_of(1024));
-        assert!(stage + 2 * slice + super::STATIC_SHARED <= limit);
+        assert!(ring_offset(stage) + 2 * slice + STATIC_SHARED <= limit);
         // No room: no streaming.
-        assert_eq!(super::stream_slice(48 << 10, 16 << 10), 0);
+        assert_eq!(stream_slice(48 << 10, 16 << 10), 0);
     }
-
-    use super::*;
 
     const C: usize = 64;
     const SHADOW: u64 = 0x9000;
