@@ -38,7 +38,7 @@ work=/tmp/ngpt-gpu-check
 mkdir -p "$work"
 parts=",${NGPT_GPU_PARTS:-tests},"
 # The opt-in GPU paths (off by default until measured on a GPU): run again with these.
-optin="NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_PD_STREAM=1 NGPT_CUDA_PD_BARRIER=acqrel"
+optin="NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_PD_STREAM=1 NGPT_CUDA_PD_BARRIER=acqrel NGPT_CUDA_PD_ATTENTION=wide"
 logdir=${OUT:-$work}
 mkdir -p "$logdir"
 log="$logdir/gpu-check.log"
@@ -314,9 +314,14 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
         --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p128 g256 acq/rel barrier" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_BARRIER=acqrel -- \
         --prompt-len 128 --gen-len 256 --runs 5
+    bench_row "plan-cuda b1 p128 g256 wide attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_ATTENTION=wide -- \
+        --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p128 g256 all opt-ins" 120 NGPT_CUDA_CHECK=0 $optin -- \
         --prompt-len 128 --gen-len 256 --runs 5
     bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
+    bench_row "plan-cuda b1 p2048 g64 wide attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_ATTENTION=wide -- \
+        --prompt-len 2048 --gen-len 64 --runs 3
+    bench_row "plan-cuda b1 p2048 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 64 --runs 3
     bench_row "plan-cuda b1 p2048 g16 tensor-core attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PREFILL_MMA=1 -- \
         --prompt-len 2048 --gen-len 16 --runs 3
     bench_row "plan-cuda b8 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 8 --runs 3

@@ -625,10 +625,10 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             "#define NGPT_PD_C 256\n#define NGPT_PD_D 128\n",
             true,
         ),
-        // With decode_persistent's weight-streaming buffers (cp.async) and its
-        // release/acquire grid barrier.
+        // With every opt-in of decode_persistent: weight-streaming buffers (cp.async),
+        // the release/acquire grid barrier and the wide attention.
         (
-            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_STREAM 1\n#define NGPT_PD_ACQREL 1\n",
+            "#define NGPT_PD_C 1024\n#define NGPT_PD_D 64\n#define NGPT_PD_STREAM 1\n#define NGPT_PD_ACQREL 1\n#define NGPT_PD_WIDE 1\n",
             true,
         ),
     ] {

@@ -293,18 +293,9 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
     // Buffers of 4 KiB (a slice holds 8 to 64 of a block's rows, never all of the
     // 1,000-row gemv's), behind 8 KiB of staged rows (8 rows of swiglu at n_embd 64).
     let (slice, ring) = (4096, 8192);
-    let exe = compile(
-        dir.path(),
-        "persistent",
-        ("persistent.cpp", PERSISTENT_CPP),
-        &format!(
-            "#define NGPT_PD_C 64\n#define NGPT_PD_D 16\n#define NGPT_PD_STREAM 1\n#define NGPT_EMU_SLICE {slice}\n#define NGPT_EMU_RING {ring}\n#define NGPT_EMU_SHARED {}\n{}",
-            ring + 2 * slice,
-            src.replace(decl, "float* xs = g_dynamic_smem;")
-        ),
-    )?;
     // (table, rows, blocks, streaming for gemv / pos_norm folded into attention)
-    let runs = [
+    type Runs<'a> = &'a [(&'a str, usize, usize, usize)];
+    let default_runs: Runs = &[
         ("gemv", 1, 3, 0),
         ("gemv", 1, 3, 1),
         ("gemv", 3, 3, 1),
@@ -314,20 +305,61 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
         ("attention", 3, 3, 1),
         ("attention", 8, 2, 1),
     ];
-    for (table, rows, blocks, flag) in runs {
-        let what =
-            format!("decode_persistent {table} entries, {rows} rows, {blocks} blocks, flag {flag}");
-        let args = [
-            table.to_string(),
-            rows.to_string(),
-            blocks.to_string(),
-            flag.to_string(),
-        ];
-        let text = emulate(&exe, &args, &what)?;
-        let (worst, unwritten) = (field(&text, "worst_rel_err")?, field(&text, "unwritten")?);
-        eprintln!("{what}: worst relative error {worst:.3e}");
-        assert!(worst <= 1e-5, "{what}: {text}");
-        assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
+    // The wide attention (NGPT_PD_WIDE): at 3 blocks (48 warps) one row of 4 heads has 12
+    // splits, 2 rows 6 (position 40: a tile a split; 1,100: three), 8 rows on 2 blocks one.
+    let wide_runs: Runs = &[
+        ("attention", 1, 3, 1),
+        ("attention", 2, 3, 1),
+        ("attention", 3, 3, 0),
+        ("attention", 8, 2, 1),
+    ];
+    // (build, n_embd, head_dim, extra defines, runs): head_dim 16 and 64 take the float4
+    // P.V (4 and 16 lanes a value row), 12 the row-at-a-time one.
+    let builds: [(&str, usize, usize, &str, Runs); 4] = [
+        ("default", 64, 16, "", default_runs),
+        ("wide", 64, 16, "#define NGPT_PD_WIDE 1\n", wide_runs),
+        (
+            "wide_d64",
+            128,
+            64,
+            "#define NGPT_PD_WIDE 1\n",
+            &wide_runs[1..3],
+        ),
+        (
+            "wide_d12",
+            36,
+            12,
+            "#define NGPT_PD_WIDE 1\n",
+            &wide_runs[1..2],
+        ),
+    ];
+    for (build, c, d, defines, runs) in builds {
+        let exe = compile(
+            dir.path(),
+            &format!("persistent_{build}"),
+            ("persistent.cpp", PERSISTENT_CPP),
+            &format!(
+                "#define NGPT_PD_C {c}\n#define NGPT_PD_D {d}\n{defines}#define NGPT_PD_STREAM 1\n#define NGPT_EMU_SLICE {slice}\n#define NGPT_EMU_RING {ring}\n#define NGPT_EMU_SHARED {}\n{}",
+                ring + 2 * slice,
+                src.replace(decl, "float* xs = g_dynamic_smem;")
+            ),
+        )?;
+        for &(table, rows, blocks, flag) in runs {
+            let what = format!(
+                "decode_persistent ({build}) {table} entries, {rows} rows, {blocks} blocks, flag {flag}"
+            );
+            let args = [
+                table.to_string(),
+                rows.to_string(),
+                blocks.to_string(),
+                flag.to_string(),
+            ];
+            let text = emulate(&exe, &args, &what)?;
+            let (worst, unwritten) = (field(&text, "worst_rel_err")?, field(&text, "unwritten")?);
+            eprintln!("{what}: worst relative error {worst:.3e}");
+            assert!(worst <= 1e-5, "{what}: {text}");
+            assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
+        }
     }
     Ok(())
 }

@@ -772,8 +772,15 @@ impl CudaExecutor {
         } else {
             ""
         };
+        // NGPT_CUDA_PD_ATTENTION=wide: decode attention split over every warp of the grid,
+        // float4 P.V and a block per (row, head) combining (opt-in until measured on a GPU).
+        let wide = if env_is("NGPT_CUDA_PD_ATTENTION", "wide") {
+            "#define NGPT_PD_WIDE 1\n"
+        } else {
+            ""
+        };
         let helpers_source = format!(
-            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{min_blocks}{barrier}{}",
+            "#define NGPT_PD_C {}\n#define NGPT_PD_D {}\n{min_blocks}{barrier}{wide}{}",
             plan.dims.n_embd,
             plan.dims.head_dim,
             super::HELPERS_CU
@@ -1843,7 +1850,9 @@ impl CudaExecutor {
                 "decode entry timers",
             )?;
         }
-        let part_len = rows * st.plan.dims.n_head * persistent::SPLITS * (persistent::MAX_D + 2);
+        // Enough for the grid of either build (the streaming one may have fewer blocks).
+        let grid = pd.blocks.max(pd.streamed.as_ref().map_or(0, |k| k.blocks));
+        let part_len = persistent::part_floats(rows, st.plan.dims.n_head, grid as usize);
         let moved = grow(
             &mut pd.part,
             part_len,
@@ -1954,8 +1963,8 @@ impl CudaExecutor {
         // int, int, int, int, unsigned long long*): slice_bytes is non-zero only for the
         // streaming build, whose two buffers lie at ring_offset inside `dynamic`; the
         // timer, when not null, holds n_ops + 1; the table holds n_ops entries built from
-        // steps checked in `resolve`; the partials rows x n_head x SPLITS x (MAX_D + 2)
-        // floats (head_dim <= MAX_D was checked at construction); staged rows fit `stage`
+        // steps checked in `resolve`; the partials `part_floats` (every split either build
+        // writes; head_dim <= MAX_D was checked at construction); staged rows fit `stage`
         // bytes (checked by `fuse`); `blocks` blocks of that build are resident at once.
         unsafe {
             cu_result::launch_kernel(

@@ -563,13 +563,92 @@ __device__ __forceinline__ void pd_pos_step(const float* row, const float* m, in
     *inv_k = with_k ? rsqrtf(warp_sum(sk)) : 0.0f;
 }
 
-// The split of row r's keys 0..=pos into runs of 32-key tiles: how many splits, and
-// how many tiles each.
-__device__ __forceinline__ void pd_splits(int pos, int* n_tiles, int* splits, int* per) {
+// How many splits a (row, head) may use, which is also the stride of its partials in
+// `part`. By default PD_SPLITS. With NGPT_PD_WIDE (NGPT_CUDA_PD_ATTENTION=wide, opt-in
+// until measured on a GPU): every warp of the grid, shared out over the (row, head) pairs,
+// so that at long KV lengths a warp folds one 32-key tile rather than PD_SPLITS warps
+// folding several each, one after the other. The executor sizes `part` for
+// max(rows x heads x PD_SPLITS, warps) partials (persistent::part_floats).
+__device__ __forceinline__ int pd_split_cap(int rows_heads, int nwarps) {
+#ifdef NGPT_PD_WIDE
+    return max(1, nwarps / rows_heads);
+#else
+    (void)rows_heads;
+    (void)nwarps;
+    return PD_SPLITS;
+#endif
+}
+
+// The split of row r's keys 0..=pos into runs of 32-key tiles: how many splits (at most
+// `cap`), and how many tiles each.
+__device__ __forceinline__ void pd_splits(int pos, int cap, int* n_tiles, int* splits, int* per) {
     *n_tiles = (pos + 1 + 31) / 32;
-    *splits = min(*n_tiles, PD_SPLITS);
+    *splits = min(*n_tiles, cap);
     *per = (*n_tiles + *splits - 1) / *splits;
 }
+
+// Whether the wide build's P.V spreads a tile's value rows over the lanes as float4s
+// (d / 4 lanes per row, 32 / (d / 4) rows at once): d a multiple of 4 whose quarter
+// divides 32 (4, 8, 16, 32, 64 or 128); other widths keep one row at a time.
+__device__ __forceinline__ bool pd_wide_pv(int d) {
+#ifdef NGPT_PD_WIDE
+    return d % 4 == 0 && 32 % (d / 4) == 0;
+#else
+    (void)d;
+    return false;
+#endif
+}
+
+#ifdef NGPT_PD_WIDE
+// The wide build's combine: one block per (row, head), its warps taking the splits in
+// turn (each warp finds the largest partial max itself, from at most a few hundred
+// floats), then their weighted sums added up in shared memory: `qs` and `kvs`, free
+// between the split attention and the next entry.
+__device__ void pd_combine_block(const float* part, const int* positions, float* out, int rows, int h, int cap,
+                                 float (*qs)[PD_MAX_D], float (*kvs)[2][PD_MAX_D], int c, int d) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int rh = blockIdx.x; rh < rows * h; rh += gridDim.x) {
+        int r = rh / h, head = rh - r * h, pos = positions[r];
+        int n_tiles, splits, per;
+        pd_splits(pos, cap, &n_tiles, &splits, &per);
+        const float* pp = part + (long long)rh * cap * PD_PART;
+        float big = PD_NEG_BIG;
+        for (int s = lane; s < splits; s += 32) big = fmaxf(big, pp[s * PD_PART]);
+        big = warp_max(big);
+        float total = 0.0f, acc[PD_MAX_D / 32];
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+#pragma unroll 4
+        for (int s = warp; s < splits; s += PD_WARPS) {
+            const float* ps = pp + s * PD_PART;
+            float wgt = expf(ps[0] - big);
+            total += ps[1] * wgt;
+#pragma unroll
+            for (int u = 0; u < PD_MAX_D / 32; ++u) {
+                int j = lane + 32 * u;
+                if (j < d) acc[u] += ps[2 + j] * wgt;
+            }
+        }
+        __syncthreads();  // the previous (row, head)'s sums are read
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) {
+            int j = lane + 32 * u;
+            if (j < d) qs[warp][j] = acc[u];
+        }
+        if (lane == 0) kvs[warp][0][0] = total;
+        __syncthreads();
+        for (int j = threadIdx.x; j < d; j += PD_THREADS) {
+            float a = 0.0f, z = 0.0f;
+#pragma unroll
+            for (int w = 0; w < PD_WARPS; ++w) {
+                a += qs[w][j];
+                z += kvs[w][0][0];
+            }
+            out[(long long)r * c + head * d + j] = a / z;
+        }
+    }
+}
+#endif
 
 // Attention for one decode row per sequence, split across the KV length: one warp per
 // (row, head, split) folds its run of 32-key tiles into a partial, then (after a grid
@@ -586,11 +665,16 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
     d = PD_D_OR(d);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gwarp = blockIdx.x * PD_WARPS + warp, nwarps = gridDim.x * PD_WARPS;
-    for (int item = gwarp; item < rows * h * PD_SPLITS; item += nwarps) {
-        int s = item % PD_SPLITS, rh = item / PD_SPLITS;
+    const int cap = pd_split_cap(rows * h, nwarps);
+    // The wide P.V's lane map: g lanes per value row, each a float4 (chunk `ch`), rows
+    // `slot`, slot + 32 / g, ... of a tile.
+    const bool wide_pv = pd_wide_pv(d);
+    const int g = wide_pv ? d / 4 : 32, ch = lane % g, slot = lane / g;
+    for (int item = gwarp; item < rows * h * cap; item += nwarps) {
+        int s = item % cap, rh = item / cap;
         int r = rh / h, head = rh - r * h, b = r / tokens, pos = positions[r];
         int n_tiles, splits, per;
-        pd_splits(pos, &n_tiles, &splits, &per);
+        pd_splits(pos, cap, &n_tiles, &splits, &per);
         if (s >= splits) continue;
         int t0 = s * per, t1 = min(n_tiles, t0 + per);
         bool own = qkv != nullptr && s == (pos / 32) / per;
@@ -629,6 +713,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
         float run_max = PD_NEG_BIG, run_sum = 0.0f, acc[PD_MAX_D / 32];
 #pragma unroll
         for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+        float4 acc4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int t = t0; t < t1; ++t) {
             int key = t * 32 + lane;
             bool valid = key <= pos;
@@ -653,6 +738,30 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
             run_sum = run_sum * corr + warp_sum(p);
             run_max = m_new;
             int nk = min(32, pos + 1 - t * 32);
+            if (wide_pv) {
+                // Lane (slot, ch) adds p[key] v[key][4 ch .. 4 ch + 4) for the tile's keys
+                // slot, slot + 32 / g, ...: g iterations of one independent 16-byte load.
+                acc4.x *= corr;
+                acc4.y *= corr;
+                acc4.z *= corr;
+                acc4.w *= corr;
+                const int step = 32 / g;
+#pragma unroll 8
+                for (int i = 0; i < g; ++i) {
+                    int key2 = i * step + slot;
+                    float pu = __shfl_sync(0xffffffffu, p, key2);
+                    if (key2 < nk) {
+                        int kk = t * 32 + key2;
+                        const float* vr = (own && kk == pos) ? kvs[warp][1] : v_cache + base + (long long)kk * d;
+                        float4 v4 = *reinterpret_cast<const float4*>(vr + 4 * ch);
+                        acc4.x += pu * v4.x;
+                        acc4.y += pu * v4.y;
+                        acc4.z += pu * v4.z;
+                        acc4.w += pu * v4.w;
+                    }
+                }
+                continue;
+            }
 #pragma unroll
             for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] *= corr;
 #pragma unroll 8
@@ -667,10 +776,21 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
                 }
             }
         }
-        float* pp = part + ((long long)rh * PD_SPLITS + s) * PD_PART;
+        float* pp = part + ((long long)rh * cap + s) * PD_PART;
         if (lane == 0) {
             pp[0] = run_max;
             pp[1] = run_sum;
+        }
+        if (wide_pv) {
+            // The slots' sums of each chunk meet in the lanes of slot 0.
+            for (int o = g; o < 32; o <<= 1) {
+                acc4.x += __shfl_xor_sync(0xffffffffu, acc4.x, o);
+                acc4.y += __shfl_xor_sync(0xffffffffu, acc4.y, o);
+                acc4.z += __shfl_xor_sync(0xffffffffu, acc4.z, o);
+                acc4.w += __shfl_xor_sync(0xffffffffu, acc4.w, o);
+            }
+            if (slot == 0) *reinterpret_cast<float4*>(pp + 2 + 4 * ch) = acc4;
+            continue;
         }
 #pragma unroll
         for (int u = 0; u < PD_MAX_D / 32; ++u) {
@@ -679,12 +799,15 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
         }
     }
     pd_barrier(bar);
+#ifdef NGPT_PD_WIDE
+    pd_combine_block(part, positions, out, rows, h, cap, qs, kvs, c, d);
+#else
     // Combine: one warp per (row, head).
     for (int rh = gwarp; rh < rows * h; rh += nwarps) {
         int r = rh / h, head = rh - r * h, pos = positions[r];
         int n_tiles, splits, per;
-        pd_splits(pos, &n_tiles, &splits, &per);
-        const float* pp = part + (long long)rh * PD_SPLITS * PD_PART;
+        pd_splits(pos, cap, &n_tiles, &splits, &per);
+        const float* pp = part + (long long)rh * cap * PD_PART;
         float big = PD_NEG_BIG;
 #pragma unroll 4
         for (int s = 0; s < splits; ++s) big = fmaxf(big, pp[s * PD_PART]);
@@ -708,6 +831,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
             if (j < d) out[(long long)r * c + head * d + j] = acc[u] / total;
         }
     }
+#endif
 }
 
 // Dims: c = n_embd, h = n_head, d = head_dim (even, at most PD_MAX_D), max_seq = KV capacity.

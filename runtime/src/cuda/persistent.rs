@@ -170,6 +170,17 @@ pub(super) fn fits(head_dim: usize) -> bool {
     head_dim <= MAX_D && head_dim.is_multiple_of(2)
 }
 
+/// Floats of the attention partials for `rows` rows of `heads` heads on a grid of
+/// `blocks` blocks: [`SPLITS`] per (row, head) by default, and in the wide build
+/// (`NGPT_PD_WIDE`) as many per (row, head) as the grid's warps shared out over the pairs
+/// (`pd_split_cap`), at most max(warps, rows x heads) in all; each `MAX_D + 2` floats.
+pub(super) fn part_floats(rows: usize, heads: usize, blocks: usize) -> usize {
+    let warps = blocks * (THREADS as usize / 32);
+    let pairs = rows * heads;
+    let wide = pairs * (warps / pairs.max(1)).max(1);
+    (pairs * SPLITS).max(wide) * (MAX_D + 2)
+}
+
 /// Where the streaming buffers start in the dynamic shared memory: after `stage` bytes of
 /// staged inputs, 16-byte aligned for `cp.async`.
 pub(super) fn ring_offset(stage: usize) -> usize {
@@ -607,6 +618,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn attention_partials_hold_every_split_the_kernel_may_write() {
+        // pd_split_cap: PD_SPLITS, or (wide) max(1, warps / pairs) per (row, head).
+        for (rows, heads, blocks) in [
+            (1, 16, 132),
+            (8, 16, 132),
+            (32, 16, 132),
+            (1, 3, 3),
+            (3, 4, 1),
+        ] {
+            let warps = blocks * 16;
+            let pairs = rows * heads;
+            let cap = (warps / pairs).max(1);
+            let have = part_floats(rows, heads, blocks) / (MAX_D + 2);
+            assert!(have >= pairs * SPLITS, "{rows} {heads} {blocks}");
+            assert!(have >= pairs * cap, "{rows} {heads} {blocks}");
+        }
+        // One H200 grid at batch 1: 2,112 warps, 132 splits a head.
+        assert_eq!(part_floats(1, 16, 132), 16 * 132 * (MAX_D + 2));
     }
 
     #[test]

@@ -12,7 +12,9 @@
 // not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows.
 // attention: one decode row per sequence at positions 5, 1,100 (more 32-key tiles than
 // splits), 40, 31 (one whole tile), ..., the caches random before them: pos_norm then
-// attention as two entries, or folded into one (FOLD 1).
+// attention as two entries, or folded into one (FOLD 1). The same with NGPT_PD_WIDE
+// defined (the wide build: splits over all the grid's warps, its float4 P.V where the
+// head dim allows, a block per (row, head) combining).
 // Every output is compared with float64 arithmetic on the same inputs. Prints the worst
 // relative error of any output and how many outputs were left unwritten (poisoned with
 // NaN first).
@@ -57,7 +59,10 @@ static int attention(int rows, int blocks, int fold) {
     float* q_out = arena.alloc<float>((size_t)rows * C);
     float* out = arena.alloc<float>((size_t)rows * C);
     for (int i = 0; i < rows * C; ++i) out[i] = q_out[i] = NAN;
-    float* part = arena.alloc<float>((size_t)rows * H * PD_SPLITS * PD_PART);
+    // As the executor sizes it (persistent::part_floats): every split either build writes.
+    const int pairs = rows * H, warps = blocks * PD_WARPS;
+    const int wide = pairs * std::max(1, warps / pairs);
+    float* part = arena.alloc<float>((size_t)std::max(pairs * PD_SPLITS, wide) * PD_PART);
     // An entry of one decode row per sequence (ints: rows, tokens = 1).
     auto entry = [&](int kind, std::initializer_list<const void*> ptrs) {
         PdOp e{};
