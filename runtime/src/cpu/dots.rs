@@ -161,6 +161,42 @@ fn dot_fn<W: Weight>() -> (DotFn<W>, bool) {
     (dot, false)
 }
 
+/// The f32 dot product for this CPU, as the weight GEMMs use it (AVX2 where present,
+/// bitwise the portable [`dot`]): attention's q.k.
+pub(crate) fn f32_dot() -> DotFn<f32> {
+    dot_fn::<f32>().0
+}
+
+/// `o[j] += p * v[j]` for every `j` (up to the shorter length), AVX2 where present: a
+/// multiply then an add per element, no FMA, so each element gets the same bits however
+/// wide the vectors. Attention's P.V, one value row at a time.
+pub(crate) fn axpy_fn() -> fn(&mut [f32], f32, &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return |o, p, v| {
+                // SAFETY: AVX2 is present (checked just above).
+                unsafe { axpy_avx2(o, p, v) }
+            };
+        }
+    }
+    axpy
+}
+
+#[inline(always)]
+fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+    for (o, v) in o.iter_mut().zip(v) {
+        *o += p * v;
+    }
+}
+
+/// [`axpy`] compiled for AVX2 (the compiler widens the loop to eight lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_avx2(o: &mut [f32], p: f32, v: &[f32]) {
+    axpy(o, p, v)
+}
+
 /// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators of eight
 /// lanes, the same separate multiplies and adds in the same order, so the same bits. `x`
 /// is in `split_pairs` order where `W::SPLIT_PAIRS`.

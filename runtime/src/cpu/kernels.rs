@@ -437,6 +437,10 @@ pub fn attention(
         .unwrap_or(0)
         + 1;
     let work = items.saturating_mul(context).saturating_mul(2 * hd);
+    // q.k as the weight GEMMs' dot product (eight-lane accumulators, not one running
+    // sum) and P.V eight lanes at a time, both with AVX2 where present and the same bits
+    // without it.
+    let (dot, axpy) = (super::dots::f32_dot(), super::dots::axpy_fn());
     for_items(
         threading,
         out,
@@ -453,12 +457,8 @@ pub fn attention(
             let keys = span(k_cache, base, (pos + 1) * hd, "attention k_cache")?;
             let vals = span(v_cache, base, (pos + 1) * hd, "attention v_cache")?;
             let mut max = f32::MIN;
-            for u in 0..=pos {
-                let s: f32 = qr
-                    .iter()
-                    .zip(&keys[u * hd..(u + 1) * hd])
-                    .map(|(a, b)| a * b)
-                    .sum();
+            for (u, key) in keys.chunks_exact(hd).enumerate() {
+                let s = dot(key, qr);
                 scores[u] = s;
                 max = max.max(s);
             }
@@ -469,11 +469,8 @@ pub fn attention(
             }
             let o = out.get(r * c + head * hd, hd, "attention out")?;
             o.fill(0.0);
-            for u in 0..=pos {
-                let p = scores[u] / sum;
-                o.iter_mut()
-                    .zip(&vals[u * hd..(u + 1) * hd])
-                    .for_each(|(o, v)| *o += p * v);
+            for (&s, val) in scores[..=pos].iter().zip(vals.chunks_exact(hd)) {
+                axpy(o, s / sum, val);
             }
             Ok(())
         },
