@@ -410,6 +410,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_avx2_axpy_is_bitwise_the_portable_one() {
+        let v: Vec<f32> = (0..131)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+            .collect();
+        for n in [0, 1, 7, 8, 9, 16, 63, 64, 65, 131] {
+            let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut fast, mut portable) = (start.clone(), start);
+            axpy_fn()(&mut fast, 0.123_456_7, &v[..n]);
+            axpy(&mut portable, 0.123_456_7, &v[..n]);
+            assert!(
+                fast.iter()
+                    .zip(&portable)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "n = {n}"
+            );
+            // And it is o + p v, element by element.
+            assert!(fast.iter().zip(&v).enumerate().all(|(i, (o, x))| {
+                let want = (i as f32 * 0.37).sin() + 0.123_456_7 * x;
+                o.to_bits() == want.to_bits()
+            }));
+        }
+    }
+
+    #[test]
     fn the_avx2_dot_product_is_bitwise_the_portable_one() {
         let w: Vec<u16> = (0..1000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 17) as u16 & 0x7f7f)
