@@ -599,6 +599,28 @@ __device__ __forceinline__ bool pd_wide_pv(int d) {
 #endif
 }
 
+// Splits first, first + step, ... (< splits) of a (row, head)'s partials `pp`, each
+// weighted by exp(its max - big), summed: acc (lane + 32 u of the head's dims) and the
+// softmax total.
+__device__ __forceinline__ void pd_fold_partials(const float* pp, int first, int step, int splits, float big,
+                                                 int d, int lane, float* acc, float* total) {
+    float t = 0.0f;
+#pragma unroll
+    for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
+#pragma unroll 4
+    for (int s = first; s < splits; s += step) {
+        const float* ps = pp + s * PD_PART;
+        float wgt = expf(ps[0] - big);
+        t += ps[1] * wgt;
+#pragma unroll
+        for (int u = 0; u < PD_MAX_D / 32; ++u) {
+            int j = lane + 32 * u;
+            if (j < d) acc[u] += ps[2 + j] * wgt;
+        }
+    }
+    *total = t;
+}
+
 #ifdef NGPT_PD_WIDE
 // The wide build's combine: one block per (row, head), its warps taking the splits in
 // turn (each warp finds the largest partial max itself, from at most a few hundred
@@ -615,20 +637,8 @@ __device__ void pd_combine_block(const float* part, const int* positions, float*
         float big = PD_NEG_BIG;
         for (int s = lane; s < splits; s += 32) big = fmaxf(big, pp[s * PD_PART]);
         big = warp_max(big);
-        float total = 0.0f, acc[PD_MAX_D / 32];
-#pragma unroll
-        for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
-#pragma unroll 4
-        for (int s = warp; s < splits; s += PD_WARPS) {
-            const float* ps = pp + s * PD_PART;
-            float wgt = expf(ps[0] - big);
-            total += ps[1] * wgt;
-#pragma unroll
-            for (int u = 0; u < PD_MAX_D / 32; ++u) {
-                int j = lane + 32 * u;
-                if (j < d) acc[u] += ps[2 + j] * wgt;
-            }
-        }
+        float total, acc[PD_MAX_D / 32];
+        pd_fold_partials(pp, warp, PD_WARPS, splits, big, d, lane, acc, &total);
         __syncthreads();  // the previous (row, head)'s sums are read
 #pragma unroll
         for (int u = 0; u < PD_MAX_D / 32; ++u) {
@@ -811,20 +821,8 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
         float big = PD_NEG_BIG;
 #pragma unroll 4
         for (int s = 0; s < splits; ++s) big = fmaxf(big, pp[s * PD_PART]);
-        float total = 0.0f, acc[PD_MAX_D / 32];
-#pragma unroll
-        for (int u = 0; u < PD_MAX_D / 32; ++u) acc[u] = 0.0f;
-#pragma unroll 4
-        for (int s = 0; s < splits; ++s) {
-            const float* ps = pp + s * PD_PART;
-            float wgt = expf(ps[0] - big);
-            total += ps[1] * wgt;
-#pragma unroll
-            for (int u = 0; u < PD_MAX_D / 32; ++u) {
-                int j = lane + 32 * u;
-                if (j < d) acc[u] += ps[2 + j] * wgt;
-            }
-        }
+        float total, acc[PD_MAX_D / 32];
+        pd_fold_partials(pp, 0, 1, splits, big, d, lane, acc, &total);
 #pragma unroll
         for (int u = 0; u < PD_MAX_D / 32; ++u) {
             int j = lane + 32 * u;
