@@ -162,39 +162,9 @@ fn dot_fn<W: Weight>() -> (DotFn<W>, bool) {
 }
 
 /// The f32 dot product for this CPU, as the weight GEMMs use it (AVX2 where present,
-/// bitwise the portable [`dot`]): attention's q.k.
+/// bitwise the portable [`dot`]).
 pub(crate) fn f32_dot() -> DotFn<f32> {
     dot_fn::<f32>().0
-}
-
-/// `o[j] += p * v[j]` for every `j` (up to the shorter length), AVX2 where present: a
-/// multiply then an add per element, no FMA, so each element gets the same bits however
-/// wide the vectors. Attention's P.V, one value row at a time.
-pub(crate) fn axpy_fn() -> fn(&mut [f32], f32, &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return |o, p, v| {
-                // SAFETY: AVX2 is present (checked just above).
-                unsafe { axpy_avx2(o, p, v) }
-            };
-        }
-    }
-    axpy
-}
-
-#[inline(always)]
-fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
-    for (o, v) in o.iter_mut().zip(v) {
-        *o += p * v;
-    }
-}
-
-/// [`axpy`] compiled for AVX2 (the compiler widens the loop to eight lanes).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn axpy_avx2(o: &mut [f32], p: f32, v: &[f32]) {
-    axpy(o, p, v)
 }
 
 /// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators of eight
@@ -406,30 +376,6 @@ pub(crate) mod tests {
                 case(m, n, k, beta, |v| v, gemm);
                 case(m, n, k, beta, bf16, gemm);
             }
-        }
-    }
-
-    #[test]
-    fn the_avx2_axpy_is_bitwise_the_portable_one() {
-        let v: Vec<f32> = (0..131)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
-            .collect();
-        for n in [0, 1, 7, 8, 9, 16, 63, 64, 65, 131] {
-            let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let (mut fast, mut portable) = (start.clone(), start);
-            axpy_fn()(&mut fast, 0.123_456_7, &v[..n]);
-            axpy(&mut portable, 0.123_456_7, &v[..n]);
-            assert!(
-                fast.iter()
-                    .zip(&portable)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "n = {n}"
-            );
-            // And it is o + p v, element by element.
-            assert!(fast.iter().zip(&v).enumerate().all(|(i, (o, x))| {
-                let want = (i as f32 * 0.37).sin() + 0.123_456_7 * x;
-                o.to_bits() == want.to_bits()
-            }));
         }
     }
 

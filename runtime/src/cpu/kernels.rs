@@ -411,8 +411,15 @@ pub fn pos_norm(
 }
 
 /// Causal attention over the cache: row r attends keys 0..=`positions[r]` of its sequence,
-/// softmax scale 1. Both attention entries (prefill, decode) compute this, one (row, head)
-/// pair per work item.
+/// softmax scale 1. Both attention entries (prefill, decode) compute this.
+///
+/// Decode (and any call with few rows a thread) takes one (row, head) pair per work item.
+/// Prefill takes blocks of up to [`ROWS_PER_BLOCK`] consecutive rows, every head, and
+/// goes head by head through the block's rows, so that a head's keys and values (up to
+/// 1 MB at 2,000 positions) are read from memory once per block and from the core's
+/// cache for its other rows; row by row they were read again for every row, each time
+/// after the other heads' had pushed them out. Every (row, head) is computed the same
+/// way either way, so both give the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     d: &Dims,
@@ -425,10 +432,35 @@ pub fn attention(
     tokens: usize,
     threading: Threading,
 ) -> Result<()> {
+    let per = if tokens > 1 {
+        (rows / (8 * rayon::current_num_threads()).max(1)).clamp(1, ROWS_PER_BLOCK)
+    } else {
+        1
+    };
+    attention_in_blocks(
+        d, q, k_cache, v_cache, positions, out, rows, tokens, threading, per,
+    )
+}
+
+/// Most rows a work item of [`attention`] takes.
+pub const ROWS_PER_BLOCK: usize = 16;
+
+/// [`attention`] with blocks of `per` rows (1: one (row, head) pair per work item).
+#[allow(clippy::too_many_arguments)]
+fn attention_in_blocks(
+    d: &Dims,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    positions: &[i32],
+    out: &mut [f32],
+    rows: usize,
+    tokens: usize,
+    threading: Threading,
+    per: usize,
+) -> Result<()> {
     let (c, hd, nh) = (d.n_embd, d.head_dim, d.n_head);
-    // Item i is (row i / n_head, head i % n_head); its output starts at
-    // r * c + head * hd = i * hd, since c = n_head * hd (checked when the plan loads).
-    let items = rows.saturating_mul(nh);
+    let t = tokens.max(1);
     let context = positions
         .iter()
         .take(rows)
@@ -436,41 +468,69 @@ pub fn attention(
         .max()
         .unwrap_or(0)
         + 1;
-    let work = items.saturating_mul(context).saturating_mul(2 * hd);
-    // q.k as the weight GEMMs' dot product (eight-lane accumulators, not one running
-    // sum) and P.V eight lanes at a time, both with AVX2 where present and the same bits
-    // without it.
-    let (dot, axpy) = (super::dots::f32_dot(), super::dots::axpy_fn());
-    for_items(
-        threading,
-        out,
-        hd,
-        items,
-        work,
-        || vec![0f32; d.max_seq_len],
-        |scores, i, out| {
-            let (r, head) = (i / nh, i % nh);
-            let b = r / tokens.max(1);
+    let work = rows
+        .saturating_mul(nh)
+        .saturating_mul(context)
+        .saturating_mul(2 * hd);
+    // One (row, head): its extents checked in the order position, q, keys, values, output
+    // (`run` false: only that, so a block fails as its pairs one at a time would), then
+    // the scores against keys 0..=pos (eight lanes a key, not one running sum), softmax,
+    // and P.V with the outputs in registers: AVX2 where present, the same bits without it
+    // (attend.rs).
+    let pair =
+        |r: usize, head: usize, scores: &mut [f32], out: &mut Piece, run: bool| -> Result<()> {
             let pos = position(d, positions, r)?;
             let qr = span(q, r * c + head * hd, hd, "attention q")?;
-            let base = cache_offset(d, b, head, 0);
+            let base = cache_offset(d, r / t, head, 0);
             let keys = span(k_cache, base, (pos + 1) * hd, "attention k_cache")?;
             let vals = span(v_cache, base, (pos + 1) * hd, "attention v_cache")?;
-            let mut max = f32::MIN;
-            for (u, key) in keys.chunks_exact(hd).enumerate() {
-                let s = dot(key, qr);
-                scores[u] = s;
-                max = max.max(s);
+            let o = out.get(r * c + head * hd, hd, "attention out")?;
+            if !run {
+                return Ok(());
             }
+            let scores = &mut scores[..=pos];
+            super::attend::scores(qr, keys, hd, scores);
+            let max = scores.iter().fold(f32::MIN, |m, &s| m.max(s));
             let mut sum = 0f32;
-            for s in &mut scores[..=pos] {
+            for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            let o = out.get(r * c + head * hd, hd, "attention out")?;
-            o.fill(0.0);
-            for (&s, val) in scores[..=pos].iter().zip(vals.chunks_exact(hd)) {
-                axpy(o, s / sum, val);
+            for s in scores.iter_mut() {
+                *s /= sum;
+            }
+            super::attend::weighted_sum(scores, vals, hd, o);
+            Ok(())
+        };
+    let scratch = || vec![0f32; d.max_seq_len];
+    let per = per.clamp(1, ROWS_PER_BLOCK);
+    if per == 1 {
+        // Item i is (row i / n_head, head i % n_head); its output starts at
+        // r * c + head * hd = i * hd, since c = n_head * hd (checked when the plan loads).
+        let items = rows.saturating_mul(nh);
+        return for_items(threading, out, hd, items, work, scratch, |s, i, out| {
+            pair(i / nh, i % nh, s, out, true)
+        });
+    }
+    // Item i is rows i * per .. (i + 1) * per (clipped), every head.
+    for_items(
+        threading,
+        out,
+        per * c,
+        rows.div_ceil(per),
+        work,
+        scratch,
+        |s, i, out| {
+            let block = i * per..((i + 1) * per).min(rows);
+            for r in block.clone() {
+                for head in 0..nh {
+                    pair(r, head, s, out, false)?;
+                }
+            }
+            for head in 0..nh {
+                for r in block.clone() {
+                    pair(r, head, s, out, true)?;
+                }
             }
             Ok(())
         },
@@ -596,6 +656,51 @@ mod tests {
                     got == run_all(t, &positions, rows, tokens),
                     "{t:?} is not deterministic"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_in_blocks_of_rows_is_bitwise_one_pair_at_a_time() {
+        let (c, rows) = (D.n_embd, B * T);
+        let cache = B * D.n_head * D.max_seq_len * D.head_dim;
+        let (q, kc, vc) = (values(rows * c, 11), values(cache, 12), values(cache, 13));
+        // The output and the error, with an output buffer `short` elements short.
+        let run = |positions: &[i32], t: Threading, per: usize, short: usize| {
+            let mut out = vec![f32::NAN; rows * c - short];
+            let r = attention_in_blocks(&D, &q, &kc, &vc, positions, &mut out, rows, T, t, per);
+            (r.map_err(|e| e.to_string()), bits(&out))
+        };
+        let good = prefill_positions();
+        let mut bad = good.clone();
+        bad[12] = 23;
+        let want = run(&good, Threading::Sequential, 1, 0);
+        assert!(want.0.is_ok() && want.1.iter().all(|&b| !f32::from_bits(b).is_nan()));
+        let errors = [
+            (
+                &bad,
+                0,
+                "positions: position 23 is outside the KV capacity 0..23",
+            ),
+            (
+                &good,
+                4,
+                "step `attention out`: needs elements 372..378 of a buffer of 374",
+            ),
+        ];
+        for (positions, short, message) in errors {
+            let got = run(positions, Threading::Sequential, 1, short).0;
+            assert_eq!(got.err().as_deref(), Some(message));
+        }
+        // Blocks of 2, 3, 5 and 16 rows cross the sequences' ends (7 rows each) and
+        // sequence 1's padding rows; 40 is clamped to ROWS_PER_BLOCK.
+        for per in [2, 3, 5, 16, 40] {
+            for t in MODES {
+                assert!(run(&good, t, per, 0) == want, "{per} rows a block, {t:?}");
+                for (positions, short, message) in errors {
+                    let got = run(positions, t, per, short).0;
+                    assert_eq!(got.err().as_deref(), Some(message), "{per}, {t:?}");
+                }
             }
         }
     }

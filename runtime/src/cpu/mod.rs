@@ -1,5 +1,6 @@
 //! The CPU executor: runs a plan's steps over its buffer table.
 
+mod attend;
 pub mod bf16;
 pub mod dots;
 pub mod kernels;
