@@ -665,40 +665,56 @@ mod tests {
         let (c, rows) = (D.n_embd, B * T);
         let cache = B * D.n_head * D.max_seq_len * D.head_dim;
         let (q, kc, vc) = (values(rows * c, 11), values(cache, 12), values(cache, 13));
-        // The output and the error, with an output buffer `short` elements short.
-        let run = |positions: &[i32], t: Threading, per: usize, short: usize| {
+        // The output and the error, with an output buffer `short` elements short and the
+        // value cache cut to `vc_len` values.
+        let run = |positions: &[i32], t: Threading, per: usize, (short, vc_len): (usize, usize)| {
             let mut out = vec![f32::NAN; rows * c - short];
-            let r = attention_in_blocks(&D, &q, &kc, &vc, positions, &mut out, rows, T, t, per);
+            let vc = &vc[..vc_len];
+            let r = attention_in_blocks(&D, &q, &kc, vc, positions, &mut out, rows, T, t, per);
             (r.map_err(|e| e.to_string()), bits(&out))
         };
         let good = prefill_positions();
         let mut bad = good.clone();
         bad[12] = 23;
-        let want = run(&good, Threading::Sequential, 1, 0);
+        // Row 15's position is bad and row 14's last head reads past the value cache's
+        // end (sequence 2, head 2, position 9): one pair at a time meets row 14 first, a
+        // block of rows 14 and 15 taken head by head would meet row 15 first.
+        let mut late = good.clone();
+        late[15] = 23;
+        let cut = ((2 * D.n_head + 2) * D.max_seq_len + 9) * D.head_dim + 3;
+        let want = run(&good, Threading::Sequential, 1, (0, cache));
         assert!(want.0.is_ok() && want.1.iter().all(|&b| !f32::from_bits(b).is_nan()));
         let errors = [
             (
                 &bad,
-                0,
+                (0, cache),
                 "positions: position 23 is outside the KV capacity 0..23",
             ),
             (
                 &good,
-                4,
+                (4, cache),
                 "step `attention out`: needs elements 372..378 of a buffer of 374",
             ),
+            (
+                &late,
+                (0, cut),
+                "step `attention v_cache`: needs elements 1104..1164 of a buffer of 1161",
+            ),
         ];
-        for (positions, short, message) in errors {
-            let got = run(positions, Threading::Sequential, 1, short).0;
+        for (positions, cuts, message) in errors {
+            let got = run(positions, Threading::Sequential, 1, cuts).0;
             assert_eq!(got.err().as_deref(), Some(message));
         }
         // Blocks of 2, 3, 5 and 16 rows cross the sequences' ends (7 rows each) and
         // sequence 1's padding rows; 40 is clamped to ROWS_PER_BLOCK.
         for per in [2, 3, 5, 16, 40] {
             for t in MODES {
-                assert!(run(&good, t, per, 0) == want, "{per} rows a block, {t:?}");
-                for (positions, short, message) in errors {
-                    let got = run(positions, t, per, short).0;
+                assert!(
+                    run(&good, t, per, (0, cache)) == want,
+                    "{per} rows a block, {t:?}"
+                );
+                for (positions, cuts, message) in errors {
+                    let got = run(positions, t, per, cuts).0;
                     assert_eq!(got.err().as_deref(), Some(message), "{per}, {t:?}");
                 }
             }
