@@ -108,7 +108,15 @@ fn compile(dir: &Path, sub: &str, main: (&str, &str), kernel_inc: &str) -> Resul
     std::fs::write(sub.join("kernel.inc"), kernel_inc)?;
     let exe = sub.join("emu");
     let out = Command::new("g++")
-        .args(["-O1", "-std=c++20", "-pthread", "-w", "-o"])
+        .args([
+            "-O1",
+            "-std=c++20",
+            "-pthread",
+            "-w",
+            "-fsanitize=alignment",
+            "-fno-sanitize-recover=alignment",
+            "-o",
+        ])
         .arg(&exe)
         .arg(sub.join(main.0))
         .output()?;
@@ -124,8 +132,9 @@ fn emulate(exe: &Path, args: &[String], what: &str) -> Result<String> {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     ensure!(
         out.status.success(),
-        "{what}: emulation failed ({}): {text}",
-        out.status
+        "{what}: emulation failed ({}): {text} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(text)
 }

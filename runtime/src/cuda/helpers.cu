@@ -799,7 +799,14 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
                 acc4.z += __shfl_xor_sync(0xffffffffu, acc4.z, o);
                 acc4.w += __shfl_xor_sync(0xffffffffu, acc4.w, o);
             }
-            if (slot == 0) *reinterpret_cast<float4*>(pp + 2 + 4 * ch) = acc4;
+            // Scalar stores: a partial is PD_PART = 130 floats, so pp + 2 is only 8-byte
+            // aligned (a float4 store there faults on a GPU).
+            if (slot == 0) {
+                pp[2 + 4 * ch] = acc4.x;
+                pp[3 + 4 * ch] = acc4.y;
+                pp[4 + 4 * ch] = acc4.z;
+                pp[5 + 4 * ch] = acc4.w;
+            }
             continue;
         }
 #pragma unroll

@@ -26,16 +26,18 @@ struct Dim3 {
 thread_local Dim3 threadIdx, blockIdx;
 static Dim3 blockDim, gridDim;
 
-struct float2 {
+// Aligned as CUDA's vector types are, so that g++'s -fsanitize=alignment (on in
+// host_emulation.rs) stops at a misaligned vector access, a fault on a GPU.
+struct alignas(8) float2 {
     float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
-struct uint2 {
+struct alignas(8) uint2 {
     unsigned x, y;
 };
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 inline float2 make_float2(float a, float b) { return {a, b}; }
