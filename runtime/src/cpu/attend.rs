@@ -16,6 +16,11 @@
 /// `out[u] = q . keys[u * hd..][..hd]` for every `u < out.len()`; `keys` holds at least
 /// `out.len() * hd` values and `q` at least `hd`.
 pub(crate) fn scores(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
+    if hd == 0 {
+        // Empty dot products (plans have head_dim >= 1; the public kernels take any Dims).
+        out.fill(0.0);
+        return;
+    }
     let dot = super::dots::f32_dot();
     for (s, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
         *s = dot(k, &q[..hd]);
@@ -25,6 +30,9 @@ pub(crate) fn scores(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
 /// `o[j] = sum_u p[u] * vals[u * hd + j]` for `j < hd`, keys `u < p.len()` in order;
 /// `o` holds at least `hd` values and `vals` at least `p.len() * hd`.
 pub(crate) fn weighted_sum(p: &[f32], vals: &[f32], hd: usize, o: &mut [f32]) {
+    if hd == 0 {
+        return;
+    }
     let o = &mut o[..hd];
     #[cfg(target_arch = "x86_64")]
     {
@@ -126,7 +134,7 @@ mod tests {
     fn scores_and_weighted_sums_are_bitwise_the_portable_order_and_near_exact() {
         // Head dims below, at and between whole chunks and past 64; key counts below,
         // at and past the eight a step takes.
-        for hd in [1, 6, 8, 12, 16, 64, 72, 100, 128] {
+        for hd in [0, 1, 6, 8, 12, 16, 64, 72, 100, 128] {
             for n in [0, 1, 7, 8, 9, 17, 40] {
                 let q = values(hd, 1);
                 let keys = values(n * hd, 2);
