@@ -50,10 +50,11 @@ pub(crate) fn weighted_sum(p: &[f32], vals: &[f32], hd: usize, o: &mut [f32]) {
     }
 }
 
+/// [`weighted_sum`] with AVX2, for `hd >= 1` (it returns before calling this for 0).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn weighted_sum_avx2(p: &[f32], vals: &[f32], hd: usize, o: &mut [f32]) {
-    let n = p.len().min(vals.len() / hd.max(1));
+    let n = p.len().min(vals.len() / hd);
     let whole = hd / 8 * 8;
     // Outputs 64 at a time (eight registers, a count known at compile time so that they
     // stay in registers), each over every key.

@@ -432,8 +432,9 @@ pub fn attention(
     tokens: usize,
     threading: Threading,
 ) -> Result<()> {
+    // Eight blocks a thread where the rows allow (attention_in_blocks clamps to 1..=16).
     let per = if tokens > 1 {
-        (rows / (8 * rayon::current_num_threads()).max(1)).clamp(1, ROWS_PER_BLOCK)
+        rows / (8 * rayon::current_num_threads()).max(1)
     } else {
         1
     };
