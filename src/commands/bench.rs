@@ -164,7 +164,9 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         (memory_bandwidth(512 << 20, 3), gemm_rate(1024, 3), "GEMM")
     };
-    let decode_bytes: f64 = (0..a.gen_len)
+    // Bytes and FLOPs of the decode steps: at batch 1 the bytes bound a step; with more rows
+    // the same weights serve more products and the FLOPs can bound it instead.
+    let (decode_bytes, decode_flops) = (0..a.gen_len)
         .map(|i| {
             program_cost(
                 &plan,
@@ -175,9 +177,8 @@ pub fn run(a: Args) -> Result<()> {
                     context: a.prompt_len + i,
                 },
             )
-            .0
         })
-        .sum();
+        .fold((0.0, 0.0), |(b, f), (sb, sf)| (b + sb, f + sf));
     // The prefill a generation runs: every position, but lm_head rows only for the last.
     let prefill_flops = prefill_last_flops(
         &plan,
@@ -188,6 +189,7 @@ pub fn run(a: Args) -> Result<()> {
         },
     );
     let decode_floor = decode_bytes / bandwidth;
+    let decode_compute_floor = decode_flops / rate;
     let prefill_floor = prefill_flops / rate;
     let prefill_tps = (a.batch * a.prompt_len) as f64 / prefill;
     let decode_tps = (a.batch * a.gen_len) as f64 / decode;
@@ -218,6 +220,13 @@ pub fn run(a: Args) -> Result<()> {
         bandwidth / 1e9,
         100.0 * decode_floor / decode
     );
+    println!(
+        "               {:>10}            (compute floor {:.2} ms/step = {:.2} GFLOP/step at the {rate_name} rate: {:.0}% of it)",
+        "",
+        decode_compute_floor * 1e3 / a.gen_len as f64,
+        decode_flops / a.gen_len as f64 / 1e9,
+        100.0 * decode_compute_floor / decode
+    );
     println!("  first token  {:>10.1} ms", ttft * 1e3);
     if let Some(p) = peak {
         println!(
@@ -236,6 +245,7 @@ pub fn run(a: Args) -> Result<()> {
             "ttft_ms": ttft * 1e3,
             "peak_rss_bytes": peak,
             "decode_floor_fraction": decode_floor / decode,
+            "decode_compute_floor_fraction": decode_compute_floor / decode,
             "prefill_floor_fraction": prefill_floor / prefill,
             "memory_bandwidth_bytes_per_s": bandwidth,
             "gemm_flops_per_s": rate,

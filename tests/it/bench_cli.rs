@@ -54,6 +54,7 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             "decode_tokens_per_s",
             "ttft_ms",
             "decode_floor_fraction",
+            "decode_compute_floor_fraction",
             "prefill_floor_fraction",
         ] {
             let v = j[key].as_f64().unwrap_or(f64::NAN);

@@ -240,3 +240,57 @@ fn ragged_batches_are_bitwise_identical_run_to_run() -> Result<()> {
     );
     Ok(())
 }
+
+/// Batch invariance: with at most `dots::MAX_N` rows a GEMM computes each row on its own
+/// (and attention each (row, head) pair), so a sequence's prefill and decode logits are the
+/// same bits alone as in a ragged batch of three, f32 and bf16 weights alike.
+#[test]
+fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> Result<()> {
+    use ngpt_compiler::plan::{lower, WeightDtype};
+    use ngpt_compiler::{compile, import};
+    use ngpt_schemas::prost::Message;
+    let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
+    let compiled = compile::compile(&ckpt, &compile::Options::default())?;
+    let prompt = fixture_tokens("prompt.json", "tokens")?;
+    let prompts = vec![
+        prompt[..7].to_vec(),
+        prompt[7..10].to_vec(),
+        prompt[2..7].to_vec(),
+    ];
+    let steps: [[u32; 3]; 3] = [[5, 17, 2], [40, 1, 9], [3, 3, 60]];
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        let l = lower(&compiled.graph, &ckpt.config, dtype, 64, "")?;
+        let plan = Arc::new(LoadedPlan::from_bytes(
+            &l.plan.encode_to_vec(),
+            &l.weights,
+            "model.plan",
+        )?);
+        let vocab = 86;
+        let mut batch = Session::new(Arc::clone(&plan), 3)?;
+        let t = 7;
+        let pre = batch.prefill(&prompts)?;
+        let dec: Vec<Vec<f32>> = steps
+            .iter()
+            .map(|next| batch.decode(next))
+            .collect::<Result<_, _>>()?;
+        for (b, p) in prompts.iter().enumerate() {
+            let mut alone = Session::new(Arc::clone(&plan), 1)?;
+            let want = alone.prefill(std::slice::from_ref(p))?;
+            let got = &pre[b * t * vocab..(b * t + p.len()) * vocab];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(got) == bits(&want),
+                "{dtype:?}: prefill of sequence {b} differs alone"
+            );
+            assert!(want.iter().all(|v| v.is_finite()));
+            for (i, next) in steps.iter().enumerate() {
+                let want = alone.decode(&[next[b]])?;
+                assert!(
+                    bits(&dec[i][b * vocab..(b + 1) * vocab]) == bits(&want),
+                    "{dtype:?}: decode step {i} of sequence {b} differs alone"
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -3,14 +3,20 @@
 //!
 //! The plan's weight GEMMs all have one form (`C = alpha W x^T + beta C`, column-major, `A =
 //! W` transposed): weight rows are contiguous, activation rows are contiguous. With few
-//! activation rows the product is bound by reading W once, so each weight row is read once
-//! and dotted with every activation row while it sits in L1; pieces of rows go to rayon's
-//! threads. A general GEMM (the gemm crate) packs W first, which at one activation row
-//! moves the weights twice.
+//! activation rows the product is bound by reading W once (one row) or by the multiplies (a
+//! batch of rows), so each chunk of a weight row is loaded and widened once for a pair of
+//! activation rows, and the pairs take a piece of weight rows in turn: the piece's weights
+//! come from memory once, then from L2, while the pair's activation rows stay in L1 (every
+//! weight row dotted with all of them at once put them all through L1 for each weight row:
+//! 1.2x slower at 2 to 8 rows, BENCHMARKS.md). Pieces go to rayon's threads. A
+//! general GEMM (the gemm crate) packs W first, which at one activation row moves the
+//! weights twice; beyond [`MAX_N`] rows it wins.
 //!
 //! Every output element is computed by one thread in a fixed order (four accumulators of
 //! eight lanes, separate multiplies and adds, no FMA), so results are bitwise the same
-//! whatever the thread count and whether or not the CPU has AVX2.
+//! whatever the thread count, whether or not the CPU has AVX2, and whatever the other
+//! activation rows: a sequence decoded in a batch of up to [`MAX_N`] gets the bits it gets
+//! alone.
 //!
 //! bf16 weights are widened in pairs: one 256-bit load of sixteen bf16 values is eight
 //! 32-bit words, and a shift left by 16 turns each word's low half (the even element) into
@@ -25,10 +31,15 @@ use std::mem::size_of;
 
 use rayon::prelude::*;
 
-/// At most this many activation rows take the dot-product path.
-pub const MAX_N: usize = 8;
-/// Weight rows per piece of work.
+/// At most this many activation rows take the dot-product path. Measured on the 2-core dev
+/// box (BENCHMARKS.md): at 16 rows it is 1.3x (f32 weights) to 1.8x (bf16) the gemm crate,
+/// at 32 about even, at 64 the gemm crate is 1.2x faster (bf16).
+pub const MAX_N: usize = 32;
+/// Weight rows per piece of work, at most.
 const ROWS_PER_PIECE: usize = 64;
+/// A piece's weights when they are read more than once (more than two activation rows): at
+/// most this many bytes, so that they stay in L2 between the column pairs.
+const PIECE_BYTES: usize = 128 << 10;
 /// How far ahead (in bytes) the AVX2 dot product prefetches weights. Measured on the 2-core
 /// dev box (BENCHMARKS.md): none, 512, 1024, 2048 and 4096 bytes gave bf16 decode 41, 51,
 /// 53, 53 and 56 tokens/s and f32 32, 32, 34, 30 and 31 (small preset).
@@ -59,13 +70,15 @@ pub trait Weight: Copy + Send + Sync + 'static {
     /// added into; every pair is hit once per chunk.
     fn slot(i: usize) -> (usize, usize);
 
-    /// One 32-wide chunk of the body: `v[a][l] += w[i] * x[i]` for every `i` at its
-    /// [`Weight::slot`] `(a, l)`, with `x` in the order [`Weight::SPLIT_PAIRS`] says.
+    /// Half `h` of a 32-wide chunk of weights (its elements `16h..16h + 16`) widened to
+    /// f32 in accumulator order: element `i` lands in lane `l` of vector `a - 2h`, its
+    /// [`Weight::slot`] `(a, l)`, so that vector `s` multiplies the activation values
+    /// `16h + 8s..16h + 8s + 8` of the chunk as [`Weight::SPLIT_PAIRS`] orders them.
     ///
     /// # Safety
-    /// `w` and `x` point at 32 readable elements; the CPU has AVX2.
+    /// `w` points at the half's 16 readable elements; the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn body32(w: *const Self, x: *const f32, v: &mut [std::arch::x86_64::__m256; 4]);
+    unsafe fn widen16(w: *const Self) -> [std::arch::x86_64::__m256; 2];
 }
 
 impl Weight for f32 {
@@ -84,13 +97,10 @@ impl Weight for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn body32(w: *const f32, x: *const f32, v: &mut [std::arch::x86_64::__m256; 4]) {
+    unsafe fn widen16(w: *const f32) -> [std::arch::x86_64::__m256; 2] {
         use std::arch::x86_64::*;
-        for (a, v) in v.iter_mut().enumerate() {
-            // SAFETY: a * 8 + 8 <= 32: inside both chunks.
-            let p = _mm256_mul_ps(_mm256_loadu_ps(w.add(a * 8)), _mm256_loadu_ps(x.add(a * 8)));
-            *v = _mm256_add_ps(*v, p);
-        }
+        // SAFETY: both eight-element vectors lie inside the half.
+        [_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))]
     }
 }
 
@@ -110,26 +120,22 @@ impl Weight for u16 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn body32(w: *const u16, x: *const f32, v: &mut [std::arch::x86_64::__m256; 4]) {
+    unsafe fn widen16(w: *const u16) -> [std::arch::x86_64::__m256; 2] {
         use std::arch::x86_64::*;
-        let odd = _mm256_set1_epi32(0xffff_0000_u32 as i32);
-        for h in 0..2 {
-            // SAFETY: h * 16 + 16 <= 32: inside both chunks.
-            let words = _mm256_loadu_si256(w.add(h * 16).cast());
-            let even_w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
-            let odd_w = _mm256_castsi256_ps(_mm256_and_si256(words, odd));
-            let (even_x, odd_x) = (
-                _mm256_loadu_ps(x.add(h * 16)),
-                _mm256_loadu_ps(x.add(h * 16 + 8)),
-            );
-            v[2 * h] = _mm256_add_ps(v[2 * h], _mm256_mul_ps(even_w, even_x));
-            v[2 * h + 1] = _mm256_add_ps(v[2 * h + 1], _mm256_mul_ps(odd_w, odd_x));
-        }
+        // SAFETY: the sixteen elements are the half.
+        let words = _mm256_loadu_si256(w.cast());
+        [
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words)),
+            _mm256_castsi256_ps(_mm256_and_si256(
+                words,
+                _mm256_set1_epi32(0xffff_0000_u32 as i32),
+            )),
+        ]
     }
 }
 
 /// `x` with every sixteen values of each whole 32-wide chunk reordered evens first (`x0 x2
-/// .. x14 x1 x3 .. x15`), the order [`Weight::body32`] reads for bf16 weights; the values
+/// .. x14 x1 x3 .. x15`), the order [`Weight::widen16`] pairs with bf16 weights; the values
 /// after the last whole chunk are copied as they are.
 fn split_pairs(x: &[f32], out: &mut [f32]) {
     let body = x.len() / 32 * 32;
@@ -145,39 +151,63 @@ fn split_pairs(x: &[f32], out: &mut [f32]) {
 /// A dot product of a weight row with an activation row.
 type DotFn<W> = fn(&[W], &[f32]) -> f32;
 
-/// The dot product for this CPU: with AVX2 where it has it (bitwise the portable result),
-/// and whether that one wants the activation row in `split_pairs` order.
-fn dot_fn<W: Weight>() -> (DotFn<W>, bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            let avx2: DotFn<W> = |w, x| {
-                // SAFETY: AVX2 is present (checked just above).
-                unsafe { dot_avx2(w, x) }
-            };
-            return (avx2, W::SPLIT_PAIRS);
-        }
+/// The dot products this CPU runs: with AVX2 where it has it, portable otherwise; every
+/// one bitwise the portable [`dot`].
+#[derive(Clone, Copy)]
+struct Kernels {
+    /// The CPU has AVX2 (only [`Kernels::detect`] sets it).
+    avx2: bool,
+}
+
+impl Kernels {
+    fn detect() -> Kernels {
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        Kernels { avx2 }
     }
-    (dot, false)
+
+    /// Whether the kernels want activation rows in `split_pairs` order.
+    fn split<W: Weight>(self) -> bool {
+        self.avx2 && W::SPLIT_PAIRS
+    }
+
+    /// `[dot(w, x) for x in xs]`, with `xs` in [`Kernels::split`] order.
+    fn dots<W: Weight, const C: usize>(self, w: &[W], xs: [&[f32]; C]) -> [f32; C] {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: AVX2 is present (`detect` checked it).
+            return unsafe { dots_avx2(w, xs) };
+        }
+        xs.map(|x| dot(w, x))
+    }
 }
 
 /// The f32 dot product for this CPU, as the weight GEMMs use it (AVX2 where present,
 /// bitwise the portable [`dot`]).
 pub(crate) fn f32_dot() -> DotFn<f32> {
-    dot_fn::<f32>().0
+    #[cfg(target_arch = "x86_64")]
+    if Kernels::detect().avx2 {
+        // SAFETY: AVX2 is present (checked just above).
+        return |w, x| unsafe { dots_avx2(w, [x])[0] };
+    }
+    dot
 }
 
-/// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators of eight
-/// lanes, the same separate multiplies and adds in the same order, so the same bits. `x`
+/// [`dot`] of one weight row with each of `C` activation rows, the 32-wide body in AVX2
+/// registers: per activation row the same four accumulators of eight lanes, the same
+/// separate multiplies and adds in the same order, so the same bits; each chunk of weights
+/// is loaded and widened once for all `C`. The rows are `k = min` of all lengths long; `x`
 /// is in `split_pairs` order where `W::SPLIT_PAIRS`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dot_avx2<W: Weight>(w: &[W], x: &[f32]) -> f32 {
+unsafe fn dots_avx2<W: Weight, const C: usize>(w: &[W], xs: [&[f32]; C]) -> [f32; C] {
     use std::arch::x86_64::*;
-    let k = w.len().min(x.len());
+    let k = xs.iter().fold(w.len(), |k, x| k.min(x.len()));
     let body = k / 32 * 32;
-    let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut v = [_mm256_setzero_ps(); 4];
+    let pw = w.as_ptr();
+    let mut v = [[_mm256_setzero_ps(); 4]; C];
     let mut i = 0;
     while i < body {
         // Weights are read once: ask for the lines PREFETCH_BYTES ahead of these 32
@@ -190,15 +220,26 @@ unsafe fn dot_avx2<W: Weight>(w: &[W], x: &[f32]) -> f32 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             line += 64;
         }
-        // SAFETY: i + 32 <= body <= k: inside both slices.
-        W::body32(pw.add(i), px.add(i), &mut v);
+        for h in 0..2 {
+            // SAFETY: i + 32 <= body <= k: the chunk is inside every slice.
+            let wv = W::widen16(pw.add(i + 16 * h));
+            for (v, x) in v.iter_mut().zip(&xs) {
+                let px = x.as_ptr().add(i + 16 * h);
+                for (s, wv) in wv.iter().enumerate() {
+                    let p = _mm256_mul_ps(*wv, _mm256_loadu_ps(px.add(8 * s)));
+                    v[2 * h + s] = _mm256_add_ps(v[2 * h + s], p);
+                }
+            }
+        }
         i += 32;
     }
-    let mut acc = [[0f32; 8]; 4];
-    for (dst, v) in acc.iter_mut().zip(v) {
-        _mm256_storeu_ps(dst.as_mut_ptr(), v);
-    }
-    finish(acc, &w[body..k], &x[body..k])
+    std::array::from_fn(|c| {
+        let mut acc = [[0f32; 8]; 4];
+        for (dst, v) in acc.iter_mut().zip(v[c]) {
+            _mm256_storeu_ps(dst.as_mut_ptr(), v);
+        }
+        finish(acc, &w[body..k], &xs[c][body..k])
+    })
 }
 
 /// `sum_i w[i] * x[i]` in f32: four independent accumulators of eight lanes (so the adds
@@ -248,15 +289,24 @@ fn finish<W: Weight>(mut acc: [[f32; 8]; 4], w: &[W], x: &[f32]) -> f32 {
     (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
 }
 
+/// Weight rows per piece for `n` activation rows and weight rows of `row_bytes` bytes.
+fn piece_rows(n: usize, row_bytes: usize) -> usize {
+    if n <= 2 {
+        ROWS_PER_PIECE
+    } else {
+        (PIECE_BYTES / row_bytes.max(1)).clamp(8, ROWS_PER_PIECE)
+    }
+}
+
 /// Runs the GEMM. The caller has checked that `w`, `x` and `c` hold every element the
 /// shape touches (the CPU executor checks every GEMM's extents first).
 pub fn gemm<W: Weight>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;
     }
-    let (dot, split) = dot_fn::<W>();
+    let kern = Kernels::detect();
     // The activation rows in the order the dot product reads them, made once.
-    let (x, ldb) = if split {
+    let (x, ldb) = if kern.split::<W>() {
         let mut xs = vec![0f32; s.n * s.k];
         for j in 0..s.n {
             split_pairs(
@@ -268,20 +318,31 @@ pub fn gemm<W: Weight>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
     } else {
         (std::borrow::Cow::Borrowed(x), s.ldb)
     };
-    // Each piece computes its rows of C for every column, into its own buffer: a weight row
-    // is read once and dotted with every activation row.
+    let xrow = |j: usize| &x[j * ldb..j * ldb + s.k];
+    let piece_rows = piece_rows(s.n, s.k * size_of::<W>());
+    // Each piece computes its rows of C for every column, into its own buffer. Columns go
+    // in pairs, each chunk of a weight row widened once for both; the pairs go over the
+    // piece's rows one after another, so the piece's weights come from memory once and
+    // then from L2, and the pair's activation rows stay in L1.
     let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
-        .step_by(ROWS_PER_PIECE)
+        .step_by(piece_rows)
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|m0| {
-            let rows = ROWS_PER_PIECE.min(s.m - m0);
+            let rows = piece_rows.min(s.m - m0);
             let mut out = vec![0f32; rows * s.n];
-            for i in 0..rows {
-                let r = m0 + i;
-                let wr = &w[r * s.lda..r * s.lda + s.k];
-                for j in 0..s.n {
-                    out[j * rows + i] = dot(wr, &x[j * ldb..j * ldb + s.k]);
+            let wrow = |i: usize| &w[(m0 + i) * s.lda..(m0 + i) * s.lda + s.k];
+            for j in (0..s.n).step_by(2) {
+                if j + 1 < s.n {
+                    for i in 0..rows {
+                        let [a, b] = kern.dots(wrow(i), [xrow(j), xrow(j + 1)]);
+                        out[j * rows + i] = a;
+                        out[(j + 1) * rows + i] = b;
+                    }
+                } else {
+                    for i in 0..rows {
+                        out[j * rows + i] = kern.dots(wrow(i), [xrow(j)])[0];
+                    }
                 }
             }
             (m0, out)
@@ -388,27 +449,85 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..1000)
             .map(|i| ((i * 31 % 97) as f32 - 48.0) / 7.0)
             .collect();
-        /// The dot product this CPU runs, fed as `gemm` feeds it.
-        fn fast<W: Weight>(w: &[W], x: &[f32]) -> f32 {
-            let (f, split) = dot_fn::<W>();
-            let mut xs = x.to_vec();
-            if split {
+        // A second activation row for the two-row kernel.
+        let x2: Vec<f32> = x.iter().rev().map(|v| v * 0.5 - 1.0).collect();
+        /// The dot products this CPU runs, fed as `gemm` feeds them: one row, then two.
+        fn fast<W: Weight>(w: &[W], x: &[f32], x2: &[f32]) -> [u32; 3] {
+            let kern = Kernels::detect();
+            let (mut xs, mut xs2) = (x.to_vec(), x2.to_vec());
+            if kern.split::<W>() {
                 split_pairs(x, &mut xs);
+                split_pairs(x2, &mut xs2);
             }
-            f(w, &xs)
+            let [a, b] = kern.dots(w, [&xs[..], &xs2]);
+            [kern.dots(w, [&xs[..]])[0], a, b].map(f32::to_bits)
+        }
+        fn portable<W: Weight>(w: &[W], x: &[f32], x2: &[f32]) -> [u32; 3] {
+            [dot(w, x), dot(w, x), dot(w, x2)].map(f32::to_bits)
         }
         for n in [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 41, 48, 64, 100, 1000] {
+            let (x, x2) = (&x[..n], &x2[..n]);
             assert_eq!(
-                fast(&w[..n], &x[..n]).to_bits(),
-                dot(&w[..n], &x[..n]).to_bits(),
+                fast(&w[..n], x, x2),
+                portable(&w[..n], x, x2),
                 "bf16, k = {n}"
             );
             assert_eq!(
-                fast(&wf[..n], &x[..n]).to_bits(),
-                dot(&wf[..n], &x[..n]).to_bits(),
+                fast(&wf[..n], x, x2),
+                portable(&wf[..n], x, x2),
                 "f32, k = {n}"
             );
         }
+    }
+
+    /// A column's result does not depend on the other columns of the GEMM: each of n = 1
+    /// to 8 columns is bitwise the GEMM of that column alone (decode in a batch computes
+    /// each sequence as it would alone), over several pieces and a lone last column.
+    #[test]
+    fn each_column_is_bitwise_its_gemm_alone() {
+        fn check<W: Weight>(make: fn(usize) -> W) {
+            for (m, k) in [(70, 1000), (19, 8200), (5, 45)] {
+                let w: Vec<W> = (0..m * k).map(make).collect();
+                let x: Vec<f32> = (0..8 * k)
+                    .map(|i| ((i * 29 % 83) as f32 - 41.0) / 16.0)
+                    .collect();
+                let shape = |n| Shape {
+                    m,
+                    n,
+                    k,
+                    lda: k,
+                    ldb: k,
+                    ldc: m,
+                    alpha: 1.0,
+                    beta: 0.0,
+                };
+                let alone: Vec<Vec<f32>> = (0..8)
+                    .map(|j| {
+                        let mut c = vec![f32::NAN; m];
+                        gemm(shape(1), &w, &x[j * k..(j + 1) * k], &mut c);
+                        c
+                    })
+                    .collect();
+                for n in 1..=8 {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(shape(n), &w, &x[..n * k], &mut c);
+                    for (j, col) in c.chunks(m).enumerate() {
+                        let (got, want): (Vec<u32>, Vec<u32>) = col
+                            .iter()
+                            .zip(&alone[j])
+                            .map(|(a, b)| (a.to_bits(), b.to_bits()))
+                            .unzip();
+                        assert!(
+                            got == want,
+                            "{} m{m} k{k}: column {j} of {n}",
+                            std::any::type_name::<W>()
+                        );
+                    }
+                }
+            }
+        }
+        check::<f32>(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0);
+        check::<u16>(|i| bf16(((i * 37 % 101) as f32 - 50.0) / 64.0));
     }
 
     #[test]
