@@ -20,6 +20,14 @@ use ngpt_compiler::onnx::{self, tract};
 use ngpt_compiler::reference::{self, Precision};
 use ngpt_runtime::plan::LoadedPlan;
 
+/// Copies of the `[n_head, T, T]` attention scores the reference, the IR and tract hold at
+/// their peak: measured 3.8 (reference and IR, f64 and f32) and 2.4 (tract) at 4,000 tokens
+/// on the tiny preset (RELIABILITY.md).
+const SCORE_COPIES: f64 = 4.0;
+/// Bytes a logit takes on its way out: the engine's f32 or f64 tensor, the f64 copy every
+/// engine returns, and the f32 `.npy` written from it.
+const LOGIT_BYTES: f64 = 20.0;
+
 /// Where logits come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Engine {
@@ -169,19 +177,81 @@ impl Model {
             return Ok(p.dims.vocab);
         }
         if self.is_compiled() {
-            // The plan's header, without reading its weights.
-            use ngpt_schemas::prost::Message;
-            let path = self.input.join("model.plan");
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let plan = ngpt_schemas::plan::Plan::decode(&bytes[..])
-                .map_err(|e| anyhow::anyhow!("{}: not an ngpt plan ({e})", path.display()))?;
-            if let Some(c) = plan.config.filter(|c| c.vocab_size > 0) {
+            if let Some(c) = self.plan_header_config()? {
                 return Ok(c.vocab_size as usize);
             }
             return Ok(self.plan(0)?.dims.vocab);
         }
         Ok(self.checkpoint()?.config.vocab_size)
+    }
+
+    /// The number of attention heads, from whatever is cheapest to read.
+    fn n_head(&mut self) -> Result<usize> {
+        if self.is_compiled() {
+            if let Some(c) = self.plan_header_config()? {
+                return Ok(c.n_head as usize);
+            }
+        }
+        Ok(self.checkpoint()?.config.n_head)
+    }
+
+    /// A compiled directory's model config, from its plan's header without its weights
+    /// (`None` when the plan does not record one).
+    fn plan_header_config(&self) -> Result<Option<ngpt_schemas::plan::ModelConfig>> {
+        use ngpt_schemas::prost::Message;
+        let path = self.input.join("model.plan");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let plan = ngpt_schemas::plan::Plan::decode(&bytes[..])
+            .map_err(|e| anyhow::anyhow!("{}: not an ngpt plan ({e})", path.display()))?;
+        Ok(plan.config.filter(|c| c.vocab_size > 0 && c.n_head > 0))
+    }
+
+    /// Fails, before anything is allocated, when a forward of `t` tokens in `engine` would
+    /// need more memory than this process can still get: the reference, the IR and tract
+    /// hold attention scores of every head and position pair at once (memory in T^2), and
+    /// every engine returns all `[T, vocab]` logits. An allocation that fails aborts the
+    /// process (Rust's allocator) or panics (tract), so this is the one place to say so.
+    fn check_memory(&mut self, engine: Engine, t: usize, precision: Precision) -> Result<()> {
+        let Some(free) = crate::memory::available_bytes() else {
+            return Ok(());
+        };
+        let (vocab, n_head) = (self.vocab_size()? as f64, self.n_head()? as f64);
+        let t = t as f64;
+        let scores = match (engine, precision) {
+            (Engine::Reference | Engine::Ir, Precision::F64) => 8.0,
+            (Engine::Reference | Engine::Ir | Engine::Tract, _) => 4.0,
+            (Engine::PlanCpu | Engine::PlanCuda, _) => 0.0,
+        };
+        let quadratic = SCORE_COPIES * n_head * t * t * scores;
+        let need = quadratic + LOGIT_BYTES * t * vocab;
+        if need > free as f64 {
+            let gb = |b: f64| b / 1e9;
+            let what = if quadratic > 0.0 {
+                format!(
+                    "{:.1} GB for the {} engine's attention scores ({n_head} heads x {t}^2 x {scores} bytes, \
+                     about {SCORE_COPIES} copies) and {:.1} GB for the logits",
+                    gb(quadratic),
+                    engine.name(),
+                    gb(need - quadratic)
+                )
+            } else {
+                format!(
+                    "{:.1} GB for the logits ({t} x {vocab}, in f32 and f64)",
+                    gb(need)
+                )
+            };
+            bail!(
+                "--tokens: {t} positions need about {what}, more than the {:.1} GB this process \
+                 can still allocate; {}",
+                gb(free as f64),
+                if quadratic > 0.0 {
+                    "use the plan-cpu engine (its memory grows linearly with the tokens) or fewer tokens"
+                } else {
+                    "pass fewer tokens"
+                }
+            );
+        }
+        Ok(())
     }
 
     /// The launch plan: a compiled directory's, or an f32 plan lowered in memory with a KV
@@ -316,6 +386,7 @@ impl Model {
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             bail!("--tokens: token id {bad} is not below the vocabulary size {vocab}");
         }
+        self.check_memory(engine, tokens.len(), precision)?;
         let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
         match engine {
             Engine::Reference => {
@@ -411,6 +482,7 @@ impl Model {
         tokens: &[u32],
         precision: Precision,
     ) -> Result<Vec<TracePoint>> {
+        self.check_memory(engine, tokens.len(), precision)?;
         let mut points = vec![];
         let mut from_tensor = |name: &str, t: &candle_core::Tensor| {
             if let Ok(values) = tensor_to_f64(t) {

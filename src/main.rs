@@ -2,6 +2,7 @@
 
 mod commands;
 mod engines;
+mod memory;
 mod parity;
 mod tokens;
 

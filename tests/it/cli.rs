@@ -325,3 +325,48 @@ fn errors_stay_one_line_with_rust_backtrace_set() -> Result<()> {
     }
     Ok(())
 }
+
+/// A forward whose attention scores (memory in T^2 in the reference, the IR and tract)
+/// cannot fit what the process may still allocate is refused in one line before anything
+/// is allocated, instead of an allocation failure aborting the process; the same limit
+/// leaves a short prompt alone.
+#[test]
+fn a_forward_too_large_for_memory_is_refused_in_one_line() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = nv_tiny().join("ckpt.pt");
+    let out = tmp.path().join("logits.npy");
+    let tokens = |n: usize| {
+        (0..n)
+            .map(|i| (i % 80).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // 12,000 tokens: at least 4.6 GB of f64 scores a head; 3 GB of address space.
+    let limited = |engine: &str, n: usize| -> Result<Output> {
+        let cmd = format!(
+            "ulimit -v 3000000 && exec \"$0\" logits \"$1\" --engine {engine} --tokens {} -o \"$2\"",
+            tokens(n)
+        );
+        Command::new("bash")
+            .args(["-c", &cmd, ngpt_bin(), utf8(&ckpt), utf8(&out)])
+            .output()
+            .context("running ngpt under ulimit -v")
+    };
+    for engine in ["reference", "ir", "tract"] {
+        let o = limited(engine, 12_000)?;
+        let err = assert_clean_failure(&o, engine);
+        assert!(
+            err.contains("--tokens: 12000 positions need about")
+                && err.contains(&format!("the {engine} engine's attention scores"))
+                && err.contains("use the plan-cpu engine"),
+            "{engine}: {err}"
+        );
+        assert!(!out.exists(), "{engine}: wrote {}", out.display());
+    }
+    let o = limited("reference", 64)?;
+    assert!(o.status.success(), "64 tokens: {}", stderr(&o));
+    let (dims, _, values) = read_npy(&out)?;
+    assert_eq!(dims, [64, 86]);
+    assert!(values.iter().all(|v| v.is_finite()));
+    Ok(())
+}

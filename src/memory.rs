@@ -1,0 +1,63 @@
+//! How much more memory this process can allocate, for the checks that refuse a request
+//! before an allocation would fail (Rust aborts the process when one does).
+
+/// The smaller of the system's available memory (`MemAvailable` in /proc/meminfo) and what
+/// is left of this process's address-space limit (`ulimit -v`), in bytes; `None` where
+/// neither can be read (not Linux).
+pub fn available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let available = meminfo
+        .as_deref()
+        .and_then(|m| field_kib(m, "MemAvailable:"));
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| address_space_limit(&l));
+    let used = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| field_kib(&s, "VmSize:"));
+    let left = match (limit, used) {
+        (Some(limit), Some(used)) => Some(limit.saturating_sub(used)),
+        _ => None,
+    };
+    match (available, left) {
+        (Some(a), Some(l)) => Some(a.min(l)),
+        (a, l) => a.or(l),
+    }
+}
+
+/// A `Name:   1234 kB` line of /proc/meminfo or /proc/self/status, in bytes.
+fn field_kib(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The soft "Max address space" of /proc/self/limits in bytes (`None` when unlimited).
+fn address_space_limit(limits: &str) -> Option<u64> {
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    line["Max address space".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_proc_fields_and_limits() {
+        let meminfo = "MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(field_kib(meminfo, "MemAvailable:"), Some(20_000_000 * 1024));
+        assert_eq!(field_kib(meminfo, "VmSize:"), None);
+        let limited = "Limit                     Soft Limit           Hard Limit           Units\n\
+                       Max address space         4000000000           unlimited            bytes\n";
+        assert_eq!(address_space_limit(limited), Some(4_000_000_000));
+        let unlimited =
+            "Max address space         unlimited            unlimited            bytes\n";
+        assert_eq!(address_space_limit(unlimited), None);
+    }
+}
