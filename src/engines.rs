@@ -212,46 +212,41 @@ impl Model {
     /// every engine returns all `[T, vocab]` logits. An allocation that fails aborts the
     /// process (Rust's allocator) or panics (tract), so this is the one place to say so.
     fn check_memory(&mut self, engine: Engine, t: usize, precision: Precision) -> Result<()> {
-        let Some(free) = crate::memory::available_bytes() else {
-            return Ok(());
-        };
         let (vocab, n_head) = (self.vocab_size()? as f64, self.n_head()? as f64);
-        let t = t as f64;
+        let tf = t as f64;
         let scores = match (engine, precision) {
             (Engine::Reference | Engine::Ir, Precision::F64) => 8.0,
             (Engine::Reference | Engine::Ir | Engine::Tract, _) => 4.0,
             (Engine::PlanCpu | Engine::PlanCuda, _) => 0.0,
         };
-        let quadratic = SCORE_COPIES * n_head * t * t * scores;
-        let need = quadratic + LOGIT_BYTES * t * vocab;
-        if need > free as f64 {
-            let gb = |b: f64| b / 1e9;
-            let what = if quadratic > 0.0 {
-                format!(
-                    "{:.1} GB for the {} engine's attention scores ({n_head} heads x {t}^2 x {scores} bytes, \
-                     about {SCORE_COPIES} copies) and {:.1} GB for the logits",
+        let quadratic = SCORE_COPIES * n_head * tf * tf * scores;
+        let logits = LOGIT_BYTES * tf * vocab;
+        let gb = |b: f64| b / 1e9;
+        let what = format!(
+            "--tokens: {t} positions through the {} engine",
+            engine.name()
+        );
+        if quadratic > 0.0 {
+            crate::memory::ensure_fits(
+                quadratic + logits,
+                &what,
+                &format!(
+                    "{:.1} GB of attention scores, {n_head} heads x {t}^2 x {scores} bytes about \
+                     {SCORE_COPIES} times over, and {:.1} GB of logits",
                     gb(quadratic),
-                    engine.name(),
-                    gb(need - quadratic)
-                )
-            } else {
-                format!(
-                    "{:.1} GB for the logits ({t} x {vocab}, in f32 and f64)",
-                    gb(need)
-                )
-            };
-            bail!(
-                "--tokens: {t} positions need about {what}, more than the {:.1} GB this process \
-                 can still allocate; {}",
-                gb(free as f64),
-                if quadratic > 0.0 {
-                    "use the plan-cpu engine (its memory grows linearly with the tokens) or fewer tokens"
-                } else {
-                    "pass fewer tokens"
-                }
-            );
+                    gb(logits)
+                ),
+                "use the plan-cpu engine (its memory grows linearly with the tokens) or fewer \
+                 tokens",
+            )
+        } else {
+            crate::memory::ensure_fits(
+                logits,
+                &what,
+                &format!("for the logits, {t} x {vocab} in f32 and f64"),
+                "pass fewer tokens",
+            )
         }
-        Ok(())
     }
 
     /// The launch plan: a compiled directory's, or an f32 plan lowered in memory with a KV
@@ -274,6 +269,11 @@ impl Model {
                 .max(2048)
                 .max(min_seq_len);
             let config = self.checkpoint()?.config.clone();
+            crate::memory::ensure_table_fits(
+                &format!("a plan of {max_seq} positions (block_size, 2048 or the tokens)"),
+                max_seq,
+                config.head_dim(),
+            )?;
             let dtype = self.plan_dtype;
             let lowered =
                 ngpt_compiler::plan::lower(&self.compiled()?.graph, &config, dtype, max_seq, "")?;
@@ -311,6 +311,14 @@ impl Model {
                     };
                     let mut opts = onnx::Options::for_config(&ckpt.config);
                     opts.max_seq_len = opts.max_seq_len.max(min_seq_len);
+                    crate::memory::ensure_table_fits(
+                        &format!(
+                            "an ONNX export of {} positions (block_size, 2048 or the tokens)",
+                            opts.max_seq_len
+                        ),
+                        opts.max_seq_len,
+                        ckpt.config.head_dim(),
+                    )?;
                     let info = onnx::ModelInfo::new(ckpt, &compiled.records)?;
                     if onnx::uses_external_data(&compiled.graph, &opts) {
                         // Too large for one protobuf: through a temporary directory, as tract

@@ -85,6 +85,12 @@ pub fn run(a: Args) -> Result<()> {
             passes::CANONICAL.len()
         );
     }
+    let max_seq_len = a.max_seq_len.unwrap_or(ckpt.config.block_size.max(2048));
+    crate::memory::ensure_table_fits(
+        &format!("--max-seq-len {max_seq_len}"),
+        max_seq_len,
+        ckpt.config.head_dim(),
+    )?;
     let compiled = compile::compile(
         &ckpt,
         &compile::Options {
@@ -104,7 +110,6 @@ pub fn run(a: Args) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("hashing {} failed", source.display()))??,
         _ => compile::sha256_file(&source)?,
     };
-    let max_seq_len = a.max_seq_len.unwrap_or(ckpt.config.block_size.max(2048));
     let dtype = match a.dtype {
         PlanDtype::F32 => WeightDtype::F32,
         PlanDtype::Bf16 => WeightDtype::Bf16,

@@ -326,10 +326,11 @@ fn errors_stay_one_line_with_rust_backtrace_set() -> Result<()> {
     Ok(())
 }
 
-/// A forward whose attention scores (memory in T^2 in the reference, the IR and tract)
-/// cannot fit what the process may still allocate is refused in one line before anything
-/// is allocated, instead of an allocation failure aborting the process; the same limit
-/// leaves a short prompt alone.
+/// A forward whose attention scores (memory in T^2 in the reference, the IR and tract), or
+/// whose in-memory plan or ONNX export has a position table, that cannot fit what the
+/// process may still allocate is refused in one line before anything is allocated, instead
+/// of an allocation failure aborting the process; the same limit leaves a short prompt
+/// alone.
 #[test]
 fn a_forward_too_large_for_memory_is_refused_in_one_line() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -356,9 +357,34 @@ fn a_forward_too_large_for_memory_is_refused_in_one_line() -> Result<()> {
         let o = limited(engine, 12_000)?;
         let err = assert_clean_failure(&o, engine);
         assert!(
-            err.contains("--tokens: 12000 positions need about")
-                && err.contains(&format!("the {engine} engine's attention scores"))
+            err.contains(&format!(
+                "--tokens: 12000 positions through the {engine} engine needs about"
+            )) && err.contains("of attention scores, ")
                 && err.contains("use the plan-cpu engine"),
+            "{engine}: {err}"
+        );
+        assert!(!out.exists(), "{engine}: wrote {}", out.display());
+    }
+    // A plan or ONNX export lowered in memory gets block_size rows of position table: at
+    // import's largest block_size (2^24), 12.9 GB for nv-tiny's head_dim of 32.
+    let big = tmp.path().join("big");
+    std::fs::create_dir(&big)?;
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(nv_tiny().join(f), big.join(f))?;
+    }
+    edit_config(&big, |c| {
+        c.insert("block_size".into(), (1u64 << 24).into());
+    })?;
+    for engine in ["plan-cpu", "tract"] {
+        let cmd = format!(
+            "ulimit -v 3000000 && exec \"$0\" logits \"$1\" --engine {engine} --tokens 1,2,3 -o \"$2\""
+        );
+        let o = Command::new("bash")
+            .args(["-c", &cmd, ngpt_bin(), utf8(&big), utf8(&out)])
+            .output()?;
+        let err = assert_clean_failure(&o, engine);
+        assert!(
+            err.contains("16777216 positions (block_size, 2048 or the tokens) needs about 12.9 GB"),
             "{engine}: {err}"
         );
         assert!(!out.exists(), "{engine}: wrote {}", out.display());

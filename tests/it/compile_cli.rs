@@ -195,3 +195,39 @@ fn a_compiled_directory_whose_source_changed_is_refused() -> Result<()> {
     assert!(!npy.exists());
     Ok(())
 }
+
+/// A position table too large for the memory the process may still allocate is refused in
+/// one line before it is built (an allocation that fails would abort the process), and
+/// nothing is written; the same limit leaves the default table alone.
+#[test]
+fn a_position_table_too_large_for_memory_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("c");
+    let run = |extra: &str| {
+        let cmd = format!("ulimit -v 3000000 && exec \"$0\" compile \"$1\" -o \"$2\" {extra}");
+        Command::new("bash")
+            .args([
+                "-c",
+                &cmd,
+                env!("CARGO_BIN_EXE_ngpt"),
+                common::nv_tiny().join("ckpt.pt").to_str().unwrap(),
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .expect("bash runs")
+    };
+    // 100,000,000 rows of head_dim 32: 25.6 GB in f64 alone.
+    let o = run("--max-seq-len 100000000");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: --max-seq-len 100000000 needs about 76.8 GB (for the position table, 100000000 x 32 values)"),
+        "{err}"
+    );
+    assert!(entries(tmp.path()).is_empty());
+    let o = run("");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.plan").exists());
+    Ok(())
+}
