@@ -23,7 +23,7 @@ use ngpt_runtime::plan::LoadedPlan;
 /// Copies of the `[n_head, T, T]` attention scores the reference, the IR and tract hold at
 /// their peak: measured 3.8 (reference and IR, f64 and f32) and 2.4 (tract) at 4,000 tokens
 /// on the tiny preset (RELIABILITY.md).
-const SCORE_COPIES: f64 = 4.0;
+pub const SCORE_COPIES: f64 = 4.0;
 /// Bytes a logit takes on its way out: the engine's f32 or f64 tensor, the f64 copy every
 /// engine returns, and the f32 `.npy` written from it.
 const LOGIT_BYTES: f64 = 20.0;

@@ -71,9 +71,31 @@ pub fn run(a: Args) -> Result<()> {
             plan.dims.max_seq_len
         );
     }
-    let prompts: Vec<Vec<u32>> = (0..a.batch)
-        .map(|b| super::validate::pseudo_random_tokens(a.prompt_len + b, vocab)[b..].to_vec())
-        .collect();
+    // The prompts, and for tract (which panics when an allocation fails) its prefill's
+    // attention scores, logits and KV cache: refused here when they cannot fit. The plan
+    // executors reserve their buffers fallibly and say so themselves.
+    let (b, p, d) = (a.batch as f64, a.prompt_len as f64, &plan.dims);
+    let tract_sequence = if a.engine == Engine::Tract {
+        crate::engines::SCORE_COPIES * d.n_head as f64 * p * p * 4.0
+            + p * vocab as f64 * 8.0
+            + (2 * d.n_layer * total * d.n_embd) as f64 * 8.0
+    } else {
+        0.0
+    };
+    crate::memory::ensure_fits(
+        b * (p * 4.0 + 32.0 + tract_sequence),
+        &format!("--batch {} of {}-token prompts", a.batch, a.prompt_len),
+        if a.engine == Engine::Tract {
+            "the prompts, and tract's attention scores, logits and KV cache"
+        } else {
+            "the prompts"
+        },
+        "use a smaller --batch",
+    )?;
+    // Sequence b's prompt is the pseudo-random sequence from position b on: windows of one
+    // sequence (made once; the generator is the same whatever its length).
+    let tokens = super::validate::pseudo_random_tokens(a.prompt_len + a.batch - 1, vocab);
+    let prompts: Vec<Vec<u32>> = tokens.windows(a.prompt_len).map(<[u32]>::to_vec).collect();
 
     let mut run_once: Box<dyn FnMut() -> Result<Times> + '_> = match a.engine {
         Engine::PlanCpu | Engine::PlanCuda => {
@@ -105,8 +127,8 @@ pub fn run(a: Args) -> Result<()> {
             })
         }
         Engine::Tract => {
-            let session = model.tract(total)?;
             let (b, p, gen) = (a.batch, a.prompt_len, a.gen_len);
+            let session = model.tract(total)?;
             let ids: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
             let positions: Vec<i64> = (0..b).flat_map(|_| 0..p as i64).collect();
             Box::new(move || {

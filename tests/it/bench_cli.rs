@@ -65,11 +65,24 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             "{last}"
         );
     }
-    // Beyond the KV capacity, and zero sizes: one-line errors.
+    // Beyond the KV capacity, zero sizes, beyond memory: one-line errors.
     for args in [
         vec!["--prompt-len", "2040", "--gen-len", "10"],
         vec!["--batch", "0"],
         vec!["--engine", "reference"],
+        // Far beyond memory: the plan's KV cache (reserved fallibly), and tract's prefill
+        // (refused up front; tract would panic); both used to build the prompts first in
+        // time quadratic in the batch.
+        vec!["--batch", "1000000", "--prompt-len", "4", "--gen-len", "2"],
+        vec![
+            "--engine",
+            "tract",
+            "--batch",
+            "1000000",
+            "--prompt-len",
+            "1000",
+        ],
+        vec!["--batch", "100000000000", "--prompt-len", "1000"],
     ] {
         let out = Command::new(ngpt_bin())
             .args(["bench", dir.to_str().unwrap()])
