@@ -61,7 +61,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut model = Model::open(&a.input);
     let vocab = model.vocab_size()?;
-    let total = a.prompt_len + a.gen_len;
+    let Some(total) = a.prompt_len.checked_add(a.gen_len) else {
+        bail!(
+            "--prompt-len {} plus --gen-len {} is beyond any KV capacity",
+            a.prompt_len,
+            a.gen_len
+        );
+    };
     let plan = model.plan(total)?;
     if total > plan.dims.max_seq_len {
         bail!(

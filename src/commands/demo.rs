@@ -22,12 +22,23 @@ const NV_LOGITS: &[u8] = include_bytes!("../../tests/fixtures/nv-tiny/nv_logits_
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  ngpt demo\n  ngpt demo --new-tokens 80")]
 pub struct Args {
-    /// Tokens to generate after the prompt.
+    /// Tokens to generate after the prompt (at most 1000).
     #[arg(long, default_value_t = 40)]
     new_tokens: usize,
 }
 
+/// The most `--new-tokens` the demo takes: its greedy reference recomputes the whole
+/// sequence for every token, and its plan holds 2048 positions.
+const MAX_NEW_TOKENS: usize = 1000;
+
 pub fn run(a: Args) -> Result<()> {
+    if a.new_tokens > MAX_NEW_TOKENS {
+        anyhow::bail!(
+            "--new-tokens {}: the demo generates at most {MAX_NEW_TOKENS} (use `ngpt generate` \
+             for more)",
+            a.new_tokens
+        );
+    }
     let dir = tempfile::tempdir().context("creating a temporary directory for the demo")?;
     let ckpt_path = dir.path().join("ckpt.pt");
     std::fs::write(&ckpt_path, CKPT).with_context(|| format!("writing {}", ckpt_path.display()))?;

@@ -70,6 +70,13 @@ fn find_vocab(a: &Args) -> Result<Option<Vocab>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // NaN would sample the last token every time; a negative temperature reads as a typo.
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!(
+            "--temperature {}: expected a finite number, at least 0 (0 is greedy)",
+            a.temperature
+        );
+    }
     // Default: the GPU where CUDA is usable, else the CPU (said once the request is known
     // to be servable). Asked for explicitly, plan-cuda without a GPU is an error.
     let cuda_missing = crate::engines::cuda_unavailable();
@@ -136,7 +143,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let cap = plan.dims.max_seq_len;
-    if longest + a.max_new_tokens > cap {
+    if longest
+        .checked_add(a.max_new_tokens)
+        .is_none_or(|n| n > cap)
+    {
         bail!("prompt ({longest} tokens) plus --max-new-tokens {} exceeds the KV capacity {cap} (--max-seq-len at compile time)", a.max_new_tokens);
     }
     let b = prompts.len();

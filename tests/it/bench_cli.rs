@@ -83,6 +83,7 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             "1000",
         ],
         vec!["--batch", "100000000000", "--prompt-len", "1000"],
+        vec!["--prompt-len", "18446744073709551615", "--gen-len", "2"],
     ] {
         let out = Command::new(ngpt_bin())
             .args(["bench", dir.to_str().unwrap()])

@@ -76,6 +76,11 @@ fn demo_runs_and_prints_parity() -> Result<()> {
         out.contains(&format!("{text:?}")),
         "greedy text missing:\n{out}"
     );
+    // More new tokens than the demo takes: one line, at once (it used to run the
+    // full-forward greedy reference until memory ran out).
+    let o = ngpt(&["demo", "--new-tokens", "18446744073709551615"])?;
+    let err = assert_clean_failure(&o, "demo --new-tokens");
+    assert!(err.contains("at most 1000"), "{err}");
     Ok(())
 }
 

@@ -1167,6 +1167,32 @@ fn generate_bad_arguments_fail_cleanly() -> Result<()> {
             "exceeds the KV capacity 32",
         ),
         (
+            "--max-new-tokens at the largest integer (the sum used to wrap past the check)",
+            vec![
+                ckpt,
+                "--tokens",
+                "1,2",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ],
+            "exceeds the KV capacity",
+        ),
+        (
+            "--temperature NaN (sampled the last token every step)",
+            vec![ckpt, "--tokens", "1", "--temperature", "nan"],
+            "--temperature NaN",
+        ),
+        (
+            "--temperature infinite",
+            vec![ckpt, "--tokens", "1", "--temperature", "inf"],
+            "expected a finite number",
+        ),
+        (
+            "--temperature negative",
+            vec![ckpt, "--tokens", "1", "--temperature=-0.5"],
+            "--temperature -0.5",
+        ),
+        (
             "prompt alone beyond --max-seq-len",
             vec![
                 c32,
