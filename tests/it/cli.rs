@@ -347,10 +347,11 @@ fn a_forward_too_large_for_memory_is_refused_in_one_line() -> Result<()> {
             .collect::<Vec<_>>()
             .join(",")
     };
-    // 12,000 tokens: at least 4.6 GB of f64 scores a head; 3 GB of address space.
+    // 12,000 tokens: at least 4.6 GB of f64 scores a head; 4 GB of address space (few
+    // malloc arenas, so that threads do not reserve much of it).
     let limited = |engine: &str, n: usize| -> Result<Output> {
         let cmd = format!(
-            "ulimit -v 3000000 && exec \"$0\" logits \"$1\" --engine {engine} --tokens {} -o \"$2\"",
+            "ulimit -v 4000000 && MALLOC_ARENA_MAX=2 exec \"$0\" logits \"$1\" --engine {engine} --tokens {} -o \"$2\"",
             tokens(n)
         );
         Command::new("bash")
@@ -382,7 +383,7 @@ fn a_forward_too_large_for_memory_is_refused_in_one_line() -> Result<()> {
     })?;
     for engine in ["plan-cpu", "tract"] {
         let cmd = format!(
-            "ulimit -v 3000000 && exec \"$0\" logits \"$1\" --engine {engine} --tokens 1,2,3 -o \"$2\""
+            "ulimit -v 4000000 && MALLOC_ARENA_MAX=2 exec \"$0\" logits \"$1\" --engine {engine} --tokens 1,2,3 -o \"$2\""
         );
         let o = Command::new("bash")
             .args(["-c", &cmd, ngpt_bin(), utf8(&big), utf8(&out)])

@@ -204,7 +204,9 @@ fn a_position_table_too_large_for_memory_is_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("c");
     let run = |extra: &str| {
-        let cmd = format!("ulimit -v 3000000 && exec \"$0\" compile \"$1\" -o \"$2\" {extra}");
+        let cmd = format!(
+            "ulimit -v 4000000 && MALLOC_ARENA_MAX=2 exec \"$0\" compile \"$1\" -o \"$2\" {extra}"
+        );
         Command::new("bash")
             .args([
                 "-c",
