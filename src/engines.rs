@@ -23,7 +23,13 @@ use ngpt_runtime::plan::LoadedPlan;
 /// Copies of the `[n_head, T, T]` attention scores the reference, the IR and tract hold at
 /// their peak: measured 3.8 (reference and IR, f64 and f32) and 2.4 (tract) at 4,000 tokens
 /// on the tiny preset (RELIABILITY.md).
-pub const SCORE_COPIES: f64 = 4.0;
+const SCORE_COPIES: f64 = 4.0;
+/// Bytes the attention scores of a `t`-position forward hold at their peak, at
+/// `element_bytes` a score.
+pub fn score_bytes(n_head: f64, t: f64, element_bytes: f64) -> f64 {
+    SCORE_COPIES * n_head * t * t * element_bytes
+}
+
 /// Bytes a logit takes on its way out: the engine's f32 or f64 tensor, the f64 copy every
 /// engine returns, and the f32 `.npy` written from it.
 const LOGIT_BYTES: f64 = 20.0;
@@ -115,6 +121,8 @@ pub struct Model {
     plan_dtype: ngpt_compiler::plan::WeightDtype,
     plan: Option<Arc<LoadedPlan>>,
     tract: Option<tract::Session>,
+    /// The vocabulary size and head count, once read.
+    shape: Option<(usize, usize)>,
 }
 
 impl Model {
@@ -128,6 +136,7 @@ impl Model {
             plan_dtype: ngpt_compiler::plan::WeightDtype::F32,
             plan: None,
             tract: None,
+            shape: None,
         }
     }
 
@@ -173,26 +182,31 @@ impl Model {
 
     /// The vocabulary size, from whatever is cheapest to read.
     pub fn vocab_size(&mut self) -> Result<usize> {
-        if let Some(p) = &self.plan {
-            return Ok(p.dims.vocab);
-        }
-        if self.is_compiled() {
-            if let Some(c) = self.plan_header_config()? {
-                return Ok(c.vocab_size as usize);
-            }
-            return Ok(self.plan(0)?.dims.vocab);
-        }
-        Ok(self.checkpoint()?.config.vocab_size)
+        Ok(self.shape()?.0)
     }
 
-    /// The number of attention heads, from whatever is cheapest to read.
-    fn n_head(&mut self) -> Result<usize> {
-        if self.is_compiled() {
-            if let Some(c) = self.plan_header_config()? {
-                return Ok(c.n_head as usize);
-            }
+    /// The vocabulary size and the number of attention heads, from whatever is cheapest to
+    /// read (a loaded plan, a compiled directory's plan header, the checkpoint), read once.
+    fn shape(&mut self) -> Result<(usize, usize)> {
+        if let Some(shape) = self.shape {
+            return Ok(shape);
         }
-        Ok(self.checkpoint()?.config.n_head)
+        let shape = if let Some(p) = &self.plan {
+            (p.dims.vocab, p.dims.n_head)
+        } else if self.is_compiled() {
+            match self.plan_header_config()? {
+                Some(c) => (c.vocab_size as usize, c.n_head as usize),
+                None => {
+                    let p = self.plan(0)?;
+                    (p.dims.vocab, p.dims.n_head)
+                }
+            }
+        } else {
+            let c = &self.checkpoint()?.config;
+            (c.vocab_size, c.n_head)
+        };
+        self.shape = Some(shape);
+        Ok(shape)
     }
 
     /// A compiled directory's model config, from its plan's header without its weights
@@ -212,14 +226,14 @@ impl Model {
     /// every engine returns all `[T, vocab]` logits. An allocation that fails aborts the
     /// process (Rust's allocator) or panics (tract), so this is the one place to say so.
     fn check_memory(&mut self, engine: Engine, t: usize, precision: Precision) -> Result<()> {
-        let (vocab, n_head) = (self.vocab_size()? as f64, self.n_head()? as f64);
-        let tf = t as f64;
+        let (vocab, n_head) = self.shape()?;
+        let (vocab, n_head, tf) = (vocab as f64, n_head as f64, t as f64);
         let scores = match (engine, precision) {
             (Engine::Reference | Engine::Ir, Precision::F64) => 8.0,
             (Engine::Reference | Engine::Ir | Engine::Tract, _) => 4.0,
             (Engine::PlanCpu | Engine::PlanCuda, _) => 0.0,
         };
-        let quadratic = SCORE_COPIES * n_head * tf * tf * scores;
+        let quadratic = score_bytes(n_head, tf, scores);
         let logits = LOGIT_BYTES * tf * vocab;
         let gb = |b: f64| b / 1e9;
         let what = format!(

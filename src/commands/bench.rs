@@ -82,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
     // executors reserve their buffers fallibly and say so themselves.
     let (b, p, d) = (a.batch as f64, a.prompt_len as f64, &plan.dims);
     let tract_sequence = if a.engine == Engine::Tract {
-        crate::engines::SCORE_COPIES * d.n_head as f64 * p * p * 4.0
+        crate::engines::score_bytes(d.n_head as f64, p, 4.0)
             + p * vocab as f64 * 8.0
             + (2 * d.n_layer * total * d.n_embd) as f64 * 8.0
     } else {
