@@ -19,6 +19,17 @@ impl Comparison {
 
     /// True when the relative error is at most `tol` (NaN never passes) and at least
     /// `min_top1` of the positions agree on their argmax.
+    ///
+    /// ```
+    /// use ngpt_compiler::compare::compare;
+    /// // Two positions over a vocabulary of 2: the second one's argmax flips.
+    /// let c = compare(&[1.0, 2.0, 3.1, 2.9], &[1.0, 2.0, 2.9, 3.1], 2);
+    /// assert_eq!(c.top1_fraction(), 0.5);
+    /// assert!(c.passes(0.1, 0.5));
+    /// assert!(!c.passes(0.1, 1.0));
+    /// assert!(!c.passes(1e-6, 0.5));
+    /// assert!(!compare(&[f64::NAN, 0.0], &[1.0, 0.0], 2).passes(f64::INFINITY, 0.0));
+    /// ```
     pub fn passes(&self, tol: f64, min_top1: f64) -> bool {
         self.rel_err <= tol && self.top1_fraction() >= min_top1
     }

@@ -21,11 +21,33 @@ pub struct Options {
 
 /// A compiled model: the canonical graph and what each pass did.
 pub struct Compiled {
+    /// The graph after the passes: the canonical form, or an intermediate one when
+    /// [`Options::stop_after`] cut the pass list short.
     pub graph: Graph,
+    /// One record per pass that ran, in order; [`Compiled::pass_log`] prints them.
     pub records: Vec<PassRecord>,
 }
 
 /// Builds the literal graph of `ckpt` and runs the passes.
+///
+/// ```
+/// use ngpt_compiler::{compile, import, init, passes};
+/// let dir = std::env::temp_dir().join(format!("ngpt-doc-compile-{}", std::process::id()));
+/// init::write(&dir, &init::InitOptions::preset(init::Preset::Tiny))?;
+/// let ckpt = import::load(&dir)?;
+///
+/// let full = compile::compile(&ckpt, &compile::Options::default())?;
+/// assert_eq!(full.records.len(), passes::CANONICAL.len());
+/// assert_eq!(full.graph.count("lerp_norm"), 2 * ckpt.config.n_layer);
+///
+/// // The first two passes only fold constants: nothing is fused yet.
+/// let opts = compile::Options { stop_after: Some(2), ..Default::default() };
+/// let partial = compile::compile(&ckpt, &opts)?;
+/// assert_eq!(partial.records.len(), 2);
+/// assert_eq!(partial.graph.count("lerp_norm"), 0);
+/// # let _ = std::fs::remove_dir_all(&dir);
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
 pub fn compile(ckpt: &Checkpoint, opts: &Options) -> Result<Compiled> {
     let mut g = graph::literal(ckpt)?;
     let records = passes::run(
@@ -86,13 +108,21 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// What `manifest.json` records about a compile.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
+    /// The program that wrote the directory: `"ngpt"`.
     pub producer: String,
+    /// The producer's version (ngpt's crate version at compile time).
     pub version: String,
     /// Absolute path of the checkpoint file compiled.
     pub source: PathBuf,
+    /// sha256 of the source file when it was compiled, lowercase hex;
+    /// [`Manifest::checked_source`] compares the file against it.
     pub source_sha256: String,
+    /// The `--stop-after` pass count, or `None` for a full compile (the only kind that
+    /// writes `model.plan` and `model.weights`).
     pub stop_after: Option<usize>,
+    /// Names of the passes that ran, in order.
     pub passes: Vec<String>,
+    /// Names of the files in the compiled directory, relative to it, `manifest.json` first.
     pub files: Vec<String>,
 }
 

@@ -15,24 +15,44 @@ pub const MAX_DIM: u64 = 1 << 24;
 /// from the file, never from a guess.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
+    /// Number of transformer blocks (`transformer.h.{i}`).
     pub n_layer: usize,
+    /// Attention heads per block; `n_embd / n_head` is the head dimension, which must be
+    /// even.
     pub n_head: usize,
+    /// Model width C: the length of every embedding row and residual vector, a multiple of
+    /// `n_head`.
     pub n_embd: usize,
+    /// Context length the model was trained with (1024 when the file does not say); the
+    /// default ONNX position table covers at least this many positions.
     pub block_size: usize,
+    /// Vocabulary size V: rows of `wte` and `lm_head` and length of `sz`; token ids must be
+    /// below it.
     pub vocab_size: usize,
+    /// NVIDIA's `base_scale`, finite and positive: the scale the stored scaling vectors are
+    /// kept in, divided out to get their effective values (`sz_eff = sz / base_scale`).
     pub base_scale: f64,
+    /// Whether the Linear layers have biases; always false, as ngpt rejects checkpoints
+    /// that have them.
     pub bias: bool,
+    /// `model_args`' `use_nGPT` flag; always 1, as ngpt reads only normalized-transformer
+    /// checkpoints.
     #[serde(rename = "use_nGPT")]
     pub use_ngpt: i64,
+    /// Training dropout rate (0.0 when the file does not say); inference ignores it.
     pub dropout: f64,
 }
 
 /// One value of `model_args`, as either the pickle or JSON holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ArgValue {
+    /// An integer: a pickle int or long, or a JSON number without a fraction.
     Int(i64),
+    /// A floating-point number.
     Float(f64),
+    /// A boolean; also accepted where an integer is expected, as 0 or 1.
     Bool(bool),
+    /// Any other value (a string, `None`, a list, ...), kept as text for error messages.
     Other(String),
 }
 

@@ -11,41 +11,65 @@ pub enum Error {
     /// The file system refused an operation on `path`.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory the operation was on.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
     /// The file is not a checkpoint of a form ngpt reads.
     #[error("{}: {reason}", path.display())]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file or directory that was read.
+        path: PathBuf,
+        /// What about it is wrong, in words.
+        reason: String,
+    },
     /// A config field is missing or holds a value ngpt cannot use.
     #[error("{}: config field `{field}`: {problem}", path.display())]
     Config {
+        /// Where the config came from: `ckpt.pt`, `config.json`, or a description of the
+        /// options it was built from.
         path: PathBuf,
+        /// The `model_args` key, spelled as NVIDIA spells it (`n_head`, `base_scale`).
         field: String,
+        /// What is wrong with its value, or that it is missing.
         problem: String,
     },
     /// A tensor is missing, has the wrong shape or dtype, or holds NaN or Inf.
     #[error("{}: tensor `{name}`: {problem}", path.display())]
     Tensor {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The tensor's state-dict name, prefixes stripped (`transformer.h.0.sqk`).
         name: String,
+        /// What is wrong with it: missing, shape, dtype, or non-finite values.
         problem: String,
     },
     /// The checkpoint uses a feature ngpt does not support.
     #[error("{}: {what} is not supported ({why})", path.display())]
     Unsupported {
+        /// The checkpoint or config file.
         path: PathBuf,
+        /// The feature, as the file states it (`bias = true`).
         what: String,
+        /// Why ngpt does not support it, and what it reads instead.
         why: String,
     },
     /// A caller passed an argument outside what the model accepts.
     #[error("{what}: {problem}")]
-    Argument { what: String, problem: String },
+    Argument {
+        /// The argument or operation at fault (`tokens`, `--max-seq-len`, an IR node).
+        what: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A tensor operation failed inside candle.
     #[error("tensor math ({context}): {}", candle_message(.source))]
     Candle {
+        /// What ngpt was computing (`reference forward`, a tensor name).
         context: String,
+        /// The error candle returned.
         #[source]
         source: candle_core::Error,
     },

@@ -25,11 +25,13 @@ pub enum Format {
 /// An imported, validated checkpoint: the config and the state dict in stored dtypes.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// The validated model config, from `model_args` (ckpt.pt) or `config.json`.
     pub config: Config,
     /// State-dict tensors by NVIDIA name, prefixes stripped, dtype as stored.
     pub tensors: BTreeMap<String, Tensor>,
     /// The file the tensors came from.
     pub source: PathBuf,
+    /// The on-disk form of [`Checkpoint::source`].
     pub format: Format,
     /// Things the importer decided that the user should hear about (prefix stripping, which
     /// file of a directory it took).

@@ -40,11 +40,17 @@ impl Preset {
 /// What `ngpt init` writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitOptions {
+    /// Number of transformer blocks.
     pub n_layer: usize,
+    /// Attention heads per block; `n_embd / n_head` must be even.
     pub n_head: usize,
+    /// Model width C, a multiple of `n_head`.
     pub n_embd: usize,
+    /// Vocabulary size V.
     pub vocab_size: usize,
+    /// Context length recorded in `config.json`.
     pub block_size: usize,
+    /// Seed of the random tensors: the same seed and sizes give the same bytes.
     pub seed: u64,
     /// `None` means train.py's choice, 1/sqrt(n_embd).
     pub base_scale: Option<f64>,
@@ -210,9 +216,17 @@ fn generate(opts: &InitOptions, config: &Config) -> Vec<Generated> {
 
 /// Writes `model.safetensors` and `config.json` into `dir`.
 ///
-/// ```no_run
+/// ```
+/// use ngpt_compiler::config::Config;
 /// use ngpt_compiler::init::{write, InitOptions, Preset};
-/// write("out/tiny".as_ref(), &InitOptions::preset(Preset::Tiny))?;
+/// let dir = std::env::temp_dir().join(format!("ngpt-doc-init-{}", std::process::id()));
+/// let opts = InitOptions { seed: 7, ..InitOptions::preset(Preset::Tiny) };
+/// write(&dir, &opts)?;
+/// assert!(dir.join("model.safetensors").is_file());
+/// let config = Config::from_json_file(&dir.join("config.json"))?;
+/// assert_eq!(config, opts.config()?);
+/// assert_eq!((config.n_layer, config.n_embd, config.vocab_size), (2, 64, 256));
+/// # let _ = std::fs::remove_dir_all(&dir);
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn write(dir: &Path, opts: &InitOptions) -> Result<()> {

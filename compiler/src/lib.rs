@@ -4,6 +4,8 @@
 //! The entry point is [`import::load`]; [`reference::logits`] is the oracle every other
 //! path is checked against.
 
+#![warn(missing_docs)]
+
 pub mod artifact;
 pub mod compare;
 pub mod compile;

@@ -13,7 +13,9 @@ use crate::import::Checkpoint;
 /// Arithmetic precision of the reference and IR engines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
+    /// 32-bit floats throughout.
     F32,
+    /// 64-bit floats throughout: the tightest reference.
     F64,
 }
 

@@ -81,6 +81,14 @@ pub fn gemm_rate(size: usize, runs: usize) -> f64 {
 }
 
 /// Peak resident memory of this process so far (VmHWM), in bytes, where the OS says.
+///
+/// ```
+/// let touched = vec![1u8; 64 << 20]; // 64 MiB, written, so resident
+/// // None where the OS does not say (Linux does, in /proc/self/status).
+/// if let Some(peak) = ngpt_runtime::bench::peak_rss_bytes() {
+///     assert!(peak >= touched.len() as u64);
+/// }
+/// ```
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

@@ -10,6 +10,7 @@ use crate::plan::{eval, LoadedPlan};
 /// The request a listing is sized for.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// Sequences run together (B).
     pub batch: usize,
     /// Prompt tokens per sequence (prefill).
     pub tokens: usize,
@@ -66,6 +67,17 @@ fn cost(p: &LoadedPlan, s: &pb::Step, rows: usize, batch: usize, keys: f64) -> (
 
 /// Total (bytes moved, FLOPs) of one program for `shape`: prefill for `shape.tokens`
 /// tokens per sequence, or one decode step against `shape.context` cached tokens.
+///
+/// ```no_run
+/// use ngpt_runtime::listing::{program_cost, Shape};
+/// use ngpt_runtime::plan::LoadedPlan;
+/// let plan = LoadedPlan::load("out/nv-tiny".as_ref())?;
+/// let shape = Shape { batch: 1, tokens: 64, context: 64 };
+/// let (_, decode_flops) = program_cost(&plan, true, shape); // one step, 64 cached tokens
+/// let (_, prefill_flops) = program_cost(&plan, false, shape); // a 64-token prompt
+/// assert!(prefill_flops > 32.0 * decode_flops); // 64 rows through the GEMMs, not 1
+/// # Ok::<(), ngpt_runtime::Error>(())
+/// ```
 pub fn program_cost(p: &LoadedPlan, decode: bool, shape: Shape) -> (f64, f64) {
     let (program, rows, keys) = if decode {
         (
@@ -105,6 +117,16 @@ pub fn prefill_last_flops(p: &LoadedPlan, shape: Shape) -> f64 {
 }
 
 /// The listing of both programs for `shape`.
+///
+/// ```no_run
+/// use ngpt_runtime::listing::{listing, Shape};
+/// use ngpt_runtime::plan::LoadedPlan;
+/// let plan = LoadedPlan::load("out/nv-tiny".as_ref())?;
+/// let text = listing(&plan, Shape { batch: 1, tokens: 64, context: 64 });
+/// assert!(text.starts_with("plan format"));
+/// assert!(text.contains("total:"));
+/// # Ok::<(), ngpt_runtime::Error>(())
+/// ```
 pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
     let d = &p.dims;
     let mut out = String::new();

@@ -8,17 +8,35 @@ use rand_chacha::ChaCha8Rng;
 /// tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
+    /// Divides the logits before the softmax: below 1 sharpens, above 1 flattens; 0 or
+    /// less picks the largest logit.
     pub temperature: f32,
+    /// Keeps the tokens whose logit is at least the k-th largest distinct value (ties count
+    /// once); 1 is greedy, 0 keeps every token.
     pub top_k: usize,
 }
 
 /// A deterministic sampler: same seed, same tokens.
+///
+/// ```
+/// use ngpt_runtime::sample::{Sampler, Sampling};
+/// let logits = [0.1, 3.0, 2.9, -1.0];
+/// let top2 = Sampling { temperature: 1.0, top_k: 2 };
+/// let (mut a, mut b) = (Sampler::new(top2, 7), Sampler::new(top2, 7));
+/// for _ in 0..20 {
+///     let t = a.pick(&logits);
+///     assert!(t == 1 || t == 2); // only the two largest logits are kept
+///     assert_eq!(t, b.pick(&logits)); // same seed, same tokens
+/// }
+/// ```
 pub struct Sampler {
+    /// The settings every [`Sampler::pick`] applies; changing them keeps the random stream.
     pub settings: Sampling,
     rng: ChaCha8Rng,
 }
 
 impl Sampler {
+    /// A sampler with `settings` whose uniform draws come from ChaCha8 seeded with `seed`.
     pub fn new(settings: Sampling, seed: u64) -> Sampler {
         Sampler {
             settings,
@@ -34,6 +52,10 @@ impl Sampler {
 }
 
 /// Index of the largest value (the first on ties).
+///
+/// ```
+/// assert_eq!(ngpt_runtime::sample::argmax(&[0.5, 2.0, 2.0, -1.0]), 1);
+/// ```
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in row.iter().enumerate() {
@@ -45,6 +67,17 @@ pub fn argmax(row: &[f32]) -> u32 {
 }
 
 /// `sample_topk` on one row with the uniform draw `u` in [0, 1).
+///
+/// ```
+/// use ngpt_runtime::sample::{pick, Sampling};
+/// let row = [0.1, 3.0, 2.9, -1.0];
+/// let greedy = Sampling { temperature: 0.0, top_k: 0 };
+/// assert_eq!(pick(&row, greedy, 0.9), 1); // the draw does not matter
+/// let top2 = Sampling { temperature: 1.0, top_k: 2 };
+/// // `u` walks the kept tokens' probabilities in index order: token 1 (p ~ 0.52), then 2.
+/// assert_eq!(pick(&row, top2, 0.0), 1);
+/// assert_eq!(pick(&row, top2, 0.999), 2);
+/// ```
 pub fn pick(row: &[f32], s: Sampling, u: f32) -> u32 {
     if s.temperature <= 0.0 || s.top_k == 1 || row.is_empty() {
         return argmax(row);

@@ -114,6 +114,20 @@ impl Executor for CpuExecutor {
 }
 
 /// B sequences sharing one executor and its KV caches.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use ngpt_runtime::{plan::LoadedPlan, session::Session};
+/// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
+/// let mut s = Session::new(plan, 2)?; // two sequences
+/// let logits = s.prefill(&[vec![45, 64, 77], vec![12]])?; // ragged: padded to T = 3
+/// assert_eq!(logits.len(), 2 * 3 * s.vocab());
+/// assert_eq!(s.lens(), [3, 1]);
+/// let next = s.decode(&[12, 7])?; // one token per sequence
+/// assert_eq!(next.len(), 2 * s.vocab());
+/// assert_eq!(s.lens(), [4, 2]);
+/// # Ok::<(), ngpt_runtime::Error>(())
+/// ```
 pub struct Session {
     exec: Box<dyn Executor>,
     /// Tokens held in each sequence's cache.
@@ -149,6 +163,8 @@ impl Session {
         self.exec.as_ref()
     }
 
+    /// Logits per row, the plan's vocabulary size: the width of every logits array this
+    /// session returns, and the bound token ids must stay below.
     pub fn vocab(&self) -> usize {
         self.exec.plan().dims.vocab
     }
@@ -180,6 +196,23 @@ impl Session {
     /// what generation needs. The executors skip the lm_head rows nobody reads (and the
     /// GPU copies back B rows, not B x T), so the first token comes sooner; the values are
     /// those rows of [`Session::prefill`] up to the GEMM's summation order.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use ngpt_runtime::sample::argmax;
+    /// use ngpt_runtime::{plan::LoadedPlan, session::Session};
+    /// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
+    /// let mut s = Session::new(plan, 1)?;
+    /// let mut logits = s.prefill_last(&[vec![45, 64, 77]])?; // [1, vocab]
+    /// let mut generated = vec![];
+    /// for _ in 0..8 {
+    ///     let next = argmax(&logits); // greedy
+    ///     generated.push(next);
+    ///     logits = s.decode(&[next])?;
+    /// }
+    /// assert_eq!(s.lens(), [3 + 8]);
+    /// # Ok::<(), ngpt_runtime::Error>(())
+    /// ```
     pub fn prefill_last(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
         let (tokens, positions, t) = self.prefill_request(prompts)?;
         let last: Vec<usize> = prompts
@@ -196,6 +229,21 @@ impl Session {
 
     /// Prefills one sequence (batch 1 sessions), calling `on_step(step, width, values)`
     /// after each plan step with what it wrote (see [`Executor::run_traced`]).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use ngpt_runtime::{plan::LoadedPlan, session::Session};
+    /// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
+    /// let mut s = Session::new(plan, 1)?;
+    /// let mut steps = vec![];
+    /// let logits = s.prefill_traced(&[45, 64, 77], &mut |step, width, values| {
+    ///     assert_eq!(values.len(), 3 * width); // one row per prompt token
+    ///     steps.push(step.to_string());
+    /// })?;
+    /// assert_eq!(logits.len(), 3 * s.vocab());
+    /// assert!(!steps.is_empty());
+    /// # Ok::<(), ngpt_runtime::Error>(())
+    /// ```
     pub fn prefill_traced(
         &mut self,
         tokens: &[u32],

@@ -29,6 +29,7 @@ pub type NodeId = usize;
 pub enum Dim {
     /// Tokens of the sequence being computed.
     T,
+    /// A size known when the graph is built.
     Fixed(usize),
 }
 
@@ -53,11 +54,14 @@ pub enum Kind {
 /// The type of a value: kind and shape.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fact {
+    /// Whether the elements are floats or integers.
     pub kind: Kind,
+    /// The dimensions, outermost first; an empty shape is a scalar.
     pub shape: Vec<Dim>,
 }
 
 impl Fact {
+    /// A float value of shape `shape`.
     pub fn float(shape: Vec<Dim>) -> Fact {
         Fact {
             kind: Kind::Float,
@@ -161,14 +165,17 @@ impl Const {
         }
     }
 
+    /// The shape of the value (a row scale does not change it).
     pub fn dims(&self) -> &[usize] {
         self.tensor.dims()
     }
 
+    /// The number of dimensions of the value.
     pub fn rank(&self) -> usize {
         self.tensor.rank()
     }
 
+    /// The number of elements of the value.
     pub fn elem_count(&self) -> usize {
         self.tensor.elem_count()
     }
@@ -201,26 +208,49 @@ pub enum Op {
     Abs,
     /// `x / ||x||_2` over consecutive groups of `group` entries of the last axis (the whole
     /// row when group is the row length; one head when it is head_dim). No epsilon.
-    Norm { group: usize },
+    Norm {
+        /// Entries per normalized group; it divides the last axis.
+        group: usize,
+    },
     /// NVIDIA's position step (spec section 3 step 2) per head of `head_dim`:
     /// `out[2j] = -x[2j+1] E[t,P+j]`, `out[2j+1] = x[2j] E[t,j]`. Inputs: x, positions.
-    PosStep { head_dim: usize },
+    PosStep {
+        /// Head dimension D, even; the last axis is a whole number of heads.
+        head_dim: usize,
+    },
     /// The same step as a diagonal scaling (spec 7.7): `out[2j] = x[2j] E[t,j]`,
     /// `out[2j+1] = x[2j+1] E[t,P+j]`. Inputs: x, positions.
-    PosDiag { head_dim: usize },
+    PosDiag {
+        /// Head dimension D, even; the last axis is a whole number of heads.
+        head_dim: usize,
+    },
     /// Causal attention over `heads` heads: `softmax_u(scale <q_t, k_u>) v_u`, u <= t.
     /// Inputs: q, k, v.
-    Attention { heads: usize, scale: f64 },
+    Attention {
+        /// Number of heads; q, k and v are `[T, heads * head_dim]`.
+        heads: usize,
+        /// Factor on the scores before the softmax: sqrt(head_dim) in the literal graph, 1
+        /// once `sqk_onto_q` has moved it onto q.
+        scale: f64,
+    },
     /// `a + lr * (b - a)`, lr a row vector. Inputs: a, b, lr.
     Lerp,
     /// Columns `start..start+len` of the last axis.
-    Slice { start: usize, len: usize },
+    Slice {
+        /// First column taken.
+        start: usize,
+        /// Number of columns taken, at least 1.
+        len: usize,
+    },
     /// `z * sigmoid(z)`.
     Silu,
     /// Fused residual update: `Norm(h + lr * (Norm(branch) - h))`. Inputs: h, branch, lr.
     LerpNorm,
     /// Fused `Norm_head(PosDiag(x)) * scale`. Inputs: x, positions, scale `[N]`.
-    PosNorm { head_dim: usize },
+    PosNorm {
+        /// Head dimension D, even; the last axis is a whole number of heads.
+        head_dim: usize,
+    },
     /// Fused `u * Silu(v)` with `[u | v] = x`, output `[T, N/2]`.
     SwiGlu,
     /// The last row: `[T, N] -> [1, N]`, for decoding.
@@ -255,20 +285,29 @@ impl Op {
 /// One node: an op, its inputs, its name and the fact of its output.
 #[derive(Debug, Clone)]
 pub struct Node {
+    /// The name, tracing back to a checkpoint tensor (`h.3.attn.q.norm`); a node a pass
+    /// makes to replace another usually keeps that node's name.
     pub name: String,
+    /// What the node computes.
     pub op: Op,
+    /// The nodes whose values the op takes, in the op's order; each comes earlier in
+    /// [`Graph::nodes`].
     pub inputs: Vec<NodeId>,
+    /// Kind and shape of the output, as inferred from the op and its inputs' facts.
     pub fact: Fact,
 }
 
 /// A graph: nodes in topological order, named inputs and outputs.
 #[derive(Debug, Clone)]
 pub struct Graph {
+    /// The nodes in topological order, each after its inputs; the graph inputs `tokens`
+    /// and `positions` come first.
     pub nodes: Vec<Node>,
     /// Output node ids, in order (`logits`).
     pub outputs: Vec<NodeId>,
-    /// Model dimensions, for passes that need them.
+    /// Model width C (config `n_embd`), for passes that need it.
     pub n_embd: usize,
+    /// Attention heads per layer (config `n_head`), for passes that need it.
     pub n_head: usize,
 }
 

@@ -14,10 +14,15 @@ use crate::error::{CandleContext, Error, Result};
 use crate::graph::{Graph, NodeId, Op};
 use crate::reference::position_table;
 
-/// Names of the graph inputs the lowering uses.
+/// Name of the token-id input, int64 `[batch, sequence]`.
 pub const INPUT_IDS: &str = "input_ids";
+/// Name of the mask input, int64 `[batch, past_sequence + sequence]`: 1 for tokens to
+/// attend to, 0 for padding.
 pub const ATTENTION_MASK: &str = "attention_mask";
+/// Name of the position input, int64 `[batch, sequence]`: absolute positions, below the
+/// export's `max_seq_len`.
 pub const POSITION_IDS: &str = "position_ids";
+/// Name of the logits output, float32 `[batch, sequence, vocab]`.
 pub const LOGITS: &str = "logits";
 
 pub fn past_name(layer: usize, which: &str) -> String {

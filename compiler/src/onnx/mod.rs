@@ -44,8 +44,10 @@ pub use emit::{ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
 pub const OPSET: i64 = 18;
 /// The ONNX IR version written (2021-07-30, the one opset 18 tooling reads everywhere).
 pub const IR_VERSION: i64 = 8;
-/// File names inside a compiled directory.
+/// File name of the ONNX model inside a compiled directory.
 pub const MODEL_FILE: &str = "model.onnx";
+/// File name of the external weights beside [`MODEL_FILE`], written only when
+/// [`uses_external_data`] says so.
 pub const DATA_FILE: &str = "model.onnx.data";
 /// Weights above this many bytes go to external data: a protobuf message is limited to
 /// 2 GiB, and the graph needs some room beside the weights.
@@ -62,6 +64,7 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    /// The dtype's name as the model's `weights_dtype` metadata records it: `f32` or `f16`.
     pub fn as_str(self) -> &'static str {
         match self {
             WeightDtype::F32 => "f32",
@@ -75,6 +78,7 @@ impl WeightDtype {
 pub struct Options {
     /// Rows of the position table: the largest position id plus one.
     pub max_seq_len: usize,
+    /// Storage dtype of the weight matrices; vectors and tables stay float32.
     pub weights: WeightDtype,
     /// Put the weights in `model.onnx.data` even when they would fit inline.
     pub external_data: bool,
@@ -99,6 +103,7 @@ impl Options {
 /// What the model's metadata says about where it came from.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
+    /// The model config, written to the metadata as `model_args` JSON.
     pub config: Config,
     /// sha256 of the source checkpoint file, lowercase hex.
     pub source_sha256: Option<String>,
@@ -130,16 +135,20 @@ impl ModelInfo {
 /// An export held in memory: the encoded `model.onnx`, and the bytes of
 /// `model.onnx.data` when the weights are external.
 pub struct Exported {
+    /// The encoded `model.onnx`.
     pub model: Vec<u8>,
+    /// The bytes of `model.onnx.data`; `Some` exactly when the weights are external.
     pub data: Option<Vec<u8>>,
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug, Clone)]
 pub struct Written {
     /// File names, relative to the directory: `model.onnx` and maybe `model.onnx.data`.
     pub files: Vec<String>,
+    /// Size of `model.onnx` in bytes.
     pub model_bytes: u64,
+    /// Size of `model.onnx.data` in bytes; 0 when the weights are inline.
     pub data_bytes: u64,
 }
 
@@ -192,8 +201,8 @@ fn io_error(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Erro
 
 /// Exports `g` into `dir` (which must exist): `model.onnx`, and `model.onnx.data` when the
 /// weights are external. Tensors are written as they are made, into `model.onnx` itself
-/// for an inline model (see [`builder::Sink::Inline`]), so memory never holds the exported
-/// weights and every byte is written once.
+/// for an inline model, so memory never holds the exported weights and every byte is
+/// written once.
 pub fn write(g: &Graph, info: &ModelInfo, opts: &Options, dir: &Path) -> Result<Written> {
     // Written by a thread of its own: the kernel's copying runs beside the export.
     let create = crate::artifact::BackgroundWriter::create;
@@ -356,10 +365,14 @@ fn value_info(name: &str, dtype: DataType, dims: Vec<Dimension>, doc: &str) -> V
     }
 }
 
-/// Symbolic dimension names of the interface.
+/// Symbolic name of the batch dimension, the first axis of every input and output.
 pub const BATCH: &str = "batch";
+/// Symbolic name of the new tokens' dimension of `input_ids`, `position_ids` and `logits`.
 pub const SEQUENCE: &str = "sequence";
+/// Symbolic name of the cached positions' dimension of `past_key_values.*`; 0 at prefill.
 pub const PAST_SEQUENCE: &str = "past_sequence";
+/// Symbolic name of the dimension of `attention_mask` and `present.*`: cached plus new
+/// positions.
 pub const TOTAL_SEQUENCE: &str = "past_sequence + sequence";
 
 fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Result<ModelProto> {

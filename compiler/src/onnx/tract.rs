@@ -29,9 +29,13 @@ pub struct Session {
     inputs: HashMap<String, usize>,
     /// Index of each named output in the plan's outputs.
     outputs: HashMap<String, usize>,
+    /// Number of layers, counted from the `past_key_values.{i}.key` inputs.
     pub layers: usize,
+    /// Attention heads per layer, from the cache inputs' shape (0 without layers).
     pub heads: usize,
+    /// Head dimension, from the cache inputs' shape (0 without layers).
     pub head_dim: usize,
+    /// Vocabulary size: the last axis of `logits`.
     pub vocab: usize,
     /// Rows of the position table, from the metadata.
     pub max_seq_len: Option<usize>,
@@ -42,7 +46,9 @@ pub struct Session {
 /// The KV cache between calls: `[batch, n_head, len, head_dim]` keys and values per layer.
 #[derive(Clone)]
 pub struct Cache {
+    /// Rows (sequences) of the batch.
     pub batch: usize,
+    /// Positions the cache holds per row: the `past_sequence` of the next call.
     pub len: usize,
     tensors: Vec<Tensor>,
 }
@@ -51,7 +57,10 @@ pub struct Cache {
 pub struct Step {
     /// `[batch, sequence, vocab]`, row-major.
     pub logits: Vec<f32>,
+    /// Positions per row that `logits` holds: the call's sequence length, or 1 for a model
+    /// compiled to compute the last position only.
     pub sequence: usize,
+    /// The cache after this call, to pass to the next one.
     pub cache: Cache,
 }
 

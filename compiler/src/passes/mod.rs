@@ -64,6 +64,7 @@ pub struct Patch {
 }
 
 impl Patch {
+    /// An empty patch for `g`: its nodes will take the ids after `g`'s last node.
     pub fn new(g: &Graph) -> Patch {
         Patch {
             base: g.nodes.len(),
@@ -124,17 +125,22 @@ pub type Rule = fn(&Graph, NodeId) -> Result<Outcome>;
 /// One pass: a name and its rule.
 #[derive(Clone, Copy)]
 pub struct Pass {
+    /// The name the pass log, the manifest and [`Fault::pass`] use (`fold_scaling`).
     pub name: &'static str,
+    /// The rule, tried on every node until it no longer fires.
     pub rule: Rule,
 }
 
 /// What one pass did.
 #[derive(Debug, Clone)]
 pub struct PassRecord {
+    /// The pass's [`Pass::name`].
     pub name: &'static str,
+    /// How many rewrites the pass applied before reaching its fixpoint.
     pub rewrites: usize,
     /// Why the pass left matching places alone, one line each, without repeats.
     pub skipped: Vec<String>,
+    /// Wall-clock time the pass took, verification included.
     pub time: Duration,
 }
 
@@ -207,8 +213,11 @@ pub struct Options {
 /// catch and locate it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fault {
+    /// Name of the pass after which the fault is injected; it must be one that runs.
     pub pass: String,
+    /// The layer (`h.{layer}.`) whose first new constant is corrupted.
     pub layer: usize,
+    /// The factor that constant is multiplied by.
     pub factor: f64,
 }
 

@@ -26,13 +26,18 @@ pub use kernels::{kernel_source, ENTRIES};
 /// Weight dtype of a plan's GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightDtype {
+    /// GEMM weights stored as float32.
     F32,
+    /// GEMM weights rounded to bfloat16: half the bytes; vectors and tables stay float32.
     Bf16,
 }
 
 /// A lowered plan and the bytes of `model.weights`.
 pub struct Lowered {
+    /// The launch plan, as `model.plan` encodes it.
     pub plan: Plan,
+    /// The bytes of `model.weights`: each weight at the 256-byte-aligned offset its entry
+    /// in the plan gives.
     pub weights: Vec<u8>,
 }
 

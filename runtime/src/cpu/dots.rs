@@ -49,13 +49,23 @@ const PREFETCH_BYTES: usize = 1024;
 /// W rows `lda` apart, X rows `ldb` apart, C column-major with columns `ldc` apart.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// Weight rows: the outputs per activation row (the rows of C).
     pub m: usize,
+    /// Activation rows (the columns of C); the executors take this path for at most
+    /// [`MAX_N`].
     pub n: usize,
+    /// Elements per dot product: the length of each weight row and activation row used.
     pub k: usize,
+    /// Elements from one weight row's start to the next's (at least `k`).
     pub lda: usize,
+    /// Elements from one activation row's start to the next's (at least `k`).
     pub ldb: usize,
+    /// Elements from one column of C to the next (at least `m`); column j holds activation
+    /// row j's `m` outputs.
     pub ldc: usize,
+    /// Scale of the product.
     pub alpha: f32,
+    /// Scale of what C held; 0 overwrites C without reading it, as cuBLAS does.
     pub beta: f32,
 }
 
@@ -64,6 +74,7 @@ pub trait Weight: Copy + Send + Sync + 'static {
     /// Whether the AVX2 body reads the activation row in `split_pairs` order.
     const SPLIT_PAIRS: bool;
 
+    /// The element's value as f32, exactly (bf16 bits are an f32's upper half).
     fn widen(self) -> f32;
 
     /// The accumulator and lane that element `i` (0 to 31) of a 32-wide body chunk is
@@ -300,6 +311,21 @@ fn piece_rows(n: usize, row_bytes: usize) -> usize {
 
 /// Runs the GEMM. The caller has checked that `w`, `x` and `c` hold every element the
 /// shape touches (the CPU executor checks every GEMM's extents first).
+///
+/// ```
+/// use ngpt_runtime::cpu::dots::{gemm, Shape};
+/// // W is 2 x 3, one activation row x; C = W x^T, 2 x 1.
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let x = [1.0f32, 0.0, -2.0];
+/// let s = Shape { m: 2, n: 1, k: 3, lda: 3, ldb: 3, ldc: 2, alpha: 1.0, beta: 0.0 };
+/// let mut c = [f32::NAN; 2]; // beta 0: never read
+/// gemm(s, &w, &x, &mut c);
+/// assert_eq!(c, [-5.0, -8.0]);
+/// // The same weights as bf16 bits (exact here): the same result.
+/// let w16: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+/// gemm(s, &w16, &x, &mut c);
+/// assert_eq!(c, [-5.0, -8.0]);
+/// ```
 pub fn gemm<W: Weight>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;

@@ -165,6 +165,9 @@ where
     results.into_iter().collect()
 }
 
+/// `out[r] = wte[tokens[r]]` for rows `0..rows`: each token's row of the embedding table
+/// (`[vocab, n_embd]`) copied into `out` (`[rows, n_embd]`). A token id outside `0..vocab`
+/// is an [`Error::Request`].
 pub fn embed(d: &Dims, tokens: &[i32], wte: &[f32], out: &mut [f32], rows: usize) -> Result<()> {
     let c = d.n_embd;
     for r in 0..rows {
@@ -183,6 +186,8 @@ pub fn embed(d: &Dims, tokens: &[i32], wte: &[f32], out: &mut [f32], rows: usize
     Ok(())
 }
 
+/// `out[r] = x[r] / ||x[r]||` for rows `0..rows` of `n_embd` values: each row scaled to unit
+/// L2 norm (an all-zero row gives NaNs, as on the GPU).
 pub fn norm_rows(
     d: &Dims,
     x: &[f32],
@@ -210,6 +215,9 @@ pub fn norm_rows(
     )
 }
 
+/// The nGPT residual update, in place: `h[r] = Norm(h[r] + lr * (Norm(branch[r]) - h[r]))`
+/// for rows `0..rows` of `n_embd` values, with `lr` the per-channel rate (`[n_embd]`) and
+/// Norm scaling a row to unit L2 norm.
 pub fn lerp_norm(
     d: &Dims,
     h: &mut [f32],
@@ -243,6 +251,9 @@ pub fn lerp_norm(
     )
 }
 
+/// `out[r, j] = u * SiLU(v)` with `u = fc[r, j]` and `v = fc[r, 4 n_embd + j]`: each `fc` row
+/// holds the two `4 x n_embd` halves of the c_fc GEMM side by side (`[rows, 8 n_embd]`), and
+/// each `out` row is `4 x n_embd` wide.
 pub fn swiglu(
     d: &Dims,
     fc: &[f32],

@@ -17,7 +17,9 @@ use crate::plan::{LoadedPlan, WeightData};
 /// A buffer's storage.
 #[derive(Debug, Clone)]
 pub enum Buf {
+    /// An f32 buffer's elements: activations, KV caches, logits.
     F32(Vec<f32>),
+    /// An i32 buffer's elements: token ids, positions.
     I32(Vec<i32>),
 }
 
@@ -59,7 +61,11 @@ impl Buf {
 /// Which program to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgramKind {
+    /// The plan's prefill program: `per_seq` prompt rows per sequence, written into the KV
+    /// caches at their positions, with logits for every row.
     Prefill,
+    /// The plan's decode program: one row per sequence (`per_seq` 1), each sequence's next
+    /// token, written into the KV cache at its position and attending to the cache up to it.
     Decode,
 }
 
@@ -80,7 +86,9 @@ pub enum ProgramKind {
 /// # Ok::<(), ngpt_runtime::Error>(())
 /// ```
 pub struct CpuExecutor {
+    /// The plan this executor runs.
     pub plan: Arc<LoadedPlan>,
+    /// Sequences (B) this executor holds KV caches for, as given to [`CpuExecutor::new`].
     pub batch: usize,
     buffers: Vec<Buf>,
     threading: Threading,

@@ -25,12 +25,21 @@ pub const HELPERS_CU: &str = include_str!("helpers.cu");
 /// Which CUDA libraries this process can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Availability {
+    /// libcuda, the NVIDIA driver's library, loads.
     pub driver: bool,
+    /// libnvrtc, which compiles the plan's kernel modules, loads.
     pub nvrtc: bool,
+    /// libcublas, which runs the plan's GEMM steps, loads.
     pub cublas: bool,
 }
 
 /// Probes for libcuda, libnvrtc and libcublas without panicking.
+///
+/// ```
+/// let have = ngpt_runtime::cuda::probe();
+/// // `missing` names what is absent, and only when something is.
+/// assert_eq!(have.missing().is_none(), have.driver && have.nvrtc && have.cublas);
+/// ```
 pub fn probe() -> Availability {
     // SAFETY: these only try to dlopen the libraries; they do not call into them.
     unsafe {
@@ -67,6 +76,13 @@ impl Availability {
 /// Why the CUDA executor cannot run in this process, or `None` when it can: a library
 /// missing (libcuda, libnvrtc, libcublas), the driver failing to start, or no device.
 /// Calls into libcuda only after probing that it loads.
+///
+/// ```
+/// match ngpt_runtime::cuda::unavailable() {
+///     None => {} // `Session::cuda` can start here
+///     Some(why) => assert!(why.starts_with("no usable CUDA here")),
+/// }
+/// ```
 pub fn unavailable() -> Option<String> {
     if let Some(why) = probe().missing() {
         return Some(why);
