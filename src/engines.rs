@@ -291,7 +291,7 @@ impl Model {
             let dtype = self.plan_dtype;
             let lowered =
                 ngpt_compiler::plan::lower(&self.compiled()?.graph, &config, dtype, max_seq, "")?;
-            LoadedPlan::from_bytes(&lowered.plan.encode_to_vec(), &lowered.weights, &label)?
+            LoadedPlan::from_vec(&lowered.plan.encode_to_vec(), lowered.weights, &label)?
         };
         let plan = Arc::new(plan);
         self.plan = Some(Arc::clone(&plan));

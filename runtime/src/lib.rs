@@ -13,6 +13,8 @@
 //! # Ok::<(), ngpt_runtime::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod abi;
 pub mod bench;
 pub mod cpu;
@@ -20,6 +22,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod listing;
+pub mod mapped;
 pub mod plan;
 pub mod sample;
 pub mod session;

@@ -8,22 +8,34 @@ use ngpt_schemas::prost::Message;
 
 use crate::abi::{self, Slot};
 use crate::error::{Error, Result};
+use crate::mapped::{self, Elems};
 
 /// Model dimensions, from the plan's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
+    /// Transformer blocks.
     pub n_layer: usize,
+    /// Attention heads per block.
     pub n_head: usize,
+    /// Width of the hidden state (n_head x head_dim).
     pub n_embd: usize,
+    /// Width of one head (even).
     pub head_dim: usize,
+    /// Logits per position (the checkpoint's vocab_size, padding included).
     pub vocab: usize,
+    /// KV-cache capacity per sequence and rows of the position table: no sequence can
+    /// grow past it.
     pub max_seq_len: usize,
 }
 
 /// A validated plan with its weights as stored: f32, or bf16 (kept as bf16, so a bf16
 /// plan's weights take half the memory; executors widen only what they read as f32).
+/// Loaded from a directory, the weights are read in place from the memory-mapped
+/// `model.weights` ([`crate::mapped`]).
 pub struct LoadedPlan {
+    /// The decoded `model.plan`: programs, buffers, kernel modules, weight descriptions.
     pub plan: Plan,
+    /// The model's dimensions, from the plan's config (validated).
     pub dims: Dims,
     /// One per plan weight.
     pub weights: Vec<WeightData>,
@@ -38,9 +50,10 @@ pub fn widen_bf16(bits: u16) -> f32 {
 /// A weight's values as `model.weights` stores them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightData {
-    F32(Vec<f32>),
+    /// f32 values.
+    F32(Elems<f32>),
     /// bf16 bit patterns.
-    Bf16(Vec<u16>),
+    Bf16(Elems<u16>),
 }
 
 impl WeightData {
@@ -52,6 +65,7 @@ impl WeightData {
         }
     }
 
+    /// Whether the weight has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -60,12 +74,12 @@ impl WeightData {
     ///
     /// ```
     /// use ngpt_runtime::plan::WeightData;
-    /// let w = WeightData::Bf16(vec![0x3fc0, 0xc000]); // 1.5, -2.0
+    /// let w = WeightData::Bf16(vec![0x3fc0, 0xc000].into()); // 1.5, -2.0
     /// assert_eq!(&*w.to_f32(), &[1.5, -2.0]);
     /// ```
     pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
-            WeightData::F32(v) => std::borrow::Cow::Borrowed(v),
+            WeightData::F32(v) => std::borrow::Cow::Borrowed(&v[..]),
             WeightData::Bf16(v) => v.iter().map(|&b| widen_bf16(b)).collect(),
         }
     }
@@ -86,27 +100,66 @@ fn dtype_size(d: i32) -> Option<u64> {
     }
 }
 
+/// Where a plan's weight bytes come from: a mapped `model.weights` or a buffer the plan
+/// keeps (weights viewed in place), or borrowed bytes (copied).
+#[derive(Clone, Copy)]
+enum WeightBytes<'a> {
+    Shared(&'a mapped::Shared),
+    Copied(&'a [u8]),
+}
+
 impl LoadedPlan {
-    /// Reads `dir/model.plan` and `dir/model.weights`.
+    /// Reads `dir/model.plan` and maps `dir/model.weights` (read in place, not copied; see
+    /// [`crate::mapped`] for the one condition that comes with mapping a file).
     pub fn load(dir: &Path) -> Result<LoadedPlan> {
-        let read = |name: &str| {
-            let p = dir.join(name);
-            std::fs::read(&p).map_err(|source| Error::Io {
-                path: p.display().to_string(),
-                source,
-            })
+        let io = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| Error::Io { path, source }
         };
-        let plan = read("model.plan")?;
-        let weights = read("model.weights")?;
-        Self::from_bytes(
-            &plan,
-            &weights,
-            &dir.join("model.plan").display().to_string(),
-        )
+        let plan_path = dir.join("model.plan");
+        let plan = std::fs::read(&plan_path).map_err(io(&plan_path))?;
+        let weights_path = dir.join("model.weights");
+        let file = std::fs::File::open(&weights_path).map_err(io(&weights_path))?;
+        let len = file.metadata().map_err(io(&weights_path))?.len();
+        let path = plan_path.display().to_string();
+        if len == 0 {
+            // Nothing to map (and an empty mapping is an error on some systems).
+            return Self::decode(&plan, WeightBytes::Copied(&[]), &path);
+        }
+        let map = mapped::map_file(&file).map_err(io(&weights_path))?;
+        Self::decode(&plan, WeightBytes::Shared(&map), &path)
     }
 
-    /// Decodes and validates a plan; `path` names it in errors.
+    /// Decodes and validates a plan whose weights are given as bytes (copied into the
+    /// loaded plan); `path` names it in errors.
     pub fn from_bytes(plan_bytes: &[u8], weights: &[u8], path: &str) -> Result<LoadedPlan> {
+        Self::decode(plan_bytes, WeightBytes::Copied(weights), path)
+    }
+
+    /// As [`LoadedPlan::from_bytes`], but keeps `weights` and views each weight in it
+    /// instead of copying it (a plan lowered in memory then costs its weights once).
+    ///
+    /// ```no_run
+    /// # fn lowered() -> (Vec<u8>, Vec<u8>) { unimplemented!() }
+    /// use ngpt_runtime::plan::{LoadedPlan, WeightData};
+    /// let (plan_bytes, weights) = lowered(); // e.g. ngpt_compiler::plan::lower's output
+    /// let plan = LoadedPlan::from_vec(&plan_bytes, weights, "in memory")?;
+    /// assert!(plan.weights.iter().all(|w| match w {
+    ///     WeightData::F32(v) => v.is_in_place(),
+    ///     WeightData::Bf16(v) => v.is_in_place(),
+    /// }));
+    /// # Ok::<(), ngpt_runtime::Error>(())
+    /// ```
+    pub fn from_vec(plan_bytes: &[u8], weights: Vec<u8>, path: &str) -> Result<LoadedPlan> {
+        let shared: mapped::Shared = std::sync::Arc::new(weights);
+        Self::decode(plan_bytes, WeightBytes::Shared(&shared), path)
+    }
+
+    fn decode(plan_bytes: &[u8], source: WeightBytes<'_>, path: &str) -> Result<LoadedPlan> {
+        let weights: &[u8] = match source {
+            WeightBytes::Copied(b) => b,
+            WeightBytes::Shared(m) => (**m).as_ref(),
+        };
         let plan = Plan::decode(plan_bytes).map_err(|e| {
             bad(
                 path,
@@ -206,19 +259,14 @@ impl LoadedPlan {
                 )
             })?;
             spans.push((w.offset, end, w.name.clone()));
-            let raw = &weights[w.offset as usize..end as usize];
-            data.push(if size == 2 {
-                WeightData::Bf16(
-                    raw.chunks_exact(2)
-                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                        .collect(),
-                )
-            } else {
-                WeightData::F32(
-                    raw.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                )
+            // In bounds (checked just above), so these casts and the slice cannot fail.
+            let (start, count) = (w.offset as usize, (w.bytes / size) as usize);
+            let raw = &weights[start..end as usize];
+            data.push(match (size, source) {
+                (2, WeightBytes::Shared(m)) => WeightData::Bf16(Elems::in_place(m, start, count)),
+                (2, WeightBytes::Copied(_)) => WeightData::Bf16(Elems::decode(raw)),
+                (_, WeightBytes::Shared(m)) => WeightData::F32(Elems::in_place(m, start, count)),
+                (_, WeightBytes::Copied(_)) => WeightData::F32(Elems::decode(raw)),
             });
         }
         spans.sort();
@@ -404,14 +452,23 @@ pub fn written_buffer(s: &pb::Step) -> Option<usize> {
 /// (column-major, as cuBLAS reads them).
 #[derive(Debug, Clone, Copy)]
 pub struct GemmExtents {
+    /// Rows of op(A) and of C.
     pub m: usize,
+    /// Columns of op(B) and of C (rows of the request, for the plans ngpt makes).
     pub n: usize,
+    /// The shared dimension: columns of op(A), rows of op(B).
     pub k: usize,
+    /// Leading dimension of A, in elements.
     pub lda: usize,
+    /// Leading dimension of B, in elements.
     pub ldb: usize,
+    /// Leading dimension of C, in elements.
     pub ldc: usize,
+    /// Elements A must hold from its offset on.
     pub need_a: usize,
+    /// Elements B must hold from its offset on.
     pub need_b: usize,
+    /// Elements C must hold from its offset on.
     pub need_c: usize,
 }
 

@@ -1311,6 +1311,57 @@ fn logits_plan_cpu_matches_the_reference() -> Result<()> {
 }
 
 #[test]
+fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("c");
+    let ckpt = nv_tiny().join("ckpt.pt");
+    compile_to(&ckpt, &dir, &["--max-seq-len", "64", "--dtype", "bf16"])?;
+    let plan_bytes = std::fs::read(dir.join("model.plan"))?;
+    let weight_bytes = std::fs::read(dir.join("model.weights"))?;
+    let copied = LoadedPlan::from_bytes(&plan_bytes, &weight_bytes, "model.plan")?;
+    let mapped = Arc::new(LoadedPlan::load(&dir)?);
+    // Every weight is viewed in place in the mapped file (the compiler aligns each to 256
+    // bytes), with exactly the values of a copy.
+    assert_eq!(mapped.weights.len(), copied.weights.len());
+    for ((w, a), b) in mapped
+        .plan
+        .weights
+        .iter()
+        .zip(&mapped.weights)
+        .zip(&copied.weights)
+    {
+        let in_place = match a {
+            ngpt_runtime::plan::WeightData::F32(v) => v.is_in_place(),
+            ngpt_runtime::plan::WeightData::Bf16(v) => v.is_in_place(),
+        };
+        assert_eq!(in_place, cfg!(target_endian = "little"), "{}", w.name);
+        assert_eq!(a, b, "{}", w.name);
+    }
+    let tokens: [u32; 4] = [45, 64, 77, 12];
+    let before = Session::new(mapped.clone(), 1)?.prefill(&[tokens.to_vec()])?;
+    // `compile --force` over the same directory (another dtype, so other bytes) replaces the
+    // files by rename: the loaded plan keeps reading the old ones and computes the same bits.
+    compile_to(&ckpt, &dir, &["--max-seq-len", "64", "--force"])?;
+    assert_ne!(std::fs::read(dir.join("model.weights"))?, weight_bytes);
+    for ((w, a), b) in mapped
+        .plan
+        .weights
+        .iter()
+        .zip(&mapped.weights)
+        .zip(&copied.weights)
+    {
+        assert_eq!(a, b, "{} changed under the loaded plan", w.name);
+    }
+    let after = Session::new(mapped, 1)?.prefill(&[tokens.to_vec()])?;
+    assert!(before.iter().all(|x| x.is_finite()));
+    assert_eq!(
+        before.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        after.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[test]
 fn bf16_plans_halve_the_matrices_and_stay_close() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let ckpt = nv_tiny().join("ckpt.pt");
