@@ -154,6 +154,52 @@ impl Const {
         Tensor::cat(&parts, 0)
     }
 
+    /// Calls `f` with the value in f32, a block of up to 1024 rows (of the first dimension)
+    /// at a time, in order: the values of `value_in(F32)`, bit for bit, without a
+    /// full-size copy of the value ever existing (emitters stream them into their files).
+    /// A candle error is reported with `context`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use candle_core::{Device, Tensor};
+    /// use ngpt_compiler::graph::Const;
+    /// let w = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+    /// let scale = Tensor::new(&[2.0f64, -0.5], &Device::Cpu)?;
+    /// let c = Const::new(w).scale_rows(&scale)?;
+    /// let mut all = vec![];
+    /// c.f32_row_blocks("w", |block| Ok(all.extend_from_slice(block)))?;
+    /// assert_eq!(all, [2.0, 4.0, -1.5, -2.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn f32_row_blocks(
+        &self,
+        context: &str,
+        mut f: impl FnMut(&[f32]) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        use crate::error::CandleContext;
+        const BLOCK: usize = 1024;
+        let f32 = candle_core::DType::F32;
+        let block = |start: usize, len: usize| -> candle_core::Result<Vec<f32>> {
+            if self.rank() == 0 {
+                return self.value_in(f32)?.flatten_all()?.to_vec1::<f32>();
+            }
+            let w = self.tensor.narrow(0, start, len)?;
+            let w = match &self.row_scale {
+                // As value_in: the product in f64, rounded to f32 once.
+                Some(s) => w
+                    .to_dtype(candle_core::DType::F64)?
+                    .broadcast_mul(&s.narrow(0, start, len)?.unsqueeze(1)?)?,
+                None => w,
+            };
+            w.to_dtype(f32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let rows = self.dims().first().copied().unwrap_or(1);
+        for start in (0..rows).step_by(BLOCK) {
+            f(&block(start, BLOCK.min(rows - start)).ctx(context)?)?;
+        }
+        Ok(())
+    }
+
     /// The value: the tensor, with any row scale applied in f64.
     pub fn value(&self) -> candle_core::Result<Tensor> {
         match &self.row_scale {
@@ -432,5 +478,38 @@ impl Graph {
         }
         self.outputs.iter_mut().for_each(|o| *o = remap[*o]);
         self.nodes = nodes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn f32_row_blocks_are_value_in_f32_bit_for_bit() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // 2,500 rows: two whole blocks of 1,024 and a short one; bf16 storage, a row scale
+        // with negative entries (the f64 product rounded once).
+        let (rows, cols) = (2500, 3);
+        let v: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::from_vec(v, (rows, cols), &dev)?.to_dtype(DType::BF16)?;
+        let scale: Vec<f64> = (0..rows).map(|r| 0.5 - (r % 7) as f64 * 0.3).collect();
+        let scaled = Const::new(w.clone()).scale_rows(&Tensor::from_vec(scale, rows, &dev)?)?;
+        let vector = Const::new(Tensor::from_vec(vec![1.5f32, -2.0, 3.25], 3, &dev)?);
+        let scalar = Const::new(Tensor::new(0.125f32, &dev)?);
+        for (c, blocks) in [(Const::new(w), 3), (scaled, 3), (vector, 1), (scalar, 1)] {
+            let want = c.value_in(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let (mut got, mut seen) = (vec![], 0);
+            c.f32_row_blocks("c", |b| {
+                got.extend_from_slice(b);
+                seen += 1;
+                Ok(())
+            })?;
+            assert_eq!(seen, blocks);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want));
+        }
+        Ok(())
     }
 }

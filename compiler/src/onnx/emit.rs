@@ -11,7 +11,7 @@ use ngpt_schemas::onnx::tensor_proto::DataType;
 use super::builder::{Attr, Builder};
 use super::{Options, WeightDtype};
 use crate::error::{CandleContext, Error, Result};
-use crate::graph::{Graph, NodeId, Op};
+use crate::graph::{Const, Graph, NodeId, Op};
 use crate::reference::position_table;
 
 /// Name of the token-id input, int64 `[batch, sequence]`.
@@ -174,11 +174,8 @@ impl Emit<'_, '_> {
                 self.name(id)
             )));
         };
-        let t = t
-            .value_in(self.initializer_dtype(t.rank()))
-            .ctx("reading a constant")?;
         let name = self.name(id).to_string();
-        let v = self.constant(&name, &t, false)?;
+        let v = self.constant(&name, t, false)?;
         self.values[id] = Some(v.clone());
         Ok(v)
     }
@@ -196,31 +193,21 @@ impl Emit<'_, '_> {
                 None,
             );
         };
-        let t = t
-            .value_in(self.initializer_dtype(t.rank()))
-            .and_then(|t| transposed(&t))
-            .ctx("transposing a weight")?;
         let mut name = self.name(id).to_string();
         if self.plain_use[id] {
             name.push_str(".transposed");
         }
-        self.constant(&name, &t, true)
+        self.constant(&name, t, true)
     }
 
-    /// The dtype a constant is read in before [`Self::constant`] converts it: f32, or f64
-    /// for what becomes f16 (rounded once, from the exact value).
-    fn initializer_dtype(&self, rank: usize) -> DType {
-        if self.opts.weights == WeightDtype::F16 && rank == 2 {
-            DType::F64
-        } else {
-            DType::F32
+    /// An initializer for a constant (its `[N, K]` matrix as `[K, N]` when `transposed`):
+    /// f32, or f16 for matrices under `--onnx-dtype f16` (followed by a Cast to f32).
+    /// Returns the f32 value's name.
+    fn constant(&mut self, name: &str, c: &Const, transposed: bool) -> Result<String> {
+        let mut dims = c.dims().to_vec();
+        if transposed {
+            dims.reverse();
         }
-    }
-
-    /// An initializer for a constant: f32, or f16 for matrices under `--onnx-dtype f16`
-    /// (followed by a Cast to f32). Returns the f32 value's name.
-    fn constant(&mut self, name: &str, t: &Tensor, transposed: bool) -> Result<String> {
-        let dims = t.dims().to_vec();
         let half = self.opts.weights == WeightDtype::F16 && dims.len() == 2;
         let doc = transposed.then(|| {
             format!(
@@ -230,8 +217,16 @@ impl Emit<'_, '_> {
         });
         let ctx = format!("initializer `{name}`");
         if half {
-            let values = t
-                .to_dtype(DType::F64)
+            // f16 is rounded once, from the exact (f64) value.
+            let values = c
+                .value_in(DType::F64)
+                .and_then(|t| {
+                    if transposed {
+                        transposed_f64(&t)
+                    } else {
+                        Ok(t)
+                    }
+                })
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f64>())
                 .ctx(&ctx)?;
@@ -254,17 +249,24 @@ impl Emit<'_, '_> {
                 vec![("to", Attr::Int(DataType::Float as i64))],
                 None,
             )
+        } else if transposed {
+            // Written straight into the initializer's bytes a block of rows at a time, so
+            // neither the value nor its transpose exists in f32 besides them.
+            let (k, n) = (dims[0], dims[1]);
+            let mut bytes = vec![0u8; n * k * 4];
+            let mut row = 0;
+            c.f32_row_blocks(&ctx, |block| {
+                transpose_into(block, k, row, n, &mut bytes);
+                row += block.len() / k.max(1);
+                Ok(())
+            })?;
+            self.b.initializer(name, &dims, DataType::Float, bytes, doc)
         } else {
-            let values = t
-                .to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .ctx(&ctx)?;
-            let mut bytes = Vec::with_capacity(values.len() * 4);
-            for v in &values {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
-            drop(values);
+            let mut bytes = Vec::with_capacity(dims.iter().product::<usize>() * 4);
+            c.f32_row_blocks(&ctx, |block| {
+                block.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
+                Ok(())
+            })?;
             self.b.initializer(name, &dims, DataType::Float, bytes, doc)
         }
     }
@@ -671,45 +673,40 @@ impl Emit<'_, '_> {
     }
 }
 
-/// `t` ([N, K], f32 or f64) transposed to a contiguous [K, N], tile by tile: candle's
-/// strided copy walks the source a column at a time, a cache miss per element, and was a
-/// quarter of the 0.5b compile.
-fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
+/// `t` ([N, K], f64) transposed to a contiguous [K, N], tile by tile: candle's strided
+/// copy walks the source a column at a time, a cache miss per element, and was a quarter of
+/// the 0.5b compile.
+fn transposed_f64(t: &Tensor) -> candle_core::Result<Tensor> {
     let (n, k) = t.dims2()?;
-    let flat = t.flatten_all()?;
-    match t.dtype() {
-        DType::F64 => {
-            Tensor::from_vec(transpose(&flat.to_vec1::<f64>()?, n, k), (k, n), t.device())
-        }
-        _ => Tensor::from_vec(
-            transpose(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?, n, k),
-            (k, n),
-            t.device(),
-        ),
-    }
+    let flat = t.flatten_all()?.to_vec1::<f64>()?;
+    let mut out = vec![0f64; n * k];
+    transpose_tiles(n, k, |r, c| out[c * n + r] = flat[r * k + c]);
+    Tensor::from_vec(out, (k, n), t.device())
 }
 
-/// The row-major `rows x cols` matrix `src`, transposed, in 32 x 32 tiles.
-fn transpose<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+/// Writes `block`, rows `row0..` of a row-major `[N, cols]` f32 matrix, into `out`, the
+/// little-endian bytes of its `[cols, N]` transpose.
+fn transpose_into(block: &[f32], cols: usize, row0: usize, n: usize, out: &mut [u8]) {
+    let rows = block.len() / cols.max(1);
+    transpose_tiles(rows, cols, |r, c| {
+        let at = (c * n + row0 + r) * 4;
+        out[at..at + 4].copy_from_slice(&block[r * cols + c].to_le_bytes());
+    });
+}
+
+/// Calls `put(r, c)` for every element of a `rows x cols` matrix, in 32 x 32 tiles (so a
+/// transpose reads and writes within a few cache lines at a time).
+fn transpose_tiles(rows: usize, cols: usize, mut put: impl FnMut(usize, usize)) {
     const TILE: usize = 32;
-    let mut out = vec![T::default(); rows * cols];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
     for r0 in (0..rows).step_by(TILE) {
-        let r1 = (r0 + TILE).min(rows);
-        let band = &src[r0 * cols..r1 * cols];
         for c0 in (0..cols).step_by(TILE) {
-            let c1 = (c0 + TILE).min(cols);
-            for c in c0..c1 {
-                let dst = &mut out[c * rows + r0..c * rows + r1];
-                for (d, row) in dst.iter_mut().zip(band.chunks_exact(cols)) {
-                    *d = row[c];
+            for c in c0..(c0 + TILE).min(cols) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    put(r, c);
                 }
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -717,23 +714,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiled_transpose_equals_candles_on_odd_shapes() -> candle_core::Result<()> {
+    fn tiled_transposes_equal_candles_on_odd_shapes_and_blocks() -> candle_core::Result<()> {
         for (n, k) in [(1, 1), (1, 70), (33, 1), (31, 33), (65, 97), (128, 64)] {
             let v: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5 - 7.0).collect();
-            let t = Tensor::from_vec(v, (n, k), &candle_core::Device::Cpu)?;
-            let want = t.t()?.contiguous()?;
-            let got = transposed(&t)?;
-            assert_eq!(got.dims(), want.dims());
-            assert_eq!(
-                got.flatten_all()?.to_vec1::<f32>()?,
-                want.flatten_all()?.to_vec1::<f32>()?
-            );
-            let got64 = transposed(&t.to_dtype(DType::F64)?)?;
-            assert_eq!(got64.dtype(), DType::F64);
-            assert_eq!(
-                got64.flatten_all()?.to_vec1::<f64>()?,
-                want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?
-            );
+            let t = Tensor::from_vec(v.clone(), (n, k), &candle_core::Device::Cpu)?;
+            let want = t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            // Rows handed over in blocks of 7 (the last one short), as f32_row_blocks does.
+            let mut bytes = vec![0u8; n * k * 4];
+            for (b, block) in v.chunks(7 * k).enumerate() {
+                transpose_into(block, k, b * 7, n, &mut bytes);
+            }
+            let got: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(got, want, "{n} x {k}");
+            let got64 = transposed_f64(&t.to_dtype(DType::F64)?)?;
+            assert_eq!(got64.dims(), [k, n]);
+            let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            assert_eq!(got64.flatten_all()?.to_vec1::<f64>()?, want64);
         }
         Ok(())
     }

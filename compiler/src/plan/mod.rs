@@ -11,14 +11,13 @@ mod kernels;
 
 use std::collections::HashMap;
 
-use candle_core::DType;
 use ngpt_schemas::plan::{
     self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm, KernelModule,
     Launch, Operand, Plan, Program, Step, Symbol,
 };
 
 use crate::config::Config;
-use crate::error::{CandleContext, Error, Result};
+use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
 
 pub use kernels::{kernel_source, ENTRIES};
@@ -123,28 +122,39 @@ impl Lowerer<'_> {
         )
     }
 
+    /// Appends a weight to `model.weights` (256-byte aligned), its f32 values given a block
+    /// at a time by `blocks` and written as they come, in `dtype`.
     fn push_weight(
         &mut self,
         name: String,
-        values: Vec<f32>,
         shape: Vec<u64>,
         dtype: pb::DType,
+        blocks: impl FnOnce(&mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>,
     ) -> Result<u32> {
         let pad = (ALIGN as u64 - self.written % ALIGN as u64) % ALIGN as u64;
         let offset = self.written + pad;
-        let mut buf = vec![0u8; pad as usize];
-        match dtype {
-            pb::DType::Bf16 => values
-                .iter()
-                .for_each(|v| buf.extend(half::bf16::from_f32(*v).to_le_bytes())),
-            _ => values.iter().for_each(|v| buf.extend(v.to_le_bytes())),
-        }
-        self.sink.write_all(&buf).map_err(|source| Error::Io {
-            path: self.sink_path.to_path_buf(),
-            source,
+        let (sink, sink_path) = (&mut *self.sink, self.sink_path);
+        let write = |sink: &mut dyn std::io::Write, buf: &[u8]| {
+            sink.write_all(buf).map_err(|source| Error::Io {
+                path: sink_path.to_path_buf(),
+                source,
+            })
+        };
+        write(sink, &vec![0u8; pad as usize])?;
+        let mut bytes = 0u64;
+        let mut buf = vec![];
+        blocks(&mut |values: &[f32]| {
+            buf.clear();
+            match dtype {
+                pb::DType::Bf16 => values
+                    .iter()
+                    .for_each(|v| buf.extend(half::bf16::from_f32(*v).to_le_bytes())),
+                _ => values.iter().for_each(|v| buf.extend(v.to_le_bytes())),
+            }
+            bytes += buf.len() as u64;
+            write(sink, &buf)
         })?;
-        self.written += buf.len() as u64;
-        let bytes = self.written - offset;
+        self.written = offset + bytes;
         self.weights.push(pb::Weight {
             name,
             dtype: dtype as i32,
@@ -160,23 +170,21 @@ impl Lowerer<'_> {
         if let Some(&w) = self.weight_of.get(&id) {
             return Ok(w);
         }
-        let node = &self.g.nodes[id];
-        let t = self.g.const_of(id).ok_or_else(|| Error::Argument {
+        let g = self.g;
+        let node = &g.nodes[id];
+        let t = g.const_of(id).ok_or_else(|| Error::Argument {
             what: format!("plan lowering: `{}`", node.name),
             problem: "expected a constant".into(),
         })?;
-        let values = t
-            .value_in(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .ctx(&node.name)?;
         let dtype = if gemm && self.dtype == WeightDtype::Bf16 {
             pb::DType::Bf16
         } else {
             pb::DType::F32
         };
         let shape = t.dims().iter().map(|&d| d as u64).collect();
-        let w = self.push_weight(node.name.clone(), values, shape, dtype)?;
+        let w = self.push_weight(node.name.clone(), shape, dtype, |f| {
+            t.f32_row_blocks(&node.name, f)
+        })?;
         self.weight_of.insert(id, w);
         Ok(w)
     }
@@ -490,9 +498,9 @@ impl Lowerer<'_> {
         }
         self.push_weight(
             "position_table".into(),
-            m,
             vec![self.max_seq_len as u64, d as u64],
             pb::DType::F32,
+            |f| m.chunks(1 << 20).try_for_each(f),
         )
     }
 }
