@@ -2,7 +2,6 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -150,7 +149,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("prompt ({longest} tokens) plus --max-new-tokens {} exceeds the KV capacity {cap} (--max-seq-len at compile time)", a.max_new_tokens);
     }
     let b = prompts.len();
-    let mut session: Session = crate::engines::plan_session(runtime_engine, Arc::new(plan), b)?;
+    let mut session: Session = crate::engines::plan_session(runtime_engine, plan, b)?;
     let mut sampler = Sampler::new(
         Sampling {
             temperature: a.temperature,

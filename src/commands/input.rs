@@ -1,6 +1,7 @@
 //! Resolving INPUT: a checkpoint, or a compiled directory whose manifest names its source.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use ngpt_compiler::compile::{is_compiled_dir, Manifest};
@@ -28,26 +29,9 @@ pub fn load_checkpoint(input: &Path) -> Result<Checkpoint> {
     Ok(ckpt)
 }
 
-/// The launch plan behind `input`: a compiled directory's `model.plan`, or one lowered in
-/// memory (f32, KV capacity at least `min_seq_len`) from a checkpoint.
-pub fn load_plan(input: &Path, min_seq_len: usize) -> Result<ngpt_runtime::plan::LoadedPlan> {
-    use ngpt_schemas::prost::Message;
-    if is_compiled_dir(input) {
-        return Ok(ngpt_runtime::plan::LoadedPlan::load(input)?);
-    }
-    let ckpt = load_checkpoint(input)?;
-    let compiled = ngpt_compiler::compile::compile(&ckpt, &Default::default())?;
-    let max_seq = ckpt.config.block_size.max(2048).max(min_seq_len);
-    let lowered = ngpt_compiler::plan::lower(
-        &compiled.graph,
-        &ckpt.config,
-        ngpt_compiler::plan::WeightDtype::F32,
-        max_seq,
-        "",
-    )?;
-    Ok(ngpt_runtime::plan::LoadedPlan::from_bytes(
-        &lowered.plan.encode_to_vec(),
-        &lowered.weights,
-        &input.display().to_string(),
-    )?)
+/// The launch plan behind `input`: a compiled directory's `model.plan` (its weights
+/// mapped), or one lowered in memory (f32, KV capacity at least `min_seq_len`) from a
+/// checkpoint, whose tensors and graph are freed once the plan holds its weights.
+pub fn load_plan(input: &Path, min_seq_len: usize) -> Result<Arc<ngpt_runtime::plan::LoadedPlan>> {
+    crate::engines::Model::open(input).plan(min_seq_len)
 }
