@@ -100,6 +100,29 @@ fn dtype_size(d: i32) -> Option<u64> {
     }
 }
 
+/// How [`LoadedPlan::load_with`] brings `model.weights` into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsIo {
+    /// Map the file and view the weights in place: no copy, pages shared with every process
+    /// that loads the same plan. The file must not be changed in place while it is loaded
+    /// (truncating it makes the process fault); replacing it by rename is safe.
+    Map,
+    /// Read the file into memory once: the process keeps its own copy whatever happens to
+    /// the file afterwards.
+    Read,
+}
+
+impl WeightsIo {
+    /// [`WeightsIo::Read`] when the environment variable `NGPT_MMAP` is `0`, else
+    /// [`WeightsIo::Map`].
+    pub fn from_env() -> WeightsIo {
+        match std::env::var("NGPT_MMAP") {
+            Ok(v) if v.trim() == "0" => WeightsIo::Read,
+            _ => WeightsIo::Map,
+        }
+    }
+}
+
 /// Where a plan's weight bytes come from: a mapped `model.weights` or a buffer the plan
 /// keeps (weights viewed in place), or borrowed bytes (copied).
 #[derive(Clone, Copy)]
@@ -110,18 +133,37 @@ enum WeightBytes<'a> {
 
 impl LoadedPlan {
     /// Reads `dir/model.plan` and maps `dir/model.weights` (read in place, not copied; see
-    /// [`crate::mapped`] for the one condition that comes with mapping a file).
+    /// [`crate::mapped`] for the one condition that comes with mapping a file), or reads it
+    /// into memory when the environment says `NGPT_MMAP=0` ([`WeightsIo::from_env`]).
     pub fn load(dir: &Path) -> Result<LoadedPlan> {
+        Self::load_with(dir, WeightsIo::from_env())
+    }
+
+    /// As [`LoadedPlan::load`], with `model.weights` brought in as `how` says.
+    ///
+    /// ```no_run
+    /// use ngpt_runtime::plan::{LoadedPlan, WeightsIo};
+    /// let dir = std::path::Path::new("out/nv-tiny");
+    /// let mapped = LoadedPlan::load_with(dir, WeightsIo::Map)?;
+    /// let read = LoadedPlan::load_with(dir, WeightsIo::Read)?;
+    /// assert_eq!(mapped.weights, read.weights);
+    /// # Ok::<(), ngpt_runtime::Error>(())
+    /// ```
+    pub fn load_with(dir: &Path, how: WeightsIo) -> Result<LoadedPlan> {
         let io = |p: &Path| {
             let path = p.display().to_string();
             move |source| Error::Io { path, source }
         };
         let plan_path = dir.join("model.plan");
         let plan = std::fs::read(&plan_path).map_err(io(&plan_path))?;
+        let path = plan_path.display().to_string();
         let weights_path = dir.join("model.weights");
+        if how == WeightsIo::Read {
+            let weights = std::fs::read(&weights_path).map_err(io(&weights_path))?;
+            return Self::from_vec(&plan, weights, &path);
+        }
         let file = std::fs::File::open(&weights_path).map_err(io(&weights_path))?;
         let len = file.metadata().map_err(io(&weights_path))?.len();
-        let path = plan_path.display().to_string();
         if len == 0 {
             // Nothing to map (and an empty mapping is an error on some systems).
             return Self::decode(&plan, WeightBytes::Copied(&[]), &path);

@@ -1337,6 +1337,9 @@ fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result
         assert_eq!(in_place, cfg!(target_endian = "little"), "{}", w.name);
         assert_eq!(a, b, "{}", w.name);
     }
+    // Read instead (`NGPT_MMAP=0`): the same values, in the process's own buffer.
+    let read = LoadedPlan::load_with(&dir, ngpt_runtime::plan::WeightsIo::Read)?;
+    assert!(read.weights == copied.weights);
     let tokens: [u32; 4] = [45, 64, 77, 12];
     let before = Session::new(mapped.clone(), 1)?.prefill(&[tokens.to_vec()])?;
     // `compile --force` over the same directory (another dtype, so other bytes) replaces the
