@@ -1323,19 +1323,15 @@ fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result
     // Every weight is viewed in place in the mapped file (the compiler aligns each to 256
     // bytes), with exactly the values of a copy.
     assert_eq!(mapped.weights.len(), copied.weights.len());
-    for ((w, a), b) in mapped
-        .plan
-        .weights
-        .iter()
-        .zip(&mapped.weights)
-        .zip(&copied.weights)
-    {
+    let names = || mapped.plan.weights.iter().map(|w| &w.name);
+    let pairs = || names().zip(mapped.weights.iter().zip(&copied.weights));
+    for (name, (a, b)) in pairs() {
         let in_place = match a {
             ngpt_runtime::plan::WeightData::F32(v) => v.is_in_place(),
             ngpt_runtime::plan::WeightData::Bf16(v) => v.is_in_place(),
         };
-        assert_eq!(in_place, cfg!(target_endian = "little"), "{}", w.name);
-        assert_eq!(a, b, "{}", w.name);
+        assert_eq!(in_place, cfg!(target_endian = "little"), "{name}");
+        assert_eq!(a, b, "{name}");
     }
     // Read instead (`NGPT_MMAP=0`): the same values, in the process's own buffer.
     let read = LoadedPlan::load_with(&dir, ngpt_runtime::plan::WeightsIo::Read)?;
@@ -1346,16 +1342,10 @@ fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result
     // files by rename: the loaded plan keeps reading the old ones and computes the same bits.
     compile_to(&ckpt, &dir, &["--max-seq-len", "64", "--force"])?;
     assert_ne!(std::fs::read(dir.join("model.weights"))?, weight_bytes);
-    for ((w, a), b) in mapped
-        .plan
-        .weights
-        .iter()
-        .zip(&mapped.weights)
-        .zip(&copied.weights)
-    {
-        assert_eq!(a, b, "{} changed under the loaded plan", w.name);
+    for (name, (a, b)) in pairs() {
+        assert_eq!(a, b, "{name} changed under the loaded plan");
     }
-    let after = Session::new(mapped, 1)?.prefill(&[tokens.to_vec()])?;
+    let after = Session::new(mapped.clone(), 1)?.prefill(&[tokens.to_vec()])?;
     assert!(before.iter().all(|x| x.is_finite()));
     assert_eq!(
         before.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
