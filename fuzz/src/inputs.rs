@@ -165,21 +165,39 @@ pub enum PlanOutcome {
     LoadErr(String),
     RunErr(String),
     Ran,
-    /// The run returned logits of the wrong size: a broken contract (callers slice rows by
-    /// vocab), which the fuzz target turns into a crash.
-    BadLogits(String),
+    /// A broken contract, which the fuzz target turns into a crash: the run returned
+    /// logits of the wrong size (callers slice rows by vocab), or loading the weights in
+    /// place (as a mapped `model.weights` is) and loading a copy disagreed.
+    Broken(String),
 }
 
-/// Loads the plan; if it loads, lists it and runs a ragged batch of two through prefill
-/// and two decode steps (as `tests/it/plan_cli.rs` does).
+/// Loads the plan twice, from a copy of the weights and with the weights viewed in place
+/// (`from_vec`, the way a mapped `model.weights` is read), which must agree; if it loads,
+/// lists it and runs a ragged batch of two through prefill and two decode steps (as
+/// `tests/it/plan_cli.rs` does).
 pub fn plan(data: &[u8]) -> PlanOutcome {
     use ngpt_runtime::listing::{listing, Shape};
     use ngpt_runtime::plan::LoadedPlan;
     use ngpt_runtime::session::Session;
     let (plan, weights) = take_prefixed::<4>(data);
-    let p = match LoadedPlan::from_bytes(plan, weights, "model.plan") {
-        Ok(p) => Arc::new(p),
-        Err(e) => return PlanOutcome::LoadErr(e.to_string()),
+    let copied = LoadedPlan::from_bytes(plan, weights, "model.plan");
+    let in_place = LoadedPlan::from_vec(plan, weights.to_vec(), "model.plan");
+    let p = match (copied, in_place) {
+        (Ok(a), Ok(b)) if a.weights == b.weights => Arc::new(b),
+        (Err(a), Err(b)) if a.to_string() == b.to_string() => {
+            return PlanOutcome::LoadErr(a.to_string())
+        }
+        (a, b) => {
+            let say = |r: &ngpt_runtime::Result<LoadedPlan>| match r {
+                Ok(_) => "loaded".to_string(),
+                Err(e) => e.to_string(),
+            };
+            return PlanOutcome::Broken(format!(
+                "a copy and the weights in place load differently: {} / {}",
+                say(&a),
+                say(&b)
+            ));
+        }
     };
     let _ = listing(
         &p,
@@ -212,7 +230,7 @@ pub fn plan(data: &[u8]) -> PlanOutcome {
     };
     match run() {
         Ok(None) => PlanOutcome::Ran,
-        Ok(Some(bad)) => PlanOutcome::BadLogits(bad),
+        Ok(Some(bad)) => PlanOutcome::Broken(bad),
         Err(e) => PlanOutcome::RunErr(e.to_string()),
     }
 }

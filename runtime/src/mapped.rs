@@ -32,17 +32,25 @@ mod sealed {
 pub trait Element: sealed::Sealed + Copy + PartialEq + fmt::Debug + Send + Sync + 'static {
     /// Decodes one element from its little-endian bytes (`size_of::<Self>()` of them).
     fn from_le(bytes: &[u8]) -> Self;
+    /// The element's bit pattern (what equality of weights compares: a NaN equals itself).
+    fn bits(self) -> u32;
 }
 
 impl Element for f32 {
     fn from_le(b: &[u8]) -> f32 {
         f32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
 }
 
 impl Element for u16 {
     fn from_le(b: &[u8]) -> u16 {
         u16::from_le_bytes([b[0], b[1]])
+    }
+    fn bits(self) -> u32 {
+        self as u32
     }
 }
 
@@ -159,8 +167,13 @@ impl<T: Element> Clone for Elems<T> {
 }
 
 impl<T: Element> PartialEq for Elems<T> {
+    /// Bit for bit, as the weights are stored (so a NaN weight equals itself).
     fn eq(&self, other: &Elems<T>) -> bool {
-        self[..] == other[..]
+        self.len() == other.len()
+            && self
+                .iter()
+                .zip(other.iter())
+                .all(|(a, b)| a.bits() == b.bits())
     }
 }
 
@@ -214,5 +227,10 @@ mod tests {
             assert!(Elems::<f32>::in_place(&shared, 8, 4).is_empty());
             assert!(Elems::<f32>::in_place(&shared, usize::MAX, 2).is_empty());
         }
+        // Equality is of the stored bits: a NaN equals itself, -0 is not 0.
+        let nan = Elems::<f32>::from(vec![f32::NAN, 1.0]);
+        assert_eq!(nan, nan.clone());
+        assert_ne!(Elems::<f32>::from(vec![-0.0]), Elems::from(vec![0.0]));
+        assert_ne!(Elems::<f32>::from(vec![1.0]), Elems::from(vec![1.0, 1.0]));
     }
 }

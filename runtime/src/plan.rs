@@ -47,7 +47,7 @@ pub fn widen_bf16(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
-/// A weight's values as `model.weights` stores them.
+/// A weight's values as `model.weights` stores them (equality is of the stored bits).
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightData {
     /// f32 values.

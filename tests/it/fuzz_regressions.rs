@@ -127,7 +127,7 @@ fn replay(target: &str, data: &[u8]) -> std::result::Result<Replay, String> {
         "plan" => match inputs::plan(data) {
             PlanOutcome::Ran => Ok(Replay::Accepted),
             PlanOutcome::LoadErr(e) | PlanOutcome::RunErr(e) => Ok(Replay::Refused(e)),
-            PlanOutcome::BadLogits(what) => Err(what),
+            PlanOutcome::Broken(what) => Err(what),
         },
         other => Err(format!("unknown target {other}")),
     };
