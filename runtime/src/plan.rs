@@ -163,7 +163,15 @@ impl LoadedPlan {
             return Self::from_vec(&plan, weights, &path);
         }
         let file = std::fs::File::open(&weights_path).map_err(io(&weights_path))?;
-        let len = file.metadata().map_err(io(&weights_path))?.len();
+        let meta = file.metadata().map_err(io(&weights_path))?;
+        if !meta.is_file() {
+            // Mapping a directory or a device fails with "No such device": say what is wrong.
+            return Err(Error::Plan {
+                path: weights_path.display().to_string(),
+                problem: "is not a regular file".into(),
+            });
+        }
+        let len = meta.len();
         if len == 0 {
             // Nothing to map (and an empty mapping is an error on some systems).
             return Self::decode(&plan, WeightBytes::Copied(&[]), &path);

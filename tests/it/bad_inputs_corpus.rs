@@ -546,6 +546,36 @@ fn cases(tmp: &Path) -> Result<Vec<Case>> {
         1,
     ));
 
+    // model.weights is mapped, not read: what mapping would report badly.
+    let w_len = std::fs::metadata(compiled.join("model.weights"))?.len() as usize;
+    let w_cut = artifact(&art, &compiled, "weights_truncated", "model.weights", |b| {
+        b.truncate(w_len - 1);
+        Ok(())
+    })?;
+    v.push(logits_case(
+        "model.weights one byte short, --engine plan-cpu",
+        &w_cut,
+        "plan-cpu",
+        "1,2,3",
+        &out,
+        &["model.weights holds", "the plan expects"],
+        1,
+    ));
+    let w_dir = artifact(&art, &compiled, "weights_directory", "model.plan", |_| {
+        Ok(())
+    })?;
+    std::fs::remove_file(w_dir.join("model.weights"))?;
+    std::fs::create_dir(w_dir.join("model.weights"))?;
+    v.push(logits_case(
+        "model.weights a directory, --engine plan-cpu",
+        &w_dir,
+        "plan-cpu",
+        "1,2,3",
+        &out,
+        &["model.weights", "not a regular file"],
+        1,
+    ));
+
     // --- Arguments.
     v.push(logits_case(
         "token id = vocab, --engine plan-cpu",
