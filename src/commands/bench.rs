@@ -59,6 +59,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 || a.prompt_len == 0 || a.gen_len == 0 || a.runs == 0 {
         bail!("--batch, --prompt-len, --gen-len and --runs must each be at least 1");
     }
+    // Load time: from here until the engine can take a request (reading or mapping the
+    // model, for a checkpoint also import, passes and lowering; building the session).
+    let load_start = Instant::now();
     let mut model = Model::open(&a.input);
     let vocab = model.vocab_size()?;
     let Some(total) = a.prompt_len.checked_add(a.gen_len) else {
@@ -175,6 +178,7 @@ pub fn run(a: Args) -> Result<()> {
         ),
     };
 
+    let load = load_start.elapsed().as_secs_f64();
     run_once()?; // warm-up: caches, pools, page faults
     let mut times = vec![];
     for _ in 0..a.runs {
@@ -256,6 +260,10 @@ pub fn run(a: Args) -> Result<()> {
         100.0 * decode_compute_floor / decode
     );
     println!("  first token  {:>10.1} ms", ttft * 1e3);
+    println!(
+        "  load         {:>10.1} ms (until the engine takes a request)",
+        load * 1e3
+    );
     if let Some(p) = peak {
         println!(
             "  peak memory  {:>10.1} MiB (resident)",
@@ -271,6 +279,7 @@ pub fn run(a: Args) -> Result<()> {
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,
             "ttft_ms": ttft * 1e3,
+            "load_ms": load * 1e3,
             "peak_rss_bytes": peak,
             "decode_floor_fraction": decode_floor / decode,
             "decode_compute_floor_fraction": decode_compute_floor / decode,

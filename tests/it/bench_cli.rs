@@ -43,7 +43,7 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             "{engine}: {stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for label in ["prefill", "decode", "first token", "floor"] {
+        for label in ["prefill", "decode", "first token", "floor", "load"] {
             assert!(stdout.contains(label), "{engine}: no {label} in {stdout}");
         }
         let last = stdout.lines().last().unwrap_or_default();
@@ -53,6 +53,7 @@ fn bench_reports_every_figure_for_plan_cpu_and_tract() -> Result<()> {
             "prefill_tokens_per_s",
             "decode_tokens_per_s",
             "ttft_ms",
+            "load_ms",
             "decode_floor_fraction",
             "decode_compute_floor_fraction",
             "prefill_floor_fraction",
