@@ -33,7 +33,19 @@ impl Buf {
     /// Resizes to `n` elements (new ones zero); an allocation that fails is an error, not
     /// an abort, so a request too large for this machine is refused cleanly.
     fn resize(&mut self, n: usize, name: &str, request: &str) -> Result<()> {
-        fn grow<T: Clone>(v: &mut Vec<T>, n: usize, zero: T) -> bool {
+        fn grow<T: ZeroIsValid>(v: &mut Vec<T>, n: usize, zero: T) -> bool {
+            if v.is_empty() && n > 0 {
+                // A first allocation (every KV cache) comes zeroed from the allocator: fresh
+                // pages the kernel zeroes on first touch, so cache slots no sequence
+                // reaches are never written or committed.
+                return match zeroed(n) {
+                    Some(z) => {
+                        *v = z;
+                        true
+                    }
+                    None => false,
+                };
+            }
             if n > v.len() && v.try_reserve_exact(n - v.len()).is_err() {
                 return false;
             }
@@ -55,6 +67,29 @@ impl Buf {
                 ),
             })
         }
+    }
+}
+
+/// Element types whose all-zero bit pattern is the value zero.
+trait ZeroIsValid: Copy {}
+impl ZeroIsValid for f32 {}
+impl ZeroIsValid for i32 {}
+
+/// `n` zeros (`n > 0`), allocated fallibly and zeroed by the allocator (for a large
+/// buffer, `calloc` hands out fresh pages without writing them); `None` when the
+/// allocation fails.
+fn zeroed<T: ZeroIsValid>(n: usize) -> Option<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size. A non-null result is a block of the global
+    // allocator with `T`'s alignment and room for exactly `n` elements, all of whose bytes
+    // are zero, which for `ZeroIsValid` types (f32, i32) are `n` valid zeros; `Vec` frees it
+    // with the same layout (capacity `n`, the global allocator).
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<T>();
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
     }
 }
 
@@ -679,5 +714,31 @@ fn f32_weight<'a>(
     match plan.weights.get(w)? {
         WeightData::F32(v) => Some(v),
         WeightData::Bf16(_) => widened.get(w)?.as_deref(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_grow_zeroed_and_refuse_impossible_sizes() {
+        // A first allocation comes zeroed from the allocator, a later growth is filled.
+        let mut b = Buf::F32(vec![]);
+        b.resize(1 << 20, "kv", "test").unwrap();
+        let Buf::F32(v) = &mut b else { panic!() };
+        assert!(v.len() == 1 << 20 && v.iter().all(|&x| x.to_bits() == 0));
+        v[7] = 3.0;
+        b.resize((1 << 20) + 5, "kv", "test").unwrap();
+        let Buf::F32(v) = &b else { panic!() };
+        assert!(v[7] == 3.0 && v[1 << 20..].iter().all(|&x| x.to_bits() == 0));
+        let mut i = Buf::I32(vec![]);
+        i.resize(3, "tokens", "test").unwrap();
+        assert!(matches!(&i, Buf::I32(v) if v == &[0, 0, 0]));
+        // Beyond any address space: an error naming the buffer, not an abort.
+        for mut b in [Buf::F32(vec![]), Buf::F32(vec![1.0])] {
+            let e = b.resize(usize::MAX / 2, "kv", "batch 9").unwrap_err();
+            assert!(e.to_string().contains("buffer `kv`"), "{e}");
+        }
     }
 }
