@@ -10,10 +10,11 @@
 //! (a misaligned offset in a hand-made plan, a big-endian host, borrowed bytes) is decoded
 //! into an owned copy, with the same values.
 //!
-//! Mapping has the usual condition: the file must not be modified while it is mapped.
-//! `ngpt compile` never does that (it writes a temporary file and renames it over the old
-//! one, so a running process keeps reading the old file); truncating the file under a
-//! running process would make it fault.
+//! Mapping has the usual condition: the file must not be modified in place while it is
+//! mapped. `ngpt compile` never does that (it writes a new directory and renames it into
+//! place, so a running process keeps reading the old file); truncating the file under a
+//! running process would make it fault. `NGPT_MMAP=0` reads the file instead
+//! ([`crate::plan::WeightsIo`]).
 
 use std::fmt;
 use std::ops::Deref;
