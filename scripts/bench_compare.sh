@@ -51,12 +51,15 @@ for r in rows:
         base.setdefault(r["name"].split()[1], r["decode_tokens_per_s"])
 ref = base.get("plan-cuda") or base.get("plan-cpu")
 print(f"prompt {p} tokens, {g} generated, batch {b}; ratio = ngpt's decode rate / this row's")
-print(f"{'engine':<38} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token':>12} {'ngpt is':>9}")
+print(f"{'engine':<38} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token':>12} {'load':>10} {'ngpt is':>9}")
 for r in rows:
     if "error" in r:
         print(f"{r['name']:<38} failed: {r['error']}")
         continue
     ratio = f"{ref / r['decode_tokens_per_s']:.2f}x" if ref else "-"
+    # Load: until the engine takes a request (ngpt's load_ms, onnxruntime's session load_s).
+    load_ms = r.get("load_ms", r["load_s"] * 1e3 if "load_s" in r else None)
+    load = f"{load_ms:>8.1f}ms" if load_ms is not None else f"{'-':>10}"
     print(f"{r['name']:<38} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
-          f"{r['ttft_ms']:>10.1f}ms {ratio:>9}")
+          f"{r['ttft_ms']:>10.1f}ms {load} {ratio:>9}")
 PY
