@@ -485,19 +485,37 @@ fn check_names_and_shapes(
     Ok(())
 }
 
+/// The flat index of `t`'s first NaN or infinity. A contiguous tensor of a float dtype is
+/// read where it lies (no copy of a checkpoint's largest matrices); anything else through
+/// an f32 copy.
+fn first_non_finite(t: &Tensor) -> candle_core::Result<Option<usize>> {
+    use candle_core::{CpuStorage, Storage};
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            match cpu {
+                CpuStorage::F32(v) => return Ok(v[a..b].iter().position(|x| !x.is_finite())),
+                CpuStorage::F64(v) => return Ok(v[a..b].iter().position(|x| !x.is_finite())),
+                CpuStorage::BF16(v) => return Ok(v[a..b].iter().position(|x| !x.is_finite())),
+                CpuStorage::F16(v) => return Ok(v[a..b].iter().position(|x| !x.is_finite())),
+                _ => {}
+            }
+        }
+    }
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .position(|v| !v.is_finite()))
+}
+
 fn check_finite(ckpt: &Checkpoint) -> Result<()> {
     for (name, t) in &ckpt.tensors {
-        let bad = t
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| Error::Tensor {
-                path: ckpt.source.clone(),
-                name: name.clone(),
-                problem: format!("cannot read data: {}", candle_message(&e)),
-            })?
-            .iter()
-            .position(|v| !v.is_finite());
+        let bad = first_non_finite(t).map_err(|e| Error::Tensor {
+            path: ckpt.source.clone(),
+            name: name.clone(),
+            problem: format!("cannot read data: {}", candle_message(&e)),
+        })?;
         if let Some(i) = bad {
             return Err(Error::Tensor {
                 path: ckpt.source.clone(),
@@ -507,4 +525,31 @@ fn check_finite(ckpt: &Checkpoint) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_non_finite_value_is_found_in_every_dtype_and_layout() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut v = vec![0.5f32; 24];
+        v[13] = f32::NAN;
+        v[17] = f32::INFINITY;
+        let t = Tensor::from_vec(v, (4, 6), &dev)?;
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let t = t.to_dtype(dtype)?;
+            assert_eq!(first_non_finite(&t)?, Some(13), "{dtype:?}");
+            // A view: a narrowed (offset, contiguous) and a transposed (strided) one.
+            assert_eq!(first_non_finite(&t.narrow(0, 2, 2)?)?, Some(1), "{dtype:?}");
+            // NaN at row 2, column 1 of [4, 6]: row 1, column 2 of the [6, 4] transpose.
+            assert_eq!(first_non_finite(&t.t()?)?, Some(4 + 2), "{dtype:?}");
+            let fine = Tensor::ones((3, 5), dtype, &dev)?;
+            assert_eq!(first_non_finite(&fine)?, None, "{dtype:?}");
+        }
+        // An integer tensor holds no NaN.
+        assert_eq!(first_non_finite(&Tensor::new(&[1u32, 2], &dev)?)?, None);
+        Ok(())
+    }
 }
