@@ -133,24 +133,38 @@ impl Const {
         })
     }
 
+    /// Rows of the value a block holds at most when it is made a block at a time.
+    const BLOCK_ROWS: usize = 1024;
+
+    /// Rows `start..start + len` of the value in `dtype`: the stored rows, scaled in f64
+    /// (rounded to `dtype` once) when there is a row scale.
+    fn rows_in(
+        &self,
+        start: usize,
+        len: usize,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<Tensor> {
+        let w = self.tensor.narrow(0, start, len)?;
+        match &self.row_scale {
+            Some(s) => w
+                .to_dtype(candle_core::DType::F64)?
+                .broadcast_mul(&s.narrow(0, start, len)?.unsqueeze(1)?)?
+                .to_dtype(dtype),
+            None => w.to_dtype(dtype),
+        }
+    }
+
     /// The value in `dtype`: as [`Const::value`] then converted, but a row-scaled constant
     /// is made a block of rows at a time, so the full f64 product never exists at once.
     pub fn value_in(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
-        const BLOCK: usize = 1024;
-        let Some(s) = &self.row_scale else {
+        if self.row_scale.is_none() {
             return self.tensor.to_dtype(dtype);
-        };
-        let rows = self.dims().first().copied().unwrap_or(0);
-        let mut parts = vec![];
-        for start in (0..rows).step_by(BLOCK) {
-            let len = BLOCK.min(rows - start);
-            let w = self
-                .tensor
-                .narrow(0, start, len)?
-                .to_dtype(candle_core::DType::F64)?;
-            let scaled = w.broadcast_mul(&s.narrow(0, start, len)?.unsqueeze(1)?)?;
-            parts.push(scaled.to_dtype(dtype)?);
         }
+        let rows = self.dims().first().copied().unwrap_or(0);
+        let parts = (0..rows)
+            .step_by(Self::BLOCK_ROWS)
+            .map(|start| self.rows_in(start, Self::BLOCK_ROWS.min(rows - start), dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     }
 
@@ -177,25 +191,20 @@ impl Const {
         mut f: impl FnMut(&[f32]) -> crate::error::Result<()>,
     ) -> crate::error::Result<()> {
         use crate::error::CandleContext;
-        const BLOCK: usize = 1024;
         let f32 = candle_core::DType::F32;
-        let block = |start: usize, len: usize| -> candle_core::Result<Vec<f32>> {
-            if self.rank() == 0 {
-                return self.value_in(f32)?.flatten_all()?.to_vec1::<f32>();
-            }
-            let w = self.tensor.narrow(0, start, len)?;
-            let w = match &self.row_scale {
-                // As value_in: the product in f64, rounded to f32 once.
-                Some(s) => w
-                    .to_dtype(candle_core::DType::F64)?
-                    .broadcast_mul(&s.narrow(0, start, len)?.unsqueeze(1)?)?,
-                None => w,
-            };
-            w.to_dtype(f32)?.flatten_all()?.to_vec1::<f32>()
-        };
-        let rows = self.dims().first().copied().unwrap_or(1);
-        for start in (0..rows).step_by(BLOCK) {
-            f(&block(start, BLOCK.min(rows - start)).ctx(context)?)?;
+        if self.rank() == 0 {
+            return f(&self
+                .value_in(f32)
+                .and_then(|t| t.flatten_all()?.to_vec1())
+                .ctx(context)?);
+        }
+        let rows = self.dims()[0];
+        for start in (0..rows).step_by(Self::BLOCK_ROWS) {
+            let len = Self::BLOCK_ROWS.min(rows - start);
+            let block = self
+                .rows_in(start, len, f32)
+                .and_then(|t| t.flatten_all()?.to_vec1());
+            f(&block.ctx(context)?)?;
         }
         Ok(())
     }
