@@ -166,7 +166,7 @@ impl Model {
     pub fn checkpoint(&mut self) -> Result<&Checkpoint> {
         let ckpt = match self.ckpt.take() {
             Some(c) => c,
-            None => crate::commands::input::load_checkpoint(&self.input)?,
+            None => crate::checkpoint::load_checkpoint(&self.input)?,
         };
         Ok(self.ckpt.insert(ckpt))
     }

@@ -1,5 +1,6 @@
 //! The `ngpt` command line: compile nGPT checkpoints, run them, check their parity.
 
+mod checkpoint;
 mod commands;
 mod engines;
 mod memory;

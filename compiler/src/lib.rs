@@ -15,6 +15,7 @@ pub mod graph;
 pub mod import;
 pub mod init;
 pub mod inspect;
+pub mod numerics;
 pub mod onnx;
 pub mod passes;
 mod pickle_guard;

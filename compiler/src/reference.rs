@@ -9,40 +9,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{CandleContext, Error, Result};
 use crate::import::Checkpoint;
-
-/// Arithmetic precision of the reference and IR engines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    /// 32-bit floats throughout.
-    F32,
-    /// 64-bit floats throughout: the tightest reference.
-    F64,
-}
-
-impl Precision {
-    fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::F64 => DType::F64,
-        }
-    }
-}
-
-/// The position table E of spec section 3 step 2, `[t_len, head_dim]`, computed in f64:
-/// `E[t, c] = sin(t * w_{c/2})` for even c and `cos(t * w_{c/2})` for odd c, with
-/// `w_k = 10000^(-2k/D)`.
-pub fn position_table(t_len: usize, head_dim: usize) -> Vec<f64> {
-    let mut out = vec![0.0; t_len * head_dim];
-    let step = -(10000f64.ln()) / head_dim as f64;
-    for t in 0..t_len {
-        for c in 0..head_dim {
-            let w = ((2 * (c / 2)) as f64 * step).exp();
-            let angle = t as f64 * w;
-            out[t * head_dim + c] = if c % 2 == 0 { angle.sin() } else { angle.cos() };
-        }
-    }
-    out
-}
+use crate::numerics::ValueTrace;
+pub use crate::numerics::{position_table, Precision};
 
 /// `Norm(x) = x / ||x||_2` over the last axis, with no epsilon (model.py `justnorm`).
 fn norm(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -102,7 +70,7 @@ fn forward(
     ckpt: &Checkpoint,
     tokens: &[u32],
     dt: DType,
-    mut on_value: Option<crate::graph::interp::ValueTrace<'_>>,
+    mut on_value: Option<ValueTrace<'_>>,
 ) -> candle_core::Result<Tensor> {
     let mut trace = |name: String, t: &Tensor| {
         if let Some(f) = on_value.as_mut() {

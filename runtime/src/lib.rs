@@ -24,6 +24,7 @@ pub mod error;
 pub mod listing;
 pub mod mapped;
 pub mod plan;
+mod rows;
 pub mod sample;
 pub mod session;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::cpu::{CpuExecutor, ProgramKind};
 use crate::error::{Error, Result};
 use crate::plan::LoadedPlan;
+use crate::rows::gather_rows;
 
 /// What a session needs from an executor: run a program over `batch x per_seq` rows of
 /// tokens and positions and return the logits, `[rows, vocab]`.
@@ -52,24 +53,6 @@ pub trait Executor: Send {
         let all = self.run(kind, tokens, positions, per_seq)?;
         gather_rows(all, v, rows)
     }
-}
-
-/// Rows `rows` of a row-major `[_, width]` array, in that order.
-pub(crate) fn gather_rows(all: &[f32], width: usize, rows: &[usize]) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(rows.len() * width);
-    for &r in rows {
-        let row = all
-            .get(r * width..(r + 1) * width)
-            .ok_or_else(|| Error::Request {
-                what: "rows".into(),
-                problem: format!(
-                    "row {r} is outside the {} rows computed",
-                    all.len() / width.max(1)
-                ),
-            })?;
-        out.extend_from_slice(row);
-    }
-    Ok(out)
 }
 
 impl Executor for CpuExecutor {

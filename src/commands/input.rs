@@ -4,30 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
-use ngpt_compiler::compile::{is_compiled_dir, Manifest};
-use ngpt_compiler::import::{self, Checkpoint};
 
-/// Loads the checkpoint behind `input`, printing the importer's notes to stderr. A compiled
-/// directory is recognised by its `manifest.json`; its recorded source is used, after
-/// checking that it is still there and unchanged.
-pub fn load_checkpoint(input: &Path) -> Result<Checkpoint> {
-    let path = if is_compiled_dir(input) {
-        let source = Manifest::read(input)?.checked_source(input)?;
-        eprintln!(
-            "note: {} is a compiled directory; using its source {}",
-            input.display(),
-            source.display()
-        );
-        source
-    } else {
-        input.to_path_buf()
-    };
-    let ckpt = import::load(&path)?;
-    for note in &ckpt.notes {
-        eprintln!("note: {note}");
-    }
-    Ok(ckpt)
-}
+pub use crate::checkpoint::load_checkpoint;
 
 /// The launch plan behind `input`: a compiled directory's `model.plan` (its weights
 /// mapped), or one lowered in memory (f32, KV capacity at least `min_seq_len`) from a

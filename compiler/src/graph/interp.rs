@@ -7,13 +7,10 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::{Graph, Op};
 use crate::error::{CandleContext, Error, Result};
-use crate::reference::{position_table, Precision};
+pub use crate::numerics::ValueTrace;
+use crate::numerics::{position_table, Precision};
 
 type CResult<T> = candle_core::Result<T>;
-
-/// A value tracer: called with (node or point name, value) as each is computed; shared
-/// by the interpreter and the literal reference.
-pub type ValueTrace<'a> = &'a mut dyn FnMut(&str, &Tensor);
 
 fn norm_groups(x: &Tensor, group: usize) -> CResult<Tensor> {
     let dims = x.dims().to_vec();

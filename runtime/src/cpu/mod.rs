@@ -245,7 +245,7 @@ impl CpuExecutor {
         let out = self.run_program(kind, tokens, positions, per_seq, None, Some(rows))?;
         // Every row computed (the lm_head could not be narrowed): pick the rows out.
         if out.len() == tokens.len() * v {
-            crate::session::gather_rows(out, v, rows)
+            crate::rows::gather_rows(out, v, rows)
         } else {
             Ok(out.to_vec())
         }
