@@ -105,6 +105,15 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The first 12 characters of a sha256 for a message, cut at a character boundary: the
+/// value may come from an edited `manifest.json` or parity record and hold anything.
+pub fn short_sha256(sha: &str) -> &str {
+    match sha.char_indices().nth(12) {
+        Some((end, _)) => &sha[..end],
+        None => sha,
+    }
+}
+
 /// What `manifest.json` records about a compile.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
@@ -159,8 +168,8 @@ impl Manifest {
                 reason: format!(
                     "the source checkpoint {} changed since it was compiled (sha256 {} now, {} then)",
                     self.source.display(),
-                    &now[..12],
-                    &self.source_sha256[..12.min(self.source_sha256.len())]
+                    short_sha256(&now),
+                    short_sha256(&self.source_sha256)
                 ),
             });
         }
@@ -171,4 +180,19 @@ impl Manifest {
 /// True when `path` is a compiled directory (it holds `manifest.json`).
 pub fn is_compiled_dir(path: &Path) -> bool {
     path.is_dir() && path.join("manifest.json").is_file()
+}
+
+#[cfg(test)]
+mod short_sha256_tests {
+    use super::short_sha256;
+
+    #[test]
+    fn a_short_sha256_is_cut_at_a_character_boundary() {
+        assert_eq!(short_sha256("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_sha256("ab"), "ab");
+        assert_eq!(short_sha256(""), "");
+        // Byte 12 falls inside the seventh `é`: twelve characters, not twelve bytes.
+        let odd = format!("a{}", "é".repeat(12));
+        assert_eq!(short_sha256(&odd), format!("a{}", "é".repeat(11)));
+    }
 }

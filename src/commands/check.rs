@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use ngpt_compiler::compile::short_sha256;
 
 use crate::engines::{Engine, Model};
 use crate::parity::{self, Recomputed, Record, Tolerance};
@@ -76,8 +77,8 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!(
             "note: {} was recorded from a checkpoint with sha256 {}…; this one is {}…",
             a.parity.display(),
-            &record.source_sha256[..12.min(record.source_sha256.len())],
-            &sha[..12.min(sha.len())]
+            short_sha256(&record.source_sha256),
+            short_sha256(&sha)
         );
     }
     let mut findings = vec![];

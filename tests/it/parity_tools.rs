@@ -328,3 +328,74 @@ fn the_ci_example_records_then_checks_nv_tiny() -> Result<()> {
     );
     Ok(())
 }
+
+/// A sha256 edited into a parity record or a manifest to something that is not hex (here
+/// byte 12 falls inside a two-byte character) is shown cut at a character boundary: `check`
+/// still runs and notes the difference, and a compiled directory whose manifest no longer
+/// matches its source is refused in one line; neither panics.
+#[test]
+fn a_non_ascii_sha256_in_a_record_or_manifest_is_reported_not_a_panic() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (ckpt, prompts) = model(tmp.path())?;
+    let dir = tmp.path().join("out");
+    compile(&ckpt, &dir, &[])?;
+    let record = tmp.path().join("model.parity");
+    snapshot(&dir, &prompts, &record, &[])?;
+    let odd = format!("a{}", "é".repeat(12));
+    let retag = |path: &Path, to: &str| -> Result<()> {
+        let body = std::fs::read_to_string(path)?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let sha = v["source_sha256"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("{}: no source_sha256", path.display()))?;
+        std::fs::write(path, body.replace(sha, to))?;
+        Ok(())
+    };
+
+    // The record's sha256 edited: check runs, notes the difference, and passes.
+    let edited = tmp.path().join("edited.parity");
+    std::fs::copy(&record, &edited)?;
+    retag(&edited, &odd)?;
+    let o = check(&edited, &dir, &[])?;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("0 drifted"), "{out}");
+    assert!(
+        err.contains(&format!("sha256 a{}…", "é".repeat(11))),
+        "{err}"
+    );
+
+    // The manifest's sha256 edited: plan-cpu does not read the source, so check passes
+    // with the note; an engine that loads the source refuses it in one line.
+    retag(&dir.join("manifest.json"), &format!("b{}", "é".repeat(12)))?;
+    let o = check(&record, &dir, &[])?;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("this one is b{}…", "é".repeat(11))),
+        "{err}"
+    );
+    let npy = tmp.path().join("x.npy");
+    let o = ngpt(&[
+        "logits",
+        dir.to_str().unwrap(),
+        "--engine",
+        "reference",
+        "--tokens",
+        "1,2",
+        "-o",
+        npy.to_str().unwrap(),
+    ])?;
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("note:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("error: ")
+            && lines[0].contains("changed since it was compiled")
+            && lines[0].contains(&format!("b{} then", "é".repeat(11))),
+        "{err}"
+    );
+    assert!(!npy.exists());
+    Ok(())
+}
