@@ -592,6 +592,10 @@ fn cuda_session_matches_cpu(
 fn helper_kernels_compile_with_nvrtc() -> Result<()> {
     if !cuda::probe().nvrtc {
         eprintln!("skipped: libnvrtc not found (LD_LIBRARY_PATH)");
+        // CI sets LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel, so this runs there.
+        if std::env::var_os("CI").is_some() {
+            anyhow::bail!("CI must provide libnvrtc for this check");
+        }
         return Ok(());
     }
     // NVRTC itself, not the kernel cache: this must really compile.
