@@ -73,6 +73,32 @@ fn cmp(got: &[f32], want: &[f64], vocab: usize) -> Comparison {
     compare(&got, want, vocab)
 }
 
+/// The engine a session runs on, as baseline keys name it.
+fn engine(s: &Session) -> &'static str {
+    if s.executor().describe() == "plan-cpu" {
+        "plan-cpu"
+    } else {
+        "plan-cuda"
+    }
+}
+
+/// `c`'s error within `limit` and within 3x the baseline recorded for
+/// `plan_parity/{what}/{model}/{engine}/{dtype}` (tests/fixtures/baselines.json).
+fn within_baseline(what: &str, model: &str, engine: &str, dtype: &str, c: &Comparison, limit: f64) {
+    common::baseline::assert_within_baseline(
+        &format!("plan_parity/{what}/{model}/{engine}/{dtype}"),
+        c.rel_err,
+        limit,
+    );
+}
+
+fn dtype_name(dtype: WeightDtype) -> &'static str {
+    match dtype {
+        WeightDtype::F32 => "f32",
+        WeightDtype::Bf16 => "bf16",
+    }
+}
+
 fn prefill_every_position(exec: Executor) -> Result<()> {
     for (name, _d, ckpt) in models()? {
         let v = ckpt.config.vocab_size;
@@ -81,6 +107,7 @@ fn prefill_every_position(exec: Executor) -> Result<()> {
         let mut s = exec(plan, 1)?;
         let got = s.prefill(std::slice::from_ref(&toks))?;
         let c = cmp(&got, &reference_rows(&ckpt, &toks)?, v);
+        within_baseline("prefill", name, engine(&s), "f32", &c, 1e-5);
         assert!(c.passes(1e-5, 1.0), "{name}: {c:?}");
     }
     Ok(())
@@ -93,13 +120,13 @@ fn kv_decode_equals_full_recomputation(exec: Executor) -> Result<()> {
         let want = reference_rows(&ckpt, &toks)?;
         let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 32)?, 1)?;
         let first = s.prefill(&[toks[..5].to_vec()])?;
-        assert!(
-            cmp(&first, &want[..5 * v], v).passes(1e-5, 1.0),
-            "{name}: prefill"
-        );
+        let c = cmp(&first, &want[..5 * v], v);
+        within_baseline("kv-prefill", name, engine(&s), "f32", &c, 1e-5);
+        assert!(c.passes(1e-5, 1.0), "{name}: prefill");
         for i in 5..toks.len() {
             let row = s.decode(&[toks[i]])?;
             let c = cmp(&row, &want[i * v..(i + 1) * v], v);
+            within_baseline("kv-decode", name, engine(&s), "f32", &c, 1e-5);
             assert!(c.passes(1e-5, 1.0), "{name}: decode step {i}: {c:?}");
         }
     }
@@ -115,14 +142,12 @@ fn ragged_batch_of_two(exec: Executor) -> Result<()> {
         let got = s.prefill(&[a.clone(), b.clone()])?;
         let t = 13;
         let (wa, wb) = (reference_rows(&ckpt, &a)?, reference_rows(&ckpt, &b)?);
-        assert!(
-            cmp(&got[..t * v], &wa, v).passes(1e-5, 1.0),
-            "{name}: row a"
-        );
-        assert!(
-            cmp(&got[t * v..(t + 6) * v], &wb, v).passes(1e-5, 1.0),
-            "{name}: row b"
-        );
+        let c = cmp(&got[..t * v], &wa, v);
+        within_baseline("ragged-prefill", name, engine(&s), "f32", &c, 1e-5);
+        assert!(c.passes(1e-5, 1.0), "{name}: row a");
+        let c = cmp(&got[t * v..(t + 6) * v], &wb, v);
+        within_baseline("ragged-prefill-padded", name, engine(&s), "f32", &c, 1e-5);
+        assert!(c.passes(1e-5, 1.0), "{name}: row b");
         // Then both decode together, each at its own position.
         let (na, nb) = (7u32 % v as u32, 9u32 % v as u32);
         let step = s.decode(&[na, nb])?;
@@ -130,14 +155,12 @@ fn ragged_batch_of_two(exec: Executor) -> Result<()> {
         a2.push(na);
         b2.push(nb);
         let (wa2, wb2) = (reference_rows(&ckpt, &a2)?, reference_rows(&ckpt, &b2)?);
-        assert!(
-            cmp(&step[..v], &wa2[13 * v..], v).passes(1e-5, 1.0),
-            "{name}: decode a"
-        );
-        assert!(
-            cmp(&step[v..], &wb2[6 * v..], v).passes(1e-5, 1.0),
-            "{name}: decode b"
-        );
+        let c = cmp(&step[..v], &wa2[13 * v..], v);
+        within_baseline("ragged-decode", name, engine(&s), "f32", &c, 1e-5);
+        assert!(c.passes(1e-5, 1.0), "{name}: decode a");
+        let c = cmp(&step[v..], &wb2[6 * v..], v);
+        within_baseline("ragged-decode", name, engine(&s), "f32", &c, 1e-5);
+        assert!(c.passes(1e-5, 1.0), "{name}: decode b");
     }
     Ok(())
 }
@@ -162,10 +185,13 @@ fn prefill_last_rows_match_the_full_prefill(exec: Executor) -> Result<()> {
             for (b, p) in prompts.iter().enumerate() {
                 let row = (b * 13 + p.len() - 1) * v;
                 let c = cmp(&last[b * v..(b + 1) * v], &full[row..row + v], v);
+                let dt = dtype_name(dtype);
+                within_baseline("last-vs-prefill", name, engine(&s), dt, &c, 1e-6);
                 assert!(c.passes(1e-6, 1.0), "{name} {dtype:?} prompt {b}: {c:?}");
                 if dtype == WeightDtype::F32 {
                     let want = reference_rows(&ckpt, p)?;
                     let c = cmp(&last[b * v..(b + 1) * v], &want[(p.len() - 1) * v..], v);
+                    within_baseline("prefill-last", name, engine(&s), "f32", &c, 1e-5);
                     assert!(c.passes(1e-5, 1.0), "{name} prompt {b} vs reference: {c:?}");
                 }
             }
@@ -182,6 +208,8 @@ fn prefill_last_rows_match_the_full_prefill(exec: Executor) -> Result<()> {
                 q.push(t % v as u32);
                 let want = reference_rows(&ckpt, &q)?;
                 let c = cmp(&step[b * v..(b + 1) * v], &want[p.len() * v..], v);
+                let dt = dtype_name(dtype);
+                within_baseline("decode-after-last", name, engine(&s), dt, &c, tol);
                 assert!(
                     c.passes(tol, 1.0),
                     "{name} {dtype:?} decode {b} after prefill_last: {c:?}"
@@ -202,6 +230,7 @@ fn bf16_weights_stay_close(exec: Executor) -> Result<()> {
             &reference_rows(&ckpt, &toks)?,
             v,
         );
+        within_baseline("prefill", name, engine(&s), "bf16", &c, 2e-2);
         assert!(c.passes(2e-2, 0.95), "{name}: {c:?}");
     }
     Ok(())
@@ -248,15 +277,18 @@ fn plan_agrees_with_tract(exec: Executor) -> Result<()> {
         let mut s = exec(plan_for(&ckpt, WeightDtype::F32, 32)?, 1)?;
         let prefill = s.prefill(&[toks[..8].to_vec()])?;
         let c = cmp(&prefill, &from_tract[..8 * v], v);
+        within_baseline("prefill-vs-tract", name, engine(&s), "f32", &c, 1e-5);
         assert!(c.passes(1e-5, 1.0), "{name}: prefill vs tract {c:?}");
         for i in 8..toks.len() {
             let c = cmp(&s.decode(&[toks[i]])?, &from_tract[i * v..(i + 1) * v], v);
+            within_baseline("decode-vs-tract", name, engine(&s), "f32", &c, 1e-5);
             assert!(
                 c.passes(1e-5, 1.0),
                 "{name}: decode step {i} vs tract {c:?}"
             );
         }
         let c = compare(&from_tract, &reference_rows(&ckpt, &toks)?, v);
+        within_baseline("tract-vs-reference", name, "tract", "f32", &c, 1e-5);
         assert!(c.passes(1e-5, 1.0), "{name}: tract vs reference {c:?}");
     }
     Ok(())

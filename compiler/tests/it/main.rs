@@ -1,4 +1,7 @@
 //! The compiler's integration tests, one module per concern, linked as one test binary.
 
+// The measured-error baselines, shared with the root package's tests.
+#[path = "../../../tests/it/common/baseline.rs"]
+mod baseline;
 mod onnx;
 mod passes;

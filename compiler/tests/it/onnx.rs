@@ -117,6 +117,17 @@ fn check(label: &str, c: Comparison, tol: f64, top1: f64) -> Result<()> {
         "{label:<28} rel err {:.2e}, top-1 {}/{}",
         c.rel_err, c.top1_agree, c.positions
     );
+    // tract runs f32 activations; one model's weights are exported as f16.
+    let weights = if label.ends_with(" f16") {
+        "f16"
+    } else {
+        "f32"
+    };
+    crate::baseline::assert_within_baseline(
+        &format!("onnx/{label}/tract/{weights}"),
+        c.rel_err,
+        tol,
+    );
     ensure!(
         c.passes(tol, top1),
         "{label}: {c:?} (tol {tol}, top-1 {top1})"

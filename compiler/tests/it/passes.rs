@@ -12,6 +12,8 @@ use ngpt_compiler::init::{self, InitOptions, Preset};
 use ngpt_compiler::passes::{self, Options, CANONICAL, LAST_POSITION};
 use ngpt_compiler::reference::{self, Precision};
 
+use crate::baseline;
+
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nv-tiny")
 }
@@ -78,7 +80,16 @@ fn literal_graph_equals_reference() -> Result<()> {
         for p in [Precision::F64, Precision::F32] {
             let r = flat(&reference::logits(&ckpt, &toks, p)?);
             let c = compare(&run(&g, &toks, p), &r, ckpt.config.vocab_size);
-            let tol = if p == Precision::F64 { 1e-12 } else { 1e-5 };
+            let (tol, dtype) = if p == Precision::F64 {
+                (1e-12, "f64")
+            } else {
+                (1e-5, "f32")
+            };
+            baseline::assert_within_baseline(
+                &format!("passes/literal/{name}/ir/{dtype}"),
+                c.rel_err,
+                tol,
+            );
             assert!(c.passes(tol, 1.0), "{name} {p:?}: {c:?}");
         }
     }
@@ -104,6 +115,11 @@ fn every_pass_keeps_the_logits() -> Result<()> {
                 &before64,
                 ckpt.config.vocab_size,
             );
+            baseline::assert_within_baseline(
+                &format!("passes/{}/{name}/ir/f64", pass.name),
+                c64.rel_err,
+                1e-12,
+            );
             assert!(
                 c64.passes(1e-12, 1.0),
                 "{name} after {} (f64): {c64:?}",
@@ -114,6 +130,11 @@ fn every_pass_keeps_the_logits() -> Result<()> {
                 &before32,
                 ckpt.config.vocab_size,
             );
+            baseline::assert_within_baseline(
+                &format!("passes/{}/{name}/ir/f32", pass.name),
+                c32.rel_err,
+                1e-5,
+            );
             assert!(
                 c32.passes(1e-5, 1.0),
                 "{name} after {} (f32): {c32:?}",
@@ -123,6 +144,11 @@ fn every_pass_keeps_the_logits() -> Result<()> {
         // The folded graph against the literal reference, in f32: the float32 path's bar.
         let r = flat(&reference::logits(&ckpt, &toks, Precision::F64)?);
         let c = compare(&run(&g, &toks, Precision::F32), &r, ckpt.config.vocab_size);
+        baseline::assert_within_baseline(
+            &format!("passes/folded-vs-reference/{name}/ir/f32"),
+            c.rel_err,
+            1e-5,
+        );
         assert!(
             c.passes(1e-5, 1.0),
             "{name} folded f32 vs f64 reference: {c:?}"
@@ -200,6 +226,11 @@ fn last_position_pass_keeps_the_last_row() -> Result<()> {
         let v = ckpt.config.vocab_size;
         assert_eq!(last.len(), v, "{name}");
         let c = compare(&last, &all[all.len() - v..], v);
+        baseline::assert_within_baseline(
+            &format!("passes/last_position/{name}/ir/f64"),
+            c.rel_err,
+            1e-12,
+        );
         assert!(c.passes(1e-12, 1.0), "{name}: {c:?}");
     }
     Ok(())

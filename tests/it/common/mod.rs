@@ -2,6 +2,8 @@
 //! checkpoints written with `ngpt init` that a test can then corrupt.
 #![allow(dead_code)]
 
+pub mod baseline;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
