@@ -38,7 +38,10 @@ work=/tmp/ngpt-gpu-check
 mkdir -p "$work"
 parts=",${NGPT_GPU_PARTS:-tests},"
 # The opt-in GPU paths (off by default until measured on a GPU): run again with these.
-optin="NGPT_CUDA_PREFILL_MMA=1 NGPT_CUDA_PD_STREAM=1 NGPT_CUDA_PD_BARRIER=acqrel NGPT_CUDA_PD_ATTENTION=wide"
+# The CUDA executor takes typed options; the binaries here read them from NGPT_CUDA_OPTIONS
+# (key=value,...; runtime/src/options.rs), which parses strictly.
+optin_keys="experimental.prefill_mma=on,experimental.pd_stream=on,experimental.pd_barrier=acqrel,experimental.pd_attention=wide"
+optin="NGPT_CUDA_OPTIONS=$optin_keys"
 logdir=${OUT:-$work}
 mkdir -p "$logdir"
 log="$logdir/gpu-check.log"
@@ -151,10 +154,10 @@ for i in $(seq 1 "${NGPT_GPU_TEST_REPEAT:-1}"); do
     NGPT_CUDA_TEST_PLANS="$plans" run 300 "runtime/tests/cuda.rs (pass $i)" \
         "$work/cuda-tests" --test-threads 4 --nocapture || fail "runtime/tests/cuda.rs (pass $i)"
 done
-NGPT_CUDA_ATTENTION=simple NGPT_CUDA_PERSISTENT=0 NGPT_CUDA_TEST_PLANS="$plans" run 200 \
+NGPT_CUDA_OPTIONS=attention=simple,persistent=off NGPT_CUDA_TEST_PLANS="$plans" run 200 \
     "runtime/tests/cuda.rs, first (untiled) attention kernels, decode launch by launch" \
     "$work/cuda-tests" --test-threads 4 ||
-    fail "runtime/tests/cuda.rs (NGPT_CUDA_ATTENTION=simple NGPT_CUDA_PERSISTENT=0)"
+    fail "runtime/tests/cuda.rs (attention=simple,persistent=off)"
 run 200 "tests/it/plan_parity.rs plan_cuda" \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
 if grep -q "^skipped: " "$log"; then
@@ -305,37 +308,37 @@ if [[ -f "$models/half-bf16/model.plan" ]] &&
     }
     # (Session 5 measured no graph, steps unfolded, no L2 prefetch and cuBLAS only:
     # BENCHMARKS.md. The rows below are what is open.)
-    bench_row "plan-cuda b1 p128 g256" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p128 g256 launch by launch" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PERSISTENT=0 -- \
+    bench_row "plan-cuda b1 p128 g256" 120 NGPT_CUDA_OPTIONS=check=off -- --prompt-len 128 --gen-len 256 --runs 5
+    bench_row "plan-cuda b1 p128 g256 launch by launch" 120 NGPT_CUDA_OPTIONS=check=off,persistent=off -- \
         --prompt-len 128 --gen-len 256 --runs 3
-    bench_row "plan-cuda b1 p128 g256 2 blocks/SM" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_MIN_BLOCKS=2 -- \
+    bench_row "plan-cuda b1 p128 g256 2 blocks/SM" 120 NGPT_CUDA_OPTIONS=check=off,experimental.pd_min_blocks=2 -- \
         --prompt-len 128 --gen-len 256 --runs 3
-    bench_row "plan-cuda b1 p128 g256 weights streamed" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_STREAM=1 -- \
+    bench_row "plan-cuda b1 p128 g256 weights streamed" 120 NGPT_CUDA_OPTIONS=check=off,experimental.pd_stream=on -- \
         --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p128 g256 acq/rel barrier" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_BARRIER=acqrel -- \
+    bench_row "plan-cuda b1 p128 g256 acq/rel barrier" 120 NGPT_CUDA_OPTIONS=check=off,experimental.pd_barrier=acqrel -- \
         --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p128 g256 wide attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_ATTENTION=wide -- \
+    bench_row "plan-cuda b1 p128 g256 wide attention" 120 NGPT_CUDA_OPTIONS=check=off,experimental.pd_attention=wide -- \
         --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p128 g256 all opt-ins" 120 NGPT_CUDA_CHECK=0 $optin -- \
+    bench_row "plan-cuda b1 p128 g256 all opt-ins" 120 NGPT_CUDA_OPTIONS=check=off,$optin_keys -- \
         --prompt-len 128 --gen-len 256 --runs 5
-    bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 16 --runs 3
-    bench_row "plan-cuda b1 p2048 g64 wide attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_ATTENTION=wide -- \
+    bench_row "plan-cuda b1 p2048 g16" 120 NGPT_CUDA_OPTIONS=check=off -- --prompt-len 2048 --gen-len 16 --runs 3
+    bench_row "plan-cuda b1 p2048 g64 wide attention" 120 NGPT_CUDA_OPTIONS=check=off,experimental.pd_attention=wide -- \
         --prompt-len 2048 --gen-len 64 --runs 3
-    bench_row "plan-cuda b1 p2048 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 2048 --gen-len 64 --runs 3
-    bench_row "plan-cuda b1 p2048 g16 tensor-core attention" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PREFILL_MMA=1 -- \
+    bench_row "plan-cuda b1 p2048 g64" 120 NGPT_CUDA_OPTIONS=check=off -- --prompt-len 2048 --gen-len 64 --runs 3
+    bench_row "plan-cuda b1 p2048 g16 tensor-core attention" 120 NGPT_CUDA_OPTIONS=check=off,experimental.prefill_mma=on -- \
         --prompt-len 2048 --gen-len 16 --runs 3
-    bench_row "plan-cuda b8 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 8 --runs 3
-    bench_row "plan-cuda b8 p128 g64 weights streamed" 120 NGPT_CUDA_CHECK=0 NGPT_CUDA_PD_STREAM=1 -- \
+    bench_row "plan-cuda b8 p128 g64" 120 NGPT_CUDA_OPTIONS=check=off -- --prompt-len 128 --gen-len 64 --batch 8 --runs 3
+    bench_row "plan-cuda b8 p128 g64 weights streamed" 120 NGPT_CUDA_OPTIONS=check=off,experimental.pd_stream=on -- \
         --prompt-len 128 --gen-len 64 --batch 8 --runs 3
-    bench_row "plan-cuda b32 p128 g64" 120 NGPT_CUDA_CHECK=0 -- --prompt-len 128 --gen-len 64 --batch 32 --runs 3
-    # Where the time goes: GPU time per kernel (NGPT_CUDA_PROFILE, printed at exit).
+    bench_row "plan-cuda b32 p128 g64" 120 NGPT_CUDA_OPTIONS=check=off -- --prompt-len 128 --gen-len 64 --batch 32 --runs 3
+    # Where the time goes: GPU time per kernel (the option profile=on, printed at exit).
     for shape in "128 32 0" "128 32 1" "2048 4 0" "2048 4 1"; do
         set -- $shape
         prof="$work/profile-p$1-optin$3.out"
         say "== profile p$1 g$2 (opt-ins: ${3/1/$optin})"
         optins=""
-        [ "$3" = 1 ] && optins=$optin
-        env $optins NGPT_CUDA_CHECK=0 NGPT_CUDA_PROFILE=1 timeout 120 "$ngpt" bench "$dir" \
+        [ "$3" = 1 ] && optins=",$optin_keys"
+        env NGPT_CUDA_OPTIONS="check=off,profile=on$optins" timeout 120 "$ngpt" bench "$dir" \
             --engine plan-cuda --prompt-len "$1" --gen-len "$2" --runs 1 >"$prof" 2>&1 ||
             fail "profile p$1"
         cat "$prof" >> "$log"

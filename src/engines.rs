@@ -18,7 +18,7 @@ use ngpt_compiler::graph;
 use ngpt_compiler::import::Checkpoint;
 use ngpt_compiler::onnx::{self, tract};
 use ngpt_compiler::reference::{self, Precision};
-use ngpt_runtime::plan::LoadedPlan;
+use ngpt_runtime::plan::{LoadedPlan, WeightsIo};
 
 /// Copies of the `[n_head, T, T]` attention scores the reference, the IR and tract hold at
 /// their peak: measured 3.8 (reference and IR, f64 and f32) and 2.4 (tract) at 4,000 tokens
@@ -272,7 +272,10 @@ impl Model {
             }
         }
         let plan = if self.is_compiled() {
-            LoadedPlan::load(&self.input)?
+            LoadedPlan::load_with(
+                &self.input,
+                crate::settings::get().weights_io.unwrap_or(WeightsIo::Map),
+            )?
         } else {
             use ngpt_schemas::prost::Message;
             let label = self.input.display().to_string();
@@ -586,7 +589,7 @@ pub fn plan_session(
             if let Some(why) = cuda_unavailable() {
                 bail!("--engine plan-cuda: {why}");
             }
-            Session::cuda(plan, batch)?
+            Session::cuda_with(plan, batch, &crate::settings::get().cuda)?
         }
         other => bail!("{} is not a plan engine", other.name()),
     })

@@ -5,6 +5,7 @@ mod commands;
 mod engines;
 mod memory;
 mod parity;
+mod settings;
 mod tokens;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,18 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Options of the CUDA executor (plan-cuda) as KEY=VALUE pairs separated by commas,
+    /// applied over NGPT_CUDA_OPTIONS: check, profile, graph, gemv, persistent, fuse,
+    /// prefetch, cooperative (on|off), bf16_gemm (bf16|f32), attention (tiled|simple), blocks_per_sm
+    /// (1..=32|max), and the unmeasured experimental.prefill_mma, experimental.pd_stream
+    /// (on|off), experimental.pd_barrier (full|acqrel), experimental.pd_attention
+    /// (split|wide), experimental.pd_min_blocks (2..=32|none).
+    #[arg(long, global = true, value_name = "KEY=VALUE,...")]
+    cuda_options: Option<String>,
+    /// Read a compiled directory's model.weights into memory instead of mapping it: the
+    /// process keeps its own copy, whatever later happens to the file.
+    #[arg(long, global = true)]
+    read_weights: bool,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +68,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Err(e) = settings::init(cli.cuda_options.as_deref(), cli.read_weights) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Compile(a) => commands::compile::run(a),
         Command::Demo(a) => commands::demo::run(a),

@@ -1,20 +1,47 @@
-//! Every kernel module of the tiny, small and 0.5b plans (f32 and bf16) compiles with
-//! NVRTC for sm_90 through the runtime's own path. CI installs the nvidia-cuda-nvrtc wheel
+//! The runtime's `ngpt` module, specialized for the tiny, small and 0.5b plans (f32 and
+//! bf16) as the compiler names it and the contract checks it, compiles with NVRTC for sm_90
+//! through the runtime's own path. CI installs the nvidia-cuda-nvrtc wheel
 //! and points the loader at it, so CUDA code that CI cannot run is still compiled there.
 
 use anyhow::Result;
 use ngpt_compiler::init::{InitOptions, Preset};
-use ngpt_compiler::plan::{kernel_source, WeightDtype};
+use ngpt_compiler::config::Config;
+use ngpt_compiler::plan::kernel_module;
+use ngpt_runtime::contract;
+
+/// The source the CUDA executor compiles for a plan of `cfg` with `max_seq` positions: the
+/// compiler's module description, checked by the runtime's contract, behind the runtime's
+/// prelude.
+fn module_source(cfg: &Config, max_seq: usize) -> Result<String> {
+    let dims = contract::Dims {
+        n_layer: cfg.n_layer,
+        n_head: cfg.n_head,
+        n_embd: cfg.n_embd,
+        head_dim: cfg.head_dim(),
+        vocab: cfg.vocab_size,
+        max_seq_len: max_seq,
+    };
+    let md = contract::check_module(&kernel_module(cfg, max_seq), &dims)
+        .map_err(anyhow::Error::msg)?;
+    Ok(ngpt_runtime::cuda::module_source(&dims, &md))
+}
+
+/// Whether this process has libnvrtc; under CI=true its absence is an error, never a skip.
+fn nvrtc_here() -> Result<bool> {
+    if ngpt_runtime::cuda::probe().nvrtc {
+        return Ok(true);
+    }
+    // CI sets LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel, so this runs there.
+    eprintln!("skipping: libnvrtc not found (install nvidia-cuda-nvrtc==13.0.* and add its lib folder to LD_LIBRARY_PATH)");
+    if std::env::var_os("CI").is_some() {
+        anyhow::bail!("CI must provide libnvrtc for this check");
+    }
+    Ok(false)
+}
 
 #[test]
 fn every_module_compiles_for_sm_90() -> Result<()> {
-    let available = ngpt_runtime::cuda::probe();
-    if !available.nvrtc {
-        // CI sets LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel, so this runs there.
-        eprintln!("skipping: libnvrtc not found (install nvidia-cuda-nvrtc==13.0.* and add its lib folder to LD_LIBRARY_PATH)");
-        if std::env::var_os("CI").is_some() {
-            anyhow::bail!("CI must provide libnvrtc for this check");
-        }
+    if !nvrtc_here()? {
         return Ok(());
     }
     let cache = tempfile::tempdir()?;
@@ -22,14 +49,15 @@ fn every_module_compiles_for_sm_90() -> Result<()> {
     let mut compiled = 0;
     for preset in [Preset::Tiny, Preset::Small, Preset::Half] {
         let cfg = InitOptions::preset(preset).config()?;
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            let max_seq = cfg.block_size.max(2048);
-            let src = kernel_source(&cfg, dtype, max_seq);
+        // The module does not depend on the weight dtype (bf16 plans widen in the GEMMs):
+        // two KV capacities instead.
+        for max_seq in [cfg.block_size.max(2048), 96] {
+            let src = module_source(&cfg, max_seq)?;
             let ptx = ngpt_runtime::cuda::compile_module("ngpt", &src, "sm_90")?;
             for entry in ngpt_compiler::plan::ENTRIES {
                 assert!(
                     ptx.contains(&format!(".entry {entry}(")),
-                    "{preset:?} {dtype:?}: no entry {entry} in the PTX"
+                    "{preset:?} max_seq {max_seq}: no entry {entry} in the PTX"
                 );
             }
             compiled += 1;
@@ -43,11 +71,7 @@ fn every_module_compiles_for_sm_90() -> Result<()> {
         o.n_head = heads;
         o.n_embd = embd;
         let cfg = o.config()?;
-        let ptx = ngpt_runtime::cuda::compile_module(
-            "ngpt",
-            &kernel_source(&cfg, WeightDtype::Bf16, 64),
-            "sm_90",
-        )?;
+        let ptx = ngpt_runtime::cuda::compile_module("ngpt", &module_source(&cfg, 64)?, "sm_90")?;
         for entry in [
             "attention_prefill",
             "attention_decode",
@@ -63,7 +87,7 @@ fn every_module_compiles_for_sm_90() -> Result<()> {
     }
     // The second compile of the same source comes from the cache.
     let cfg = InitOptions::preset(Preset::Tiny).config()?;
-    let src = kernel_source(&cfg, WeightDtype::F32, 2048);
+    let src = module_source(&cfg, 2048)?;
     let t0 = std::time::Instant::now();
     ngpt_runtime::cuda::compile_module("ngpt", &src, "sm_90")?;
     assert!(std::fs::read_dir(cache.path())?.count() >= 6);
@@ -73,8 +97,7 @@ fn every_module_compiles_for_sm_90() -> Result<()> {
 
 #[test]
 fn a_broken_module_reports_the_nvrtc_log() -> Result<()> {
-    if !ngpt_runtime::cuda::probe().nvrtc {
-        eprintln!("skipping: libnvrtc not found");
+    if !nvrtc_here()? {
         return Ok(());
     }
     let err = ngpt_runtime::cuda::compile_module(

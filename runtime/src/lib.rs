@@ -15,14 +15,15 @@
 
 #![warn(missing_docs)]
 
-pub mod abi;
 pub mod bench;
+pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
 pub mod listing;
 pub mod mapped;
+pub mod options;
 pub mod plan;
 mod rows;
 pub mod sample;

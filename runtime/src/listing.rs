@@ -138,7 +138,7 @@ pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
         "plan format {}.{} by {}: {} layers, {} heads x {}, n_embd {}, vocab {}, weights {} ({} in model.weights), KV capacity {}",
         p.plan.format_major,
         p.plan.format_minor,
-        p.plan.producer,
+        crate::contract::printable(&p.plan.producer),
         d.n_layer,
         d.n_head,
         d.head_dim,
@@ -147,6 +147,13 @@ pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
         wdt,
         si(p.plan.weights_file_bytes as f64) + "B",
         d.max_seq_len
+    );
+    let _ = writeln!(
+        out,
+        "kernels: the runtime's `{}` module, kernel ABI {}, KV tile {} (a plan carries no code)",
+        crate::contract::MODULE,
+        crate::contract::KERNEL_ABI,
+        p.module_dims.kv_tile
     );
     let names = |args: &[pb::Arg]| -> String {
         args.iter()

@@ -6,27 +6,11 @@ use std::path::Path;
 use ngpt_schemas::plan::{self as pb, arg, operand, step, Plan};
 use ngpt_schemas::prost::Message;
 
-use crate::abi::{self, Slot};
+use crate::contract::{self, ModuleDims, Slot};
 use crate::error::{Error, Result};
 use crate::mapped::{self, Elems};
 
-/// Model dimensions, from the plan's config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dims {
-    /// Transformer blocks.
-    pub n_layer: usize,
-    /// Attention heads per block.
-    pub n_head: usize,
-    /// Width of the hidden state (n_head x head_dim).
-    pub n_embd: usize,
-    /// Width of one head (even).
-    pub head_dim: usize,
-    /// Logits per position (the checkpoint's vocab_size, padding included).
-    pub vocab: usize,
-    /// KV-cache capacity per sequence and rows of the position table: no sequence can
-    /// grow past it.
-    pub max_seq_len: usize,
-}
+pub use crate::contract::Dims;
 
 /// A validated plan with its weights as stored: f32, or bf16 (kept as bf16, so a bf16
 /// plan's weights take half the memory; executors widen only what they read as f32).
@@ -39,6 +23,9 @@ pub struct LoadedPlan {
     pub dims: Dims,
     /// One per plan weight.
     pub weights: Vec<WeightData>,
+    /// What the plan's kernel module specializes beyond the config (checked against the
+    /// contract at load, [`contract::check_module`]).
+    pub module_dims: ModuleDims,
 }
 
 /// bf16 bits to f32, exactly (the bits are the f32's upper half; NaNs kept as they are).
@@ -112,16 +99,6 @@ pub enum WeightsIo {
     Read,
 }
 
-impl WeightsIo {
-    /// [`WeightsIo::Read`] when the environment variable `NGPT_MMAP` is `0`, else
-    /// [`WeightsIo::Map`].
-    pub fn from_env() -> WeightsIo {
-        match std::env::var("NGPT_MMAP") {
-            Ok(v) if v.trim() == "0" => WeightsIo::Read,
-            _ => WeightsIo::Map,
-        }
-    }
-}
 
 /// Where a plan's weight bytes come from: a mapped `model.weights` or a buffer the plan
 /// keeps (weights viewed in place), or borrowed bytes (copied).
@@ -133,10 +110,10 @@ enum WeightBytes<'a> {
 
 impl LoadedPlan {
     /// Reads `dir/model.plan` and maps `dir/model.weights` (read in place, not copied; see
-    /// [`crate::mapped`] for the one condition that comes with mapping a file), or reads it
-    /// into memory when the environment says `NGPT_MMAP=0` ([`WeightsIo::from_env`]).
+    /// [`crate::mapped`] for the one condition that comes with mapping a file);
+    /// [`LoadedPlan::load_with`] can read it into memory instead.
     pub fn load(dir: &Path) -> Result<LoadedPlan> {
-        Self::load_with(dir, WeightsIo::from_env())
+        Self::load_with(dir, WeightsIo::Map)
     }
 
     /// As [`LoadedPlan::load`], with `model.weights` brought in as `how` says.
@@ -217,10 +194,20 @@ impl LoadedPlan {
             )
         })?;
         if plan.format_major != pb::FORMAT_MAJOR {
+            let writer = if plan.producer.is_empty() {
+                "an unknown producer".to_string()
+            } else {
+                contract::printable(&plan.producer)
+            };
+            let hint = if plan.format_major < pb::FORMAT_MAJOR {
+                "; recompile the checkpoint with this ngpt (`ngpt compile`)"
+            } else {
+                "; a newer ngpt wrote it"
+            };
             return Err(bad(
                 path,
                 format!(
-                    "plan format major version {} is not supported (this runtime reads {})",
+                    "plan format {} (written by {writer}) is not supported: this runtime reads format {}{hint}",
                     plan.format_major,
                     pb::FORMAT_MAJOR
                 ),
@@ -413,15 +400,23 @@ impl LoadedPlan {
                 ));
             }
         }
-        if plan.modules.is_empty() {
-            return Err(bad(path, "no kernel modules"));
+        if plan.modules.len() != 1 {
+            return Err(bad(
+                path,
+                format!(
+                    "the plan names {} kernel modules; plans launch from the runtime's one module `{}`",
+                    plan.modules.len(),
+                    contract::MODULE
+                ),
+            ));
         }
+        let module_dims = contract::check_module(&plan.modules[0], &dims).map_err(|p| bad(path, p))?;
         for program in [&plan.prefill, &plan.decode] {
             let program = program
                 .as_ref()
                 .ok_or_else(|| bad(path, "a program (prefill or decode) is missing"))?;
             for s in &program.steps {
-                validate_step(&plan, s).map_err(|p| {
+                validate_step(&plan, &dims, &module_dims, s).map_err(|p| {
                     bad(
                         path,
                         format!("program `{}`, step `{}`: {p}", program.name, s.name),
@@ -433,6 +428,7 @@ impl LoadedPlan {
             plan,
             dims,
             weights: data,
+            module_dims,
         })
     }
 
@@ -488,8 +484,8 @@ pub fn written_buffer(s: &pb::Step) -> Option<usize> {
             operand::Source::Weight(_) => None,
         },
         step::Kind::Launch(l) => {
-            let slots = abi::signature(&l.entry)?;
-            let i = slots.iter().position(|s| *s == Slot::Out)?;
+            let e = contract::entry(&l.entry)?;
+            let i = e.args.iter().position(|a| a.slot == Slot::Out)?;
             match l.args.get(i)?.value.as_ref()? {
                 arg::Value::Buffer(b) => Some(*b as usize),
                 _ => None,
@@ -593,7 +589,12 @@ pub fn eval(a: Option<&pb::Affine>, rows: usize, batch: usize) -> Option<usize> 
     usize::try_from(v).ok().filter(|&v| v <= (1usize << 40))
 }
 
-fn validate_step(plan: &Plan, s: &pb::Step) -> std::result::Result<(), String> {
+fn validate_step(
+    plan: &Plan,
+    dims: &Dims,
+    module_dims: &ModuleDims,
+    s: &pb::Step,
+) -> std::result::Result<(), String> {
     let n_buf = plan.buffers.len() as u32;
     let n_w = plan.weights.len() as u32;
     match s.kind.as_ref().ok_or("empty step")? {
@@ -605,20 +606,43 @@ fn validate_step(plan: &Plan, s: &pb::Step) -> std::result::Result<(), String> {
             if !module.entries.iter().any(|e| e == &l.entry) {
                 return Err(format!(
                     "entry `{}` is not in module `{}`",
-                    l.entry, module.name
+                    contract::printable(&l.entry),
+                    contract::printable(&module.name)
                 ));
             }
-            let sig =
-                abi::signature(&l.entry).ok_or(format!("unknown kernel entry `{}`", l.entry))?;
-            if sig.len() != l.args.len() {
+            let e = contract::entry(&l.entry).ok_or(format!(
+                "unknown kernel entry `{}`",
+                contract::printable(&l.entry)
+            ))?;
+            if e.args.len() != l.args.len() {
                 return Err(format!(
                     "`{}` takes {} arguments, the step passes {}",
                     l.entry,
-                    sig.len(),
+                    e.args.len(),
                     l.args.len()
                 ));
             }
-            for (i, (slot, a)) in sig.iter().zip(&l.args).enumerate() {
+            // The block is fixed per plan: checked here, so both executors refuse a launch
+            // shape the CUDA kernel cannot take.
+            let block = l
+                .block
+                .as_ref()
+                .and_then(|b| {
+                    let fixed = |a: Option<&pb::Affine>| match a {
+                        None => Some(1),
+                        Some(a) if a.c_rows == 0 && a.c_batch == 0 => u32::try_from(a.c0).ok(),
+                        Some(_) => None,
+                    };
+                    b.x.as_ref()?;
+                    Some((fixed(b.x.as_ref())?, fixed(b.y.as_ref())?, fixed(b.z.as_ref())?))
+                })
+                .ok_or("the block is missing or depends on the request")?;
+            e.check_block(dims, module_dims.kv_tile, block, l.shared_bytes)?;
+            if l.grid.as_ref().and_then(|g| g.x.as_ref()).is_none() {
+                return Err("the grid is missing".into());
+            }
+            for (i, (spec, a)) in e.args.iter().zip(&l.args).enumerate() {
+                let slot = &spec.slot;
                 let missing = |what: &str, index: u32, have: u32| {
                     format!(
                         "argument {i} of `{}`: {what} {index} does not exist (the plan has {have})",

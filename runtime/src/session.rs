@@ -130,8 +130,18 @@ impl Session {
     /// [`crate::cuda::unavailable`].
     #[cfg(feature = "cuda")]
     pub fn cuda(plan: Arc<LoadedPlan>, batch: usize) -> Result<Session> {
+        Self::cuda_with(plan, batch, &crate::options::CudaOptions::default())
+    }
+
+    /// As [`Session::cuda`], with the executor's options.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_with(
+        plan: Arc<LoadedPlan>,
+        batch: usize,
+        options: &crate::options::CudaOptions,
+    ) -> Result<Session> {
         Ok(Session::with_executor(Box::new(
-            crate::cuda::CudaExecutor::new(plan, batch)?,
+            crate::cuda::CudaExecutor::with_options(plan, batch, options)?,
         )))
     }
 

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 use ngpt_runtime::cpu::ProgramKind;
+use ngpt_runtime::contract;
 use ngpt_runtime::cuda::{self, CudaExecutor, CudaSession};
 use ngpt_runtime::plan::LoadedPlan;
 use ngpt_runtime::session::Session;
@@ -28,18 +29,18 @@ use ngpt_schemas::prost::Message;
 
 type Result<T> = anyhow::Result<T>;
 
-const NGPT_CU: &str = include_str!("../../compiler/kernels/ngpt.cu");
-const ENTRIES: [&str; 8] = [
-    "embed",
-    "norm_rows",
-    "lerp_norm",
-    "swiglu",
-    "pos_norm",
-    "attention_prefill",
-    "attention_decode",
-    "sample_topk",
-];
 const KV_TILE: usize = 32;
+
+/// The executor options these tests run with: the defaults, with `NGPT_CUDA_OPTIONS`
+/// applied (scripts/gpu-check.sh runs them again with the opt-in paths on).
+fn options() -> Result<ngpt_runtime::options::CudaOptions> {
+    Ok(ngpt_runtime::options::CudaOptions::from_env()?)
+}
+
+/// A CUDA executor with [`options`].
+fn executor(plan: Arc<LoadedPlan>, batch: usize) -> Result<CudaExecutor> {
+    Ok(CudaExecutor::with_options(plan, batch, &options()?)?)
+}
 
 /// `Some(reason)` when this process cannot run CUDA; the GPU tests skip with it.
 fn skip() -> Option<String> {
@@ -250,10 +251,19 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
     let (c, h) = (s.embd, s.heads);
     let d = c / h;
     let p = d / 2;
-    let source = format!(
-        "// Made by runtime/tests/cuda.rs.\n#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {d}\n#define NGPT_V {}\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 {}\n\n{NGPT_CU}",
-        s.vocab, s.max_seq, s.bf16 as u8
-    );
+    let defines = [
+        ("NGPT_C", c),
+        ("NGPT_H", h),
+        ("NGPT_D", d),
+        ("NGPT_V", s.vocab),
+        ("NGPT_MAX_SEQ", s.max_seq),
+        ("NGPT_KV_TILE", KV_TILE),
+    ]
+    .map(|(name, value)| pb::Define {
+        name: name.into(),
+        value: value as i64,
+    })
+    .to_vec();
     let mut b = Builder {
         plan: Plan {
             format_major: pb::FORMAT_MAJOR,
@@ -275,9 +285,11 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
             } as i32,
             max_seq_len: s.max_seq as u32,
             modules: vec![KernelModule {
-                name: "ngpt".into(),
-                source,
-                entries: ENTRIES.iter().map(|e| e.to_string()).collect(),
+                name: contract::MODULE.into(),
+                source: String::new(),
+                entries: contract::ENTRIES.iter().map(|e| e.name.to_string()).collect(),
+                abi: pb::KERNEL_ABI,
+                defines,
             }],
             ..Default::default()
         },
@@ -537,7 +549,7 @@ fn prompt(vocab: usize, n: usize, salt: usize) -> Vec<u32> {
 
 /// Prefill (ragged when batch 2) then `steps` decodes, CUDA against CPU at every row.
 fn cuda_matches_cpu(plan: &Arc<LoadedPlan>, batch: usize, steps: usize, what: &str) -> Result<()> {
-    let gpu = Session::with_executor(Box::new(CudaExecutor::new(Arc::clone(plan), batch)?));
+    let gpu = Session::with_executor(Box::new(executor(Arc::clone(plan), batch)?));
     cuda_session_matches_cpu(plan, gpu, batch, steps, what)
 }
 
@@ -673,10 +685,10 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
             );
         }
     }
-    // The made plan's module is valid CUDA too (it is ngpt.cu behind the same prelude).
+    // The made plan's module compiles too (ngpt.cu behind the prelude of its checked widths).
     let plan = load(&made_plan(TINY, 1)?)?;
-    let m = &plan.plan.modules[0];
-    assert!(nvrtc(&m.name, &m.source)?.contains(".entry attention_decode("));
+    let source = cuda::module_source(&plan.dims, &plan.module_dims);
+    assert!(nvrtc(contract::MODULE, &source)?.contains(".entry attention_decode("));
     Ok(())
 }
 
@@ -726,7 +738,7 @@ fn gemv_kernels_and_cublas_both_match_the_cpu_executor() -> Result<()> {
             cuda_matches_cpu(&plan, batch, 3, &format!("made {what}, gemv on"))?;
         }
         for batch in [1, 3] {
-            let mut exec = CudaExecutor::new(Arc::clone(&plan), batch)?;
+            let mut exec = executor(Arc::clone(&plan), batch)?;
             exec.set_gemv(false);
             let gpu = Session::with_executor(Box::new(exec));
             cuda_session_matches_cpu(&plan, gpu, batch, 4, &format!("made {what}, cuBLAS only"))?;
@@ -758,8 +770,8 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     let plan = load(&made_plan(TINY, 7)?)?;
     let v = plan.dims.vocab;
     let (mut a, mut b) = (
-        CudaExecutor::new(Arc::clone(&plan), 2)?,
-        CudaExecutor::new(Arc::clone(&plan), 2)?,
+        executor(Arc::clone(&plan), 2)?,
+        executor(Arc::clone(&plan), 2)?,
     );
     a.set_graph(true);
     b.set_graph(false);
@@ -829,10 +841,10 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
         let plan = load(&made_plan(shape, 20 + seed as u64)?)?;
         let v = plan.dims.vocab;
         let (mut a, mut b, mut c, mut s) = (
-            CudaExecutor::new(Arc::clone(&plan), batch)?,
-            CudaExecutor::new(Arc::clone(&plan), batch)?,
-            CudaExecutor::new(Arc::clone(&plan), batch)?,
-            CudaExecutor::new(Arc::clone(&plan), batch)?,
+            executor(Arc::clone(&plan), batch)?,
+            executor(Arc::clone(&plan), batch)?,
+            executor(Arc::clone(&plan), batch)?,
+            executor(Arc::clone(&plan), batch)?,
         );
         a.set_persistent(true);
         a.set_persistent_fusion(true);
@@ -929,8 +941,8 @@ fn tensor_core_prefill_attention_matches_the_f32_kernel() -> Result<()> {
     for (seed, (shape, batch, chunks, what)) in cases.into_iter().enumerate() {
         let plan = load(&made_plan(shape, 40 + seed as u64)?)?;
         let v = plan.dims.vocab;
-        let mut mma = CudaExecutor::new(Arc::clone(&plan), batch)?;
-        let mut f32 = CudaExecutor::new(Arc::clone(&plan), batch)?;
+        let mut mma = executor(Arc::clone(&plan), batch)?;
+        let mut f32 = executor(Arc::clone(&plan), batch)?;
         assert!(
             mma.set_prefill_mma(true),
             "{what}: attention_prefill_mma unavailable"
@@ -964,7 +976,7 @@ fn tensor_core_prefill_attention_matches_the_f32_kernel() -> Result<()> {
     }
     // f32 plans keep the f32 kernel (their tolerance is 1e-5).
     let plan = load(&made_plan(TINY, 43)?)?;
-    let mut ex = CudaExecutor::new(plan, 1)?;
+    let mut ex = executor(plan, 1)?;
     assert!(!ex.set_prefill_mma(true));
     Ok(())
 }
@@ -980,7 +992,7 @@ fn traced_steps_match_the_cpu_executor() -> Result<()> {
         cpu_steps.push((name.to_string(), width, v.to_vec()))
     })?;
     let mut gpu_steps = vec![];
-    let mut gpu = CudaSession::new(Arc::clone(&plan), 1)?;
+    let mut gpu = CudaSession::with_options(Arc::clone(&plan), 1, &options()?)?;
     gpu.prefill_traced(&toks, &mut |name, width, v| {
         gpu_steps.push((name.to_string(), width, v.to_vec()))
     })?;
@@ -1004,7 +1016,7 @@ fn unwritten_logits_cannot_pass() -> Result<()> {
     }
     let plan = load(&(plan.encode_to_vec(), weights))?;
     for check in [false, true] {
-        let mut ex = CudaExecutor::new(Arc::clone(&plan), 1)?;
+        let mut ex = executor(Arc::clone(&plan), 1)?;
         ex.set_check(check);
         match ex.run(ProgramKind::Prefill, &[1, 2, 3], &[0, 1, 2], 3) {
             Ok(l) => {
@@ -1036,25 +1048,27 @@ fn a_tampered_plan_is_an_error_not_a_fault() -> Result<()> {
     let plan = load(&(plan.encode_to_vec(), weights.clone()))?;
     let cpu = Session::new(Arc::clone(&plan), 1)?.prefill(&[vec![1, 2, 3]]);
     assert!(cpu.is_err(), "the CPU executor accepted it");
-    let err = match CudaSession::new(Arc::clone(&plan), 1)?.prefill(&[vec![1, 2, 3]]) {
+    let err = match CudaSession::with_options(Arc::clone(&plan), 1, &options()?)?.prefill(&[vec![1, 2, 3]]) {
         Ok(_) => anyhow::bail!("the CUDA executor accepted a short buffer"),
         Err(e) => e.to_string(),
     };
     assert!(err.contains("att"), "{err}");
-    // A module prelude that disagrees with the config is refused at construction.
+    // A module width that disagrees with the config is refused when the plan loads,
+    // before either executor sees it.
     let mut plan = Plan::decode(bytes.as_slice())?;
-    plan.modules[0].source = plan.modules[0]
-        .source
-        .replace("#define NGPT_C 64", "#define NGPT_C 128");
-    let plan = load(&(plan.encode_to_vec(), weights))?;
-    let err = match CudaExecutor::new(plan, 1) {
-        Ok(_) => anyhow::bail!("a mismatched prelude was accepted"),
+    for d in &mut plan.modules[0].defines {
+        if d.name == "NGPT_C" {
+            d.value *= 2;
+        }
+    }
+    let err = match load(&(plan.encode_to_vec(), weights)) {
+        Ok(_) => anyhow::bail!("a mismatched module width was accepted"),
         Err(e) => e.to_string(),
     };
     assert!(err.contains("NGPT_C"), "{err}");
     // Out-of-range requests are refused before anything runs.
     let plan = load(&made_plan(TINY, 13)?)?;
-    let mut ex = CudaExecutor::new(plan, 1)?;
+    let mut ex = executor(plan, 1)?;
     assert!(ex.run(ProgramKind::Prefill, &[97], &[0], 1).is_err());
     assert!(ex.run(ProgramKind::Prefill, &[1], &[64], 1).is_err());
     assert!(ex.run(ProgramKind::Prefill, &[1], &[0], 1).is_ok());

@@ -1,5 +1,5 @@
-//! GPU kernels run on the CPU. Every kernel of compiler/kernels/ngpt.cu (the plan's
-//! `embed`, `norm_rows`, `lerp_norm`, `swiglu`, `pos_norm`, `sample_topk`, and
+//! GPU kernels run on the CPU. Every kernel of runtime/src/cuda/ngpt.cu (the plan's
+//! `embed`, `norm_rows`, `lerp_norm`, `swiglu`, `pos_norm`, and
 //! `attention_prefill` and `attention_decode` with their untiled `_simple` twins), the
 //! runtime's tensor-core `attention_prefill_mma` from helpers.cu, and
 //! `decode_persistent`'s gemv entries (with and without weight streaming) are compiled with
@@ -22,7 +22,7 @@ const CHECK_HPP: &str = include_str!("host_emulation/check.hpp");
 const MAIN_CPP: &str = include_str!("host_emulation/attention.cpp");
 const PERSISTENT_CPP: &str = include_str!("host_emulation/persistent.cpp");
 const ROWS_CPP: &str = include_str!("host_emulation/rows.cpp");
-const NGPT_CU: &str = include_str!("../../compiler/kernels/ngpt.cu");
+const NGPT_CU: &str = ngpt_runtime::cuda::NGPT_CU;
 /// Keys per staged tile of ngpt.cu's attention_prefill (the compiler's `KV_TILE`).
 const KV_TILE: usize = 32;
 
@@ -82,7 +82,7 @@ fn ngpt_kernel(name: &'static str, w: Widths) -> Result<Kernel> {
     Ok(Kernel {
         name,
         source: format!(
-            "#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V 7\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 0\n{body}",
+            "#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V 7\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n{body}",
             w.c,
             w.c / w.d,
             w.d,
@@ -397,7 +397,7 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
             &format!("rows_{c}_{h}"),
             ("rows.cpp", ROWS_CPP),
             &format!(
-                "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_WEIGHT_BF16 0\n{}",
+                "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n{}",
                 c / h,
                 NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;")
             ),
@@ -407,15 +407,10 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
             let what =
                 format!("ngpt.cu row kernels, n_embd {c}, {h} heads, {rows} rows of {tokens}");
             let text = emulate(&exe, &[rows, tokens].map(|v: i32| v.to_string()), &what)?;
-            let (worst, unwritten, mismatches) = (
-                field(&text, "worst_rel_err")?,
-                field(&text, "unwritten")?,
-                field(&text, "sample_mismatches")?,
-            );
+            let (worst, unwritten) = (field(&text, "worst_rel_err")?, field(&text, "unwritten")?);
             eprintln!("{what}: worst relative error {worst:.3e}");
             assert!(worst <= 1e-5, "{what}: {text}");
             assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
-            assert_eq!(mismatches, 0.0, "{what}: sampled tokens differ");
         }
     }
     Ok(())

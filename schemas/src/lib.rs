@@ -29,8 +29,14 @@ pub mod onnx {
 pub mod plan {
     include!(concat!(env!("OUT_DIR"), "/ngpt.plan.rs"));
 
-    /// The plan format's major version: a runtime refuses any other.
-    pub const FORMAT_MAJOR: u32 = 1;
+    /// The plan format's major version: a runtime refuses any other. 2: kernel modules are
+    /// named with their ABI and compile-time widths, never carried as source (format 1
+    /// carried CUDA C, written by ngpt 0.1.0 up to the runtime redesign of issue 19).
+    pub const FORMAT_MAJOR: u32 = 2;
+    /// The kernel ABI a plan's launches are lowered for (entries, argument slots, contracts:
+    /// `ngpt_runtime::contract`). The compiler writes it, the runtime refuses any other.
+    /// 2: plans name kernels instead of carrying them; `sample_topk` is gone.
+    pub const KERNEL_ABI: u32 = 2;
     /// The plan format's minor version: additions a reader may ignore.
     pub const FORMAT_MINOR: u32 = 0;
 }

@@ -43,7 +43,12 @@ pub struct ShowArgs {
 
 pub fn run(a: Args) -> Result<()> {
     let PlanCommand::Show(s) = a.command;
-    let plan = LoadedPlan::load(&s.dir)?;
+    let plan = LoadedPlan::load_with(
+        &s.dir,
+        crate::settings::get()
+            .weights_io
+            .unwrap_or(ngpt_runtime::plan::WeightsIo::Map),
+    )?;
     print!(
         "{}",
         listing(

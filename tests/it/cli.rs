@@ -402,3 +402,85 @@ fn a_forward_too_large_for_memory_is_refused_in_one_line() -> Result<()> {
     assert!(values.iter().all(|v| v.is_finite()));
     Ok(())
 }
+
+/// Runs ngpt with extra environment variables.
+fn ngpt_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+    let mut c = Command::new(ngpt_bin());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().with_context(|| format!("running ngpt {args:?}"))
+}
+
+#[test]
+fn cuda_options_parse_strictly_and_retired_variables_are_named() -> Result<()> {
+    let ckpt = nv_tiny().join("ckpt.pt");
+    let ckpt = ckpt.to_str().context("utf-8")?;
+    // Malformed options are errors naming where they came from and the key, before any
+    // subcommand runs.
+    for (args, env, says) in [
+        (
+            vec!["--cuda-options", "grpah=off", "inspect", ckpt],
+            vec![],
+            "--cuda-options: option `grpah`: unknown option",
+        ),
+        (
+            vec!["inspect", ckpt, "--cuda-options", "graph=false"],
+            vec![],
+            "--cuda-options: option `graph`: `false` is not `on` or `off`",
+        ),
+        (
+            vec!["inspect", ckpt],
+            vec![("NGPT_CUDA_OPTIONS", "blocks_per_sm=0")],
+            "NGPT_CUDA_OPTIONS: option `blocks_per_sm`: `0` is not a whole number",
+        ),
+    ] {
+        let o = ngpt_env(&args, &env)?;
+        let err = assert_clean_failure(&o, &format!("{args:?} {env:?}"));
+        assert!(err.contains(says), "{err}");
+    }
+    // Good options run; a retired variable still set gets one line naming its replacement.
+    let o = ngpt_env(
+        &["--cuda-options", "graph=off,experimental.pd_stream=on", "inspect", ckpt],
+        &[("NGPT_CUDA_PERSISTENT", "0"), ("NGPT_MMAP", "0")],
+    )?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: NGPT_CUDA_PERSISTENT is no longer read; use NGPT_CUDA_OPTIONS=persistent=off"),
+        "{err}"
+    );
+    assert!(err.contains("warning: NGPT_MMAP is no longer read; use the --read-weights flag"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn read_weights_gives_the_mapped_plans_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("c");
+    let dir_s = dir.to_str().context("utf-8")?;
+    ok(
+        ngpt(&["compile", nv_tiny().join("ckpt.pt").to_str().context("utf-8")?, "-o", dir_s])?,
+        "compile",
+    )?;
+    let mut outs = vec![];
+    for extra in [&[][..], &["--read-weights"][..]] {
+        let out = tmp.path().join(format!("l{}.npy", outs.len()));
+        let mut args = vec![
+            "logits",
+            dir_s,
+            "--engine",
+            "plan-cpu",
+            "--tokens",
+            "1,2,3",
+            "-o",
+            out.to_str().context("utf-8")?,
+        ];
+        args.extend_from_slice(extra);
+        ok(ngpt(&args)?, "logits")?;
+        outs.push(std::fs::read(&out)?);
+    }
+    assert_eq!(outs[0], outs[1], "--read-weights changed the logits");
+    Ok(())
+}

@@ -333,12 +333,28 @@ fn cpu_run_rows_multiplies_only_the_chosen_rows() -> Result<()> {
     Ok(())
 }
 
+/// A CUDA session with the defaults and `NGPT_CUDA_OPTIONS` (scripts/gpu-check.sh runs
+/// these bodies again with the opt-in paths on).
+#[allow(dead_code)]
+fn cuda_session(
+    plan: std::sync::Arc<ngpt_runtime::plan::LoadedPlan>,
+    batch: usize,
+) -> ngpt_runtime::Result<ngpt_runtime::session::Session> {
+    let options = ngpt_runtime::options::CudaOptions::from_env().map_err(|e| {
+        ngpt_runtime::Error::Request {
+            what: e.source_name.clone(),
+            problem: e.to_string(),
+        }
+    })?;
+    ngpt_runtime::session::Session::cuda_with(plan, batch, &options)
+}
+
 macro_rules! test_executors {
     ($($body:ident),*) => {
         mod plan_cpu {
             $(#[test] fn $body() -> anyhow::Result<()> { super::$body(super::PLAN_CPU) })*
         }
-        mod plan_cuda { $(#[test] fn $body() -> anyhow::Result<()> { if let Some(why) = ngpt_runtime::cuda::unavailable() { eprintln!("skipped: {why}"); return Ok(()) } super::$body(ngpt_runtime::session::Session::cuda) })* }
+        mod plan_cuda { $(#[test] fn $body() -> anyhow::Result<()> { if let Some(why) = ngpt_runtime::cuda::unavailable() { eprintln!("skipped: {why}"); return Ok(()) } super::$body(super::cuda_session) })* }
     };
 }
 

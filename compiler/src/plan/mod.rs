@@ -12,7 +12,7 @@ mod kernels;
 use std::collections::HashMap;
 
 use ngpt_schemas::plan::{
-    self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm, KernelModule,
+    self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm,
     Launch, Operand, Plan, Program, Step, Symbol,
 };
 
@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
 
-pub use kernels::{kernel_source, ENTRIES};
+pub use kernels::{kernel_module, ENTRIES};
 
 /// Weight dtype of a plan's GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -566,11 +566,7 @@ pub fn lower_into(
         WeightDtype::F32 => pb::DType::F32,
         WeightDtype::Bf16 => pb::DType::Bf16,
     };
-    let module = KernelModule {
-        name: "ngpt".into(),
-        source: kernel_source(cfg, dtype, max_seq_len),
-        entries: ENTRIES.iter().map(|e| e.to_string()).collect(),
-    };
+    let module = kernel_module(cfg, max_seq_len);
     let plan = Plan {
         format_major: pb::FORMAT_MAJOR,
         format_minor: pb::FORMAT_MINOR,

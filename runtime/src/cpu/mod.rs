@@ -11,6 +11,7 @@ pub use kernels::Threading;
 
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
+use crate::contract::{self, Bound};
 use crate::error::{Error, Result};
 use crate::plan::{LoadedPlan, WeightData};
 
@@ -407,10 +408,59 @@ impl CpuExecutor {
         Ok(true)
     }
 
+    /// Checks a launch against the kernel contract (`crate::contract`), as the CUDA
+    /// executor does: dtypes, the elements each argument must hold for this call, distinct
+    /// buffers. The twins check every index they take besides.
+    fn check_contract(&self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {
+        let entry = contract::entry(&l.entry).ok_or_else(|| {
+            step_err(
+                name,
+                format!("kernel entry `{}` has no CPU twin in programs", l.entry),
+            )
+        })?;
+        let mut bound = Vec::with_capacity(l.args.len());
+        for a in &l.args {
+            bound.push(match a.value.as_ref() {
+                Some(arg::Value::Buffer(b)) => {
+                    let b = *b as usize;
+                    let (int32, len) = match self.buffers.get(b) {
+                        Some(Buf::F32(v)) => (false, v.len()),
+                        Some(Buf::I32(v)) => (true, v.len()),
+                        None => return Err(step_err(name, format!("buffer {b} does not exist"))),
+                    };
+                    let bname = self.plan.plan.buffers.get(b).map_or("?", |x| x.name.as_str());
+                    Bound::Buffer {
+                        index: b,
+                        name: bname,
+                        int32,
+                        len,
+                    }
+                }
+                Some(arg::Value::Weight(w)) => Bound::Weight {
+                    index: *w as usize,
+                    len: self.plan.weights.get(*w as usize).map_or(0, |x| x.len()),
+                },
+                Some(arg::Value::Symbol(s)) => Bound::Int(match pb::Symbol::try_from(*s) {
+                    Ok(pb::Symbol::Rows) => rows as i64,
+                    Ok(pb::Symbol::Batch) => self.batch as i64,
+                    Ok(pb::Symbol::Tokens) => per_seq as i64,
+                    _ => return Err(step_err(name, format!("bad symbol {s}"))),
+                }),
+                Some(arg::Value::IntConst(c)) => Bound::Int(*c),
+                Some(arg::Value::FloatConst(_)) => Bound::Float,
+                None => return Err(step_err(name, "an argument is empty")),
+            });
+        }
+        entry
+            .check_args(&self.plan.dims, &bound)
+            .map_err(|p| step_err(name, p))
+    }
+
     fn launch(&mut self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {
         let plan = Arc::clone(&self.plan);
         let d = &plan.dims;
         let threading = self.threading;
+        self.check_contract(name, l, rows, per_seq)?;
         let bufi = |i: usize| -> Result<usize> {
             match l.args.get(i).and_then(|a| a.value.as_ref()) {
                 Some(arg::Value::Buffer(b)) => Ok(*b as usize),
@@ -457,21 +507,9 @@ impl CpuExecutor {
                 r
             }};
         }
-        let distinct = |ids: &[usize]| -> Result<()> {
-            for (a, x) in ids.iter().enumerate() {
-                if ids[a + 1..].contains(x) {
-                    return Err(step_err(
-                        name,
-                        "a buffer is passed twice where the kernel needs distinct buffers",
-                    ));
-                }
-            }
-            Ok(())
-        };
         match l.entry.as_str() {
             "embed" => {
                 let (t, o) = (bufi(0)?, bufi(2)?);
-                distinct(&[t, o])?;
                 with_out!(o, |out| kernels::embed(
                     d,
                     i32_of(name, bufs, t)?,
@@ -482,7 +520,6 @@ impl CpuExecutor {
             }
             "norm_rows" => {
                 let (x, o) = (bufi(0)?, bufi(1)?);
-                distinct(&[x, o])?;
                 with_out!(o, |out| kernels::norm_rows(
                     d,
                     f32_of(name, bufs, x)?,
@@ -493,7 +530,6 @@ impl CpuExecutor {
             }
             "lerp_norm" => {
                 let (h, b) = (bufi(0)?, bufi(1)?);
-                distinct(&[h, b])?;
                 with_out!(h, |hv| kernels::lerp_norm(
                     d,
                     &mut hv,
@@ -505,7 +541,6 @@ impl CpuExecutor {
             }
             "swiglu" => {
                 let (x, o) = (bufi(0)?, bufi(1)?);
-                distinct(&[x, o])?;
                 with_out!(o, |out| kernels::swiglu(
                     d,
                     f32_of(name, bufs, x)?,
@@ -516,7 +551,6 @@ impl CpuExecutor {
             }
             "pos_norm" => {
                 let (qkv, pos, qo, kc, vc) = (bufi(0)?, bufi(1)?, bufi(5)?, bufi(6)?, bufi(7)?);
-                distinct(&[qkv, pos, qo, kc, vc])?;
                 let mut q = take(bufs, qo)?;
                 let mut k = take(bufs, kc)?;
                 let mut v = take(bufs, vc)?;
@@ -541,8 +575,6 @@ impl CpuExecutor {
             }
             "attention_prefill" | "attention_decode" => {
                 let (q, kc, vc, pos, o) = (bufi(0)?, bufi(1)?, bufi(2)?, bufi(3)?, bufi(4)?);
-                distinct(&[q, kc, pos, o])?;
-                distinct(&[vc, o])?;
                 with_out!(o, |out| kernels::attention(
                     d,
                     f32_of(name, bufs, q)?,

@@ -17,7 +17,7 @@
 //!   multiplied by `cublasGemmEx` with both operands BF16, f32 accumulation
 //!   (`CUBLAS_COMPUTE_32F`) and an f32 C: cuBLAS has no bf16 x f32 form, so the f32
 //!   operand (the activation) is rounded to bf16 (nearest even) into a scratch buffer by a
-//!   small runtime kernel first. `NGPT_CUDA_BF16_GEMM=f32` instead keeps an f32 copy of
+//!   small runtime kernel first. The option `bf16_gemm=f32` instead keeps an f32 copy of
 //!   every BF16 weight on the device and runs Sgemm: the CPU executor's numbers, twice the
 //!   weight memory.
 //! - GEMMs of at most 8 columns in the weight form (op(A) = T, op(B) = N: every weight
@@ -25,7 +25,7 @@
 //!   (helpers.cu): one warp per output row streams the weight once, f32 activations, no
 //!   rounding to bf16. cuBLAS ran these shapes at a few percent of the memory bandwidth
 //!   on an H200 (BENCHMARKS.md); the CPU executor's dot products are the same idea.
-//!   `NGPT_CUDA_GEMV=0` sends them to cuBLAS again.
+//!   The option `gemv=off` sends them to cuBLAS again.
 //! - Decode as one launch (`decode_persistent`, helpers.cu): when every step of the
 //!   decode program is one of the plan kernels or a gemv, the resolved steps become a
 //!   table (`PdOp` in persistent.rs, 128 bytes each) and one grid of as many blocks as
@@ -33,12 +33,12 @@
 //!   of them meeting at a grid barrier between steps; attention is split across the KV
 //!   length (32 warps per row and head) and combined after a barrier. `persistent::fuse`
 //!   folds lerp_norm and swiglu into the gemv after them and pos_norm into attention.
-//!   This replaces about 220 launches per token. `NGPT_CUDA_PERSISTENT=0` (or
+//!   This replaces about 220 launches per token. The option `persistent=off` (or
 //!   `set_persistent`) launches the steps one by one instead; traced runs always do.
 //! - Checks: every driver and cuBLAS status is checked. Launch configuration errors come
 //!   back from `cuLaunchKernel` itself; errors of a running kernel surface at the next
-//!   synchronization. In check mode (`NGPT_CUDA_CHECK=1`, and by default in debug builds,
-//!   tests included; `NGPT_CUDA_CHECK=0` turns it off) the stream is synchronized after
+//!   synchronization. In check mode (option `check=on`, the default in debug builds,
+//!   tests included) the stream is synchronized after
 //!   every step, so an error names its step, and the logits are scanned for NaN (an
 //!   element no step wrote). Release builds synchronize once per run, before the logits
 //!   are copied back.
@@ -46,9 +46,9 @@
 //!   and the driver finish their lazy setup outside any capture), is captured into a CUDA
 //!   graph on its second and replayed after (tokens and positions are read from device
 //!   buffers, so the graph is the same every step); a buffer that grows (a longer prefill)
-//!   drops the graph and decode warms up and captures again. `NGPT_CUDA_GRAPH=0` runs
+//!   drops the graph and decode warms up and captures again. The option `graph=off` runs
 //!   decode step by step instead. Prefill always runs step by step.
-//! - `NGPT_CUDA_PROFILE=1`: every run goes step by step behind a short spin kernel (so
+//! - The option `profile=on`: every run goes step by step behind a short spin kernel (so
 //!   that all of it is queued before the GPU starts and the events between steps time the
 //!   kernels, not the host), and dropping the executor prints the GPU time per kernel and
 //!   GEMM shape to stderr. Timings of a profiled process are not the executor's speed.
@@ -69,7 +69,8 @@ use cudarc::nvrtc::Ptx;
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
 use super::persistent::{self, PdOp};
-use crate::abi::{self, Slot};
+use crate::contract::{self, Bound, Slot};
+use crate::options::{Attention, Barrier, Bf16Gemm, CudaOptions, PdAttention};
 use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
 use crate::plan::{eval, LoadedPlan, WeightData};
@@ -112,8 +113,6 @@ const GEMV_ROWS_PER_BLOCK: u32 = 8;
 /// queue a whole program (a few hundred launches) behind it.
 const PROFILE_SPIN_CYCLES: i64 = 80_000_000;
 
-/// Threads per block of `attention_decode` (`NGPT_DEC_TILE` in ngpt.cu).
-const DEC_TILE: u32 = 128;
 
 fn plan_cuda_err(problem: impl Into<String>) -> Error {
     Error::Request {
@@ -145,22 +144,14 @@ fn blas_msg(e: blas_result::CublasError) -> String {
     format!("{:?}", e.0)
 }
 
+/// The problem of a decode step whose cooperative `decode_persistent` launch the driver
+/// refused; `run_program` falls back to launch by launch on it.
+const COOPERATIVE_REFUSED: &str =
+    "the driver refused decode_persistent's cooperative launch (not every block can be resident at once here)";
+
 /// Setup failures: `what` failed with a driver error.
 fn setup(what: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| plan_cuda_err(format!("{what}: {}", drv(e)))
-}
-
-/// Whether check mode is on: `NGPT_CUDA_CHECK` (0 off, anything else on), else debug
-/// builds.
-fn check_mode() -> bool {
-    match std::env::var("NGPT_CUDA_CHECK") {
-        Ok(v) => v != "0",
-        Err(_) => cfg!(debug_assertions),
-    }
-}
-
-fn env_is(name: &str, value: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v.eq_ignore_ascii_case(value))
 }
 
 /// NVRTC's name for a compute capability.
@@ -361,7 +352,7 @@ struct Persistent {
     stage: usize,
     /// Registers per thread (they decide how many blocks fit on an SM).
     regs: i32,
-    /// Whether entries are folded (`persistent::fuse`; `NGPT_CUDA_PD_FUSE=0` turns it off).
+    /// Whether entries are folded (`persistent::fuse`; the option `fuse=off` turns it off).
     fuse: bool,
     /// What the last table folded.
     fused: persistent::Fused,
@@ -371,19 +362,19 @@ struct Persistent {
     /// The second buffer for rows a folded lerp_norm updates.
     shadow: Option<Dev<f32>>,
     /// Whether warps prefetch the next gemv's weights into L2 at each barrier
-    /// (`NGPT_CUDA_PD_PREFETCH=0` turns it off).
+    /// (the option `prefetch=off` turns it off).
     prefetch: bool,
     /// Bytes of each weight-streaming buffer (0: they do not fit in shared memory).
     slice: usize,
     /// Whether gemv weights stream into shared memory ahead of their entries
-    /// (`NGPT_CUDA_PD_STREAM=1` turns it on; off until measured on a GPU).
+    /// (`experimental.pd_stream=on` turns it on; off until measured on a GPU).
     stream: bool,
     /// The build of decode_persistent with weight streaming, compiled when first asked for.
     streamed: Option<StreamedKernel>,
     /// The helpers module's source (the streaming build adds a define to it).
     helpers_source: String,
     sms: i32,
-    /// Under NGPT_CUDA_PROFILE: the GPU clock after each entry, and the entries' labels.
+    /// Under the option `profile`: the GPU clock after each entry, and the entries' labels.
     timer: Option<Dev<u64>>,
     labels: Vec<String>,
     barrier: Dev<u32>,
@@ -391,6 +382,10 @@ struct Persistent {
     runs: u64,
     /// Whether the decode program last resolved (and so the captured graph) uses it.
     active: bool,
+    /// Whether it is launched cooperatively (the option `cooperative`, default on).
+    cooperative: bool,
+    /// The option `blocks_per_sm`.
+    blocks_cap: Option<u32>,
 }
 
 /// `decode_persistent` built with weight streaming (`NGPT_PD_STREAM`): its module, the
@@ -403,8 +398,14 @@ struct StreamedKernel {
 
 /// How many blocks of `decode_persistent` (`func`) are resident at once with `dynamic`
 /// bytes of dynamic shared memory: the grid its barrier needs every block of; 0 where the
-/// plan does not fit it. `NGPT_CUDA_PD_BLOCKS_PER_SM` caps the blocks per SM.
-fn resident_blocks(func: &CudaFunction, dynamic: usize, sms: i32, fits: bool) -> Result<u32> {
+/// plan does not fit it. `cap` (the option `blocks_per_sm`) caps the blocks per SM.
+fn resident_blocks(
+    func: &CudaFunction,
+    dynamic: usize,
+    sms: i32,
+    fits: bool,
+    cap: Option<u32>,
+) -> Result<u32> {
     if dynamic > DEFAULT_SHARED_LIMIT as usize {
         func.set_attribute(
             cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -415,10 +416,7 @@ fn resident_blocks(func: &CudaFunction, dynamic: usize, sms: i32, fits: bool) ->
     let mut per_sm = func
         .occupancy_max_active_blocks_per_multiprocessor(persistent::THREADS, dynamic, None)
         .map_err(setup("reading decode_persistent's occupancy"))?;
-    if let Some(cap) = std::env::var("NGPT_CUDA_PD_BLOCKS_PER_SM")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-    {
+    if let Some(cap) = cap {
         per_sm = per_sm.min(cap);
     }
     Ok(if fits {
@@ -436,7 +434,7 @@ struct DecodeGraph {
     generation: u64,
 }
 
-/// `NGPT_CUDA_PROFILE`: events between the steps of the current run, and GPU time per
+/// The option `profile`: events between the steps of the current run, and GPU time per
 /// (program, kernel or GEMM shape) over the executor's life.
 struct Profile {
     /// Reused timing events; `marks` of them are recorded in the current run.
@@ -504,7 +502,7 @@ impl Profile {
         let mut rows: Vec<_> = self.totals.iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
         let mut out = String::from(
-            "plan-cuda profile (NGPT_CUDA_PROFILE): GPU time per program and kernel or GEMM shape, first run of each program left out\n",
+            "plan-cuda profile (option profile=on): GPU time per program and kernel or GEMM shape, first run of each program left out\n",
         );
         for program in ["prefill", "decode", "decode.pd"] {
             let total: f64 = rows
@@ -524,11 +522,6 @@ impl Profile {
     }
 }
 
-/// The `#define` prelude values of a kernel module, checked against the plan's config.
-#[derive(Debug, Clone, Copy)]
-struct ModuleDims {
-    kv_tile: u64,
-}
 
 /// Runs plans on an NVIDIA GPU. Holds the device copies of the weights, the buffers and
 /// KV caches of one batch, and the decode graph.
@@ -573,14 +566,17 @@ pub struct State {
     function_names: Vec<String>,
     /// `functions` indices of gemv_bf16_1..8 and gemv_f32_1..8.
     gemv: [[usize; GEMV_MAX_N]; 2],
-    /// Whether narrow weight GEMMs run as `gemv_*` (`NGPT_CUDA_GEMV=0` turns it off).
+    /// Whether narrow weight GEMMs run as `gemv_*` (the option `gemv=off` turns it off).
     use_gemv: bool,
-    /// Decode as one `decode_persistent` launch (`NGPT_CUDA_PERSISTENT=0` turns it off).
+    /// Decode as one `decode_persistent` launch (the option `persistent=off` turns it off).
     use_persistent: bool,
+    /// Why decode went launch by launch although the options asked for
+    /// `decode_persistent` (the device refused a cooperative launch), once it did.
+    fallback_note: Option<String>,
     persistent: Persistent,
     /// `functions` index of `attention_prefill_mma`, where this plan and device can run it.
     prefill_mma: Option<usize>,
-    /// Prefill attention on the tensor cores (`NGPT_CUDA_PREFILL_MMA=1` turns it on).
+    /// Prefill attention on the tensor cores (`experimental.prefill_mma=on` turns it on).
     use_prefill_mma: bool,
     /// Prefill runs that launched `attention_prefill_mma`.
     prefill_mma_runs: u64,
@@ -588,7 +584,6 @@ pub struct State {
     function_of: HashMap<(u32, String), usize>,
     to_bf16: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
-    module_dims: Vec<Option<ModuleDims>>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     /// Bumped whenever a buffer or scratch moves (a captured graph holds addresses).
@@ -655,21 +650,21 @@ impl Drop for BlasHandle {
     }
 }
 
-/// Reads `#define NGPT_<key> <value>` lines from a module's prelude.
-fn prelude_value(source: &str, key: &str) -> Option<u64> {
-    source.lines().find_map(|line| {
-        let mut it = line.split_whitespace();
-        match (it.next(), it.next(), it.next()) {
-            (Some("#define"), Some(k), Some(v)) if k == key => v.parse().ok(),
-            _ => None,
-        }
-    })
-}
-
 impl CudaExecutor {
     /// A CUDA executor for `batch` sequences on device 0. Fails with one line where the
     /// CUDA libraries or a device are missing, never panics.
     pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<CudaExecutor> {
+        Self::with_options(plan, batch, &CudaOptions::default())
+    }
+
+    /// As [`CudaExecutor::new`], with `options` (the executor reads no environment
+    /// variable: a caller that wants `NGPT_CUDA_OPTIONS` passes
+    /// [`CudaOptions::from_env`]).
+    pub fn with_options(
+        plan: Arc<LoadedPlan>,
+        batch: usize,
+        options: &CudaOptions,
+    ) -> Result<CudaExecutor> {
         if batch == 0 {
             return Err(Error::Request {
                 what: "--batch".into(),
@@ -697,20 +692,16 @@ impl CudaExecutor {
         })?;
         let stream = ctx.new_stream().map_err(setup("creating a stream"))?;
 
-        // Kernel modules: every module a program launches from, checked and compiled.
+        // The runtime's `ngpt` module, for the plan's widths (checked against its config
+        // when the plan was loaded): the plan names kernels, it carries none.
         let used = used_functions(&plan);
-        let mut modules: Vec<Option<Arc<CudaModule>>> = vec![None; plan.plan.modules.len()];
-        let mut module_dims = vec![None; plan.plan.modules.len()];
-        for &(m, _) in used.keys() {
-            let mi = m as usize;
-            if modules[mi].is_some() {
-                continue;
-            }
-            let module = &plan.plan.modules[mi];
-            module_dims[mi] = Some(check_prelude(&plan, module)?);
-            let ptx = super::compile_module(&module.name, &module.source, arch)?;
-            modules[mi] = Some(load_ptx(&ctx, &module.name, ptx)?);
-        }
+        let source = super::module_source(&plan.dims, &plan.module_dims);
+        let ngpt_module = load_ptx(
+            &ctx,
+            contract::MODULE,
+            super::compile_module(contract::MODULE, &source, arch)?,
+        )?;
+        let modules: Vec<Option<Arc<CudaModule>>> = vec![Some(ngpt_module)];
         let mut functions = vec![];
         let mut function_of = HashMap::new();
         let optin = ctx
@@ -718,8 +709,8 @@ impl CudaExecutor {
                 cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(setup("reading the shared memory limit"))?;
-        // NGPT_CUDA_ATTENTION=simple: the first, untiled attention kernels (a GPU reference).
-        let attention_simple = env_is("NGPT_CUDA_ATTENTION", "simple");
+        // attention=simple: the first, untiled attention kernels (a GPU reference).
+        let attention_simple = options.attention == Attention::Simple;
         let mut sorted: Vec<_> = used.into_iter().collect();
         sorted.sort();
         for ((m, entry), shared) in sorted {
@@ -734,7 +725,7 @@ impl CudaExecutor {
             let f = module.load_function(&loaded_entry).map_err(|e| {
                 plan_cuda_err(format!(
                     "kernel `{entry}` of module `{}`: {}",
-                    plan.plan.modules[m as usize].name,
+                    contract::MODULE,
                     drv(e)
                 ))
             })?;
@@ -754,9 +745,9 @@ impl CudaExecutor {
             functions.push(f);
         }
         // Specialized to the plan's widths (decode_persistent's loops unroll over them).
-        let min_blocks = std::env::var("NGPT_CUDA_PD_MIN_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
+        let min_blocks = options
+            .experimental
+            .pd_min_blocks
             .filter(|&n| n > 1)
             .map_or(String::new(), |n| {
                 format!("#define NGPT_PD_MIN_BLOCKS {n}\n")
@@ -765,16 +756,17 @@ impl CudaExecutor {
         // fit, for weight streaming) two buffers of `slice` bytes.
         let stage = persistent::stage_bytes(batch, plan.dims.n_embd);
         let slice = persistent::stream_slice(optin.max(0) as usize, stage);
-        // NGPT_CUDA_PD_BARRIER=acqrel: the grid barrier with release and acquire operations
-        // instead of full fences (opt-in until measured on a GPU).
-        let barrier = if env_is("NGPT_CUDA_PD_BARRIER", "acqrel") {
+        // experimental.pd_barrier=acqrel: the grid barrier with release and acquire
+        // operations instead of full fences (opt-in until measured on a GPU).
+        let barrier = if options.experimental.pd_barrier == Barrier::AcqRel {
             "#define NGPT_PD_ACQREL 1\n"
         } else {
             ""
         };
-        // NGPT_CUDA_PD_ATTENTION=wide: decode attention split over every warp of the grid,
-        // float4 P.V and a block per (row, head) combining (opt-in until measured on a GPU).
-        let wide = if env_is("NGPT_CUDA_PD_ATTENTION", "wide") {
+        // experimental.pd_attention=wide: decode attention split over every warp of the
+        // grid, float4 P.V and a block per (row, head) combining (opt-in until measured on
+        // a GPU).
+        let wide = if options.experimental.pd_attention == PdAttention::Wide {
             "#define NGPT_PD_WIDE 1\n"
         } else {
             ""
@@ -806,7 +798,27 @@ impl CudaExecutor {
             .map_err(setup("reading the multiprocessor count"))?;
         let d = plan.dims;
         let pd_regs = pd_func.num_regs().unwrap_or(0);
-        let blocks = resident_blocks(&pd_func, stage, sms, persistent::fits(d.head_dim))?;
+        let blocks = resident_blocks(
+            &pd_func,
+            stage,
+            sms,
+            persistent::fits(d.head_dim),
+            options.blocks_per_sm,
+        )?;
+        // A cooperative launch needs the device's support (every GPU ngpt compiles for
+        // has it; MPS clients may not).
+        let coop_ok = !options.cooperative
+            || ctx
+                .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)
+                .map_err(setup("reading cooperative launch support"))?
+                == 1;
+        let fallback_note = (!coop_ok && options.persistent).then(|| {
+            let note = format!(
+                "note: plan-cuda on {device_name}: no cooperative launches here; decoding launch by launch"
+            );
+            eprintln!("{note}");
+            note
+        });
         let persistent = Persistent {
             func: pd_func,
             blocks,
@@ -817,10 +829,10 @@ impl CudaExecutor {
             helpers_source,
             sms,
             regs: pd_regs,
-            fuse: !env_is("NGPT_CUDA_PD_FUSE", "0"),
+            fuse: options.fuse,
             fused: persistent::Fused::default(),
             shadow: None,
-            prefetch: !env_is("NGPT_CUDA_PD_PREFETCH", "0"),
+            prefetch: options.prefetch,
             timer: None,
             labels: vec![],
             table_host: vec![],
@@ -829,6 +841,8 @@ impl CudaExecutor {
             barrier: Dev::zeros(&stream, 4, "the decode grid barrier")?,
             runs: 0,
             active: false,
+            cooperative: options.cooperative,
+            blocks_cap: options.blocks_per_sm,
         };
         let mut function_names: Vec<String> = vec![String::new(); functions.len()];
         for ((_, entry), &i) in &function_of {
@@ -889,8 +903,8 @@ impl CudaExecutor {
         }
 
         // Weights: once. F32 as f32; BF16 as its bits, plus an f32 copy where a kernel
-        // reads it (or for every one under NGPT_CUDA_BF16_GEMM=f32).
-        let widen_bf16 = env_is("NGPT_CUDA_BF16_GEMM", "f32");
+        // reads it (or for every one under bf16_gemm=f32).
+        let widen_bf16 = options.bf16_gemm == Bf16Gemm::F32;
         let f32_reads = plan.f32_weight_reads();
         let mut weights = Vec::with_capacity(plan.weights.len());
         for (i, (w, values)) in plan.plan.weights.iter().zip(&plan.weights).enumerate() {
@@ -964,9 +978,7 @@ impl CudaExecutor {
                 batch,
                 graph: None,
                 warmed: None,
-                profile: std::env::var("NGPT_CUDA_PROFILE")
-                    .is_ok_and(|v| v != "0")
-                    .then(|| {
+                profile: options.profile.then(|| {
                         RefCell::new(Profile {
                             events: vec![],
                             labels: vec![],
@@ -983,17 +995,17 @@ impl CudaExecutor {
                 functions,
                 function_names,
                 gemv,
-                use_gemv: !env_is("NGPT_CUDA_GEMV", "0"),
-                use_persistent: !env_is("NGPT_CUDA_PERSISTENT", "0") && persistent.blocks > 0,
+                use_gemv: options.gemv,
+                use_persistent: options.persistent && persistent.blocks > 0 && coop_ok,
+                fallback_note,
                 persistent,
-                use_prefill_mma: env_is("NGPT_CUDA_PREFILL_MMA", "1") && prefill_mma.is_some(),
+                use_prefill_mma: options.experimental.prefill_mma && prefill_mma.is_some(),
                 prefill_mma,
                 prefill_mma_runs: 0,
                 spin,
                 function_of,
                 to_bf16,
                 _modules: loaded,
-                module_dims,
                 stream,
                 ctx,
                 generation: 0,
@@ -1002,8 +1014,8 @@ impl CudaExecutor {
                 tokens_buf,
                 positions_buf,
                 logits_buf,
-                check: check_mode(),
-                use_graph: !env_is("NGPT_CUDA_GRAPH", "0"),
+                check: options.check,
+                use_graph: options.graph,
                 widen_bf16,
                 device_name,
                 arch,
@@ -1011,7 +1023,7 @@ impl CudaExecutor {
             }),
         };
         drop(_guard);
-        if env_is("NGPT_CUDA_PD_STREAM", "1") {
+        if options.experimental.pd_stream {
             executor.set_persistent_stream(true)?;
         }
         Ok(executor)
@@ -1027,17 +1039,17 @@ impl CudaExecutor {
         self.arch
     }
 
-    /// Whether decode replays a CUDA graph (`NGPT_CUDA_GRAPH=0` turns it off).
+    /// Whether decode replays a CUDA graph (the option `graph=off` turns it off).
     pub fn uses_graph(&self) -> bool {
         self.use_graph
     }
 
-    /// Whether every step is synchronized and checked (`NGPT_CUDA_CHECK`).
+    /// Whether every step is synchronized and checked (the option `check`).
     pub fn check_mode(&self) -> bool {
         self.check
     }
 
-    /// Turns the decode graph on or off (the default comes from `NGPT_CUDA_GRAPH`).
+    /// Turns the decode graph on or off (the default comes from the option `graph`).
     pub fn set_graph(&mut self, on: bool) {
         self.use_graph = on;
         if !on {
@@ -1046,7 +1058,7 @@ impl CudaExecutor {
     }
 
     /// Sends GEMMs of at most 8 columns to the `gemv_*` kernels (on) or to cuBLAS (off);
-    /// the default comes from `NGPT_CUDA_GEMV`. Drops a captured decode graph.
+    /// the default comes from the option `gemv`. Drops a captured decode graph.
     pub fn set_gemv(&mut self, on: bool) {
         self.use_gemv = on;
         self.graph = None;
@@ -1054,7 +1066,7 @@ impl CudaExecutor {
     }
 
     /// Runs decode as one `decode_persistent` launch where the program allows (on) or
-    /// launch by launch (off); the default comes from `NGPT_CUDA_PERSISTENT`. Drops a
+    /// launch by launch (off); the default comes from the option `persistent`. Drops a
     /// captured decode graph. A device on which the kernel cannot run stays off.
     pub fn set_persistent(&mut self, on: bool) {
         self.use_persistent = on && self.persistent.blocks > 0;
@@ -1063,7 +1075,7 @@ impl CudaExecutor {
     }
 
     /// Folds steps into their neighbours in `decode_persistent`'s table (on) or keeps one
-    /// table entry per step (off); the default comes from `NGPT_CUDA_PD_FUSE`. Drops a
+    /// table entry per step (off); the default comes from the option `fuse`. Drops a
     /// captured decode graph.
     pub fn set_persistent_fusion(&mut self, on: bool) {
         self.persistent.fuse = on;
@@ -1073,7 +1085,7 @@ impl CudaExecutor {
 
     /// Streams each gemv's weights into shared memory while the entries before it run
     /// (on), or reads them when the gemv starts (off); the default comes from
-    /// `NGPT_CUDA_PD_STREAM` (off until measured on a GPU). The first time it is turned on,
+    /// the option `experimental.pd_stream` (off until measured on a GPU). The first time it is turned on,
     /// compiles the kernel's streaming build. Returns whether it is on: only where the
     /// buffers fit in shared memory beside the staged rows and a grid of the streaming
     /// build is resident. Drops a captured decode graph.
@@ -1097,7 +1109,7 @@ impl CudaExecutor {
                 .map_err(setup("loading decode_persistent (streaming)"))?;
             let dynamic = persistent::ring_offset(pd.stage) + 2 * pd.slice;
             let fits = persistent::fits(self.plan.dims.head_dim);
-            let blocks = resident_blocks(&func, dynamic, pd.sms, fits)?;
+            let blocks = resident_blocks(&func, dynamic, pd.sms, fits, pd.blocks_cap)?;
             self.state.persistent.streamed = Some(StreamedKernel {
                 _module: module,
                 func,
@@ -1124,7 +1136,7 @@ impl CudaExecutor {
     /// Runs prefill attention on the tensor cores (`attention_prefill_mma`: bf16 operands,
     /// f32 accumulation and softmax) where the plan has bf16 weights, a head dim that is a
     /// multiple of 16 up to 128 and the device is sm_80 or later (on), or with the plan's
-    /// f32 `attention_prefill` (off). The default comes from `NGPT_CUDA_PREFILL_MMA`
+    /// f32 `attention_prefill` (off). The default comes from the option `experimental.prefill_mma`
     /// (off until it has been measured on a GPU). Returns whether it is on.
     pub fn set_prefill_mma(&mut self, on: bool) -> bool {
         self.use_prefill_mma = on && self.prefill_mma.is_some();
@@ -1136,7 +1148,7 @@ impl CudaExecutor {
         self.prefill_mma_runs
     }
 
-    /// Turns check mode on or off (the default comes from `NGPT_CUDA_CHECK`).
+    /// Turns check mode on or off (the default comes from the option `check`).
     pub fn set_check(&mut self, on: bool) {
         self.check = on;
     }
@@ -1200,6 +1212,39 @@ impl CudaExecutor {
         on_step: Option<OnStep<'_>>,
         fetch: Option<&[usize]>,
     ) -> Result<&[f32]> {
+        // decode_persistent is launched cooperatively: the driver runs it only when every
+        // block can be resident at once (as its grid barrier needs), else refuses it up
+        // front. Refused (MPS, or another process's kernels on the device): decode goes
+        // launch by launch from then on, with one line saying so. Nothing ran: the refusal
+        // comes before the kernel starts, and the inputs are uploaded again.
+        let traced = on_step.is_some();
+        match self.run_once(kind, tokens, positions, per_seq, on_step, fetch) {
+            Err(Error::Step { problem, .. }) if !traced && problem == COOPERATIVE_REFUSED => {
+                self.use_persistent = false;
+                self.graph = None;
+                self.warmed = None;
+                let note = format!(
+                    "note: plan-cuda on {}: {COOPERATIVE_REFUSED}; decoding launch by launch from now on",
+                    self.device_name
+                );
+                eprintln!("{note}");
+                self.fallback_note = Some(note);
+                self.run_once(kind, tokens, positions, per_seq, None, fetch)?;
+            }
+            other => other?,
+        }
+        Ok(&self.host_logits)
+    }
+
+    fn run_once(
+        &mut self,
+        kind: ProgramKind,
+        tokens: &[i32],
+        positions: &[i32],
+        per_seq: usize,
+        on_step: Option<OnStep<'_>>,
+        fetch: Option<&[usize]>,
+    ) -> Result<()> {
         let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
         if let Some(r) = fetch.and_then(|f| f.iter().find(|&&r| r >= rows)) {
             return Err(Error::Request {
@@ -1310,7 +1355,7 @@ impl CudaExecutor {
                 return Err(step_err(
                     &step,
                     format!(
-                        "{problem} (decode ran as one decode_persistent launch, which stops the run if a grid barrier waits more than about 4 s; NGPT_CUDA_PERSISTENT=0 decodes launch by launch)"
+                        "{problem} (decode ran as one decode_persistent launch, which stops the run if a grid barrier waits more than about 4 s; the option persistent=off decodes launch by launch)"
                     ),
                 ));
             }
@@ -1322,7 +1367,7 @@ impl CudaExecutor {
         if let Some(p) = &self.profile {
             p.borrow_mut().collect(program_name(kind))?;
         }
-        Ok(&self.host_logits)
+        Ok(())
     }
 
     /// Grows every per-call buffer to what `rows` rows need (zeroed when new).
@@ -1429,7 +1474,7 @@ impl CudaExecutor {
                 step_err(
                     "decode graph",
                     format!(
-                        "capturing the decode program failed: {} (NGPT_CUDA_GRAPH=0 runs decode without a graph)",
+                        "capturing the decode program failed: {} (the option graph=off runs decode without a graph)",
                         drv(e)
                     ),
                 )
@@ -1878,7 +1923,7 @@ impl CudaExecutor {
         Ok(vec![Op::Persistent { n_ops: table.len() }])
     }
 
-    /// Under NGPT_CUDA_PROFILE, after a decode run (synchronized): the time of each entry
+    /// Under the option `profile`, after a decode run (synchronized): the time of each entry
     /// inside `decode_persistent`, added to the profile as program `decode.pd` (the first
     /// decode run left out, as the profile leaves it out).
     fn collect_entry_times(&self) -> Result<()> {
@@ -1966,17 +2011,36 @@ impl CudaExecutor {
         // steps checked in `resolve`; the partials `part_floats` (every split either build
         // writes; head_dim <= MAX_D was checked at construction); staged rows fit `stage`
         // bytes (checked by `fuse`); `blocks` blocks of that build are resident at once.
-        unsafe {
-            cu_result::launch_kernel(
-                func.cu_function(),
-                (blocks, 1, 1),
-                (persistent::THREADS, 1, 1),
-                dynamic as u32,
-                stream,
-                &mut args,
-            )
-        }
-        .map_err(|e| step_err(what, format!("cuLaunchKernel: {}", drv(e))))
+        // Cooperatively where the option says so (the default): co-residency is then the
+        // driver's guarantee, not the occupancy calculation's.
+        let launched = unsafe {
+            if pd.cooperative {
+                cu_result::launch_cooperative_kernel(
+                    func.cu_function(),
+                    (blocks, 1, 1),
+                    (persistent::THREADS, 1, 1),
+                    dynamic as u32,
+                    stream,
+                    &mut args,
+                )
+            } else {
+                cu_result::launch_kernel(
+                    func.cu_function(),
+                    (blocks, 1, 1),
+                    (persistent::THREADS, 1, 1),
+                    dynamic as u32,
+                    stream,
+                    &mut args,
+                )
+            }
+        };
+        launched.map_err(|e| {
+            if pd.cooperative && e.0 == cu::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
+                step_err(what, COOPERATIVE_REFUSED)
+            } else {
+                step_err(what, format!("cuLaunchKernel: {}", drv(e)))
+            }
+        })
     }
 
     /// What a profile calls `op`: the kernel (with the shape, for gemv) or the GEMM shape.
@@ -2043,44 +2107,44 @@ impl CudaExecutor {
     ) -> Result<Op> {
         let plan = &self.plan;
         let d = plan.dims;
-        let sig = abi::signature(&l.entry)
+        let entry = contract::entry(&l.entry)
             .ok_or_else(|| step_err(name, format!("unknown kernel entry `{}`", l.entry)))?;
-        if sig.len() != l.args.len() {
-            return Err(step_err(name, "argument count differs from the kernel ABI"));
+        if entry.args.len() != l.args.len() {
+            return Err(step_err(name, "argument count differs from the kernel contract"));
         }
         let func = *self
             .function_of
             .get(&(l.module, l.entry.clone()))
             .ok_or_else(|| step_err(name, format!("kernel `{}` is not loaded", l.entry)))?;
-        let md = self
-            .module_dims
-            .get(l.module as usize)
-            .copied()
-            .flatten()
-            .ok_or_else(|| step_err(name, "module not checked"))?;
-        // Arguments: device addresses and symbol values.
+        // Arguments: device addresses and symbol values, and what each is bound to for the
+        // contract check.
         let mut params = Vec::with_capacity(l.args.len());
-        let mut bufs: Vec<Option<usize>> = vec![None; l.args.len()];
-        let mut ints: Vec<i64> = vec![0; l.args.len()];
-        for (i, (slot, a)) in sig.iter().zip(&l.args).enumerate() {
-            match (slot, a.value.as_ref()) {
+        let mut bound = Vec::with_capacity(l.args.len());
+        for (i, (spec, a)) in entry.args.iter().zip(&l.args).enumerate() {
+            match (spec.slot, a.value.as_ref()) {
                 (Slot::In | Slot::Out, Some(arg::Value::Buffer(b))) => {
                     let b = *b as usize;
                     let buf = self
                         .buffers
                         .get(b)
                         .ok_or_else(|| step_err(name, format!("buffer {b} does not exist")))?;
-                    bufs[i] = Some(b);
+                    bound.push(Bound::Buffer {
+                        index: b,
+                        name: &buf.name,
+                        int32: buf.int32,
+                        len: buf.need.min(buf.capacity()),
+                    });
                     params.push(Param::Ptr(buf.ptr()));
                 }
                 (Slot::Weight, Some(arg::Value::Weight(w))) => {
-                    let ptr = self
-                        .weights
-                        .get(*w as usize)
-                        .and_then(DevWeight::f32_ptr)
-                        .ok_or_else(|| {
-                            step_err(name, format!("weight {w} has no f32 form on the device"))
-                        })?;
+                    let dw = self.weights.get(*w as usize);
+                    let ptr = dw.and_then(DevWeight::f32_ptr).ok_or_else(|| {
+                        step_err(name, format!("weight {w} has no f32 form on the device"))
+                    })?;
+                    bound.push(Bound::Weight {
+                        index: *w as usize,
+                        len: dw.map_or(0, |dw| dw.elems),
+                    });
                     params.push(Param::Ptr(ptr));
                 }
                 (Slot::Symbol, Some(arg::Value::Symbol(s))) => {
@@ -2092,16 +2156,9 @@ impl CudaExecutor {
                     };
                     let v32 = i32::try_from(v)
                         .map_err(|_| step_err(name, format!("{v} exceeds the int range")))?;
-                    ints[i] = v as i64;
+                    bound.push(Bound::Int(v as i64));
                     params.push(Param::I32(v32));
                 }
-                (_, Some(arg::Value::IntConst(c))) => {
-                    let c32 = i32::try_from(*c)
-                        .map_err(|_| step_err(name, format!("{c} exceeds the int range")))?;
-                    ints[i] = *c;
-                    params.push(Param::I32(c32));
-                }
-                (_, Some(arg::Value::FloatConst(c))) => params.push(Param::F32(*c)),
                 _ => {
                     return Err(step_err(
                         name,
@@ -2114,147 +2171,13 @@ impl CudaExecutor {
             .ok_or_else(|| step_err(name, "grid is missing or overflows"))?;
         let block = dim3(l.block.as_ref(), rows, self.batch)
             .ok_or_else(|| step_err(name, "block is missing or overflows"))?;
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 {
-            return Err(step_err(
-                name,
-                format!("grid {grid:?} is outside the device's limits"),
-            ));
-        }
-        if block.1 != 1 || block.2 != 1 || block.0 == 0 || block.0 > 1024 {
-            return Err(step_err(
-                name,
-                format!("block {block:?}: the kernels take 1..=1024 threads in x only"),
-            ));
-        }
-        // The kernel contract: what each entry reads and writes for these arguments.
-        let c = d.n_embd;
-        let per_cache = d.n_head * d.max_seq_len * d.head_dim;
-        let chk = Contract {
-            ex: self,
-            name,
-            bufs: &bufs,
-            args: &l.args,
-        };
-        let warps = |need_min: u32| -> Result<()> {
-            if block.0 % 32 != 0 || block.0 < need_min {
-                return Err(step_err(
-                    name,
-                    format!(
-                        "block of {} threads: `{}` needs a multiple of 32, at least {need_min}",
-                        block.0, l.entry
-                    ),
-                ));
-            }
-            Ok(())
-        };
-        let heads = || -> Result<()> {
-            if grid.1 as usize > d.n_head {
-                return Err(step_err(
-                    name,
-                    format!("grid.y {} exceeds n_head {}", grid.1, d.n_head),
-                ));
-            }
-            Ok(())
-        };
-        let seqs_of = |rows_arg: i64, tokens_arg: i64| -> Result<usize> {
-            if tokens_arg < 1 || rows_arg < 0 {
-                return Err(step_err(name, "rows and tokens must be positive"));
-            }
-            Ok((rows_arg as usize).div_ceil(tokens_arg as usize))
-        };
-        match l.entry.as_str() {
-            "embed" => {
-                let r = ints[3].max(0) as usize;
-                chk.i32_buf(0, r)?;
-                chk.weight(1, d.vocab * c)?;
-                chk.f32_buf(2, r * c)?;
-            }
-            "norm_rows" => {
-                let r = ints[2].max(0) as usize;
-                warps(32)?;
-                chk.f32_buf(0, r * c)?;
-                chk.f32_buf(1, r * c)?;
-                chk.distinct(&[0, 1])?;
-            }
-            "lerp_norm" => {
-                let r = ints[3].max(0) as usize;
-                warps(32)?;
-                chk.f32_buf(0, r * c)?;
-                chk.f32_buf(1, r * c)?;
-                chk.weight(2, c)?;
-                chk.distinct(&[0, 1])?;
-            }
-            "swiglu" => {
-                let r = ints[2].max(0) as usize;
-                chk.f32_buf(0, r * 8 * c)?;
-                chk.f32_buf(1, r * 4 * c)?;
-                chk.distinct(&[0, 1])?;
-            }
-            "pos_norm" => {
-                let r = ints[8].max(0) as usize;
-                let seqs = seqs_of(ints[8], ints[9])?;
-                warps((d.head_dim / 2) as u32)?;
-                heads()?;
-                chk.f32_buf(0, r * 3 * c)?;
-                chk.i32_buf(1, r)?;
-                chk.weight(2, d.max_seq_len * d.head_dim)?;
-                chk.weight(3, c)?;
-                chk.weight(4, c)?;
-                chk.f32_buf(5, r * c)?;
-                chk.f32_buf(6, seqs * per_cache)?;
-                chk.f32_buf(7, seqs * per_cache)?;
-                chk.distinct(&[0, 1, 5, 6, 7])?;
-            }
-            "attention_prefill" | "attention_decode" => {
-                let r = ints[5].max(0) as usize;
-                let seqs = seqs_of(ints[5], ints[6])?;
-                heads()?;
-                if l.entry == "attention_decode" {
-                    if block.0 != DEC_TILE {
-                        return Err(step_err(
-                            name,
-                            format!(
-                                "attention_decode runs {DEC_TILE} threads a block, not {}",
-                                block.0
-                            ),
-                        ));
-                    }
-                } else {
-                    if block.0 < 128 {
-                        return Err(step_err(
-                            name,
-                            format!(
-                                "attention_prefill needs at least 128 threads a block, not {}",
-                                block.0
-                            ),
-                        ));
-                    }
-                    let tile = 2 * md.kv_tile as usize * d.head_dim * 4;
-                    if (l.shared_bytes as usize) < tile {
-                        return Err(step_err(
-                            name,
-                            format!(
-                                "attention_prefill needs {tile} bytes of shared memory for its tiles, the step gives {}",
-                                l.shared_bytes
-                            ),
-                        ));
-                    }
-                }
-                chk.f32_buf(0, r * c)?;
-                chk.f32_buf(1, seqs * per_cache)?;
-                chk.f32_buf(2, seqs * per_cache)?;
-                chk.i32_buf(3, r)?;
-                chk.f32_buf(4, r * c)?;
-                chk.distinct(&[0, 1, 3, 4])?;
-                chk.distinct(&[2, 4])?;
-            }
-            other => {
-                return Err(step_err(
-                    name,
-                    format!("kernel entry `{other}` is not run in programs"),
-                ))
-            }
-        }
+        // The kernel contract: what each entry reads and writes for these arguments, and
+        // the launch shapes its kernel takes.
+        entry
+            .check_grid(&d, grid)
+            .and_then(|()| entry.check_block(&d, plan.module_dims.kv_tile, block, l.shared_bytes))
+            .and_then(|()| entry.check_args(&d, &bound))
+            .map_err(|p| step_err(name, p))?;
         // The tensor-core prefill attention takes the same launch (its tiles are static
         // shared memory, so the dynamic part is dropped) and the KV capacity after the
         // plan's arguments.
@@ -2422,74 +2345,6 @@ impl CudaExecutor {
     }
 }
 
-/// Checks of one launch's buffer and weight arguments.
-struct Contract<'a> {
-    ex: &'a CudaExecutor,
-    name: &'a str,
-    bufs: &'a [Option<usize>],
-    args: &'a [pb::Arg],
-}
-
-impl Contract<'_> {
-    fn buf(&self, i: usize, len: usize, int32: bool) -> Result<()> {
-        let bi = self.bufs[i]
-            .ok_or_else(|| step_err(self.name, format!("argument {i} is not a buffer")))?;
-        let b = &self.ex.buffers[bi];
-        if b.int32 != int32 {
-            return Err(step_err(
-                self.name,
-                format!(
-                    "buffer {bi} `{}` should be {}",
-                    b.name,
-                    if int32 { "int32" } else { "f32" }
-                ),
-            ));
-        }
-        if b.need < len || b.capacity() < len {
-            return Err(step_err(
-                self.name,
-                format!(
-                    "needs elements 0..{len} of buffer `{}`, which holds {}",
-                    b.name, b.need
-                ),
-            ));
-        }
-        Ok(())
-    }
-    fn f32_buf(&self, i: usize, len: usize) -> Result<()> {
-        self.buf(i, len, false)
-    }
-    fn i32_buf(&self, i: usize, len: usize) -> Result<()> {
-        self.buf(i, len, true)
-    }
-    fn weight(&self, i: usize, len: usize) -> Result<()> {
-        let w = match self.args.get(i).and_then(|a| a.value.as_ref()) {
-            Some(arg::Value::Weight(w)) => *w as usize,
-            _ => return Err(step_err(self.name, format!("argument {i} is not a weight"))),
-        };
-        let have = self.ex.weights.get(w).map_or(0, |dw| dw.elems);
-        if have < len {
-            return Err(step_err(
-                self.name,
-                format!("needs elements 0..{len} of weight {w}, which holds {have}"),
-            ));
-        }
-        Ok(())
-    }
-    fn distinct(&self, slots: &[usize]) -> Result<()> {
-        let ids: Vec<Option<usize>> = slots.iter().map(|&s| self.bufs[s]).collect();
-        for (a, x) in ids.iter().enumerate() {
-            if ids[a + 1..].contains(x) {
-                return Err(step_err(
-                    self.name,
-                    "a buffer is passed twice where the kernel needs distinct buffers",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A launch dimension evaluated for this request, if every component fits u32.
 fn dim3(d: Option<&pb::Dim3>, rows: usize, batch: usize) -> Option<(u32, u32, u32)> {
     let d = d?;
@@ -2519,37 +2374,6 @@ fn used_functions(plan: &LoadedPlan) -> HashMap<(u32, String), u32> {
         }
     }
     used
-}
-
-/// Checks a module's `#define` prelude against the plan's config: the kernels index with
-/// these constants, so a mismatch would read or write outside the buffers.
-fn check_prelude(plan: &LoadedPlan, module: &pb::KernelModule) -> Result<ModuleDims> {
-    let d = plan.dims;
-    let bad = |problem: String| Error::Plan {
-        path: format!("kernel module `{}`", module.name),
-        problem,
-    };
-    for (key, want) in [
-        ("NGPT_C", d.n_embd),
-        ("NGPT_H", d.n_head),
-        ("NGPT_D", d.head_dim),
-        ("NGPT_V", d.vocab),
-        ("NGPT_MAX_SEQ", d.max_seq_len),
-    ] {
-        match prelude_value(&module.source, key) {
-            Some(v) if v == want as u64 => {}
-            Some(v) => {
-                return Err(bad(format!(
-                    "#define {key} {v} differs from the plan's config ({want})"
-                )))
-            }
-            None => return Err(bad(format!("no `#define {key}` in its prelude"))),
-        }
-    }
-    let kv_tile = prelude_value(&module.source, "NGPT_KV_TILE")
-        .filter(|t| (1..=1024).contains(t))
-        .ok_or_else(|| bad("no `#define NGPT_KV_TILE` in 1..=1024 in its prelude".into()))?;
-    Ok(ModuleDims { kv_tile })
 }
 
 fn load_ptx(ctx: &Arc<CudaContext>, name: &str, ptx: String) -> Result<Arc<CudaModule>> {
@@ -2657,14 +2481,6 @@ fn program_name(kind: ProgramKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prelude_values_are_read() {
-        let src = "// x\n#define NGPT_C 64\n#define NGPT_KV_TILE 32\n\nint a;";
-        assert_eq!(prelude_value(src, "NGPT_C"), Some(64));
-        assert_eq!(prelude_value(src, "NGPT_KV_TILE"), Some(32));
-        assert_eq!(prelude_value(src, "NGPT_H"), None);
-    }
 
     #[test]
     fn archs_are_named() {

@@ -1,5 +1,7 @@
 //! The CUDA side of the runtime, built everywhere (cudarc with dynamic loading): probing
-//! for the CUDA libraries, compiling a plan's kernel modules with NVRTC (cached on disk),
+//! for the CUDA libraries, compiling the runtime's own kernel modules (`ngpt.cu`, the
+//! kernels plans launch, and `helpers.cu`) with NVRTC for a plan's checked widths (cached on
+//! disk by sha256; a plan never carries code, `crate::contract`),
 //! and the CUDA executor ([`CudaExecutor`], [`CudaSession`]): cuBLAS GEMMs, decode in a
 //! CUDA graph.
 //!
@@ -19,8 +21,27 @@ pub use session::CudaSession;
 
 use crate::error::{Error, Result};
 
-/// The runtime's own helper kernels (`f32_to_bf16`), compiled beside each plan's modules.
+/// The kernels plans launch (`embed`, `norm_rows`, `lerp_norm`, `swiglu`, `pos_norm`,
+/// `attention_prefill`, `attention_decode`: [`crate::contract::ENTRIES`]), compiled behind
+/// [`module_source`]'s prelude.
+pub const NGPT_CU: &str = include_str!("ngpt.cu");
+
+/// The runtime's own helper kernels (`f32_to_bf16`, the gemv products,
+/// `decode_persistent`), compiled beside the `ngpt` module.
 pub const HELPERS_CU: &str = include_str!("helpers.cu");
+
+/// The `ngpt` module's full source for a loaded (so checked) plan: the prelude made from
+/// its validated widths, then [`NGPT_CU`]. Nothing of the plan's text enters it.
+///
+/// ```
+/// use ngpt_runtime::contract::{Dims, ModuleDims};
+/// let d = Dims { n_layer: 1, n_head: 2, n_embd: 8, head_dim: 4, vocab: 5, max_seq_len: 16 };
+/// let src = ngpt_runtime::cuda::module_source(&d, &ModuleDims { kv_tile: 32 });
+/// assert!(src.contains("#define NGPT_D 4\n") && src.ends_with(ngpt_runtime::cuda::NGPT_CU));
+/// ```
+pub fn module_source(d: &crate::contract::Dims, md: &crate::contract::ModuleDims) -> String {
+    format!("{}{NGPT_CU}", crate::contract::module_prelude(d, md))
+}
 
 /// Which CUDA libraries this process can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,14 +150,31 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ngpt/kernels"))
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x100000001b3)
-    })
+/// The kernel cache's file name for a module: sha256 over (name, source, arch, NVRTC
+/// version), each length-prefixed so no two tuples share a key.
+///
+/// ```
+/// use ngpt_runtime::cuda::cache_key;
+/// let k = cache_key("ngpt", "int a;", "sm_90", (13, 0));
+/// assert_eq!(k.len(), 64 + 4);
+/// assert_ne!(k, cache_key("ngpt", "int a;", "sm_80", (13, 0)));
+/// assert_ne!(k, cache_key("ngpt", "int a;", "sm_90", (12, 8)));
+/// assert_ne!(k, cache_key("ngpt", "int b;", "sm_90", (13, 0)));
+/// ```
+pub fn cache_key(name: &str, source: &str, arch: &str, nvrtc: (i32, i32)) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let version = format!("nvrtc {}.{}", nvrtc.0, nvrtc.1);
+    for part in ["ngpt kernel cache 1", name, arch, &version, source] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.ptx")
 }
 
-/// Compiles one kernel module to PTX for `arch` (e.g. `sm_90`), through the on-disk cache
-/// keyed by (source hash, arch, NVRTC version). NVRTC's log is in the error.
+/// Compiles one of the runtime's kernel modules to PTX for `arch` (e.g. `sm_90`), through
+/// the on-disk cache keyed by [`cache_key`]. NVRTC's log is in the error.
 pub fn compile_module(name: &str, source: &str, arch: &'static str) -> Result<String> {
     if source.as_bytes().contains(&0) {
         return Err(Error::Plan {
@@ -145,10 +183,7 @@ pub fn compile_module(name: &str, source: &str, arch: &'static str) -> Result<St
         });
     }
     let (major, minor) = nvrtc_version()?;
-    let key = format!(
-        "{:016x}-{arch}-nvrtc{major}.{minor}.ptx",
-        fnv1a(source.as_bytes())
-    );
+    let key = cache_key(name, source, arch, (major, minor));
     let cached = cache_dir().map(|d| d.join(&key));
     if let Some(text) = cached
         .as_ref()

@@ -130,7 +130,7 @@ pub(super) fn kind_of(entry: &str) -> Option<i32> {
     })
 }
 
-/// What a profile calls an entry (`NGPT_CUDA_PROFILE` times each inside the launch).
+/// What a profile calls an entry (the option `profile` times each inside the launch).
 pub(super) fn label(e: &PdOp) -> String {
     match e.kind {
         kind::EMBED => "embed".into(),

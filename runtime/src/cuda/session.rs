@@ -29,6 +29,15 @@ impl CudaSession {
         Ok(CudaSession(Session::cuda(plan, batch)?))
     }
 
+    /// As [`CudaSession::new`], with the executor's options.
+    pub fn with_options(
+        plan: Arc<LoadedPlan>,
+        batch: usize,
+        options: &crate::options::CudaOptions,
+    ) -> Result<CudaSession> {
+        Ok(CudaSession(Session::cuda_with(plan, batch, options)?))
+    }
+
     /// The plain [`Session`], for code that takes one.
     pub fn into_session(self) -> Session {
         self.0

@@ -4,7 +4,9 @@
 // NGPT_D (head_dim), NGPT_V (vocab), NGPT_MAX_SEQ (KV capacity) and NGPT_KV_TILE.
 // Activations are f32 row-major [rows, width]; the KV cache is [batch, H, MAX_SEQ, D].
 // Row r belongs to sequence r / tokens and sits at absolute position positions[r].
-// Every entry has a Rust twin in runtime/src/cpu/kernels.rs with the same semantics.
+// Every entry has a Rust twin in runtime/src/cpu/kernels.rs with the same semantics, and a
+// contract (argument slots, lengths, launch shapes) in runtime/src/contract.rs. Plans name
+// these entries; the runtime compiles this file itself (a plan carries no code).
 
 #define NGPT_P (NGPT_D / 2)
 // Threads per block, and keys per tile, of attention_decode.
@@ -440,40 +442,3 @@ extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) {
 extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) { attention_prefill_simple_body(NGPT_ATT_PASS); }
 extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) { attention_decode_simple_body(NGPT_ATT_PASS); }
 #endif
-
-// Greedy (temperature 0) or top-k sampling of one token per row of logits [rows, V].
-// uniform[r] in [0, 1) is drawn by the host. Grid: rows; block: 1 (vocabularies are
-// sampled once per token; the GEMM before dominates).
-extern "C" __global__ void sample_topk(const float* logits, const float* uniform, int* out, int rows,
-                                       int k, float temperature) {
-    int r = blockIdx.x;
-    if (r >= rows || threadIdx.x != 0) return;
-    const float* row = logits + (long long)r * NGPT_V;
-    if (temperature <= 0.0f || k == 1) {
-        int best = 0;
-        for (int v = 1; v < NGPT_V; ++v) if (row[v] > row[best]) best = v;
-        out[r] = best;
-        return;
-    }
-    // Threshold: the k-th largest logit, found by k passes (k is small).
-    float hi = 3.402823466e38f, kth = NGPT_NEG_BIG;
-    for (int i = 0; i < k; ++i) {
-        float m = NGPT_NEG_BIG;
-        for (int v = 0; v < NGPT_V; ++v) if (row[v] < hi && row[v] > m) m = row[v];
-        kth = m;
-        hi = m;
-    }
-    float top = NGPT_NEG_BIG;
-    for (int v = 0; v < NGPT_V; ++v) top = fmaxf(top, row[v]);
-    float z = 0.0f;
-    for (int v = 0; v < NGPT_V; ++v) if (row[v] >= kth) z += expf((row[v] - top) / temperature);
-    float target = uniform[r] * z, c = 0.0f;
-    int pick = 0;
-    for (int v = 0; v < NGPT_V; ++v) {
-        if (row[v] < kth) continue;
-        c += expf((row[v] - top) / temperature);
-        pick = v;
-        if (c > target) break;
-    }
-    out[r] = pick;
-}
