@@ -123,6 +123,10 @@ pub struct Model {
     tract: Option<tract::Session>,
     /// The vocabulary size and head count, once read.
     shape: Option<(usize, usize)>,
+    /// One runtime session per plan engine, kept across calls on the same plan (a CUDA
+    /// session's context, compiled kernels and uploaded weights are made once per model,
+    /// not once per prompt and call). A prefill restarts a session's cache.
+    sessions: Vec<(Engine, Arc<LoadedPlan>, ngpt_runtime::session::Session)>,
 }
 
 impl Model {
@@ -137,6 +141,7 @@ impl Model {
             plan: None,
             tract: None,
             shape: None,
+            sessions: vec![],
         }
     }
 
@@ -441,11 +446,36 @@ impl Model {
                 Ok(widen(session.logits(tokens)?))
             }
             Engine::PlanCpu | Engine::PlanCuda => {
-                let plan = self.plan(tokens.len())?;
-                let mut session = plan_session(engine, plan, 1)?;
+                let session = self.session(engine, tokens.len())?;
                 Ok(widen(session.prefill(&[tokens.to_vec()])?))
             }
         }
+    }
+}
+
+impl Model {
+    /// The batch-1 session of a plan engine on a plan of at least `min_seq_len` positions,
+    /// made on first use and kept while the plan is the same.
+    fn session(
+        &mut self,
+        engine: Engine,
+        min_seq_len: usize,
+    ) -> Result<&mut ngpt_runtime::session::Session> {
+        let plan = self.plan(min_seq_len)?;
+        let at = self
+            .sessions
+            .iter()
+            .position(|(e, p, _)| *e == engine && Arc::ptr_eq(p, &plan));
+        let at = match at {
+            Some(i) => i,
+            None => {
+                let session = plan_session(engine, Arc::clone(&plan), 1)?;
+                self.sessions.retain(|(e, _, _)| *e != engine);
+                self.sessions.push((engine, plan, session));
+                self.sessions.len() - 1
+            }
+        };
+        Ok(&mut self.sessions[at].2)
     }
 }
 
@@ -466,8 +496,7 @@ impl Model {
             return Ok(out);
         }
         if matches!(engine, Engine::PlanCpu | Engine::PlanCuda) {
-            let plan = self.plan(prompt.len() + n)?;
-            let mut session = plan_session(engine, plan, 1)?;
+            let session = self.session(engine, prompt.len() + n)?;
             let logits = session.prefill_last(&[prompt.to_vec()])?;
             let mut last: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
             loop {
@@ -532,8 +561,7 @@ impl Model {
                 )?;
             }
             Engine::PlanCpu | Engine::PlanCuda => {
-                let plan = self.plan(tokens.len())?;
-                let mut session = plan_session(engine, plan, 1)?;
+                let session = self.session(engine, tokens.len())?;
                 session.prefill_traced(tokens, &mut |name, _width, values| {
                     points.push(TracePoint {
                         name: name.to_string(),
@@ -600,4 +628,27 @@ fn tensor_to_f64(t: &candle_core::Tensor) -> Result<Vec<f64>> {
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f64>())
         .context("reading logits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check` and `snapshot` call `logits` and `greedy` once per prompt: the plan engines
+    /// reuse one session for all of them, and its results are those of a fresh session.
+    #[test]
+    fn plan_engines_keep_one_session_per_model() -> Result<()> {
+        let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nv-tiny");
+        let mut model = Model::open(&input);
+        let a = model.logits(Engine::PlanCpu, &[1, 2, 3, 4], Precision::F32)?;
+        let g = model.greedy(Engine::PlanCpu, &[5, 6], 3, Precision::F32)?;
+        let b = model.logits(Engine::PlanCpu, &[1, 2, 3, 4], Precision::F32)?;
+        let short = model.logits(Engine::PlanCpu, &[7], Precision::F32)?;
+        assert_eq!(model.sessions.len(), 1);
+        assert_eq!(a, b, "a reused session computes what it computed first");
+        let mut fresh = Model::open(&input);
+        assert_eq!(fresh.greedy(Engine::PlanCpu, &[5, 6], 3, Precision::F32)?, g);
+        assert_eq!(fresh.logits(Engine::PlanCpu, &[7], Precision::F32)?, short);
+        Ok(())
+    }
 }
