@@ -197,13 +197,13 @@ impl Model {
             return Ok(shape);
         }
         let shape = if let Some(p) = &self.plan {
-            (p.dims.vocab, p.dims.n_head)
+            (p.dims().vocab, p.dims().n_head)
         } else if self.is_compiled() {
             match self.plan_header_config()? {
                 Some(c) => (c.vocab_size as usize, c.n_head as usize),
                 None => {
                     let p = self.plan(0)?;
-                    (p.dims.vocab, p.dims.n_head)
+                    (p.dims().vocab, p.dims().n_head)
                 }
             }
         } else {
@@ -272,7 +272,7 @@ impl Model {
     /// capacity of at least `min_seq_len`.
     pub fn plan(&mut self, min_seq_len: usize) -> Result<Arc<LoadedPlan>> {
         if let Some(p) = &self.plan {
-            if p.dims.max_seq_len >= min_seq_len || self.is_compiled() {
+            if p.dims().max_seq_len >= min_seq_len || self.is_compiled() {
                 return Ok(Arc::clone(p));
             }
         }
@@ -395,7 +395,7 @@ impl Model {
                 }
             }
             Engine::PlanCpu | Engine::PlanCuda => {
-                if self.plan(0)?.plan.weight_dtype == ngpt_schemas::plan::DType::Bf16 as i32 {
+                if self.plan(0)?.plan().weight_dtype == ngpt_schemas::plan::DType::Bf16 as i32 {
                     Numerics::Bf16Weights
                 } else {
                     Numerics::F32

@@ -183,7 +183,7 @@ pub fn plan(data: &[u8]) -> PlanOutcome {
     let copied = LoadedPlan::from_bytes(plan, weights, "model.plan");
     let in_place = LoadedPlan::from_vec(plan, weights.to_vec(), "model.plan");
     let p = match (copied, in_place) {
-        (Ok(a), Ok(b)) if a.weights == b.weights => Arc::new(b),
+        (Ok(a), Ok(b)) if a.weights() == b.weights() => Arc::new(b),
         (Err(a), Err(b)) if a.to_string() == b.to_string() => {
             return PlanOutcome::LoadErr(a.to_string())
         }

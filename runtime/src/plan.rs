@@ -16,16 +16,41 @@ pub use crate::contract::Dims;
 /// plan's weights take half the memory; executors widen only what they read as f32).
 /// Loaded from a directory, the weights are read in place from the memory-mapped
 /// `model.weights` ([`crate::mapped`]).
+///
+/// Its fields are private: a plan is validated whole at load and cannot be changed after;
+/// read it through the accessors.
 pub struct LoadedPlan {
     /// The decoded `model.plan`: programs, buffers, kernel modules, weight descriptions.
-    pub plan: Plan,
+    pub(crate) plan: Plan,
     /// The model's dimensions, from the plan's config (validated).
-    pub dims: Dims,
+    pub(crate) dims: Dims,
     /// One per plan weight.
-    pub weights: Vec<WeightData>,
+    pub(crate) weights: Vec<WeightData>,
     /// What the plan's kernel module specializes beyond the config (checked against the
     /// contract at load, [`contract::check_module`]).
-    pub module_dims: ModuleDims,
+    pub(crate) module_dims: ModuleDims,
+}
+
+impl LoadedPlan {
+    /// The decoded `model.plan`: programs, buffers, kernel modules, weight descriptions.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The model's dimensions, from the plan's config (validated).
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    /// The weights, one per entry of `plan().weights`, as stored.
+    pub fn weights(&self) -> &[WeightData] {
+        &self.weights
+    }
+
+    /// What the plan's kernel module specializes beyond the config.
+    pub fn module_dims(&self) -> &ModuleDims {
+        &self.module_dims
+    }
 }
 
 /// bf16 bits to f32, exactly (the bits are the f32's upper half; NaNs kept as they are).

@@ -561,9 +561,9 @@ fn cuda_session_matches_cpu(
     steps: usize,
     what: &str,
 ) -> Result<()> {
-    let v = plan.dims.vocab;
-    let bf16 = plan.plan.weight_dtype == pb::DType::Bf16 as i32;
-    let cap = plan.dims.max_seq_len;
+    let v = plan.dims().vocab;
+    let bf16 = plan.plan().weight_dtype == pb::DType::Bf16 as i32;
+    let cap = plan.dims().max_seq_len;
     let lens = [40usize.min(cap - steps), 23usize.min(cap - steps)];
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt(v, lens[b % 2], b + 1)).collect();
     let mut cpu = Session::new(Arc::clone(plan), batch)?;
@@ -687,7 +687,7 @@ fn helper_kernels_compile_with_nvrtc() -> Result<()> {
     }
     // The made plan's module compiles too (ngpt.cu behind the prelude of its checked widths).
     let plan = load(&made_plan(TINY, 1)?)?;
-    let source = cuda::module_source(&plan.dims, &plan.module_dims);
+    let source = cuda::module_source(plan.dims(), plan.module_dims());
     assert!(nvrtc(contract::MODULE, &source)?.contains(".entry attention_decode("));
     Ok(())
 }
@@ -768,7 +768,7 @@ fn compiled_plans_match_the_cpu_executor() -> Result<()> {
 fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     gpu_or_skip!();
     let plan = load(&made_plan(TINY, 7)?)?;
-    let v = plan.dims.vocab;
+    let v = plan.dims().vocab;
     let (mut a, mut b) = (
         executor(Arc::clone(&plan), 2)?,
         executor(Arc::clone(&plan), 2)?,
@@ -839,7 +839,7 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
     ];
     for (seed, (shape, batch, prompt_len, what)) in cases.into_iter().enumerate() {
         let plan = load(&made_plan(shape, 20 + seed as u64)?)?;
-        let v = plan.dims.vocab;
+        let v = plan.dims().vocab;
         let (mut a, mut b, mut c, mut s) = (
             executor(Arc::clone(&plan), batch)?,
             executor(Arc::clone(&plan), batch)?,
@@ -940,7 +940,7 @@ fn tensor_core_prefill_attention_matches_the_f32_kernel() -> Result<()> {
     ];
     for (seed, (shape, batch, chunks, what)) in cases.into_iter().enumerate() {
         let plan = load(&made_plan(shape, 40 + seed as u64)?)?;
-        let v = plan.dims.vocab;
+        let v = plan.dims().vocab;
         let mut mma = executor(Arc::clone(&plan), batch)?;
         let mut f32 = executor(Arc::clone(&plan), batch)?;
         assert!(
@@ -985,7 +985,7 @@ fn tensor_core_prefill_attention_matches_the_f32_kernel() -> Result<()> {
 fn traced_steps_match_the_cpu_executor() -> Result<()> {
     gpu_or_skip!();
     let plan = load(&made_plan(TINY, 9)?)?;
-    let toks: Vec<u32> = prompt(plan.dims.vocab, 7, 3);
+    let toks: Vec<u32> = prompt(plan.dims().vocab, 7, 3);
     let mut cpu_steps = vec![];
     let mut cpu = Session::new(Arc::clone(&plan), 1)?;
     cpu.prefill_traced(&toks, &mut |name, width, v| {

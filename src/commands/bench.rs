@@ -72,18 +72,18 @@ pub fn run(a: Args) -> Result<()> {
         );
     };
     let plan = model.plan(total)?;
-    if total > plan.dims.max_seq_len {
+    if total > plan.dims().max_seq_len {
         bail!(
             "--prompt-len {} plus --gen-len {} exceeds the plan's KV capacity {} (--max-seq-len at compile time)",
             a.prompt_len,
             a.gen_len,
-            plan.dims.max_seq_len
+            plan.dims().max_seq_len
         );
     }
     // The prompts, and for tract (which panics when an allocation fails) its prefill's
     // attention scores, logits and KV cache: refused here when they cannot fit. The plan
     // executors reserve their buffers fallibly and say so themselves.
-    let (b, p, d) = (a.batch as f64, a.prompt_len as f64, &plan.dims);
+    let (b, p, d) = (a.batch as f64, a.prompt_len as f64, &plan.dims());
     let tract_sequence = if a.engine == Engine::Tract {
         crate::engines::score_bytes(d.n_head as f64, p, 4.0)
             + p * vocab as f64 * 8.0

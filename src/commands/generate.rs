@@ -91,7 +91,7 @@ pub fn run(a: Args) -> Result<()> {
     let engine_name = runtime_engine.name();
     let vocab = find_vocab(&a)?;
     let plan = super::input::load_plan(&a.input, 0)?;
-    let v = plan.dims.vocab;
+    let v = plan.dims().vocab;
     if let Some(voc) = &vocab {
         voc.check_model_vocab(v)?;
     }
@@ -141,7 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let cap = plan.dims.max_seq_len;
+    let cap = plan.dims().max_seq_len;
     if longest
         .checked_add(a.max_new_tokens)
         .is_none_or(|n| n > cap)

@@ -62,7 +62,7 @@ fn odd_plan(dir: &Path, dtype: &str) -> Result<Arc<LoadedPlan>> {
 /// The logits of a ragged prefill (11 and 6 tokens, right-padded) and 6 greedy decode
 /// steps, as bits, under `threading`.
 fn run(plan: &Arc<LoadedPlan>, threading: Threading) -> Result<Vec<Vec<u32>>> {
-    let v = plan.dims.vocab;
+    let v = plan.dims().vocab;
     let mut exec = CpuExecutor::new(Arc::clone(plan), 2)?;
     exec.set_threading(threading);
     assert_eq!(exec.threading(), threading);

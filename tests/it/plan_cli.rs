@@ -1389,9 +1389,9 @@ fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result
     let mapped = Arc::new(LoadedPlan::load(&dir)?);
     // Every weight is viewed in place in the mapped file (the compiler aligns each to 256
     // bytes), with exactly the values of a copy.
-    assert_eq!(mapped.weights.len(), copied.weights.len());
-    let names = || mapped.plan.weights.iter().map(|w| &w.name);
-    let pairs = || names().zip(mapped.weights.iter().zip(&copied.weights));
+    assert_eq!(mapped.weights().len(), copied.weights().len());
+    let names = || mapped.plan().weights.iter().map(|w| &w.name);
+    let pairs = || names().zip(mapped.weights().iter().zip(copied.weights()));
     for (name, (a, b)) in pairs() {
         let in_place = match a {
             ngpt_runtime::plan::WeightData::F32(v) => v.is_in_place(),
@@ -1402,7 +1402,7 @@ fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result
     }
     // Read instead (`NGPT_MMAP=0`): the same values, in the process's own buffer.
     let read = LoadedPlan::load_with(&dir, ngpt_runtime::plan::WeightsIo::Read)?;
-    assert!(read.weights == copied.weights);
+    assert!(read.weights() == copied.weights());
     let tokens: [u32; 4] = [45, 64, 77, 12];
     let before = Session::new(mapped.clone(), 1)?.prefill(&[tokens.to_vec()])?;
     // `compile --force` over the same directory (another dtype, so other bytes) replaces the
@@ -1453,7 +1453,7 @@ fn bf16_plans_halve_the_matrices_and_stay_close() -> Result<()> {
     // f32 (the embedding table `embed` reads is stored f32), so the executors widen none.
     let loaded = ngpt_runtime::plan::LoadedPlan::load(&bf16_dir)?;
     let mut bf16_loaded = 0;
-    for (w, data) in loaded.plan.weights.iter().zip(&loaded.weights) {
+    for (w, data) in loaded.plan().weights.iter().zip(loaded.weights()) {
         let is_bf16 = matches!(data, ngpt_runtime::plan::WeightData::Bf16(_));
         assert_eq!(is_bf16, w.dtype == pb::DType::Bf16 as i32, "{}", w.name);
         bf16_loaded += is_bf16 as usize;
@@ -1462,8 +1462,8 @@ fn bf16_plans_halve_the_matrices_and_stay_close() -> Result<()> {
     let reads: Vec<&str> = loaded
         .f32_weight_reads()
         .into_iter()
-        .filter(|&i| loaded.plan.weights[i].dtype == pb::DType::Bf16 as i32)
-        .map(|i| loaded.plan.weights[i].name.as_str())
+        .filter(|&i| loaded.plan().weights[i].dtype == pb::DType::Bf16 as i32)
+        .map(|i| loaded.plan().weights[i].name.as_str())
         .collect();
     assert!(reads.is_empty(), "bf16 weights read as f32: {reads:?}");
     // The block matrices (4 per layer, 2 layers) and lm_head.
