@@ -22,6 +22,7 @@
 mod builder;
 mod emit;
 pub mod summary;
+#[cfg(feature = "tract")]
 pub mod tract;
 
 use std::io::Write;

@@ -3,5 +3,7 @@
 // The measured-error baselines, shared with the root package's tests.
 #[path = "../../../tests/it/common/baseline.rs"]
 mod baseline;
+// The ONNX tests run the exports in tract (the default feature `tract`).
+#[cfg(feature = "tract")]
 mod onnx;
 mod passes;
