@@ -9,9 +9,19 @@
 //! first and returns a one-line reason instead ([`unavailable`]). CI has no GPU: it
 //! compiles every module with NVRTC, so the kernel sources stay valid CUDA there.
 
+mod device;
+mod enqueue;
+mod errors;
 mod executor;
+mod gemm;
+mod graph;
+mod lock;
+mod modules;
 mod persistent;
+mod persistent_launch;
+mod profile;
 pub mod rates;
+mod resolve;
 mod session;
 
 use std::path::PathBuf;
