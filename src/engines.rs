@@ -647,7 +647,10 @@ mod tests {
         assert_eq!(model.sessions.len(), 1);
         assert_eq!(a, b, "a reused session computes what it computed first");
         let mut fresh = Model::open(&input);
-        assert_eq!(fresh.greedy(Engine::PlanCpu, &[5, 6], 3, Precision::F32)?, g);
+        assert_eq!(
+            fresh.greedy(Engine::PlanCpu, &[5, 6], 3, Precision::F32)?,
+            g
+        );
         assert_eq!(fresh.logits(Engine::PlanCpu, &[7], Precision::F32)?, short);
         Ok(())
     }

@@ -105,6 +105,19 @@ fn main() {
             }
             msg.push_str(&cause);
         }
+        // The runtime's typed errors name no flag; say which one changes the capacity.
+        let capacity = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<ngpt_runtime::Error>(),
+                Some(
+                    ngpt_runtime::Error::SequenceTooLong { .. }
+                        | ngpt_runtime::Error::KvCacheFull { .. }
+                )
+            )
+        });
+        if capacity {
+            msg.push_str(" (compile with a larger --max-seq-len)");
+        }
         eprintln!("error: {}", msg.replace('\n', " "));
         std::process::exit(1);
     }

@@ -23,9 +23,10 @@ static SETTINGS: OnceLock<Settings> = OnceLock::new();
 /// Resolves the settings (once, from `main`) and prints one warning line for each `NGPT_*`
 /// variable nothing reads.
 pub fn init(cuda_flag: Option<&str>, read_weights: bool) -> Result<()> {
-    for line in options::unknown_env(std::env::vars_os().filter_map(|(k, v)| {
-        Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))
-    })) {
+    for line in options::unknown_env(
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))),
+    ) {
         eprintln!("{line}");
     }
     let mut cuda = CudaOptions::from_env()?;

@@ -4,8 +4,8 @@
 //! and points the loader at it, so CUDA code that CI cannot run is still compiled there.
 
 use anyhow::Result;
-use ngpt_compiler::init::{InitOptions, Preset};
 use ngpt_compiler::config::Config;
+use ngpt_compiler::init::{InitOptions, Preset};
 use ngpt_compiler::plan::kernel_module;
 use ngpt_runtime::contract;
 
@@ -21,8 +21,8 @@ fn module_source(cfg: &Config, max_seq: usize) -> Result<String> {
         vocab: cfg.vocab_size,
         max_seq_len: max_seq,
     };
-    let md = contract::check_module(&kernel_module(cfg, max_seq), &dims)
-        .map_err(anyhow::Error::msg)?;
+    let md =
+        contract::check_module(&kernel_module(cfg, max_seq), &dims).map_err(anyhow::Error::msg)?;
     Ok(ngpt_runtime::cuda::module_source(&dims, &md))
 }
 

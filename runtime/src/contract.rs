@@ -213,7 +213,11 @@ pub const ENTRIES: &[Entry] = &[
     },
     Entry {
         name: "norm_rows",
-        args: &[rows_f32("x", Slot::In, 1), rows_f32("out", Slot::Out, 1), ROWS],
+        args: &[
+            rows_f32("x", Slot::In, 1),
+            rows_f32("out", Slot::Out, 1),
+            ROWS,
+        ],
         distinct: &[&[0, 1]],
         rows: 2,
         tokens: None,
@@ -236,7 +240,11 @@ pub const ENTRIES: &[Entry] = &[
     },
     Entry {
         name: "swiglu",
-        args: &[rows_f32("uv", Slot::In, 8), rows_f32("out", Slot::Out, 4), ROWS],
+        args: &[
+            rows_f32("uv", Slot::In, 8),
+            rows_f32("out", Slot::Out, 4),
+            ROWS,
+        ],
         distinct: &[&[0, 1]],
         rows: 2,
         tokens: None,
@@ -320,7 +328,10 @@ impl Entry {
     pub fn request(&self, bound: &[Bound<'_>]) -> Result<(usize, usize), String> {
         let int = |i: usize| match bound.get(i) {
             Some(Bound::Int(v)) => Ok(*v),
-            _ => Err(format!("argument {i} of `{}` is not a request size", self.name)),
+            _ => Err(format!(
+                "argument {i} of `{}` is not a request size",
+                self.name
+            )),
         };
         let rows = int(self.rows)?;
         if rows < 0 {
@@ -361,7 +372,12 @@ impl Entry {
             }
             .ok_or_else(|| format!("argument {i} `{}`: size overflows", spec.name))?;
             match (spec.slot, b) {
-                (Slot::In | Slot::Out, Bound::Buffer { name, int32, len, .. }) => {
+                (
+                    Slot::In | Slot::Out,
+                    Bound::Buffer {
+                        name, int32, len, ..
+                    },
+                ) => {
                     if *int32 != (spec.dtype == Dtype::I32) {
                         return Err(format!(
                             "argument {i} `{}`: buffer `{name}` should be {}",
@@ -439,7 +455,7 @@ impl Entry {
                 } else {
                     min
                 };
-                if threads % 32 != 0 || threads < min {
+                if !threads.is_multiple_of(32) || threads < min {
                     return Err(format!(
                         "block of {threads} threads: `{}` needs a multiple of 32, at least {min}",
                         self.name
@@ -565,7 +581,7 @@ pub fn check_module(m: &pb::KernelModule, d: &Dims) -> Result<ModuleDims, String
             Some(_) => {}
             None => {
                 let t = def.value;
-                if !(1..=128).contains(&t) || (t & (t - 1)) != 0 {
+                if !(1..=128).contains(&t) || !(t as u64).is_power_of_two() {
                     return Err(format!(
                         "kernel module `{MODULE}`: NGPT_KV_TILE = {t} is not a power of two in 1..=128"
                     ));
@@ -650,14 +666,20 @@ mod tests {
             assert!(e.contains(says), "{e}");
             assert!(!e.contains('\n'), "{e}");
         };
-        refused(&|m| m.source = "__global__ void x() {}".into(), "carries 22 bytes");
+        refused(
+            &|m| m.source = "__global__ void x() {}".into(),
+            "carries 22 bytes",
+        );
         refused(&|m| m.name = "evil\n".into(), "`evil\\n` is not one");
         refused(&|m| m.abi = 1, "kernel ABI 1");
         refused(&|m| m.entries.push("sample_topk".into()), "`sample_topk`");
         refused(&|m| m.defines[2].value = 8, "NGPT_D = 8 differs");
         refused(&|m| m.defines[5].value = 48, "NGPT_KV_TILE = 48");
         refused(&|m| m.defines[5].value = 256, "NGPT_KV_TILE = 256");
-        refused(&|m| m.defines.pop().map(drop).unwrap_or(()), "`NGPT_KV_TILE` is missing");
+        refused(
+            &|m| m.defines.pop().map(drop).unwrap_or(()),
+            "`NGPT_KV_TILE` is missing",
+        );
         refused(
             &|m| {
                 m.defines.push(pb::Define {
@@ -691,7 +713,12 @@ mod tests {
             int32: false,
             len,
         };
-        let ok = [buf(0, 24), buf(1, 24), Bound::Weight { index: 0, len: 8 }, Bound::Int(3)];
+        let ok = [
+            buf(0, 24),
+            buf(1, 24),
+            Bound::Weight { index: 0, len: 8 },
+            Bound::Int(3),
+        ];
         assert_eq!(e.check_args(&D, &ok), Ok(()));
         let mut short = ok;
         short[1] = buf(1, 23);
@@ -706,7 +733,10 @@ mod tests {
             int32: true,
             len: 24,
         };
-        assert!(e.check_args(&D, &int).unwrap_err().contains("should be f32"));
+        assert!(e
+            .check_args(&D, &int)
+            .unwrap_err()
+            .contains("should be f32"));
         assert!(e.check_args(&D, &ok[..3]).unwrap_err().contains("takes 4"));
         // Sequences: a KV cache per sequence (rows 5 of 2 tokens each: 3 sequences).
         let a = entry("attention_decode").unwrap();

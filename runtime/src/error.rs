@@ -1,6 +1,15 @@
 //! The runtime's error type: every variant names what was wrong and what was expected.
 
-/// Errors from loading or running a plan.
+/// Errors from loading or running a plan. A caller tells the request errors apart by
+/// variant (a full KV cache, a token outside the vocabulary, a prompt too long) without
+/// parsing text; no message names a command-line flag.
+///
+/// ```
+/// use ngpt_runtime::Error;
+/// let e = Error::KvCacheFull { sequence: 1, capacity: 8 };
+/// assert!(matches!(e, Error::KvCacheFull { capacity: 8, .. }));
+/// assert_eq!(e.to_string(), "sequence 1 is full: the KV capacity is 8 tokens");
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file of the plan directory could not be opened or read.
@@ -30,6 +39,33 @@ pub enum Error {
         /// Why it cannot be served and what would be, in one line.
         problem: String,
     },
+    /// A token id the plan's vocabulary does not have.
+    #[error("tokens: token id {token} is outside the vocabulary 0..{vocab}")]
+    TokenOutsideVocabulary {
+        /// The id.
+        token: i64,
+        /// The vocabulary size (logits per row).
+        vocab: usize,
+    },
+    /// A prompt longer than the plan's KV capacity.
+    #[error("prompt: {tokens} tokens exceed the KV capacity {capacity}")]
+    SequenceTooLong {
+        /// The prompt's tokens.
+        tokens: usize,
+        /// The plan's KV capacity per sequence.
+        capacity: usize,
+    },
+    /// A sequence whose KV cache is full: another token has no slot.
+    #[error("sequence {sequence} is full: the KV capacity is {capacity} tokens")]
+    KvCacheFull {
+        /// The sequence's index in its batch.
+        sequence: usize,
+        /// The plan's KV capacity per sequence.
+        capacity: usize,
+    },
+    /// An executor or session for no sequences.
+    #[error("batch: must be at least 1 sequence")]
+    EmptyBatch,
     /// A step would read or write outside a buffer (a tampered plan).
     #[error("step `{step}`: {problem}")]
     Step {

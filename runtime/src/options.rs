@@ -3,7 +3,7 @@
 //! `NGPT_CUDA_OPTIONS`, asks for it ([`CudaOptions::from_env`]), and it parses strictly.
 //!
 //! The text form is `key=value` pairs separated by commas, as `NGPT_CUDA_OPTIONS`, `ngpt
-//! --cuda-options` and [`CudaOptions::to_string`] write them. An unknown key, a malformed
+//! --cuda-options` and `CudaOptions`'s `Display` write them. An unknown key, a malformed
 //! value or a key given twice is an error naming it.
 //!
 //! ```
@@ -209,7 +209,10 @@ impl CudaOptions {
                     key,
                     format!(
                         "`{}` is not `on` or `off`",
-                        other.chars().flat_map(char::escape_debug).collect::<String>()
+                        other
+                            .chars()
+                            .flat_map(char::escape_debug)
+                            .collect::<String>()
                     ),
                 )),
             };
@@ -219,7 +222,10 @@ impl CudaOptions {
                     key,
                     format!(
                         "`{}` is not a whole number in {min}..={max}",
-                        value.chars().flat_map(char::escape_debug).collect::<String>()
+                        value
+                            .chars()
+                            .flat_map(char::escape_debug)
+                            .collect::<String>()
                     ),
                 )),
             };
@@ -229,7 +235,10 @@ impl CudaOptions {
                         key,
                         format!(
                             "`{}` is not one of {}",
-                            value.chars().flat_map(char::escape_debug).collect::<String>(),
+                            value
+                                .chars()
+                                .flat_map(char::escape_debug)
+                                .collect::<String>(),
                             names.join(", ")
                         ),
                     )
@@ -407,12 +416,8 @@ pub fn unknown_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<Stri
             "NGPT_CUDA_PREFILL_MMA" => Some(off_if_0("experimental.prefill_mma")),
             "NGPT_CUDA_PD_STREAM" => Some(off_if_0("experimental.pd_stream")),
             "NGPT_CUDA_PD_BARRIER" => Some(format!("{ENV}=experimental.pd_barrier={value}")),
-            "NGPT_CUDA_PD_ATTENTION" => {
-                Some(format!("{ENV}=experimental.pd_attention={value}"))
-            }
-            "NGPT_CUDA_PD_MIN_BLOCKS" => {
-                Some(format!("{ENV}=experimental.pd_min_blocks={value}"))
-            }
+            "NGPT_CUDA_PD_ATTENTION" => Some(format!("{ENV}=experimental.pd_attention={value}")),
+            "NGPT_CUDA_PD_MIN_BLOCKS" => Some(format!("{ENV}=experimental.pd_min_blocks={value}")),
             "NGPT_MMAP" => Some("the --read-weights flag".to_string()),
             _ => None,
         };
@@ -452,8 +457,14 @@ mod tests {
             ("grpah=off", "`grpah`: unknown option"),
             ("graph", "`graph`: expected key=value"),
             ("graph=on,graph=off", "`graph`: given twice"),
-            ("blocks_per_sm=0", "`blocks_per_sm`: `0` is not a whole number in 1..=32"),
-            ("attention=fast", "`attention`: `fast` is not one of tiled, simple"),
+            (
+                "blocks_per_sm=0",
+                "`blocks_per_sm`: `0` is not a whole number in 1..=32",
+            ),
+            (
+                "attention=fast",
+                "`attention`: `fast` is not one of tiled, simple",
+            ),
             ("experimental.pd_min_blocks=1", "2..=32"),
         ] {
             let e = text.parse::<CudaOptions>().unwrap_err().to_string();
@@ -478,7 +489,9 @@ mod tests {
         assert_eq!(w.len(), 4, "{w:?}");
         assert!(w.iter().any(|l| l.contains("experimental.pd_stream=on")));
         assert!(w.iter().any(|l| l.contains("persistent=off")));
-        assert!(w.iter().any(|l| l.contains("NGPT_CUDA_GRPAH is not a variable")));
+        assert!(w
+            .iter()
+            .any(|l| l.contains("NGPT_CUDA_GRPAH is not a variable")));
         assert!(w.iter().any(|l| l.contains("--read-weights")));
     }
 }

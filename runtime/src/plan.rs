@@ -124,7 +124,6 @@ pub enum WeightsIo {
     Read,
 }
 
-
 /// Where a plan's weight bytes come from: a mapped `model.weights` or a buffer the plan
 /// keeps (weights viewed in place), or borrowed bytes (copied).
 #[derive(Clone, Copy)]
@@ -148,7 +147,7 @@ impl LoadedPlan {
     /// let dir = std::path::Path::new("out/nv-tiny");
     /// let mapped = LoadedPlan::load_with(dir, WeightsIo::Map)?;
     /// let read = LoadedPlan::load_with(dir, WeightsIo::Read)?;
-    /// assert_eq!(mapped.weights, read.weights);
+    /// assert_eq!(mapped.weights(), read.weights());
     /// # Ok::<(), ngpt_runtime::Error>(())
     /// ```
     pub fn load_with(dir: &Path, how: WeightsIo) -> Result<LoadedPlan> {
@@ -196,7 +195,7 @@ impl LoadedPlan {
     /// use ngpt_runtime::plan::{LoadedPlan, WeightData};
     /// let (plan_bytes, weights) = lowered(); // e.g. ngpt_compiler::plan::lower's output
     /// let plan = LoadedPlan::from_vec(&plan_bytes, weights, "in memory")?;
-    /// assert!(plan.weights.iter().all(|w| match w {
+    /// assert!(plan.weights().iter().all(|w| match w {
     ///     WeightData::F32(v) => v.is_in_place(),
     ///     WeightData::Bf16(v) => v.is_in_place(),
     /// }));
@@ -435,7 +434,8 @@ impl LoadedPlan {
                 ),
             ));
         }
-        let module_dims = contract::check_module(&plan.modules[0], &dims).map_err(|p| bad(path, p))?;
+        let module_dims =
+            contract::check_module(&plan.modules[0], &dims).map_err(|p| bad(path, p))?;
         for program in [&plan.prefill, &plan.decode] {
             let program = program
                 .as_ref()
@@ -659,7 +659,11 @@ fn validate_step(
                         Some(_) => None,
                     };
                     b.x.as_ref()?;
-                    Some((fixed(b.x.as_ref())?, fixed(b.y.as_ref())?, fixed(b.z.as_ref())?))
+                    Some((
+                        fixed(b.x.as_ref())?,
+                        fixed(b.y.as_ref())?,
+                        fixed(b.z.as_ref())?,
+                    ))
                 })
                 .ok_or("the block is missing or depends on the request")?;
             e.check_block(dims, module_dims.kv_tile, block, l.shared_bytes)?;

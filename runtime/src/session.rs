@@ -170,9 +170,9 @@ impl Session {
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         let v = self.vocab();
         match tokens.iter().find(|&&t| t as usize >= v) {
-            Some(t) => Err(Error::Request {
-                what: "tokens".into(),
-                problem: format!("token id {t} is outside 0..{v}"),
+            Some(&t) => Err(Error::TokenOutsideVocabulary {
+                token: t as i64,
+                vocab: v,
             }),
             None => Ok(()),
         }
@@ -288,9 +288,9 @@ impl Session {
         }
         let cap = self.exec.plan().dims.max_seq_len;
         if t > cap {
-            return Err(Error::Request {
-                what: "prompt".into(),
-                problem: format!("{t} tokens exceed the KV capacity {cap} (--max-seq-len)"),
+            return Err(Error::SequenceTooLong {
+                tokens: t,
+                capacity: cap,
             });
         }
         let mut tokens = Vec::with_capacity(b * t);
@@ -317,14 +317,15 @@ impl Session {
         self.check_tokens(next)?;
         let cap = self.exec.plan().dims.max_seq_len;
         if let Some(full) = self.lens.iter().position(|&l| l >= cap || l == 0) {
-            let why = if self.lens[full] == 0 {
-                "has no prefill yet".to_string()
-            } else {
-                format!("is full: the KV capacity is {cap} tokens (--max-seq-len)")
-            };
-            return Err(Error::Request {
-                what: format!("sequence {full}"),
-                problem: why,
+            if self.lens[full] == 0 {
+                return Err(Error::Request {
+                    what: format!("sequence {full}"),
+                    problem: "has no prefill yet".into(),
+                });
+            }
+            return Err(Error::KvCacheFull {
+                sequence: full,
+                capacity: cap,
             });
         }
         let tokens: Vec<i32> = next.iter().map(|&t| t as i32).collect();

@@ -16,8 +16,8 @@
 
 use std::sync::Arc;
 
-use ngpt_runtime::cpu::ProgramKind;
 use ngpt_runtime::contract;
+use ngpt_runtime::cpu::ProgramKind;
 use ngpt_runtime::cuda::{self, CudaExecutor, CudaSession};
 use ngpt_runtime::plan::LoadedPlan;
 use ngpt_runtime::session::Session;
@@ -287,7 +287,10 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
             modules: vec![KernelModule {
                 name: contract::MODULE.into(),
                 source: String::new(),
-                entries: contract::ENTRIES.iter().map(|e| e.name.to_string()).collect(),
+                entries: contract::ENTRIES
+                    .iter()
+                    .map(|e| e.name.to_string())
+                    .collect(),
                 abi: pb::KERNEL_ABI,
                 defines,
             }],
@@ -1048,7 +1051,9 @@ fn a_tampered_plan_is_an_error_not_a_fault() -> Result<()> {
     let plan = load(&(plan.encode_to_vec(), weights.clone()))?;
     let cpu = Session::new(Arc::clone(&plan), 1)?.prefill(&[vec![1, 2, 3]]);
     assert!(cpu.is_err(), "the CPU executor accepted it");
-    let err = match CudaSession::with_options(Arc::clone(&plan), 1, &options()?)?.prefill(&[vec![1, 2, 3]]) {
+    let err = match CudaSession::with_options(Arc::clone(&plan), 1, &options()?)?
+        .prefill(&[vec![1, 2, 3]])
+    {
         Ok(_) => anyhow::bail!("the CUDA executor accepted a short buffer"),
         Err(e) => e.to_string(),
     };

@@ -514,9 +514,42 @@ fn cases(tmp: &Path) -> Result<Vec<Case>> {
         "plan-cpu",
         "1,2,3",
         &out,
-        &["model.plan", "format major version 2"],
+        &["model.plan", "plan format 3", "reads format 2"],
         1,
     ));
+    // Kernel text in a plan (what format 1 carried): refused when the plan loads, so by
+    // both executors alike, before either compiles or runs anything.
+    let plan_code = artifact(&art, &compiled, "plan_code", "model.plan", |b| {
+        let mut p = Plan::decode(&b[..])?;
+        p.modules[0].source = "extern \"C\" __global__ void embed() { /* not ours */ }".into();
+        *b = p.encode_to_vec();
+        Ok(())
+    })?;
+    for (name, engine) in [
+        (
+            "model.plan carrying kernel source, --engine plan-cpu",
+            "plan-cpu",
+        ),
+        (
+            "model.plan carrying kernel source, --engine plan-cuda",
+            "plan-cuda",
+        ),
+    ] {
+        v.push(logits_case(
+            name,
+            &plan_code,
+            engine,
+            "1,2,3",
+            &out,
+            &[
+                "model.plan",
+                "carries",
+                "bytes of kernel source",
+                "never carries code",
+            ],
+            1,
+        ));
+    }
     let onnx_len = std::fs::metadata(compiled.join("model.onnx"))?.len() as usize;
     let onnx_cut = artifact(&art, &compiled, "onnx_truncated", "model.onnx", |b| {
         b.truncate(onnx_len / 2);

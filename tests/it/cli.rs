@@ -442,16 +442,26 @@ fn cuda_options_parse_strictly_and_retired_variables_are_named() -> Result<()> {
     }
     // Good options run; a retired variable still set gets one line naming its replacement.
     let o = ngpt_env(
-        &["--cuda-options", "graph=off,experimental.pd_stream=on", "inspect", ckpt],
+        &[
+            "--cuda-options",
+            "graph=off,experimental.pd_stream=on",
+            "inspect",
+            ckpt,
+        ],
         &[("NGPT_CUDA_PERSISTENT", "0"), ("NGPT_MMAP", "0")],
     )?;
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains("warning: NGPT_CUDA_PERSISTENT is no longer read; use NGPT_CUDA_OPTIONS=persistent=off"),
+        err.contains(
+            "warning: NGPT_CUDA_PERSISTENT is no longer read; use NGPT_CUDA_OPTIONS=persistent=off"
+        ),
         "{err}"
     );
-    assert!(err.contains("warning: NGPT_MMAP is no longer read; use the --read-weights flag"), "{err}");
+    assert!(
+        err.contains("warning: NGPT_MMAP is no longer read; use the --read-weights flag"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -461,7 +471,12 @@ fn read_weights_gives_the_mapped_plans_logits() -> Result<()> {
     let dir = tmp.path().join("c");
     let dir_s = dir.to_str().context("utf-8")?;
     ok(
-        ngpt(&["compile", nv_tiny().join("ckpt.pt").to_str().context("utf-8")?, "-o", dir_s])?,
+        ngpt(&[
+            "compile",
+            nv_tiny().join("ckpt.pt").to_str().context("utf-8")?,
+            "-o",
+            dir_s,
+        ])?,
         "compile",
     )?;
     let mut outs = vec![];

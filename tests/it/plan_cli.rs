@@ -190,7 +190,11 @@ fn tamper_cases(plan: &Plan, weights: &[u8]) -> Vec<Case> {
         case(
             "format 1, which carried kernel source",
             Load,
-            &["plan format 1 (written by ngpt 0.1.0)", "reads format 2", "recompile"],
+            &[
+                "plan format 1 (written by ngpt 0.1.0)",
+                "reads format 2",
+                "recompile",
+            ],
             |p, _| {
                 p.format_major = 1;
                 p.producer = "ngpt 0.1.0".into();
@@ -266,7 +270,14 @@ fn tamper_cases(plan: &Plan, weights: &[u8]) -> Vec<Case> {
             Load,
             &["h.0.attn.residual.in.norm", "multiple of 32"],
             |p, _| {
-                launch_mut(p, "norm_rows").block.as_mut().unwrap().x.as_mut().unwrap().c0 = 48
+                launch_mut(p, "norm_rows")
+                    .block
+                    .as_mut()
+                    .unwrap()
+                    .x
+                    .as_mut()
+                    .unwrap()
+                    .c0 = 48
             },
         ),
         case("no model config", Load, &["no model config"], |p, _| {
@@ -476,9 +487,12 @@ fn tamper_cases(plan: &Plan, weights: &[u8]) -> Vec<Case> {
             &["program", "missing"],
             |p, _| p.decode = None,
         ),
-        case("no kernel modules", Load, &["names 0 kernel modules"], |p, _| {
-            p.modules.clear()
-        }),
+        case(
+            "no kernel modules",
+            Load,
+            &["names 0 kernel modules"],
+            |p, _| p.modules.clear(),
+        ),
         case(
             "a buffer without a size",
             Load,

@@ -12,8 +12,8 @@ mod kernels;
 use std::collections::HashMap;
 
 use ngpt_schemas::plan::{
-    self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm,
-    Launch, Operand, Plan, Program, Step, Symbol,
+    self as pb, arg, operand, step, Affine, Arg, Buffer, BufferKind, Dim3, Gemm, Launch, Operand,
+    Plan, Program, Step, Symbol,
 };
 
 use crate::config::Config;

@@ -174,13 +174,12 @@ pub fn embed(d: &Dims, tokens: &[i32], wte: &[f32], out: &mut [f32], rows: usize
         let t = *tokens
             .get(r)
             .ok_or_else(|| oob("embed tokens", r, 1, tokens.len()))?;
-        let t = usize::try_from(t)
-            .ok()
-            .filter(|&t| t < d.vocab)
-            .ok_or_else(|| Error::Request {
-                what: "tokens".into(),
-                problem: format!("token id {t} is outside 0..{}", d.vocab),
-            })?;
+        let t = usize::try_from(t).ok().filter(|&t| t < d.vocab).ok_or(
+            Error::TokenOutsideVocabulary {
+                token: t as i64,
+                vocab: d.vocab,
+            },
+        )?;
         span_mut(out, r * c, c, "embed out")?.copy_from_slice(span(wte, t * c, c, "embed wte")?);
     }
     Ok(())

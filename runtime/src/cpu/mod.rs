@@ -118,7 +118,7 @@ pub enum ProgramKind {
 /// let mut exec = CpuExecutor::new(plan, 1)?;
 /// exec.set_threading(Threading::Sequential); // the same bits, on one thread
 /// let logits = exec.run(ProgramKind::Prefill, &[45, 64, 77], &[0, 1, 2], 3)?;
-/// assert_eq!(logits.len(), 3 * exec.plan.dims.vocab);
+/// assert_eq!(logits.len(), 3 * exec.plan.dims().vocab);
 /// # Ok::<(), ngpt_runtime::Error>(())
 /// ```
 pub struct CpuExecutor {
@@ -149,10 +149,7 @@ impl CpuExecutor {
     /// Allocates the caches for `batch` sequences; activations grow per call.
     pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<CpuExecutor> {
         if batch == 0 {
-            return Err(Error::Request {
-                what: "--batch".into(),
-                problem: "must be at least 1".into(),
-            });
+            return Err(Error::EmptyBatch);
         }
         let mut buffers = Vec::with_capacity(plan.plan.buffers.len());
         for (i, b) in plan.plan.buffers.iter().enumerate() {
@@ -411,7 +408,13 @@ impl CpuExecutor {
     /// Checks a launch against the kernel contract (`crate::contract`), as the CUDA
     /// executor does: dtypes, the elements each argument must hold for this call, distinct
     /// buffers. The twins check every index they take besides.
-    fn check_contract(&self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {
+    fn check_contract(
+        &self,
+        name: &str,
+        l: &pb::Launch,
+        rows: usize,
+        per_seq: usize,
+    ) -> Result<()> {
         let entry = contract::entry(&l.entry).ok_or_else(|| {
             step_err(
                 name,
@@ -428,7 +431,12 @@ impl CpuExecutor {
                         Some(Buf::I32(v)) => (true, v.len()),
                         None => return Err(step_err(name, format!("buffer {b} does not exist"))),
                     };
-                    let bname = self.plan.plan.buffers.get(b).map_or("?", |x| x.name.as_str());
+                    let bname = self
+                        .plan
+                        .plan
+                        .buffers
+                        .get(b)
+                        .map_or("?", |x| x.name.as_str());
                     Bound::Buffer {
                         index: b,
                         name: bname,

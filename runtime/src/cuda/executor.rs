@@ -231,10 +231,7 @@ impl CudaExecutor {
         options: &CudaOptions,
     ) -> Result<CudaExecutor> {
         if batch == 0 {
-            return Err(Error::Request {
-                what: "--batch".into(),
-                problem: "must be at least 1".into(),
-            });
+            return Err(Error::EmptyBatch);
         }
         if let Some(why) = super::unavailable() {
             return Err(plan_cuda_err(why));

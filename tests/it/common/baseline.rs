@@ -73,7 +73,9 @@ pub fn assert_within_baseline(key: &str, measured: f64, absolute_limit: f64) {
             "{key}: no baseline in tests/fixtures/baselines.json (measured {measured:e}, \
              limit {absolute_limit:e})"
         );
-        eprintln!("note: {key}: no recorded baseline; measured {measured:e}, limit {absolute_limit:e}");
+        eprintln!(
+            "note: {key}: no recorded baseline; measured {measured:e}, limit {absolute_limit:e}"
+        );
     }
     check(key, measured, absolute_limit, baseline);
 }
