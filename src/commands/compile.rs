@@ -139,6 +139,30 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         &[onnx::MODEL_FILE]
     };
+    // Tokenizer files beside the checkpoint (or in a compiled INPUT) travel with the
+    // directory, so onnxruntime-genai's `og.Tokenizer(model)` and ngpt's own text paths
+    // work from it alone; their special token ids go into genai_config.json.
+    let source_dir = if source.is_dir() {
+        source.clone()
+    } else {
+        source.parent().map(PathBuf::from).unwrap_or_default()
+    };
+    let token_dir = [a.input.clone(), source_dir]
+        .into_iter()
+        .find(|d| !crate::tokens::files::tokenizer_files(d).is_empty());
+    let token_files = token_dir
+        .as_deref()
+        .map(crate::tokens::files::tokenizer_files)
+        .unwrap_or_default();
+    let special = match &token_dir {
+        Some(d) => crate::tokens::files::special_tokens(d, ckpt.config.vocab_size)?,
+        None => Default::default(),
+    };
+    let genai = onnx::genai::config_json(&ckpt.config, max_seq_len, onnx::MODEL_FILE, &special);
+    let token_names: Vec<String> = token_files
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
     let manifest = Manifest {
         producer: "ngpt".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -153,6 +177,8 @@ pub fn run(a: Args) -> Result<()> {
         files: ["manifest.json", "ir.txt", "passes.txt"]
             .into_iter()
             .chain(onnx_files.iter().copied())
+            .chain([onnx::genai::CONFIG_FILE])
+            .chain(token_names.iter().map(String::as_str))
             .chain(
                 lowers_plan
                     .then_some(["model.plan", "model.weights"])
@@ -168,6 +194,14 @@ pub fn run(a: Args) -> Result<()> {
         artifact::write_bytes(&dir.join("ir.txt"), compiled.graph.to_string().as_bytes())?;
         artifact::write_bytes(&dir.join("passes.txt"), log.as_bytes())?;
         written = Some(onnx::write(&compiled.graph, &onnx_info, &onnx_opts, dir)?);
+        artifact::write_bytes(&dir.join(onnx::genai::CONFIG_FILE), genai.as_bytes())?;
+        for (from, name) in token_files.iter().zip(&token_names) {
+            let bytes = std::fs::read(from).map_err(|source| ngpt_compiler::Error::Io {
+                path: from.clone(),
+                source,
+            })?;
+            artifact::write_bytes(&dir.join(name), &bytes)?;
+        }
         if lowers_plan {
             // model.weights streams: each weight is made and written in turn.
             let mut plan = None;
@@ -214,6 +248,13 @@ pub fn run(a: Args) -> Result<()> {
                 onnx_opts.weights.as_str()
             );
         }
+    }
+    if !token_names.iter().any(|n| n == "tokenizer.json") {
+        eprintln!(
+            "note: no tokenizer.json beside {}: onnxruntime-genai runs {} from token ids (og.Tokenizer needs one)",
+            manifest.source.display(),
+            a.out.display()
+        );
     }
     println!(
         "wrote {} ({} IR nodes)",

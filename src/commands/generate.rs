@@ -230,7 +230,13 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             serde_json::json!(generated)
         };
+        let prompt_tokens = if b == 1 {
+            serde_json::json!(prompts[0])
+        } else {
+            serde_json::json!(prompts)
+        };
         let mut obj = serde_json::json!({
+            "prompt_tokens": prompt_tokens,
             "tokens": tokens,
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,

@@ -43,6 +43,11 @@ impl Hf {
         self.ids
     }
 
+    /// The id of a token given by its text (`</s>`), added tokens included.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
     pub fn encode(&self, text: &str, path: &Path) -> Result<Vec<u32>> {
         let enc = self.tokenizer.encode(text, true).map_err(|e| {
             anyhow!(

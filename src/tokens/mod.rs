@@ -6,6 +6,7 @@
 //! or else the first of [`FILE_NAMES`] found beside the model ([`Vocab::find`]).
 
 mod chars;
+pub mod files;
 mod hf;
 
 use std::path::{Path, PathBuf};

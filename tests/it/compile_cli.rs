@@ -40,6 +40,7 @@ fn compile_writes_the_directory_and_ir_logits_match_the_reference() -> Result<()
     assert_eq!(
         entries(&out),
         [
+            "genai_config.json",
             "ir.txt",
             "manifest.json",
             "model.onnx",
@@ -122,7 +123,13 @@ fn compile_refuses_an_occupied_directory_and_force_replaces_it_whole() -> Result
     // A partial compile has no plan (plans need the canonical form); every IR op exports.
     assert_eq!(
         entries(&out),
-        ["ir.txt", "manifest.json", "model.onnx", "passes.txt"]
+        [
+            "genai_config.json",
+            "ir.txt",
+            "manifest.json",
+            "model.onnx",
+            "passes.txt"
+        ]
     );
     assert_eq!(entries(tmp.path()), ["c"]);
     let manifest: serde_json::Value =
@@ -231,5 +238,150 @@ fn a_position_table_too_large_for_memory_is_refused() -> Result<()> {
     let o = run("");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.plan").exists());
+    Ok(())
+}
+
+/// A Hugging Face WordLevel tokenizer.json of 16 tokens, `<s>` and `</s>` among them.
+const TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,
+    "added_tokens":[{"id":0,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+                    {"id":1,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+    "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+    "model":{"type":"WordLevel","vocab":{"<s>":0,"</s>":1,"a":2,"b":3,"c":4,"d":5,"e":6,"f":7,"g":8,"h":9,"i":10,"j":11,"k":12,"l":13,"m":14,"n":15},"unk_token":"</s>"}}"#;
+
+fn json(path: &std::path::Path) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+#[test]
+fn compile_writes_genai_config_and_carries_the_tokenizer_files() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // nv-tiny: a char-level vocab.json defines no special tokens, so none are written, and
+    // the directory says it runs from token ids.
+    let out = tmp.path().join("nv");
+    let ckpt = common::nv_tiny().join("ckpt.pt");
+    let o = ngpt(&[
+        "compile",
+        ckpt.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-seq-len",
+        "96",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("note: no tokenizer.json beside") && err.contains("from token ids"),
+        "{err}"
+    );
+    let g = json(&out.join("genai_config.json"))?;
+    let cfg = json(&common::nv_tiny().join("config.json"))?;
+    let m = &g["model"];
+    assert_eq!(m["type"], "decoder");
+    assert_eq!(m["context_length"], 96);
+    assert_eq!(m["vocab_size"], cfg["vocab_size"]);
+    assert_eq!(m["decoder"]["num_hidden_layers"], cfg["n_layer"]);
+    assert_eq!(m["decoder"]["num_attention_heads"], cfg["n_head"]);
+    assert_eq!(m["decoder"]["hidden_size"], cfg["n_embd"]);
+    assert_eq!(
+        m["decoder"]["head_size"].as_u64(),
+        Some(cfg["n_embd"].as_u64().unwrap() / cfg["n_head"].as_u64().unwrap())
+    );
+    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        assert!(
+            m.get(k).is_none(),
+            "{k} written for a char-level vocabulary"
+        );
+    }
+    assert_eq!(g["search"]["past_present_share_buffer"], false);
+    let files = json(&out.join("manifest.json"))?["files"].clone();
+    assert!(files
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "genai_config.json"));
+
+    // A checkpoint with Hugging Face tokenizer files beside it: they are copied byte for
+    // byte, listed in the manifest, and their special tokens reach genai_config.json.
+    let src = tmp.path().join("hf");
+    let o = ngpt(&["init", src.to_str().unwrap(), "--vocab", "16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let extra = [
+        ("tokenizer.json", TOKENIZER),
+        (
+            "tokenizer_config.json",
+            r#"{"bos_token": "<s>", "eos_token": {"content": "</s>"}}"#,
+        ),
+        ("chat_template.jinja", "{{ messages }}"),
+    ];
+    for (name, text) in extra {
+        std::fs::write(src.join(name), text)?;
+    }
+    let out = tmp.path().join("hf-out");
+    let o = ngpt(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--onnx-dtype",
+        "f16",
+        "--external-data",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("no tokenizer.json"));
+    let files = json(&out.join("manifest.json"))?["files"].clone();
+    for (name, text) in extra {
+        assert_eq!(std::fs::read_to_string(out.join(name))?, text, "{name}");
+        assert!(
+            files.as_array().unwrap().iter().any(|f| f == name),
+            "{name} not in the manifest"
+        );
+    }
+    let m = json(&out.join("genai_config.json"))?["model"].clone();
+    assert_eq!(
+        (m["bos_token_id"].as_u64(), m["eos_token_id"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert!(m.get("pad_token_id").is_none());
+    assert!(out.join("model.onnx.data").is_file());
+
+    // generation_config.json takes precedence; an id outside the vocabulary is refused in
+    // one line naming the file and field, and no directory is left behind.
+    std::fs::write(
+        src.join("generation_config.json"),
+        r#"{"eos_token_id": [1, 3], "pad_token_id": 2}"#,
+    )?;
+    let out = tmp.path().join("gen");
+    let o = ngpt(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = json(&out.join("genai_config.json"))?["model"].clone();
+    assert_eq!(m["eos_token_id"], serde_json::json!([1, 3]));
+    assert_eq!(
+        (m["bos_token_id"].as_u64(), m["pad_token_id"].as_u64()),
+        (Some(0), Some(2))
+    );
+    std::fs::write(
+        src.join("generation_config.json"),
+        r#"{"eos_token_id": 16}"#,
+    )?;
+    let bad = tmp.path().join("bad");
+    let o = ngpt(&[
+        "compile",
+        src.to_str().unwrap(),
+        "-o",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("generation_config.json: `eos_token_id` is 16; expected a token id in 0..16"),
+        "{err}"
+    );
+    assert!(!bad.exists(), "a refused compile left {}", bad.display());
     Ok(())
 }

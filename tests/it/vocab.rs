@@ -577,12 +577,18 @@ fn vocabulary_search_order() -> Result<()> {
             "vocabulary: <TMP>/m/tokenizer.json (tokenizer.json, 16 tokens)"
         );
     }
-    // A compiled directory: the checkpoint's, through the manifest...
+    // A compiled directory carries the checkpoint's tokenizer.json (compile copies it)...
     let compiled = tmp.path().join("c");
     ok(
         ngpt(&["compile", utf8(&model), "-o", utf8(&compiled)])?,
         "compile",
     )?;
+    assert_eq!(
+        used(&compiled)?,
+        "vocabulary: <TMP>/c/tokenizer.json (tokenizer.json, 16 tokens)"
+    );
+    // ...without it, the checkpoint's files through the manifest...
+    std::fs::remove_file(compiled.join("tokenizer.json"))?;
     assert_eq!(
         used(&compiled)?,
         "vocabulary: <TMP>/m/tokenizer.json (tokenizer.json, 16 tokens)"

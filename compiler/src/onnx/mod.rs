@@ -21,6 +21,7 @@
 
 mod builder;
 mod emit;
+pub mod genai;
 pub mod summary;
 #[cfg(feature = "tract")]
 pub mod tract;
