@@ -8,6 +8,8 @@
 #   bin/it-tests.gz     tests/it (plan_parity) } the CUDA executor runs in check mode
 #   fixtures/nv-tiny/   the fixture plan_parity reads, and manifest_dir: the path the test
 #                       binary has compiled in for it (gpu-check.sh recreates it there)
+#   snapshots/          tract's records (tests/it/snapshots/it__tract_snapshots__*.snap),
+#                       which tract_snapshots::plan_cuda checks the GPU against
 #   gpu-check.sh, torch_ngpt.py, bench_compare.sh and ort_bench.py (the side-by-side
 #   table), BUNDLE.txt (commit, date, sizes)
 #
@@ -68,6 +70,8 @@ pack target/release/ngpt ngpt
 pack "$cuda_tests" cuda-tests
 pack "$it_tests" it-tests
 cp -r tests/fixtures/nv-tiny "$out/fixtures/"
+mkdir -p "$out/snapshots"
+cp tests/it/snapshots/it__tract_snapshots__*.snap "$out/snapshots/"
 echo "$root" > "$out/manifest_dir"
 cp scripts/gpu-check.sh scripts/torch_ngpt.py scripts/bench_compare.sh scripts/ort_bench.py "$out/"
 {

@@ -106,6 +106,11 @@ if [ ! -e "$mdir/tests/fixtures/nv-tiny/ckpt.pt" ]; then
     mkdir -p "$mdir/tests/fixtures" && cp -r "$bundle/fixtures/nv-tiny" "$mdir/tests/fixtures/" ||
         fail "cannot place the nv-tiny fixture at $mdir/tests/fixtures (plan_parity needs it)"
 fi
+# tract's records, which tract_snapshots::plan_cuda reads from the same compiled-in path.
+if [ -d "$bundle/snapshots" ]; then
+    mkdir -p "$mdir/tests/it/snapshots" && cp "$bundle"/snapshots/*.snap "$mdir/tests/it/snapshots/" ||
+        fail "cannot place tract's records at $mdir/tests/it/snapshots"
+fi
 
 json_field() { # FILE FIELD: a number from the last JSON line of FILE
     python3 - "$1" "$2" <<'EOF' 2>/dev/null || echo "-"
@@ -160,6 +165,11 @@ NGPT_CUDA_OPTIONS=attention=simple,persistent=off NGPT_CUDA_TEST_PLANS="$plans" 
     fail "runtime/tests/cuda.rs (attention=simple,persistent=off)"
 run 200 "tests/it/plan_parity.rs plan_cuda" \
     "$work/it-tests" plan_parity::plan_cuda --test-threads 4 --nocapture || fail "plan_parity plan_cuda"
+# plan-cuda (f32 and bf16 weights) against tract's recorded output of each test model.
+run 200 "tests/it/tract_snapshots.rs plan_cuda" \
+    "$work/it-tests" tract_snapshots::plan_cuda --test-threads 2 --nocapture ||
+    fail "tract_snapshots plan_cuda"
+say "   tract records: $(grep -cE "weights match tract's record" "$log") model x dtype rows match"
 if grep -q "^skipped: " "$log"; then
     fail "some CUDA tests skipped on a GPU machine: $(grep -m1 '^skipped: ' "$log")"
 fi

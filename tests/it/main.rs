@@ -17,5 +17,6 @@ mod parity_tools;
 mod plan_cli;
 mod plan_parity;
 mod reference_parity;
+mod tract_snapshots;
 mod validate_cli;
 mod vocab;
