@@ -426,6 +426,13 @@ impl CudaExecutor {
             &mut ring_offset as *mut i32 as *mut c_void,
             &mut timer as *mut u64 as *mut c_void,
         ];
+        // Cooperatively where the option says so (the default): co-residency is then the
+        // driver's guarantee, not the occupancy calculation's.
+        let launch = if pd.cooperative {
+            cu_result::launch_cooperative_kernel
+        } else {
+            cu_result::launch_kernel
+        };
         // SAFETY: decode_persistent(const PdOp*, int, unsigned*, float*, int, int, int,
         // int, int, int, int, unsigned long long*): slice_bytes is non-zero only for the
         // streaming build, whose two buffers lie at ring_offset inside `dynamic`; the
@@ -433,28 +440,15 @@ impl CudaExecutor {
         // steps checked in `resolve`; the partials `part_floats` (every split either build
         // writes; head_dim <= MAX_D was checked at construction); staged rows fit `stage`
         // bytes (checked by `fuse`); `blocks` blocks of that build are resident at once.
-        // Cooperatively where the option says so (the default): co-residency is then the
-        // driver's guarantee, not the occupancy calculation's.
         let launched = unsafe {
-            if pd.cooperative {
-                cu_result::launch_cooperative_kernel(
-                    func.cu_function(),
-                    (blocks, 1, 1),
-                    (persistent::THREADS, 1, 1),
-                    dynamic as u32,
-                    stream,
-                    &mut args,
-                )
-            } else {
-                cu_result::launch_kernel(
-                    func.cu_function(),
-                    (blocks, 1, 1),
-                    (persistent::THREADS, 1, 1),
-                    dynamic as u32,
-                    stream,
-                    &mut args,
-                )
-            }
+            launch(
+                func.cu_function(),
+                (blocks, 1, 1),
+                (persistent::THREADS, 1, 1),
+                dynamic as u32,
+                stream,
+                &mut args,
+            )
         };
         launched.map_err(|e| {
             if pd.cooperative && e.0 == cu::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
