@@ -22,16 +22,18 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Options of the CUDA executor (plan-cuda) as KEY=VALUE pairs separated by commas,
-    /// applied over NGPT_CUDA_OPTIONS: check, profile, graph, gemv, persistent, fuse,
+    /// Options of the CUDA executor (plan-cuda), KEY=VALUE,... over NGPT_CUDA_OPTIONS
+    ///
+    /// KEY=VALUE pairs separated by commas, applied over NGPT_CUDA_OPTIONS: check, profile, graph, gemv, persistent, fuse,
     /// prefetch, cooperative (on|off), bf16_gemm (bf16|f32), attention (tiled|simple), blocks_per_sm
     /// (1..=32|max), and the unmeasured experimental.prefill_mma, experimental.pd_stream
     /// (on|off), experimental.pd_barrier (full|acqrel), experimental.pd_attention
     /// (split|wide), experimental.pd_min_blocks (2..=32|none).
     #[arg(long, global = true, value_name = "KEY=VALUE,...")]
     cuda_options: Option<String>,
-    /// Read a compiled directory's model.weights into memory instead of mapping it: the
-    /// process keeps its own copy, whatever later happens to the file.
+    /// Read a compiled directory's model.weights into memory instead of mapping it
+    ///
+    /// The process keeps its own copy, whatever later happens to the file.
     #[arg(long, global = true)]
     read_weights: bool,
 }
