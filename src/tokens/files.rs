@@ -5,7 +5,8 @@
 //! (`bos_token_id`, `eos_token_id` as one id or a list, `pad_token_id`), else from the
 //! tokens `tokenizer_config.json` or `special_tokens_map.json` names (`bos_token`,
 //! `eos_token`, `pad_token`, as text or as `{"content": ...}`), looked up in
-//! `tokenizer.json`. A char-level `vocab.json` or `meta.pkl` defines none.
+//! `tokenizer.json`. Without a `tokenizer.json` there are none: a char-level `vocab.json` or
+//! `meta.pkl` defines no special tokens, whatever ids the other files carry.
 
 use std::path::{Path, PathBuf};
 
@@ -62,9 +63,14 @@ fn id_field(v: &Value, key: &str, path: &Path, vocab: usize) -> Result<Option<u3
 }
 
 /// The special token ids the tokenizer files in `dir` define, each below `vocab` (the
-/// model's vocab_size).
+/// model's vocab_size). Only a vocabulary given as `tokenizer.json` defines any: beside a
+/// char-level `vocab.json` or `meta.pkl`, the ids a `generation_config.json` or
+/// `config.json` carries are training leftovers (a real character), not tokens to stop on.
 pub fn special_tokens(dir: &Path, vocab: usize) -> Result<SpecialTokens> {
     let mut out = SpecialTokens::default();
+    if !dir.join("tokenizer.json").is_file() {
+        return Ok(out);
+    }
     let gen_path = dir.join("generation_config.json");
     if let Some(g) = read_json(&gen_path)? {
         out.bos = id_field(&g, "bos_token_id", &gen_path, vocab)?;
@@ -121,12 +127,6 @@ pub fn special_tokens(dir: &Path, vocab: usize) -> Result<SpecialTokens> {
                 continue;
             }
             if hf.is_none() {
-                if !tok_path.is_file() {
-                    bail!(
-                        "{}: `{key}` names the token {text:?}, but there is no tokenizer.json beside it to look it up",
-                        path.display()
-                    );
-                }
                 let json = std::fs::read_to_string(&tok_path)
                     .with_context(|| tok_path.display().to_string())?;
                 hf = Some(Hf::from_json_str(&json, &tok_path)?);
@@ -176,10 +176,20 @@ mod tests {
             special_tokens(none.path(), 4).unwrap(),
             SpecialTokens::default()
         );
-        let gen = dir_with(&[(
-            "generation_config.json",
-            r#"{"bos_token_id": 0, "eos_token_id": [1, 3], "pad_token_id": null}"#,
-        )]);
+        let gen_json = r#"{"bos_token_id": 0, "eos_token_id": [1, 3], "pad_token_id": null}"#;
+        // Beside a char-level vocabulary: training leftovers, not tokens.
+        let chars = dir_with(&[
+            ("vocab.json", r#"{"chars": "ab"}"#),
+            ("generation_config.json", gen_json),
+        ]);
+        assert_eq!(
+            special_tokens(chars.path(), 4).unwrap(),
+            SpecialTokens::default()
+        );
+        let gen = dir_with(&[
+            ("tokenizer.json", TOKENIZER),
+            ("generation_config.json", gen_json),
+        ]);
         let s = special_tokens(gen.path(), 4).unwrap();
         assert_eq!((s.bos, s.eos, s.pad), (Some(0), vec![1, 3], None));
         let named = dir_with(&[
@@ -197,24 +207,28 @@ mod tests {
     fn bad_ids_and_unknown_tokens_are_one_line_errors() {
         for (files, vocab, says) in [
             (
-                vec![("generation_config.json", r#"{"eos_token_id": 9}"#)],
+                vec![
+                    ("tokenizer.json", TOKENIZER),
+                    ("generation_config.json", r#"{"eos_token_id": 9}"#),
+                ],
                 4,
                 "`eos_token_id` is 9; expected a token id in 0..4",
             ),
             (
-                vec![("generation_config.json", r#"{"eos_token_id": -1}"#)],
+                vec![
+                    ("tokenizer.json", TOKENIZER),
+                    ("generation_config.json", r#"{"eos_token_id": -1}"#),
+                ],
                 4,
                 "`eos_token_id` is -1",
             ),
             (
-                vec![("generation_config.json", "{nope")],
+                vec![
+                    ("tokenizer.json", TOKENIZER),
+                    ("generation_config.json", "{nope"),
+                ],
                 4,
                 "generation_config.json: not valid JSON",
-            ),
-            (
-                vec![("tokenizer_config.json", r#"{"eos_token": "</s>"}"#)],
-                4,
-                "no tokenizer.json beside it",
             ),
             (
                 vec![
