@@ -1,4 +1,5 @@
-//! The model config: NVIDIA/ngpt's `model_args` (spec section 1).
+//! The model config: NVIDIA/ngpt's `model_args` (spec section 1), or a Hugging Face nGPT's
+//! `config.json` (`model_type` "ngpt", NousResearch's reproduction; ngpt-hf-spec.md).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +9,30 @@ use crate::error::{Error, Result};
 /// Largest value ngpt accepts for any one dimension. Far above any real nGPT; the real
 /// guard is that the tensors a config implies must fit in the checkpoint file.
 pub const MAX_DIM: u64 = 1 << 24;
+
+/// Which nGPT code a checkpoint was trained with: the two compute different functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Family {
+    /// NVIDIA/ngpt's `model.py` (`model_args` with `use_nGPT`): ngpt-spec.md.
+    #[default]
+    Nvidia,
+    /// NousResearch's Hugging Face nGPT (`model_type` "ngpt", `modeling_ngpt.py`):
+    /// ngpt-hf-spec.md. Learned positions, a true rotary embedding, biases, Conv1D weights.
+    Nous,
+}
+
+impl Family {
+    /// The family in words, as `ngpt inspect` and error messages name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Family::Nvidia => "NVIDIA nGPT (NVIDIA/ngpt)",
+            Family::Nous => "Hugging Face nGPT (NousResearch)",
+        }
+    }
+}
+
+/// What ngpt reads, for the messages that refuse something else.
+pub const READS: &str = "ngpt reads NVIDIA/ngpt checkpoints (model_args with use_nGPT) and Hugging Face nGPT directories (model_type \"ngpt\")";
 
 /// The model config, read from `model_args` (ckpt.pt) or `config.json`.
 ///
@@ -32,8 +57,8 @@ pub struct Config {
     /// NVIDIA's `base_scale`, finite and positive: the scale the stored scaling vectors are
     /// kept in, divided out to get their effective values (`sz_eff = sz / base_scale`).
     pub base_scale: f64,
-    /// Whether the Linear layers have biases; always false, as ngpt rejects checkpoints
-    /// that have them.
+    /// Whether the Linear layers have biases: false for NVIDIA's family (ngpt rejects
+    /// NVIDIA checkpoints that have them), true for the Hugging Face family.
     pub bias: bool,
     /// `model_args`' `use_nGPT` flag; always 1, as ngpt reads only normalized-transformer
     /// checkpoints.
@@ -41,6 +66,18 @@ pub struct Config {
     pub use_ngpt: i64,
     /// Training dropout rate (0.0 when the file does not say); inference ignores it.
     pub dropout: f64,
+    /// Which nGPT code the checkpoint comes from. Not serialized: NVIDIA's `model_args`
+    /// JSON stays as it was; [`Config::to_json`] writes the Hugging Face form for Nous.
+    #[serde(skip)]
+    pub family: Family,
+    /// Width I of the MLP's hidden layer: 4 * n_embd for NVIDIA; config.json's `n_inner`
+    /// for Nous (floor(8 * n_embd / 3) when it is null).
+    #[serde(skip)]
+    pub n_inner: usize,
+    /// Rows of the learned position table `transformer.wpe.weight` (Nous); for NVIDIA,
+    /// which has none, equal to `block_size`.
+    #[serde(skip)]
+    pub n_positions: usize,
 }
 
 /// One value of `model_args`, as either the pickle or JSON holds it.
@@ -154,7 +191,97 @@ impl Config {
             bias,
             use_ngpt,
             dropout,
+            family: Family::Nvidia,
+            n_inner: 0,
+            n_positions: 0,
         };
+        let config = Config {
+            n_inner: 4 * config.n_embd,
+            n_positions: config.block_size,
+            ..config
+        };
+        config.check_heads(path)?;
+        Ok(config)
+    }
+
+    /// Builds and validates a Hugging Face nGPT config (`model_type` "ngpt") from the
+    /// keys of its `config.json` (ngpt-hf-spec.md, "Files").
+    pub fn from_hf_args(args: &BTreeMap<String, ArgValue>, path: &Path) -> Result<Self> {
+        let err = |field: &str, problem: String| Error::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem,
+        };
+        let dim = |field: &str, default: Option<i64>| -> Result<usize> {
+            let v = match args.get(field) {
+                Some(ArgValue::Int(v)) => *v,
+                Some(other) => {
+                    return Err(err(field, format!("expected an integer, found {other:?}")))
+                }
+                None => default.ok_or_else(|| err(field, "missing".to_string()))?,
+            };
+            if v <= 0 || v as u64 > MAX_DIM {
+                return Err(err(
+                    field,
+                    format!("expected a positive integer at most {MAX_DIM}, found {v}"),
+                ));
+            }
+            Ok(v as usize)
+        };
+        let n_embd = dim("n_embd", None)?;
+        let n_inner = match args.get("n_inner") {
+            None => (8 * n_embd) / 3,
+            Some(ArgValue::Other(s)) if s == "null" => (8 * n_embd) / 3,
+            Some(_) => dim("n_inner", None)?,
+        };
+        if n_inner == 0 {
+            return Err(err("n_inner", "floor(8 * n_embd / 3) is 0".into()));
+        }
+        let base_scale = match args.get("base_scale") {
+            Some(ArgValue::Float(v)) => *v,
+            Some(ArgValue::Int(v)) => *v as f64,
+            Some(other) => {
+                return Err(err(
+                    "base_scale",
+                    format!("expected a number, found {other:?}"),
+                ))
+            }
+            // NgptConfig's default.
+            None => 1.0 / (n_embd as f64).sqrt(),
+        };
+        if !(base_scale.is_finite() && base_scale > 0.0) {
+            return Err(err(
+                "base_scale",
+                format!("expected a finite positive number, found {base_scale}"),
+            ));
+        }
+        let n_positions = dim("n_positions", Some(1024))?;
+        let config = Config {
+            n_layer: dim("n_layer", None)?,
+            n_head: dim("n_head", None)?,
+            n_embd,
+            block_size: n_positions,
+            vocab_size: dim("vocab_size", None)?,
+            base_scale,
+            bias: true,
+            use_ngpt: 1,
+            dropout: 0.0,
+            family: Family::Nous,
+            n_inner,
+            n_positions,
+        };
+        config.check_heads(path)?;
+        Ok(config)
+    }
+
+    /// n_embd splits into n_head heads of an even width.
+    fn check_heads(&self, path: &Path) -> Result<()> {
+        let err = |field: &str, problem: String| Error::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem,
+        };
+        let config = self;
         if !config.n_embd.is_multiple_of(config.n_head) {
             return Err(err(
                 "n_embd",
@@ -168,12 +295,16 @@ impl Config {
             return Err(err(
                 "n_head",
                 format!(
-                    "head_dim = n_embd / n_head = {} is odd; the position step needs an even head_dim",
-                    config.head_dim()
+                    "head_dim = n_embd / n_head = {} is odd; the {} needs an even head_dim",
+                    config.head_dim(),
+                    match config.family {
+                        Family::Nvidia => "position step",
+                        Family::Nous => "rotary embedding",
+                    }
                 ),
             ));
         }
-        Ok(config)
+        Ok(())
     }
 
     /// Reads `config.json` (the same keys as `model_args`).
@@ -190,6 +321,39 @@ impl Config {
             path: path.to_path_buf(),
             reason: "expected a JSON object of model_args".into(),
         })?;
+        let family = match obj.get("model_type") {
+            Some(serde_json::Value::String(t)) if t == "ngpt" => Family::Nous,
+            Some(serde_json::Value::String(t)) => {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    reason: format!("model_type `{t}` is not an nGPT; {READS}"),
+                })
+            }
+            Some(other) => {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    reason: format!("model_type {other} is not an nGPT; {READS}"),
+                })
+            }
+            None => {
+                const NVIDIA_KEYS: [&str; 5] =
+                    ["use_nGPT", "n_layer", "n_head", "n_embd", "base_scale"];
+                if !NVIDIA_KEYS.iter().any(|k| obj.contains_key(*k)) {
+                    let mut keys: Vec<&str> = obj.keys().map(String::as_str).take(6).collect();
+                    if obj.len() > 6 {
+                        keys.push("...");
+                    }
+                    return Err(Error::Format {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "neither a `model_type` nor NVIDIA's model_args keys (n_layer, n_embd, use_nGPT), only {{{}}}: not an nGPT config ngpt knows; {READS}",
+                            keys.join(", ")
+                        ),
+                    });
+                }
+                Family::Nvidia
+            }
+        };
         let args = obj
             .iter()
             .map(|(k, v)| {
@@ -204,16 +368,38 @@ impl Config {
                 (k.clone(), v)
             })
             .collect();
-        Self::from_args(&args, path)
+        match family {
+            Family::Nvidia => Self::from_args(&args, path),
+            Family::Nous => Self::from_hf_args(&args, path),
+        }
     }
 
-    /// The config as `model_args` JSON, the form `config.json` holds.
+    /// The config as `model_args` JSON, the form `config.json` holds (for Nous, the keys
+    /// of its Hugging Face config.json that the forward reads).
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("Config serializes to JSON")
+        match self.family {
+            Family::Nvidia => serde_json::to_string_pretty(self),
+            Family::Nous => serde_json::to_string_pretty(&serde_json::json!({
+                "model_type": "ngpt",
+                "n_layer": self.n_layer,
+                "n_head": self.n_head,
+                "n_embd": self.n_embd,
+                "n_inner": self.n_inner,
+                "n_positions": self.n_positions,
+                "vocab_size": self.vocab_size,
+                "base_scale": self.base_scale,
+            })),
+        }
+        .expect("Config serializes to JSON")
     }
 
-    /// The state-dict keys and shapes a bias-free nGPT of this config has (spec section 2).
+    /// The state-dict keys and shapes a model of this config has: NVIDIA's bias-free nGPT
+    /// (spec section 2), or the Hugging Face family's (ngpt-hf-spec.md, "Files"; Conv1D
+    /// weights [in, out]; `lm_head.weight` is not listed: the importer ignores it).
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        if self.family == Family::Nous {
+            return self.expected_nous_tensors();
+        }
         let (c, v) = (self.n_embd, self.vocab_size);
         let mut out = vec![("transformer.wte.weight".to_string(), vec![v, c])];
         for i in 0..self.n_layer {
@@ -234,8 +420,58 @@ impl Config {
         out
     }
 
+    fn expected_nous_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (e, v, i_) = (self.n_embd, self.vocab_size, self.n_inner);
+        let mut out = vec![
+            ("transformer.wte.weight".to_string(), vec![v, e]),
+            (
+                "transformer.wpe.weight".to_string(),
+                vec![self.n_positions, e],
+            ),
+        ];
+        for l in 0..self.n_layer {
+            let p = format!("transformer.h.{l}");
+            out.push((format!("{p}.attn.c_attn.weight"), vec![e, 3 * e]));
+            out.push((format!("{p}.attn.c_attn.bias"), vec![3 * e]));
+            out.push((format!("{p}.attn.c_proj.weight"), vec![e, e]));
+            out.push((format!("{p}.attn.c_proj.bias"), vec![e]));
+            out.push((format!("{p}.attn.sqk"), vec![e]));
+            out.push((format!("{p}.attn_alpha"), vec![e]));
+            out.push((format!("{p}.mlp_alpha"), vec![e]));
+            out.push((format!("{p}.mlp.c_fc.weight"), vec![e, 2 * i_]));
+            out.push((format!("{p}.mlp.c_fc.bias"), vec![2 * i_]));
+            out.push((format!("{p}.mlp.c_proj.weight"), vec![i_, e]));
+            out.push((format!("{p}.mlp.c_proj.bias"), vec![e]));
+            out.push((format!("{p}.mlp.su"), vec![i_]));
+            out.push((format!("{p}.mlp.sv"), vec![i_]));
+        }
+        out.push(("lm_head_2.weight".to_string(), vec![v, e]));
+        out.push(("sz".to_string(), vec![v]));
+        out
+    }
+
     /// Number of parameters the config implies, or `None` on overflow.
     pub fn parameter_count(&self) -> Option<u64> {
+        if self.family == Family::Nous {
+            // Per layer 4E^2 + 3EI + 8E + 4I (c_attn, c_proj, c_fc, mlp.c_proj with their
+            // biases; sqk, the two alphas, su, sv); wte, wpe, lm_head_2 and sz.
+            let (e, i_) = (self.n_embd as u64, self.n_inner as u64);
+            let (v, p) = (self.vocab_size as u64, self.n_positions as u64);
+            let per_layer = e
+                .checked_mul(e)?
+                .checked_mul(4)?
+                .checked_add(e.checked_mul(i_)?.checked_mul(3)?)?
+                .checked_add(e.checked_mul(8)?)?
+                .checked_add(i_.checked_mul(4)?)?;
+            let embed = v
+                .checked_mul(e)?
+                .checked_mul(2)?
+                .checked_add(p.checked_mul(e)?)?
+                .checked_add(v)?;
+            return per_layer
+                .checked_mul(self.n_layer as u64)?
+                .checked_add(embed);
+        }
         let c = self.n_embd as u64;
         let v = self.vocab_size as u64;
         let per_layer = c

