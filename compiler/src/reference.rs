@@ -4,13 +4,19 @@
 //! computed as NVIDIA's model.py computes them, in f32 or f64. This is the oracle every
 //! folded or compiled path is compared against; it favours being obviously right over
 //! being fast.
+//!
+//! A checkpoint of the Hugging Face family (NousResearch's, ngpt-hf-spec.md) runs its own
+//! literal forward, `nous.rs`; [`logits`] and [`greedy`] dispatch on the config's family.
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::config::Family;
 use crate::error::{CandleContext, Error, Result};
 use crate::import::Checkpoint;
 use crate::numerics::ValueTrace;
 pub use crate::numerics::{position_table, Precision};
+
+mod nous;
 
 /// `Norm(x) = x / ||x||_2` over the last axis, with no epsilon (model.py `justnorm`).
 fn norm(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -63,6 +69,16 @@ fn check_tokens(ckpt: &Checkpoint, tokens: &[u32]) -> Result<()> {
             ),
         });
     }
+    if cfg.family == Family::Nous && tokens.len() > cfg.n_positions {
+        return Err(Error::Argument {
+            what: "tokens".into(),
+            problem: format!(
+                "{} positions, more than the {} rows of transformer.wpe.weight (n_positions)",
+                tokens.len(),
+                cfg.n_positions
+            ),
+        });
+    }
     Ok(())
 }
 
@@ -72,6 +88,9 @@ fn forward(
     dt: DType,
     mut on_value: Option<ValueTrace<'_>>,
 ) -> candle_core::Result<Tensor> {
+    if ckpt.config.family == Family::Nous {
+        return nous::forward(ckpt, tokens, dt, on_value);
+    }
     let mut trace = |name: String, t: &Tensor| {
         if let Some(f) = on_value.as_mut() {
             f(&name, t);
