@@ -5,6 +5,7 @@ use std::fmt;
 
 use candle_core::DType;
 
+use crate::config::Family;
 use crate::error::{CandleContext, Result};
 use crate::import::Checkpoint;
 
@@ -46,13 +47,20 @@ pub struct UnitNorm {
     /// Its stored dtype: BF16 rounding alone leaves norms a few 1e-3 off.
     pub dtype: DType,
     /// Largest `| ||w|| - 1 |` over its vectors along the n_embd axis (rows, or columns for
-    /// `att_c_proj` and `mlp_c_proj`).
+    /// `att_c_proj` and `mlp_c_proj`; for the Hugging Face family's [in, out] Conv1D
+    /// weights, the output columns of `c_attn` and `c_fc` and the input rows of the two
+    /// `c_proj`).
     pub max_dev: f64,
 }
 
 /// Everything `ngpt inspect` prints.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// The checkpoint's family, in words ([`Family::describe`]).
+    pub family: &'static str,
+    /// What the unit-norm check leaves out and why (the Hugging Face family's lm_head_2,
+    /// wpe and biases, which training does not normalize).
+    pub notes: Vec<String>,
     /// (name, shape, dtype) of every tensor, in name order.
     pub tensors: Vec<(String, Vec<usize>, DType)>,
     /// (label, stats) of the effective scaling vectors.
@@ -93,23 +101,57 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report> {
     };
     let sz: Vec<f64> = values("sz")?.into_iter().map(|v| v / bs).collect();
     let sz_neg = sz.iter().filter(|v| **v < 0.0).count();
-    let scaling = vec![
-        ("|attn_alpha_eff|", gather("attn_alpha", 0.05 / bs, true)?),
-        ("|mlp_alpha_eff|", gather("mlp_alpha", 0.05 / bs, true)?),
-        ("sqk_eff", gather("sqk", 1.0 / bs, false)?),
-        ("suv_eff", gather("suv", (cfg.n_embd as f64).sqrt(), false)?),
-        ("sz_eff", Stats::of(sz, sz_neg)),
-    ];
+    let scaling = match cfg.family {
+        Family::Nvidia => vec![
+            ("|attn_alpha_eff|", gather("attn_alpha", 0.05 / bs, true)?),
+            ("|mlp_alpha_eff|", gather("mlp_alpha", 0.05 / bs, true)?),
+            ("sqk_eff", gather("sqk", 1.0 / bs, false)?),
+            ("suv_eff", gather("suv", (cfg.n_embd as f64).sqrt(), false)?),
+            ("sz_eff", Stats::of(sz, sz_neg)),
+        ],
+        Family::Nous => vec![
+            ("|attn_alpha_eff|", gather("attn_alpha", 0.05 / bs, true)?),
+            ("|mlp_alpha_eff|", gather("mlp_alpha", 0.05 / bs, true)?),
+            ("sqk_eff", gather("attn.sqk", 1.0 / bs, false)?),
+            ("su_eff", gather("mlp.su", 1.0, false)?),
+            (
+                "sv_eff",
+                gather("mlp.sv", (cfg.n_embd as f64).sqrt(), false)?,
+            ),
+            ("sz_eff", Stats::of(sz, sz_neg)),
+        ],
+    };
+    let notes = match cfg.family {
+        Family::Nvidia => vec![],
+        Family::Nous => vec![
+            "lm_head_2.weight, transformer.wpe.weight and the biases are not normalized by training (train_ngpt.py's normalize_matrices): not checked".to_string(),
+        ],
+    };
 
     let mut unit_norm = vec![];
     for (name, t) in &ckpt.tensors {
-        // The n_embd axis: rows for most matrices, columns for the two output projections.
-        let dim = if name.ends_with("att_c_proj.weight") || name.ends_with("mlp_c_proj.weight") {
-            0
-        } else if t.rank() == 2 {
-            1
-        } else {
-            continue;
+        // The n_embd axis, the axis summed over: rows for most matrices, columns for the
+        // two output projections. The Hugging Face family stores Conv1D weights [in, out]:
+        // c_attn's and c_fc's output columns, the c_proj's input rows.
+        let dim = match cfg.family {
+            Family::Nvidia => {
+                if name.ends_with("att_c_proj.weight") || name.ends_with("mlp_c_proj.weight") {
+                    0
+                } else if t.rank() == 2 {
+                    1
+                } else {
+                    continue;
+                }
+            }
+            Family::Nous => {
+                if name.ends_with("c_attn.weight") || name.ends_with("c_fc.weight") {
+                    0
+                } else if name.ends_with("c_proj.weight") || name == "transformer.wte.weight" {
+                    1
+                } else {
+                    continue;
+                }
+            }
         };
         let norms = t
             .to_dtype(DType::F64)
@@ -126,6 +168,8 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report> {
         });
     }
     Ok(Report {
+        family: cfg.family.describe(),
+        notes,
         tensors: ckpt
             .tensors
             .iter()
@@ -140,7 +184,13 @@ pub fn report(ckpt: &Checkpoint) -> Result<Report> {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "config (model_args):\n{}", self.config_json)?;
+        writeln!(f, "family: {}", self.family)?;
+        let label = if self.config_json.contains("\"model_type\"") {
+            "config (config.json)"
+        } else {
+            "config (model_args)"
+        };
+        writeln!(f, "{label}:\n{}", self.config_json)?;
         writeln!(f, "parameters: {}", self.parameters)?;
         writeln!(f, "\ntensors:")?;
         for (name, shape, dtype) in &self.tensors {
@@ -175,6 +225,10 @@ impl fmt::Display for Report {
         } else {
             "larger than training leaves them: this checkpoint may not be normalized"
         };
-        writeln!(f, "  worst {worst:.2e}: {verdict}")
+        writeln!(f, "  worst {worst:.2e}: {verdict}")?;
+        for note in &self.notes {
+            writeln!(f, "  note: {note}")?;
+        }
+        Ok(())
     }
 }
