@@ -12,6 +12,7 @@ mod determinism;
 mod fuzz_regressions;
 mod import_errors;
 mod init;
+mod nous_family;
 mod onnx_cli;
 mod parity_tools;
 mod plan_cli;

@@ -1,0 +1,359 @@
+//! The second nGPT family, NousResearch's Hugging Face nGPT (ngpt-hf-spec.md), on
+//! nous-tiny (a model trained and evaluated by the authors' unmodified code): the literal
+//! reference against their float64 and float32 logits and greedy tokens; the Hugging Face
+//! directory and train_ngpt.py's ckpt.pt give the same logits; `lm_head.weight` changes
+//! nothing; other model types are refused in one line; `inspect` names the family; the
+//! engines this version does not implement for it refuse it in one line.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use common::*;
+use ngpt_compiler::compare::compare;
+use ngpt_compiler::config::Family;
+use ngpt_compiler::import;
+use ngpt_compiler::reference::{self, Precision};
+
+/// `tests/fixtures/nous-tiny`.
+fn nous_tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nous-tiny")
+}
+
+fn json(name: &str) -> Result<serde_json::Value> {
+    let path = nous_tiny().join(name);
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn tokens(file: &str, field: &str) -> Result<Vec<u32>> {
+    json(file)?[field]
+        .as_array()
+        .with_context(|| format!("{file}: `{field}`"))?
+        .iter()
+        .map(|t| t.as_u64().map(|t| t as u32).context("a token id"))
+        .collect()
+}
+
+/// A Hugging Face directory in `dir`: the fixture's config.json and model.safetensors.
+fn hf_dir(dir: &Path) -> Result<PathBuf> {
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(nous_tiny().join(f), dir.join(f))?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// train_ngpt.py's ckpt.pt with the config.json beside it, alone in `dir`.
+fn ckpt_dir(dir: &Path) -> Result<PathBuf> {
+    for f in ["config.json", "ckpt.pt"] {
+        std::fs::copy(nous_tiny().join(f), dir.join(f))?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The importer's error on `path`, as one line.
+fn import_error(path: &Path) -> Result<String> {
+    match import::load(path) {
+        Ok(_) => anyhow::bail!("{} imported", path.display()),
+        Err(e) => {
+            let msg = e.to_string();
+            ensure!(!msg.contains('\n'), "not one line: {msg}");
+            Ok(msg)
+        }
+    }
+}
+
+#[test]
+fn the_reference_matches_the_authors_float64_and_float32_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = import::load(&hf_dir(tmp.path())?)?;
+    assert_eq!(ckpt.config.family, Family::Nous);
+    let vocab = ckpt.config.vocab_size;
+    let prompt = tokens("prompt.json", "tokens")?;
+    for (p, file, dtype) in [
+        (Precision::F64, "ref_logits_f64.npy", "f64"),
+        (Precision::F32, "ref_logits_f32.npy", "f32"),
+    ] {
+        let (dims, _, theirs) = read_npy(&nous_tiny().join(file))?;
+        assert_eq!(dims, vec![prompt.len(), vocab], "{file} shape");
+        let ours = ref_logits(&ckpt, &prompt, p)?;
+        let c = compare(&ours, &theirs, vocab);
+        eprintln!(
+            "{p:?} vs {file}: rel err {:.3e}, top-1 {}/{}",
+            c.rel_err, c.top1_agree, c.positions
+        );
+        baseline::assert_within_baseline(
+            &format!("reference_parity/vs-authors/nous-tiny/reference/{dtype}"),
+            c.rel_err,
+            1e-5,
+        );
+        assert_eq!(c.positions, prompt.len());
+        assert_eq!(c.top1_agree, c.positions, "{p:?}: top-1 at every position");
+    }
+    Ok(())
+}
+
+#[test]
+fn reference_greedy_equals_the_authors_whole_sequence_greedy() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = import::load(&hf_dir(tmp.path())?)?;
+    let prompt = tokens("greedy.json", "prompt_tokens")?;
+    let want = tokens("greedy.json", "greedy_tokens")?;
+    let got = reference::greedy(&ckpt, &prompt, want.len(), Precision::F64)?;
+    assert_eq!(got, want);
+    Ok(())
+}
+
+#[test]
+fn the_hf_directory_and_train_ngpt_ckpt_give_the_same_logits() -> Result<()> {
+    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let hf = import::load(&hf_dir(a.path())?)?;
+    let pt = import::load(&ckpt_dir(b.path())?)?;
+    assert_eq!(hf.format, import::Format::Safetensors);
+    assert_eq!(pt.format, import::Format::TorchCkpt);
+    assert_eq!(hf.config, pt.config);
+    // train_ngpt.py's state dict carries lm_head.weight (tied to wte): ignored, said so.
+    assert!(
+        pt.notes.iter().any(|n| n.contains("lm_head.weight")),
+        "{:?}",
+        pt.notes
+    );
+    let prompt = tokens("prompt.json", "tokens")?;
+    for p in [Precision::F64, Precision::F32] {
+        assert_eq!(
+            ref_logits(&hf, &prompt, p)?,
+            ref_logits(&pt, &prompt, p)?,
+            "{p:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn an_lm_head_weight_changes_nothing() -> Result<()> {
+    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let plain = import::load(&hf_dir(a.path())?)?;
+    let dir = hf_dir(b.path())?;
+    edit_tensors(&dir, |e| {
+        // Deliberately not wte: whatever it holds, the forward must not read it.
+        e.push(Entry::f32("lm_head.weight", &[76, 64], 0.5))
+    })?;
+    let with = import::load(&dir)?;
+    assert!(!with.tensors.contains_key("lm_head.weight"));
+    let prompt = tokens("prompt.json", "tokens")?;
+    assert_eq!(
+        ref_logits(&plain, &prompt, Precision::F64)?,
+        ref_logits(&with, &prompt, Precision::F64)?
+    );
+    Ok(())
+}
+
+#[test]
+fn other_model_types_and_broken_state_dicts_are_refused_in_one_line() -> Result<()> {
+    // config.json of another model type.
+    for (model_type, needles) in [
+        (
+            "gpt2",
+            vec![
+                "config.json",
+                "model_type `gpt2`",
+                "not an nGPT",
+                "ngpt reads",
+            ],
+        ),
+        (
+            "llama",
+            vec![
+                "config.json",
+                "model_type `llama`",
+                "not an nGPT",
+                "\"ngpt\"",
+            ],
+        ),
+    ] {
+        let tmp = tempfile::tempdir()?;
+        let dir = hf_dir(tmp.path())?;
+        edit_config(&dir, |c| {
+            c.insert("model_type".into(), model_type.into());
+        })?;
+        let msg = import_error(&dir)?;
+        for n in needles {
+            assert!(msg.contains(n), "{model_type}: {n:?} not in: {msg}");
+        }
+    }
+    // A lucidrains-style config: neither model_type nor NVIDIA's keys.
+    let tmp = tempfile::tempdir()?;
+    let dir = hf_dir(tmp.path())?;
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"dim": 64, "depth": 2, "heads": 2, "num_tokens": 76}"#,
+    )?;
+    let msg = import_error(&dir)?;
+    for n in ["config.json", "not an nGPT", "depth", "ngpt reads"] {
+        assert!(msg.contains(n), "{n:?} not in: {msg}");
+    }
+    // A missing tensor.
+    let tmp = tempfile::tempdir()?;
+    let dir = hf_dir(tmp.path())?;
+    edit_tensors(&dir, |e| {
+        e.retain(|e| e.name != "transformer.h.0.attn.c_attn.bias")
+    })?;
+    let msg = import_error(&dir)?;
+    for n in [
+        "model.safetensors",
+        "`transformer.h.0.attn.c_attn.bias`",
+        "missing",
+        "[192]",
+    ] {
+        assert!(msg.contains(n), "{n:?} not in: {msg}");
+    }
+    // A wrong shape: c_attn.weight transposed to [3E, E] (nn.Linear's layout).
+    let tmp = tempfile::tempdir()?;
+    let dir = hf_dir(tmp.path())?;
+    edit_tensors(&dir, |e| {
+        for e in e.iter_mut() {
+            if e.name == "transformer.h.1.attn.c_attn.weight" {
+                e.shape = vec![192, 64];
+            }
+        }
+    })?;
+    let msg = import_error(&dir)?;
+    for n in [
+        "model.safetensors",
+        "`transformer.h.1.attn.c_attn.weight`",
+        "[192, 64]",
+        "[64, 192]",
+    ] {
+        assert!(msg.contains(n), "{n:?} not in: {msg}");
+    }
+    // A GPT-2 state dict under a model_type ngpt config.
+    let tmp = tempfile::tempdir()?;
+    let dir = hf_dir(tmp.path())?;
+    edit_tensors(&dir, |e| {
+        e.retain(|e| !e.name.contains("sqk"));
+        e.push(Entry::f32("transformer.ln_f.weight", &[64], 1.0));
+    })?;
+    let msg = import_error(&dir)?;
+    for n in ["model.safetensors", "GPT-2", "ngpt reads"] {
+        assert!(msg.contains(n), "{n:?} not in: {msg}");
+    }
+    // A ckpt.pt of train_ngpt.py without its config.json: where the shape comes from.
+    let tmp = tempfile::tempdir()?;
+    std::fs::copy(nous_tiny().join("ckpt.pt"), tmp.path().join("ckpt.pt"))?;
+    let msg = import_error(&tmp.path().join("ckpt.pt"))?;
+    for n in ["ckpt.pt", "model_args", "config.json"] {
+        assert!(msg.contains(n), "{n:?} not in: {msg}");
+    }
+    Ok(())
+}
+
+#[test]
+fn more_positions_than_wpe_has_rows_are_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = import::load(&hf_dir(tmp.path())?)?;
+    let toks = vec![1u32; ckpt.config.n_positions + 1];
+    let msg = match reference::logits(&ckpt, &toks, Precision::F32) {
+        Ok(_) => anyhow::bail!("129 positions ran"),
+        Err(e) => e.to_string(),
+    };
+    for n in ["129 positions", "128 rows", "transformer.wpe.weight"] {
+        assert!(msg.contains(n), "{n:?} not in: {msg}");
+    }
+    Ok(())
+}
+
+#[test]
+fn inspect_names_the_family_and_checks_what_training_normalizes() -> Result<()> {
+    let o = ok(ngpt(&["inspect", utf8(&nous_tiny())])?, "inspect nous-tiny")?;
+    let out = stdout(&o);
+    for needle in [
+        "family: Hugging Face nGPT (NousResearch)",
+        "\"model_type\": \"ngpt\"",
+        "\"n_inner\": 256",
+        "sv_eff",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "all matrices unit-norm to f32 rounding",
+        "lm_head_2.weight, transformer.wpe.weight and the biases are not normalized",
+    ] {
+        assert!(out.contains(needle), "inspect lacks {needle:?}:\n{out}");
+    }
+    // The matrices training leaves free are not in the unit-norm report.
+    let report = out
+        .split("distance from unit norm")
+        .nth(1)
+        .and_then(|s| s.split("worst").next())
+        .context("unit-norm section")?;
+    for free in ["lm_head_2.weight ", "wpe.weight ", ".bias "] {
+        assert!(!report.contains(free), "{free:?} checked:\n{report}");
+    }
+    let o = ok(
+        ngpt(&["inspect", utf8(&nv_tiny().join("ckpt.pt"))])?,
+        "inspect nv-tiny",
+    )?;
+    assert!(stdout(&o).contains("family: NVIDIA nGPT (NVIDIA/ngpt)"));
+    Ok(())
+}
+
+#[test]
+fn logits_run_on_the_reference_and_other_engines_refuse_in_one_line() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir(tmp.path().join("hf"))?;
+    let dir = hf_dir(&tmp.path().join("hf"))?;
+    let npy = tmp.path().join("l.npy");
+    let toks = "53,54,55,54,63";
+    // `ngpt logits` defaults to the reference engine.
+    ok(
+        ngpt(&["logits", utf8(&dir), "--tokens", toks, "-o", utf8(&npy)])?,
+        "logits",
+    )?;
+    let (dims, _, values) = read_npy(&npy)?;
+    assert_eq!(dims, vec![5, 76]);
+    let ckpt = import::load(&dir)?;
+    let want = ref_logits(&ckpt, &[53, 54, 55, 54, 63], Precision::F64)?;
+    let c = compare(&values, &want, 76);
+    assert!(c.rel_err < 1e-6, "{}", c.rel_err);
+    for engine in ["ir", "tract", "plan-cpu"] {
+        let o = ngpt(&[
+            "logits",
+            utf8(&dir),
+            "--engine",
+            engine,
+            "--tokens",
+            toks,
+            "-o",
+            utf8(&npy),
+        ])?;
+        one_line_refusal(&o, engine)?;
+    }
+    // `ngpt compile` fails before writing anything, on the HF directory and on the
+    // fixture folder (ckpt.pt, whose notes come first).
+    for (input, what) in [(dir.clone(), "hf dir"), (nous_tiny(), "fixture")] {
+        let out = tmp
+            .path()
+            .join(format!("compiled-{}", what.replace(' ', "-")));
+        let o = ngpt(&["compile", utf8(&input), "-o", utf8(&out)])?;
+        one_line_refusal(&o, what)?;
+        assert!(!out.exists(), "{what}: compile left {}", out.display());
+    }
+    Ok(())
+}
+
+/// Fails unless `o` failed with exactly one `error:` line (notes may precede it) naming the
+/// family and the reference engine.
+fn one_line_refusal(o: &std::process::Output, what: &str) -> Result<()> {
+    let err = stderr(o);
+    ensure!(!o.status.success(), "{what}: exited 0: {err}");
+    ensure!(
+        o.status.code() == Some(1),
+        "{what}: exit {:?}: {err}",
+        o.status.code()
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| !l.starts_with("note: ")).collect();
+    ensure!(errors.len() == 1, "{what}: not one line: {err}");
+    for n in ["error: ", "Hugging Face nGPT", "reference engine only"] {
+        ensure!(errors[0].contains(n), "{what}: {n:?} not in: {err}");
+    }
+    Ok(())
+}
