@@ -484,3 +484,84 @@ impl Config {
             .checked_add(embed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hf_config(extra: &[(&str, serde_json::Value)]) -> Result<Config> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ngpt-config-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut obj = serde_json::json!({
+            "model_type": "ngpt", "n_layer": 2, "n_head": 2, "n_embd": 96,
+            "n_inner": null, "n_positions": 128, "vocab_size": 76, "base_scale": 0.125,
+        });
+        for (k, v) in extra {
+            obj[*k] = v.clone();
+        }
+        let path = dir.join("config.json");
+        std::fs::write(&path, obj.to_string()).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let config = Config::from_json_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        config
+    }
+
+    #[test]
+    fn a_null_n_inner_is_floor_8e_over_3_and_the_family_is_nous() -> Result<()> {
+        let c = hf_config(&[])?;
+        assert_eq!(c.family, Family::Nous);
+        assert_eq!(c.n_inner, 256); // floor(8 * 96 / 3)
+        assert_eq!(c.n_positions, 128);
+        let c = hf_config(&[("n_inner", 200.into()), ("n_embd", 64.into())])?;
+        assert_eq!(c.n_inner, 200);
+        // Every expected tensor counted once.
+        let counted: usize = c
+            .expected_tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(c.parameter_count(), Some(counted as u64));
+        Ok(())
+    }
+
+    #[test]
+    fn another_model_type_is_refused_naming_it() {
+        let e = hf_config(&[("model_type", "llama".into())]).map(|_| ());
+        let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("model_type `llama` is not an nGPT"), "{msg}");
+        assert!(msg.contains(READS), "{msg}");
+    }
+
+    #[test]
+    fn nvidia_json_keeps_its_form() -> Result<()> {
+        let mut args = BTreeMap::new();
+        for (k, v) in [
+            ("n_layer", 2),
+            ("n_head", 2),
+            ("n_embd", 64),
+            ("vocab_size", 86),
+            ("use_nGPT", 1),
+        ] {
+            args.insert(k.to_string(), ArgValue::Int(v));
+        }
+        args.insert("base_scale".into(), ArgValue::Float(0.125));
+        let c = Config::from_args(&args, "config.json".as_ref())?;
+        assert_eq!(c.family, Family::Nvidia);
+        assert_eq!(c.n_inner, 4 * 64);
+        let json = c.to_json();
+        assert!(
+            !json.contains("family") && !json.contains("n_inner"),
+            "{json}"
+        );
+        assert!(json.contains("\"use_nGPT\": 1"), "{json}");
+        Ok(())
+    }
+}
