@@ -357,3 +357,37 @@ fn one_line_refusal(o: &std::process::Output, what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_pytorch_model_bin_directory_gives_the_same_logits() -> Result<()> {
+    // `save_pretrained(safe_serialization=False)`: the state dict itself, pickled in a
+    // torch zip, beside config.json.
+    let entries = read_entries(&nous_tiny().join("model.safetensors"))?;
+    let mut p = Pickle::default();
+    p.op(&[0x80, 2]).op(b"}(");
+    let mut storages = vec![];
+    for (i, e) in entries.iter().enumerate() {
+        p.str(&e.name).tensor(i, "FloatStorage", &e.shape);
+        storages.push(e.data.clone());
+    }
+    p.op(b"u.");
+    let tmp = tempfile::tempdir()?;
+    std::fs::copy(
+        nous_tiny().join("config.json"),
+        tmp.path().join("config.json"),
+    )?;
+    std::fs::write(
+        tmp.path().join("pytorch_model.bin"),
+        torch_zip_bytes(&p.0, &storages)?,
+    )?;
+    let bin = import::load(tmp.path())?;
+    assert!(bin.source.ends_with("pytorch_model.bin"));
+    let st_dir = tempfile::tempdir()?;
+    let st = import::load(&hf_dir(st_dir.path())?)?;
+    let prompt = tokens("prompt.json", "tokens")?;
+    assert_eq!(
+        ref_logits(&bin, &prompt, Precision::F64)?,
+        ref_logits(&st, &prompt, Precision::F64)?
+    );
+    Ok(())
+}
