@@ -86,9 +86,8 @@ pub fn write_dir(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result<()>
     if exists && !force {
         let occupied = !out.is_dir() || std::fs::read_dir(out).map_err(io(out))?.next().is_some();
         if occupied {
-            return Err(Error::Argument {
-                what: format!("--out {}", out.display()),
-                problem: "already exists and is not empty; pass --force to replace it".into(),
+            return Err(Error::OutputExists {
+                path: out.to_path_buf(),
             });
         }
     }

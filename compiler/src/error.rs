@@ -25,6 +25,13 @@ pub enum Error {
         /// What about it is wrong, in words.
         reason: String,
     },
+    /// An output directory that exists and is not empty (a caller may replace it by
+    /// asking to: `artifact::write_dir`'s `force`).
+    #[error("{}: already exists and is not empty", path.display())]
+    OutputExists {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A config field is missing or holds a value ngpt cannot use.
     #[error("{}: config field `{field}`: {problem}", path.display())]
     Config {

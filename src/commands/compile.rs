@@ -230,6 +230,13 @@ pub fn run(a: Args) -> Result<()> {
             }
         })?;
         artifact::write_bytes(&dir.join("manifest.json"), json.as_bytes())
+    })
+    .map_err(|e| match e {
+        ngpt_compiler::Error::OutputExists { path } => anyhow::anyhow!(
+            "--out {}: already exists and is not empty; pass --force to replace it",
+            path.display()
+        ),
+        e => e.into(),
     })?;
     print!("{log}");
     if let Some(w) = written {

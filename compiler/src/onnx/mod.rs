@@ -380,7 +380,7 @@ pub const TOTAL_SEQUENCE: &str = "past_sequence + sequence";
 fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Result<ModelProto> {
     if opts.max_seq_len == 0 {
         return Err(Error::Argument {
-            what: "--max-seq-len".into(),
+            what: "max_seq_len".into(),
             problem: "must be at least 1".into(),
         });
     }

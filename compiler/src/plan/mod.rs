@@ -541,7 +541,7 @@ pub fn lower_into(
 ) -> Result<Plan> {
     if max_seq_len == 0 || max_seq_len > 1 << 20 {
         return Err(Error::Argument {
-            what: "--max-seq-len".into(),
+            what: "max_seq_len".into(),
             problem: format!("{max_seq_len} is outside 1..=1048576"),
         });
     }
