@@ -120,7 +120,6 @@ fn main() {
         if capacity {
             msg.push_str(" (compile with a larger --max-seq-len)");
         }
-
         eprintln!("error: {}", msg.replace('\n', " "));
         std::process::exit(1);
     }
