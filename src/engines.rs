@@ -282,7 +282,6 @@ impl Model {
                 crate::settings::get().weights_io.unwrap_or(WeightsIo::Map),
             )?
         } else {
-            use ngpt_schemas::prost::Message;
             let label = self.input.display().to_string();
             let max_seq = self
                 .checkpoint()?
@@ -299,7 +298,7 @@ impl Model {
             let dtype = self.plan_dtype;
             let lowered =
                 ngpt_compiler::plan::lower(&self.compiled()?.graph, &config, dtype, max_seq, "")?;
-            LoadedPlan::from_vec(&lowered.plan.encode_to_vec(), lowered.weights, &label)?
+            LoadedPlan::from_plan(lowered.plan, lowered.weights, &label)?
         };
         let plan = Arc::new(plan);
         self.plan = Some(Arc::clone(&plan));

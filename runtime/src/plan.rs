@@ -206,17 +206,38 @@ impl LoadedPlan {
         Self::decode(plan_bytes, WeightBytes::Shared(&shared), path)
     }
 
+    /// Validates a plan already in memory (as `ngpt_compiler::plan::lower` returns it) and
+    /// keeps `weights` as [`LoadedPlan::from_vec`] does: the same checks as a plan read
+    /// from disk, without encoding it and decoding it again.
+    ///
+    /// ```no_run
+    /// # fn lowered() -> (ngpt_schemas::plan::Plan, Vec<u8>) { unimplemented!() }
+    /// use ngpt_runtime::plan::LoadedPlan;
+    /// let (plan, weights) = lowered(); // e.g. ngpt_compiler::plan::lower's plan and weights
+    /// let loaded = LoadedPlan::from_plan(plan, weights, "in memory")?;
+    /// assert!(loaded.dims().vocab > 0);
+    /// # Ok::<(), ngpt_runtime::Error>(())
+    /// ```
+    pub fn from_plan(plan: Plan, weights: Vec<u8>, path: &str) -> Result<LoadedPlan> {
+        let shared: mapped::Shared = std::sync::Arc::new(weights);
+        Self::validate(plan, WeightBytes::Shared(&shared), path)
+    }
+
     fn decode(plan_bytes: &[u8], source: WeightBytes<'_>, path: &str) -> Result<LoadedPlan> {
-        let weights: &[u8] = match source {
-            WeightBytes::Copied(b) => b,
-            WeightBytes::Shared(m) => (**m).as_ref(),
-        };
         let plan = Plan::decode(plan_bytes).map_err(|e| {
             bad(
                 path,
                 format!("not a valid ngpt plan (protobuf decode: {e})"),
             )
         })?;
+        Self::validate(plan, source, path)
+    }
+
+    fn validate(plan: Plan, source: WeightBytes<'_>, path: &str) -> Result<LoadedPlan> {
+        let weights: &[u8] = match source {
+            WeightBytes::Copied(b) => b,
+            WeightBytes::Shared(m) => (**m).as_ref(),
+        };
         if plan.format_major != pb::FORMAT_MAJOR {
             let writer = if plan.producer.is_empty() {
                 "an unknown producer".to_string()

@@ -1506,3 +1506,36 @@ fn bf16_plans_halve_the_matrices_and_stay_close() -> Result<()> {
     assert!(c.passes(2e-2, 0.95), "{c:?}");
     Ok(())
 }
+
+/// A plan lowered in memory loads without being encoded and decoded again
+/// (`LoadedPlan::from_plan`): the same checks (a tampered module is refused alike) and the
+/// same logits as through its bytes.
+#[test]
+fn a_plan_in_memory_loads_without_a_round_trip_through_bytes() -> Result<()> {
+    let (plan, weights) = built()?;
+    let direct = Arc::new(LoadedPlan::from_plan(
+        plan.clone(),
+        weights.clone(),
+        "in memory",
+    )?);
+    let via_bytes = Arc::new(LoadedPlan::from_bytes(
+        &plan.encode_to_vec(),
+        &weights,
+        "model.plan",
+    )?);
+    assert_eq!(direct.plan(), via_bytes.plan());
+    assert!(direct.weights() == via_bytes.weights());
+    let prompt = vec![vec![1, 2, 3, 4, 5]];
+    assert_eq!(
+        Session::new(direct, 1)?.prefill(&prompt)?,
+        Session::new(via_bytes, 1)?.prefill(&prompt)?
+    );
+    let mut tampered = plan;
+    tampered.modules[0].source = "__global__ void x() {}".into();
+    let e = LoadedPlan::from_plan(tampered, weights, "in memory")
+        .err()
+        .context("a plan with kernel text loaded")?
+        .to_string();
+    assert!(e.contains("never carries code"), "{e}");
+    Ok(())
+}
