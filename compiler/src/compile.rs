@@ -49,13 +49,6 @@ pub struct Compiled {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn compile(ckpt: &Checkpoint, opts: &Options) -> Result<Compiled> {
-    if ckpt.config.family == crate::config::Family::Nous {
-        return Err(Error::Unsupported {
-            path: ckpt.source.clone(),
-            what: "compiling the Hugging Face nGPT family (NousResearch)".into(),
-            why: "it runs on the reference engine only in this version, `--engine reference`; the IR, ONNX and plans for it are issue 21's next part".into(),
-        });
-    }
     let mut g = graph::literal(ckpt)?;
     let records = passes::run(
         &mut g,

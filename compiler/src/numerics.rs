@@ -22,6 +22,23 @@ impl Precision {
     }
 }
 
+/// The Hugging Face family's rotary angles for each of `positions`, in f64: a row of
+/// `head_dim` values per position, `cos(angle_i)` for i < D/2 then `sin(angle_i)`, with
+/// `angle_i = p * 10000^(-2i/D)` (ngpt-hf-spec.md step 2).
+pub fn rotary_table(positions: impl IntoIterator<Item = usize>, head_dim: usize) -> Vec<f64> {
+    let half = head_dim / 2;
+    let theta: Vec<f64> = (0..half)
+        .map(|i| 10000f64.powf(-((2 * i) as f64) / head_dim as f64))
+        .collect();
+    let mut out = vec![];
+    for p in positions {
+        let angles: Vec<f64> = theta.iter().map(|w| p as f64 * w).collect();
+        out.extend(angles.iter().map(|a| a.cos()));
+        out.extend(angles.iter().map(|a| a.sin()));
+    }
+    out
+}
+
 /// The position table E of spec section 3 step 2, `[t_len, head_dim]`, computed in f64:
 /// `E[t, c] = sin(t * w_{c/2})` for even c and `cos(t * w_{c/2})` for odd c, with
 /// `w_k = 10000^(-2k/D)`.

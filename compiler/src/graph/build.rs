@@ -11,10 +11,44 @@ struct Builder<'a> {
     ckpt: &'a Checkpoint,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    /// A builder holding the graph inputs `tokens` (id 0) and `positions` (id 1).
+    fn new(ckpt: &'a Checkpoint) -> Builder<'a> {
+        let cfg = &ckpt.config;
+        let mut b = Builder {
+            g: Graph {
+                nodes: vec![],
+                outputs: vec![],
+                n_embd: cfg.n_embd,
+                n_head: cfg.n_head,
+            },
+            ckpt,
+        };
+        for name in ["tokens", "positions"] {
+            b.g.nodes.push(Node {
+                name: name.into(),
+                op: Op::Input,
+                inputs: vec![],
+                fact: Fact {
+                    kind: Kind::Int,
+                    shape: vec![Dim::T],
+                },
+            });
+        }
+        b
+    }
+
     fn weight(&mut self, key: &str) -> Result<NodeId> {
         let tensor = self.ckpt.tensor(key)?.clone();
         self.g.push(key, Op::Const(Const::new(tensor)), vec![])
+    }
+
+    /// A Conv1D weight, stored `[in, out]`, as the `[out, in]` constant `matmul_t` takes:
+    /// a permutation, exact, in the stored dtype.
+    fn conv1d_weight(&mut self, key: &str) -> Result<NodeId> {
+        let tensor = self.ckpt.tensor(key)?;
+        let t = tensor.t().and_then(|t| t.contiguous()).ctx(key)?;
+        self.g.push(key, Op::Const(Const::new(t)), vec![])
     }
 
     fn scalar(&mut self, name: String, value: f64) -> Result<NodeId> {
@@ -45,29 +79,13 @@ impl Builder<'_> {
 /// position step, exactly as spec section 3 lists them. Inputs: `tokens` and `positions`
 /// (int `[T]`); output: `logits` `[T, vocab]`.
 pub fn literal(ckpt: &Checkpoint) -> Result<Graph> {
+    if ckpt.config.family == crate::config::Family::Nous {
+        return literal_nous(ckpt);
+    }
     let cfg = &ckpt.config;
     let (c, h, d) = (cfg.n_embd, cfg.n_head, cfg.head_dim());
     let bs = cfg.base_scale;
-    let mut b = Builder {
-        g: Graph {
-            nodes: vec![],
-            outputs: vec![],
-            n_embd: c,
-            n_head: h,
-        },
-        ckpt,
-    };
-    for name in ["tokens", "positions"] {
-        b.g.nodes.push(Node {
-            name: name.into(),
-            op: Op::Input,
-            inputs: vec![],
-            fact: Fact {
-                kind: Kind::Int,
-                shape: vec![Dim::T],
-            },
-        });
-    }
+    let mut b = Builder::new(ckpt);
     let (tokens, positions) = (0, 1);
     let wte = b.weight("transformer.wte.weight")?;
     let mut x = b.op("wte.gather".into(), Op::Gather, vec![wte, tokens])?;
@@ -130,6 +148,104 @@ pub fn literal(ckpt: &Checkpoint) -> Result<Graph> {
         x = b.residual(&format!("h.{i}.mlp.residual"), x, m, &key("mlp_alpha"))?;
     }
     let wlm = b.weight("lm_head.weight")?;
+    let raw = b.op("lm_head".into(), Op::MatMulT, vec![x, wlm])?;
+    let sz = b.weight("sz")?;
+    let inv_bs = b.scalar("sz.scale".into(), 1.0 / bs)?;
+    let sz_eff = b.op("sz.eff".into(), Op::Mul, vec![sz, inv_bs])?;
+    let logits = b.op("logits".into(), Op::Mul, vec![raw, sz_eff])?;
+    b.g.outputs = vec![logits];
+    b.g.compact();
+    Ok(b.g)
+}
+
+/// The literal graph of the Hugging Face family (ngpt-hf-spec.md "Forward"), node for node:
+/// learned position rows added to the token rows, one c_attn product (with its bias) split
+/// into q, k and v, the rotary embedding before the per-head Norm and sqk/bs, softmax scale
+/// 1/sqrt(D), su on u and sv * sqrt(E) on v only, and `(h lm_head_2^T) * (sz / bs)`. Conv1D
+/// weights, stored `[in, out]`, are held as the `[out, in]` constants `matmul_t` takes.
+fn literal_nous(ckpt: &Checkpoint) -> Result<Graph> {
+    let cfg = &ckpt.config;
+    let (e, d, inner) = (cfg.n_embd, cfg.head_dim(), cfg.n_inner);
+    let bs = cfg.base_scale;
+    let mut b = Builder::new(ckpt);
+    let (tokens, positions) = (0, 1);
+    let wte = b.weight("transformer.wte.weight")?;
+    let tok = b.op("wte.gather".into(), Op::Gather, vec![wte, tokens])?;
+    let wpe = b.weight("transformer.wpe.weight")?;
+    let pos = b.op("wpe.gather".into(), Op::Gather, vec![wpe, positions])?;
+    let mut x = b.op("embed".into(), Op::Add, vec![tok, pos])?;
+    for i in 0..cfg.n_layer {
+        let key = |n: &str| format!("transformer.h.{i}.{n}");
+        let p = format!("h.{i}.attn");
+        let w = b.conv1d_weight(&key("attn.c_attn.weight"))?;
+        let bias = b.weight(&key("attn.c_attn.bias"))?;
+        let qkv = b.op(format!("{p}.qkv"), Op::MatMulT, vec![x, w, bias])?;
+        let sqk = b.weight(&key("attn.sqk"))?;
+        let inv_bs = b.scalar(format!("{p}.sqk.scale"), 1.0 / bs)?;
+        let s = b.op(format!("{p}.sqk.eff"), Op::Mul, vec![sqk, inv_bs])?;
+        let mut qkv_out = vec![];
+        for (j, which) in ["q", "k", "v"].into_iter().enumerate() {
+            let slice = Op::Slice {
+                start: j * e,
+                len: e,
+            };
+            let y = b.op(format!("{p}.{which}"), slice, vec![qkv])?;
+            if which == "v" {
+                qkv_out.push(y);
+                continue;
+            }
+            let y = b.op(
+                format!("{p}.{which}.rotary"),
+                Op::Rotary { head_dim: d },
+                vec![y, positions],
+            )?;
+            let y = b.op(format!("{p}.{which}.norm"), Op::Norm { group: d }, vec![y])?;
+            qkv_out.push(b.op(format!("{p}.{which}.scale"), Op::Mul, vec![y, s])?);
+        }
+        let att = Op::Attention {
+            heads: cfg.n_head,
+            scale: 1.0 / (d as f64).sqrt(),
+        };
+        let y = b.op(format!("{p}.attention"), att, qkv_out)?;
+        let wo = b.conv1d_weight(&key("attn.c_proj.weight"))?;
+        let bo = b.weight(&key("attn.c_proj.bias"))?;
+        let a = b.op(format!("{p}.out"), Op::MatMulT, vec![y, wo, bo])?;
+        x = b.residual(&format!("h.{i}.attn.residual"), x, a, &key("attn_alpha"))?;
+
+        let p = format!("h.{i}.mlp");
+        let wfc = b.conv1d_weight(&key("mlp.c_fc.weight"))?;
+        let bfc = b.weight(&key("mlp.c_fc.bias"))?;
+        let uv = b.op(format!("{p}.fc"), Op::MatMulT, vec![x, wfc, bfc])?;
+        let u = b.op(
+            format!("{p}.u"),
+            Op::Slice {
+                start: 0,
+                len: inner,
+            },
+            vec![uv],
+        )?;
+        let su = b.weight(&key("mlp.su"))?;
+        let u = b.op(format!("{p}.u.scale"), Op::Mul, vec![u, su])?;
+        let gate = b.op(
+            format!("{p}.v"),
+            Op::Slice {
+                start: inner,
+                len: inner,
+            },
+            vec![uv],
+        )?;
+        let sv = b.weight(&key("mlp.sv"))?;
+        let sq = b.scalar(format!("{p}.sv.scale"), (e as f64).sqrt())?;
+        let sv_eff = b.op(format!("{p}.sv.eff"), Op::Mul, vec![sv, sq])?;
+        let gate = b.op(format!("{p}.v.scale"), Op::Mul, vec![gate, sv_eff])?;
+        let act = b.op(format!("{p}.v.silu"), Op::Silu, vec![gate])?;
+        let m = b.op(format!("{p}.gated"), Op::Mul, vec![u, act])?;
+        let wmp = b.conv1d_weight(&key("mlp.c_proj.weight"))?;
+        let bmp = b.weight(&key("mlp.c_proj.bias"))?;
+        let m = b.op(format!("{p}.out"), Op::MatMulT, vec![m, wmp, bmp])?;
+        x = b.residual(&format!("h.{i}.mlp.residual"), x, m, &key("mlp_alpha"))?;
+    }
+    let wlm = b.weight("lm_head_2.weight")?;
     let raw = b.op("lm_head".into(), Op::MatMulT, vec![x, wlm])?;
     let sz = b.weight("sz")?;
     let inv_bs = b.scalar("sz.scale".into(), 1.0 / bs)?;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::{Graph, Op};
 use crate::error::{CandleContext, Error, Result};
 pub use crate::numerics::ValueTrace;
-use crate::numerics::{position_table, Precision};
+use crate::numerics::{position_table, rotary_table, Precision};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -45,6 +45,23 @@ fn pos_parts(
     let sin = table.narrow(1, 0, p)?.reshape((t, 1, p, 1))?;
     let cos = table.narrow(1, p, p)?.reshape((t, 1, p, 1))?;
     Ok((pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?, sin, cos))
+}
+
+/// Rotary rows for `positions`, `[T, head_dim]` in `dt` (cos then sin, see
+/// [`rotary_table`]).
+fn rotary_rows(positions: &[u32], head_dim: usize, dt: DType) -> CResult<Tensor> {
+    let rows = rotary_table(positions.iter().map(|&p| p as usize), head_dim);
+    Tensor::from_vec(rows, (positions.len(), head_dim), &Device::Cpu)?.to_dtype(dt)
+}
+
+/// The rotation of interleaved pairs: `(a, b) -> (a cos - b sin, b cos + a sin)`.
+fn rotary(x: &Tensor, table: &Tensor, head_dim: usize) -> CResult<Tensor> {
+    // pos_parts reads the table's first half as its `sin` and second as its `cos`; the
+    // rotary table holds cos first, then sin.
+    let (a, b, cos, sin) = pos_parts(x, table, head_dim)?;
+    let out_a = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+    let out_b = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[out_a, out_b], 3)?.reshape(x.dims())
 }
 
 fn pos_step(x: &Tensor, table: &Tensor, head_dim: usize) -> CResult<Tensor> {
@@ -175,6 +192,9 @@ fn evaluate(
                     }
                 }
             }
+            Op::Rotary { head_dim } => {
+                Some(rotary_rows(positions, head_dim, dt).ctx("rotary table")?)
+            }
             _ => None,
         };
         let out = match &node.op {
@@ -208,7 +228,12 @@ fn eval(op: &Op, a: &[Tensor], table: Option<&Tensor>, dt: DType) -> CResult<Ten
         Op::Input => candle_core::bail!("inputs are bound by the caller"),
         Op::Const(c) => c.value()?.to_dtype(dt),
         Op::Gather => a[0].index_select(&a[1], 0),
-        Op::MatMulT => a[0].matmul(&a[1].t()?),
+        Op::MatMulT => match a.get(2) {
+            Some(bias) => a[0].matmul(&a[1].t()?)?.broadcast_add(bias),
+            None => a[0].matmul(&a[1].t()?),
+        },
+        Op::Add => a[0].broadcast_add(&a[1]),
+        Op::Rotary { head_dim } => rotary(&a[0], table()?, *head_dim),
         Op::Mul => a[0].broadcast_mul(&a[1]),
         Op::Abs => a[0].abs(),
         Op::Norm { group } => norm_groups(&a[0], *group),

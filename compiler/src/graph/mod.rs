@@ -254,8 +254,12 @@ pub enum Op {
     Const(Const),
     /// `table[ids]`: rows of a `[V, C]` table.
     Gather,
-    /// `x @ w^T` for x `[T, K]`, w `[N, K]`.
+    /// `x @ w^T` for x `[T, K]`, w `[N, K]`, plus a bias row `[N]` when there is a third
+    /// input (the Hugging Face family's projections; NVIDIA's have none).
     MatMulT,
+    /// Elementwise sum; the second operand is a row vector `[N]` or the same shape as the
+    /// first (the learned position rows added to the token rows).
+    Add,
     /// Elementwise product; the second operand is a row vector `[N]`, a scalar `[]`, or
     /// the same shape as the first.
     Mul,
@@ -279,13 +283,22 @@ pub enum Op {
         /// Head dimension D, even; the last axis is a whole number of heads.
         head_dim: usize,
     },
+    /// The Hugging Face family's rotary embedding per head of `head_dim`: each interleaved
+    /// pair `(a, b) = (x[2i], x[2i+1])` turns by `angle = p_t * 10000^(-2i/D)` to
+    /// `(a cos - b sin, b cos + a sin)`; cos and sin computed in f64, rounded once by
+    /// whoever runs the graph. Inputs: x, positions.
+    Rotary {
+        /// Head dimension D, even; the last axis is a whole number of heads.
+        head_dim: usize,
+    },
     /// Causal attention over `heads` heads: `softmax_u(scale <q_t, k_u>) v_u`, u <= t.
     /// Inputs: q, k, v.
     Attention {
         /// Number of heads; q, k and v are `[T, heads * head_dim]`.
         heads: usize,
-        /// Factor on the scores before the softmax: sqrt(head_dim) in the literal graph, 1
-        /// once `sqk_onto_q` has moved it onto q.
+        /// Factor on the scores before the softmax: sqrt(head_dim) in NVIDIA's literal
+        /// graph, 1/sqrt(head_dim) in the Hugging Face family's, 1 once `sqk_onto_q` has
+        /// moved it onto q.
         scale: f64,
     },
     /// `a + lr * (b - a)`, lr a row vector. Inputs: a, b, lr.
@@ -320,11 +333,13 @@ impl Op {
             Op::Const(_) => "const",
             Op::Gather => "gather",
             Op::MatMulT => "matmul_t",
+            Op::Add => "add",
             Op::Mul => "mul",
             Op::Abs => "abs",
             Op::Norm { .. } => "norm",
             Op::PosStep { .. } => "pos_step",
             Op::PosDiag { .. } => "pos_diag",
+            Op::Rotary { .. } => "rotary",
             Op::Attention { .. } => "attention",
             Op::Lerp => "lerp",
             Op::Slice { .. } => "slice",

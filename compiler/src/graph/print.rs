@@ -43,7 +43,8 @@ impl fmt::Display for Graph {
                         Op::Norm { group } => format!(" group={group}"),
                         Op::PosStep { head_dim }
                         | Op::PosDiag { head_dim }
-                        | Op::PosNorm { head_dim } => {
+                        | Op::PosNorm { head_dim }
+                        | Op::Rotary { head_dim } => {
                             format!(" head_dim={head_dim}")
                         }
                         Op::Attention { heads, scale } => {

@@ -73,13 +73,38 @@ pub(crate) fn infer(op: &Op, inputs: &[&Fact]) -> Result<Fact, String> {
             }
         }
         Op::MatMulT => {
-            arity(op, inputs, 2)?;
+            if inputs.len() != 3 {
+                arity(op, inputs, 2)?;
+            }
             let (rows, k) = float2(inputs[0], "matmul_t x")?;
             let (n, k2) = float2(inputs[1], "matmul_t w")?;
-            if !matches!(n, Dim::Fixed(_)) || k != k2 {
+            let Dim::Fixed(width) = n else {
+                return Err(format!("matmul_t: w [{n}, {k2}] has no fixed row count"));
+            };
+            if k != k2 {
                 return Err(format!("matmul_t: x [.., {k}] does not fit w [{n}, {k2}]"));
             }
+            if let Some(bias) = inputs.get(2) {
+                row_vector(bias, width, "matmul_t bias")?;
+            }
             Ok(Fact::float(vec![rows, n]))
+        }
+        Op::Add => {
+            arity(op, inputs, 2)?;
+            let (a, b) = (inputs[0], inputs[1]);
+            if a.kind != Kind::Float || b.kind != Kind::Float {
+                return Err("add: expected float operands".into());
+            }
+            let fits = b.shape == a.shape
+                || b.shape.as_slice() == [*a.shape.last().unwrap_or(&Dim::Fixed(0))];
+            if fits {
+                Ok(a.clone())
+            } else {
+                Err(format!(
+                    "add: {:?} does not broadcast onto {:?}",
+                    b.shape, a.shape
+                ))
+            }
         }
         Op::Mul => {
             arity(op, inputs, 2)?;
@@ -111,7 +136,7 @@ pub(crate) fn infer(op: &Op, inputs: &[&Fact]) -> Result<Fact, String> {
             }
             Ok(inputs[0].clone())
         }
-        Op::PosStep { head_dim } | Op::PosDiag { head_dim } => {
+        Op::PosStep { head_dim } | Op::PosDiag { head_dim } | Op::Rotary { head_dim } => {
             arity(op, inputs, 2)?;
             let (rows, n) = float2(inputs[0], op.mnemonic())?;
             heads_fit(n, *head_dim)?;

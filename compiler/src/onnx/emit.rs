@@ -378,6 +378,79 @@ impl Emit<'_, '_> {
         })
     }
 
+    /// The rotary embedding's cos and sin rows for `position_ids`, each
+    /// `[batch, sequence, 1, head_dim / 2, 1]`, gathered once and shared by every layer.
+    /// The tables hold positions `0..max_seq_len`, computed in f64 and rounded once.
+    fn rotary_rows(&mut self, head_dim: usize, positions: &str) -> Result<(String, String)> {
+        let max = self.opts.max_seq_len;
+        let half = head_dim / 2;
+        let table = crate::numerics::rotary_table(0..max, head_dim);
+        let mut out = vec![];
+        for (part, offset) in [("cos", 0), ("sin", half)] {
+            let key = format!("rotary.{part}.{head_dim}/{positions}");
+            let positions = positions.to_string();
+            let table = &table;
+            out.push(self.b.cached(&key, |b| {
+                let bytes = (0..max)
+                    .flat_map(|t| &table[t * head_dim + offset..t * head_dim + offset + half])
+                    .flat_map(|&v| (v as f32).to_le_bytes())
+                    .collect();
+                let name = format!("rotary.{part}.{head_dim}");
+                let doc = format!(
+                    "{part}(t * 10000^(-2i/{head_dim})) for positions t = 0..{max} and pairs \
+                     i = 0..{half}: the rotary embedding's angles, computed in float64 and \
+                     rounded once"
+                );
+                let init = b.initializer(&name, &[max, half], DataType::Float, bytes, Some(doc))?;
+                let rows = b.op(
+                    &name,
+                    "Gather",
+                    &[&init, &positions],
+                    vec![("axis", Attr::Int(0))],
+                    None,
+                )?;
+                let axes = b.i64s(&[2, 4], false)?;
+                b.op(&name, "Unsqueeze", &[&rows, &axes], vec![], None)
+            })?);
+        }
+        let sin = out.pop().unwrap_or_default();
+        let cos = out.pop().unwrap_or_default();
+        Ok((cos, sin))
+    }
+
+    /// The rotary embedding per head: pairs `(a, b)` of `[batch, sequence, H, D/2, 2]` turn
+    /// to `(a cos - b sin, b cos + a sin)`, in the interpreter's order.
+    fn rotary(&mut self, id: NodeId, head_dim: usize, out: Option<&str>) -> Result<String> {
+        let node = &self.g.nodes[id];
+        let (s, inputs) = (node.name.clone(), node.inputs.clone());
+        let s = s.as_str();
+        if !self.batched[inputs[0]] || self.rank(inputs[0]) != 3 {
+            return Err(argument("expected a [batch, sequence, N] operand".into()));
+        }
+        let x = self.value(inputs[0])?;
+        let positions = self.value(inputs[1])?;
+        let width = self.width(inputs[0])?;
+        let (h, d) = ((width / head_dim) as i64, head_dim as i64);
+        let (cos, sin) = self.rotary_rows(head_dim, &positions)?;
+        let pairs = self.reshape(s, &x, &[0, 0, h, d / 2, 2], None)?;
+        let a = self.slice(s, &pairs, 0, 1, -1, None)?;
+        let b = self.slice(s, &pairs, 1, 2, -1, None)?;
+        let a_cos = self.b.op(s, "Mul", &[&a, &cos], vec![], None)?;
+        let b_sin = self.b.op(s, "Mul", &[&b, &sin], vec![], None)?;
+        let out_a = self.b.op(s, "Sub", &[&a_cos, &b_sin], vec![], None)?;
+        let b_cos = self.b.op(s, "Mul", &[&b, &cos], vec![], None)?;
+        let a_sin = self.b.op(s, "Mul", &[&a, &sin], vec![], None)?;
+        let out_b = self.b.op(s, "Add", &[&b_cos, &a_sin], vec![], None)?;
+        let turned = self.b.op(
+            s,
+            "Concat",
+            &[&out_a, &out_b],
+            vec![("axis", Attr::Int(-1))],
+            None,
+        )?;
+        self.reshape(s, &turned, &[0, 0, width as i64], out)
+    }
+
     /// The attention mask `[batch, 1, sequence, past + sequence]` (bool): key j is seen by
     /// query i iff `j <= past + i` and `attention_mask[b, j] == 1`. Built once.
     fn mask(&mut self) -> Result<String> {
@@ -451,8 +524,19 @@ impl Emit<'_, '_> {
             Op::MatMulT => {
                 let x = self.value(inputs[0])?;
                 let w = self.weight_t(inputs[1])?;
-                self.b.op(s, "MatMul", &[&x, &w], vec![], out)
+                let Some(&bias) = inputs.get(2) else {
+                    return self.b.op(s, "MatMul", &[&x, &w], vec![], out);
+                };
+                let y = self.b.op(s, "MatMul", &[&x, &w], vec![], None)?;
+                let bias = self.value(bias)?;
+                self.b.op(s, "Add", &[&y, &bias], vec![], out)
             }
+            Op::Add => {
+                let a = self.value(inputs[0])?;
+                let c = self.value(inputs[1])?;
+                self.b.op(s, "Add", &[&a, &c], vec![], out)
+            }
+            Op::Rotary { head_dim } => self.rotary(id, head_dim, out),
             Op::Mul => {
                 let a = self.value(inputs[0])?;
                 let c = self.value(inputs[1])?;

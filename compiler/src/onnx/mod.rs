@@ -86,9 +86,28 @@ pub struct Options {
     pub external_data: bool,
 }
 
-/// The default `--max-seq-len`: the larger of block_size and 2048.
+/// The default `--max-seq-len`: the larger of block_size and 2048; for a model with learned
+/// positions (the Hugging Face family) its `n_positions`, as wpe has no rows beyond it.
 pub fn default_max_seq_len(config: &Config) -> usize {
-    config.block_size.max(2048)
+    match config.family {
+        crate::config::Family::Nous => config.n_positions,
+        crate::config::Family::Nvidia => config.block_size.max(2048),
+    }
+}
+
+/// Refuses a KV capacity beyond what the model's positions allow: a model with learned
+/// positions has `n_positions` rows of wpe and nothing beyond them.
+pub fn check_max_seq_len(config: &Config, max_seq_len: usize) -> Result<()> {
+    if config.family == crate::config::Family::Nous && max_seq_len > config.n_positions {
+        return Err(Error::Argument {
+            what: "max_seq_len".into(),
+            problem: format!(
+                "{max_seq_len} is beyond the {} rows of transformer.wpe.weight (learned positions: the model has no position {})",
+                config.n_positions, config.n_positions
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Options {
@@ -322,7 +341,8 @@ pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
         .filter_map(|n| match n.op {
             crate::graph::Op::PosNorm { head_dim }
             | crate::graph::Op::PosDiag { head_dim }
-            | crate::graph::Op::PosStep { head_dim } => Some(head_dim),
+            | crate::graph::Op::PosStep { head_dim }
+            | crate::graph::Op::Rotary { head_dim } => Some(head_dim),
             _ => None,
         })
         .collect();
@@ -384,6 +404,7 @@ fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Re
             problem: "must be at least 1".into(),
         });
     }
+    check_max_seq_len(&info.config, opts.max_seq_len)?;
     let mut b = builder::Builder::new(sink);
     for name in [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] {
         b.declare(name)?;
@@ -456,6 +477,11 @@ fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Re
                  per-head Norm: unit vectors per head in the folded basis, not the \
                  checkpoint's raw k; the q side carries sqrt(head_dim) * sqk^2, so scores \
                  use softmax scale 1"
+                    .to_string()
+            } else if l.key_op == "norm" {
+                "keys after the rotary embedding at their absolute positions and the per-head \
+                 Norm: unit vectors per head; the q side carries sqk^2 / (base_scale^2 \
+                 sqrt(head_dim)), so scores use softmax scale 1"
                     .to_string()
             } else {
                 format!("keys as the IR's `{}` op leaves them", l.key_op)

@@ -6,6 +6,7 @@
 //! Preconditions: the three weights are constants of one dtype (concatenation is exact)
 //! and share the input x.
 //! Numeric caveat: exact.
+//! Skips: the Hugging Face family's q, k and v already come from one matmul (c_attn).
 //!
 //! ```text
 //! %q = matmul_t(%h, %wq); %k = matmul_t(%h, %wk); %v = matmul_t(%h, %wv)
@@ -33,13 +34,45 @@ fn source_matmul(g: &Graph, mut id: NodeId) -> Option<NodeId> {
     }
 }
 
+/// The matmul whose column slice feeds attention input `id` (through its per-token ops),
+/// when its weight is the Hugging Face family's `c_attn`, one product already.
+fn c_attn_slice(g: &Graph, mut id: NodeId) -> Option<NodeId> {
+    loop {
+        match g.nodes[id].op {
+            Op::Slice { .. } => {
+                let mm = g.nodes[id].inputs[0];
+                let fused = matches!(g.nodes[mm].op, Op::MatMulT)
+                    && g.nodes[g.nodes[mm].inputs[1]]
+                        .name
+                        .contains("c_attn.weight");
+                return fused.then_some(mm);
+            }
+            Op::Rotary { .. } | Op::Norm { .. } | Op::Mul => id = g.nodes[id].inputs[0],
+            _ => return None,
+        }
+    }
+}
+
 pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
     let node = &g.nodes[id];
     rule_if!(matches!(node.op, Op::Attention { .. }));
+    let sources: Option<Vec<NodeId>> = node.inputs.iter().map(|&i| c_attn_slice(g, i)).collect();
+    if let Some(s) = sources.filter(|s| s.iter().all(|&m| m == s[0])) {
+        return Ok(Outcome::Skip(format!(
+            "`{}`: q, k and v are already column slices of one matmul (`{}`, c_attn)",
+            node.name, g.nodes[s[0]].name
+        )));
+    }
     let mms: Option<Vec<NodeId>> = node.inputs.iter().map(|&i| source_matmul(g, i)).collect();
     rule_if_let!(Some(mms) = mms);
     let x = g.nodes[mms[0]].inputs[0];
     rule_if!(mms.iter().all(|&m| g.nodes[m].inputs[0] == x));
+    if mms.iter().any(|&m| g.nodes[m].inputs.len() > 2) {
+        return Ok(Outcome::Skip(format!(
+            "`{}`: the q, k, v products carry biases",
+            node.name
+        )));
+    }
     let ws: Option<Vec<_>> = mms
         .iter()
         .map(|&m| g.const_of(g.nodes[m].inputs[1]))

@@ -25,7 +25,9 @@ pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
         Op::LastRow,
         vec![h],
     );
-    let out = p.node(node.name.clone(), Op::MatMulT, vec![last, w]);
+    let mut inputs = vec![last, w];
+    inputs.extend(node.inputs.get(2)); // a bias, if any
+    let out = p.node(node.name.clone(), Op::MatMulT, inputs);
     // The output's shape changes from [T, V] to [1, V]: rewire the output directly.
     p.replace_output(id, out);
     Ok(Outcome::Rewrite(p))

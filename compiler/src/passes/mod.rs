@@ -370,7 +370,34 @@ pub(crate) fn fold_row_scale(g: &Graph, id: NodeId, weight_suffix: &str) -> Resu
     let folded = wt.scale_rows(&vt).ctx("fold_row_scale")?;
     let mut p = Patch::new(g);
     let c = p.constant_of(format!("{}.folded", g.nodes[w].name), folded);
-    let out = p.node(g.nodes[mm].name.clone(), Op::MatMulT, vec![x, c]);
+    let mut inputs = vec![x, c];
+    if let Some(&bias) = g.nodes[mm].inputs.get(2) {
+        match scaled_bias(g, bias, &vt)? {
+            Some(b) => inputs.push(p.constant(format!("{}.folded", g.nodes[bias].name), b)),
+            None => {
+                return Ok(Outcome::Skip(format!(
+                    "`{}`: its bias is not constant",
+                    g.nodes[mm].name
+                )))
+            }
+        }
+    }
+    let out = p.node(g.nodes[mm].name.clone(), Op::MatMulT, inputs);
     p.replace(id, out);
     Ok(Outcome::Rewrite(p))
+}
+
+/// The constant bias `bias` times `scale`, in f64 (a fold that scales a matmul's outputs
+/// scales its bias alike); `None` when the bias is not a constant.
+pub(crate) fn scaled_bias(g: &Graph, bias: NodeId, scale: &Tensor) -> Result<Option<Tensor>> {
+    use crate::error::CandleContext;
+    let Some(b) = g.const_of(bias) else {
+        return Ok(None);
+    };
+    let v = b
+        .value()
+        .and_then(|b| b.to_dtype(candle_core::DType::F64))
+        .and_then(|b| b.mul(&scale.to_dtype(candle_core::DType::F64)?))
+        .ctx("fold bias")?;
+    Ok(Some(v))
 }

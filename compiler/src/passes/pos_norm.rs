@@ -5,6 +5,7 @@
 //! Preconditions: the position step is the diagonal table (pos_table ran): the code's
 //! pair swap is not what pos_norm computes. The Norm is per head.
 //! Numeric caveat: multiplying by a constant 1 is exact.
+//! Skips: the Hugging Face family's q and k go through `rotary`, not a diagonal table.
 //!
 //! ```text
 //! %q = mul(norm(pos_diag(%x, %pos)), %s)   =>   %q = pos_norm(%x, %pos, %s)
@@ -36,6 +37,12 @@ pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
         Op::PosStep { .. } => {
             return Ok(Outcome::Skip(format!(
                 "`{}`: the position step is still a pair swap; run pos_table first",
+                g.nodes[norm].name
+            )))
+        }
+        Op::Rotary { .. } => {
+            return Ok(Outcome::Skip(format!(
+                "`{}`: the position op is the rotary embedding, a rotation that pos_norm's diagonal table cannot express",
                 g.nodes[norm].name
             )))
         }

@@ -10,6 +10,8 @@
 //! one constant scale (so both sides change together).
 //! Numeric caveat: exact (a permutation of products); the table itself is computed in
 //! f64 and rounded once by whoever runs the graph.
+//! Skips: the Hugging Face family's rotary embedding (a true rotation, not the step) has no
+//! position table; each attention says so in the pass record.
 //!
 //! ```text
 //! pos_step(x) -> norm -> mul(s)   =>   pos_diag(x) -> norm -> mul(s~)
@@ -46,6 +48,19 @@ fn chain(g: &Graph, id: NodeId) -> Option<(NodeId, NodeId, NodeId, usize, NodeId
     })
 }
 
+/// The rotary node under `id` when `id` is `mul(norm(rotary(..)), s)` or `norm(rotary(..))`
+/// (the Hugging Face family, which has no position table).
+fn rotated(g: &Graph, mut id: NodeId) -> Option<NodeId> {
+    if matches!(g.nodes[id].op, Op::Mul) {
+        id = g.nodes[id].inputs[0];
+    }
+    if !matches!(g.nodes[id].op, Op::Norm { .. }) {
+        return None;
+    }
+    let r = g.nodes[id].inputs[0];
+    matches!(g.nodes[r].op, Op::Rotary { .. }).then_some(r)
+}
+
 fn pair_swap(s: &Tensor) -> candle_core::Result<Tensor> {
     let v = s.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let swapped: Vec<f64> = (0..v.len()).map(|d| v[d ^ 1]).collect();
@@ -55,6 +70,12 @@ fn pair_swap(s: &Tensor) -> candle_core::Result<Tensor> {
 pub fn rule(g: &Graph, id: NodeId) -> Result<Outcome> {
     let node = &g.nodes[id];
     rule_if!(matches!(node.op, Op::Attention { .. }));
+    if let Some(rot) = rotated(g, node.inputs[0]).or_else(|| rotated(g, node.inputs[1])) {
+        return Ok(Outcome::Skip(format!(
+            "`{}`: q and k are turned by the rotary embedding (`{}`), not NVIDIA's position step: no position table to fold",
+            node.name, g.nodes[rot].name
+        )));
+    }
     let (q, k) = (chain(g, node.inputs[0]), chain(g, node.inputs[1]));
     rule_if!(q.is_some() || k.is_some());
     let (Some(q), Some(k)) = (q, k) else {

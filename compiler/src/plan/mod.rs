@@ -505,6 +505,23 @@ impl Lowerer<'_> {
     }
 }
 
+/// Refuses, in one line naming the first such node, a graph with an op the runtime has no
+/// kernel for yet: the Hugging Face family's rotary embedding, learned position rows and
+/// biases (issue 21's runtime half).
+fn refuse_hf_ops(g: &Graph) -> Result<()> {
+    let hf = g.nodes.iter().find(|n| {
+        matches!(n.op, Op::Rotary { .. } | Op::Add)
+            || (matches!(n.op, Op::MatMulT) && n.inputs.len() == 3)
+    });
+    match hf {
+        None => Ok(()),
+        Some(n) => Err(Error::Argument {
+            what: format!("plan lowering: `{}` ({})", n.name, n.op.mnemonic()),
+            problem: "the runtime has no kernel for the Hugging Face nGPT family's learned positions, biases and rotary embedding yet; the IR, model.onnx and tract run it".into(),
+        }),
+    }
+}
+
 /// Lowers the canonical graph `g` of a model with config `cfg` to a plan, with the bytes
 /// of `model.weights` in memory (for small models and tests; [`lower_into`] streams them).
 pub fn lower(
@@ -545,6 +562,7 @@ pub fn lower_into(
             problem: format!("{max_seq_len} is outside 1..=1048576"),
         });
     }
+    refuse_hf_ops(g)?;
     let mut l = Lowerer {
         g,
         cfg,

@@ -4,6 +4,7 @@
 #[path = "../../../tests/it/common/baseline.rs"]
 mod baseline;
 // The ONNX tests run the exports in tract (the default feature `tract`).
+mod nous;
 #[cfg(feature = "tract")]
 mod onnx;
 mod passes;
