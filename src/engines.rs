@@ -198,7 +198,7 @@ impl Model {
         }
         let shape = if let Some(p) = &self.plan {
             (p.dims().vocab, p.dims().n_head)
-        } else if self.is_compiled() {
+        } else if self.is_compiled() && self.input.join("model.plan").is_file() {
             match self.plan_header_config()? {
                 Some(c) => (c.vocab_size as usize, c.n_head as usize),
                 None => {
@@ -206,6 +206,9 @@ impl Model {
                     (p.dims().vocab, p.dims().n_head)
                 }
             }
+        } else if let Some(shape) = self.genai_shape() {
+            // A compiled directory without a plan (the Hugging Face family for now).
+            shape
         } else {
             let c = &self.checkpoint()?.config;
             (c.vocab_size, c.n_head)
@@ -216,6 +219,19 @@ impl Model {
 
     /// A compiled directory's model config, from its plan's header without its weights
     /// (`None` when the plan does not record one).
+    /// A compiled directory's vocabulary size and head count from its genai_config.json.
+    fn genai_shape(&self) -> Option<(usize, usize)> {
+        if !self.is_compiled() {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.input.join(onnx::genai::CONFIG_FILE)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let m = &v["model"];
+        let vocab = m["vocab_size"].as_u64()? as usize;
+        let heads = m["decoder"]["num_attention_heads"].as_u64()? as usize;
+        (vocab > 0 && heads > 0).then_some((vocab, heads))
+    }
+
     fn plan_header_config(&self) -> Result<Option<ngpt_schemas::plan::ModelConfig>> {
         use ngpt_schemas::prost::Message;
         let path = self.input.join("model.plan");
@@ -268,6 +284,24 @@ impl Model {
         }
     }
 
+    /// Why this model has no launch plan, where it has none: a compiled directory written
+    /// without `model.plan`, or a checkpoint of the Hugging Face family (plans for it are
+    /// issue 21's next part). The plan engines skip such a model with this reason.
+    pub fn no_plan(&mut self) -> Result<Option<String>> {
+        if self.is_compiled() {
+            return Ok((!self.input.join("model.plan").is_file()).then(|| {
+                format!(
+                    "{} has no model.plan (the Hugging Face nGPT family compiles to model.onnx only in this version)",
+                    self.input.display()
+                )
+            }));
+        }
+        let family = self.checkpoint()?.config.family;
+        Ok((family == ngpt_compiler::config::Family::Nous).then(|| {
+            "the Hugging Face nGPT family has no launch plan in this version (reference, ir and tract run it)".to_string()
+        }))
+    }
+
     /// The launch plan: a compiled directory's, or an f32 plan lowered in memory with a KV
     /// capacity of at least `min_seq_len`.
     pub fn plan(&mut self, min_seq_len: usize) -> Result<Arc<LoadedPlan>> {
@@ -275,6 +309,9 @@ impl Model {
             if p.dims().max_seq_len >= min_seq_len || self.is_compiled() {
                 return Ok(Arc::clone(p));
             }
+        }
+        if let Some(why) = self.no_plan()? {
+            bail!("{why}");
         }
         let plan = if self.is_compiled() {
             LoadedPlan::load_with(

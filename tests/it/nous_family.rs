@@ -338,7 +338,7 @@ fn logits_on_the_reference_ir_and_tract_agree_and_plans_refuse_in_one_line() -> 
         "-o",
         utf8(&npy),
     ])?;
-    one_line_refusal(&o, "plan-cpu", &["error: ", "Hugging Face nGPT", "rotary"])?;
+    one_line_refusal(&o, "plan-cpu", &["error: ", "Hugging Face nGPT family has no launch plan"])?;
     Ok(())
 }
 
@@ -367,14 +367,54 @@ fn compile_writes_the_onnx_export_and_skips_the_plan() -> Result<()> {
     let passes = std::fs::read_to_string(out.join("passes.txt"))?;
     ensure!(passes
         .contains("skipped: `h.0.attn.attention`: q and k are turned by the rotary embedding"));
-    // The directory's model.onnx in tract (`ngpt logits DIR` reads a compiled directory's
-    // vocabulary from model.plan's header, which this family's directory lacks).
+    // The directory's model.onnx in tract.
     let prompt = tokens("prompt.json", "tokens")?;
     let session = ngpt_compiler::onnx::tract::Session::load(&out.join("model.onnx"))?;
     let got: Vec<f64> = session.logits(&prompt)?.iter().map(|&x| x as f64).collect();
     let (_, _, theirs) = read_npy(&nous_tiny().join("ref_logits_f64.npy"))?;
     let c = compare(&got, &theirs, 76);
     ensure!(c.rel_err < 1e-5 && c.top1_agree == c.positions, "{c:?}");
+    // Through the CLI on the directory: tract's logits equal the session's above (the
+    // vocabulary comes from genai_config.json), `validate` passes with the plan engines
+    // skipped for the reason, and plan-cpu is refused in one line.
+    let npy = tmp.path().join("tract.npy");
+    let list: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    ok(
+        ngpt(&[
+            "logits",
+            utf8(&out),
+            "--engine",
+            "tract",
+            "--tokens",
+            &list.join(","),
+            "-o",
+            utf8(&npy),
+        ])?,
+        "logits --engine tract on the directory",
+    )?;
+    let (_, _, cli) = read_npy(&npy)?;
+    ensure!(compare(&cli, &got, 76).rel_err == 0.0);
+    let v = ok(ngpt(&["validate", utf8(&out)])?, "validate")?;
+    let table = stdout(&v);
+    ensure!(
+        table
+            .lines()
+            .filter(|l| l.contains("skipped: ") && l.contains("has no model.plan"))
+            .count()
+            == 2,
+        "{table}"
+    );
+    let p = ngpt(&[
+        "logits",
+        utf8(&out),
+        "--engine",
+        "plan-cpu",
+        "--tokens",
+        "1,2",
+        "-o",
+        utf8(&tmp.path().join("p.npy")),
+    ])?;
+    one_line_refusal(&p, "plan-cpu on the directory", &["has no model.plan"])?;
 
     let out2 = tmp.path().join("too-long");
     let o = ngpt(&[
