@@ -127,17 +127,7 @@ fn forward(
         Tensor::cat(&[out_even, out_odd], 3)?.reshape((t_len, h, d))
     };
 
-    // The causal mask: 0 where key u <= query t, -inf after.
-    let mask: Vec<f64> = (0..t_len * t_len)
-        .map(|i| {
-            if i % t_len <= i / t_len {
-                0.0
-            } else {
-                f64::NEG_INFINITY
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, t_len, t_len), &dev)?.to_dtype(dt)?;
+    let mask = causal_mask(t_len, &dev, dt)?;
     let softmax_scale = scalar((d as f64).sqrt())?;
     let alpha_scale = scalar(0.05 / bs)?;
     let suv_scale = scalar((c as f64).sqrt())?;
@@ -197,6 +187,20 @@ fn forward(
 }
 
 /// `Norm(A + |alpha * 0.05/bs| * (B - A))` with `A = Norm(h)`, `B = Norm(branch)`.
+/// The causal mask `[1, T, T]`: 0 where key u <= query t, -inf after.
+fn causal_mask(t_len: usize, dev: &Device, dt: DType) -> candle_core::Result<Tensor> {
+    let mask: Vec<f64> = (0..t_len * t_len)
+        .map(|i| {
+            if i % t_len <= i / t_len {
+                0.0
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, (1, t_len, t_len), dev)?.to_dtype(dt)
+}
+
 fn residual(
     h: &Tensor,
     branch: &Tensor,

@@ -338,7 +338,11 @@ fn logits_on_the_reference_ir_and_tract_agree_and_plans_refuse_in_one_line() -> 
         "-o",
         utf8(&npy),
     ])?;
-    one_line_refusal(&o, "plan-cpu", &["error: ", "Hugging Face nGPT family has no launch plan"])?;
+    one_line_refusal(
+        &o,
+        "plan-cpu",
+        &["error: ", "Hugging Face nGPT family has no launch plan"],
+    )?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{norm, residual};
+use super::{causal_mask, norm, residual};
 use crate::import::Checkpoint;
 use crate::numerics::ValueTrace;
 
@@ -89,16 +89,7 @@ pub(super) fn forward(
         Tensor::cat(&[out_a, out_b], 3)?.reshape((t_len, h, d))
     };
 
-    let mask: Vec<f64> = (0..t_len * t_len)
-        .map(|i| {
-            if i % t_len <= i / t_len {
-                0.0
-            } else {
-                f64::NEG_INFINITY
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, t_len, t_len), &dev)?.to_dtype(dt)?;
+    let mask = causal_mask(t_len, &dev, dt)?;
     let softmax_scale = scalar(1.0 / (d as f64).sqrt())?;
     let alpha_scale = scalar(0.05 / bs)?;
     let sv_scale = scalar((e as f64).sqrt())?;
