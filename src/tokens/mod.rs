@@ -42,6 +42,18 @@ pub fn parse_tokens(text: &str, vocab_size: usize) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// The one line for a directory that holds a SentencePiece `tokenizer.model` but no
+/// `tokenizer.json`: ngpt reads the latter, which transformers writes from the former.
+pub fn sentencepiece_note(model: &Path) -> String {
+    let dir = model.parent().unwrap_or(Path::new("."));
+    format!(
+        "note: {} is a SentencePiece model, which ngpt does not read; write tokenizer.json beside it with transformers: python3 -c \"from transformers import LlamaTokenizerFast as T; T.from_pretrained('{}').save_pretrained('{}')\"",
+        model.display(),
+        dir.display(),
+        dir.display()
+    )
+}
+
 /// The vocabulary files looked for beside a model, in this order.
 pub const FILE_NAMES: [&str; 3] = ["tokenizer.json", "vocab.json", "meta.pkl"];
 
@@ -156,13 +168,22 @@ impl Vocab {
         } else {
             source.parent().map(Path::to_path_buf).unwrap_or_default()
         });
-        for dir in dirs {
+        for dir in &dirs {
             for name in FILE_NAMES {
                 let candidate = dir.join(name);
                 if candidate.is_file() {
                     return Self::from_file(&candidate).map(Some);
                 }
             }
+        }
+        // A SentencePiece model alone (Llama's tokenizer.model): say how to get the
+        // tokenizer.json ngpt reads; token ids still work.
+        if let Some(sp) = dirs
+            .iter()
+            .map(|d| d.join("tokenizer.model"))
+            .find(|p| p.is_file())
+        {
+            eprintln!("{}", sentencepiece_note(&sp));
         }
         Ok(None)
     }

@@ -680,3 +680,93 @@ fn bad_vocabulary_files_fail_with_one_line() -> Result<()> {
     );
     Ok(())
 }
+
+/// A Llama-style tokenizer.json: `<s>` (id 1) added at the start of every encoding by its
+/// post-processor, as Hugging Face's fast tokenizer does.
+fn with_bos() -> String {
+    let mut t: serde_json::Value = serde_json::from_str(&word_level(&WORDS)).unwrap();
+    t["model"]["vocab"] = serde_json::json!({
+        "[UNK]": 0, "<s>": 1, "the": 2, "cat": 3, "sat": 4, "on": 5, "a": 6, "mat": 7,
+        "and": 8, "dog": 9, "ran": 10, "to": 11, "it": 12, "was": 13, "big": 14, "red": 15
+    });
+    t["added_tokens"] = serde_json::json!([{"id": 1, "content": "<s>", "single_word": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "special": true}]);
+    t["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+    });
+    t.to_string()
+}
+
+/// A tokenizer whose post-processor adds BOS gives exactly one BOS at the start of a
+/// prompt, never two (ngpt adds none of its own), through generate and a compiled
+/// directory alike; a SentencePiece tokenizer.model alone gets one note saying how to
+/// write tokenizer.json, and token ids still work.
+#[test]
+fn bos_comes_once_from_the_tokenizer_and_tokenizer_model_is_explained() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = tmp.path().join("m");
+    tiny_model(&model)?;
+    std::fs::write(model.join("tokenizer.json"), with_bos())?;
+    let compiled = tmp.path().join("c");
+    ok(
+        ngpt(&["compile", utf8(&model), "-o", utf8(&compiled)])?,
+        "compile",
+    )?;
+    for input in [&model, &compiled] {
+        let o = ok(
+            ngpt(&[
+                "generate",
+                utf8(input),
+                "--prompt",
+                "the big dog ran",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ])?,
+            "generate --prompt",
+        )?;
+        let j: serde_json::Value =
+            serde_json::from_str(stdout(&o).lines().last().context("no JSON line")?)?;
+        let ids: Vec<u64> = j["prompt_tokens"]
+            .as_array()
+            .context("prompt_tokens")?
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        assert_eq!(ids, [1, 2, 14, 9, 10], "{}", input.display());
+        assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 1, "BOS twice");
+    }
+    // tokenizer.model alone: one note, and generation from token ids still runs.
+    std::fs::remove_file(model.join("tokenizer.json"))?;
+    std::fs::write(model.join("tokenizer.model"), b"not read")?;
+    let o = ok(
+        ngpt(&[
+            "generate",
+            utf8(&model),
+            "--tokens",
+            "1,2",
+            "--max-new-tokens",
+            "1",
+        ])?,
+        "generate --tokens beside tokenizer.model",
+    )?;
+    let notes: Vec<String> = stderr(&o)
+        .lines()
+        .filter(|l| l.contains("tokenizer.model"))
+        .map(String::from)
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", stderr(&o));
+    assert!(
+        notes[0].starts_with("note: ")
+            && notes[0].contains("SentencePiece")
+            && notes[0].contains("LlamaTokenizerFast")
+            && notes[0].contains("save_pretrained"),
+        "{}",
+        notes[0]
+    );
+    Ok(())
+}
