@@ -4,6 +4,13 @@
 //! (spec section 4); scaling vectors are perturbed away from their init values, some of
 //! them negative, so that every folding mistake changes the logits. The output is a pure
 //! function of the options: same options, same bytes.
+//!
+//! With [`Family::Nous`] it writes a Hugging Face directory of NousResearch's nGPT
+//! (ngpt-hf-spec.md): `config.json` (`model_type` "ngpt") and a float32
+//! `model.safetensors` with Conv1D weights [in, out], biases and learned positions,
+//! normalized as `train_ngpt.py`'s `normalize_matrices()` leaves them; `lm_head_2`,
+//! `wpe` and the biases are not normalized (lm_head_2's rows get norms 1.4 to 3.3, as
+//! trained ones have).
 
 use std::path::Path;
 
@@ -13,6 +20,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::artifact;
 use crate::config::Config;
+pub use crate::config::Family;
 use crate::error::{Error, Result};
 
 /// Named model sizes.
@@ -24,6 +32,12 @@ pub enum Preset {
     Small,
     /// 24 layers, 16 heads, n_embd 1024, vocab 50304: NVIDIA's own nGPT configuration.
     Half,
+    /// Hugging Face family: 2 layers, 2 heads, n_embd 64, n_inner 256, 128 positions,
+    /// vocab 256.
+    NousTiny,
+    /// Hugging Face family, NousResearch/ngpt_0.5B_4k_200B's shape: 24 layers, 16 heads,
+    /// n_embd 1024, n_inner 4096, 4096 positions, vocab 32000.
+    NousHalf,
 }
 
 impl Preset {
@@ -33,6 +47,16 @@ impl Preset {
             Preset::Tiny => (2, 2, 64, 256, 256),
             Preset::Small => (12, 12, 768, 50304, 1024),
             Preset::Half => (24, 16, 1024, 50304, 1024),
+            Preset::NousTiny => (2, 2, 64, 256, 128),
+            Preset::NousHalf => (24, 16, 1024, 32000, 4096),
+        }
+    }
+
+    /// The family of checkpoint the preset writes.
+    pub fn family(self) -> Family {
+        match self {
+            Preset::Tiny | Preset::Small | Preset::Half => Family::Nvidia,
+            Preset::NousTiny | Preset::NousHalf => Family::Nous,
         }
     }
 }
@@ -48,8 +72,9 @@ pub struct InitOptions {
     pub n_embd: usize,
     /// Vocabulary size V.
     pub vocab_size: usize,
-    /// Context length recorded in `config.json`.
+    /// Context length recorded in `config.json` (`n_positions` for the Hugging Face family).
     pub block_size: usize,
+
     /// Seed of the random tensors: the same seed and sizes give the same bytes.
     pub seed: u64,
     /// `None` means train.py's choice, 1/sqrt(n_embd).
@@ -93,6 +118,60 @@ impl InitOptions {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         Config::from_args(&args, Path::new("ngpt init options"))
+    }
+}
+
+/// What `ngpt init` writes, family included: [`InitOptions`] (the NVIDIA family's
+/// options; for the Hugging Face family `block_size` is `n_positions` and `bf16` must be
+/// off), the family, and the Hugging Face family's MLP width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Sizes, seed, base_scale.
+    pub opts: InitOptions,
+    /// Which nGPT family's checkpoint to write.
+    pub family: Family,
+    /// Hugging Face family only: the MLP width I; `None` means 4 * n_embd (NVIDIA's
+    /// family always has 4 * n_embd).
+    pub n_inner: Option<usize>,
+}
+
+impl Spec {
+    /// A preset's options and family, seed 0.
+    pub fn preset(p: Preset) -> Self {
+        Spec {
+            opts: InitOptions::preset(p),
+            family: p.family(),
+            n_inner: None,
+        }
+    }
+
+    /// The config this spec describes, validated like an imported one.
+    pub fn config(&self) -> Result<Config> {
+        use crate::config::ArgValue::{Float, Int};
+        let o = &self.opts;
+        let bs = o.base_scale.unwrap_or(1.0 / (o.n_embd as f64).sqrt());
+        if self.family == Family::Nvidia {
+            if self.n_inner.is_some_and(|i| i != 4 * o.n_embd) {
+                return Err(Error::Argument {
+                    what: "n_inner".into(),
+                    problem: "NVIDIA's family has n_inner = 4 * n_embd".into(),
+                });
+            }
+            return o.config();
+        }
+        let args = [
+            ("n_layer", Int(o.n_layer as i64)),
+            ("n_head", Int(o.n_head as i64)),
+            ("n_embd", Int(o.n_embd as i64)),
+            ("n_inner", Int(self.n_inner.unwrap_or(4 * o.n_embd) as i64)),
+            ("n_positions", Int(o.block_size as i64)),
+            ("vocab_size", Int(o.vocab_size as i64)),
+            ("base_scale", Float(bs)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Config::from_hf_args(&args, Path::new("ngpt init options"))
     }
 }
 
@@ -150,6 +229,124 @@ fn perturbed(rng: &mut ChaCha8Rng, len: usize, init: f64) -> Vec<f32> {
             (init * (1.0 + 0.8 * z)) as f32
         })
         .collect()
+}
+
+/// How one Hugging Face tensor is drawn.
+enum NousKind {
+    /// Standard normal, then unit-norm along `Unit`.
+    Unit(Unit),
+    /// Unit rows, each then scaled by a norm drawn uniformly in [1.4, 3.3] (lm_head_2).
+    RowNorms,
+    /// Normal entries of this standard deviation, not normalized (wpe, biases).
+    Normal(f64),
+    /// `init * (1 + 0.8 z)`, as [`perturbed`].
+    Perturbed(f64),
+}
+
+/// Generates the Hugging Face family's state dict for `config` (ngpt-hf-spec.md, "Files"):
+/// every tensor from its own stream of `seed`, so the bytes do not depend on threads.
+fn generate_nous(seed: u64, config: &Config) -> Vec<Generated> {
+    let (e, i_, v, bs) = (
+        config.n_embd,
+        config.n_inner,
+        config.vocab_size,
+        config.base_scale,
+    );
+    let mut jobs: Vec<(String, Vec<usize>, NousKind)> = vec![
+        (
+            "transformer.wte.weight".into(),
+            vec![v, e],
+            NousKind::Unit(Unit::Rows),
+        ),
+        (
+            "transformer.wpe.weight".into(),
+            vec![config.n_positions, e],
+            NousKind::Normal(0.02),
+        ),
+    ];
+    for l in 0..config.n_layer {
+        let p = format!("transformer.h.{l}");
+        let mut put =
+            |k: &str, shape: Vec<usize>, kind| jobs.push((format!("{p}.{k}"), shape, kind));
+        // Conv1D [in, out]: c_attn and c_fc keep each output column (an E-vector) unit;
+        // the projections keep each input row (an E-vector) unit.
+        put(
+            "attn.c_attn.weight",
+            vec![e, 3 * e],
+            NousKind::Unit(Unit::Columns),
+        );
+        put("attn.c_attn.bias", vec![3 * e], NousKind::Normal(0.02));
+        put("attn.c_proj.weight", vec![e, e], NousKind::Unit(Unit::Rows));
+        put("attn.c_proj.bias", vec![e], NousKind::Normal(0.02));
+        put("attn.sqk", vec![e], NousKind::Perturbed(bs));
+        put("attn_alpha", vec![e], NousKind::Perturbed(bs));
+        put("mlp_alpha", vec![e], NousKind::Perturbed(bs));
+        put(
+            "mlp.c_fc.weight",
+            vec![e, 2 * i_],
+            NousKind::Unit(Unit::Columns),
+        );
+        put("mlp.c_fc.bias", vec![2 * i_], NousKind::Normal(0.02));
+        put("mlp.c_proj.weight", vec![i_, e], NousKind::Unit(Unit::Rows));
+        put("mlp.c_proj.bias", vec![e], NousKind::Normal(0.02));
+        put("mlp.su", vec![i_], NousKind::Perturbed(1.0));
+        put("mlp.sv", vec![i_], NousKind::Perturbed(1.0));
+    }
+    jobs.push(("lm_head_2.weight".into(), vec![v, e], NousKind::RowNorms));
+    jobs.push(("sz".into(), vec![v], NousKind::Perturbed(bs)));
+
+    let make = |idx: usize, (name, shape, kind): &(String, Vec<usize>, NousKind)| {
+        let mut rng = rng_for(seed, idx as u64);
+        let len: usize = shape.iter().product();
+        let values = match kind {
+            NousKind::Unit(unit) => normal_matrix(&mut rng, shape[0], shape[1], *unit),
+            NousKind::RowNorms => {
+                let mut m = normal_matrix(&mut rng, shape[0], shape[1], Unit::Rows);
+                let norms = rand_distr::Uniform::new(1.4f32, 3.3f32).expect("1.4 < 3.3");
+                for row in m.chunks_mut(shape[1]) {
+                    let norm = norms.sample(&mut rng);
+                    row.iter_mut().for_each(|x| *x *= norm);
+                }
+                m
+            }
+            NousKind::Normal(std) => (0..len)
+                .map(|_| {
+                    let z: f64 = StandardNormal.sample(&mut rng);
+                    (std * z) as f32
+                })
+                .collect(),
+            NousKind::Perturbed(init) => perturbed(&mut rng, len, *init),
+        };
+        Generated {
+            name: name.clone(),
+            shape: shape.clone(),
+            values,
+            bf16: false,
+        }
+    };
+    // Each job has its own stream: split the jobs over a few threads.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let jobs = &jobs;
+                let make = &make;
+                s.spawn(move || {
+                    jobs.iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % threads == t)
+                        .map(|(i, j)| make(i, j))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("init worker thread does not panic"))
+            .collect()
+    })
 }
 
 /// Generates the state dict for `opts` (NVIDIA key names).
@@ -230,15 +427,49 @@ fn generate(opts: &InitOptions, config: &Config) -> Vec<Generated> {
 /// # Ok::<(), ngpt_compiler::Error>(())
 /// ```
 pub fn write(dir: &Path, opts: &InitOptions) -> Result<()> {
-    let config = opts.config()?;
+    write_spec(
+        dir,
+        &Spec {
+            opts: opts.clone(),
+            family: Family::Nvidia,
+            n_inner: None,
+        },
+    )
+}
+
+/// Writes the checkpoint `spec` describes into `dir`: NVIDIA's (as [`write`]) or a
+/// Hugging Face directory of NousResearch's nGPT.
+///
+/// ```
+/// use ngpt_compiler::init::{write_spec, Family, Preset, Spec};
+/// let dir = std::env::temp_dir().join(format!("ngpt-doc-init-nous-{}", std::process::id()));
+/// write_spec(&dir, &Spec::preset(Preset::NousTiny))?;
+/// let ckpt = ngpt_compiler::import::load(&dir)?;
+/// assert_eq!(ckpt.config.family, Family::Nous);
+/// assert_eq!((ckpt.config.n_inner, ckpt.config.n_positions), (256, 128));
+/// # let _ = std::fs::remove_dir_all(&dir);
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
+pub fn write_spec(dir: &Path, spec: &Spec) -> Result<()> {
+    let opts = &spec.opts;
+    let config = spec.config()?;
     if config.parameter_count().is_none_or(|n| n > 8_000_000_000) {
         return Err(Error::Argument {
             what: "model size".into(),
             problem: "more than 8e9 parameters; ngpt init makes test models".into(),
         });
     }
+    if config.family == Family::Nous && opts.bf16 {
+        return Err(Error::Argument {
+            what: "bf16".into(),
+            problem: "the Hugging Face family's checkpoints are float32".into(),
+        });
+    }
     artifact::create_dir(dir)?;
-    let tensors = generate(opts, &config);
+    let tensors = match config.family {
+        Family::Nvidia => generate(opts, &config),
+        Family::Nous => generate_nous(opts.seed, &config),
+    };
     let bytes: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = tensors
         .into_iter()
         .map(|g| {
@@ -285,5 +516,26 @@ pub fn write(dir: &Path, opts: &InitOptions) -> Result<()> {
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         std::fs::set_permissions(tmp, perms).map_err(io)
     })?;
-    artifact::write_bytes(&dir.join("config.json"), config.to_json().as_bytes())
+    artifact::write_bytes(&dir.join("config.json"), config_json(&config).as_bytes())
+}
+
+/// `config.json`: NVIDIA's `model_args`, or a Hugging Face config (`model_type` "ngpt",
+/// `architectures` ["NgptLMHeadModel"]) for the Nous family.
+fn config_json(config: &Config) -> String {
+    match config.family {
+        Family::Nvidia => config.to_json(),
+        Family::Nous => serde_json::to_string_pretty(&serde_json::json!({
+            "architectures": ["NgptLMHeadModel"],
+            "model_type": "ngpt",
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_embd": config.n_embd,
+            "n_inner": config.n_inner,
+            "n_positions": config.n_positions,
+            "vocab_size": config.vocab_size,
+            "base_scale": config.base_scale,
+            "torch_dtype": "float32",
+        }))
+        .expect("a JSON value serializes"),
+    }
 }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use candle_core::DType;
 use common::*;
 use ngpt_compiler::import;
-use ngpt_compiler::init::{self, InitOptions, Preset};
+use ngpt_compiler::init::{self, Family, InitOptions, Preset, Spec};
 use ngpt_compiler::inspect;
 use ngpt_compiler::reference::Precision;
 
@@ -245,5 +245,176 @@ fn model_file_gets_the_same_permissions_as_config_json() -> Result<()> {
         format!("{:o}", mode("model.safetensors")?),
         format!("{:o}", mode("config.json")?)
     );
+    Ok(())
+}
+
+fn written_spec(spec: &Spec) -> Result<(tempfile::TempDir, Vec<u8>, Vec<u8>)> {
+    let tmp = tempfile::tempdir()?;
+    init::write_spec(tmp.path(), spec)?;
+    let (st, cfg) = files(tmp.path())?;
+    Ok((tmp, st, cfg))
+}
+
+/// f32 values of one entry.
+fn f32s(e: &Entry) -> Vec<f32> {
+    e.data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Norms of the rows (`by_row`) or the columns of a [rows, cols] matrix, in f64.
+fn norms(v: &[f32], cols: usize, by_row: bool) -> Vec<f64> {
+    let rows = v.len() / cols;
+    let n = if by_row { rows } else { cols };
+    (0..n)
+        .map(|k| {
+            let sq: f64 = if by_row {
+                v[k * cols..(k + 1) * cols]
+                    .iter()
+                    .map(|x| (*x as f64).powi(2))
+                    .sum()
+            } else {
+                (0..rows).map(|r| (v[r * cols + k] as f64).powi(2)).sum()
+            };
+            sq.sqrt()
+        })
+        .collect()
+}
+
+#[test]
+fn nous_tiny_imports_as_the_hugging_face_family_with_trained_like_norms() -> Result<()> {
+    let (tmp, _, cfg) = written_spec(&Spec::preset(Preset::NousTiny))?;
+    let cfg: serde_json::Value = serde_json::from_slice(&cfg)?;
+    assert_eq!(cfg["model_type"], "ngpt");
+    assert_eq!(cfg["architectures"][0], "NgptLMHeadModel");
+    let ckpt = import::load(tmp.path())?;
+    let c = &ckpt.config;
+    assert_eq!(c.family, Family::Nous);
+    assert_eq!(
+        (
+            c.n_layer,
+            c.n_head,
+            c.n_embd,
+            c.n_inner,
+            c.n_positions,
+            c.vocab_size
+        ),
+        (2, 2, 64, 256, 128, 256)
+    );
+    assert_eq!(c.base_scale, 1.0 / 8.0);
+    let entries = read_entries(&tmp.path().join("model.safetensors"))?;
+    let mut names: Vec<_> = entries.iter().map(|e| e.name.clone()).collect();
+    let mut want: Vec<_> = c.expected_tensors().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "the spec's keys, no lm_head.weight");
+    for (name, shape) in c.expected_tensors() {
+        let e = entries.iter().find(|e| e.name == name).unwrap();
+        assert_eq!(e.shape, shape, "{name}");
+        assert_eq!(e.dtype, safetensors::Dtype::F32, "{name}");
+        let v = f32s(e);
+        // (by_row, whether unit) for the matrices; None for the vectors.
+        let unit = if name == "transformer.wte.weight"
+            || name.ends_with("attn.c_proj.weight")
+            || name.ends_with("mlp.c_proj.weight")
+        {
+            Some(true)
+        } else if name.ends_with("c_attn.weight") || name.ends_with("c_fc.weight") {
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(by_row) = unit {
+            for n in norms(&v, shape[1], by_row) {
+                assert!((n - 1.0).abs() <= 1e-6, "{name}: norm {n}");
+            }
+        } else if name == "lm_head_2.weight" {
+            let n = norms(&v, shape[1], true);
+            assert!(
+                n.iter().all(|n| (1.4 - 1e-5..=3.3 + 1e-5).contains(n)),
+                "{name}"
+            );
+            assert!(n.iter().filter(|n| (*n - 1.0).abs() < 0.1).count() == 0);
+        } else if name == "transformer.wpe.weight" || name.ends_with(".bias") {
+            let n = norms(&v, shape[shape.len() - 1], true);
+            assert!(
+                n.iter().all(|n| (*n - 1.0).abs() > 1e-3),
+                "{name}: unit rows"
+            );
+            assert!(v.iter().all(|x| x.abs() < 0.2), "{name}: not small");
+            assert!(v.iter().any(|x| *x < 0.0), "{name}: no negatives");
+        } else {
+            // Scaling vectors: perturbed from init, a few negative.
+            let neg = v.iter().filter(|x| **x < 0.0).count();
+            assert!(neg > 0 && neg < v.len() / 2, "{name}: {neg} negative");
+            assert!(v.windows(2).any(|w| w[0] != w[1]), "{name}: constant");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn nous_tiny_reference_and_interpreter_agree() -> Result<()> {
+    use ngpt_compiler::compare::compare;
+    use ngpt_compiler::graph::interp;
+    let mut s = Spec::preset(Preset::NousTiny);
+    s.opts.seed = 5;
+    let (tmp, _, _) = written_spec(&s)?;
+    let ckpt = import::load(tmp.path())?;
+    let c = ngpt_compiler::compile::compile(&ckpt, &Default::default())?;
+    let toks: Vec<u32> = vec![3, 250, 17, 0, 99, 42, 128];
+    let pos: Vec<u32> = (0..toks.len() as u32).collect();
+    let flat = |t: &candle_core::Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+    };
+    let got = flat(&interp::run(&c.graph, &toks, &pos, Precision::F32)?[0])?;
+    let want = flat(&ngpt_compiler::reference::logits(
+        &ckpt,
+        &toks,
+        Precision::F32,
+    )?)?;
+    let v = ckpt.config.vocab_size;
+    // The compiled graph may keep only the last position.
+    let want = &want[want.len() - got.len()..];
+    assert!(got.len() >= v);
+    let cmp = compare(&got, want, v);
+    assert!(cmp.passes(1e-5, 1.0), "{cmp:?}");
+    Ok(())
+}
+
+#[test]
+fn nous_same_options_give_the_same_bytes_and_flags_override_the_preset() -> Result<()> {
+    let mut s = Spec::preset(Preset::NousTiny);
+    s.opts.seed = 9;
+    let (_a, st_a, cfg_a) = written_spec(&s)?;
+    let (_b, st_b, cfg_b) = written_spec(&s)?;
+    assert!(st_a == st_b, "model.safetensors differs between runs");
+    assert_eq!(cfg_a, cfg_b);
+    // The 0.5b preset's shape, without writing it.
+    let big = Spec::preset(Preset::NousHalf).config()?;
+    assert_eq!(
+        (
+            big.n_layer,
+            big.n_head,
+            big.n_embd,
+            big.n_inner,
+            big.n_positions,
+            big.vocab_size
+        ),
+        (24, 16, 1024, 4096, 4096, 32000)
+    );
+    // Dimension overrides, and --family nous on an NVIDIA preset.
+    let mut s = Spec::preset(Preset::Tiny);
+    s.family = Family::Nous;
+    s.opts.n_layer = 1;
+    s.n_inner = Some(96);
+    s.opts.block_size = 16;
+    let (tmp, _, _) = written_spec(&s)?;
+    let c = import::load(tmp.path())?.config;
+    assert_eq!((c.n_layer, c.n_inner, c.n_positions), (1, 96, 16));
+    // BF16 is NVIDIA's storage; the Hugging Face family is float32.
+    s.opts.bf16 = true;
+    assert!(init::write_spec(&tmp.path().join("bf16"), &s).is_err());
     Ok(())
 }

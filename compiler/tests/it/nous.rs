@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use ngpt_compiler::compare::compare;
 use ngpt_compiler::graph::{self, interp, Graph};
 use ngpt_compiler::import::{self, Checkpoint};
@@ -34,55 +34,27 @@ fn json_tokens(file: &str, field: &str) -> Result<Vec<u32>> {
 }
 
 /// A Hugging Face directory of odd shapes that fit no tile: n_embd 48 in 3 heads of 16,
-/// n_inner 100, vocab 37, 40 positions, 3 layers, base_scale 0.2; deterministic weights
-/// of a trained-like size (rows of norm ~1, scales near their init values, biases small).
+/// n_inner 100, vocab 37, 40 positions, 3 layers, base_scale 0.2; trained-like weights from
+/// `ngpt init` (unit-norm where training keeps them, lm_head_2 rows of norm 1.4 to 3.3,
+/// scales perturbed from their init values, biases small).
 fn odd() -> Result<(tempfile::TempDir, Checkpoint)> {
-    let (e, inner, v, npos, layers) = (48usize, 100usize, 37usize, 40usize, 3usize);
+    use ngpt_compiler::init::{self, Family, InitOptions, Preset, Spec};
     let dir = tempfile::tempdir()?;
-    let config = serde_json::json!({
-        "model_type": "ngpt", "architectures": ["NgptLMHeadModel"], "n_embd": e,
-        "n_head": 3, "n_inner": inner, "n_layer": layers, "n_positions": npos,
-        "vocab_size": v, "base_scale": 0.2, "bos_token_id": 1, "eos_token_id": 2,
-    });
-    std::fs::write(dir.path().join("config.json"), config.to_string())?;
-    let mut seed = 0usize;
-    let mut t = |dims: &[usize], scale: f32, offset: f32| -> Result<Tensor> {
-        seed += 1;
-        let n: usize = dims.iter().product();
-        let vals: Vec<f32> = (0..n)
-            .map(|i| offset + scale * ((i * 7919 + seed * 104729) as f32 * 0.618).sin())
-            .collect();
-        Ok(Tensor::from_vec(vals, dims, &Device::Cpu)?)
+    let spec = Spec {
+        opts: InitOptions {
+            n_layer: 3,
+            n_head: 3,
+            n_embd: 48,
+            vocab_size: 37,
+            block_size: 40,
+            seed: 1,
+            base_scale: Some(0.2),
+            ..InitOptions::preset(Preset::NousTiny)
+        },
+        family: Family::Nous,
+        n_inner: Some(100),
     };
-    let unit = 1.0 / (e as f32).sqrt() * 1.7;
-    let mut m = std::collections::HashMap::new();
-    m.insert("transformer.wte.weight".to_string(), t(&[v, e], unit, 0.0)?);
-    m.insert(
-        "transformer.wpe.weight".to_string(),
-        t(&[npos, e], 0.1, 0.0)?,
-    );
-    for l in 0..layers {
-        let p = format!("transformer.h.{l}");
-        let mut put = |k: &str, x: Tensor| {
-            m.insert(format!("{p}.{k}"), x);
-        };
-        put("attn.c_attn.weight", t(&[e, 3 * e], unit, 0.0)?);
-        put("attn.c_attn.bias", t(&[3 * e], 0.05, 0.0)?);
-        put("attn.c_proj.weight", t(&[e, e], unit, 0.0)?);
-        put("attn.c_proj.bias", t(&[e], 0.05, 0.0)?);
-        put("attn.sqk", t(&[e], 0.05, 0.2)?);
-        put("attn_alpha", t(&[e], 0.3, 0.05)?);
-        put("mlp_alpha", t(&[e], 0.3, 0.05)?);
-        put("mlp.c_fc.weight", t(&[e, 2 * inner], unit, 0.0)?);
-        put("mlp.c_fc.bias", t(&[2 * inner], 0.05, 0.0)?);
-        put("mlp.c_proj.weight", t(&[inner, e], unit, 0.0)?);
-        put("mlp.c_proj.bias", t(&[e], 0.05, 0.0)?);
-        put("mlp.su", t(&[inner], 0.3, 1.0)?);
-        put("mlp.sv", t(&[inner], 0.3, 1.0)?);
-    }
-    m.insert("lm_head_2.weight".to_string(), t(&[v, e], 0.4, 0.0)?);
-    m.insert("sz".to_string(), t(&[v], 0.05, 0.2)?);
-    candle_core::safetensors::save(&m, dir.path().join("model.safetensors"))?;
+    init::write_spec(dir.path(), &spec)?;
     let ckpt = import::load(dir.path())?;
     Ok((dir, ckpt))
 }
