@@ -186,7 +186,6 @@ fn forward(
     Ok(logits)
 }
 
-/// `Norm(A + |alpha * 0.05/bs| * (B - A))` with `A = Norm(h)`, `B = Norm(branch)`.
 /// The causal mask `[1, T, T]`: 0 where key u <= query t, -inf after.
 fn causal_mask(t_len: usize, dev: &Device, dt: DType) -> candle_core::Result<Tensor> {
     let mask: Vec<f64> = (0..t_len * t_len)
@@ -201,6 +200,7 @@ fn causal_mask(t_len: usize, dev: &Device, dt: DType) -> candle_core::Result<Ten
     Tensor::from_vec(mask, (1, t_len, t_len), dev)?.to_dtype(dt)
 }
 
+/// `Norm(A + |alpha * 0.05/bs| * (B - A))` with `A = Norm(h)`, `B = Norm(branch)`.
 fn residual(
     h: &Tensor,
     branch: &Tensor,

@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use ngpt_runtime::contract::{entry, Slot};
-//! let e = entry("lerp_norm").unwrap();
+//! let e = entry("lerp_norm").expect("lerp_norm is in the contract");
 //! assert_eq!(e.args.iter().map(|a| a.slot).collect::<Vec<_>>(),
 //!            [Slot::Out, Slot::In, Slot::Weight, Slot::Symbol]);
 //! assert!(entry("sample_topk").is_none()); // sampling stays on the host

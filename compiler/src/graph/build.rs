@@ -61,6 +61,17 @@ impl<'a> Builder<'a> {
     }
 
     /// `Norm(a + |alpha * 0.05/bs| * (Norm(branch) - a))` with `a = Norm(h)`, unfused.
+    /// The output head of both families: `(x W^T) * (sz / bs)`, no final norm; `weight`
+    /// is NVIDIA's `lm_head.weight` or the Hugging Face family's `lm_head_2.weight`.
+    fn head(&mut self, x: NodeId, weight: &str, bs: f64) -> Result<NodeId> {
+        let wlm = self.weight(weight)?;
+        let raw = self.op("lm_head".into(), Op::MatMulT, vec![x, wlm])?;
+        let sz = self.weight("sz")?;
+        let inv_bs = self.scalar("sz.scale".into(), 1.0 / bs)?;
+        let sz_eff = self.op("sz.eff".into(), Op::Mul, vec![sz, inv_bs])?;
+        self.op("logits".into(), Op::Mul, vec![raw, sz_eff])
+    }
+
     fn residual(&mut self, p: &str, h: NodeId, branch: NodeId, alpha_key: &str) -> Result<NodeId> {
         let c = self.g.n_embd;
         let bs = self.ckpt.config.base_scale;
@@ -147,12 +158,7 @@ pub fn literal(ckpt: &Checkpoint) -> Result<Graph> {
         let m = b.op(format!("{p}.out"), Op::MatMulT, vec![m, wmp])?;
         x = b.residual(&format!("h.{i}.mlp.residual"), x, m, &key("mlp_alpha"))?;
     }
-    let wlm = b.weight("lm_head.weight")?;
-    let raw = b.op("lm_head".into(), Op::MatMulT, vec![x, wlm])?;
-    let sz = b.weight("sz")?;
-    let inv_bs = b.scalar("sz.scale".into(), 1.0 / bs)?;
-    let sz_eff = b.op("sz.eff".into(), Op::Mul, vec![sz, inv_bs])?;
-    let logits = b.op("logits".into(), Op::Mul, vec![raw, sz_eff])?;
+    let logits = b.head(x, "lm_head.weight", bs)?;
     b.g.outputs = vec![logits];
     b.g.compact();
     Ok(b.g)
@@ -245,12 +251,7 @@ fn literal_nous(ckpt: &Checkpoint) -> Result<Graph> {
         let m = b.op(format!("{p}.out"), Op::MatMulT, vec![m, wmp, bmp])?;
         x = b.residual(&format!("h.{i}.mlp.residual"), x, m, &key("mlp_alpha"))?;
     }
-    let wlm = b.weight("lm_head_2.weight")?;
-    let raw = b.op("lm_head".into(), Op::MatMulT, vec![x, wlm])?;
-    let sz = b.weight("sz")?;
-    let inv_bs = b.scalar("sz.scale".into(), 1.0 / bs)?;
-    let sz_eff = b.op("sz.eff".into(), Op::Mul, vec![sz, inv_bs])?;
-    let logits = b.op("logits".into(), Op::Mul, vec![raw, sz_eff])?;
+    let logits = b.head(x, "lm_head_2.weight", bs)?;
     b.g.outputs = vec![logits];
     b.g.compact();
     Ok(b.g)

@@ -366,15 +366,7 @@ impl Emit<'_, '_> {
             };
             let bytes = m.iter().flat_map(|v| v.to_le_bytes()).collect();
             let init = b.initializer(&name, &[max, head_dim], DataType::Float, bytes, Some(doc))?;
-            let rows = b.op(
-                &name,
-                "Gather",
-                &[&init, &positions],
-                vec![("axis", Attr::Int(0))],
-                None,
-            )?;
-            let axes = b.i64s(&[2], false)?;
-            b.op(&name, "Unsqueeze", &[&rows, &axes], vec![], None)
+            table_rows(b, &name, &init, &positions, &[2])
         })
     }
 
@@ -385,12 +377,9 @@ impl Emit<'_, '_> {
         let max = self.opts.max_seq_len;
         let half = head_dim / 2;
         let table = crate::numerics::rotary_table(0..max, head_dim);
-        let mut out = vec![];
-        for (part, offset) in [("cos", 0), ("sin", half)] {
+        let mut part = |part: &str, offset: usize| {
             let key = format!("rotary.{part}.{head_dim}/{positions}");
-            let positions = positions.to_string();
-            let table = &table;
-            out.push(self.b.cached(&key, |b| {
+            self.b.cached(&key, |b| {
                 let bytes = (0..max)
                     .flat_map(|t| &table[t * head_dim + offset..t * head_dim + offset + half])
                     .flat_map(|&v| (v as f32).to_le_bytes())
@@ -402,19 +391,11 @@ impl Emit<'_, '_> {
                      rounded once"
                 );
                 let init = b.initializer(&name, &[max, half], DataType::Float, bytes, Some(doc))?;
-                let rows = b.op(
-                    &name,
-                    "Gather",
-                    &[&init, &positions],
-                    vec![("axis", Attr::Int(0))],
-                    None,
-                )?;
-                let axes = b.i64s(&[2, 4], false)?;
-                b.op(&name, "Unsqueeze", &[&rows, &axes], vec![], None)
-            })?);
-        }
-        let sin = out.pop().unwrap_or_default();
-        let cos = out.pop().unwrap_or_default();
+                table_rows(b, &name, &init, positions, &[2, 4])
+            })
+        };
+        let cos = part("cos", 0)?;
+        let sin = part("sin", half)?;
         Ok((cos, sin))
     }
 
@@ -791,6 +772,27 @@ fn transpose_tiles(rows: usize, cols: usize, mut put: impl FnMut(usize, usize)) 
             }
         }
     }
+}
+
+/// Rows of a `[max_seq_len, ...]` table for `positions` (Gather on axis 0), with unit axes
+/// inserted at `axes` so they broadcast against the activations: the position table's and
+/// the rotary embedding's.
+fn table_rows(
+    b: &mut Builder,
+    name: &str,
+    table: &str,
+    positions: &str,
+    axes: &[i64],
+) -> Result<String> {
+    let rows = b.op(
+        name,
+        "Gather",
+        &[table, positions],
+        vec![("axis", Attr::Int(0))],
+        None,
+    )?;
+    let axes = b.i64s(axes, false)?;
+    b.op(name, "Unsqueeze", &[&rows, &axes], vec![], None)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! use ngpt_compiler::onnx::genai::{config_json, SpecialTokens};
 //! let cfg = ngpt_compiler::init::InitOptions::preset(ngpt_compiler::init::Preset::Tiny).config()?;
 //! let text = config_json(&cfg, 2048, "model.onnx", &SpecialTokens::default());
-//! let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+//! let v: serde_json::Value = serde_json::from_str(&text).expect("config_json writes JSON");
 //! assert_eq!(v["model"]["type"], "decoder");
 //! assert_eq!(v["model"]["context_length"], 2048);
 //! assert!(v["model"].get("eos_token_id").is_none()); // none defined, none written
@@ -114,8 +114,8 @@ pub fn config_json(
             "top_p": 1.0
         }
     });
-    // A Value of maps, strings and numbers always serializes.
-    let mut text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&config)
+        .expect("a JSON value of maps, strings and finite numbers always serializes");
     text.push('\n');
     text
 }
