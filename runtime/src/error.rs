@@ -55,6 +55,27 @@ pub enum Error {
         /// The plan's KV capacity per sequence.
         capacity: usize,
     },
+    /// A request whose prompt and `max_tokens` together exceed the KV capacity.
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens {max_tokens} exceeds the KV capacity {capacity}"
+    )]
+    RequestTooLong {
+        /// The prompt's tokens.
+        prompt: usize,
+        /// The tokens asked for.
+        max_tokens: usize,
+        /// The plan's KV capacity per sequence.
+        capacity: usize,
+    },
+    /// The engine's queue holds as many waiting requests as it takes.
+    #[error("queue: {limit} requests are already waiting; try again later")]
+    QueueFull {
+        /// Waiting requests the engine takes.
+        limit: usize,
+    },
+    /// The engine is draining or stopped and takes no new requests.
+    #[error("engine: shutting down; takes no new requests")]
+    ShuttingDown,
     /// A sequence whose KV cache is full: another token has no slot.
     #[error("sequence {sequence} is full: the KV capacity is {capacity} tokens")]
     KvCacheFull {

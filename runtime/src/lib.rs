@@ -20,6 +20,7 @@ pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod listing;
 pub mod mapped;
