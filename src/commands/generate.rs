@@ -154,6 +154,7 @@ pub fn run(a: Args) -> Result<()> {
         Sampling {
             temperature: a.temperature,
             top_k: a.top_k,
+            top_p: 1.0,
         },
         a.seed,
     );
