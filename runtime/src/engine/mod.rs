@@ -63,7 +63,7 @@ pub struct SamplingParams {
     /// Token ids that end the request (finish [`Finish::Stop`]); the stop token is not
     /// emitted.
     pub stop_token_ids: Vec<u32>,
-    /// Goes on past the end-of-sequence token ([`EngineOptions::eos`]).
+    /// Goes on past the end-of-sequence tokens ([`EngineOptions::eos`]).
     pub ignore_eos: bool,
     /// With `Some(n)`, each token comes with its log-probability and the `n` most likely
     /// tokens' (at most [`MAX_LOGPROBS`]).
@@ -201,8 +201,9 @@ pub struct EngineOptions {
     /// logits are bitwise the same alone or amid any traffic. Off: a prompt is prefilled in
     /// one call (the GEMM path; faster for long prompts, not batch-invariant).
     pub invariant: bool,
-    /// The end-of-sequence token, where the tokenizer defines one.
-    pub eos: Option<u32>,
+    /// The end-of-sequence tokens, where the tokenizer defines them (a char-level
+    /// vocabulary defines none).
+    pub eos: Vec<u32>,
 }
 
 /// The most rows an invariant call takes: the CPU's dot-product path, bitwise the same
@@ -219,7 +220,7 @@ impl EngineOptions {
             max_queue: 4 * max_batch.max(1),
             step_prefill_rows: MAX_INVARIANT_ROWS,
             invariant: true,
-            eos: None,
+            eos: vec![],
         }
     }
 
@@ -477,7 +478,7 @@ impl Engine {
             let s = &mut self.running[i];
             let token = s.sampler.pick(&row);
             let stop = s.params.stop_token_ids.contains(&token)
-                || (!s.params.ignore_eos && self.opts.eos == Some(token));
+                || (!s.params.ignore_eos && self.opts.eos.contains(&token));
             if stop {
                 retire.push((i, Some(Finish::Stop)));
                 continue;

@@ -252,7 +252,7 @@ fn stop_tokens_and_eos_end_a_request_without_emitting_it() {
     });
     let stop_at = solo[2];
     let first = solo.iter().position(|&t| t == stop_at).expect("in it");
-    let run = |params: SamplingParams, eos: Option<u32>| {
+    let run = |params: SamplingParams, eos: Vec<u32>| {
         let mut opts = EngineOptions::new(1);
         opts.eos = eos;
         let mut e = Engine::with_backend(Box::new(Fake::new(1, 64)), opts).expect("engine");
@@ -276,17 +276,17 @@ fn stop_tokens_and_eos_end_a_request_without_emitting_it() {
         stop_token_ids: vec![stop_at],
         ..base.clone()
     };
-    let (t, f) = run(stop_ids, None);
+    let (t, f) = run(stop_ids, vec![]);
     assert_eq!(t, solo[..first]);
     assert_eq!(f, (Finish::Stop, req.prompt.len(), first));
-    let (t, f) = run(base.clone(), Some(stop_at));
+    let (t, f) = run(base.clone(), vec![stop_at]);
     assert_eq!(t, solo[..first]);
     assert_eq!(f.0, Finish::Stop);
     let ignore = SamplingParams {
         ignore_eos: true,
         ..base
     };
-    let (t, f) = run(ignore, Some(stop_at));
+    let (t, f) = run(ignore, vec![stop_at]);
     assert_eq!(t, solo);
     assert_eq!(f.0, Finish::Length);
 }
