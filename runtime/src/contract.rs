@@ -24,7 +24,8 @@ pub const MODULE: &str = "ngpt";
 
 /// The version of the kernel ABI (the entries, their argument slots and contracts). A plan
 /// states the ABI it was lowered for; a runtime refuses any other. 1 was format 1's source
-/// carrying plans; 2 dropped `sample_topk`.
+/// carrying plans; 2 dropped `sample_topk`; 3: every row carries its KV-cache slot (the
+/// int32 `slots` input), which `pos_norm` and attention take instead of tokens per sequence.
 pub const KERNEL_ABI: u32 = pb::KERNEL_ABI;
 
 /// Model dimensions, from the plan's config.
@@ -54,7 +55,7 @@ pub enum Slot {
     Out,
     /// A weight (read as f32).
     Weight,
-    /// A request size (rows, batch or tokens).
+    /// A request size (rows or batch).
     Symbol,
 }
 
@@ -63,7 +64,7 @@ pub enum Slot {
 pub enum Dtype {
     /// 32-bit floats.
     F32,
-    /// 32-bit integers (token ids, positions).
+    /// 32-bit integers (token ids, positions, slots).
     I32,
 }
 
@@ -78,7 +79,7 @@ pub enum Width {
     VocabEmbd,
     /// max_seq_len x head_dim (the position table).
     PosTable,
-    /// n_head x max_seq_len x head_dim (one sequence's KV cache of one layer).
+    /// n_head x max_seq_len x head_dim (one slot's KV cache of one layer).
     Cache,
 }
 
@@ -100,8 +101,8 @@ impl Width {
 pub enum Len {
     /// The width for every row of the request.
     PerRow(Width),
-    /// The width for every sequence of the request.
-    PerSeq(Width),
+    /// The width for every KV slot the executor holds.
+    PerSlot(Width),
     /// The width, whatever the request.
     Whole(Width),
     /// Nothing (a symbol).
@@ -146,8 +147,6 @@ pub struct Entry {
     pub distinct: &'static [&'static [usize]],
     /// The argument holding the request's rows.
     pub rows: usize,
-    /// The argument holding the tokens per sequence, where the entry needs sequences.
-    pub tokens: Option<usize>,
     /// Its block shape on CUDA.
     pub block: BlockRule,
     /// Whether the grid's y dimension runs over heads (at most n_head).
@@ -164,7 +163,6 @@ const fn arg(name: &'static str, slot: Slot, dtype: Dtype, len: Len) -> ArgSpec 
 }
 
 const ROWS: ArgSpec = arg("rows", Slot::Symbol, Dtype::I32, Len::None);
-const TOKENS: ArgSpec = arg("tokens", Slot::Symbol, Dtype::I32, Len::None);
 
 const fn rows_f32(name: &'static str, slot: Slot, embd: usize) -> ArgSpec {
     arg(name, slot, Dtype::F32, Len::PerRow(Width::Embd(embd)))
@@ -175,7 +173,7 @@ const fn rows_i32(name: &'static str) -> ArgSpec {
 }
 
 const fn cache(name: &'static str, slot: Slot) -> ArgSpec {
-    arg(name, slot, Dtype::F32, Len::PerSeq(Width::Cache))
+    arg(name, slot, Dtype::F32, Len::PerSlot(Width::Cache))
 }
 
 const fn weight(name: &'static str, w: Width) -> ArgSpec {
@@ -192,7 +190,7 @@ const ATTENTION_ARGS: &[ArgSpec] = &[
     rows_i32("positions"),
     rows_f32("out", Slot::Out, 1),
     ROWS,
-    TOKENS,
+    rows_i32("slots"),
 ];
 
 /// Every entry of the `ngpt` module.
@@ -207,7 +205,6 @@ pub const ENTRIES: &[Entry] = &[
         ],
         distinct: &[&[0, 2]],
         rows: 3,
-        tokens: None,
         block: BlockRule::Any,
         heads_on_grid_y: false,
     },
@@ -220,7 +217,6 @@ pub const ENTRIES: &[Entry] = &[
         ],
         distinct: &[&[0, 1]],
         rows: 2,
-        tokens: None,
         block: BlockRule::Warps(32),
         heads_on_grid_y: false,
     },
@@ -234,7 +230,6 @@ pub const ENTRIES: &[Entry] = &[
         ],
         distinct: &[&[0, 1]],
         rows: 3,
-        tokens: None,
         block: BlockRule::Warps(32),
         heads_on_grid_y: false,
     },
@@ -247,7 +242,6 @@ pub const ENTRIES: &[Entry] = &[
         ],
         distinct: &[&[0, 1]],
         rows: 2,
-        tokens: None,
         block: BlockRule::Any,
         heads_on_grid_y: false,
     },
@@ -263,29 +257,26 @@ pub const ENTRIES: &[Entry] = &[
             cache("k_cache", Slot::Out),
             cache("v_cache", Slot::Out),
             ROWS,
-            TOKENS,
+            rows_i32("slots"),
         ],
-        distinct: &[&[0, 1, 5, 6, 7]],
+        distinct: &[&[0, 1, 5, 6, 7], &[5, 9], &[6, 9], &[7, 9]],
         rows: 8,
-        tokens: Some(9),
         block: BlockRule::Warps(0),
         heads_on_grid_y: true,
     },
     Entry {
         name: "attention_prefill",
         args: ATTENTION_ARGS,
-        distinct: &[&[0, 1, 3, 4], &[2, 4]],
+        distinct: &[&[0, 1, 3, 4], &[2, 4], &[4, 6]],
         rows: 5,
-        tokens: Some(6),
         block: BlockRule::KvTiles(128),
         heads_on_grid_y: true,
     },
     Entry {
         name: "attention_decode",
         args: ATTENTION_ARGS,
-        distinct: &[&[0, 1, 3, 4], &[2, 4]],
+        distinct: &[&[0, 1, 3, 4], &[2, 4], &[4, 6]],
         rows: 5,
-        tokens: Some(6),
         block: BlockRule::Exactly(DEC_TILE),
         heads_on_grid_y: true,
     },
@@ -324,36 +315,25 @@ pub enum Bound<'a> {
 }
 
 impl Entry {
-    /// The rows and sequences of a call from its bound arguments.
-    pub fn request(&self, bound: &[Bound<'_>]) -> Result<(usize, usize), String> {
-        let int = |i: usize| match bound.get(i) {
-            Some(Bound::Int(v)) => Ok(*v),
-            _ => Err(format!(
-                "argument {i} of `{}` is not a request size",
-                self.name
-            )),
-        };
-        let rows = int(self.rows)?;
-        if rows < 0 {
-            return Err("rows must not be negative".into());
-        }
-        let seqs = match self.tokens {
-            None => 0,
-            Some(t) => {
-                let tokens = int(t)?;
-                if tokens < 1 {
-                    return Err("tokens per sequence must be positive".into());
-                }
-                (rows as usize).div_ceil(tokens as usize)
+    /// The rows of a call from its bound arguments.
+    pub fn request(&self, bound: &[Bound<'_>]) -> Result<usize, String> {
+        match bound.get(self.rows) {
+            Some(Bound::Int(v)) => {
+                usize::try_from(*v).map_err(|_| "rows must not be negative".to_string())
             }
-        };
-        Ok((rows as usize, seqs))
+            _ => Err(format!(
+                "argument {} of `{}` is not a request size",
+                self.rows, self.name
+            )),
+        }
     }
 
-    /// Checks one call's bound arguments against the contract: count, dtypes, the elements
-    /// each must hold for its rows and sequences, distinct buffers. The error is the
-    /// problem, for the caller to attach to the step.
-    pub fn check_args(&self, d: &Dims, bound: &[Bound<'_>]) -> Result<(), String> {
+    /// Checks one call's bound arguments against the contract for an executor holding
+    /// `slots` KV slots: count, dtypes, the elements each must hold for its rows and slots,
+    /// distinct buffers. (The slot of every row is below `slots`: the executors check the
+    /// rows before anything runs.) The error is the problem, for the caller to attach to
+    /// the step.
+    pub fn check_args(&self, d: &Dims, bound: &[Bound<'_>], slots: usize) -> Result<(), String> {
         if bound.len() != self.args.len() {
             return Err(format!(
                 "`{}` takes {} arguments, the step passes {}",
@@ -362,11 +342,11 @@ impl Entry {
                 bound.len()
             ));
         }
-        let (rows, seqs) = self.request(bound)?;
+        let rows = self.request(bound)?;
         for (i, (spec, b)) in self.args.iter().zip(bound).enumerate() {
             let need = match spec.len {
                 Len::PerRow(w) => rows.checked_mul(w.elements(d)),
-                Len::PerSeq(w) => seqs.checked_mul(w.elements(d)),
+                Len::PerSlot(w) => slots.checked_mul(w.elements(d)),
                 Len::Whole(w) => Some(w.elements(d)),
                 Len::None => Some(0),
             }
@@ -719,13 +699,13 @@ mod tests {
             Bound::Weight { index: 0, len: 8 },
             Bound::Int(3),
         ];
-        assert_eq!(e.check_args(&D, &ok), Ok(()));
+        assert_eq!(e.check_args(&D, &ok, 1), Ok(()));
         let mut short = ok;
         short[1] = buf(1, 23);
-        assert!(e.check_args(&D, &short).unwrap_err().contains("0..24"));
+        assert!(e.check_args(&D, &short, 1).unwrap_err().contains("0..24"));
         let mut alias = ok;
         alias[1] = buf(0, 24);
-        assert!(e.check_args(&D, &alias).unwrap_err().contains("distinct"));
+        assert!(e.check_args(&D, &alias, 1).unwrap_err().contains("distinct"));
         let mut int = ok;
         int[0] = Bound::Buffer {
             index: 0,
@@ -734,11 +714,11 @@ mod tests {
             len: 24,
         };
         assert!(e
-            .check_args(&D, &int)
+            .check_args(&D, &int, 1)
             .unwrap_err()
             .contains("should be f32"));
-        assert!(e.check_args(&D, &ok[..3]).unwrap_err().contains("takes 4"));
-        // Sequences: a KV cache per sequence (rows 5 of 2 tokens each: 3 sequences).
+        assert!(e.check_args(&D, &ok[..3], 1).unwrap_err().contains("takes 4"));
+        // Slots: a KV cache per slot held (5 rows over 3 slots).
         let a = entry("attention_decode").unwrap();
         let cache = 3 * D.n_head * D.max_seq_len * D.head_dim;
         let pos = Bound::Buffer {
@@ -755,11 +735,20 @@ mod tests {
                 pos,
                 buf(4, 40),
                 Bound::Int(5),
-                Bound::Int(2),
+                Bound::Buffer {
+                    index: 5,
+                    name: "slots",
+                    int32: true,
+                    len: 5,
+                },
             ]
         };
-        assert_eq!(a.check_args(&D, &args(cache)), Ok(()));
-        assert!(a.check_args(&D, &args(cache - 1)).is_err());
+        assert_eq!(a.check_args(&D, &args(cache), 3), Ok(()));
+        assert!(a.check_args(&D, &args(cache - 1), 3).is_err());
+        assert!(a.check_args(&D, &args(cache), 4).is_err());
+        let mut old = args(cache);
+        old[6] = Bound::Int(2); // ABI 2's tokens per sequence
+        assert!(a.check_args(&D, &old, 3).unwrap_err().contains("`slots`"));
         assert_eq!(a.check_block(&D, 32, (DEC_TILE, 1, 1), 0), Ok(()));
         assert!(a.check_block(&D, 32, (64, 1, 1), 0).is_err());
         assert!(a.check_grid(&D, (5, 3, 1)).unwrap_err().contains("n_head"));

@@ -87,6 +87,51 @@ pub enum Error {
     /// An executor or session for no sequences.
     #[error("batch: must be at least 1 sequence")]
     EmptyBatch,
+    /// A program call with no rows.
+    #[error("rows: a call needs at least one row")]
+    NoRows,
+    /// A call whose tokens, positions and slots differ in length.
+    #[error("rows: tokens, positions and slots need one entry per row each, found {tokens}, {positions} and {slots}")]
+    RowsMismatch {
+        /// Token ids given.
+        tokens: usize,
+        /// Positions given.
+        positions: usize,
+        /// Slots given.
+        slots: usize,
+    },
+    /// A row naming a KV slot the executor does not hold.
+    #[error("row {row}: slot {slot} is outside the {held} KV slots this executor holds (0..{held})")]
+    SlotOutOfRange {
+        /// The row's index in the call.
+        row: usize,
+        /// Its slot.
+        slot: i64,
+        /// Slots the executor holds.
+        held: usize,
+    },
+    /// A row at a position past the KV capacity (or negative).
+    #[error("row {row}: position {position} is outside the KV capacity 0..{capacity}")]
+    PositionOutOfRange {
+        /// The row's index in the call.
+        row: usize,
+        /// Its position.
+        position: i64,
+        /// The plan's KV capacity per slot.
+        capacity: usize,
+    },
+    /// Two rows of one call writing the same cache entry (they would race on a GPU).
+    #[error("rows {first} and {second} both write slot {slot} at position {position}; a call writes each (slot, position) once")]
+    DuplicateRow {
+        /// The earlier row.
+        first: usize,
+        /// The later row.
+        second: usize,
+        /// Their slot.
+        slot: usize,
+        /// Their position.
+        position: usize,
+    },
     /// A step would read or write outside a buffer (a tampered plan).
     #[error("step `{step}`: {problem}")]
     Step {

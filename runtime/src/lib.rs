@@ -26,8 +26,9 @@ pub mod listing;
 pub mod mapped;
 pub mod options;
 pub mod plan;
-mod rows;
+pub mod rows;
 pub mod sample;
 pub mod session;
 
 pub use error::{Error, Result};
+pub use rows::Rows;

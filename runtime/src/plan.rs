@@ -426,6 +426,7 @@ impl LoadedPlan {
         for (name, dtype, per_row) in [
             ("tokens", pb::DType::I32, 1u64),
             ("positions", pb::DType::I32, 1),
+            ("slots", pb::DType::I32, 1),
             ("logits", pb::DType::F32, dims.vocab as u64),
         ] {
             let b = plan
@@ -564,27 +565,6 @@ pub struct GemmExtents {
     pub need_c: usize,
 }
 
-/// The rows of a program run: `batch` sequences of `per_seq` tokens, with one position per
-/// token. Both executors check a request with this before running it.
-pub fn request_rows(
-    batch: usize,
-    per_seq: usize,
-    tokens: &[i32],
-    positions: &[i32],
-) -> Result<usize> {
-    let rows = tokens.len();
-    if rows != batch * per_seq || positions.len() != rows || per_seq == 0 {
-        return Err(Error::Request {
-            what: "tokens".into(),
-            problem: format!(
-                "expected {batch} x {per_seq} tokens and positions, found {rows} and {}",
-                positions.len()
-            ),
-        });
-    }
-    Ok(rows)
-}
-
 /// Evaluates `g` for `rows` rows of `batch` sequences and checks its leading dimensions;
 /// the error is the problem, for the caller to attach to the step.
 pub fn gemm_extents(
@@ -709,14 +689,14 @@ fn validate_step(
                     (Slot::In | Slot::Out, Some(arg::Value::Buffer(_)))
                     | (Slot::Weight, Some(arg::Value::Weight(_))) => {}
                     (Slot::Symbol, Some(arg::Value::Symbol(v)))
-                        if pb::Symbol::try_from(*v).is_ok_and(|s| s != pb::Symbol::Unspecified) => {
-                    }
+                        if pb::Symbol::try_from(*v)
+                            .is_ok_and(|s| s == pb::Symbol::Rows || s == pb::Symbol::Batch) => {}
                     (_, value) => {
                         let want = match slot {
                             Slot::In => "a buffer it reads",
                             Slot::Out => "a buffer it writes",
                             Slot::Weight => "a weight",
-                            Slot::Symbol => "a request size (ROWS, BATCH or TOKENS)",
+                            Slot::Symbol => "a request size (ROWS or BATCH)",
                         };
                         return Err(format!(
                             "argument {i} of `{}` should be {want}, found {}",

@@ -9,49 +9,43 @@ use std::sync::Arc;
 use crate::cpu::{CpuExecutor, ProgramKind};
 use crate::error::{Error, Result};
 use crate::plan::LoadedPlan;
-use crate::rows::gather_rows;
+use crate::rows::{gather_rows, Rows};
 
-/// What a session needs from an executor: run a program over `batch x per_seq` rows of
-/// tokens and positions and return the logits, `[rows, vocab]`.
+/// What a session needs from an executor: run a program over rows, each `(slot, token,
+/// position)` ([`Rows`]), and return the logits, `[rows, vocab]`. Rows of different slots
+/// and programs can be mixed freely between calls (a continuous-batching scheduler's
+/// calls); within a call no two rows write the same (slot, position).
 pub trait Executor: Send {
     /// The plan this executor runs.
     fn plan(&self) -> &Arc<LoadedPlan>;
-    /// Sequences (B) this executor holds KV caches for.
+    /// KV slots (sequences, B) this executor holds caches for; every row's slot is below
+    /// it.
     fn batch(&self) -> usize;
     /// One line naming the executor and where it runs (e.g. `plan-cpu`).
     fn describe(&self) -> String;
-    /// Runs `kind`; see [`CpuExecutor::run`].
-    fn run(
-        &mut self,
-        kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-    ) -> Result<&[f32]>;
+    /// Runs `kind` over `rows`; see [`CpuExecutor::run`].
+    fn run(&mut self, kind: ProgramKind, rows: &Rows<'_>) -> Result<&[f32]>;
     /// Runs `kind`, calling `on_step(step, width, rows)` after each step with what it
     /// wrote; see [`CpuExecutor::run_traced`].
     fn run_traced(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &Rows<'_>,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]>;
-    /// Runs `kind` and returns the logits of the chosen rows only, `[rows.len(), vocab]`,
-    /// in the order given (each row below batch x per_seq). This default runs everything
-    /// and copies the rows out; an executor may skip the work no chosen row needs.
+    /// Runs `kind` and returns the logits of the `chosen` rows only,
+    /// `[chosen.len(), vocab]`, in the order given (each an index into `rows`). This
+    /// default runs everything and copies the rows out; an executor may skip the work no
+    /// chosen row needs.
     fn run_rows(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-        rows: &[usize],
+        rows: &Rows<'_>,
+        chosen: &[usize],
     ) -> Result<Vec<f32>> {
         let v = self.plan().dims.vocab;
-        let all = self.run(kind, tokens, positions, per_seq)?;
-        gather_rows(all, v, rows)
+        let all = self.run(kind, rows)?;
+        gather_rows(all, v, chosen)
     }
 }
 
@@ -65,34 +59,24 @@ impl Executor for CpuExecutor {
     fn describe(&self) -> String {
         "plan-cpu".into()
     }
-    fn run(
-        &mut self,
-        kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-    ) -> Result<&[f32]> {
-        CpuExecutor::run(self, kind, tokens, positions, per_seq)
+    fn run(&mut self, kind: ProgramKind, rows: &Rows<'_>) -> Result<&[f32]> {
+        CpuExecutor::run(self, kind, rows)
     }
     fn run_traced(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &Rows<'_>,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        CpuExecutor::run_traced(self, kind, tokens, positions, per_seq, on_step)
+        CpuExecutor::run_traced(self, kind, rows, on_step)
     }
     fn run_rows(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-        rows: &[usize],
+        rows: &Rows<'_>,
+        chosen: &[usize],
     ) -> Result<Vec<f32>> {
-        CpuExecutor::run_rows(self, kind, tokens, positions, per_seq, rows)
+        CpuExecutor::run_rows(self, kind, rows, chosen)
     }
 }
 
@@ -207,15 +191,18 @@ impl Session {
     /// # Ok::<(), ngpt_runtime::Error>(())
     /// ```
     pub fn prefill_last(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let (tokens, positions, t) = self.prefill_request(prompts)?;
+        let (tokens, positions, slots, t) = self.prefill_request(prompts)?;
         let last: Vec<usize> = prompts
             .iter()
             .enumerate()
             .map(|(b, p)| b * t + p.len() - 1)
             .collect();
-        let out = self
-            .exec
-            .run_rows(ProgramKind::Prefill, &tokens, &positions, t, &last)?;
+        let rows = Rows {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+        };
+        let out = self.exec.run_rows(ProgramKind::Prefill, &rows, &last)?;
         self.lens = prompts.iter().map(Vec::len).collect();
         Ok(out)
     }
@@ -256,22 +243,28 @@ impl Session {
         prompts: &[Vec<u32>],
         on_step: Option<crate::cpu::StepTrace<'_>>,
     ) -> Result<Vec<f32>> {
-        let (tokens, positions, t) = self.prefill_request(prompts)?;
+        let (tokens, positions, slots, _) = self.prefill_request(prompts)?;
+        let rows = Rows {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+        };
         let out = match on_step {
-            None => self
-                .exec
-                .run(ProgramKind::Prefill, &tokens, &positions, t)?,
-            Some(f) => self
-                .exec
-                .run_traced(ProgramKind::Prefill, &tokens, &positions, t, f)?,
+            None => self.exec.run(ProgramKind::Prefill, &rows)?,
+            Some(f) => self.exec.run_traced(ProgramKind::Prefill, &rows, f)?,
         }
         .to_vec();
         self.lens = prompts.iter().map(Vec::len).collect();
         Ok(out)
     }
 
-    /// The tokens and positions of a prefill (right-padded to the longest prompt, T) and T.
-    fn prefill_request(&self, prompts: &[Vec<u32>]) -> Result<(Vec<i32>, Vec<i32>, usize)> {
+    /// The tokens, positions and slots of a prefill (right-padded to the longest prompt,
+    /// T; sequence b is slot b) and T.
+    #[allow(clippy::type_complexity)]
+    fn prefill_request(
+        &self,
+        prompts: &[Vec<u32>],
+    ) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>, usize)> {
         let b = self.exec.batch();
         if prompts.len() != b {
             return Err(Error::Request {
@@ -295,14 +288,16 @@ impl Session {
         }
         let mut tokens = Vec::with_capacity(b * t);
         let mut positions = Vec::with_capacity(b * t);
-        for p in prompts {
+        let mut slots = Vec::with_capacity(b * t);
+        for (slot, p) in prompts.iter().enumerate() {
             self.check_tokens(p)?;
             // Right padding: pad rows write cache slots past the prompt, which decode
             // overwrites before any query can reach them.
             tokens.extend((0..t).map(|i| p.get(i).copied().unwrap_or(0) as i32));
             positions.extend((0..t).map(|i| i as i32));
+            slots.extend(std::iter::repeat_n(slot as i32, t));
         }
-        Ok((tokens, positions, t))
+        Ok((tokens, positions, slots, t))
     }
 
     /// Appends one token to each sequence and returns their logits, `[B, vocab]`.
@@ -330,10 +325,13 @@ impl Session {
         }
         let tokens: Vec<i32> = next.iter().map(|&t| t as i32).collect();
         let positions: Vec<i32> = self.lens.iter().map(|&l| l as i32).collect();
-        let out = self
-            .exec
-            .run(ProgramKind::Decode, &tokens, &positions, 1)?
-            .to_vec();
+        let slots: Vec<i32> = (0..b as i32).collect();
+        let rows = Rows {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+        };
+        let out = self.exec.run(ProgramKind::Decode, &rows)?.to_vec();
         self.lens.iter_mut().for_each(|l| *l += 1);
         Ok(out)
     }

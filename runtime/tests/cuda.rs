@@ -43,6 +43,25 @@ fn executor(plan: Arc<LoadedPlan>, batch: usize) -> Result<CudaExecutor> {
 }
 
 /// `Some(reason)` when this process cannot run CUDA; the GPU tests skip with it.
+/// Runs `kind` over a rectangle: `per_seq` rows a sequence, slot = sequence.
+fn run_rect<'a>(
+    ex: &'a mut CudaExecutor,
+    kind: ProgramKind,
+    tokens: &[i32],
+    positions: &[i32],
+    per_seq: usize,
+) -> ngpt_runtime::Result<&'a [f32]> {
+    let slots: Vec<i32> = (0..tokens.len()).map(|r| (r / per_seq) as i32).collect();
+    ex.run(
+        kind,
+        &ngpt_runtime::Rows {
+            tokens,
+            positions,
+            slots: &slots,
+        },
+    )
+}
+
 fn skip() -> Option<String> {
     cuda::unavailable()
 }
@@ -306,6 +325,7 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
     };
     let tokens = b.buffer("tokens", pb::DType::I32, BufferKind::Input, one);
     let positions = b.buffer("positions", pb::DType::I32, BufferKind::Input, one);
+    let slots = b.buffer("slots", pb::DType::I32, BufferKind::Input, one);
     let x0 = b.rows("x0", c, BufferKind::Activation);
     let hb = b.rows("h", c, BufferKind::Activation);
     let qkv = b.rows("qkv", 3 * c, BufferKind::Activation);
@@ -404,7 +424,7 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
                     buf(kc),
                     buf(vc),
                     sym(Symbol::Rows),
-                    sym(Symbol::Tokens),
+                    buf(slots),
                 ],
             ));
             steps.push(launch(
@@ -428,7 +448,7 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
                     buf(positions),
                     buf(att),
                     sym(Symbol::Rows),
-                    sym(Symbol::Tokens),
+                    buf(slots),
                 ],
             ));
             steps.push(gemm(&n("o"), att, w_o, c, c, proj));
@@ -780,8 +800,8 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     b.set_graph(false);
     let toks: Vec<i32> = prompt(v, 10, 1).iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..5).chain(0..5).collect();
-    let pa = a.run(ProgramKind::Prefill, &toks, &pos, 5)?.to_vec();
-    let pb_ = b.run(ProgramKind::Prefill, &toks, &pos, 5)?.to_vec();
+    let pa = run_rect(&mut a, ProgramKind::Prefill, &toks, &pos, 5)?.to_vec();
+    let pb_ = run_rect(&mut b, ProgramKind::Prefill, &toks, &pos, 5)?.to_vec();
     let (err, _) = compare(&pa, &pb_, v);
     eprintln!(
         "the same prefill on two executors: relative difference {err:.3e} (bitwise equal: {})",
@@ -791,8 +811,8 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     for step in 0..6 {
         let t = [(step * 3 % v) as i32, (step * 5 % v) as i32];
         let p = [5 + step as i32, 5 + step as i32];
-        let ga = a.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
-        let gb = b.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+        let ga = run_rect(&mut a, ProgramKind::Decode, &t, &p, 1)?.to_vec();
+        let gb = run_rect(&mut b, ProgramKind::Decode, &t, &p, 1)?.to_vec();
         let (err, _) = compare(&ga, &gb, v);
         assert!(
             err <= 1e-6,
@@ -804,12 +824,12 @@ fn decode_graph_replays_what_step_by_step_computes() -> Result<()> {
     // A longer prefill grows the buffers: the next decode captures again.
     let toks: Vec<i32> = prompt(v, 40, 2).iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..20).chain(0..20).collect();
-    a.run(ProgramKind::Prefill, &toks, &pos, 20)?;
+    run_rect(&mut a, ProgramKind::Prefill, &toks, &pos, 20)?;
     // The first decode of the new shape warms up step by step, the second captures.
-    let ga = a.run(ProgramKind::Decode, &[1, 2], &[20, 20], 1)?.to_vec();
+    let ga = run_rect(&mut a, ProgramKind::Decode, &[1, 2], &[20, 20], 1)?.to_vec();
     assert!(ga.iter().all(|x| x.is_finite()));
     assert_eq!(a.graph_captures(), 1);
-    let ga = a.run(ProgramKind::Decode, &[3, 4], &[21, 21], 1)?.to_vec();
+    let ga = run_rect(&mut a, ProgramKind::Decode, &[3, 4], &[21, 21], 1)?.to_vec();
     assert!(ga.iter().all(|x| x.is_finite()));
     assert_eq!(a.graph_captures(), 2);
     Ok(())
@@ -869,7 +889,7 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
             .collect();
         let pos: Vec<i32> = (0..batch).flat_map(|_| 0..prompt_len as i32).collect();
         for ex in [&mut a, &mut b, &mut c, &mut s] {
-            ex.run(ProgramKind::Prefill, &toks, &pos, prompt_len)?;
+            run_rect(ex, ProgramKind::Prefill, &toks, &pos, prompt_len)?;
         }
         let steps = 4;
         let mut agree = 0.0;
@@ -878,10 +898,10 @@ fn persistent_decode_matches_launch_by_launch() -> Result<()> {
                 .map(|r| ((step * 7 + r * 3) % v) as i32)
                 .collect();
             let p = vec![(prompt_len + step) as i32; batch];
-            let ga = a.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
-            let gb = b.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
-            let gc = c.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
-            let gs = s.run(ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let ga = run_rect(&mut a, ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let gb = run_rect(&mut b, ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let gc = run_rect(&mut c, ProgramKind::Decode, &t, &p, 1)?.to_vec();
+            let gs = run_rect(&mut s, ProgramKind::Decode, &t, &p, 1)?.to_vec();
             let (err, top1) = compare(&ga, &gb, v);
             let (err_c, _) = compare(&gc, &gb, v);
             let (err_s, _) = compare(&gs, &gb, v);
@@ -960,8 +980,8 @@ fn tensor_core_prefill_attention_matches_the_f32_kernel() -> Result<()> {
             let pos: Vec<i32> = (0..batch)
                 .flat_map(|_| start as i32..(start + len) as i32)
                 .collect();
-            let got = mma.run(ProgramKind::Prefill, &toks, &pos, len)?.to_vec();
-            let want = f32.run(ProgramKind::Prefill, &toks, &pos, len)?.to_vec();
+            let got = run_rect(&mut mma, ProgramKind::Prefill, &toks, &pos, len)?.to_vec();
+            let want = run_rect(&mut f32, ProgramKind::Prefill, &toks, &pos, len)?.to_vec();
             let (err, top1) = compare(&got, &want, v);
             eprintln!("{what}: chunk {ci} ({len} tokens from {start}): tensor cores vs f32 {err:.3e}, top-1 {top1:.3}");
             assert!(
@@ -1021,7 +1041,7 @@ fn unwritten_logits_cannot_pass() -> Result<()> {
     for check in [false, true] {
         let mut ex = executor(Arc::clone(&plan), 1)?;
         ex.set_check(check);
-        match ex.run(ProgramKind::Prefill, &[1, 2, 3], &[0, 1, 2], 3) {
+        match run_rect(&mut ex, ProgramKind::Prefill, &[1, 2, 3], &[0, 1, 2], 3) {
             Ok(l) => {
                 assert!(!check, "check mode let NaN logits through");
                 assert!(l.iter().all(|x| x.is_nan()), "unwritten logits are not NaN");
@@ -1074,8 +1094,8 @@ fn a_tampered_plan_is_an_error_not_a_fault() -> Result<()> {
     // Out-of-range requests are refused before anything runs.
     let plan = load(&made_plan(TINY, 13)?)?;
     let mut ex = executor(plan, 1)?;
-    assert!(ex.run(ProgramKind::Prefill, &[97], &[0], 1).is_err());
-    assert!(ex.run(ProgramKind::Prefill, &[1], &[64], 1).is_err());
-    assert!(ex.run(ProgramKind::Prefill, &[1], &[0], 1).is_ok());
+    assert!(run_rect(&mut ex, ProgramKind::Prefill, &[97], &[0], 1).is_err());
+    assert!(run_rect(&mut ex, ProgramKind::Prefill, &[1], &[64], 1).is_err());
+    assert!(run_rect(&mut ex, ProgramKind::Prefill, &[1], &[0], 1).is_ok());
     Ok(())
 }

@@ -163,14 +163,26 @@ fn build(dir: &Path, k: &Kernel, w: Widths) -> Result<PathBuf> {
     )
 }
 
-/// (sequences, tokens per sequence, first position).
-type Run = (usize, usize, usize);
+/// A call's rows as attention.cpp takes them: chunks `slot:start:len`, comma-separated.
+type Run = String;
+
+/// A rectangle: `batch` sequences (slot = sequence) of `tokens` rows from position
+/// `offset`; decode rows (`tokens` 1) 13 positions apart.
+fn rect(batch: usize, tokens: usize, offset: usize) -> Run {
+    (0..batch)
+        .map(|b| {
+            let start = offset + if tokens == 1 { 13 * b } else { 0 };
+            format!("{b}:{start}:{tokens}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// Runs the emulation on each of `runs`; the worst relative error and worst row's.
 fn check(exe: &Path, what: &str, runs: &[Run], tol: (f64, f64)) -> Result<()> {
-    for (seed, &(batch, tokens, offset)) in runs.iter().enumerate() {
-        let run = format!("{what}, {batch} x {tokens} rows from position {offset}");
-        let args = [batch, tokens, offset, seed + 1].map(|v| v.to_string());
+    for (seed, chunks) in runs.iter().enumerate() {
+        let run = format!("{what}, rows (slot:start:len) {chunks}");
+        let args = [chunks.clone(), (seed + 1).to_string()];
         let text = emulate(exe, &args, &run)?;
         let (rel, worst, unwritten) = (
             field(&text, "rel_err")?,
@@ -205,16 +217,25 @@ fn tensor_core_prefill_attention_matches_exact_attention_on_the_cpu() -> Result<
     }
     let dir = tempfile::tempdir()?;
     // Query tiles of 64 rows, whole and partial; a second prefill chunk after cached keys;
-    // head dims 16, 64 and 128; key tiles of 64, whole and partial. bf16 operands: about
-    // 3e-3 here.
-    let cases: [(Widths, &[Run]); 3] = [
+    // head dims 16, 64 and 128; key tiles of 64, whole and partial; rows of several slots
+    // in one call, tiles not aligned to 64 (a chunk from position 5 of slot 1, a decode row
+    // of slot 0, a chunk from 0 of slot 2; a slot's chunks out of order). bf16 operands:
+    // about 3e-3 here.
+    let mixed = |s: &str| -> Run { s.into() };
+    let cases: [(Widths, Vec<Run>); 3] = [
         (
             Widths {
                 c: 128,
                 d: 64,
                 max_seq: 200,
             },
-            &[(2, 70, 0), (1, 130, 37), (3, 5, 0)],
+            vec![
+                rect(2, 70, 0),
+                rect(1, 130, 37),
+                rect(3, 5, 0),
+                mixed("1:5:70,0:17:1,2:0:66"),
+                mixed("2:100:3,0:60:9,1:0:1,0:10:7,2:63:2"),
+            ],
         ),
         (
             Widths {
@@ -222,7 +243,7 @@ fn tensor_core_prefill_attention_matches_exact_attention_on_the_cpu() -> Result<
                 d: 16,
                 max_seq: 150,
             },
-            &[(2, 65, 0), (1, 64, 80)],
+            vec![rect(2, 65, 0), rect(1, 64, 80), mixed("1:5:70,0:17:1,2:0:66")],
         ),
         (
             Widths {
@@ -230,7 +251,7 @@ fn tensor_core_prefill_attention_matches_exact_attention_on_the_cpu() -> Result<
                 d: 128,
                 max_seq: 140,
             },
-            &[(1, 129, 0)],
+            vec![rect(1, 129, 0), mixed("1:5:40,0:90:1,2:0:20")],
         ),
     ];
     for (w, runs) in cases {
@@ -239,7 +260,7 @@ fn tensor_core_prefill_attention_matches_exact_attention_on_the_cpu() -> Result<
         check(
             &exe,
             &format!("{}, head_dim {}", k.name, w.d),
-            runs,
+            &runs,
             (1e-2, 3e-2),
         )?;
     }
@@ -272,14 +293,27 @@ fn f32_attention_kernels_match_exact_attention_on_the_cpu() -> Result<()> {
             max_seq: 160,
         },
     ];
-    let prefill: &[Run] = &[(2, 40, 0), (1, 33, 41)];
-    let decode: &[Run] = &[(3, 1, 5), (2, 1, 130)];
+    // Rows of several slots in one call: a chunk from position 5 of slot 1 (its tiles cut
+    // at 16 or 32, not 5 rows on), a decode row of slot 0, a chunk from 0 of slot 2; then
+    // a slot's chunks out of order and consecutive chunks that continue one another.
+    let mixed = [
+        "1:5:40,0:17:1,2:0:35".to_string(),
+        "0:40:8,1:0:3,0:20:8,2:31:2,2:33:30".to_string(),
+    ];
+    let prefill: Vec<Run> = [rect(2, 40, 0), rect(1, 33, 41)]
+        .into_iter()
+        .chain(mixed.clone())
+        .collect();
+    let decode: Vec<Run> = [rect(3, 1, 5), rect(2, 1, 130), "2:7:1,0:100:1,1:44:1".into()]
+        .into_iter()
+        .chain(mixed)
+        .collect();
     for w in widths {
         for (name, runs) in [
-            ("attention_prefill", prefill),
-            ("attention_prefill_simple", prefill),
-            ("attention_decode", decode),
-            ("attention_decode_simple", decode),
+            ("attention_prefill", &prefill),
+            ("attention_prefill_simple", &prefill),
+            ("attention_decode", &decode),
+            ("attention_decode_simple", &decode),
         ] {
             let k = ngpt_kernel(name, w)?;
             let exe = build(dir.path(), &k, w)?;

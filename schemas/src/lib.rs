@@ -35,8 +35,10 @@ pub mod plan {
     pub const FORMAT_MAJOR: u32 = 2;
     /// The kernel ABI a plan's launches are lowered for (entries, argument slots, contracts:
     /// `ngpt_runtime::contract`). The compiler writes it, the runtime refuses any other.
-    /// 2: plans name kernels instead of carrying them; `sample_topk` is gone.
-    pub const KERNEL_ABI: u32 = 2;
+    /// 2: plans name kernels instead of carrying them; `sample_topk` is gone. 3: rows carry
+    /// their KV-cache slot (an int32 `slots` input); `pos_norm` and attention take it instead
+    /// of the `TOKENS` symbol.
+    pub const KERNEL_ABI: u32 = 3;
     /// The plan format's minor version: additions a reader may ignore.
     pub const FORMAT_MINOR: u32 = 0;
 }

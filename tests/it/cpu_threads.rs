@@ -84,7 +84,15 @@ fn run(plan: &Arc<LoadedPlan>, threading: Threading) -> Result<Vec<Vec<u32>>> {
             .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
             .0 as i32
     };
-    let logits = exec.run(ProgramKind::Prefill, &tokens, &positions, t)?;
+    let slots: Vec<i32> = (0..tokens.len()).map(|r| (r / t) as i32).collect();
+    let logits = exec.run(
+        ProgramKind::Prefill,
+        &ngpt_runtime::Rows {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+        },
+    )?;
     let mut out = vec![bits(logits)];
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut next: Vec<i32> = (0..2)
@@ -92,7 +100,14 @@ fn run(plan: &Arc<LoadedPlan>, threading: Threading) -> Result<Vec<Vec<u32>>> {
         .collect();
     for _ in 0..6 {
         let pos: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-        let logits = exec.run(ProgramKind::Decode, &next, &pos, 1)?;
+        let logits = exec.run(
+            ProgramKind::Decode,
+            &ngpt_runtime::Rows {
+                tokens: &next,
+                positions: &pos,
+                slots: &[0, 1],
+            },
+        )?;
         out.push(bits(logits));
         next = (0..2)
             .map(|b| argmax(&logits[b * v..(b + 1) * v]))

@@ -18,6 +18,7 @@ mod parity_tools;
 mod plan_cli;
 mod plan_parity;
 mod reference_parity;
+mod slots;
 mod tract_snapshots;
 mod validate_cli;
 mod vocab;

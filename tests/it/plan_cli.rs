@@ -224,8 +224,28 @@ fn tamper_cases(plan: &Plan, weights: &[u8]) -> Vec<Case> {
         case(
             "another kernel ABI",
             Load,
-            &["kernel ABI 1", "this runtime has ABI 2"],
+            &["kernel ABI 1", "this runtime has ABI 3"],
             |p, _| p.modules[0].abi = 1,
+        ),
+        case(
+            "an ABI 2 plan (rows found their sequence as r / tokens)",
+            Load,
+            &[
+                "lowered for kernel ABI 2",
+                "this runtime has ABI 3",
+                "recompile the checkpoint",
+            ],
+            |p, _| p.modules[0].abi = 2,
+        ),
+        case(
+            "ABI 2's TOKENS symbol where ABI 3 takes the slots",
+            Load,
+            &["argument 9 of `pos_norm`", "a buffer it reads", "symbol 3"],
+            |p, _| {
+                launch_mut(p, "pos_norm").args[9] = pb::Arg {
+                    value: Some(arg::Value::Symbol(pb::Symbol::Tokens as i32)),
+                }
+            },
         ),
         case(
             "a module width that disagrees with the config",
@@ -649,7 +669,7 @@ fn tamper_cases(plan: &Plan, weights: &[u8]) -> Vec<Case> {
             ("sequence", 2)
         };
         // The named inputs and outputs and the KV caches are checked at load.
-        let at_load = ["tokens", "positions", "logits"].contains(&b.name.as_str())
+        let at_load = ["tokens", "positions", "slots", "logits"].contains(&b.name.as_str())
             || b.kind == pb::BufferKind::Cache as i32;
         let stage = if at_load { Load } else { Run };
         cases.push(Case {

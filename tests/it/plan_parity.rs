@@ -305,10 +305,16 @@ fn cpu_run_rows_multiplies_only_the_chosen_rows() -> Result<()> {
         let mut ex = CpuExecutor::new(plan, 2)?;
         let toks: Vec<i32> = tokens(v, 20, 3).iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (0..10).chain(0..10).collect();
-        let full = ex.run(ProgramKind::Prefill, &toks, &pos, 10)?.to_vec();
+        let slots: Vec<i32> = (0..20).map(|r| r / 10).collect();
+        let rq = ngpt_runtime::Rows {
+            tokens: &toks,
+            positions: &pos,
+            slots: &slots,
+        };
+        let full = ex.run(ProgramKind::Prefill, &rq)?.to_vec();
         assert_eq!(ex.logits_rows_computed(), 20);
         let rows = [4, 9, 13];
-        let some = ex.run_rows(ProgramKind::Prefill, &toks, &pos, 10, &rows)?;
+        let some = ex.run_rows(ProgramKind::Prefill, &rq, &rows)?;
         assert_eq!(
             ex.logits_rows_computed(),
             3,
@@ -323,11 +329,11 @@ fn cpu_run_rows_multiplies_only_the_chosen_rows() -> Result<()> {
             assert!(c.passes(1e-6, 1.0), "{name} row {r}: {c:?}");
         }
         // Rows out of order cannot be gathered in place: computed in full, then copied.
-        let back = ex.run_rows(ProgramKind::Prefill, &toks, &pos, 10, &[13, 4])?;
+        let back = ex.run_rows(ProgramKind::Prefill, &rq, &[13, 4])?;
         assert_eq!(ex.logits_rows_computed(), 20);
         assert_eq!(&back[..v], &full[13 * v..14 * v]);
         assert!(ex
-            .run_rows(ProgramKind::Prefill, &toks, &pos, 10, &[20])
+            .run_rows(ProgramKind::Prefill, &rq, &[20])
             .is_err());
     }
     Ok(())

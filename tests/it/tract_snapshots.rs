@@ -489,11 +489,9 @@ impl ngpt_runtime::session::Executor for Faulty {
     fn run(
         &mut self,
         kind: ngpt_runtime::cpu::ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &ngpt_runtime::Rows<'_>,
     ) -> ngpt_runtime::Result<&[f32]> {
-        self.out = self.inner.run(kind, tokens, positions, per_seq)?.to_vec();
+        self.out = self.inner.run(kind, rows)?.to_vec();
         let v = self.plan().dims().vocab;
         // The top logit of the last row.
         let last = self.out.len() - v;
@@ -506,12 +504,10 @@ impl ngpt_runtime::session::Executor for Faulty {
     fn run_traced(
         &mut self,
         kind: ngpt_runtime::cpu::ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &ngpt_runtime::Rows<'_>,
         _on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> ngpt_runtime::Result<&[f32]> {
-        self.run(kind, tokens, positions, per_seq)
+        self.run(kind, rows)
     }
 }
 

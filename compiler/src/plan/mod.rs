@@ -286,7 +286,8 @@ impl Lowerer<'_> {
             c_rows: 0,
             c_batch: (h * self.max_seq_len * d) as u64,
         };
-        // One int32 a row: the token ids and their absolute positions.
+        // One int32 a row: the token ids, their absolute positions and the KV-cache slot
+        // (sequence) each row belongs to.
         let one_per_row = Affine {
             c0: 0,
             c_rows: 1,
@@ -294,6 +295,7 @@ impl Lowerer<'_> {
         };
         let tokens = self.buffer("tokens", pb::DType::I32, BufferKind::Input, one_per_row);
         let positions = self.buffer("positions", pb::DType::I32, BufferKind::Input, one_per_row);
+        let slots = self.buffer("slots", pb::DType::I32, BufferKind::Input, one_per_row);
         let rows_grid = aff(0, 1, 0);
         let mut layer = 0usize;
         for id in 0..self.g.nodes.len() {
@@ -401,7 +403,7 @@ impl Lowerer<'_> {
                             buf(kc),
                             buf(vc),
                             sym(Symbol::Rows),
-                            sym(Symbol::Tokens),
+                            buf(slots),
                         ],
                     );
                     let out = self.rows("att", c, BufferKind::Activation);
@@ -428,7 +430,7 @@ impl Lowerer<'_> {
                             buf(positions),
                             buf(out),
                             sym(Symbol::Rows),
-                            sym(Symbol::Tokens),
+                            buf(slots),
                         ],
                     );
                     self.value_at.insert(id, (out, 0, c));

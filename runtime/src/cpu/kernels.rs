@@ -296,12 +296,31 @@ fn position(d: &Dims, positions: &[i32], r: usize) -> Result<usize> {
         })
 }
 
+/// Row r's KV-cache slot, checked to lie inside a cache of `cache_len` elements.
+fn slot(d: &Dims, slots: &[i32], r: usize, cache_len: usize) -> Result<usize> {
+    let s = *slots.get(r).ok_or_else(|| oob("slots", r, 1, slots.len()))?;
+    let per_slot = d.n_head * d.max_seq_len * d.head_dim;
+    usize::try_from(s)
+        .ok()
+        .filter(|&s| {
+            s.checked_mul(per_slot)
+                .is_some_and(|at| at < cache_len || per_slot == 0)
+        })
+        .ok_or_else(|| Error::Request {
+            what: "slots".into(),
+            problem: format!(
+                "row {r}: slot {s} is outside the {} slots of the KV cache",
+                cache_len / per_slot.max(1)
+            ),
+        })
+}
+
 fn cache_offset(d: &Dims, b: usize, head: usize, pos: usize) -> usize {
     ((b * d.n_head + head) * d.max_seq_len + pos) * d.head_dim
 }
 
 /// Per row and head: q = Norm(M_pos * q) * q_scale; k likewise with k_scale into the cache;
-/// v copied into the cache, both at the row's position.
+/// v copied into the cache, both at the row's (slot, position).
 ///
 /// On threads, rows are computed in parallel into a row-major scratch `[rows, 3 x n_embd]`
 /// (q, k, v, each checked against its destination exactly as the one-thread loop checks
@@ -319,10 +338,11 @@ pub fn pos_norm(
     k_cache: &mut [f32],
     v_cache: &mut [f32],
     rows: usize,
-    tokens: usize,
+    slots: &[i32],
     threading: Threading,
 ) -> Result<()> {
     let (c, hd) = (d.n_embd, d.head_dim);
+    let cache_len = k_cache.len();
     if threading
         .piece_len(rows, rows.saturating_mul(3 * c))
         .is_none()
@@ -330,7 +350,7 @@ pub fn pos_norm(
         let mut q = vec![0f32; hd];
         let mut k = vec![0f32; hd];
         for r in 0..rows {
-            let b = r / tokens.max(1);
+            let b = slot(d, slots, r, cache_len)?;
             let pos = position(d, positions, r)?;
             let row = span(qkv, r * 3 * c, 3 * c, "pos_norm qkv")?;
             let m = span(table, pos * hd, hd, "pos_norm table")?;
@@ -376,7 +396,7 @@ pub fn pos_norm(
         rows.saturating_mul(3 * c),
         || (vec![0f32; hd], vec![0f32; hd]),
         |(q, k), r, staged| {
-            let b = r / tokens.max(1);
+            let b = slot(d, slots, r, cache_len)?;
             let pos = position(d, positions, r)?;
             let row = span(qkv, r * 3 * c, 3 * c, "pos_norm qkv")?;
             let m = span(table, pos * hd, hd, "pos_norm table")?;
@@ -406,7 +426,7 @@ pub fn pos_norm(
         },
     )?;
     for r in 0..rows {
-        let b = r / tokens.max(1);
+        let b = slot(d, slots, r, cache_len)?;
         let pos = position(d, positions, r)?;
         let s = span(&staged, r * 3 * c, 3 * c, "pos_norm scratch")?;
         span_mut(q_out, r * c, c, "pos_norm q_out")?.copy_from_slice(&s[..c]);
@@ -420,8 +440,9 @@ pub fn pos_norm(
     Ok(())
 }
 
-/// Causal attention over the cache: row r attends keys 0..=`positions[r]` of its sequence,
-/// softmax scale 1. Both attention entries (prefill, decode) compute this.
+/// Causal attention over the cache: row r attends keys 0..=`positions[r]` of KV slot
+/// `slots[r]`, softmax scale 1. A row's result depends on its q and its slot's cache only,
+/// never on the other rows of the call. Both attention entries (prefill, decode) compute this.
 ///
 /// Decode (and any call with few rows a thread) takes one (row, head) pair per work item.
 /// Prefill takes blocks of up to [`ROWS_PER_BLOCK`] consecutive rows, every head, and
@@ -439,17 +460,20 @@ pub fn attention(
     positions: &[i32],
     out: &mut [f32],
     rows: usize,
-    tokens: usize,
+    slots: &[i32],
     threading: Threading,
 ) -> Result<()> {
-    // Eight blocks a thread where the rows allow (attention_in_blocks clamps to 1..=16).
-    let per = if tokens > 1 {
+    // Eight blocks a thread where the rows allow (attention_in_blocks clamps to 1..=16),
+    // when rows share slots (prefill chunks); one (row, head) per item for decode rows.
+    // Both give the same bits.
+    let rs = &slots[..rows.min(slots.len())];
+    let per = if rs.windows(2).any(|w| w[0] == w[1]) {
         rows / (8 * rayon::current_num_threads()).max(1)
     } else {
         1
     };
     attention_in_blocks(
-        d, q, k_cache, v_cache, positions, out, rows, tokens, threading, per,
+        d, q, k_cache, v_cache, positions, out, rows, slots, threading, per,
     )
 }
 
@@ -466,12 +490,11 @@ fn attention_in_blocks(
     positions: &[i32],
     out: &mut [f32],
     rows: usize,
-    tokens: usize,
+    slots: &[i32],
     threading: Threading,
     per: usize,
 ) -> Result<()> {
     let (c, hd, nh) = (d.n_embd, d.head_dim, d.n_head);
-    let t = tokens.max(1);
     let context = positions
         .iter()
         .take(rows)
@@ -492,7 +515,7 @@ fn attention_in_blocks(
         |r: usize, head: usize, scores: &mut [f32], out: &mut Piece, run: bool| -> Result<()> {
             let pos = position(d, positions, r)?;
             let qr = span(q, r * c + head * hd, hd, "attention q")?;
-            let base = cache_offset(d, r / t, head, 0);
+            let base = cache_offset(d, slot(d, slots, r, k_cache.len())?, head, 0);
             let keys = span(k_cache, base, (pos + 1) * hd, "attention k_cache")?;
             let vals = span(v_cache, base, (pos + 1) * hd, "attention v_cache")?;
             let o = out.get(r * c + head * hd, hd, "attention out")?;
@@ -577,6 +600,11 @@ mod tests {
             .collect()
     }
 
+    /// The slots of a rectangle: `rows` rows, `tokens` a sequence, slot = sequence.
+    fn rect(rows: usize, tokens: usize) -> Vec<i32> {
+        (0..rows).map(|r| (r / tokens) as i32).collect()
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -593,6 +621,7 @@ mod tests {
 
     /// What every twin writes, for one mode: a prefill (ragged positions) then a decode.
     fn run_all(t: Threading, positions: &[i32], rows: usize, tokens: usize) -> Vec<Vec<u32>> {
+        let slots = rect(rows, tokens);
         let c = D.n_embd;
         let cache = B * D.n_head * D.max_seq_len * D.head_dim;
         let x = values(rows * c, 1);
@@ -613,11 +642,11 @@ mod tests {
         let mut kc = values(cache, 9);
         let mut vc = values(cache, 10);
         pos_norm(
-            &D, &qkv, positions, &table, &qs, &ks, &mut q, &mut kc, &mut vc, rows, tokens, t,
+            &D, &qkv, positions, &table, &qs, &ks, &mut q, &mut kc, &mut vc, rows, &slots, t,
         )
         .expect("pos_norm");
         let mut att = vec![0f32; rows * c];
-        attention(&D, &q, &kc, &vc, positions, &mut att, rows, tokens, t).expect("attention");
+        attention(&D, &q, &kc, &vc, positions, &mut att, rows, &slots, t).expect("attention");
         [normed, h, act, q, kc, vc, att]
             .iter()
             .map(|v| bits(v))
@@ -676,12 +705,13 @@ mod tests {
         let (c, rows) = (D.n_embd, B * T);
         let cache = B * D.n_head * D.max_seq_len * D.head_dim;
         let (q, kc, vc) = (values(rows * c, 11), values(cache, 12), values(cache, 13));
+        let slots = rect(rows, T);
         // The output and the error, with an output buffer `short` elements short and the
         // value cache cut to `vc_len` values.
         let run = |positions: &[i32], t: Threading, per: usize, (short, vc_len): (usize, usize)| {
             let mut out = vec![f32::NAN; rows * c - short];
             let vc = &vc[..vc_len];
-            let r = attention_in_blocks(&D, &q, &kc, vc, positions, &mut out, rows, T, t, per);
+            let r = attention_in_blocks(&D, &q, &kc, vc, positions, &mut out, rows, &slots, t, per);
             (r.map_err(|e| e.to_string()), bits(&out))
         };
         let good = prefill_positions();
@@ -748,6 +778,7 @@ mod tests {
         let (c, rows) = (D.n_embd, B * T);
         let cache = B * D.n_head * D.max_seq_len * D.head_dim;
         let mut positions = prefill_positions();
+        let slots = rect(rows, T);
         let mut out = Vec::new();
         let mut short = vec![0f32; rows * c - 1];
         out.push(norm_rows(&D, &values(rows * c, 1), &mut short, rows, t));
@@ -788,7 +819,7 @@ mod tests {
             &mut kc,
             &mut vc,
             rows,
-            T,
+            &slots,
             t,
         ));
         positions[10] = 3;
@@ -803,17 +834,17 @@ mod tests {
             &mut kc,
             &mut vc,
             rows,
-            T,
+            &slots,
             t,
         ));
         positions[17] = 12;
         let mut att = vec![0f32; rows * c - 4];
         out.push(attention(
-            &D, &q, &kc, &kc, &positions, &mut att, rows, T, t,
+            &D, &q, &kc, &kc, &positions, &mut att, rows, &slots, t,
         ));
         positions[5] = -1;
         out.push(attention(
-            &D, &q, &kc, &kc, &positions, &mut att, rows, T, t,
+            &D, &q, &kc, &kc, &positions, &mut att, rows, &slots, t,
         ));
         out.into_iter()
             .map(|r| match r {
@@ -840,6 +871,61 @@ mod tests {
         );
         for t in MODES {
             assert_eq!(errors(t), want, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn each_row_gets_the_same_bits_whatever_rows_share_its_call() {
+        // The rectangle's rows (3 sequences of 7, slot = sequence), then the same rows
+        // reordered (slots 2, 0, 1 interleaved) in one call, then each row alone after the
+        // rows before it in its sequence: q and attention per row, and the caches, agree.
+        let (c, rows) = (D.n_embd, B * T);
+        let cache = B * D.n_head * D.max_seq_len * D.head_dim;
+        let positions = prefill_positions();
+        let slots = rect(rows, T);
+        let qkv = values(rows * 3 * c, 5);
+        let table = values(D.max_seq_len * D.head_dim, 6);
+        let (qs, ks) = (values(c, 7), values(c, 8));
+        // Runs `order` (rows of the rectangle) as calls of `call` rows; returns per
+        // rectangle row its q and attention bits, and the caches.
+        let run = |order: &[usize], call: usize, t: Threading| {
+            let (mut kc, mut vc) = (values(cache, 9), values(cache, 10));
+            let mut q_of = vec![vec![]; rows];
+            let mut att_of = vec![vec![]; rows];
+            for chunk in order.chunks(call) {
+                let n = chunk.len();
+                let x: Vec<f32> = chunk
+                    .iter()
+                    .flat_map(|&r| qkv[r * 3 * c..(r + 1) * 3 * c].to_vec())
+                    .collect();
+                let p: Vec<i32> = chunk.iter().map(|&r| positions[r]).collect();
+                let sl: Vec<i32> = chunk.iter().map(|&r| slots[r]).collect();
+                let mut q = vec![0f32; n * c];
+                pos_norm(
+                    &D, &x, &p, &table, &qs, &ks, &mut q, &mut kc, &mut vc, n, &sl, t,
+                )
+                .expect("pos_norm");
+                let mut att = vec![0f32; n * c];
+                attention(&D, &q, &kc, &vc, &p, &mut att, n, &sl, t).expect("attention");
+                for (i, &r) in chunk.iter().enumerate() {
+                    q_of[r] = bits(&q[i * c..(i + 1) * c]);
+                    att_of[r] = bits(&att[i * c..(i + 1) * c]);
+                }
+            }
+            (q_of, att_of, bits(&kc), bits(&vc))
+        };
+        let straight: Vec<usize> = (0..rows).collect();
+        let want = run(&straight, rows, Threading::Sequential);
+        // Slot order 2, 0, 1, each sequence's rows in order.
+        let mut mixed = vec![];
+        for i in 0..T {
+            mixed.extend([2 * T + i, i, T + i]);
+        }
+        for t in MODES {
+            assert!(run(&straight, rows, t) == want, "{t:?}");
+            assert!(run(&mixed, rows, t) == want, "mixed, {t:?}");
+            assert!(run(&mixed, 1, t) == want, "one row a call, {t:?}");
+            assert!(run(&mixed, 4, t) == want, "four rows a call, {t:?}");
         }
     }
 }

@@ -14,13 +14,14 @@ use ngpt_schemas::plan::{self as pb, arg, operand, step};
 use crate::contract::{self, Bound};
 use crate::error::{Error, Result};
 use crate::plan::{LoadedPlan, WeightData};
+use crate::rows::Rows;
 
 /// A buffer's storage.
 #[derive(Debug, Clone)]
 pub enum Buf {
     /// An f32 buffer's elements: activations, KV caches, logits.
     F32(Vec<f32>),
-    /// An i32 buffer's elements: token ids, positions.
+    /// An i32 buffer's elements: token ids, positions, slots.
     I32(Vec<i32>),
 }
 
@@ -97,11 +98,11 @@ fn zeroed<T: ZeroIsValid>(n: usize) -> Option<Vec<T>> {
 /// Which program to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgramKind {
-    /// The plan's prefill program: `per_seq` prompt rows per sequence, written into the KV
-    /// caches at their positions, with logits for every row.
+    /// The plan's prefill program: any rows (prompt chunks), each written into its slot's
+    /// KV cache at its position, with logits for every row.
     Prefill,
-    /// The plan's decode program: one row per sequence (`per_seq` 1), each sequence's next
-    /// token, written into the KV cache at its position and attending to the cache up to it.
+    /// The plan's decode program: any rows (one per sequence, typically), each written into
+    /// its slot's KV cache at its position and attending to that cache up to it.
     Decode,
 }
 
@@ -115,16 +116,19 @@ pub enum ProgramKind {
 /// use ngpt_runtime::cpu::{CpuExecutor, ProgramKind, Threading};
 /// use ngpt_runtime::plan::LoadedPlan;
 /// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
-/// let mut exec = CpuExecutor::new(plan, 1)?;
+/// use ngpt_runtime::Rows;
+/// let mut exec = CpuExecutor::new(plan, 1)?; // one KV slot
 /// exec.set_threading(Threading::Sequential); // the same bits, on one thread
-/// let logits = exec.run(ProgramKind::Prefill, &[45, 64, 77], &[0, 1, 2], 3)?;
+/// let rows = Rows { tokens: &[45, 64, 77], positions: &[0, 1, 2], slots: &[0, 0, 0] };
+/// let logits = exec.run(ProgramKind::Prefill, &rows)?;
 /// assert_eq!(logits.len(), 3 * exec.plan.dims().vocab);
 /// # Ok::<(), ngpt_runtime::Error>(())
 /// ```
 pub struct CpuExecutor {
     /// The plan this executor runs.
     pub plan: Arc<LoadedPlan>,
-    /// Sequences (B) this executor holds KV caches for, as given to [`CpuExecutor::new`].
+    /// KV slots (sequences, B) this executor holds caches for, as given to
+    /// [`CpuExecutor::new`]: every row's slot is below it.
     pub batch: usize,
     buffers: Vec<Buf>,
     threading: Threading,
@@ -146,7 +150,7 @@ fn step_err(step: &str, problem: impl Into<String>) -> Error {
 }
 
 impl CpuExecutor {
-    /// Allocates the caches for `batch` sequences; activations grow per call.
+    /// Allocates the caches for `batch` KV slots; activations grow per call.
     pub fn new(plan: Arc<LoadedPlan>, batch: usize) -> Result<CpuExecutor> {
         if batch == 0 {
             return Err(Error::EmptyBatch);
@@ -215,35 +219,27 @@ impl CpuExecutor {
             })
     }
 
-    /// Runs `kind` on `tokens`/`positions` (`rows = batch x per_seq` entries each) and
-    /// returns the logits buffer, `[rows, vocab]`.
-    pub fn run(
-        &mut self,
-        kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-    ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, None, None)
+    /// Runs `kind` on `rows` (checked by [`Rows::check`] first) and returns the logits
+    /// buffer, `[rows, vocab]`.
+    pub fn run(&mut self, kind: ProgramKind, rows: &Rows<'_>) -> Result<&[f32]> {
+        self.run_program(kind, rows, None, None)
     }
 
-    /// As [`CpuExecutor::run`], returning only the logits of `rows`, `[rows.len(), vocab]`
-    /// ([`crate::session::Executor::run_rows`]). When the program's last step is the
-    /// lm_head GEMM (weight form, beta 0), only those rows are multiplied: their final
-    /// hidden states are gathered to the front of the GEMM's input first.
+    /// As [`CpuExecutor::run`], returning only the logits of the `chosen` rows,
+    /// `[chosen.len(), vocab]` ([`crate::session::Executor::run_rows`]). When the program's
+    /// last step is the lm_head GEMM (weight form, beta 0), only those rows are multiplied:
+    /// their final hidden states are gathered to the front of the GEMM's input first.
     pub fn run_rows(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-        rows: &[usize],
+        rows: &Rows<'_>,
+        chosen: &[usize],
     ) -> Result<Vec<f32>> {
         let v = self.plan.dims.vocab;
-        let out = self.run_program(kind, tokens, positions, per_seq, None, Some(rows))?;
+        let out = self.run_program(kind, rows, None, Some(chosen))?;
         // Every row computed (the lm_head could not be narrowed): pick the rows out.
-        if out.len() == tokens.len() * v {
-            crate::rows::gather_rows(out, v, rows)
+        if out.len() == rows.len() * v {
+            crate::rows::gather_rows(out, v, chosen)
         } else {
             Ok(out.to_vec())
         }
@@ -256,12 +252,10 @@ impl CpuExecutor {
     pub fn run_traced(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &Rows<'_>,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, Some(on_step), None)
+        self.run_program(kind, rows, Some(on_step), None)
     }
 
     /// Runs a program and returns the logits it computed: every row, or with `select`
@@ -269,13 +263,12 @@ impl CpuExecutor {
     fn run_program(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        request: &Rows<'_>,
         mut on_step: Option<StepTrace<'_>>,
         select: Option<&[usize]>,
     ) -> Result<&[f32]> {
-        let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
+        let d = self.plan.dims;
+        let rows = request.check(self.batch, d.max_seq_len, d.vocab)?;
         let plan = Arc::clone(&self.plan);
         // Size the per-call buffers.
         for (i, b) in plan.plan.buffers.iter().enumerate() {
@@ -285,17 +278,18 @@ impl CpuExecutor {
             let n = plan.buffer_len(i, rows, self.batch)?;
             self.buffers[i].resize(n, &b.name, &format!("{rows} rows (batch {})", self.batch))?;
         }
-        let (ti, pi) = (
-            self.buffer_index("tokens")?,
-            self.buffer_index("positions")?,
-        );
-        for (i, src) in [(ti, tokens), (pi, positions)] {
+        for (name, src) in [
+            ("tokens", request.tokens),
+            ("positions", request.positions),
+            ("slots", request.slots),
+        ] {
+            let i = self.buffer_index(name)?;
             match &mut self.buffers[i] {
                 Buf::I32(v) if v.len() >= rows => v[..rows].copy_from_slice(src),
                 _ => {
                     return Err(step_err(
                         "inputs",
-                        "the tokens/positions buffers are not int32 [rows]",
+                        "the tokens/positions/slots buffers are not int32 [rows]",
                     ))
                 }
             }
@@ -311,7 +305,7 @@ impl CpuExecutor {
             match s.kind.as_ref() {
                 Some(step::Kind::Launch(l)) => {
                     // A twin's bounds error names the kernel's operand; add the step.
-                    self.launch(&s.name, l, rows, per_seq)
+                    self.launch(&s.name, l, rows)
                         .map_err(|e| match e {
                             Error::Step { step, problem } if step != s.name => Error::Step {
                                 step: s.name.clone(),
@@ -408,13 +402,7 @@ impl CpuExecutor {
     /// Checks a launch against the kernel contract (`crate::contract`), as the CUDA
     /// executor does: dtypes, the elements each argument must hold for this call, distinct
     /// buffers. The twins check every index they take besides.
-    fn check_contract(
-        &self,
-        name: &str,
-        l: &pb::Launch,
-        rows: usize,
-        per_seq: usize,
-    ) -> Result<()> {
+    fn check_contract(&self, name: &str, l: &pb::Launch, rows: usize) -> Result<()> {
         let entry = contract::entry(&l.entry).ok_or_else(|| {
             step_err(
                 name,
@@ -451,7 +439,6 @@ impl CpuExecutor {
                 Some(arg::Value::Symbol(s)) => Bound::Int(match pb::Symbol::try_from(*s) {
                     Ok(pb::Symbol::Rows) => rows as i64,
                     Ok(pb::Symbol::Batch) => self.batch as i64,
-                    Ok(pb::Symbol::Tokens) => per_seq as i64,
                     _ => return Err(step_err(name, format!("bad symbol {s}"))),
                 }),
                 Some(arg::Value::IntConst(c)) => Bound::Int(*c),
@@ -460,15 +447,15 @@ impl CpuExecutor {
             });
         }
         entry
-            .check_args(&self.plan.dims, &bound)
+            .check_args(&self.plan.dims, &bound, self.batch)
             .map_err(|p| step_err(name, p))
     }
 
-    fn launch(&mut self, name: &str, l: &pb::Launch, rows: usize, per_seq: usize) -> Result<()> {
+    fn launch(&mut self, name: &str, l: &pb::Launch, rows: usize) -> Result<()> {
         let plan = Arc::clone(&self.plan);
         let d = &plan.dims;
         let threading = self.threading;
-        self.check_contract(name, l, rows, per_seq)?;
+        self.check_contract(name, l, rows)?;
         let bufi = |i: usize| -> Result<usize> {
             match l.args.get(i).and_then(|a| a.value.as_ref()) {
                 Some(arg::Value::Buffer(b)) => Ok(*b as usize),
@@ -559,6 +546,7 @@ impl CpuExecutor {
             }
             "pos_norm" => {
                 let (qkv, pos, qo, kc, vc) = (bufi(0)?, bufi(1)?, bufi(5)?, bufi(6)?, bufi(7)?);
+                let sl = bufi(9)?;
                 let mut q = take(bufs, qo)?;
                 let mut k = take(bufs, kc)?;
                 let mut v = take(bufs, vc)?;
@@ -573,7 +561,7 @@ impl CpuExecutor {
                     &mut k,
                     &mut v,
                     rows,
-                    per_seq,
+                    i32_of(name, bufs, sl)?,
                     threading,
                 );
                 bufs[qo] = Buf::F32(q);
@@ -583,6 +571,7 @@ impl CpuExecutor {
             }
             "attention_prefill" | "attention_decode" => {
                 let (q, kc, vc, pos, o) = (bufi(0)?, bufi(1)?, bufi(2)?, bufi(3)?, bufi(4)?);
+                let sl = bufi(6)?;
                 with_out!(o, |out| kernels::attention(
                     d,
                     f32_of(name, bufs, q)?,
@@ -591,7 +580,7 @@ impl CpuExecutor {
                     i32_of(name, bufs, pos)?,
                     &mut out,
                     rows,
-                    per_seq,
+                    i32_of(name, bufs, sl)?,
                     threading
                 ))
             }

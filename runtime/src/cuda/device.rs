@@ -16,6 +16,7 @@ use super::executor::{program_name, CudaExecutor};
 use crate::cpu::ProgramKind;
 use crate::error::Result;
 use crate::plan::{LoadedPlan, WeightData};
+use crate::rows::Rows;
 
 /// A quiet NaN: what every activation and output element holds before a run writes it.
 pub(super) const POISON: u32 = 0x7fc0_0000;
@@ -230,13 +231,19 @@ impl CudaExecutor {
         Ok(())
     }
 
-    pub(super) fn upload_inputs(&mut self, tokens: &[i32], positions: &[i32]) -> Result<()> {
-        for (bi, src) in [(self.tokens_buf, tokens), (self.positions_buf, positions)] {
+    /// Copies a call's tokens, positions and slots into their buffers (which stay where
+    /// they are between calls of one shape: a decode graph reads them there).
+    pub(super) fn upload_inputs(&mut self, rows: &Rows<'_>) -> Result<()> {
+        for (bi, src) in [
+            (self.tokens_buf, rows.tokens),
+            (self.positions_buf, rows.positions),
+            (self.slots_buf, rows.slots),
+        ] {
             let buf = &self.buffers[bi];
             if !buf.int32 || buf.need < src.len() || buf.capacity() < src.len() {
                 return Err(step_err(
                     "inputs",
-                    "the tokens/positions buffers are not int32 [rows]",
+                    "the tokens/positions/slots buffers are not int32 [rows]",
                 ));
             }
             // SAFETY: the destination holds at least src.len() i32 (checked above); the

@@ -97,12 +97,13 @@ use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
 use crate::options::{Attention, Bf16Gemm, CudaOptions};
 use crate::plan::{LoadedPlan, WeightData};
+use crate::rows::Rows;
 
 /// What a traced run calls after each step: (step name, row width, rows written).
 pub(super) type OnStep<'a> = &'a mut dyn FnMut(&str, usize, &[f32]);
 
 /// Runs plans on an NVIDIA GPU. Holds the device copies of the weights, the buffers and
-/// KV caches of one batch, and the decode graph.
+/// the KV caches of its slots, and the decode graph.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -110,8 +111,10 @@ pub(super) type OnStep<'a> = &'a mut dyn FnMut(&str, usize, &[f32]);
 /// use ngpt_runtime::cuda::CudaExecutor;
 /// use ngpt_runtime::plan::LoadedPlan;
 /// let plan = Arc::new(LoadedPlan::load("out/nv-tiny".as_ref())?);
+/// use ngpt_runtime::Rows;
 /// let mut exec = CudaExecutor::new(plan, 1)?; // an error, not a panic, without CUDA
-/// let logits = exec.run(ProgramKind::Prefill, &[45, 64, 77], &[0, 1, 2], 3)?;
+/// let rows = Rows { tokens: &[45, 64, 77], positions: &[0, 1, 2], slots: &[0, 0, 0] };
+/// let logits = exec.run(ProgramKind::Prefill, &rows)?;
 /// assert_eq!(logits.len(), 3 * exec.plan.dims().vocab);
 /// # Ok::<(), ngpt_runtime::Error>(())
 /// ```
@@ -130,9 +133,9 @@ pub struct State {
     // Field order is drop order: the graph and the cuBLAS handle go before the memory
     // they use, the memory before the stream, everything before the context.
     pub(super) graph: Option<DecodeGraph>,
-    /// The decode shape (rows, per_seq, generation) that ran once without a graph: the
+    /// The decode shape (rows, generation) that ran once without a graph: the
     /// next decode of that shape captures.
-    pub(super) warmed: Option<(usize, usize, u64)>,
+    pub(super) warmed: Option<(usize, u64)>,
     pub(super) profile: Option<RefCell<Profile>>,
     pub(super) blas: BlasHandle,
     pub(super) weights: Vec<DevWeight>,
@@ -170,6 +173,7 @@ pub struct State {
     pub(super) host_logits: Vec<f32>,
     pub(super) tokens_buf: usize,
     pub(super) positions_buf: usize,
+    pub(super) slots_buf: usize,
     pub(super) logits_buf: usize,
     pub(super) check: bool,
     pub(super) use_graph: bool,
@@ -341,8 +345,12 @@ impl CudaExecutor {
                     problem: format!("no buffer named `{name}`"),
                 })
         };
-        let (tokens_buf, positions_buf, logits_buf) =
-            (index("tokens")?, index("positions")?, index("logits")?);
+        let (tokens_buf, positions_buf, slots_buf, logits_buf) = (
+            index("tokens")?,
+            index("positions")?,
+            index("slots")?,
+            index("logits")?,
+        );
         stream
             .synchronize()
             .map_err(setup("uploading the weights"))?;
@@ -378,6 +386,7 @@ impl CudaExecutor {
                 host_logits: vec![],
                 tokens_buf,
                 positions_buf,
+                slots_buf,
                 logits_buf,
                 check: options.check,
                 use_graph: options.graph,
@@ -486,16 +495,10 @@ impl CudaExecutor {
         self.captures
     }
 
-    /// Runs `kind` on `tokens`/`positions` (`rows = batch x per_seq` entries each) and
-    /// returns the logits, `[rows, vocab]`, as [`crate::cpu::CpuExecutor::run`] does.
-    pub fn run(
-        &mut self,
-        kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-    ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, None, None)
+    /// Runs `kind` on `rows` (checked by [`Rows::check`] first) and returns the logits,
+    /// `[rows, vocab]`, as [`crate::cpu::CpuExecutor::run`] does.
+    pub fn run(&mut self, kind: ProgramKind, rows: &Rows<'_>) -> Result<&[f32]> {
+        self.run_program(kind, rows, None, None)
     }
 
     /// As [`CudaExecutor::run`], calling `on_step(step name, row width, rows)` after each
@@ -506,36 +509,29 @@ impl CudaExecutor {
     pub fn run_traced(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &Rows<'_>,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        self.run_program(kind, tokens, positions, per_seq, Some(on_step), None)
+        self.run_program(kind, rows, Some(on_step), None)
     }
 
-    /// As [`CudaExecutor::run`], copying back only the logits of `rows` (in that order),
-    /// `[rows.len(), vocab]`: a 2048-token prefill's full logits are 412 MB, about 400 ms
-    /// of a 460 ms first token on the H200 (BENCHMARKS.md). Every row is still computed.
+    /// As [`CudaExecutor::run`], copying back only the logits of the `chosen` rows (in
+    /// that order), `[chosen.len(), vocab]`: a 2048-token prefill's full logits are 412 MB,
+    /// about 400 ms of a 460 ms first token on the H200 (BENCHMARKS.md). Every row is
+    /// still computed.
     pub fn run_rows(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-        rows: &[usize],
+        rows: &Rows<'_>,
+        chosen: &[usize],
     ) -> Result<Vec<f32>> {
-        Ok(self
-            .run_program(kind, tokens, positions, per_seq, None, Some(rows))?
-            .to_vec())
+        Ok(self.run_program(kind, rows, None, Some(chosen))?.to_vec())
     }
 
     fn run_program(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        request: &Rows<'_>,
         on_step: Option<OnStep<'_>>,
         fetch: Option<&[usize]>,
     ) -> Result<&[f32]> {
@@ -545,7 +541,7 @@ impl CudaExecutor {
         // launch by launch from then on, with one line saying so. Nothing ran: the refusal
         // comes before the kernel starts, and the inputs are uploaded again.
         let traced = on_step.is_some();
-        match self.run_once(kind, tokens, positions, per_seq, on_step, fetch) {
+        match self.run_once(kind, request, on_step, fetch) {
             Err(Error::Step { problem, .. }) if !traced && problem == COOPERATIVE_REFUSED => {
                 self.use_persistent = false;
                 self.graph = None;
@@ -556,7 +552,7 @@ impl CudaExecutor {
                 );
                 eprintln!("{note}");
                 self.fallback_note = Some(note);
-                self.run_once(kind, tokens, positions, per_seq, None, fetch)?;
+                self.run_once(kind, request, None, fetch)?;
             }
             other => other?,
         }
@@ -566,42 +562,23 @@ impl CudaExecutor {
     fn run_once(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        request: &Rows<'_>,
         on_step: Option<OnStep<'_>>,
         fetch: Option<&[usize]>,
     ) -> Result<()> {
-        let rows = crate::plan::request_rows(self.batch, per_seq, tokens, positions)?;
+        // The kernels index with these without checks: every token, position and slot is
+        // checked here, and no two rows write one cache entry.
+        let d = self.plan.dims;
+        let rows = request.check(self.batch, d.max_seq_len, d.vocab)?;
         if let Some(r) = fetch.and_then(|f| f.iter().find(|&&r| r >= rows)) {
             return Err(Error::Request {
                 what: "rows".into(),
                 problem: format!("row {r} is outside the {rows} rows of this call"),
             });
         }
-        // The kernels index with these without checks: check them here.
-        let d = self.plan.dims;
-        if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as usize >= d.vocab) {
-            return Err(Error::Request {
-                what: "tokens".into(),
-                problem: format!("token id {t} is outside 0..{}", d.vocab),
-            });
-        }
-        if let Some(p) = positions
-            .iter()
-            .find(|&&p| p < 0 || p as usize >= d.max_seq_len)
-        {
-            return Err(Error::Request {
-                what: "positions".into(),
-                problem: format!(
-                    "position {p} is outside the KV capacity 0..{}",
-                    d.max_seq_len
-                ),
-            });
-        }
         if i32::try_from(rows).is_err() {
             return Err(Error::Request {
-                what: "tokens".into(),
+                what: "rows".into(),
                 problem: format!("{rows} rows exceed the kernels' int range"),
             });
         }
@@ -616,12 +593,12 @@ impl CudaExecutor {
             && self.profile.is_none();
         let graph_ready = replay
             && self.graph.as_ref().is_some_and(|g| {
-                (g.rows, g.per_seq, g.generation) == (rows, per_seq, self.generation)
+                (g.rows, g.generation) == (rows, self.generation)
             });
         let ops = if graph_ready {
             vec![]
         } else {
-            let ops = self.resolve(kind, rows, per_seq)?;
+            let ops = self.resolve(kind, rows)?;
             self.size_scratch(&ops)?;
             if let (ProgramKind::Prefill, Some(mma)) = (kind, self.prefill_mma) {
                 if ops
@@ -644,12 +621,13 @@ impl CudaExecutor {
         if kind == ProgramKind::Decode && self.persistent.active {
             self.persistent.runs += 1;
         }
-        self.upload_inputs(tokens, positions)?;
-        let capture_now =
-            replay && !graph_ready && self.warmed == Some((rows, per_seq, self.generation));
+        // Rewritten every call at the same addresses, so a captured graph reads this
+        // call's rows.
+        self.upload_inputs(request)?;
+        let capture_now = replay && !graph_ready && self.warmed == Some((rows, self.generation));
         if graph_ready || capture_now {
             if capture_now {
-                self.capture(&ops, rows, per_seq)?;
+                self.capture(&ops, rows)?;
             }
             let g = self
                 .graph
@@ -665,7 +643,7 @@ impl CudaExecutor {
             if replay {
                 // The warm-up: this shape runs once step by step, the next call captures.
                 self.graph = None;
-                self.warmed = Some((rows, per_seq, self.generation));
+                self.warmed = Some((rows, self.generation));
             }
             self.poison()
                 .map_err(|e| step_err("poison", format!("cuMemsetD32Async: {}", drv(e))))?;
@@ -746,34 +724,24 @@ impl crate::session::Executor for CudaExecutor {
             }
         )
     }
-    fn run(
-        &mut self,
-        kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-    ) -> Result<&[f32]> {
-        CudaExecutor::run(self, kind, tokens, positions, per_seq)
+    fn run(&mut self, kind: ProgramKind, rows: &Rows<'_>) -> Result<&[f32]> {
+        CudaExecutor::run(self, kind, rows)
     }
     fn run_traced(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
+        rows: &Rows<'_>,
         on_step: &mut dyn FnMut(&str, usize, &[f32]),
     ) -> Result<&[f32]> {
-        CudaExecutor::run_traced(self, kind, tokens, positions, per_seq, on_step)
+        CudaExecutor::run_traced(self, kind, rows, on_step)
     }
     fn run_rows(
         &mut self,
         kind: ProgramKind,
-        tokens: &[i32],
-        positions: &[i32],
-        per_seq: usize,
-        rows: &[usize],
+        rows: &Rows<'_>,
+        chosen: &[usize],
     ) -> Result<Vec<f32>> {
-        CudaExecutor::run_rows(self, kind, tokens, positions, per_seq, rows)
+        CudaExecutor::run_rows(self, kind, rows, chosen)
     }
 }
 

@@ -13,13 +13,12 @@ use crate::error::Result;
 pub(super) struct DecodeGraph {
     pub(super) graph: CudaGraph,
     pub(super) rows: usize,
-    pub(super) per_seq: usize,
     pub(super) generation: u64,
 }
 
 impl CudaExecutor {
     /// Captures the decode program (poison included) into a graph.
-    pub(super) fn capture(&mut self, ops: &[Op], rows: usize, per_seq: usize) -> Result<()> {
+    pub(super) fn capture(&mut self, ops: &[Op], rows: usize) -> Result<()> {
         self.graph = None;
         self.stream
             .begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -50,7 +49,6 @@ impl CudaExecutor {
         self.graph = Some(DecodeGraph {
             graph,
             rows,
-            per_seq,
             generation: self.generation,
         });
         Ok(())

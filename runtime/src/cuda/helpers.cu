@@ -668,7 +668,7 @@ __device__ void pd_combine_block(const float* part, const int* positions, float*
 // caches and uses its own copies for that key (no other warp reads it).
 __device__ void pd_attention(const float* q_in, const float* qkv, const float* table, const float* q_scale,
                              const float* k_scale, float* k_cache, float* v_cache, const int* positions,
-                             float* out, int rows, int tokens, float* part, unsigned int* bar,
+                             float* out, int rows, const int* slots, float* part, unsigned int* bar,
                              float (*qs)[PD_MAX_D], float (*kvs)[2][PD_MAX_D], int c, int h, int d,
                              int max_seq) {
     c = PD_C_OR(c);
@@ -682,7 +682,7 @@ __device__ void pd_attention(const float* q_in, const float* qkv, const float* t
     const int g = wide_pv ? d / 4 : 32, ch = lane % g, slot = lane / g;
     for (int item = gwarp; item < rows * h * cap; item += nwarps) {
         int s = item % cap, rh = item / cap;
-        int r = rh / h, head = rh - r * h, b = r / tokens, pos = positions[r];
+        int r = rh / h, head = rh - r * h, b = slots[r], pos = positions[r];
         int n_tiles, splits, per;
         pd_splits(pos, cap, &n_tiles, &splits, &per);
         if (s >= splits) continue;
@@ -955,7 +955,7 @@ extern "C" __global__ void PD_BOUNDS
             }
             break;
         }
-        case PD_POS_NORM: {  // qkv, positions, table, q_scale, k_scale, q_out, k_cache, v_cache; rows, tokens
+        case PD_POS_NORM: {  // qkv, positions, table, q_scale, k_scale, q_out, k_cache, v_cache, slots; rows
             const float* qkv = reinterpret_cast<const float*>(op.p[0]);
             const int* positions = reinterpret_cast<const int*>(op.p[1]);
             const float* table = reinterpret_cast<const float*>(op.p[2]);
@@ -964,10 +964,11 @@ extern "C" __global__ void PD_BOUNDS
             float* q_out = reinterpret_cast<float*>(op.p[5]);
             float* k_cache = reinterpret_cast<float*>(op.p[6]);
             float* v_cache = reinterpret_cast<float*>(op.p[7]);
+            const int* slots = reinterpret_cast<const int*>(op.p[8]);
             int half = d / 2;
             for (int item = gwarp; item < op.i[0] * h; item += nwarps) {
                 int r = item / h, head = item - r * h;
-                int b = r / op.i[1], pos = positions[r];
+                int b = slots[r], pos = positions[r];
                 const float* row = qkv + (long long)r * 3 * c;
                 long long cache = (((long long)b * h + head) * max_seq + pos) * d;
                 float q[PD_MAX_D / 32], k[PD_MAX_D / 32], inv_q, inv_k;
@@ -987,18 +988,18 @@ extern "C" __global__ void PD_BOUNDS
             }
             break;
         }
-        case PD_ATTENTION:  // q, k_cache, v_cache, positions, out; rows, tokens
+        case PD_ATTENTION:  // q, k_cache, v_cache, positions, out, slots; rows
             pd_attention(reinterpret_cast<const float*>(op.p[0]), nullptr, nullptr, nullptr, nullptr,
                          reinterpret_cast<float*>(op.p[1]), reinterpret_cast<float*>(op.p[2]),
                          reinterpret_cast<const int*>(op.p[3]), reinterpret_cast<float*>(op.p[4]), op.i[0],
-                         op.i[1], part, bar, qs, kvs, c, h, d, max_seq);
+                         reinterpret_cast<const int*>(op.p[5]), part, bar, qs, kvs, c, h, d, max_seq);
             break;
-        case PD_POS_ATTENTION:  // qkv, positions, table, q_scale, k_scale, k_cache, v_cache, out; rows, tokens
+        case PD_POS_ATTENTION:  // qkv, positions, table, q_scale, k_scale, k_cache, v_cache, out, slots; rows
             pd_attention(nullptr, reinterpret_cast<const float*>(op.p[0]), reinterpret_cast<const float*>(op.p[2]),
                          reinterpret_cast<const float*>(op.p[3]), reinterpret_cast<const float*>(op.p[4]),
                          reinterpret_cast<float*>(op.p[5]), reinterpret_cast<float*>(op.p[6]),
                          reinterpret_cast<const int*>(op.p[1]), reinterpret_cast<float*>(op.p[7]), op.i[0],
-                         op.i[1], part, bar, qs, kvs, c, h, d, max_seq);
+                         reinterpret_cast<const int*>(op.p[8]), part, bar, qs, kvs, c, h, d, max_seq);
             break;
         case PD_GEMV_BF16: pd_gemv<unsigned short>(op, xs, c, gwarp, nwarps, lane); break;
         case PD_GEMV_F32: pd_gemv<float>(op, xs, c, gwarp, nwarps, lane); break;
@@ -1016,8 +1017,9 @@ extern "C" __global__ void PD_BOUNDS
 // attention_prefill_mma: causal attention for prefill on the tensor cores, for plans with
 // bf16 weights (their tolerance; f32 plans keep attention_prefill's f32 arithmetic). The
 // plan's attention_prefill launch as it is: grid (rows, H), 128 threads, the same
-// arguments; the block whose row is the first of a tile of AM_QT rows of one sequence does
-// the tile, the others return. Each of the 4 warps owns 16 query rows. Keys 0..=max
+// arguments; the block whose row starts a tile of at most AM_QT rows does the tile, the
+// others return (the rule of ngpt.cu's attention_prefill: a run of rows of one slot at
+// consecutive positions, cut where a position is a multiple of AM_QT). Each of the 4 warps owns 16 query rows. Keys 0..=max
 // position of the tile are staged AM_KT at a time in shared memory as bf16 (K as rows,
 // V transposed, zeros past the last key), then per warp: S = Q K^T and O += P V with
 // mma.sync m16n8k16 (bf16 in, f32 accumulate), online softmax per row in f32, each row
@@ -1059,17 +1061,21 @@ __device__ __forceinline__ void am_mma(float* d, const unsigned int* a, unsigned
 }
 #endif
 
+// Whether row r continues row r - 1's tile of AM_QT rows (ngpt.cu's ngpt_tile_continues).
+__device__ __forceinline__ bool am_continues(const int* slots, const int* positions, int r) {
+    return r > 0 && slots[r - 1] == slots[r] && positions[r - 1] == positions[r] - 1 && positions[r] % AM_QT != 0;
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     attention_prefill_mma(const float* q, const float* k_cache, const float* v_cache, const int* positions,
-                          float* out, int rows, int tokens, int max_seq) {
+                          float* out, int rows, const int* slots, int max_seq) {
     __shared__ __align__(16) unsigned short ks[AM_KT * AM_KS];  // [key][dim]
     __shared__ __align__(16) unsigned short vt[AM_D * AM_VS];   // [dim][key]
     __shared__ int row_pos[AM_QT];
     int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x;
-    if (r >= rows) return;
-    int b = r / tokens, lr = r - b * tokens;
-    if (lr % AM_QT != 0) return;
-    int nq = min(AM_QT, tokens - lr);
+    if (r >= rows || am_continues(slots, positions, r)) return;
+    int b = slots[r], nq = 1;
+    while (nq < AM_QT && r + nq < rows && am_continues(slots, positions, r + nq)) ++nq;
     int lane = t & 31, warp = t >> 5, g = lane >> 2, tg = lane & 3;
     long long base = ((long long)b * AM_H + head) * max_seq * AM_D;
     if (t < AM_QT) row_pos[t] = t < nq ? positions[r + t] : -1;

@@ -2,8 +2,10 @@
 //
 // Specialized by a generated prelude that defines NGPT_C (n_embd), NGPT_H (n_head),
 // NGPT_D (head_dim), NGPT_V (vocab), NGPT_MAX_SEQ (KV capacity) and NGPT_KV_TILE.
-// Activations are f32 row-major [rows, width]; the KV cache is [batch, H, MAX_SEQ, D].
-// Row r belongs to sequence r / tokens and sits at absolute position positions[r].
+// Activations are f32 row-major [rows, width]; the KV cache is [slots, H, MAX_SEQ, D].
+// Row r belongs to KV-cache slot slots[r] and sits at absolute position positions[r] there
+// (kernel ABI 3; the executors check every slot and position, and that no two rows of a
+// call share a (slot, position), before anything runs).
 // Every entry has a Rust twin in runtime/src/cpu/kernels.rs with the same semantics, and a
 // contract (argument slots, lengths, launch shapes) in runtime/src/contract.rs. Plans name
 // these entries; the runtime compiles this file itself (a plan carries no code).
@@ -95,14 +97,14 @@ extern "C" __global__ void swiglu(const float* fc, float* out, int rows) {
 }
 
 // Per (row, head): q = Norm(M_pos * q) * q_scale into q_out; k = Norm(M_pos * k) * k_scale
-// and v written into the caches at the row's position. qkv is [rows, 3C].
+// and v written into the caches at the row's (slot, position). qkv is [rows, 3C].
 // Grid: (rows, H); block: at least P threads, a multiple of 32.
 extern "C" __global__ void pos_norm(const float* qkv, const int* positions, const float* table,
                                     const float* q_scale, const float* k_scale, float* q_out,
-                                    float* k_cache, float* v_cache, int rows, int tokens) {
+                                    float* k_cache, float* v_cache, int rows, const int* slots) {
     int r = blockIdx.x, head = blockIdx.y;
     if (r >= rows) return;
-    int b = r / tokens, pos = positions[r];
+    int b = slots[r], pos = positions[r];
     const float* row = qkv + (long long)r * 3 * NGPT_C;
     const float* m = table + (long long)pos * NGPT_D;
     long long cache = (((long long)b * NGPT_H + head) * NGPT_MAX_SEQ + pos) * NGPT_D;
@@ -131,15 +133,15 @@ extern "C" __global__ void pos_norm(const float* qkv, const int* positions, cons
 // `NGPT_CUDA_ATTENTION=simple`: a reference on the GPU for the tiled ones below.
 //
 // Causal attention for prefill, one block per (query row, head): keys 0..=pos of the
-// row's sequence, in tiles of NGPT_KV_TILE staged in shared memory, online softmax.
+// row's slot, in tiles of NGPT_KV_TILE staged in shared memory, online softmax.
 // Softmax scale 1 (folded into q). Grid: (rows, H); block: 128.
 __device__ void attention_prefill_simple_body(const float* q, const float* k_cache, const float* v_cache,
-                                             const int* positions, float* out, int rows, int tokens) {
+                                             const int* positions, float* out, int rows, const int* slots) {
     extern __shared__ __align__(16) float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
     __shared__ float scores[NGPT_KV_TILE];
     int r = blockIdx.x, head = blockIdx.y;
     if (r >= rows) return;
-    int b = r / tokens, pos = positions[r];
+    int b = slots[r], pos = positions[r];
     const float* qr = q + (long long)r * NGPT_C + head * NGPT_D;
     long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
     float* kt = tile;
@@ -182,12 +184,12 @@ __device__ void attention_prefill_simple_body(const float* q, const float* k_cac
 // keys 0..=pos are scored 128 at a time, one key per thread, then every thread folds the
 // tile into its own output dims with an online softmax. Grid: (rows, H); block: 128.
 __device__ void attention_decode_simple_body(const float* q, const float* k_cache, const float* v_cache,
-                                            const int* positions, float* out, int rows, int tokens) {
+                                            const int* positions, float* out, int rows, const int* slots) {
     __shared__ float scores[NGPT_DEC_TILE];
     __shared__ float red[NGPT_DEC_TILE];
     int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x;
     if (r >= rows) return;
-    int b = r / tokens, pos = positions[r];
+    int b = slots[r], pos = positions[r];
     const float* qr = q + (long long)r * NGPT_C + head * NGPT_D;
     long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
     float run_max = NGPT_NEG_BIG, run_sum = 0.0f;
@@ -226,8 +228,8 @@ __device__ void attention_decode_simple_body(const float* q, const float* k_cach
 }
 
 
-#define NGPT_ATT_ARGS const float* q, const float* k_cache, const float* v_cache, const int* positions, float* out, int rows, int tokens
-#define NGPT_ATT_PASS q, k_cache, v_cache, positions, out, rows, tokens
+#define NGPT_ATT_ARGS const float* q, const float* k_cache, const float* v_cache, const int* positions, float* out, int rows, const int* slots
+#define NGPT_ATT_PASS q, k_cache, v_cache, positions, out, rows, slots
 
 extern "C" __global__ void attention_prefill_simple(NGPT_ATT_ARGS) { attention_prefill_simple_body(NGPT_ATT_PASS); }
 extern "C" __global__ void attention_decode_simple(NGPT_ATT_ARGS) { attention_decode_simple_body(NGPT_ATT_PASS); }
@@ -260,7 +262,7 @@ extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) {
     __shared__ float part[NGPT_DEC_TILE / 32][NGPT_D];
     int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x, lane = t & 31, warp = t >> 5;
     if (r >= rows) return;
-    int b = r / tokens, pos = positions[r];
+    int b = slots[r], pos = positions[r];
     long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
     if (t < NGPT_D) qs[t] = q[(long long)r * NGPT_C + head * NGPT_D + t];
     __syncthreads();
@@ -305,9 +307,12 @@ extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) {
     }
 }
 
-// Causal attention for prefill, tiled as flash attention is: the block whose row is the
-// first of a query tile (NGPT_QT rows of one sequence) does the whole tile, the other
-// blocks of the plan's (rows, H) grid return at once. Keys 0..=max position of the tile
+// Causal attention for prefill, tiled as flash attention is: the block whose row starts a
+// query tile does the whole tile, the other blocks of the plan's (rows, H) grid return at
+// once. The tile rule is local (ngpt_tile_continues): a tile is a run of rows of one slot
+// at consecutive positions, cut where a position is a multiple of NGPT_QT, so at most
+// NGPT_QT rows; every row is in exactly one tile, and a rectangle of prompts from position
+// 0 gets the tiles of NGPT_QT rows of one sequence it always had. Keys 0..=max position of the tile
 // are staged NGPT_KV_TILE at a time in the dynamic shared memory the plan gives
 // ([2][KV_TILE][D]), each row masked at its own position, online softmax per row.
 // Scores: thread -> (key t % KV_TILE, rows t / KV_TILE + 4 i), dims walked from the key
@@ -318,6 +323,11 @@ extern "C" __global__ void attention_decode(NGPT_ATT_ARGS) {
 #define NGPT_TPR (128 / NGPT_QT)
 #define NGPT_PV_G (128 / NGPT_D)
 #define NGPT_PV_Q ((NGPT_QT + NGPT_PV_G - 1) / NGPT_PV_G)
+// Whether row r continues row r - 1's query tile of `qt` rows: same slot, the next
+// position, and not a multiple of qt (where a tile starts).
+__device__ __forceinline__ bool ngpt_tile_continues(const int* slots, const int* positions, int r, int qt) {
+    return r > 0 && slots[r - 1] == slots[r] && positions[r - 1] == positions[r] - 1 && positions[r] % qt != 0;
+}
 extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) {
     extern __shared__ __align__(16) float tile[];  // [2][NGPT_KV_TILE][NGPT_D]
     __shared__ float qs[NGPT_QT * NGPT_D];
@@ -325,10 +335,9 @@ extern "C" __global__ void attention_prefill(NGPT_ATT_ARGS) {
     __shared__ float row_max[NGPT_QT], row_sum[NGPT_QT], row_corr[NGPT_QT];
     __shared__ int row_pos[NGPT_QT];
     int r = blockIdx.x, head = blockIdx.y, t = threadIdx.x;
-    if (r >= rows) return;
-    int b = r / tokens, lr = r - b * tokens;
-    if (lr % NGPT_QT != 0) return;
-    int nq = min(NGPT_QT, tokens - lr);
+    if (r >= rows || ngpt_tile_continues(slots, positions, r, NGPT_QT)) return;
+    int b = slots[r], nq = 1;
+    while (nq < NGPT_QT && r + nq < rows && ngpt_tile_continues(slots, positions, r + nq, NGPT_QT)) ++nq;
     long long base = ((long long)b * NGPT_H + head) * NGPT_MAX_SEQ * NGPT_D;
     float* kt = tile;
     float* vt = tile + NGPT_KV_TILE * NGPT_D;

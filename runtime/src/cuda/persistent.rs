@@ -288,12 +288,13 @@ pub(super) fn fuse(
             Some(a)
                 if e.kind == kind::POS_NORM
                     && a.kind == kind::ATTENTION
-                    // attention reads pos_norm's q, caches and positions, same rows
+                    // attention reads pos_norm's q, caches, positions and slots, same rows
                     && a.p[0] == e.p[5]
                     && a.p[1] == e.p[6]
                     && a.p[2] == e.p[7]
                     && a.p[3] == e.p[1]
-                    && a.i[..2] == e.i[..2]
+                    && a.p[5] == e.p[8]
+                    && a.i[0] == e.i[0]
                     && !read_later(&raw[i + 2..], e.p[5]) =>
             {
                 let e = renamed(&current, e);
@@ -302,11 +303,11 @@ pub(super) fn fuse(
                     kind: kind::POS_ATTENTION,
                     ..PdOp::default()
                 };
-                // qkv, positions, table, q_scale, k_scale, k_cache, v_cache, out
-                f.p[..8].copy_from_slice(&[
-                    e.p[0], e.p[1], e.p[2], e.p[3], e.p[4], e.p[6], e.p[7], a.p[4],
+                // qkv, positions, table, q_scale, k_scale, k_cache, v_cache, out, slots; rows
+                f.p[..9].copy_from_slice(&[
+                    e.p[0], e.p[1], e.p[2], e.p[3], e.p[4], e.p[6], e.p[7], a.p[4], e.p[8],
                 ]);
-                f.i[..2].copy_from_slice(&e.i[..2]);
+                f.i[0] = e.i[0];
                 out.push(f);
                 fused.pos_attention += 1;
                 i += 2;
@@ -365,6 +366,7 @@ mod tests {
     const H: u64 = 0x120;
     const QKV: u64 = 0x130;
     const POS: u64 = 0x140;
+    const SLOTS: u64 = 0x1d0;
     const Q: u64 = 0x150;
     const KC: u64 = 0x160;
     const VC: u64 = 0x170;
@@ -388,10 +390,10 @@ mod tests {
                 gemv(w, input, QKV, 3 * c, c, rows),
                 op(
                     kind::POS_NORM,
-                    &[QKV, POS, 0x810, w + 1, w + 2, Q, KC + l, VC + l],
-                    &[rows, 1],
+                    &[QKV, POS, 0x810, w + 1, w + 2, Q, KC + l, VC + l, SLOTS],
+                    &[rows],
                 ),
-                op(kind::ATTENTION, &[Q, KC + l, VC + l, POS, ATT], &[rows, 1]),
+                op(kind::ATTENTION, &[Q, KC + l, VC + l, POS, ATT, SLOTS], &[rows]),
                 gemv(w + 3, ATT, PROJ, c, c, rows),
                 op(kind::LERP_NORM, &[H, PROJ, w + 4], &[rows]),
                 gemv(w + 5, H, FC, 8 * c, c, rows),
@@ -471,6 +473,13 @@ mod tests {
         raw.push(op(kind::LERP_NORM, &[Q, ACT, 0x830], &[1]));
         let (_, fused) = fuse(&raw, 1, C, stage_bytes(1, C), SHADOW);
         assert_eq!((fused.swiglu_gemv, fused.pos_attention), (0, 0));
+        // Attention reading other slots than pos_norm wrote with stays separate.
+        let mut raw = program(1, 1);
+        for e in raw.iter_mut().filter(|e| e.kind == kind::ATTENTION) {
+            e.p[5] = SLOTS + 1;
+        }
+        let (_, fused) = fuse(&raw, 1, C, stage_bytes(1, C), SHADOW);
+        assert_eq!(fused.pos_attention, 0);
         // A gemv with more columns than the lerp's rows does not take staged rows.
         let raw = program(1, 2);
         let (_, fused) = fuse(&raw, 1, C, stage_bytes(2, C), SHADOW);

@@ -82,18 +82,13 @@ impl CudaExecutor {
 
     /// Resolves every step of `kind` for `rows` rows to device addresses, checking each
     /// against its kernel's contract or the GEMM's extents.
-    pub(super) fn resolve(
-        &self,
-        kind: ProgramKind,
-        rows: usize,
-        per_seq: usize,
-    ) -> Result<Vec<Op>> {
+    pub(super) fn resolve(&self, kind: ProgramKind, rows: usize) -> Result<Vec<Op>> {
         let program = self.program(kind)?;
         let mut ops = Vec::with_capacity(program.steps.len());
         for (si, s) in program.steps.iter().enumerate() {
             let op = match s.kind.as_ref() {
                 Some(step::Kind::Launch(l)) => {
-                    self.resolve_launch(si, &s.name, l, rows, per_seq)?
+                    self.resolve_launch(si, &s.name, l, rows)?
                 }
                 Some(step::Kind::Gemm(g)) => self.resolve_gemm(si, &s.name, g, rows)?,
                 None => return Err(step_err(&s.name, "empty step")),
@@ -109,7 +104,6 @@ impl CudaExecutor {
         name: &str,
         l: &pb::Launch,
         rows: usize,
-        per_seq: usize,
     ) -> Result<Op> {
         let plan = &self.plan;
         let d = plan.dims;
@@ -160,7 +154,6 @@ impl CudaExecutor {
                     let v = match pb::Symbol::try_from(*s) {
                         Ok(pb::Symbol::Rows) => rows,
                         Ok(pb::Symbol::Batch) => self.batch,
-                        Ok(pb::Symbol::Tokens) => per_seq,
                         _ => return Err(step_err(name, format!("bad symbol {s}"))),
                     };
                     let v32 = i32::try_from(v)
@@ -185,7 +178,7 @@ impl CudaExecutor {
         entry
             .check_grid(&d, grid)
             .and_then(|()| entry.check_block(&d, plan.module_dims.kv_tile, block, l.shared_bytes))
-            .and_then(|()| entry.check_args(&d, &bound))
+            .and_then(|()| entry.check_args(&d, &bound, self.batch))
             .map_err(|p| step_err(name, p))?;
         // The tensor-core prefill attention takes the same launch (its tiles are static
         // shared memory, so the dynamic part is dropped) and the KV capacity after the

@@ -2,16 +2,18 @@
 // kernel's source behind its prelude, and NGPT_EMU_KERNEL, NGPT_EMU_SHARED (dynamic shared
 // memory bytes), NGPT_EMU_C, NGPT_EMU_D and NGPT_EMU_MAX_SEQ for this harness). Every
 // attention kernel of the runtime has the same arguments: q [rows, C], the caches
-// [batch, H, MAX_SEQ, D], positions [rows], out [rows, C], rows, tokens; grid (rows, H),
-// 128 threads.
+// [slots, H, MAX_SEQ, D], positions [rows], out [rows, C], rows, slots [rows]; grid
+// (rows, H), 128 threads.
 //
-//   attention BATCH TOKENS OFFSET SEED
+//   attention CHUNKS SEED
 //
-// Random q and caches; row r of sequence b = r / TOKENS sits at position OFFSET + r %
-// TOKENS, plus 13 b when TOKENS is 1 (decode rows at different lengths); the cache holds
-// keys before OFFSET too, as after an earlier prefill. The output is poisoned with NaN
-// first. Prints the relative error against exact causal attention (float64), the worst
-// (row, head)'s, and how many outputs were left unwritten.
+// CHUNKS is `slot:start:len,...`: the call's rows, chunk after chunk, each `len` rows of
+// KV slot `slot` at positions start, start + 1, ... (a prefill chunk, or one decode row);
+// the slots held are the largest named plus one. Random q and caches (the cache holds keys
+// before each chunk's start, as after earlier calls). The output is poisoned with NaN
+// first. Prints the relative error against exact causal attention (float64) over keys
+// 0..=position of the row's slot, the worst (row, head)'s, and how many outputs were left
+// unwritten.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -24,31 +26,42 @@
 #endif
 
 int main(int argc, char** argv) {
-    if (argc != 5) {
-        std::fprintf(stderr, "usage: %s BATCH TOKENS OFFSET SEED\n", argv[0]);
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s SLOT:START:LEN,... SEED\n", argv[0]);
         return 2;
     }
-    const int batch = std::atoi(argv[1]), tokens = std::atoi(argv[2]), offset = std::atoi(argv[3]);
     const int C = NGPT_EMU_C, D = NGPT_EMU_D, H = C / D, S = NGPT_EMU_MAX_SEQ;
-    const int rows = batch * tokens;
-    std::mt19937 rng(std::atoi(argv[4]));
+    std::vector<int> pos, slot;
+    int batch = 0;
+    for (const char* c = argv[1]; *c;) {
+        int sl, start, len, used = 0;
+        if (std::sscanf(c, "%d:%d:%d%n", &sl, &start, &len, &used) != 3 || sl < 0 || start < 0 || len < 1 ||
+            start + len > S)
+            return 2;
+        for (int i = 0; i < len; ++i) {
+            slot.push_back(sl);
+            pos.push_back(start + i);
+        }
+        batch = std::max(batch, sl + 1);
+        c += used;
+        if (*c == ',') ++c;
+    }
+    const int rows = (int)pos.size();
+    std::mt19937 rng(std::atoi(argv[2]));
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     std::vector<float> q((size_t)rows * C), kc((size_t)batch * H * S * D), vc(kc.size());
     std::vector<float> out((size_t)rows * C, NAN);
     for (auto& x : q) x = 0.6f * u(rng);
     for (auto& x : kc) x = u(rng);
     for (auto& x : vc) x = u(rng);
-    std::vector<int> pos(rows);
-    for (int r = 0; r < rows; ++r) pos[r] = offset + r % tokens + (tokens == 1 ? 13 * r : 0);
-    if (pos[rows - 1] >= S) return 2;
 
     launch(Dim3{(unsigned)rows, (unsigned)H, 1}, 128, NGPT_EMU_SHARED,
-           [&] { NGPT_EMU_KERNEL(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, tokens NGPT_EMU_EXTRA_ARGS); });
+           [&] { NGPT_EMU_KERNEL(q.data(), kc.data(), vc.data(), pos.data(), out.data(), rows, slot.data() NGPT_EMU_EXTRA_ARGS); });
 
     double num = 0, den = 0, worst = 0;
     long unwritten = 0;
     for (int r = 0; r < rows; ++r) {
-        int b = r / tokens;
+        int b = slot[r];
         for (int h = 0; h < H; ++h) {
             const float* qr = &q[(size_t)r * C + h * D];
             const float* kb = &kc[((size_t)b * H + h) * S * D];

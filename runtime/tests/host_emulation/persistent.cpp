@@ -11,7 +11,8 @@
 // swiglu; a bf16 gemv whose input is a folded swiglu, with beta != 0; a bf16 gemv that is
 // not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows.
 // attention: one decode row per sequence at positions 5, 1,100 (more 32-key tiles than
-// splits), 40, 31 (one whole tile), ..., the caches random before them: pos_norm then
+// splits), 40, 31 (one whole tile), ..., row r in KV slot (r + 1) % ROWS (not the row's own
+// index), the caches random before them: pos_norm then
 // attention as two entries, or folded into one (FOLD 1). The same with NGPT_PD_WIDE
 // defined (the wide build: splits over all the grid's warps, its float4 P.V where the
 // head dim allows, a block per (row, head) combining).
@@ -56,6 +57,8 @@ static int attention(int rows, int blocks, int fold) {
     std::vector<float> kc0(kc, kc + (size_t)rows * H * S * D), vc0(vc, vc + (size_t)rows * H * S * D);
     int* positions = arena.alloc<int>(rows);
     for (int r = 0; r < rows; ++r) positions[r] = at[r % 8];
+    int* slots = arena.alloc<int>(rows);
+    for (int r = 0; r < rows; ++r) slots[r] = (r + 1) % rows;
     float* q_out = arena.alloc<float>((size_t)rows * C);
     float* out = arena.alloc<float>((size_t)rows * C);
     for (int i = 0; i < rows * C; ++i) out[i] = q_out[i] = NAN;
@@ -63,22 +66,21 @@ static int attention(int rows, int blocks, int fold) {
     const int pairs = rows * H, warps = blocks * PD_WARPS;
     const int wide = pairs * std::max(1, warps / pairs);
     float* part = arena.alloc<float>((size_t)std::max(pairs * PD_SPLITS, wide) * PD_PART);
-    // An entry of one decode row per sequence (ints: rows, tokens = 1).
+    // An entry of one decode row per sequence (ints: rows).
     auto entry = [&](int kind, std::initializer_list<const void*> ptrs) {
         PdOp e{};
         e.kind = kind;
         int i = 0;
         for (const void* p : ptrs) e.p[i++] = (unsigned long long)p;
         e.i[0] = rows;
-        e.i[1] = 1;
         return e;
     };
     std::vector<PdOp> t;
     if (fold) {
-        t.push_back(entry(PD_POS_ATTENTION, {qkv, positions, table, q_scale, k_scale, kc, vc, out}));
+        t.push_back(entry(PD_POS_ATTENTION, {qkv, positions, table, q_scale, k_scale, kc, vc, out, slots}));
     } else {
-        t.push_back(entry(PD_POS_NORM, {qkv, positions, table, q_scale, k_scale, q_out, kc, vc}));
-        t.push_back(entry(PD_ATTENTION, {q_out, kc, vc, positions, out}));
+        t.push_back(entry(PD_POS_NORM, {qkv, positions, table, q_scale, k_scale, q_out, kc, vc, slots}));
+        t.push_back(entry(PD_ATTENTION, {q_out, kc, vc, positions, out, slots}));
     }
     PdOp* ops = arena.alloc<PdOp>(t.size());
     std::copy(t.begin(), t.end(), ops);
@@ -110,7 +112,7 @@ static int attention(int rows, int blocks, int fold) {
                 q[j] = q[j] / std::sqrt(sq) * q_scale[h * D + j];
                 k[j] = k[j] / std::sqrt(sk) * k_scale[h * D + j];
             }
-            size_t base = ((size_t)r * H + h) * S * D;
+            size_t base = ((size_t)slots[r] * H + h) * S * D;
             // The new key and value, as the kernel must have cached them.
             for (int j = 0; j < D; ++j) {
                 want_kv.push_back(k[j]);

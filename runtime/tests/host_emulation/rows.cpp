@@ -84,23 +84,28 @@ int main(int argc, char** argv) {
         }
     compare(act.data(), want_act);
 
-    // pos_norm: row r of sequence r / tokens at position 3 + r % tokens
+    // pos_norm: row r of sequence r / tokens at position 3 + r % tokens, in KV slot
+    // seqs - 1 - r / tokens (the sequences' slots in reverse order)
     auto qkv = filled((size_t)rows * 3 * C, 1.0f);
     auto table = filled((size_t)S * D, 1.0f);
     auto q_scale = filled(C, 2.0f), k_scale = filled(C, 2.0f);
     int seqs = (rows + tokens - 1) / tokens;
     std::vector<int> pos(rows);
-    for (int r = 0; r < rows; ++r) pos[r] = 3 + r % tokens;
+    std::vector<int> slot(rows);
+    for (int r = 0; r < rows; ++r) {
+        pos[r] = 3 + r % tokens;
+        slot[r] = seqs - 1 - r / tokens;
+    }
     std::vector<float> q((size_t)rows * C, NAN), kc((size_t)seqs * H * S * D, NAN), vc(kc.size(), NAN);
     unsigned block = (unsigned)(std::max(1, (P + 31) / 32) * 32);
     launch(Dim3{grid, (unsigned)H, 1}, block, 0, [&] {
         pos_norm(qkv.data(), pos.data(), table.data(), q_scale.data(), k_scale.data(), q.data(), kc.data(),
-                 vc.data(), rows, tokens);
+                 vc.data(), rows, slot.data());
     });
     std::vector<double> want_q((size_t)rows * C), want_kv;
     std::vector<float> got_kv;
     for (int r = 0; r < rows; ++r) {
-        int b = r / tokens;
+        int b = slot[r];
         for (int hd = 0; hd < H; ++hd) {
             std::vector<double> qh(D), kh(D);
             for (int j = 0; j < D; ++j) {
