@@ -5,6 +5,7 @@ mod commands;
 mod engines;
 mod memory;
 mod parity;
+mod serve;
 mod settings;
 mod tokens;
 
@@ -47,6 +48,7 @@ enum Command {
     Inspect(commands::inspect::Args),
     Logits(commands::logits::Args),
     Plan(commands::plan::Args),
+    Serve(commands::serve::Args),
     Snapshot(commands::snapshot::Args),
     Check(commands::check::Args),
     Bench(commands::bench::Args),
@@ -82,6 +84,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Plan(a) => commands::plan::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Snapshot(a) => commands::snapshot::run(a),
         Command::Check(a) => commands::check::run(a),
         Command::Bench(a) => commands::bench::run(a),

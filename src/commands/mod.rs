@@ -11,5 +11,6 @@ pub mod input;
 pub mod inspect;
 pub mod logits;
 pub mod plan;
+pub mod serve;
 pub mod snapshot;
 pub mod validate;

@@ -49,7 +49,12 @@ impl Hf {
     }
 
     pub fn encode(&self, text: &str, path: &Path) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| {
+        self.encode_with(text, path, true)
+    }
+
+    /// `encode`, with or without the special tokens the post-processor adds (a BOS, say).
+    pub fn encode_with(&self, text: &str, path: &Path, special: bool) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, special).map_err(|e| {
             anyhow!(
                 "--prompt: {} cannot encode {text:?}: {}",
                 path.display(),

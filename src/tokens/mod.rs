@@ -228,6 +228,16 @@ impl Vocab {
         }
     }
 
+    /// Token ids of `text` without the special tokens a tokenizer.json's post-processor
+    /// adds: for text that already holds them, as a rendered chat template does
+    /// (transformers' `apply_chat_template` tokenizes the same way).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.kind {
+            Kind::Chars { chars, .. } => chars.encode(text),
+            Kind::Hf(hf) => hf.encode_with(text, &self.path, false),
+        }
+    }
+
     /// The text of `ids`; an id outside the vocabulary becomes U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
         match &self.kind {
