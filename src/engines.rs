@@ -659,6 +659,26 @@ pub fn plan_session(
     })
 }
 
+/// The generation engine on `plan` for a plan engine: the CPU executor, or the CUDA one
+/// (an error naming what is missing where CUDA is not usable).
+pub fn plan_engine(
+    engine: Engine,
+    plan: Arc<LoadedPlan>,
+    opts: ngpt_runtime::engine::EngineOptions,
+) -> Result<ngpt_runtime::engine::Engine> {
+    use ngpt_runtime::engine::Engine as Generator;
+    Ok(match engine {
+        Engine::PlanCpu => Generator::cpu(plan, opts)?,
+        Engine::PlanCuda => {
+            if let Some(why) = cuda_unavailable() {
+                bail!("--engine plan-cuda: {why}");
+            }
+            Generator::cuda(plan, opts, &crate::settings::get().cuda)?
+        }
+        other => bail!("{} is not a plan engine", other.name()),
+    })
+}
+
 fn tensor_to_f64(t: &candle_core::Tensor) -> Result<Vec<f64>> {
     t.to_dtype(DType::F64)
         .and_then(|t| t.flatten_all())

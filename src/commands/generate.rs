@@ -4,9 +4,10 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use std::sync::mpsc;
+
 use anyhow::{bail, Context, Result};
-use ngpt_runtime::sample::{Sampler, Sampling};
-use ngpt_runtime::session::Session;
+use ngpt_runtime::engine::{Event, Finish, Request, SamplingParams};
 
 use crate::tokens::{parse_tokens, Vocab};
 
@@ -18,7 +19,8 @@ pub enum Engine {
     PlanCuda,
 }
 
-/// Generate tokens: prefill the prompt, then decode with the KV cache.
+/// Generate tokens: prefill the prompt, then decode with the KV cache, through the same
+/// engine `ngpt serve` runs (a request's tokens are the same here and there).
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  ngpt generate tests/fixtures/nv-tiny --prompt \"Permission is \" --max-new-tokens 40\n  ngpt generate out/nv-tiny --tokens 45,64,77 --max-new-tokens 8 --temperature 0.8 --top-k 5 --seed 1 --json\n  ngpt generate out/shakespeare --vocab data/shakespeare_char/meta.pkl --prompt \"ROMEO:\" --max-new-tokens 200"
@@ -43,8 +45,17 @@ pub struct Args {
     /// Sample among the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to p (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// The sampler's seed; sequence i of a batch samples with SEED + i, so each gets the
+    /// tokens it would get alone.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Go on past the tokenizer's end-of-sequence token (a tokenizer.json's; a char-level
+    /// vocabulary defines none).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Sequences: the prompt B times, or with --prompts one per line.
     #[arg(long)]
     batch: Option<usize>,
@@ -75,6 +86,12 @@ pub fn run(a: Args) -> Result<()> {
             "--temperature {}: expected a finite number, at least 0 (0 is greedy)",
             a.temperature
         );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: expected a number in (0, 1]", a.top_p);
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0: expected at least 1");
     }
     // Default: the GPU where CUDA is usable, else the CPU (said once the request is known
     // to be servable). Asked for explicitly, plan-cuda without a GPU is an error.
@@ -149,25 +166,41 @@ pub fn run(a: Args) -> Result<()> {
         bail!("prompt ({longest} tokens) plus --max-new-tokens {} exceeds the KV capacity {cap} (--max-seq-len at compile time)", a.max_new_tokens);
     }
     let b = prompts.len();
-    let mut session: Session = crate::engines::plan_session(runtime_engine, plan, b)?;
-    let mut sampler = Sampler::new(
-        Sampling {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: 1.0,
-        },
-        a.seed,
-    );
+    let eos = end_of_sequence(&a, v)?;
+    let mut opts = ngpt_runtime::engine::EngineOptions::new(b);
+    opts.max_queue = b;
+    opts.eos = eos;
+    let mut gen = crate::engines::plan_engine(runtime_engine, plan, opts)?;
     // Said once the request is known to be servable, so a refused one prints only its error.
     if a.engine.is_none() && !a.json {
         match &cuda_missing {
             Some(why) => eprintln!("engine: plan-cpu ({why})"),
-            None => eprintln!("engine: {}", session.executor().describe()),
+            None => eprintln!("engine: {}", gen.describe()),
         }
     }
     if let (Some(voc), false) = (&vocab, a.json) {
         eprintln!("vocabulary: {}", voc.describe());
     }
+    let (tx, rx) = mpsc::channel::<(usize, Event)>();
+    for (i, p) in prompts.iter().enumerate() {
+        let tx = tx.clone();
+        gen.submit(
+            Request {
+                prompt: p.clone(),
+                params: SamplingParams {
+                    max_tokens: a.max_new_tokens,
+                    temperature: a.temperature,
+                    top_k: a.top_k,
+                    top_p: a.top_p,
+                    seed: a.seed.wrapping_add(i as u64),
+                    ignore_eos: a.ignore_eos,
+                    ..SamplingParams::default()
+                },
+            },
+            Box::new(move |e| tx.send((i, e)).is_ok()),
+        )?;
+    }
+    drop(tx);
     let stream = b == 1 && !a.json;
     let mut out = std::io::stdout();
     let mut text_stream = vocab.as_ref().map(Vocab::stream);
@@ -176,36 +209,46 @@ pub fn run(a: Args) -> Result<()> {
             print!("{}", ts.push(&prompts[0]));
         }
     }
-    let t0 = Instant::now();
-    // Each prompt's last position only: `[B, vocab]`.
-    let logits = session.prefill_last(&prompts)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut next: Vec<u32> = logits.chunks(v).map(|row| sampler.pick(row)).collect();
     let mut generated: Vec<Vec<u32>> = vec![vec![]; b];
-    let t1 = Instant::now();
-    for step in 0..a.max_new_tokens {
-        for (g, &t) in generated.iter_mut().zip(&next) {
-            g.push(t);
-        }
-        if stream {
-            match &mut text_stream {
-                Some(ts) => print!("{}", ts.push(&next)),
-                None => print!("{}{}", if step == 0 { "" } else { "," }, next[0]),
+    let mut finish: Vec<Option<Finish>> = vec![None; b];
+    let t0 = Instant::now();
+    // When every sequence had its first token: the end of prefill.
+    let mut prefill_s = None;
+    loop {
+        let more = gen.step();
+        for (i, e) in rx.try_iter() {
+            match e {
+                Event::Token(g) => {
+                    if stream {
+                        match &mut text_stream {
+                            Some(ts) => print!("{}", ts.push(&[g.token])),
+                            None => print!(
+                                "{}{}",
+                                if generated[i].is_empty() { "" } else { "," },
+                                g.token
+                            ),
+                        }
+                        out.flush().ok();
+                    }
+                    generated[i].push(g.token);
+                }
+                Event::Finished { reason, .. } => finish[i] = Some(reason),
+                Event::Failed(err) => bail!("sequence {i}: {err}"),
             }
-            out.flush().ok();
         }
-        if step + 1 == a.max_new_tokens {
+        if prefill_s.is_none() && generated.iter().zip(&finish).all(|(g, f)| !g.is_empty() || f.is_some()) {
+            prefill_s = Some(t0.elapsed().as_secs_f64());
+        }
+        if !more {
             break;
         }
-        let logits = session.decode(&next)?;
-        next = (0..b)
-            .map(|i| sampler.pick(&logits[i * v..(i + 1) * v]))
-            .collect();
     }
-    let decode_s = t1.elapsed().as_secs_f64();
+    let total_s = t0.elapsed().as_secs_f64();
+    let prefill_s = prefill_s.unwrap_or(total_s);
+    let decode_s = total_s - prefill_s;
     let prefill_tps = (b * longest) as f64 / prefill_s.max(1e-9);
-    let decode_steps = a.max_new_tokens.saturating_sub(1);
-    let decode_tps = (b * decode_steps) as f64 / decode_s.max(1e-9);
+    let decode_tokens: usize = generated.iter().map(|g| g.len().saturating_sub(1)).sum();
+    let decode_tps = decode_tokens as f64 / decode_s.max(1e-9);
     if stream {
         if let Some(ts) = &mut text_stream {
             print!("{}", ts.finish());
@@ -225,35 +268,50 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
+    let reasons: Vec<&str> = finish
+        .iter()
+        .map(|f| match f {
+            Some(Finish::Stop) => "stop",
+            Some(Finish::Length) => "length",
+            Some(Finish::Cancelled) | None => "cancelled",
+        })
+        .collect();
     if a.json {
-        let tokens = if b == 1 {
-            serde_json::json!(generated[0])
-        } else {
-            serde_json::json!(generated)
-        };
-        let prompt_tokens = if b == 1 {
-            serde_json::json!(prompts[0])
-        } else {
-            serde_json::json!(prompts)
+        let one = |x: serde_json::Value| -> serde_json::Value {
+            match x {
+                serde_json::Value::Array(mut v) if b == 1 => v.remove(0),
+                other => other,
+            }
         };
         let mut obj = serde_json::json!({
-            "prompt_tokens": prompt_tokens,
-            "tokens": tokens,
+            "prompt_tokens": one(serde_json::json!(prompts)),
+            "tokens": one(serde_json::json!(generated)),
+            "finish_reason": one(serde_json::json!(reasons)),
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,
             "engine": engine_name,
         });
         if let Some(voc) = &vocab {
             let text: Vec<String> = generated.iter().map(|g| voc.decode(g)).collect();
-            obj["text"] = if b == 1 {
-                serde_json::json!(text[0])
-            } else {
-                serde_json::json!(text)
-            };
+            obj["text"] = one(serde_json::json!(text));
         }
         println!("{obj}");
     } else {
         eprintln!("prefill {prefill_tps:.1} tokens/s, decode {decode_tps:.1} tokens/s ({engine_name}, batch {b})");
     }
     Ok(())
+}
+
+/// The end-of-sequence tokens: those the tokenizer files beside the vocabulary define
+/// (`--vocab`'s directory, else INPUT's), none for a char-level vocabulary.
+fn end_of_sequence(a: &Args, vocab: usize) -> Result<Vec<u32>> {
+    let dir = match &a.vocab {
+        Some(p) => p.parent().map(std::path::Path::to_path_buf),
+        None if a.input.is_dir() => Some(a.input.clone()),
+        None => a.input.parent().map(std::path::Path::to_path_buf),
+    };
+    match dir {
+        Some(d) => Ok(crate::tokens::files::special_tokens(&d, vocab)?.eos),
+        None => Ok(vec![]),
+    }
 }

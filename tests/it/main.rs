@@ -9,6 +9,7 @@ mod cli;
 mod compile_cli;
 mod cpu_threads;
 mod determinism;
+mod engine;
 mod fuzz_regressions;
 mod import_errors;
 mod init;

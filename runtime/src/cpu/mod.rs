@@ -317,7 +317,11 @@ impl CpuExecutor {
                 Some(step::Kind::Gemm(g)) => match select.filter(|_| si == last) {
                     Some(sel) if self.gather_final_rows(g, rows, sel)? => {
                         out_rows = sel.len();
-                        self.gemm(&s.name, g, out_rows)?
+                        // No row chosen (a prompt chunk that does not end its prompt):
+                        // the lm_head has nothing to compute.
+                        if out_rows > 0 {
+                            self.gemm(&s.name, g, out_rows)?
+                        }
                     }
                     _ => self.gemm(&s.name, g, rows)?,
                 },
@@ -368,12 +372,15 @@ impl CpuExecutor {
             return Ok(false);
         };
         let increasing = sel.windows(2).all(|w| w[0] < w[1]);
-        let fits = sel.last().is_some_and(|&r| r < rows);
+        let fits = sel.last().is_none_or(|&r| r < rows);
         if !(g.trans_a && !g.trans_b && g.beta == 0.0 && increasing && fits)
             || ci as usize != self.buffer_index("logits")?
             || bi == ci
         {
             return Ok(false);
+        }
+        if sel.is_empty() {
+            return Ok(true); // nothing to move; the caller skips the GEMM
         }
         let (Ok(full), Ok(part)) = (
             crate::plan::gemm_extents(g, rows, self.batch),

@@ -34,6 +34,7 @@
 //! # Ok::<(), ngpt_runtime::Error>(())
 //! ```
 
+mod executor;
 mod handle;
 mod schedule;
 
