@@ -705,7 +705,10 @@ mod tests {
         assert!(e.check_args(&D, &short, 1).unwrap_err().contains("0..24"));
         let mut alias = ok;
         alias[1] = buf(0, 24);
-        assert!(e.check_args(&D, &alias, 1).unwrap_err().contains("distinct"));
+        assert!(e
+            .check_args(&D, &alias, 1)
+            .unwrap_err()
+            .contains("distinct"));
         let mut int = ok;
         int[0] = Bound::Buffer {
             index: 0,
@@ -717,7 +720,10 @@ mod tests {
             .check_args(&D, &int, 1)
             .unwrap_err()
             .contains("should be f32"));
-        assert!(e.check_args(&D, &ok[..3], 1).unwrap_err().contains("takes 4"));
+        assert!(e
+            .check_args(&D, &ok[..3], 1)
+            .unwrap_err()
+            .contains("takes 4"));
         // Slots: a KV cache per slot held (5 rows over 3 slots).
         let a = entry("attention_decode").unwrap();
         let cache = 3 * D.n_head * D.max_seq_len * D.head_dim;

@@ -101,7 +101,9 @@ pub enum Error {
         slots: usize,
     },
     /// A row naming a KV slot the executor does not hold.
-    #[error("row {row}: slot {slot} is outside the {held} KV slots this executor holds (0..{held})")]
+    #[error(
+        "row {row}: slot {slot} is outside the {held} KV slots this executor holds (0..{held})"
+    )]
     SlotOutOfRange {
         /// The row's index in the call.
         row: usize,

@@ -61,22 +61,22 @@ impl<'a> Rows<'a> {
         let mut writes = std::collections::HashMap::with_capacity(n);
         for r in 0..n {
             let (t, p, s) = (self.tokens[r], self.positions[r], self.slots[r]);
-            let slot = usize::try_from(s)
-                .ok()
-                .filter(|&s| s < slots)
-                .ok_or(Error::SlotOutOfRange {
-                    row: r,
-                    slot: s.into(),
-                    held: slots,
-                })?;
-            let position = usize::try_from(p)
-                .ok()
-                .filter(|&p| p < capacity)
-                .ok_or(Error::PositionOutOfRange {
+            let slot =
+                usize::try_from(s)
+                    .ok()
+                    .filter(|&s| s < slots)
+                    .ok_or(Error::SlotOutOfRange {
+                        row: r,
+                        slot: s.into(),
+                        held: slots,
+                    })?;
+            let position = usize::try_from(p).ok().filter(|&p| p < capacity).ok_or(
+                Error::PositionOutOfRange {
                     row: r,
                     position: p.into(),
                     capacity,
-                })?;
+                },
+            )?;
             if usize::try_from(t).map_or(true, |t| t >= vocab) {
                 return Err(Error::TokenOutsideVocabulary {
                     token: t.into(),

@@ -243,7 +243,11 @@ fn tensor_core_prefill_attention_matches_exact_attention_on_the_cpu() -> Result<
                 d: 16,
                 max_seq: 150,
             },
-            vec![rect(2, 65, 0), rect(1, 64, 80), mixed("1:5:70,0:17:1,2:0:66")],
+            vec![
+                rect(2, 65, 0),
+                rect(1, 64, 80),
+                mixed("1:5:70,0:17:1,2:0:66"),
+            ],
         ),
         (
             Widths {
@@ -304,10 +308,14 @@ fn f32_attention_kernels_match_exact_attention_on_the_cpu() -> Result<()> {
         .into_iter()
         .chain(mixed.clone())
         .collect();
-    let decode: Vec<Run> = [rect(3, 1, 5), rect(2, 1, 130), "2:7:1,0:100:1,1:44:1".into()]
-        .into_iter()
-        .chain(mixed)
-        .collect();
+    let decode: Vec<Run> = [
+        rect(3, 1, 5),
+        rect(2, 1, 130),
+        "2:7:1,0:100:1,1:44:1".into(),
+    ]
+    .into_iter()
+    .chain(mixed)
+    .collect();
     for w in widths {
         for (name, runs) in [
             ("attention_prefill", &prefill),

@@ -332,9 +332,7 @@ fn cpu_run_rows_multiplies_only_the_chosen_rows() -> Result<()> {
         let back = ex.run_rows(ProgramKind::Prefill, &rq, &[13, 4])?;
         assert_eq!(ex.logits_rows_computed(), 20);
         assert_eq!(&back[..v], &full[13 * v..14 * v]);
-        assert!(ex
-            .run_rows(ProgramKind::Prefill, &rq, &[20])
-            .is_err());
+        assert!(ex.run_rows(ProgramKind::Prefill, &rq, &[20]).is_err());
     }
     Ok(())
 }

@@ -60,7 +60,10 @@ fn rows_interleaved_across_calls_give_each_sequence_its_bits_alone() -> Result<(
         (Prefill, run(1, 0..4).collect()),
         (
             Prefill,
-            run(2, 5..12).chain(run(1, 4..5)).chain(run(0, 3..7)).collect(),
+            run(2, 5..12)
+                .chain(run(1, 4..5))
+                .chain(run(0, 3..7))
+                .collect(),
         ),
         (Prefill, run(0, 7..9).chain(run(1, 5..6)).collect()),
         (Decode, vec![(2, 12), (0, 9), (1, 6)]),

@@ -298,7 +298,9 @@ fn position(d: &Dims, positions: &[i32], r: usize) -> Result<usize> {
 
 /// Row r's KV-cache slot, checked to lie inside a cache of `cache_len` elements.
 fn slot(d: &Dims, slots: &[i32], r: usize, cache_len: usize) -> Result<usize> {
-    let s = *slots.get(r).ok_or_else(|| oob("slots", r, 1, slots.len()))?;
+    let s = *slots
+        .get(r)
+        .ok_or_else(|| oob("slots", r, 1, slots.len()))?;
     let per_slot = d.n_head * d.max_seq_len * d.head_dim;
     usize::try_from(s)
         .ok()

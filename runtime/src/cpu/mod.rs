@@ -305,14 +305,13 @@ impl CpuExecutor {
             match s.kind.as_ref() {
                 Some(step::Kind::Launch(l)) => {
                     // A twin's bounds error names the kernel's operand; add the step.
-                    self.launch(&s.name, l, rows)
-                        .map_err(|e| match e {
-                            Error::Step { step, problem } if step != s.name => Error::Step {
-                                step: s.name.clone(),
-                                problem: format!("{step}: {problem}"),
-                            },
-                            e => e,
-                        })?
+                    self.launch(&s.name, l, rows).map_err(|e| match e {
+                        Error::Step { step, problem } if step != s.name => Error::Step {
+                            step: s.name.clone(),
+                            problem: format!("{step}: {problem}"),
+                        },
+                        e => e,
+                    })?
                 }
                 Some(step::Kind::Gemm(g)) => match select.filter(|_| si == last) {
                     Some(sel) if self.gather_final_rows(g, rows, sel)? => {

@@ -592,9 +592,10 @@ impl CudaExecutor {
             && on_step.is_none()
             && self.profile.is_none();
         let graph_ready = replay
-            && self.graph.as_ref().is_some_and(|g| {
-                (g.rows, g.generation) == (rows, self.generation)
-            });
+            && self
+                .graph
+                .as_ref()
+                .is_some_and(|g| (g.rows, g.generation) == (rows, self.generation));
         let ops = if graph_ready {
             vec![]
         } else {

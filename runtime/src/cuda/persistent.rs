@@ -393,7 +393,11 @@ mod tests {
                     &[QKV, POS, 0x810, w + 1, w + 2, Q, KC + l, VC + l, SLOTS],
                     &[rows],
                 ),
-                op(kind::ATTENTION, &[Q, KC + l, VC + l, POS, ATT, SLOTS], &[rows]),
+                op(
+                    kind::ATTENTION,
+                    &[Q, KC + l, VC + l, POS, ATT, SLOTS],
+                    &[rows],
+                ),
                 gemv(w + 3, ATT, PROJ, c, c, rows),
                 op(kind::LERP_NORM, &[H, PROJ, w + 4], &[rows]),
                 gemv(w + 5, H, FC, 8 * c, c, rows),

@@ -87,9 +87,7 @@ impl CudaExecutor {
         let mut ops = Vec::with_capacity(program.steps.len());
         for (si, s) in program.steps.iter().enumerate() {
             let op = match s.kind.as_ref() {
-                Some(step::Kind::Launch(l)) => {
-                    self.resolve_launch(si, &s.name, l, rows)?
-                }
+                Some(step::Kind::Launch(l)) => self.resolve_launch(si, &s.name, l, rows)?,
                 Some(step::Kind::Gemm(g)) => self.resolve_gemm(si, &s.name, g, rows)?,
                 None => return Err(step_err(&s.name, "empty step")),
             };
