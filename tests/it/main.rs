@@ -19,6 +19,7 @@ mod parity_tools;
 mod plan_cli;
 mod plan_parity;
 mod reference_parity;
+mod serve;
 mod slots;
 mod tract_snapshots;
 mod validate_cli;
