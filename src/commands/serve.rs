@@ -179,18 +179,9 @@ pub fn run(a: Args) -> Result<()> {
     ));
     let cuda = crate::settings::get().cuda.clone();
     let load = move || -> Result<EngineHandle> {
-        // INTERIM: per-slot CPU sessions until the executors take (slot, token, position)
-        // rows (then `RuntimeEngine::cpu` / `RuntimeEngine::cuda`).
-        if engine == Engine::PlanCuda {
-            let _ = &cuda;
-            bail!("--engine plan-cuda: the server runs plan-cpu until the CUDA executor takes slot rows");
-        }
-        let handle = EngineHandle::spawn(move || {
-            let slots = opts.max_batch;
-            RuntimeEngine::with_backend(
-                Box::new(crate::serve::interim::SessionSlots::new(plan, slots)?),
-                opts,
-            )
+        let handle = EngineHandle::spawn(move || match engine {
+            Engine::PlanCpu => RuntimeEngine::cpu(plan, opts),
+            Engine::PlanCuda => RuntimeEngine::cuda(plan, opts, &cuda),
         })
         .context("starting the engine")?;
         Ok(handle)

@@ -13,7 +13,6 @@
 
 pub mod api;
 pub mod chat;
-pub mod interim;
 pub mod metrics;
 pub mod routes;
 pub mod stream;
