@@ -180,7 +180,15 @@ impl Model {
     pub fn compiled(&mut self) -> Result<&Compiled> {
         let compiled = match self.compiled.take() {
             Some(c) => c,
-            None => compile::compile(self.checkpoint()?, &compile::Options::default())?,
+            None => {
+                // A compiled directory's graph as it was compiled (its quantization).
+                let opts = if self.is_compiled() {
+                    compile::Manifest::read(&self.input)?.compile_options()
+                } else {
+                    compile::Options::default()
+                };
+                compile::compile(self.checkpoint()?, &opts)?
+            }
         };
         Ok(self.compiled.insert(compiled))
     }

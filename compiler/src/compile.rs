@@ -17,6 +17,8 @@ pub struct Options {
     pub stop_after: Option<usize>,
     /// A deliberate miscompile, for testing `ngpt check` and `ngpt bisect`.
     pub fault: Option<passes::Fault>,
+    /// Quantize the matmul weights (the `quantize` pass) as these options say.
+    pub quantize: Option<crate::quant::Options>,
 }
 
 /// A compiled model: the canonical graph and what each pass did.
@@ -55,6 +57,7 @@ pub fn compile(ckpt: &Checkpoint, opts: &Options) -> Result<Compiled> {
         &passes::Options {
             stop_after: opts.stop_after,
             fault: opts.fault.clone(),
+            quantize: opts.quantize,
             ..Default::default()
         },
     )?;
@@ -76,6 +79,9 @@ impl Compiled {
             );
             for why in &r.skipped {
                 let _ = writeln!(s, "     skipped: {why}");
+            }
+            for note in &r.notes {
+                let _ = writeln!(s, "     note: {note}");
             }
         }
         s
@@ -133,6 +139,21 @@ pub struct Manifest {
     pub passes: Vec<String>,
     /// Names of the files in the compiled directory, relative to it, `manifest.json` first.
     pub files: Vec<String>,
+    /// The quantize pass's options, when the compile quantized the weights (absent
+    /// otherwise): `--engine ir` on the directory compiles its source the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<crate::quant::Options>,
+}
+
+impl Manifest {
+    /// The compile options that give this directory's weights again (its quantization;
+    /// the engines compile a source's full canonical graph, whatever `stop_after` was).
+    pub fn compile_options(&self) -> Options {
+        Options {
+            quantize: self.quantize,
+            ..Default::default()
+        }
+    }
 }
 
 impl Manifest {

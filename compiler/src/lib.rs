@@ -20,6 +20,7 @@ pub mod onnx;
 pub mod passes;
 mod pickle_guard;
 pub mod plan;
+pub mod quant;
 pub mod reference;
 
 pub use error::{Error, Result};

@@ -13,7 +13,7 @@ use ngpt_schemas::prost::Message;
 /// model.weights), all files or none.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Example:\n  ngpt compile tests/fixtures/nv-tiny/ckpt.pt -o out/nv-tiny\n  ngpt compile ckpt.pt -o out/bisect --stop-after 4 --force\n  ngpt compile ckpt.pt -o out/f16 --onnx-dtype f16 --external-data"
+    after_help = "Example:\n  ngpt compile tests/fixtures/nv-tiny/ckpt.pt -o out/nv-tiny\n  ngpt compile ckpt.pt -o out/bisect --stop-after 4 --force\n  ngpt compile ckpt.pt -o out/f16 --onnx-dtype f16 --external-data\n  ngpt compile ckpt.pt -o out/int4 --onnx-dtype int4 --quant-renorm\n  ngpt compile ckpt.pt -o out/plan-only --no-onnx"
 )]
 pub struct Args {
     /// A checkpoint: ckpt.pt, a .safetensors file with config.json beside it, or a directory.
@@ -35,9 +35,29 @@ pub struct Args {
     #[arg(long)]
     max_seq_len: Option<usize>,
     /// Weight dtype of model.onnx: f32, or f16 (half the size, about 1e-3 relative error;
-    /// cast to f32 in the graph).
+    /// cast to f32 in the graph), or int8/int4: weight-only block quantization (the
+    /// `quantize` pass, written as onnxruntime's com.microsoft MatMulNBits). A quantized
+    /// compile quantizes the graph itself: ir.txt, `--engine ir` on the directory and
+    /// model.plan (which stores the dequantized weights as floats until the plan has
+    /// quantized kernels) all compute with the same dequantized weights.
     #[arg(long, value_enum, default_value = "f32")]
     onnx_dtype: OnnxDtype,
+    /// Entries per quantization block along K (a power of two, at least 16); a last block
+    /// is short where it does not divide K.
+    #[arg(long, default_value_t = 32)]
+    quant_block: usize,
+    /// Rescale each quantized row's block scales by one factor so the row keeps its source
+    /// norm, for the matrices training keeps unit-norm along K (q, k, v, c_fc, NVIDIA's
+    /// lm_head; not c_proj: passes.txt says why).
+    #[arg(long)]
+    quant_renorm: bool,
+    /// lm_head under int8/int4: `int8` (the default for both), `int4`, or `float` (kept as
+    /// the float matrices are).
+    #[arg(long, value_enum, default_value = "int8")]
+    quant_lm_head: LmHead,
+    /// Write no model.onnx (nor genai_config.json): a directory for the plan engines only.
+    #[arg(long)]
+    no_onnx: bool,
     /// Put model.onnx's weights in model.onnx.data (ONNX external data); automatic when
     /// they exceed 2 GiB.
     #[arg(long)]
@@ -66,6 +86,36 @@ fn parse_fault(s: &str) -> Result<passes::Fault, String> {
 pub enum OnnxDtype {
     F32,
     F16,
+    Int8,
+    Int4,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LmHead {
+    Int8,
+    Int4,
+    Float,
+}
+
+/// The quantize pass's options the flags ask for (`None`: no quantization).
+fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
+    use ngpt_compiler::quant::{self, Bits};
+    let bits = match a.onnx_dtype {
+        OnnxDtype::F32 | OnnxDtype::F16 => return Ok(None),
+        OnnxDtype::Int8 => Bits::Int8,
+        OnnxDtype::Int4 => Bits::Int4,
+    };
+    quant::check_block(a.quant_block).map_err(|e| anyhow::anyhow!("--quant-block: {e}"))?;
+    Ok(Some(quant::Options {
+        bits,
+        block: a.quant_block,
+        renorm: a.quant_renorm,
+        lm_head: match a.quant_lm_head {
+            LmHead::Int8 => Some(Bits::Int8),
+            LmHead::Int4 => Some(Bits::Int4),
+            LmHead::Float => None,
+        },
+    }))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -94,11 +144,13 @@ pub fn run(a: Args) -> Result<()> {
         max_seq_len,
         ckpt.config.head_dim(),
     )?;
+    let quantize = quantize_options(&a)?;
     let compiled = compile::compile(
         &ckpt,
         &compile::Options {
             stop_after: a.stop_after,
             fault: a.inject_fault.clone(),
+            quantize,
         },
     )?;
     // The graph holds what it still needs (lazily folded weights keep their stored
@@ -124,8 +176,9 @@ pub fn run(a: Args) -> Result<()> {
     let onnx_opts = onnx::Options {
         max_seq_len,
         weights: match a.onnx_dtype {
-            OnnxDtype::F32 => onnx::WeightDtype::F32,
             OnnxDtype::F16 => onnx::WeightDtype::F16,
+            // Quantized: the matrices go as MatMulNBits, the rest stays f32.
+            OnnxDtype::F32 | OnnxDtype::Int8 | OnnxDtype::Int4 => onnx::WeightDtype::F32,
         },
         external_data: a.external_data,
     };
@@ -139,7 +192,9 @@ pub fn run(a: Args) -> Result<()> {
             .map(|r| r.name.to_string())
             .collect(),
     };
-    let onnx_files: &[&str] = if onnx::uses_external_data(&compiled.graph, &onnx_opts) {
+    let onnx_files: &[&str] = if a.no_onnx {
+        &[]
+    } else if onnx::uses_external_data(&compiled.graph, &onnx_opts) {
         &[onnx::MODEL_FILE, onnx::DATA_FILE]
     } else {
         &[onnx::MODEL_FILE]
@@ -182,7 +237,7 @@ pub fn run(a: Args) -> Result<()> {
         files: ["manifest.json", "ir.txt", "passes.txt"]
             .into_iter()
             .chain(onnx_files.iter().copied())
-            .chain([onnx::genai::CONFIG_FILE])
+            .chain((!a.no_onnx).then_some(onnx::genai::CONFIG_FILE))
             .chain(token_names.iter().map(String::as_str))
             .chain(
                 lowers_plan
@@ -192,14 +247,17 @@ pub fn run(a: Args) -> Result<()> {
             )
             .map(String::from)
             .collect(),
+        quantize,
     };
     let log = compiled.pass_log();
     let mut written = None;
     artifact::write_dir(&a.out, a.force, |dir| {
         artifact::write_bytes(&dir.join("ir.txt"), compiled.graph.to_string().as_bytes())?;
         artifact::write_bytes(&dir.join("passes.txt"), log.as_bytes())?;
-        written = Some(onnx::write(&compiled.graph, &onnx_info, &onnx_opts, dir)?);
-        artifact::write_bytes(&dir.join(onnx::genai::CONFIG_FILE), genai.as_bytes())?;
+        if !a.no_onnx {
+            written = Some(onnx::write(&compiled.graph, &onnx_info, &onnx_opts, dir)?);
+            artifact::write_bytes(&dir.join(onnx::genai::CONFIG_FILE), genai.as_bytes())?;
+        }
         for (from, name) in token_files.iter().zip(&token_names) {
             let bytes = std::fs::read(from).map_err(|source| ngpt_compiler::Error::Io {
                 path: from.clone(),
@@ -249,6 +307,10 @@ pub fn run(a: Args) -> Result<()> {
             "note: no model.plan: the runtime (plan-cpu, plan-cuda, generate) has no kernels for the Hugging Face nGPT family yet; model.onnx, --engine ir and --engine tract run it"
         );
     }
+    let weights_label = match quantize {
+        Some(q) => format!("{} MatMulNBits", q.bits.as_str()),
+        None => onnx_opts.weights.as_str().to_string(),
+    };
     if let Some(w) = written {
         let kb = |b: u64| b as f64 / 1024.0;
         if w.data_bytes > 0 {
@@ -256,13 +318,13 @@ pub fn run(a: Args) -> Result<()> {
                 "model.onnx {:.1} KB + model.onnx.data {:.1} KB ({} weights, external data, position table of {max_seq_len} rows)",
                 kb(w.model_bytes),
                 kb(w.data_bytes),
-                onnx_opts.weights.as_str()
+                weights_label
             );
         } else {
             println!(
                 "model.onnx {:.1} KB ({} weights, position table of {max_seq_len} rows)",
                 kb(w.model_bytes),
-                onnx_opts.weights.as_str()
+                weights_label
             );
         }
     }

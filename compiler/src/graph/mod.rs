@@ -88,6 +88,9 @@ impl Fact {
 pub struct Const {
     tensor: Tensor,
     row_scale: Option<Tensor>,
+    /// Weight-only block quantization of the value (the `quantize` pass): made a block of
+    /// rows at a time from the stored rows and the row scale when read, never held.
+    quant: Option<crate::quant::Format>,
 }
 
 impl Const {
@@ -96,6 +99,7 @@ impl Const {
         Const {
             tensor,
             row_scale: None,
+            quant: None,
         }
     }
 
@@ -127,10 +131,95 @@ impl Const {
             Some(s) => s.mul(&scale)?,
             None => scale,
         };
+        if self.quant.is_some() {
+            candle_core::bail!("a row scale on a quantized constant");
+        }
         Ok(Const {
             tensor: self.tensor.clone(),
             row_scale: Some(row_scale),
+            quant: None,
         })
+    }
+
+    /// `self` quantized as `fmt` says (a matrix `[N, K]`, blocks along K), lazily: the
+    /// value becomes the dequantized block-quantized rows ([`crate::quant::dequantize`]),
+    /// f32, with the row scale in the block scales.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use candle_core::{DType, Device, Tensor};
+    /// use ngpt_compiler::graph::Const;
+    /// use ngpt_compiler::quant::{Bits, Format};
+    /// let w = Tensor::new(&[[0.5f32, -1.0, 0.25], [2.0, 1.0, 0.0]], &Device::Cpu)?;
+    /// let fmt = Format { bits: Bits::Int8, block: 16, renorm: false };
+    /// let q = Const::new(w).quantized(fmt)?;
+    /// assert_eq!(q.quant(), Some(fmt));
+    /// assert_eq!(q.value_in(DType::F32)?.to_vec2::<f32>()?[1], [2.0, 1.0, 0.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn quantized(&self, fmt: crate::quant::Format) -> candle_core::Result<Const> {
+        if self.rank() != 2 || self.quant.is_some() {
+            candle_core::bail!(
+                "only an unquantized matrix is quantized, not a constant of shape {:?}",
+                self.dims()
+            );
+        }
+        Ok(Const {
+            quant: Some(fmt),
+            ..self.clone()
+        })
+    }
+
+    /// The quantization format, when the constant is quantized.
+    pub fn quant(&self) -> Option<crate::quant::Format> {
+        self.quant
+    }
+
+    /// Rows `start..start + len` of a quantized constant as integers and block scales
+    /// (`None` when it is not quantized).
+    pub fn quant_rows(
+        &self,
+        start: usize,
+        len: usize,
+    ) -> crate::error::Result<Option<crate::quant::QuantRows>> {
+        use crate::error::CandleContext;
+        let Some(fmt) = self.quant else {
+            return Ok(None);
+        };
+        let k = self.dims().get(1).copied().unwrap_or(0);
+        let w = self
+            .tensor
+            .narrow(0, start, len)
+            .and_then(|t| {
+                t.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()
+            })
+            .ctx("quantize")?;
+        let s: Option<Vec<f64>> = match &self.row_scale {
+            Some(s) => Some(
+                s.narrow(0, start, len)
+                    .and_then(|t| t.to_vec1())
+                    .ctx("quantize")?,
+            ),
+            None => None,
+        };
+        crate::quant::quantize(&w, len, k, s.as_deref(), fmt).map(Some)
+    }
+
+    /// Calls `f` with a quantized constant's rows, up to 1024 at a time, in order (the
+    /// ONNX emitter's MatMulNBits bytes); nothing when it is not quantized.
+    pub fn quant_row_blocks(
+        &self,
+        mut f: impl FnMut(&crate::quant::QuantRows) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        let rows = self.dims().first().copied().unwrap_or(0);
+        for start in (0..rows).step_by(Self::BLOCK_ROWS) {
+            if let Some(q) = self.quant_rows(start, Self::BLOCK_ROWS.min(rows - start))? {
+                f(&q)?;
+            }
+        }
+        Ok(())
     }
 
     /// Rows of the value a block holds at most when it is made a block at a time.
@@ -144,6 +233,15 @@ impl Const {
         len: usize,
         dtype: candle_core::DType,
     ) -> candle_core::Result<Tensor> {
+        if self.quant.is_some() {
+            let q = self
+                .quant_rows(start, len)
+                .and_then(|q| q.map(|q| q.dequantize()).transpose())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .unwrap_or_default();
+            let k = self.dims().get(1).copied().unwrap_or(0);
+            return Tensor::from_vec(q, (len, k), self.tensor.device())?.to_dtype(dtype);
+        }
         let w = self.tensor.narrow(0, start, len)?;
         match &self.row_scale {
             Some(s) => w
@@ -157,7 +255,7 @@ impl Const {
     /// The value in `dtype`: as [`Const::value`] then converted, but a row-scaled constant
     /// is made a block of rows at a time, so the full f64 product never exists at once.
     pub fn value_in(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
-        if self.row_scale.is_none() {
+        if self.row_scale.is_none() && self.quant.is_none() {
             return self.tensor.to_dtype(dtype);
         }
         let rows = self.dims().first().copied().unwrap_or(0);
@@ -211,6 +309,9 @@ impl Const {
 
     /// The value: the tensor, with any row scale applied in f64.
     pub fn value(&self) -> candle_core::Result<Tensor> {
+        if self.quant.is_some() {
+            return self.value_in(candle_core::DType::F32);
+        }
         match &self.row_scale {
             None => Ok(self.tensor.clone()),
             Some(s) => self
@@ -235,8 +336,12 @@ impl Const {
         self.tensor.elem_count()
     }
 
-    /// The dtype of [`Const::value`]: f64 once a row scale is folded in.
+    /// The dtype of [`Const::value`]: f64 once a row scale is folded in, f32 when
+    /// quantized (the dequantized values).
     pub fn dtype(&self) -> candle_core::DType {
+        if self.quant.is_some() {
+            return candle_core::DType::F32;
+        }
         match self.row_scale {
             Some(_) => candle_core::DType::F64,
             None => self.tensor.dtype(),

@@ -33,6 +33,8 @@ impl fmt::Display for Graph {
                             }
                             Err(_) => writeln!(f, "%{id} {} = const {:?} ?", node.name, c.dtype())?,
                         }
+                    } else if let Some(q) = c.quant() {
+                        writeln!(f, "%{id} {} = const {:?}{shape} {q}", node.name, c.dtype())?
                     } else {
                         writeln!(f, "%{id} {} = const {:?}{shape}", node.name, c.dtype())?
                     }

@@ -78,6 +78,9 @@ pub struct Builder<'a> {
     sink: Sink<'a>,
     /// Bytes of initializer data written, inline or external.
     pub weight_bytes: u64,
+    /// Whether a node of onnxruntime's `com.microsoft` domain was added (the model then
+    /// imports that opset).
+    pub contrib: bool,
 }
 
 fn io_err(location: &str, source: std::io::Error) -> Error {
@@ -97,6 +100,7 @@ impl<'a> Builder<'a> {
             shared: BTreeMap::new(),
             sink,
             weight_bytes: 0,
+            contrib: false,
         }
     }
 
@@ -162,6 +166,24 @@ impl<'a> Builder<'a> {
             attribute,
             doc_string: None,
         });
+        Ok(output)
+    }
+
+    /// Adds node `{scope}/{op_type}` of onnxruntime's contrib domain `com.microsoft`, as
+    /// [`Builder::op`] does.
+    pub fn contrib_op(
+        &mut self,
+        scope: &str,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        out: Option<&str>,
+    ) -> Result<String> {
+        let output = self.op(scope, op_type, inputs, attrs, out)?;
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = Some(super::CONTRIB_DOMAIN.into());
+        }
+        self.contrib = true;
         Ok(output)
     }
 

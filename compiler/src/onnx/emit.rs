@@ -180,6 +180,73 @@ impl Emit<'_, '_> {
         Ok(v)
     }
 
+    /// `x @ W^T` for a quantized weight `W` `[N, K]` (node `w`): onnxruntime's
+    /// `com.microsoft` MatMulNBits, `B` the packed integers `[N, n_blocks, blob]` (unsigned,
+    /// the default zero point 2^(bits-1)), `scales` f32 `[N * n_blocks]` (the f16 block
+    /// scales widened exactly), `accuracy_level` 0 (activations stay f32). Made a block of
+    /// rows at a time.
+    fn matmul_nbits(
+        &mut self,
+        scope: &str,
+        x: &str,
+        w: NodeId,
+        out: Option<&str>,
+    ) -> Result<String> {
+        let Some(c) = self.g.const_of(w) else {
+            return Err(argument(format!("`{}` is not a constant", self.name(w))));
+        };
+        let Some(fmt) = c.quant() else {
+            return Err(argument(format!("`{}` is not quantized", self.name(w))));
+        };
+        let (n, k) = (c.dims()[0], c.dims()[1]);
+        let nb = crate::quant::n_blocks(k, fmt.block);
+        let blob = fmt.block * fmt.bits.bits() / 8;
+        let (mut packed, mut scales) = (
+            Vec::with_capacity(n * nb * blob),
+            Vec::with_capacity(n * nb * 4),
+        );
+        c.quant_row_blocks(|q| {
+            packed.extend(crate::quant::pack(&q.ints, fmt.bits, k, fmt.block));
+            q.scales
+                .iter()
+                .for_each(|s| scales.extend(s.to_f32().to_le_bytes()));
+            Ok(())
+        })?;
+        let name = self.name(w).to_string();
+        let b = self.b.initializer(
+            &format!("{name}.B"),
+            &[n, nb, blob],
+            DataType::Uint8,
+            packed,
+            Some(format!(
+                "{} codes of [{n}, {k}] in blocks of {} along K, stored as code + {}",
+                fmt.bits.as_str(),
+                fmt.block,
+                1 << (fmt.bits.bits() - 1)
+            )),
+        )?;
+        let sc = self.b.initializer(
+            &format!("{name}.scales"),
+            &[n * nb],
+            DataType::Float,
+            scales,
+            Some("f16 block scales, widened to f32".into()),
+        )?;
+        self.b.contrib_op(
+            scope,
+            "MatMulNBits",
+            &[x, &b, &sc],
+            vec![
+                ("K", Attr::Int(k as i64)),
+                ("N", Attr::Int(n as i64)),
+                ("bits", Attr::Int(fmt.bits.bits() as i64)),
+                ("block_size", Attr::Int(fmt.block as i64)),
+                ("accuracy_level", Attr::Int(0)),
+            ],
+            out,
+        )
+    }
+
     /// The transposed `[K, N]` form of `matmul_t`'s weight `[N, K]`.
     fn weight_t(&mut self, id: NodeId) -> Result<String> {
         let Some(t) = self.g.const_of(id) else {
@@ -504,6 +571,18 @@ impl Emit<'_, '_> {
             }
             Op::MatMulT => {
                 let x = self.value(inputs[0])?;
+                if self
+                    .g
+                    .const_of(inputs[1])
+                    .is_some_and(|c| c.quant().is_some())
+                {
+                    let Some(&bias) = inputs.get(2) else {
+                        return self.matmul_nbits(s, &x, inputs[1], out);
+                    };
+                    let y = self.matmul_nbits(s, &x, inputs[1], None)?;
+                    let bias = self.value(bias)?;
+                    return self.b.op(s, "Add", &[&y, &bias], vec![], out);
+                }
                 let w = self.weight_t(inputs[1])?;
                 let Some(&bias) = inputs.get(2) else {
                     return self.b.op(s, "MatMul", &[&x, &w], vec![], out);

@@ -44,6 +44,9 @@ pub use emit::{ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
 
 /// The ONNX operator set the export targets.
 pub const OPSET: i64 = 18;
+/// onnxruntime's contrib operator domain (MatMulNBits), imported at version 1 by a
+/// quantized export only.
+pub const CONTRIB_DOMAIN: &str = "com.microsoft";
 /// The ONNX IR version written (2021-07-30, the one opset 18 tooling reads everywhere).
 pub const IR_VERSION: i64 = 8;
 /// File name of the ONNX model inside a compiled directory.
@@ -321,6 +324,29 @@ fn encode(mut model: ModelProto, out: &mut impl Write) -> std::io::Result<u64> {
     Ok(written)
 }
 
+/// What the model's `quantization` metadata says of a graph with quantized weights (the
+/// matrices' formats, as MatMulNBits stores them); `None` for a float graph.
+fn quantization(g: &Graph) -> Option<String> {
+    let mut formats = std::collections::BTreeMap::<String, usize>::new();
+    for n in &g.nodes {
+        if let crate::graph::Op::Const(c) = &n.op {
+            if let Some(q) = c.quant() {
+                *formats.entry(q.to_string()).or_default() += 1;
+            }
+        }
+    }
+    if formats.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = formats.iter().map(|(f, n)| format!("{n} x {f}")).collect();
+    Some(format!(
+        "weight-only, symmetric, blocks along K, f16 block scales (widened to f32) as \
+         com.microsoft MatMulNBits (zero point 2^(bits-1), accuracy_level 0): {}; \
+         values are scale * (code - zero point)",
+        list.join(", ")
+    ))
+}
+
 /// Bytes of the initializers the export would make (weights and position tables).
 pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
     let elem = |rank: usize| match (opts.weights, rank) {
@@ -331,7 +357,15 @@ pub fn weight_bytes(g: &Graph, opts: &Options) -> u64 {
         .nodes
         .iter()
         .filter_map(|n| match &n.op {
-            crate::graph::Op::Const(c) => Some(c.elem_count() as u64 * elem(c.rank())),
+            crate::graph::Op::Const(c) => Some(match c.quant() {
+                // MatMulNBits: packed integers and f32 scales per block.
+                Some(q) => {
+                    let (n, k) = (c.dims()[0] as u64, c.dims()[1] as u64);
+                    let nb = crate::quant::n_blocks(k as usize, q.block) as u64;
+                    n * nb * (q.block * q.bits.bits() / 8 + 4) as u64
+                }
+                None => c.elem_count() as u64 * elem(c.rank()),
+            }),
             _ => None,
         })
         .sum();
@@ -518,6 +552,9 @@ fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Re
             ),
         ),
     ];
+    if let Some(q) = quantization(g) {
+        metadata.push(prop("quantization", q));
+    }
     if let Some(sha) = &info.source_sha256 {
         metadata.push(prop("source_sha256", sha.clone()));
     }
@@ -525,6 +562,7 @@ fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Re
         metadata.push(prop("source_file", name.clone()));
     }
 
+    let b_contrib = b.contrib;
     let graph = GraphProto {
         node: b.nodes,
         name: Some("ngpt".into()),
@@ -540,10 +578,15 @@ fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Re
     };
     Ok(ModelProto {
         ir_version: Some(IR_VERSION),
-        opset_import: vec![OperatorSetIdProto {
+        opset_import: std::iter::once(OperatorSetIdProto {
             domain: Some(String::new()),
             version: Some(OPSET),
-        }],
+        })
+        .chain(b_contrib.then(|| OperatorSetIdProto {
+            domain: Some(CONTRIB_DOMAIN.into()),
+            version: Some(1),
+        }))
+        .collect(),
         producer_name: Some("ngpt".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         domain: None,

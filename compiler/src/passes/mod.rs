@@ -15,6 +15,7 @@ mod last_position;
 mod lerp_norm;
 mod pos_norm;
 mod pos_table;
+pub mod quantize;
 mod sqk_onto_q;
 mod swiglu;
 
@@ -61,6 +62,7 @@ pub struct Patch {
     nodes: Vec<(String, Op, Vec<NodeId>)>,
     replace: Vec<(NodeId, NodeId)>,
     outputs: Vec<(NodeId, NodeId)>,
+    notes: Vec<String>,
 }
 
 impl Patch {
@@ -71,7 +73,14 @@ impl Patch {
             nodes: vec![],
             replace: vec![],
             outputs: vec![],
+            notes: vec![],
         }
+    }
+
+    /// A line for the pass record about what this rewrite did not do and why (for
+    /// `passes.txt`), as `Skip` says it for a rewrite not made.
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
     }
 
     /// Adds a node; returns the id it will have.
@@ -140,6 +149,9 @@ pub struct PassRecord {
     pub rewrites: usize,
     /// Why the pass left matching places alone, one line each, without repeats.
     pub skipped: Vec<String>,
+    /// Notes the rewrites left (what they did not do and why), one line each, without
+    /// repeats.
+    pub notes: Vec<String>,
     /// Wall-clock time the pass took, verification included.
     pub time: Duration,
 }
@@ -206,6 +218,9 @@ pub struct Options {
     pub verify: bool,
     /// A deliberate miscompile, for testing the tools that must catch one.
     pub fault: Option<Fault>,
+    /// Quantize the matmul weights after the other passes (the `quantize` pass), as these
+    /// options say; `None` keeps them in float.
+    pub quantize: Option<crate::quant::Options>,
 }
 
 /// A deliberate miscompile: after pass `pass`, the first constant it made in layer `layer`
@@ -251,36 +266,74 @@ impl Fault {
 /// A rule that keeps firing has no fixpoint: a bug in the rule, reported as an error.
 const MAX_REWRITES: usize = 100_000;
 
+/// The name of the quantize pass in records, the manifest and `--inject-fault`.
+pub const QUANTIZE: &str = "quantize";
+
 /// Runs one pass to its fixpoint.
 pub fn run_pass(g: &mut Graph, pass: Pass, verify: bool) -> Result<PassRecord> {
+    run_rule(g, pass.name, &pass.rule, verify)
+}
+
+/// Runs the quantize pass with `opts` to its fixpoint.
+///
+/// ```no_run
+/// use ngpt_compiler::{graph, import, passes, quant};
+/// let ckpt = import::load("tests/fixtures/nv-tiny".as_ref())?;
+/// let mut g = graph::literal(&ckpt)?;
+/// passes::run(&mut g, &passes::Options::default())?;
+/// let r = passes::run_quantize(&mut g, &quant::Options::new(quant::Bits::Int4), false)?;
+/// assert_eq!(r.rewrites, 4 * ckpt.config.n_layer + 1);
+/// # Ok::<(), ngpt_compiler::Error>(())
+/// ```
+pub fn run_quantize(
+    g: &mut Graph,
+    opts: &crate::quant::Options,
+    verify: bool,
+) -> Result<PassRecord> {
+    crate::quant::check_block(opts.block)?;
+    run_rule(g, QUANTIZE, &|g, id| quantize::rule(g, id, opts), verify)
+}
+
+fn run_rule(
+    g: &mut Graph,
+    name: &'static str,
+    rule: &dyn Fn(&Graph, NodeId) -> Result<Outcome>,
+    verify: bool,
+) -> Result<PassRecord> {
     let start = Instant::now();
     let mut record = PassRecord {
-        name: pass.name,
+        name: name,
         rewrites: 0,
         skipped: vec![],
+        notes: vec![],
         time: Duration::ZERO,
     };
     'scan: loop {
         for id in 0..g.nodes.len() {
-            match (pass.rule)(g, id)? {
+            match rule(g, id)? {
                 Outcome::NoMatch => {}
                 Outcome::Skip(why) => {
                     if !record.skipped.contains(&why) {
                         record.skipped.push(why);
                     }
                 }
-                Outcome::Rewrite(patch) => {
+                Outcome::Rewrite(mut patch) => {
+                    for note in std::mem::take(&mut patch.notes) {
+                        if !record.notes.contains(&note) {
+                            record.notes.push(note);
+                        }
+                    }
                     patch.apply(g)?;
                     record.rewrites += 1;
                     if verify || cfg!(debug_assertions) {
                         g.verify().map_err(|e| Error::Argument {
-                            what: format!("pass {} (rewrite {})", pass.name, record.rewrites),
+                            what: format!("pass {} (rewrite {})", name, record.rewrites),
                             problem: format!("left an invalid graph: {e}"),
                         })?;
                     }
                     if record.rewrites > MAX_REWRITES {
                         return Err(Error::Argument {
-                            what: format!("pass {}", pass.name),
+                            what: format!("pass {}", name),
                             problem: "does not reach a fixpoint".into(),
                         });
                     }
@@ -311,7 +364,8 @@ pub fn run(g: &mut Graph, opts: &Options) -> Result<Vec<PassRecord>> {
     }
     let n = opts.stop_after.unwrap_or(passes.len()).min(passes.len());
     if let Some(f) = &opts.fault {
-        if !passes.iter().any(|p| p.name == f.pass) {
+        let quantizes = opts.quantize.is_some() && f.pass == QUANTIZE;
+        if !quantizes && !passes.iter().any(|p| p.name == f.pass) {
             return Err(Error::Argument {
                 what: "fault injection".into(),
                 problem: format!("no pass named `{}`", f.pass),
@@ -326,6 +380,16 @@ pub fn run(g: &mut Graph, opts: &Options) -> Result<Vec<PassRecord>> {
         };
         records.push(run_pass(g, p, opts.verify)?);
         if let Some(f) = opts.fault.as_ref().filter(|f| f.pass == p.name) {
+            f.apply(g, &before)?;
+        }
+    }
+    if let Some(q) = &opts.quantize {
+        let before: std::collections::HashSet<String> = match &opts.fault {
+            Some(f) if f.pass == QUANTIZE => g.nodes.iter().map(|n| n.name.clone()).collect(),
+            _ => Default::default(),
+        };
+        records.push(run_quantize(g, q, opts.verify)?);
+        if let Some(f) = opts.fault.as_ref().filter(|f| f.pass == QUANTIZE) {
             f.apply(g, &before)?;
         }
     }
