@@ -10,6 +10,7 @@ pub mod init;
 pub mod input;
 pub mod inspect;
 pub mod logits;
+pub mod perplexity;
 pub mod plan;
 pub mod serve;
 pub mod snapshot;
