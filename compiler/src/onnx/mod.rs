@@ -596,3 +596,95 @@ fn build(g: &Graph, info: &ModelInfo, opts: &Options, sink: builder::Sink) -> Re
         metadata_props: metadata,
     })
 }
+
+/// Checks every `com.microsoft` MatMulNBits node of an encoded model whose B and scales
+/// are inline initializers: B holds `N * ceil(K / block_size) * blob` bytes and scales
+/// `N * ceil(K / block_size)` finite floats, so a truncated or corrupted quantized weight
+/// is refused in one line naming it before a runtime reads past its end or computes NaN.
+/// `what` names the file. Models without such nodes pass untouched (nothing is decoded
+/// unless the bytes mention MatMulNBits).
+///
+/// ```
+/// assert!(ngpt_compiler::onnx::check_quantized(b"", "model.onnx").is_ok());
+/// ```
+pub fn check_quantized(bytes: &[u8], what: &str) -> Result<()> {
+    const OP: &[u8] = b"MatMulNBits";
+    if !bytes.windows(OP.len()).any(|w| w == OP) {
+        return Ok(());
+    }
+    let bad = |reason: String| Error::Format {
+        path: what.into(),
+        reason,
+    };
+    let model = ModelProto::decode(bytes).map_err(|e| bad(format!("not an ONNX model ({e})")))?;
+    let Some(graph) = &model.graph else {
+        return Ok(());
+    };
+    let inits: std::collections::HashMap<&str, &ngpt_schemas::onnx::TensorProto> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref().map(|n| (n, t)))
+        .collect();
+    for node in &graph.node {
+        if node.op_type.as_deref() != Some("MatMulNBits") {
+            continue;
+        }
+        let name = node.name.clone().unwrap_or_default();
+        let attr = |key: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name.as_deref() == Some(key))
+                .and_then(|a| a.i)
+                .and_then(|i| usize::try_from(i).ok())
+        };
+        let (Some(k), Some(n), Some(block)) = (attr("K"), attr("N"), attr("block_size")) else {
+            return Err(bad(format!("MatMulNBits `{name}`: no K, N or block_size")));
+        };
+        let bits = attr("bits").unwrap_or(4);
+        if block == 0 || !matches!(bits, 2 | 4 | 8) {
+            return Err(bad(format!(
+                "MatMulNBits `{name}`: bits {bits}, block_size {block}"
+            )));
+        }
+        let nb = crate::quant::n_blocks(k, block);
+        let raw = |slot: usize| {
+            node.input
+                .get(slot)
+                .and_then(|i| inits.get(i.as_str()))
+                .filter(|t| t.external_data.is_empty())
+                .map(|t| (t.raw_data.as_deref(), t.float_data.as_slice()))
+        };
+        if let Some((Some(b), _)) = raw(1) {
+            let want = n * nb * (block * bits / 8);
+            if b.len() != want {
+                return Err(bad(format!(
+                    "MatMulNBits `{name}`: B holds {} bytes where K {k}, N {n}, block {block}, \
+                     bits {bits} need {want} (truncated?)",
+                    b.len()
+                )));
+            }
+        }
+        if let Some((raw, floats)) = raw(2) {
+            let scales: Vec<f32> = match raw {
+                Some(r) => r
+                    .chunks(4)
+                    .map(|c| {
+                        let mut a = [0u8; 4];
+                        a[..c.len()].copy_from_slice(c);
+                        f32::from_le_bytes(a)
+                    })
+                    .collect(),
+                None => floats.to_vec(),
+            };
+            if let Some(r) = raw.filter(|r| r.len() % 4 != 0) {
+                return Err(bad(format!(
+                    "MatMulNBits `{name}`: scales hold {} bytes, not whole floats (truncated?)",
+                    r.len()
+                )));
+            }
+            crate::quant::check_scales(&scales, n * nb, &format!("MatMulNBits `{name}`"))
+                .map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    Ok(())
+}

@@ -68,6 +68,17 @@ impl Session {
     /// Loads `model.onnx` from a file (external data is read from beside it).
     pub fn load(path: &Path) -> Result<Session> {
         let what = path.display().to_string();
+        // Quantized weights are checked before tract reads them (mapped, not copied).
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read only while this function runs; ngpt never writes a
+        // model.onnx in place (compiles write a new file and rename it).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        super::check_quantized(&map, &what)?;
+        drop(map);
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(tract_err(&what))?;
@@ -76,6 +87,7 @@ impl Session {
 
     /// Loads an encoded model held in memory (inline weights only).
     pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
+        super::check_quantized(bytes, "model.onnx")?;
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
             .map_err(tract_err("model.onnx"))?;
