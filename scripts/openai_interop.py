@@ -16,6 +16,9 @@ import argparse
 import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import openai
 
@@ -40,6 +43,21 @@ def check(what, got, want):
         sys.exit(f"openai_interop: {what}: got {got!r}, want {want!r}")
 
 
+def wait_ready(base_url, seconds):
+    """Polls /health until it answers 200 (the model is loaded and warmed up)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(base_url.rstrip("/") + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"openai_interop: {base_url}/health not 200 after {seconds} s")
+        time.sleep(0.1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
@@ -47,7 +65,9 @@ def main():
     ap.add_argument("--model", required=True, help="the INPUT the server serves")
     ap.add_argument("--prompt", default="Permission is hereby granted, ")
     ap.add_argument("--api-key", default="none")
+    ap.add_argument("--wait", type=float, default=120, help="seconds to wait for /health")
     a = ap.parse_args()
+    wait_ready(a.base_url, a.wait)
 
     client = openai.OpenAI(base_url=a.base_url.rstrip("/") + "/v1", api_key=a.api_key, max_retries=0, timeout=120)
     models = client.models.list()
