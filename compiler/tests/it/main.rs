@@ -8,3 +8,5 @@ mod nous;
 #[cfg(feature = "tract")]
 mod onnx;
 mod passes;
+#[cfg(feature = "tract")]
+mod quantize;
