@@ -16,6 +16,7 @@ mod init;
 mod nous_family;
 mod onnx_cli;
 mod parity_tools;
+mod perplexity_cli;
 mod plan_cli;
 mod plan_parity;
 mod reference_parity;
