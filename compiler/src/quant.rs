@@ -257,7 +257,7 @@ pub fn quantize(
 /// ```
 pub fn dequantize(ints: &[i8], scales: &[f32], k: usize, block: usize) -> Result<Vec<f32>> {
     let nb = n_blocks(k, block);
-    let rows = if k == 0 { 0 } else { ints.len() / k };
+    let rows = ints.len().checked_div(k).unwrap_or(0);
     check_scales(scales, rows * nb, "block scales")?;
     if rows * k != ints.len() || block == 0 {
         return Err(Error::Argument {
@@ -312,7 +312,7 @@ pub fn check_scales(scales: &[f32], want: usize, what: &str) -> Result<()> {
 /// ```
 pub fn pack(ints: &[i8], bits: Bits, k: usize, block: usize) -> Vec<u8> {
     let nb = n_blocks(k, block);
-    let rows = if k == 0 { 0 } else { ints.len() / k };
+    let rows = ints.len().checked_div(k).unwrap_or(0);
     let blob = block * bits.bits() / 8;
     let mut out = vec![0u8; rows * nb * blob];
     for r in 0..rows {
@@ -337,7 +337,7 @@ pub fn unpack(bytes: &[u8], bits: Bits, k: usize, block: usize) -> Result<Vec<i8
     let nb = n_blocks(k, block);
     let blob = block * bits.bits() / 8;
     let row_bytes = nb * blob;
-    if row_bytes == 0 || bytes.len() % row_bytes != 0 {
+    if row_bytes == 0 || !bytes.len().is_multiple_of(row_bytes) {
         return Err(Error::Argument {
             what: "quantized weight".into(),
             problem: format!(

@@ -302,7 +302,7 @@ fn run_rule(
 ) -> Result<PassRecord> {
     let start = Instant::now();
     let mut record = PassRecord {
-        name: name,
+        name,
         rewrites: 0,
         skipped: vec![],
         notes: vec![],
