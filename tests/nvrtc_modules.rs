@@ -20,6 +20,7 @@ fn module_source(cfg: &Config, max_seq: usize) -> Result<String> {
         head_dim: cfg.head_dim(),
         vocab: cfg.vocab_size,
         max_seq_len: max_seq,
+        n_inner: cfg.n_inner,
     };
     let md =
         contract::check_module(&kernel_module(cfg, max_seq), &dims).map_err(anyhow::Error::msg)?;
