@@ -768,6 +768,29 @@ mod tests {
     }
 
     #[test]
+    fn ngpt_i_is_optional_and_checked_where_stated() {
+        let with_i = |v: i64| {
+            let mut m = module();
+            m.defines.push(pb::Define {
+                name: "NGPT_I".into(),
+                value: v,
+            });
+            m
+        };
+        // NVIDIA's modules state no NGPT_I: n_inner is 4 x n_embd.
+        assert!(check_module(&module(), &D).is_ok());
+        assert!(check_module(&with_i(32), &D).is_ok());
+        let e = check_module(&with_i(33), &D).unwrap_err();
+        assert!(e.contains("NGPT_I = 33 differs"), "{e}");
+        // A Hugging Face family plan whose n_inner is not 4 x n_embd must state it.
+        let odd = Dims { n_inner: 20, ..D };
+        assert!(check_module(&with_i(20), &odd).is_ok());
+        let e = check_module(&module(), &odd).unwrap_err();
+        assert!(e.contains("`NGPT_I` is missing"), "{e}");
+        assert!(module_prelude(&odd, &ModuleDims { kv_tile: 32 }).contains("#define NGPT_I 20\n"));
+    }
+
+    #[test]
     fn the_prelude_is_made_from_numbers() {
         let p = module_prelude(&D, &ModuleDims { kv_tile: 32 });
         assert!(p.contains("#define NGPT_C 8\n#define NGPT_H 2\n#define NGPT_D 4\n"));

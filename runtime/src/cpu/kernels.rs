@@ -862,7 +862,22 @@ mod tests {
         .expect("pos_norm");
         let mut att = vec![0f32; rows * c];
         attention(&D, &q, &kc, &vc, positions, &mut att, rows, &slots, t).expect("attention");
-        [normed, h, act, q, kc, vc, att]
+        // The Hugging Face family's twins.
+        let mut hb = normed.clone();
+        let bias = values(3 * c, 11);
+        lerp_norm_bias(&D, &mut hb, &branch, &bias[..c], &lr, rows, t).expect("lerp_norm_bias");
+        let uv = values(rows * 2 * D.n_inner, 12);
+        let fc_bias = values(2 * D.n_inner, 13);
+        let mut act_b = vec![0f32; rows * D.n_inner];
+        swiglu_bias(&D, &uv, &fc_bias, &mut act_b, rows, t).expect("swiglu_bias");
+        let mut rq = vec![0f32; rows * c];
+        let mut rk = values(cache, 14);
+        let mut rv = values(cache, 15);
+        rotary_norm(
+            &D, &qkv, positions, &table, &bias, &qs, &mut rq, &mut rk, &mut rv, rows, &slots, t,
+        )
+        .expect("rotary_norm");
+        [normed, h, act, q, kc, vc, att, hb, act_b, rq, rk, rv]
             .iter()
             .map(|v| bits(v))
             .collect()
@@ -883,6 +898,103 @@ mod tests {
     }
 
     #[test]
+    fn the_hugging_face_twins_match_float64() {
+        let (c, hd, rows) = (D.n_embd, D.head_dim, 4);
+        let close = |got: f32, want: f64, what: &str| {
+            assert!(
+                (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{what}: {got} vs {want}"
+            );
+        };
+        // embed_pos: the token row plus the position row.
+        let (wte, wpe) = (values(D.vocab * c, 1), values(D.max_seq_len * c, 2));
+        let (tokens, positions) = (vec![3, 0, 4, 3], vec![0i32, 7, 22, 1]);
+        let mut out = vec![0f32; rows * c];
+        embed_pos(&D, &tokens, &positions, &wte, &wpe, &mut out, rows).expect("embed_pos");
+        for r in 0..rows {
+            let (t, p) = (tokens[r] as usize, positions[r] as usize);
+            for i in 0..c {
+                let want = wte[t * c + i] as f64 + wpe[p * c + i] as f64;
+                close(out[r * c + i], want, "embed_pos");
+            }
+        }
+        // swiglu_bias: u * silu(v) over the biased halves.
+        let f = D.n_inner;
+        let (uv, bias) = (values(rows * 2 * f, 3), values(2 * f, 4));
+        let mut act = vec![0f32; rows * f];
+        swiglu_bias(&D, &uv, &bias, &mut act, rows, Threading::Sequential).expect("swiglu_bias");
+        for r in 0..rows {
+            for j in 0..f {
+                let u = uv[r * 2 * f + j] as f64 + bias[j] as f64;
+                let v = uv[r * 2 * f + f + j] as f64 + bias[f + j] as f64;
+                close(act[r * f + j], u * v / (1.0 + (-v).exp()), "swiglu_bias");
+            }
+        }
+        // rotary_norm: the rotation by a cos/sin table, then the per-head norm.
+        let qkv = values(rows * 3 * c, 5);
+        let bias = values(3 * c, 6);
+        let q_scale = values(c, 7);
+        let mut table = vec![0f32; D.max_seq_len * hd];
+        for t in 0..D.max_seq_len {
+            for i in 0..hd / 2 {
+                let a = t as f64 * 10000f64.powf(-((2 * i) as f64) / hd as f64);
+                table[t * hd + 2 * i] = a.cos() as f32;
+                table[t * hd + 2 * i + 1] = a.sin() as f32;
+            }
+        }
+        let slots = vec![0i32, 1, 1, 0];
+        let cache = B * D.n_head * D.max_seq_len * hd;
+        let (mut q, mut kc, mut vc) = (vec![0f32; rows * c], vec![0f32; cache], vec![0f32; cache]);
+        rotary_norm(
+            &D,
+            &qkv,
+            &positions,
+            &table,
+            &bias,
+            &q_scale,
+            &mut q,
+            &mut kc,
+            &mut vc,
+            rows,
+            &slots,
+            Threading::Sequential,
+        )
+        .expect("rotary_norm");
+        for r in 0..rows {
+            let p = positions[r] as usize;
+            for head in 0..D.n_head {
+                let o = head * hd;
+                let turn = |part: usize| -> Vec<f64> {
+                    let x = |i: usize| {
+                        qkv[r * 3 * c + part * c + o + i] as f64 + bias[part * c + o + i] as f64
+                    };
+                    let mut y = vec![0f64; hd];
+                    for i in 0..hd / 2 {
+                        let a = p as f64 * 10000f64.powf(-((2 * i) as f64) / hd as f64);
+                        let (cs, sn) = (a.cos(), a.sin());
+                        y[2 * i] = x(2 * i) * cs - x(2 * i + 1) * sn;
+                        y[2 * i + 1] = x(2 * i + 1) * cs + x(2 * i) * sn;
+                    }
+                    let n = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+                    y.iter().map(|v| v / n).collect()
+                };
+                let (wq, wk) = (turn(0), turn(1));
+                let at = cache_offset(&D, slots[r] as usize, head, p);
+                for i in 0..hd {
+                    close(
+                        q[r * c + o + i],
+                        wq[i] * q_scale[o + i] as f64,
+                        "rotary_norm q",
+                    );
+                    close(kc[at + i], wk[i], "rotary_norm k");
+                    let v = qkv[r * 3 * c + 2 * c + o + i] as f64 + bias[2 * c + o + i] as f64;
+                    close(vc[at + i], v, "rotary_norm v");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn threaded_twins_are_bitwise_the_sequential_ones() {
         let names = [
             "norm_rows",
@@ -892,6 +1004,11 @@ mod tests {
             "k_cache",
             "v_cache",
             "attention",
+            "lerp_norm_bias",
+            "swiglu_bias",
+            "rotary_norm q",
+            "rotary_norm k_cache",
+            "rotary_norm v_cache",
         ];
         // Prefill: 21 rows; decode: one row per sequence at uneven positions.
         let cases: [(Vec<i32>, usize, usize); 2] =
