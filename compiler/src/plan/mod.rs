@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
 
-pub use kernels::{kernel_module, ENTRIES};
+pub use kernels::{kernel_module, ENTRIES, NOUS_ENTRIES, NVIDIA_ENTRIES};
 
 /// Weight dtype of a plan's GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
