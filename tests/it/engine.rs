@@ -121,7 +121,11 @@ fn a_request_gets_the_same_bits_alone_and_amid_traffic() -> Result<()> {
             );
             assert_eq!(
                 want.end,
-                Some((Finish::Length, reqs[i].prompt.len(), reqs[i].params.max_tokens))
+                Some((
+                    Finish::Length,
+                    reqs[i].prompt.len(),
+                    reqs[i].params.max_tokens
+                ))
             );
         }
     }
