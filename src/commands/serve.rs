@@ -117,7 +117,7 @@ pub fn run(a: Args) -> Result<()> {
         None => Vocab::find(&a.input)?,
     };
     let plan = super::input::load_plan(&a.input, 0)?;
-    let dims = plan.dims().clone();
+    let dims = *plan.dims();
     if let Some(v) = &vocab {
         v.check_model_vocab(dims.vocab)?;
         eprintln!("vocabulary: {}", v.describe());
@@ -177,7 +177,7 @@ pub fn run(a: Args) -> Result<()> {
         dims.max_seq_len,
         a.max_body_bytes,
     ));
-    let cuda = crate::settings::get().cuda.clone();
+    let cuda = crate::settings::get().cuda;
     let load = move || -> Result<EngineHandle> {
         // INTERIM: per-slot CPU sessions until the executors take (slot, token, position)
         // rows (then `RuntimeEngine::cpu` / `RuntimeEngine::cuda`).

@@ -89,7 +89,7 @@ impl Backend for SessionSlots {
                 }
                 logits[i] = Some(session.decode(&[rows.tokens[i] as u32])?);
             } else if chosen.iter().any(|&c| (i..j).contains(&c)) {
-                logits[j - 1] = Some(session.prefill_last(&[hist.clone()])?);
+                logits[j - 1] = Some(session.prefill_last(std::slice::from_ref(hist))?);
             }
             i = j;
         }

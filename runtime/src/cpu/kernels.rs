@@ -551,12 +551,13 @@ pub fn swiglu_bias(
     )
 }
 
-/// The Hugging Face family's attention inputs, per row and head: `q = Norm(Rot_pos(q + b_q))
-/// * q_scale`, `k = Norm(Rot_pos(k + b_k))` into the key cache, `v + b_v` into the value
-/// cache, both at the row's (slot, position). `Rot_pos` turns each interleaved pair `(a, b)
-/// = (x[2i], x[2i+1])` of a head to `(a cos - b sin, b cos + a sin)` with `cos = table[pos,
-/// 2i]`, `sin = table[pos, 2i + 1]` (the angles `pos * 10000^(-2i/D)`, computed in f64 and
-/// rounded once by the compiler). `bias` is the QKV GEMM's (`[3 n_embd]`).
+/// The Hugging Face family's attention inputs, per row and head:
+/// `q = Norm(Rot_pos(q + b_q)) * q_scale`, `k = Norm(Rot_pos(k + b_k))` into the key cache,
+/// `v + b_v` into the value cache, both at the row's (slot, position). `Rot_pos` turns each
+/// interleaved pair `(a, b) = (x[2i], x[2i+1])` of a head to
+/// `(a cos - b sin, b cos + a sin)` with `cos = table[pos, 2i]`, `sin = table[pos, 2i + 1]`
+/// (the angles `pos * 10000^(-2i/D)`, computed in f64 and rounded once by the compiler).
+/// `bias` is the QKV GEMM's (`[3 n_embd]`).
 ///
 /// Rows are computed (on threads when the work pays) into a row-major scratch `[rows, 3 x
 /// n_embd]`, each destination checked as it is computed, then copied into `q_out` and the
