@@ -402,6 +402,13 @@ fn compile_writes_the_onnx_export_and_the_plan() -> Result<()> {
         "{table}"
     );
     ensure!(!table.contains("no model.plan"), "{table}");
+    // bisect traces plan-cpu against the reference without a divergence (a biased GEMM's
+    // step, whose output is still without its bias, is not a shared point).
+    let b = ok(
+        ngpt(&["bisect", utf8(&out), "--tokens", "53,54,55,54,63"])?,
+        "bisect",
+    )?;
+    ensure!(!stdout(&b).contains("divergence"), "{}", stdout(&b));
 
     let out2 = tmp.path().join("too-long");
     let o = ngpt(&[

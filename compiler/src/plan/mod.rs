@@ -427,7 +427,14 @@ impl Lowerer<'_> {
                         BufferKind::Activation
                     };
                     let out = self.rows(role, n, kind);
-                    self.gemm(&name, x, w, n, k, out)?;
+                    // A biased GEMM's output is not yet the node's value (the kernel that
+                    // reads it adds the bias): its step says so, so traces (`bisect`)
+                    // never compare it with the node.
+                    let step = match bias {
+                        Some(_) => format!("{name}.without_bias"),
+                        None => name.clone(),
+                    };
+                    self.gemm(&step, x, w, n, k, out)?;
                     self.value_at.insert(id, (out, 0, n));
                     if let Some(b) = bias {
                         self.bias_of.insert(id, b);
