@@ -292,24 +292,6 @@ impl Model {
         }
     }
 
-    /// Why this model has no launch plan, where it has none: a compiled directory written
-    /// without `model.plan`, or a checkpoint of the Hugging Face family (plans for it are
-    /// issue 21's next part). The plan engines skip such a model with this reason.
-    pub fn no_plan(&mut self) -> Result<Option<String>> {
-        if self.is_compiled() {
-            return Ok((!self.input.join("model.plan").is_file()).then(|| {
-                format!(
-                    "{} has no model.plan (the Hugging Face nGPT family compiles to model.onnx only in this version)",
-                    self.input.display()
-                )
-            }));
-        }
-        let family = self.checkpoint()?.config.family;
-        Ok((family == ngpt_compiler::config::Family::Nous).then(|| {
-            "the Hugging Face nGPT family has no launch plan in this version (reference, ir and tract run it)".to_string()
-        }))
-    }
-
     /// The launch plan: a compiled directory's, or an f32 plan lowered in memory with a KV
     /// capacity of at least `min_seq_len`.
     pub fn plan(&mut self, min_seq_len: usize) -> Result<Arc<LoadedPlan>> {
@@ -318,23 +300,24 @@ impl Model {
                 return Ok(Arc::clone(p));
             }
         }
-        if let Some(why) = self.no_plan()? {
-            bail!("{why}");
-        }
         let plan = if self.is_compiled() {
+            if !self.input.join("model.plan").is_file() {
+                bail!(
+                    "{}: no model.plan in this compiled directory (compiled with --stop-after, which writes no plan?); compile it again without --stop-after",
+                    self.input.display()
+                );
+            }
             LoadedPlan::load_with(
                 &self.input,
                 crate::settings::get().weights_io.unwrap_or(WeightsIo::Map),
             )?
         } else {
             let label = self.input.display().to_string();
-            let max_seq = self
-                .checkpoint()?
-                .config
-                .block_size
-                .max(2048)
-                .max(min_seq_len);
             let config = self.checkpoint()?.config.clone();
+            // NVIDIA's family: block_size, 2048 or the tokens; learned positions: the rows
+            // of wpe, and never more.
+            let max_seq = onnx::default_max_seq_len(&config).max(min_seq_len);
+            onnx::check_max_seq_len(&config, max_seq)?;
             crate::memory::ensure_table_fits(
                 &format!("a plan of {max_seq} positions (block_size, 2048 or the tokens)"),
                 max_seq,

@@ -1,11 +1,12 @@
 //! The runtime's `ngpt` module, specialized for the tiny, small and 0.5b plans (f32 and
-//! bf16) as the compiler names it and the contract checks it, compiles with NVRTC for sm_90
+//! bf16) and the Hugging Face family's nous-tiny, nous-0.5b and odd-shaped plans, as the
+//! compiler names it and the contract checks it, compiles with NVRTC for sm_90
 //! through the runtime's own path. CI installs the nvidia-cuda-nvrtc wheel
 //! and points the loader at it, so CUDA code that CI cannot run is still compiled there.
 
 use anyhow::Result;
 use ngpt_compiler::config::Config;
-use ngpt_compiler::init::{InitOptions, Preset};
+use ngpt_compiler::init::{Family, InitOptions, Preset, Spec};
 use ngpt_compiler::plan::kernel_module;
 use ngpt_runtime::contract;
 
@@ -20,6 +21,7 @@ fn module_source(cfg: &Config, max_seq: usize) -> Result<String> {
         head_dim: cfg.head_dim(),
         vocab: cfg.vocab_size,
         max_seq_len: max_seq,
+        n_inner: cfg.n_inner,
     };
     let md =
         contract::check_module(&kernel_module(cfg, max_seq), &dims).map_err(anyhow::Error::msg)?;
@@ -84,6 +86,40 @@ fn every_module_compiles_for_sm_90() -> Result<()> {
                 embd / heads
             );
         }
+    }
+    // The Hugging Face family's plans: nous-tiny, the published 0.5B's shape, and odd shapes
+    // (head_dim 16, n_inner 100, not 4 x n_embd), each at its KV capacity (wpe's rows).
+    let odd = Spec {
+        opts: InitOptions {
+            n_layer: 3,
+            n_head: 3,
+            n_embd: 48,
+            vocab_size: 37,
+            block_size: 40,
+            ..InitOptions::preset(Preset::NousTiny)
+        },
+        family: Family::Nous,
+        n_inner: Some(100),
+    };
+    for spec in [
+        Spec::preset(Preset::NousTiny),
+        Spec::preset(Preset::NousHalf),
+        odd,
+    ] {
+        let cfg = spec.config()?;
+        let module = kernel_module(&cfg, cfg.n_positions);
+        assert!(module.defines.iter().any(|d| d.name == "NGPT_I"));
+        let src = module_source(&cfg, cfg.n_positions)?;
+        assert!(src.contains(&format!("#define NGPT_I {}\n", cfg.n_inner)));
+        let ptx = ngpt_runtime::cuda::compile_module("ngpt", &src, "sm_90")?;
+        for entry in &module.entries {
+            assert!(
+                ptx.contains(&format!(".entry {entry}(")),
+                "Hugging Face family, n_embd {}: no entry {entry} in the PTX",
+                cfg.n_embd
+            );
+        }
+        assert_eq!(module.entries, ngpt_compiler::plan::NOUS_ENTRIES);
     }
     // The second compile of the same source comes from the cache.
     let cfg = InitOptions::preset(Preset::Tiny).config()?;

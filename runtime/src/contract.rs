@@ -44,6 +44,9 @@ pub struct Dims {
     /// KV-cache capacity per sequence and rows of the position table: no sequence can
     /// grow past it.
     pub max_seq_len: usize,
+    /// Width I of the MLP's hidden layer (4 x n_embd for NVIDIA's family; the Hugging Face
+    /// family's `n_inner`).
+    pub n_inner: usize,
 }
 
 /// One argument slot of a kernel entry.
@@ -81,6 +84,10 @@ pub enum Width {
     PosTable,
     /// n_head x max_seq_len x head_dim (one slot's KV cache of one layer).
     Cache,
+    /// A multiple of n_inner (the MLP's hidden width).
+    Inner(usize),
+    /// max_seq_len x n_embd (the learned position rows a plan reads).
+    PosEmbd,
 }
 
 impl Width {
@@ -92,6 +99,8 @@ impl Width {
             Width::VocabEmbd => d.vocab * d.n_embd,
             Width::PosTable => d.max_seq_len * d.head_dim,
             Width::Cache => d.n_head * d.max_seq_len * d.head_dim,
+            Width::Inner(k) => k * d.n_inner,
+            Width::PosEmbd => d.max_seq_len * d.n_embd,
         }
     }
 }
@@ -170,6 +179,10 @@ const fn rows_f32(name: &'static str, slot: Slot, embd: usize) -> ArgSpec {
 
 const fn rows_i32(name: &'static str) -> ArgSpec {
     arg(name, Slot::In, Dtype::I32, Len::PerRow(Width::One))
+}
+
+const fn inner_f32(name: &'static str, slot: Slot, k: usize) -> ArgSpec {
+    arg(name, slot, Dtype::F32, Len::PerRow(Width::Inner(k)))
 }
 
 const fn cache(name: &'static str, slot: Slot) -> ArgSpec {
@@ -253,6 +266,70 @@ pub const ENTRIES: &[Entry] = &[
             weight("pos_table", Width::PosTable),
             weight("sqk_q", Width::Embd(1)),
             weight("sqk_k", Width::Embd(1)),
+            rows_f32("q", Slot::Out, 1),
+            cache("k_cache", Slot::Out),
+            cache("v_cache", Slot::Out),
+            ROWS,
+            rows_i32("slots"),
+        ],
+        distinct: &[&[0, 1, 5, 6, 7], &[5, 9], &[6, 9], &[7, 9]],
+        rows: 8,
+        block: BlockRule::Warps(0),
+        heads_on_grid_y: true,
+    },
+    // The Hugging Face (NousResearch) family's entries: learned positions, biases folded
+    // into the kernel after each GEMM, the interleaved rotary embedding before the per-head
+    // norm. NVIDIA's plans do not launch them.
+    Entry {
+        name: "embed_pos",
+        args: &[
+            rows_i32("tokens"),
+            rows_i32("positions"),
+            weight("table", Width::VocabEmbd),
+            weight("pos_rows", Width::PosEmbd),
+            rows_f32("out", Slot::Out, 1),
+            ROWS,
+        ],
+        distinct: &[&[0, 4], &[1, 4]],
+        rows: 5,
+        block: BlockRule::Any,
+        heads_on_grid_y: false,
+    },
+    Entry {
+        name: "lerp_norm_bias",
+        args: &[
+            rows_f32("h", Slot::Out, 1),
+            rows_f32("branch", Slot::In, 1),
+            weight("bias", Width::Embd(1)),
+            weight("lr", Width::Embd(1)),
+            ROWS,
+        ],
+        distinct: &[&[0, 1]],
+        rows: 4,
+        block: BlockRule::Warps(32),
+        heads_on_grid_y: false,
+    },
+    Entry {
+        name: "swiglu_bias",
+        args: &[
+            inner_f32("uv", Slot::In, 2),
+            weight("bias", Width::Inner(2)),
+            inner_f32("out", Slot::Out, 1),
+            ROWS,
+        ],
+        distinct: &[&[0, 2]],
+        rows: 3,
+        block: BlockRule::Any,
+        heads_on_grid_y: false,
+    },
+    Entry {
+        name: "rotary_norm",
+        args: &[
+            rows_f32("qkv", Slot::In, 3),
+            rows_i32("positions"),
+            weight("rotary_table", Width::PosTable),
+            weight("bias", Width::Embd(3)),
+            weight("q_scale", Width::Embd(1)),
             rows_f32("q", Slot::Out, 1),
             cache("k_cache", Slot::Out),
             cache("v_cache", Slot::Out),
@@ -490,6 +567,10 @@ pub const DEFINES: [&str; 6] = [
     "NGPT_KV_TILE",
 ];
 
+/// A compile-time width a module may state: `NGPT_I`, the MLP's hidden width (the Hugging
+/// Face family's plans state it; a module without it has NVIDIA's 4 x n_embd).
+pub const OPTIONAL_DEFINES: [&str; 1] = ["NGPT_I"];
+
 /// What a checked module specializes beyond the plan's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModuleDims {
@@ -530,11 +611,12 @@ pub fn check_module(m: &pb::KernelModule, d: &Dims) -> Result<ModuleDims, String
     }
     let mut kv_tile = None;
     for (i, def) in m.defines.iter().enumerate() {
-        if !DEFINES.contains(&def.name.as_str()) {
+        if !DEFINES.contains(&def.name.as_str()) && !OPTIONAL_DEFINES.contains(&def.name.as_str()) {
             return Err(format!(
-                "kernel module `{MODULE}`: unknown compile-time width `{}` (the module takes {})",
+                "kernel module `{MODULE}`: unknown compile-time width `{}` (the module takes {}, and optionally {})",
                 printable(&def.name),
-                DEFINES.join(", ")
+                DEFINES.join(", "),
+                OPTIONAL_DEFINES.join(", ")
             ));
         }
         if m.defines[..i].iter().any(|o| o.name == def.name) {
@@ -549,6 +631,7 @@ pub fn check_module(m: &pb::KernelModule, d: &Dims) -> Result<ModuleDims, String
             "NGPT_D" => Some(d.head_dim),
             "NGPT_V" => Some(d.vocab),
             "NGPT_MAX_SEQ" => Some(d.max_seq_len),
+            "NGPT_I" => Some(d.n_inner),
             _ => None,
         };
         match want {
@@ -577,6 +660,12 @@ pub fn check_module(m: &pb::KernelModule, d: &Dims) -> Result<ModuleDims, String
             ));
         }
     }
+    if d.n_inner != 4 * d.n_embd && !m.defines.iter().any(|def| def.name == "NGPT_I") {
+        return Err(format!(
+            "kernel module `{MODULE}`: compile-time width `NGPT_I` is missing (the plan's n_inner {} is not 4 x n_embd)",
+            d.n_inner
+        ));
+    }
     Ok(ModuleDims {
         kv_tile: kv_tile.unwrap_or(0),
     })
@@ -586,8 +675,8 @@ pub fn check_module(m: &pb::KernelModule, d: &Dims) -> Result<ModuleDims, String
 /// numbers, never from plan text.
 pub fn module_prelude(d: &Dims, md: &ModuleDims) -> String {
     format!(
-        "// ngpt runtime kernels, ABI {KERNEL_ABI}, specialized for this plan.\n#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V {}\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {}\n\n",
-        d.n_embd, d.n_head, d.head_dim, d.vocab, d.max_seq_len, md.kv_tile
+        "// ngpt runtime kernels, ABI {KERNEL_ABI}, specialized for this plan.\n#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V {}\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {}\n#define NGPT_I {}\n\n",
+        d.n_embd, d.n_head, d.head_dim, d.vocab, d.max_seq_len, md.kv_tile, d.n_inner
     )
 }
 
@@ -612,6 +701,7 @@ mod tests {
         head_dim: 4,
         vocab: 5,
         max_seq_len: 16,
+        n_inner: 32,
     };
 
     fn module() -> pb::KernelModule {
@@ -675,6 +765,29 @@ mod tests {
             },
             "unknown compile-time width",
         );
+    }
+
+    #[test]
+    fn ngpt_i_is_optional_and_checked_where_stated() {
+        let with_i = |v: i64| {
+            let mut m = module();
+            m.defines.push(pb::Define {
+                name: "NGPT_I".into(),
+                value: v,
+            });
+            m
+        };
+        // NVIDIA's modules state no NGPT_I: n_inner is 4 x n_embd.
+        assert!(check_module(&module(), &D).is_ok());
+        assert!(check_module(&with_i(32), &D).is_ok());
+        let e = check_module(&with_i(33), &D).unwrap_err();
+        assert!(e.contains("NGPT_I = 33 differs"), "{e}");
+        // A Hugging Face family plan whose n_inner is not 4 x n_embd must state it.
+        let odd = Dims { n_inner: 20, ..D };
+        assert!(check_module(&with_i(20), &odd).is_ok());
+        let e = check_module(&module(), &odd).unwrap_err();
+        assert!(e.contains("`NGPT_I` is missing"), "{e}");
+        assert!(module_prelude(&odd, &ModuleDims { kv_tile: 32 }).contains("#define NGPT_I 20\n"));
     }
 
     #[test]

@@ -34,7 +34,7 @@ fn si(v: f64) -> String {
 /// (bytes moved, FLOPs) of one step for `rows` rows; `keys` = mean keys a query reads.
 fn cost(p: &LoadedPlan, s: &pb::Step, rows: usize, batch: usize, keys: f64) -> (f64, f64) {
     let d = &p.dims;
-    let (r, c) = (rows as f64, d.n_embd as f64);
+    let (r, c, i) = (rows as f64, d.n_embd as f64, d.n_inner as f64);
     match s.kind.as_ref() {
         Some(step::Kind::Gemm(g)) => {
             let m = eval(g.m.as_ref(), rows, batch).unwrap_or(0) as f64;
@@ -56,6 +56,10 @@ fn cost(p: &LoadedPlan, s: &pb::Step, rows: usize, batch: usize, keys: f64) -> (
             "lerp_norm" => (r * c * 12.0, r * c * 9.0),
             "swiglu" => (r * c * 48.0, r * c * 4.0 * 5.0),
             "pos_norm" => (r * c * 24.0, r * c * 12.0),
+            "embed_pos" => (r * c * 12.0, r * c),
+            "lerp_norm_bias" => (r * c * 12.0 + c * 4.0, r * c * 10.0),
+            "swiglu_bias" => (r * i * 12.0 + i * 8.0, r * i * 7.0),
+            "rotary_norm" => (r * c * 24.0 + c * 16.0, r * c * 16.0),
             "attention_prefill" | "attention_decode" => {
                 (r * c * 8.0 + keys * r * c * 8.0, keys * r * c * 4.0)
             }

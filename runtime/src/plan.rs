@@ -269,6 +269,10 @@ impl LoadedPlan {
             head_dim: cfg.head_dim as usize,
             vocab: cfg.vocab_size as usize,
             max_seq_len: plan.max_seq_len as usize,
+            n_inner: match cfg.n_inner {
+                0 => (cfg.n_embd as usize).saturating_mul(4),
+                i => i as usize,
+            },
         };
         let limit = 1usize << 24;
         for (name, v) in [
@@ -278,6 +282,7 @@ impl LoadedPlan {
             ("head_dim", dims.head_dim),
             ("vocab_size", dims.vocab),
             ("max_seq_len", dims.max_seq_len),
+            ("n_inner", dims.n_inner),
         ] {
             if v == 0 || v > limit {
                 return Err(bad(

@@ -296,6 +296,7 @@ fn made_plan(s: Shape, seed: u64) -> Result<(Vec<u8>, Vec<u8>)> {
                 vocab_size: s.vocab as u32,
                 block_size: s.max_seq as u32,
                 base_scale: 1.0 / (c as f64).sqrt(),
+                n_inner: 0,
             }),
             weight_dtype: if s.bf16 {
                 pb::DType::Bf16

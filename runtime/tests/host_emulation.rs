@@ -82,11 +82,12 @@ fn ngpt_kernel(name: &'static str, w: Widths) -> Result<Kernel> {
     Ok(Kernel {
         name,
         source: format!(
-            "#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V 7\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n{body}",
+            "#define NGPT_C {}\n#define NGPT_H {}\n#define NGPT_D {}\n#define NGPT_V 7\n#define NGPT_MAX_SEQ {}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_I {}\n{body}",
             w.c,
             w.c / w.d,
             w.d,
-            w.max_seq
+            w.max_seq,
+            4 * w.c
         ),
         shared: if name.starts_with("attention_prefill") {
             2 * KV_TILE * w.d * 4
@@ -431,15 +432,20 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
         NGPT_CU.contains(decl),
         "ngpt.cu no longer declares `{decl}`"
     );
-    // (n_embd, n_head, vocab, KV capacity): head dims 16, 12 (pos_norm's pairs fill part of
-    // one warp) and 64 (one warp of pairs); odd vocabularies.
-    for (c, h, v, max_seq) in [(48, 3, 37, 40), (36, 3, 97, 24), (128, 2, 101, 80)] {
+    // (n_embd, n_head, vocab, KV capacity, n_inner): head dims 16, 12 (pos_norm's and
+    // rotary_norm's pairs fill part of one warp) and 64 (one warp of pairs); odd
+    // vocabularies; MLP widths other than 4 x n_embd (the Hugging Face family's n_inner).
+    for (c, h, v, max_seq, inner) in [
+        (48, 3, 37, 40, 100),
+        (36, 3, 97, 24, 144),
+        (128, 2, 101, 80, 341),
+    ] {
         let exe = compile(
             dir.path(),
             &format!("rows_{c}_{h}"),
             ("rows.cpp", ROWS_CPP),
             &format!(
-                "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n{}",
+                "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_I {inner}\n{}",
                 c / h,
                 NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;")
             ),

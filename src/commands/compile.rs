@@ -169,10 +169,8 @@ pub fn run(a: Args) -> Result<()> {
         PlanDtype::F32 => WeightDtype::F32,
         PlanDtype::Bf16 => WeightDtype::Bf16,
     };
-    // A plan needs the canonical form: only a full compile lowers one. The runtime has no
-    // kernels for the Hugging Face family yet (issue 21): its compile skips the plan.
-    let hf_family = ckpt.config.family == ngpt_compiler::config::Family::Nous;
-    let lowers_plan = a.stop_after.is_none() && !hf_family;
+    // A plan needs the canonical form: only a full compile lowers one.
+    let lowers_plan = a.stop_after.is_none();
     let onnx_opts = onnx::Options {
         max_seq_len,
         weights: match a.onnx_dtype {
@@ -302,11 +300,6 @@ pub fn run(a: Args) -> Result<()> {
         e => e.into(),
     })?;
     print!("{log}");
-    if hf_family && a.stop_after.is_none() {
-        eprintln!(
-            "note: no model.plan: the runtime (plan-cpu, plan-cuda, generate) has no kernels for the Hugging Face nGPT family yet; model.onnx, --engine ir and --engine tract run it"
-        );
-    }
     let weights_label = match quantize {
         Some(q) => format!("{} MatMulNBits", q.bits.as_str()),
         None => onnx_opts.weights.as_str().to_string(),

@@ -111,15 +111,10 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
             _ => &[Precision::F32],
         };
         for &p in precisions {
-            let no_plan = match engine {
-                Engine::PlanCpu | Engine::PlanCuda => model.no_plan()?,
-                _ => None,
-            };
-            if let Some(why) = no_plan.or_else(|| {
-                (engine == Engine::PlanCuda)
-                    .then(cuda_unavailable)
-                    .flatten()
-            }) {
+            if let Some(why) = (engine == Engine::PlanCuda)
+                .then(cuda_unavailable)
+                .flatten()
+            {
                 rows.push(Row {
                     engine,
                     numerics: None,

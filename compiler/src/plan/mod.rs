@@ -6,6 +6,16 @@
 //! `lerp_norm`; then the lm_head GEMM. Lowering walks the graph in order and maps each op
 //! to steps over a fixed set of role buffers (`h`, `qkv`, `fc`, ...), so memory does not
 //! grow with depth. Slices become column offsets, never copies.
+//!
+//! The Hugging Face (NousResearch) family's canonical form differs in four places, each a
+//! kernel entry of its own: the learned position row added to the token row (`embed_pos`),
+//! the bias operand of each projection, added by the kernel that reads the GEMM's output
+//! (`rotary_norm` for QKV, `lerp_norm_bias` for the two output projections, `swiglu_bias`
+//! for c_fc, whose halves are n_inner wide), and the rotary embedding before the per-head
+//! norm (`rotary_norm`: the interleaved pairs turned by a cos/sin table computed in f64 and
+//! rounded once, then Norm, the q scale, and k and v into the cache; `sqk_onto_q` has moved
+//! k's scale and the softmax scale onto q, so k carries none and attention runs with
+//! scale 1, as NVIDIA's does).
 
 mod kernels;
 
@@ -20,7 +30,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
 
-pub use kernels::{kernel_module, ENTRIES};
+pub use kernels::{kernel_module, ENTRIES, NOUS_ENTRIES, NVIDIA_ENTRIES};
 
 /// Weight dtype of a plan's GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +99,9 @@ struct Lowerer<'a> {
     buffer_of: HashMap<String, u32>,
     /// Where each lowered value lives: (buffer, column offset, row width).
     value_at: HashMap<NodeId, (u32, usize, usize)>,
+    /// The bias weight of a GEMM output (or a slice of one) that no kernel has added yet:
+    /// only the kernels that add it may read the value.
+    bias_of: HashMap<NodeId, u32>,
     steps: Vec<Step>,
 }
 
@@ -256,7 +269,16 @@ impl Lowerer<'_> {
         Ok(())
     }
 
+    /// Where `id` lives; refuses a GEMM output whose bias is still to be added.
     fn at(&self, id: NodeId) -> Result<(u32, usize, usize)> {
+        if self.bias_of.contains_key(&id) {
+            return Err(self.unsupported(id));
+        }
+        self.at_biased(id)
+    }
+
+    /// Where `id` lives, its pending bias aside ([`Lowerer::bias_of`]).
+    fn at_biased(&self, id: NodeId) -> Result<(u32, usize, usize)> {
         self.value_at
             .get(&id)
             .copied()
@@ -280,6 +302,7 @@ impl Lowerer<'_> {
     fn lower(&mut self, decode: bool) -> Result<Vec<Step>> {
         self.steps.clear();
         self.value_at.clear();
+        self.bias_of.clear();
         let (c, d, h) = (self.cfg.n_embd, self.cfg.head_dim(), self.cfg.n_head);
         let cache_elems = Affine {
             c0: 0,
@@ -306,7 +329,40 @@ impl Lowerer<'_> {
                     let b = if name == "tokens" { tokens } else { positions };
                     self.value_at.insert(id, (b, 0, 1));
                 }
-                Op::Const(_) | Op::PosNorm { .. } => {} // used by their consumers
+                // Used by their consumers: pos_norm, and the Hugging Face family's rotary
+                // embedding, per-head norm and q scale (lowered by the attention below).
+                Op::Const(_) | Op::PosNorm { .. } | Op::Rotary { .. } | Op::Mul => {}
+                Op::Norm { group } if *group != c => {}
+                // The token and position rows of the Hugging Face family: one `embed_pos`
+                // launch for the add of the two gathers.
+                Op::Gather
+                    if self
+                        .g
+                        .consumers(id)
+                        .iter()
+                        .all(|&u| matches!(self.g.nodes[u].op, Op::Add)) => {}
+                Op::Add => {
+                    let (wte, wpe) = self.embed_tables(id)?;
+                    let wte = self.weight(wte, false)?;
+                    let wpe = self.weight(wpe, false)?;
+                    let out = self.rows("x0", c, BufferKind::Activation);
+                    self.launch(
+                        &name,
+                        "embed_pos",
+                        dim3(rows_grid, 1, 1),
+                        256,
+                        0,
+                        vec![
+                            buf(tokens),
+                            buf(positions),
+                            wt(wte),
+                            wt(wpe),
+                            buf(out),
+                            sym(Symbol::Rows),
+                        ],
+                    );
+                    self.value_at.insert(id, (out, 0, c));
+                }
                 Op::Gather => {
                     let wte = self.weight(node.inputs[0], false)?;
                     let out = self.rows("x0", c, BufferKind::Activation);
@@ -342,12 +398,24 @@ impl Lowerer<'_> {
                         _ => return Err(self.unsupported(id)),
                     };
                     let w = self.weight(node.inputs[1], true)?;
+                    let bias = match node.inputs.get(2) {
+                        Some(&b) => Some(self.weight(b, false)?),
+                        None => None,
+                    };
+                    let feeds_swiglu = self
+                        .g
+                        .consumers(id)
+                        .iter()
+                        .any(|&u| matches!(self.g.nodes[u].op, Op::SwiGlu));
                     let role: &'static str = if self.g.outputs.contains(&id) {
+                        if bias.is_some() {
+                            return Err(self.unsupported(id));
+                        }
                         "logits"
+                    } else if feeds_swiglu {
+                        "fc"
                     } else if n == 3 * c {
                         "qkv"
-                    } else if n == 8 * c {
-                        "fc"
                     } else if n == c {
                         "proj"
                     } else {
@@ -359,12 +427,39 @@ impl Lowerer<'_> {
                         BufferKind::Activation
                     };
                     let out = self.rows(role, n, kind);
-                    self.gemm(&name, x, w, n, k, out)?;
+                    // A biased GEMM's output is not yet the node's value (the kernel that
+                    // reads it adds the bias): its step says so, so traces (`bisect`)
+                    // never compare it with the node.
+                    let step = match bias {
+                        Some(_) => format!("{name}.without_bias"),
+                        None => name.clone(),
+                    };
+                    self.gemm(&step, x, w, n, k, out)?;
                     self.value_at.insert(id, (out, 0, n));
+                    if let Some(b) = bias {
+                        self.bias_of.insert(id, b);
+                    }
                 }
                 Op::Slice { start, len } => {
-                    let x = self.at(node.inputs[0])?;
+                    let x = self.at_biased(node.inputs[0])?;
                     self.value_at.insert(id, (x.0, x.1 + start, *len));
+                    if let Some(&b) = self.bias_of.get(&node.inputs[0]) {
+                        self.bias_of.insert(id, b);
+                    }
+                }
+                Op::Attention { scale, .. } if *scale != 1.0 => {
+                    return Err(Error::Argument {
+                        what: format!("plan lowering: `{name}` (attention)"),
+                        problem: format!(
+                            "softmax scale {scale}: the attention kernels take 1 (sqk_onto_q moves the scale onto q)"
+                        ),
+                    })
+                }
+                Op::Attention { .. }
+                    if matches!(self.g.nodes[node.inputs[0]].op, Op::Mul) =>
+                {
+                    self.rotary_attention(id, layer, decode, cache_elems)?;
+                    layer += 1;
                 }
                 Op::Attention { .. } => {
                     // q = pos_norm(slice(qkv)), k = pos_norm(slice(qkv)), v = slice(qkv).
@@ -407,70 +502,242 @@ impl Lowerer<'_> {
                         ],
                     );
                     let out = self.rows("att", c, BufferKind::Activation);
-                    let entry = if decode {
-                        "attention_decode"
-                    } else {
-                        "attention_prefill"
-                    };
-                    let shared = if decode {
-                        0
-                    } else {
-                        (2 * kernels::KV_TILE * d * 4) as u32
-                    };
-                    self.launch(
-                        &name,
-                        entry,
-                        dim3(rows_grid, h as u64, 1),
-                        128,
-                        shared,
-                        vec![
-                            buf(q_out),
-                            buf(kc),
-                            buf(vc),
-                            buf(positions),
-                            buf(out),
-                            sym(Symbol::Rows),
-                            buf(slots),
-                        ],
-                    );
+                    self.attention_launch(&name, decode, q_out, kc, vc, out);
                     self.value_at.insert(id, (out, 0, c));
                     layer += 1;
                 }
                 Op::LerpNorm => {
                     let hx = self.at(node.inputs[0])?;
-                    let br = self.at(node.inputs[1])?;
+                    let br = self.at_biased(node.inputs[1])?;
                     let lr = self.weight(node.inputs[2], false)?;
                     let out = self.rows("h", c, BufferKind::Activation);
-                    if hx.0 != out {
+                    if hx.0 != out || br.1 != 0 || br.2 != c {
                         return Err(self.unsupported(id));
                     }
-                    self.launch(
-                        &name,
-                        "lerp_norm",
-                        dim3(rows_grid, 1, 1),
-                        256,
-                        0,
-                        vec![buf(out), buf(br.0), wt(lr), sym(Symbol::Rows)],
-                    );
+                    let (entry, args) = match self.bias_of.get(&node.inputs[1]) {
+                        None => ("lerp_norm", vec![buf(out), buf(br.0), wt(lr), sym(Symbol::Rows)]),
+                        Some(&b) => (
+                            "lerp_norm_bias",
+                            vec![buf(out), buf(br.0), wt(b), wt(lr), sym(Symbol::Rows)],
+                        ),
+                    };
+                    self.launch(&name, entry, dim3(rows_grid, 1, 1), 256, 0, args);
                     self.value_at.insert(id, (out, 0, c));
                 }
                 Op::SwiGlu => {
-                    let x = self.at(node.inputs[0])?;
-                    let out = self.rows("act", 4 * c, BufferKind::Activation);
-                    self.launch(
-                        &name,
-                        "swiglu",
-                        dim3(rows_grid, 1, 1),
-                        256,
-                        0,
-                        vec![buf(x.0), buf(out), sym(Symbol::Rows)],
-                    );
-                    self.value_at.insert(id, (out, 0, 4 * c));
+                    let x = self.at_biased(node.inputs[0])?;
+                    let half = self.g.nodes[id].fact.last().unwrap_or(0);
+                    let inner = match self.cfg.family {
+                        crate::config::Family::Nvidia => 4 * c,
+                        crate::config::Family::Nous => self.cfg.n_inner,
+                    };
+                    if half != inner || x.1 != 0 || x.2 != 2 * inner {
+                        return Err(self.unsupported(id));
+                    }
+                    let out = self.rows("act", inner, BufferKind::Activation);
+                    let (entry, args) = match self.bias_of.get(&node.inputs[0]) {
+                        None => ("swiglu", vec![buf(x.0), buf(out), sym(Symbol::Rows)]),
+                        Some(&b) => (
+                            "swiglu_bias",
+                            vec![buf(x.0), wt(b), buf(out), sym(Symbol::Rows)],
+                        ),
+                    };
+                    self.launch(&name, entry, dim3(rows_grid, 1, 1), 256, 0, args);
+                    self.value_at.insert(id, (out, 0, inner));
                 }
                 _ => return Err(self.unsupported(id)),
             }
         }
         Ok(std::mem::take(&mut self.steps))
+    }
+
+    /// The Hugging Face family's `add(gather(wte, tokens), gather(wpe, positions))`: the two
+    /// tables, token table first.
+    fn embed_tables(&self, id: NodeId) -> Result<(NodeId, NodeId)> {
+        let g = self.g;
+        let gather_of = |i: NodeId, input: &str| -> Option<NodeId> {
+            let n = &g.nodes[i];
+            let on = *n.inputs.get(1)?;
+            (matches!(n.op, Op::Gather) && g.nodes[on].name == input)
+                .then_some(n.inputs[0])
+                .filter(|&t| g.const_of(t).is_some())
+        };
+        let node = &g.nodes[id];
+        let (a, b) = match node.inputs[..] {
+            [a, b] => (a, b),
+            _ => return Err(self.unsupported(id)),
+        };
+        let tables = match (gather_of(a, "tokens"), gather_of(b, "positions")) {
+            (Some(t), Some(p)) => Some((t, p)),
+            _ => gather_of(b, "tokens").zip(gather_of(a, "positions")),
+        };
+        let (wte, wpe) = tables.ok_or_else(|| self.unsupported(id))?;
+        let rows = match g.nodes[wpe].fact.shape.first() {
+            Some(crate::graph::Dim::Fixed(r)) => *r,
+            _ => 0,
+        };
+        if rows < self.max_seq_len {
+            return Err(Error::Argument {
+                what: format!("plan lowering: `{}`", g.nodes[wpe].name),
+                problem: format!(
+                    "the learned position table has {rows} rows, fewer than the KV capacity {}",
+                    self.max_seq_len
+                ),
+            });
+        }
+        Ok((wte, wpe))
+    }
+
+    /// The Hugging Face family's attention: `q = Mul(Norm_D(Rotary(Slice q)), q_scale)`,
+    /// `k = Norm_D(Rotary(Slice k))`, `v = Slice v` of one biased QKV GEMM, lowered to a
+    /// `rotary_norm` launch (bias, rotation, norm, q scale, the cache writes) and the
+    /// attention launch.
+    fn rotary_attention(
+        &mut self,
+        id: NodeId,
+        layer: usize,
+        decode: bool,
+        cache_elems: Affine,
+    ) -> Result<()> {
+        let g = self.g;
+        let (c, d, h) = (self.cfg.n_embd, self.cfg.head_dim(), self.cfg.n_head);
+        let node = &g.nodes[id];
+        let (q, k, v) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+        let norm_rot = |n: NodeId| -> Option<NodeId> {
+            let norm = &g.nodes[n];
+            let Op::Norm { group } = norm.op else {
+                return None;
+            };
+            let rot = &g.nodes[*norm.inputs.first()?];
+            match rot.op {
+                Op::Rotary { head_dim } if group == d && head_dim == d => {
+                    (g.nodes[*rot.inputs.get(1)?].name == "positions").then_some(rot.inputs[0])
+                }
+                _ => None,
+            }
+        };
+        let q_parts = match g.nodes[q].inputs[..] {
+            [n, s] => norm_rot(n).zip(g.const_of(s).map(|_| s)),
+            _ => None,
+        };
+        let (Some((qslice, q_scale)), Some(kslice)) = (q_parts, norm_rot(k)) else {
+            return Err(self.unsupported(id));
+        };
+        let (qs, ks, vs) = (
+            self.at_biased(qslice)?,
+            self.at_biased(kslice)?,
+            self.at_biased(v)?,
+        );
+        if !(qs.0 == ks.0 && ks.0 == vs.0 && qs.1 == 0 && ks.1 == c && vs.1 == 2 * c) {
+            return Err(self.unsupported(id));
+        }
+        let bias = match (
+            self.bias_of.get(&qslice),
+            self.bias_of.get(&kslice),
+            self.bias_of.get(&v),
+        ) {
+            (Some(&a), Some(&b), Some(&cc)) if a == b && b == cc => a,
+            _ => return Err(self.unsupported(id)),
+        };
+        let table = self.rotary_table_weight()?;
+        let q_scale = self.weight(q_scale, false)?;
+        let q_out = self.rows("q", c, BufferKind::Activation);
+        let kc = self.layer_cache(layer, 'k', cache_elems);
+        let vc = self.layer_cache(layer, 'v', cache_elems);
+        let (rows_grid, positions, slots) = (
+            aff(0, 1, 0),
+            self.buffer_of["positions"],
+            self.buffer_of["slots"],
+        );
+        let base = node.name.trim_end_matches(".attention").to_string();
+        self.launch(
+            &format!("{base}.rotary_norm"),
+            "rotary_norm",
+            dim3(rows_grid, h as u64, 1),
+            (d / 2).div_ceil(32).max(1) as u64 * 32,
+            0,
+            vec![
+                buf(qs.0),
+                buf(positions),
+                wt(table),
+                wt(bias),
+                wt(q_scale),
+                buf(q_out),
+                buf(kc),
+                buf(vc),
+                sym(Symbol::Rows),
+                buf(slots),
+            ],
+        );
+        let out = self.rows("att", c, BufferKind::Activation);
+        self.attention_launch(&node.name, decode, q_out, kc, vc, out);
+        self.value_at.insert(id, (out, 0, c));
+        Ok(())
+    }
+
+    /// The attention launch over `q_out` and one layer's caches into `out`.
+    fn attention_launch(
+        &mut self,
+        name: &str,
+        decode: bool,
+        q_out: u32,
+        kc: u32,
+        vc: u32,
+        out: u32,
+    ) {
+        let (d, h) = (self.cfg.head_dim(), self.cfg.n_head);
+        let (positions, slots) = (self.buffer_of["positions"], self.buffer_of["slots"]);
+        let entry = if decode {
+            "attention_decode"
+        } else {
+            "attention_prefill"
+        };
+        let shared = if decode {
+            0
+        } else {
+            (2 * kernels::KV_TILE * d * 4) as u32
+        };
+        self.launch(
+            name,
+            entry,
+            dim3(aff(0, 1, 0), h as u64, 1),
+            128,
+            shared,
+            vec![
+                buf(q_out),
+                buf(kc),
+                buf(vc),
+                buf(positions),
+                buf(out),
+                sym(Symbol::Rows),
+                buf(slots),
+            ],
+        );
+    }
+
+    /// The rotary table `[max_seq_len, head_dim]` of the Hugging Face family: `R[t, 2i] =
+    /// cos(t theta_i)`, `R[t, 2i+1] = sin(t theta_i)`, `theta_i = 10000^(-2i/D)`, computed in
+    /// f64 (`numerics::rotary_table`) and rounded once.
+    fn rotary_table_weight(&mut self) -> Result<u32> {
+        if let Some(i) = self.weights.iter().position(|w| w.name == "rotary_table") {
+            return Ok(i as u32);
+        }
+        let d = self.cfg.head_dim();
+        let p = d / 2;
+        let e = crate::numerics::rotary_table(0..self.max_seq_len, d);
+        let mut m = vec![0f32; self.max_seq_len * d];
+        for t in 0..self.max_seq_len {
+            for i in 0..p {
+                m[t * d + 2 * i] = e[t * d + i] as f32;
+                m[t * d + 2 * i + 1] = e[t * d + p + i] as f32;
+            }
+        }
+        self.push_weight(
+            "rotary_table".into(),
+            vec![self.max_seq_len as u64, d as u64],
+            pb::DType::F32,
+            |f| m.chunks(1 << 20).try_for_each(f),
+        )
     }
 
     fn layer_cache(&mut self, layer: usize, which: char, elements: Affine) -> u32 {
@@ -504,23 +771,6 @@ impl Lowerer<'_> {
             pb::DType::F32,
             |f| m.chunks(1 << 20).try_for_each(f),
         )
-    }
-}
-
-/// Refuses, in one line naming the first such node, a graph with an op the runtime has no
-/// kernel for yet: the Hugging Face family's rotary embedding, learned position rows and
-/// biases (issue 21's runtime half).
-fn refuse_hf_ops(g: &Graph) -> Result<()> {
-    let hf = g.nodes.iter().find(|n| {
-        matches!(n.op, Op::Rotary { .. } | Op::Add)
-            || (matches!(n.op, Op::MatMulT) && n.inputs.len() == 3)
-    });
-    match hf {
-        None => Ok(()),
-        Some(n) => Err(Error::Argument {
-            what: format!("plan lowering: `{}` ({})", n.name, n.op.mnemonic()),
-            problem: "the runtime has no kernel for the Hugging Face nGPT family's learned positions, biases and rotary embedding yet; the IR, model.onnx and tract run it".into(),
-        }),
     }
 }
 
@@ -564,7 +814,6 @@ pub fn lower_into(
             problem: format!("{max_seq_len} is outside 1..=1048576"),
         });
     }
-    refuse_hf_ops(g)?;
     let mut l = Lowerer {
         g,
         cfg,
@@ -578,6 +827,7 @@ pub fn lower_into(
         buffers: vec![],
         buffer_of: HashMap::new(),
         value_at: HashMap::new(),
+        bias_of: HashMap::new(),
         steps: vec![],
     };
     let prefill = l.lower(false)?;
@@ -599,6 +849,10 @@ pub fn lower_into(
             vocab_size: cfg.vocab_size as u32,
             block_size: cfg.block_size as u32,
             base_scale: cfg.base_scale,
+            n_inner: match cfg.family {
+                crate::config::Family::Nvidia => 0,
+                crate::config::Family::Nous => cfg.n_inner as u32,
+            },
         }),
         weight_dtype: wdt as i32,
         max_seq_len: max_seq_len as u32,

@@ -323,3 +323,66 @@ mod tract {
         Ok(())
     }
 }
+
+/// The canonical graph lowers to a launch plan of the family's own entries: per layer
+/// `rotary_norm` (the QKV bias, rotation, per-head norm, q scale, cache writes), attention,
+/// `lerp_norm_bias` twice and `swiglu_bias` n_inner wide; `embed_pos` for the learned
+/// positions; the module states NGPT_I and the config n_inner. A KV capacity beyond wpe's
+/// rows is refused in one line naming them.
+#[test]
+fn the_canonical_graph_lowers_to_the_familys_kernels() -> Result<()> {
+    use ngpt_compiler::plan::{self, WeightDtype, NOUS_ENTRIES};
+    use ngpt_schemas::plan::step;
+    for (name, _dir, ckpt) in models()? {
+        let c = ngpt_compiler::compile::compile(&ckpt, &Default::default())?;
+        let cfg = &ckpt.config;
+        let l = plan::lower(&c.graph, cfg, WeightDtype::F32, cfg.n_positions, "")?;
+        let module = &l.plan.modules[0];
+        ensure!(
+            module.entries == NOUS_ENTRIES,
+            "{name}: {:?}",
+            module.entries
+        );
+        ensure!(
+            module
+                .defines
+                .iter()
+                .any(|d| d.name == "NGPT_I" && d.value == cfg.n_inner as i64),
+            "{name}"
+        );
+        ensure!(l.plan.config.as_ref().map(|c| c.n_inner) == Some(cfg.n_inner as u32));
+        for program in [&l.plan.prefill, &l.plan.decode] {
+            let steps = &program.as_ref().context("program")?.steps;
+            let entries: Vec<&str> = steps
+                .iter()
+                .map(|s| match &s.kind {
+                    Some(step::Kind::Launch(l)) => l.entry.as_str(),
+                    _ => "gemm",
+                })
+                .collect();
+            let n = cfg.n_layer;
+            let count = |e: &str| entries.iter().filter(|&&x| x == e).count();
+            ensure!(
+                entries[0] == "embed_pos" && entries[1] == "norm_rows",
+                "{entries:?}"
+            );
+            ensure!(
+                count("rotary_norm") == n && count("swiglu_bias") == n,
+                "{entries:?}"
+            );
+            ensure!(count("lerp_norm_bias") == 2 * n && count("gemm") == 4 * n + 1);
+            ensure!(entries
+                .iter()
+                .all(|e| NOUS_ENTRIES.contains(e) || *e == "gemm"));
+        }
+        let Err(e) = plan::lower(&c.graph, cfg, WeightDtype::F32, cfg.n_positions + 1, "") else {
+            anyhow::bail!("{name}: a plan beyond wpe's rows was lowered");
+        };
+        let msg = e.to_string();
+        ensure!(
+            !msg.contains('\n') && msg.contains("transformer.wpe.weight") && msg.contains("rows"),
+            "{msg}"
+        );
+    }
+    Ok(())
+}

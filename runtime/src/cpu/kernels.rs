@@ -442,6 +442,219 @@ pub fn pos_norm(
     Ok(())
 }
 
+/// The Hugging Face family's embedding: `out[r] = wte[tokens[r]] + wpe[positions[r]]`, the
+/// token's row of the embedding table (`[vocab, n_embd]`) plus the learned position row
+/// (`[max_seq_len, n_embd]`, the rows of `wpe` the plan keeps), one f32 sum per element.
+pub fn embed_pos(
+    d: &Dims,
+    tokens: &[i32],
+    positions: &[i32],
+    wte: &[f32],
+    wpe: &[f32],
+    out: &mut [f32],
+    rows: usize,
+) -> Result<()> {
+    let c = d.n_embd;
+    for r in 0..rows {
+        let t = *tokens
+            .get(r)
+            .ok_or_else(|| oob("embed_pos tokens", r, 1, tokens.len()))?;
+        let t = usize::try_from(t).ok().filter(|&t| t < d.vocab).ok_or(
+            Error::TokenOutsideVocabulary {
+                token: t as i64,
+                vocab: d.vocab,
+            },
+        )?;
+        let p = position(d, positions, r)?;
+        let (w, pr) = (
+            span(wte, t * c, c, "embed_pos wte")?,
+            span(wpe, p * c, c, "embed_pos wpe")?,
+        );
+        span_mut(out, r * c, c, "embed_pos out")?
+            .iter_mut()
+            .zip(w.iter().zip(pr))
+            .for_each(|(o, (a, b))| *o = a + b);
+    }
+    Ok(())
+}
+
+/// [`lerp_norm`] with the branch's bias added first: `h[r] = Norm(h[r] + lr * (Norm(branch[r]
+/// + bias) - h[r]))`, the bias of the GEMM that made `branch` (`[n_embd]`).
+pub fn lerp_norm_bias(
+    d: &Dims,
+    h: &mut [f32],
+    branch: &[f32],
+    bias: &[f32],
+    lr: &[f32],
+    rows: usize,
+    threading: Threading,
+) -> Result<()> {
+    let c = d.n_embd;
+    let lr = span(lr, 0, c, "lerp_norm_bias lr")?;
+    let bias = span(bias, 0, c, "lerp_norm_bias bias")?;
+    for_items(
+        threading,
+        h,
+        c,
+        rows,
+        rows.saturating_mul(c),
+        || (vec![0f32; c], vec![0f32; c]),
+        |(b, m), r, h| {
+            let br = span(branch, r * c, c, "lerp_norm_bias branch")?;
+            let hr = h.get(r * c, c, "lerp_norm_bias h")?;
+            for i in 0..c {
+                b[i] = br[i] + bias[i];
+            }
+            let inv_b = inv_norm(b);
+            for i in 0..c {
+                m[i] = hr[i] + lr[i] * (b[i] * inv_b - hr[i]);
+            }
+            let inv_m = inv_norm(m);
+            hr.iter_mut()
+                .zip(m.iter())
+                .for_each(|(o, v)| *o = v * inv_m);
+            Ok(())
+        },
+    )
+}
+
+/// `out[r, j] = u * SiLU(v)` with `u = uv[r, j] + bias[j]` and `v = uv[r, I + j] + bias[I +
+/// j]`: the c_fc GEMM's two halves of width I = n_inner (`[rows, 2 I]`) and its bias
+/// (`[2 I]`); each `out` row is I wide.
+pub fn swiglu_bias(
+    d: &Dims,
+    uv: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    threading: Threading,
+) -> Result<()> {
+    let f = d.n_inner;
+    let bias = span(bias, 0, 2 * f, "swiglu_bias bias")?;
+    for_items(
+        threading,
+        out,
+        f,
+        rows,
+        rows.saturating_mul(f).saturating_mul(4),
+        || (),
+        |_, r, out| {
+            let row = span(uv, r * 2 * f, 2 * f, "swiglu_bias uv")?;
+            let o = out.get(r * f, f, "swiglu_bias out")?;
+            for j in 0..f {
+                let u = row[j] + bias[j];
+                let v = row[f + j] + bias[f + j];
+                o[j] = u * (v / (1.0 + (-v).exp()));
+            }
+            Ok(())
+        },
+    )
+}
+
+/// The Hugging Face family's attention inputs, per row and head:
+/// `q = Norm(Rot_pos(q + b_q)) * q_scale`, `k = Norm(Rot_pos(k + b_k))` into the key cache,
+/// `v + b_v` into the value cache, both at the row's (slot, position). `Rot_pos` turns each
+/// interleaved pair `(a, b) = (x[2i], x[2i+1])` of a head to
+/// `(a cos - b sin, b cos + a sin)` with `cos = table[pos, 2i]`, `sin = table[pos, 2i + 1]`
+/// (the angles `pos * 10000^(-2i/D)`, computed in f64 and rounded once by the compiler).
+/// `bias` is the QKV GEMM's (`[3 n_embd]`).
+///
+/// Rows are computed (on threads when the work pays) into a row-major scratch `[rows, 3 x
+/// n_embd]`, each destination checked as it is computed, then copied into `q_out` and the
+/// caches in row order, as [`pos_norm`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_norm(
+    d: &Dims,
+    qkv: &[f32],
+    positions: &[i32],
+    table: &[f32],
+    bias: &[f32],
+    q_scale: &[f32],
+    q_out: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    rows: usize,
+    slots: &[i32],
+    threading: Threading,
+) -> Result<()> {
+    let (c, hd) = (d.n_embd, d.head_dim);
+    let bias = span(bias, 0, 3 * c, "rotary_norm bias")?;
+    let q_scale = span(q_scale, 0, c, "rotary_norm q_scale")?;
+    let cache_len = k_cache.len();
+    let (q_len, k_len, v_len) = (q_out.len(), k_cache.len(), v_cache.len());
+    let mut staged = Vec::new();
+    staged
+        .try_reserve_exact(rows.saturating_mul(3 * c))
+        .map_err(|_| Error::Request {
+            what: "rotary_norm".into(),
+            problem: format!("cannot allocate {rows} x {} scratch elements", 3 * c),
+        })?;
+    staged.resize(rows * 3 * c, 0f32);
+    let rotate = |x: &[f32], m: &[f32], out: &mut [f32]| {
+        for i in 0..hd / 2 {
+            let (a, b) = (x[2 * i], x[2 * i + 1]);
+            let (cos, sin) = (m[2 * i], m[2 * i + 1]);
+            out[2 * i] = a * cos - b * sin;
+            out[2 * i + 1] = b * cos + a * sin;
+        }
+    };
+    for_items(
+        threading,
+        &mut staged,
+        3 * c,
+        rows,
+        rows.saturating_mul(3 * c),
+        || (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]),
+        |(x, q, k), r, staged| {
+            let b = slot(d, slots, r, cache_len)?;
+            let pos = position(d, positions, r)?;
+            let row = span(qkv, r * 3 * c, 3 * c, "rotary_norm qkv")?;
+            let m = span(table, pos * hd, hd, "rotary_norm table")?;
+            let out = staged.get(r * 3 * c, 3 * c, "rotary_norm scratch")?;
+            for head in 0..d.n_head {
+                let o = head * hd;
+                for i in 0..hd {
+                    x[i] = row[o + i] + bias[o + i];
+                }
+                rotate(x, m, q);
+                for i in 0..hd {
+                    x[i] = row[c + o + i] + bias[c + o + i];
+                }
+                rotate(x, m, k);
+                let (iq, ik) = (inv_norm(q), inv_norm(k));
+                fits(q_len, r * c + o, hd, "rotary_norm q_out")?;
+                for i in 0..hd {
+                    out[o + i] = q[i] * iq * q_scale[o + i];
+                }
+                let at = cache_offset(d, b, head, pos);
+                fits(k_len, at, hd, "rotary_norm k_cache")?;
+                for i in 0..hd {
+                    out[c + o + i] = k[i] * ik;
+                }
+                fits(v_len, at, hd, "rotary_norm v_cache")?;
+                for i in 0..hd {
+                    out[2 * c + o + i] = row[2 * c + o + i] + bias[2 * c + o + i];
+                }
+            }
+            Ok(())
+        },
+    )?;
+    for r in 0..rows {
+        let b = slot(d, slots, r, cache_len)?;
+        let pos = position(d, positions, r)?;
+        let s = span(&staged, r * 3 * c, 3 * c, "rotary_norm scratch")?;
+        span_mut(q_out, r * c, c, "rotary_norm q_out")?.copy_from_slice(&s[..c]);
+        for head in 0..d.n_head {
+            let (o, at) = (head * hd, cache_offset(d, b, head, pos));
+            span_mut(k_cache, at, hd, "rotary_norm k_cache")?
+                .copy_from_slice(&s[c + o..c + o + hd]);
+            span_mut(v_cache, at, hd, "rotary_norm v_cache")?
+                .copy_from_slice(&s[2 * c + o..2 * c + o + hd]);
+        }
+    }
+    Ok(())
+}
+
 /// Causal attention over the cache: row r attends keys 0..=`positions[r]` of KV slot
 /// `slots[r]`, softmax scale 1. A row's result depends on its q and its slot's cache only,
 /// never on the other rows of the call. Both attention entries (prefill, decode) compute this.
@@ -585,6 +798,7 @@ mod tests {
         head_dim: 6,
         vocab: 5,
         max_seq_len: 23,
+        n_inner: 72,
     };
     const B: usize = 3;
     const T: usize = 7;
@@ -649,7 +863,22 @@ mod tests {
         .expect("pos_norm");
         let mut att = vec![0f32; rows * c];
         attention(&D, &q, &kc, &vc, positions, &mut att, rows, &slots, t).expect("attention");
-        [normed, h, act, q, kc, vc, att]
+        // The Hugging Face family's twins.
+        let mut hb = normed.clone();
+        let bias = values(3 * c, 11);
+        lerp_norm_bias(&D, &mut hb, &branch, &bias[..c], &lr, rows, t).expect("lerp_norm_bias");
+        let uv = values(rows * 2 * D.n_inner, 12);
+        let fc_bias = values(2 * D.n_inner, 13);
+        let mut act_b = vec![0f32; rows * D.n_inner];
+        swiglu_bias(&D, &uv, &fc_bias, &mut act_b, rows, t).expect("swiglu_bias");
+        let mut rq = vec![0f32; rows * c];
+        let mut rk = values(cache, 14);
+        let mut rv = values(cache, 15);
+        rotary_norm(
+            &D, &qkv, positions, &table, &bias, &qs, &mut rq, &mut rk, &mut rv, rows, &slots, t,
+        )
+        .expect("rotary_norm");
+        [normed, h, act, q, kc, vc, att, hb, act_b, rq, rk, rv]
             .iter()
             .map(|v| bits(v))
             .collect()
@@ -670,6 +899,103 @@ mod tests {
     }
 
     #[test]
+    fn the_hugging_face_twins_match_float64() {
+        let (c, hd, rows) = (D.n_embd, D.head_dim, 4);
+        let close = |got: f32, want: f64, what: &str| {
+            assert!(
+                (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{what}: {got} vs {want}"
+            );
+        };
+        // embed_pos: the token row plus the position row.
+        let (wte, wpe) = (values(D.vocab * c, 1), values(D.max_seq_len * c, 2));
+        let (tokens, positions) = (vec![3, 0, 4, 3], vec![0i32, 7, 22, 1]);
+        let mut out = vec![0f32; rows * c];
+        embed_pos(&D, &tokens, &positions, &wte, &wpe, &mut out, rows).expect("embed_pos");
+        for r in 0..rows {
+            let (t, p) = (tokens[r] as usize, positions[r] as usize);
+            for i in 0..c {
+                let want = wte[t * c + i] as f64 + wpe[p * c + i] as f64;
+                close(out[r * c + i], want, "embed_pos");
+            }
+        }
+        // swiglu_bias: u * silu(v) over the biased halves.
+        let f = D.n_inner;
+        let (uv, bias) = (values(rows * 2 * f, 3), values(2 * f, 4));
+        let mut act = vec![0f32; rows * f];
+        swiglu_bias(&D, &uv, &bias, &mut act, rows, Threading::Sequential).expect("swiglu_bias");
+        for r in 0..rows {
+            for j in 0..f {
+                let u = uv[r * 2 * f + j] as f64 + bias[j] as f64;
+                let v = uv[r * 2 * f + f + j] as f64 + bias[f + j] as f64;
+                close(act[r * f + j], u * v / (1.0 + (-v).exp()), "swiglu_bias");
+            }
+        }
+        // rotary_norm: the rotation by a cos/sin table, then the per-head norm.
+        let qkv = values(rows * 3 * c, 5);
+        let bias = values(3 * c, 6);
+        let q_scale = values(c, 7);
+        let mut table = vec![0f32; D.max_seq_len * hd];
+        for t in 0..D.max_seq_len {
+            for i in 0..hd / 2 {
+                let a = t as f64 * 10000f64.powf(-((2 * i) as f64) / hd as f64);
+                table[t * hd + 2 * i] = a.cos() as f32;
+                table[t * hd + 2 * i + 1] = a.sin() as f32;
+            }
+        }
+        let slots = vec![0i32, 1, 1, 0];
+        let cache = B * D.n_head * D.max_seq_len * hd;
+        let (mut q, mut kc, mut vc) = (vec![0f32; rows * c], vec![0f32; cache], vec![0f32; cache]);
+        rotary_norm(
+            &D,
+            &qkv,
+            &positions,
+            &table,
+            &bias,
+            &q_scale,
+            &mut q,
+            &mut kc,
+            &mut vc,
+            rows,
+            &slots,
+            Threading::Sequential,
+        )
+        .expect("rotary_norm");
+        for r in 0..rows {
+            let p = positions[r] as usize;
+            for head in 0..D.n_head {
+                let o = head * hd;
+                let turn = |part: usize| -> Vec<f64> {
+                    let x = |i: usize| {
+                        qkv[r * 3 * c + part * c + o + i] as f64 + bias[part * c + o + i] as f64
+                    };
+                    let mut y = vec![0f64; hd];
+                    for i in 0..hd / 2 {
+                        let a = p as f64 * 10000f64.powf(-((2 * i) as f64) / hd as f64);
+                        let (cs, sn) = (a.cos(), a.sin());
+                        y[2 * i] = x(2 * i) * cs - x(2 * i + 1) * sn;
+                        y[2 * i + 1] = x(2 * i + 1) * cs + x(2 * i) * sn;
+                    }
+                    let n = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+                    y.iter().map(|v| v / n).collect()
+                };
+                let (wq, wk) = (turn(0), turn(1));
+                let at = cache_offset(&D, slots[r] as usize, head, p);
+                for i in 0..hd {
+                    close(
+                        q[r * c + o + i],
+                        wq[i] * q_scale[o + i] as f64,
+                        "rotary_norm q",
+                    );
+                    close(kc[at + i], wk[i], "rotary_norm k");
+                    let v = qkv[r * 3 * c + 2 * c + o + i] as f64 + bias[2 * c + o + i] as f64;
+                    close(vc[at + i], v, "rotary_norm v");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn threaded_twins_are_bitwise_the_sequential_ones() {
         let names = [
             "norm_rows",
@@ -679,6 +1005,11 @@ mod tests {
             "k_cache",
             "v_cache",
             "attention",
+            "lerp_norm_bias",
+            "swiglu_bias",
+            "rotary_norm q",
+            "rotary_norm k_cache",
+            "rotary_norm v_cache",
         ];
         // Prefill: 21 rows; decode: one row per sequence at uneven positions.
         let cases: [(Vec<i32>, usize, usize); 2] =

@@ -575,6 +575,66 @@ impl CpuExecutor {
                 bufs[vc] = Buf::F32(v);
                 r
             }
+            "embed_pos" => {
+                let (t, p, o) = (bufi(0)?, bufi(1)?, bufi(4)?);
+                with_out!(o, |out| kernels::embed_pos(
+                    d,
+                    i32_of(name, bufs, t)?,
+                    i32_of(name, bufs, p)?,
+                    weight(2)?,
+                    weight(3)?,
+                    &mut out,
+                    rows
+                ))
+            }
+            "lerp_norm_bias" => {
+                let (h, b) = (bufi(0)?, bufi(1)?);
+                with_out!(h, |hv| kernels::lerp_norm_bias(
+                    d,
+                    &mut hv,
+                    f32_of(name, bufs, b)?,
+                    weight(2)?,
+                    weight(3)?,
+                    rows,
+                    threading
+                ))
+            }
+            "swiglu_bias" => {
+                let (x, o) = (bufi(0)?, bufi(2)?);
+                with_out!(o, |out| kernels::swiglu_bias(
+                    d,
+                    f32_of(name, bufs, x)?,
+                    weight(1)?,
+                    &mut out,
+                    rows,
+                    threading
+                ))
+            }
+            "rotary_norm" => {
+                let (qkv, pos, qo, kc, vc) = (bufi(0)?, bufi(1)?, bufi(5)?, bufi(6)?, bufi(7)?);
+                let sl = bufi(9)?;
+                let mut q = take(bufs, qo)?;
+                let mut k = take(bufs, kc)?;
+                let mut v = take(bufs, vc)?;
+                let r = kernels::rotary_norm(
+                    d,
+                    f32_of(name, bufs, qkv)?,
+                    i32_of(name, bufs, pos)?,
+                    weight(2)?,
+                    weight(3)?,
+                    weight(4)?,
+                    &mut q,
+                    &mut k,
+                    &mut v,
+                    rows,
+                    i32_of(name, bufs, sl)?,
+                    threading,
+                );
+                bufs[qo] = Buf::F32(q);
+                bufs[kc] = Buf::F32(k);
+                bufs[vc] = Buf::F32(v);
+                r
+            }
             "attention_prefill" | "attention_decode" => {
                 let (q, kc, vc, pos, o) = (bufi(0)?, bufi(1)?, bufi(2)?, bufi(3)?, bufi(4)?);
                 let sl = bufi(6)?;

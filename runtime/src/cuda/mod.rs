@@ -45,7 +45,7 @@ pub const HELPERS_CU: &str = include_str!("helpers.cu");
 ///
 /// ```
 /// use ngpt_runtime::contract::{Dims, ModuleDims};
-/// let d = Dims { n_layer: 1, n_head: 2, n_embd: 8, head_dim: 4, vocab: 5, max_seq_len: 16 };
+/// let d = Dims { n_layer: 1, n_head: 2, n_embd: 8, head_dim: 4, vocab: 5, max_seq_len: 16, n_inner: 32 };
 /// let src = ngpt_runtime::cuda::module_source(&d, &ModuleDims { kv_tile: 32 });
 /// assert!(src.contains("#define NGPT_D 4\n") && src.ends_with(ngpt_runtime::cuda::NGPT_CU));
 /// ```

@@ -1,7 +1,8 @@
 // ngpt kernels: the launch steps of a plan, besides the cuBLAS GEMMs.
 //
 // Specialized by a generated prelude that defines NGPT_C (n_embd), NGPT_H (n_head),
-// NGPT_D (head_dim), NGPT_V (vocab), NGPT_MAX_SEQ (KV capacity) and NGPT_KV_TILE.
+// NGPT_D (head_dim), NGPT_V (vocab), NGPT_MAX_SEQ (KV capacity), NGPT_KV_TILE and NGPT_I
+// (the MLP's hidden width).
 // Activations are f32 row-major [rows, width]; the KV cache is [slots, H, MAX_SEQ, D].
 // Row r belongs to KV-cache slot slots[r] and sits at absolute position positions[r] there
 // (kernel ABI 3; the executors check every slot and position, and that no two rows of a
@@ -126,6 +127,96 @@ extern "C" __global__ void pos_norm(const float* qkv, const int* positions, cons
         k_cache[cache + 2 * j + 1] = k1 * inv_k * k_scale[c + 1];
         v_cache[cache + 2 * j] = row[2 * NGPT_C + c];
         v_cache[cache + 2 * j + 1] = row[2 * NGPT_C + c + 1];
+    }
+}
+
+// The Hugging Face (NousResearch) family's entries. NGPT_I is the MLP's hidden width (the
+// prelude defines it for every plan; 4 * NGPT_C for NVIDIA's, whose entries do not read it).
+
+// out[r, :] = wte[tokens[r], :] + wpe[positions[r], :] (learned positions). Grid: rows.
+extern "C" __global__ void embed_pos(const int* tokens, const int* positions, const float* wte,
+                                     const float* wpe, float* out, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* t = wte + (long long)tokens[r] * NGPT_C;
+    const float* p = wpe + (long long)positions[r] * NGPT_C;
+    for (int c = threadIdx.x; c < NGPT_C; c += blockDim.x) out[(long long)r * NGPT_C + c] = t[c] + p[c];
+}
+
+// lerp_norm with the branch's GEMM bias added first:
+// h[r] = Norm(h[r] + lr * (Norm(branch[r] + bias) - h[r])), in place. Grid: rows.
+extern "C" __global__ void lerp_norm_bias(float* h, const float* branch, const float* bias,
+                                          const float* lr, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    float* hr = h + (long long)r * NGPT_C;
+    const float* br = branch + (long long)r * NGPT_C;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < NGPT_C; c += blockDim.x) {
+        float b = br[c] + bias[c];
+        ss += b * b;
+    }
+    float inv_b = rsqrtf(block_sum(ss));
+    float ss2 = 0.0f;
+    for (int c = threadIdx.x; c < NGPT_C; c += blockDim.x) {
+        float m = hr[c] + lr[c] * ((br[c] + bias[c]) * inv_b - hr[c]);
+        ss2 += m * m;
+    }
+    float inv_m = rsqrtf(block_sum(ss2));
+    for (int c = threadIdx.x; c < NGPT_C; c += blockDim.x) {
+        float m = hr[c] + lr[c] * ((br[c] + bias[c]) * inv_b - hr[c]);
+        hr[c] = m * inv_m;
+    }
+}
+
+// out[r, j] = u * SiLU(v) with u = uv[r, j] + bias[j], v = uv[r, I + j] + bias[I + j];
+// uv is [rows, 2I], out [rows, I]. Grid: rows.
+extern "C" __global__ void swiglu_bias(const float* uv, const float* bias, float* out, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* row = uv + (long long)r * 2 * NGPT_I;
+    for (int j = threadIdx.x; j < NGPT_I; j += blockDim.x) {
+        float u = row[j] + bias[j];
+        float v = row[NGPT_I + j] + bias[NGPT_I + j];
+        out[(long long)r * NGPT_I + j] = u * (v / (1.0f + expf(-v)));
+    }
+}
+
+// Per (row, head): q = Norm(Rot(q + b_q)) * q_scale into q_out; k = Norm(Rot(k + b_k)) and
+// v + b_v written into the caches at the row's (slot, position). Rot turns each interleaved
+// pair (a, b) to (a cos - b sin, b cos + a sin), cos = table[pos, 2j], sin = table[pos, 2j+1].
+// qkv is [rows, 3C], bias [3C]. Grid: (rows, H); block: at least P threads, a multiple of 32.
+extern "C" __global__ void rotary_norm(const float* qkv, const int* positions, const float* table,
+                                       const float* bias, const float* q_scale, float* q_out,
+                                       float* k_cache, float* v_cache, int rows, const int* slots) {
+    int r = blockIdx.x, head = blockIdx.y;
+    if (r >= rows) return;
+    int b = slots[r], pos = positions[r];
+    const float* row = qkv + (long long)r * 3 * NGPT_C;
+    const float* m = table + (long long)pos * NGPT_D;
+    long long cache = (((long long)b * NGPT_H + head) * NGPT_MAX_SEQ + pos) * NGPT_D;
+    float q0 = 0, q1 = 0, k0 = 0, k1 = 0;
+    int j = threadIdx.x;
+    int c = head * NGPT_D + 2 * j;
+    if (j < NGPT_P) {
+        float cs = m[2 * j], sn = m[2 * j + 1];
+        float a = row[c] + bias[c], e = row[c + 1] + bias[c + 1];
+        q0 = a * cs - e * sn;
+        q1 = e * cs + a * sn;
+        a = row[NGPT_C + c] + bias[NGPT_C + c];
+        e = row[NGPT_C + c + 1] + bias[NGPT_C + c + 1];
+        k0 = a * cs - e * sn;
+        k1 = e * cs + a * sn;
+    }
+    float inv_q = rsqrtf(block_sum(q0 * q0 + q1 * q1));
+    float inv_k = rsqrtf(block_sum(k0 * k0 + k1 * k1));
+    if (j < NGPT_P) {
+        q_out[(long long)r * NGPT_C + c] = q0 * inv_q * q_scale[c];
+        q_out[(long long)r * NGPT_C + c + 1] = q1 * inv_q * q_scale[c + 1];
+        k_cache[cache + 2 * j] = k0 * inv_k;
+        k_cache[cache + 2 * j + 1] = k1 * inv_k;
+        v_cache[cache + 2 * j] = row[2 * NGPT_C + c] + bias[2 * NGPT_C + c];
+        v_cache[cache + 2 * j + 1] = row[2 * NGPT_C + c + 1] + bias[2 * NGPT_C + c + 1];
     }
 }
 

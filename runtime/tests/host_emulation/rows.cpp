@@ -1,5 +1,6 @@
 // The plan's row kernels from runtime/src/cuda/ngpt.cu on the CPU: embed, norm_rows,
-// lerp_norm, swiglu and pos_norm (launched as plans launch them), each against
+// lerp_norm, swiglu and pos_norm, and the Hugging Face family's embed_pos,
+// lerp_norm_bias, swiglu_bias and rotary_norm (launched as plans launch them), each against
 // float64 arithmetic on random inputs (runtime/tests/host_emulation.rs writes kernel.inc:
 // ngpt.cu behind a plan's prelude). Outputs are poisoned with NaN first.
 //
@@ -127,6 +128,105 @@ int main(int argc, char** argv) {
     }
     compare(q.data(), want_q);
     compare(got_kv.data(), want_kv);
+
+    // embed_pos: the token row plus the learned position row
+    {
+        auto wpe = filled((size_t)S * C, 1.0f);
+        std::vector<float> e((size_t)rows * C, NAN);
+        launch(Dim3{grid, 1, 1}, 256, 0,
+               [&] { embed_pos(tok.data(), pos.data(), wte.data(), wpe.data(), e.data(), rows); });
+        std::vector<double> want_e((size_t)rows * C);
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < C; ++c)
+                want_e[(size_t)r * C + c] = (double)wte[(size_t)tok[r] * C + c] + wpe[(size_t)pos[r] * C + c];
+        compare(e.data(), want_e);
+    }
+
+    // lerp_norm_bias (in place on h): the branch's bias added before its norm
+    {
+        auto bias = filled(C, 0.3f);
+        std::vector<double> hb0(h.begin(), h.end());
+        launch(Dim3{grid, 1, 1}, 256, 0,
+               [&] { lerp_norm_bias(h.data(), branch.data(), bias.data(), lr.data(), rows); });
+        for (int r = 0; r < rows; ++r) {
+            std::vector<double> br(C);
+            for (int c = 0; c < C; ++c) br[c] = (double)branch[(size_t)r * C + c] + bias[c];
+            auto b = normed(br.data(), C);
+            std::vector<double> m(C);
+            for (int c = 0; c < C; ++c) m[c] = hb0[(size_t)r * C + c] + lr[c] * (b[c] - hb0[(size_t)r * C + c]);
+            auto n = normed(m.data(), C);
+            std::copy(n.begin(), n.end(), want.begin() + (size_t)r * C);
+        }
+        compare(h.data(), want);
+    }
+
+    // swiglu_bias: halves of NGPT_I columns, each with its bias
+    {
+        const int I = NGPT_I;
+        auto uv = filled((size_t)rows * 2 * I, 3.0f);
+        auto bias = filled((size_t)2 * I, 0.5f);
+        std::vector<float> a((size_t)rows * I, NAN);
+        launch(Dim3{grid, 1, 1}, 256, 0, [&] { swiglu_bias(uv.data(), bias.data(), a.data(), rows); });
+        std::vector<double> want_a((size_t)rows * I);
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < I; ++j) {
+                double u = (double)uv[(size_t)r * 2 * I + j] + bias[j];
+                double v = (double)uv[(size_t)r * 2 * I + I + j] + bias[I + j];
+                want_a[(size_t)r * I + j] = u * (v / (1.0 + std::exp(-v)));
+            }
+        compare(a.data(), want_a);
+    }
+
+    // rotary_norm: bias, the rotation of interleaved pairs by a cos/sin table (angles in
+    // float64, rounded once, as the compiler writes it), the per-head norm, the q scale;
+    // k and v into the caches at (slot, position)
+    {
+        auto bias = filled((size_t)3 * C, 0.3f);
+        std::vector<float> rt((size_t)S * D);
+        for (int t = 0; t < S; ++t)
+            for (int i = 0; i < P; ++i) {
+                double a = t * std::pow(10000.0, -(2.0 * i) / D);
+                rt[(size_t)t * D + 2 * i] = (float)std::cos(a);
+                rt[(size_t)t * D + 2 * i + 1] = (float)std::sin(a);
+            }
+        std::vector<float> rq((size_t)rows * C, NAN), rk(kc.size(), NAN), rv(kc.size(), NAN);
+        launch(Dim3{grid, (unsigned)H, 1}, block, 0, [&] {
+            rotary_norm(qkv.data(), pos.data(), rt.data(), bias.data(), q_scale.data(), rq.data(), rk.data(),
+                        rv.data(), rows, slot.data());
+        });
+        std::vector<double> want_rq((size_t)rows * C), want_rkv;
+        std::vector<float> got_rkv;
+        for (int r = 0; r < rows; ++r) {
+            int b = slot[r];
+            const float* m = rt.data() + (size_t)pos[r] * D;
+            for (int hd = 0; hd < H; ++hd) {
+                std::vector<double> qh(D), kh(D);
+                for (int i = 0; i < P; ++i) {
+                    int col = hd * D + 2 * i;
+                    const float* row = qkv.data() + (size_t)r * 3 * C;
+                    double a = (double)row[col] + bias[col], e = (double)row[col + 1] + bias[col + 1];
+                    qh[2 * i] = a * m[2 * i] - e * m[2 * i + 1];
+                    qh[2 * i + 1] = e * m[2 * i] + a * m[2 * i + 1];
+                    a = (double)row[C + col] + bias[C + col];
+                    e = (double)row[C + col + 1] + bias[C + col + 1];
+                    kh[2 * i] = a * m[2 * i] - e * m[2 * i + 1];
+                    kh[2 * i + 1] = e * m[2 * i] + a * m[2 * i + 1];
+                }
+                auto qn = normed(qh.data(), D), kn = normed(kh.data(), D);
+                size_t at = (((size_t)b * H + hd) * S + pos[r]) * D;
+                for (int j = 0; j < D; ++j) {
+                    int col = hd * D + j;
+                    want_rq[(size_t)r * C + col] = qn[j] * q_scale[col];
+                    want_rkv.push_back(kn[j]);
+                    want_rkv.push_back((double)qkv[(size_t)r * 3 * C + 2 * C + col] + bias[2 * C + col]);
+                    got_rkv.push_back(rk[at + j]);
+                    got_rkv.push_back(rv[at + j]);
+                }
+            }
+        }
+        compare(rq.data(), want_rq);
+        compare(got_rkv.data(), want_rkv);
+    }
 
     std::printf("worst_rel_err %.6e unwritten %ld\n", worst, unwritten);
     return 0;
