@@ -96,6 +96,7 @@ fn dtype_name(dtype: WeightDtype) -> &'static str {
     match dtype {
         WeightDtype::F32 => "f32",
         WeightDtype::Bf16 => "bf16",
+        WeightDtype::Quant => "quantized",
     }
 }
 
