@@ -1037,7 +1037,7 @@ fn check_quant_gemm(plan: &Plan, g: &pb::Gemm) -> std::result::Result<(), String
             dtype_name(w.dtype)
         ));
     }
-    if !(g.trans_a && !g.trans_b) {
+    if !g.trans_a || g.trans_b {
         return Err(format!(
             "GEMM operand a: weight `{name}` is {} (quantized), read only in the weight form (trans_a and not trans_b); this GEMM has trans_a {} trans_b {}",
             dtype_name(w.dtype),

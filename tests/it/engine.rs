@@ -24,10 +24,13 @@ fn plan(dtype: WeightDtype) -> Result<Arc<LoadedPlan>> {
     )?))
 }
 
+/// One token a request saw: its id, logprob bits and top-5 (id, logprob bits).
+type SeenToken = (u32, u32, Vec<(u32, u32)>);
+
 /// What a request saw: per token its id, logprob bits and top-5 bits; how it ended.
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Seen {
-    tokens: Vec<(u32, u32, Vec<(u32, u32)>)>,
+    tokens: Vec<SeenToken>,
     end: Option<(Finish, usize, usize)>,
 }
 
@@ -121,7 +124,11 @@ fn a_request_gets_the_same_bits_alone_and_amid_traffic() -> Result<()> {
             );
             assert_eq!(
                 want.end,
-                Some((Finish::Length, reqs[i].prompt.len(), reqs[i].params.max_tokens))
+                Some((
+                    Finish::Length,
+                    reqs[i].prompt.len(),
+                    reqs[i].params.max_tokens
+                ))
             );
         }
     }

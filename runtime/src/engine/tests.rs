@@ -123,9 +123,9 @@ fn request(i: usize) -> Request {
         prompt: (0..len).map(|k| ((i * 7 + k * 3) % 59) as u32).collect(),
         params: SamplingParams {
             max_tokens: [1, 5, 9, 3, 12, 7][i % 6],
-            temperature: if i % 3 == 0 { 0.0 } else { 0.9 },
+            temperature: if i.is_multiple_of(3) { 0.0 } else { 0.9 },
             top_k: i % 4,
-            top_p: if i % 5 == 0 { 0.8 } else { 1.0 },
+            top_p: if i.is_multiple_of(5) { 0.8 } else { 1.0 },
             seed: i as u64,
             ..SamplingParams::default()
         },
