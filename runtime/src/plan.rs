@@ -441,25 +441,27 @@ impl LoadedPlan {
                         ),
                     ))
                 }
-                _ => {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "weight `{}`: dtype {} is not F32, BF16, I8, I4 or F16",
-                            w.name, w.dtype
-                        ),
-                    ))
-                }
+                _ => return Err(bad(
+                    path,
+                    format!(
+                        "weight `{}`: dtype {} is not F32 or BF16 (nor a quantized I8, I4 or F16)",
+                        w.name, w.dtype
+                    ),
+                )),
             };
             if want != Some(w.bytes) {
                 return Err(bad(
                     path,
                     format!(
-                        "weight `{}`: {} bytes do not match {} shape {:?} (truncated?)",
+                        "weight `{}`: {} bytes do not match shape {:?}{}",
                         w.name,
                         w.bytes,
-                        dtype.map_or("?", |d| d.as_str_name()),
-                        w.shape
+                        w.shape,
+                        match dtype {
+                            Some(d @ (pb::DType::I8 | pb::DType::I4 | pb::DType::F16)) =>
+                                format!(" as {} (truncated?)", d.as_str_name()),
+                            _ => String::new(),
+                        }
                     ),
                 ));
             }
