@@ -236,7 +236,12 @@ pub fn run(a: Args) -> Result<()> {
                 Event::Failed(err) => bail!("sequence {i}: {err}"),
             }
         }
-        if prefill_s.is_none() && generated.iter().zip(&finish).all(|(g, f)| !g.is_empty() || f.is_some()) {
+        if prefill_s.is_none()
+            && generated
+                .iter()
+                .zip(&finish)
+                .all(|(g, f)| !g.is_empty() || f.is_some())
+        {
             prefill_s = Some(t0.elapsed().as_secs_f64());
         }
         if !more {
