@@ -21,6 +21,21 @@ pub struct Options {
     pub quantize: Option<crate::quant::Options>,
 }
 
+/// The format of a quantized plan's weights, as manifest.json states it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlanWeights {
+    /// The layers' matrices: `int8` or `int4` (I8 / I4 blocks, f16 block scales).
+    pub format: String,
+    /// Entries per block along K.
+    pub block: usize,
+    /// lm_head's format: `int8`, `int4` or `f32`.
+    pub lm_head: String,
+    /// Bytes of the quantized weights (integers and scales) in model.weights.
+    pub quantized_bytes: u64,
+    /// Bytes of model.weights in all (with the f32 embedding and vectors).
+    pub total_bytes: u64,
+}
+
 /// A compiled model: the canonical graph and what each pass did.
 pub struct Compiled {
     /// The graph after the passes: the canonical form, or an intermediate one when
@@ -143,6 +158,10 @@ pub struct Manifest {
     /// otherwise): `--engine ir` on the directory compiles its source the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<crate::quant::Options>,
+    /// What model.plan's weights are, for a quantized plan (`--dtype int8|int4`; absent
+    /// for float plans and directories without a plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_weights: Option<PlanWeights>,
 }
 
 impl Manifest {

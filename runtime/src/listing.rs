@@ -41,11 +41,17 @@ fn cost(p: &LoadedPlan, s: &pb::Step, rows: usize, batch: usize, keys: f64) -> (
             let n = eval(g.n.as_ref(), rows, batch).unwrap_or(0) as f64;
             let k = eval(g.k.as_ref(), rows, batch).unwrap_or(0) as f64;
             let wbytes = match g.a.as_ref().and_then(|o| o.source.as_ref()) {
-                Some(operand::Source::Weight(w)) => p
-                    .plan
-                    .weights
-                    .get(*w as usize)
-                    .map_or(0.0, |w| w.bytes as f64),
+                Some(operand::Source::Weight(w)) => {
+                    p.plan.weights.get(*w as usize).map_or(0.0, |w| {
+                        // A quantized weight is read with its block scales.
+                        let scales = w
+                            .quant
+                            .as_ref()
+                            .and_then(|q| p.plan.weights.get(q.scales as usize))
+                            .map_or(0, |s| s.bytes);
+                        (w.bytes + scales) as f64
+                    })
+                }
                 _ => m * k * 4.0,
             };
             (wbytes + k * n * 4.0 + m * n * 4.0, 2.0 * m * n * k)
@@ -120,6 +126,38 @@ pub fn prefill_last_flops(p: &LoadedPlan, shape: Shape) -> f64 {
     }
 }
 
+/// For a plan with weight-only quantized weights, one line: each format with its block
+/// size, how many matrices, and their bytes (integers and f16 scales).
+fn quant_line(p: &LoadedPlan, out: &mut String) {
+    use std::collections::BTreeMap;
+    let mut by: BTreeMap<(&str, usize), (usize, u64, u64)> = BTreeMap::new();
+    for (w, data) in p.plan.weights.iter().zip(&p.weights) {
+        if let crate::plan::WeightData::Quant(q) = data {
+            let scales = w
+                .quant
+                .as_ref()
+                .and_then(|m| p.plan.weights.get(m.scales as usize))
+                .map_or(0, |s| s.bytes);
+            let e = by.entry((q.bits.as_str(), q.block)).or_default();
+            *e = (e.0 + 1, e.1 + w.bytes, e.2 + scales);
+        }
+    }
+    if by.is_empty() {
+        return;
+    }
+    let parts: Vec<String> = by
+        .iter()
+        .map(|((bits, block), (n, ints, scales))| {
+            format!(
+                "{bits} in blocks of {block} ({n} matrices, {} of integers + {} of f16 scales)",
+                si(*ints as f64) + "B",
+                si(*scales as f64) + "B"
+            )
+        })
+        .collect();
+    let _ = writeln!(out, "quantized weights: {}", parts.join("; "));
+}
+
 /// The listing of both programs for `shape`.
 ///
 /// ```no_run
@@ -152,6 +190,7 @@ pub fn listing(p: &LoadedPlan, shape: Shape) -> String {
         si(p.plan.weights_file_bytes as f64) + "B",
         d.max_seq_len
     );
+    quant_line(p, &mut out);
     let _ = writeln!(
         out,
         "kernels: the runtime's `{}` module, kernel ABI {}, KV tile {} (a plan carries no code)",

@@ -26,6 +26,7 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for u16 {}
+    impl Sealed for u8 {}
 }
 
 /// An element type a weight can be viewed as in place: plain old data for which every bit
@@ -43,6 +44,15 @@ impl Element for f32 {
     }
     fn bits(self) -> u32 {
         self.to_bits()
+    }
+}
+
+impl Element for u8 {
+    fn from_le(b: &[u8]) -> u8 {
+        b[0]
+    }
+    fn bits(self) -> u32 {
+        self as u32
     }
 }
 

@@ -66,14 +66,108 @@ pub enum WeightData {
     F32(Elems<f32>),
     /// bf16 bit patterns.
     Bf16(Elems<u16>),
+    /// f16 bit patterns: the block scales of a quantized weight (read through it).
+    F16(Elems<u16>),
+    /// A weight-only quantized matrix with its block scales.
+    Quant(QuantWeight),
+}
+
+/// Bits of a quantized weight's integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantBits {
+    /// `I8`: signed bytes, K a row.
+    Int8,
+    /// `I4`: `q + 8` in nibbles, the even element low, `ceil(K / 2)` bytes a row.
+    Int4,
+}
+
+impl QuantBits {
+    /// `int8` or `int4`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantBits::Int8 => "int8",
+            QuantBits::Int4 => "int4",
+        }
+    }
+}
+
+/// A quantized `[rows, k]` matrix (`I8` or `I4`, schemas/plan.proto): value `(r, j)` is
+/// `f32(scales[r * n_blocks + j / block]) * q(r, j)`, exactly the compiler's
+/// `quant::dequantize`. Validated whole at load: sizes, scale count, finite scales.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantWeight {
+    /// Bits of the integers.
+    pub bits: QuantBits,
+    /// Rows (N, the GEMM's outputs).
+    pub rows: usize,
+    /// Entries a row (K, the reduction dimension).
+    pub k: usize,
+    /// Entries a block along K (a power of two, at least 16).
+    pub block: usize,
+    /// The integers as stored, [`QuantWeight::row_bytes`] a row.
+    pub data: Elems<u8>,
+    /// The block scales' f16 bits, [`QuantWeight::n_blocks`] a row.
+    pub scales: Elems<u16>,
+}
+
+impl QuantWeight {
+    /// Bytes of one row of integers.
+    pub fn row_bytes(&self) -> usize {
+        match self.bits {
+            QuantBits::Int8 => self.k,
+            QuantBits::Int4 => self.k.div_ceil(2),
+        }
+    }
+
+    /// Blocks (and scales) a row.
+    pub fn n_blocks(&self) -> usize {
+        self.k.div_ceil(self.block)
+    }
+
+    /// Integer `j` of row `r`'s bytes.
+    #[inline(always)]
+    pub fn int(&self, row: &[u8], j: usize) -> i8 {
+        match self.bits {
+            QuantBits::Int8 => row[j] as i8,
+            QuantBits::Int4 => ((row[j / 2] >> (4 * (j % 2))) & 0x0f) as i8 - 8,
+        }
+    }
+
+    /// Rows `start..start + out.len() / k` dequantized into `out` (row-major, k a row).
+    pub fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        let (rb, nb, k) = (self.row_bytes(), self.n_blocks(), self.k);
+        let mut scales = vec![0f32; nb];
+        for (i, dst) in out.chunks_exact_mut(k.max(1)).enumerate() {
+            let r = start + i;
+            widen_f16s(&self.scales[r * nb..(r + 1) * nb], &mut scales);
+            let row = &self.data[r * rb..(r + 1) * rb];
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = scales[j / self.block] * f32::from(self.int(row, j));
+            }
+        }
+    }
+}
+
+/// f16 bits to f32, exactly.
+#[inline(always)]
+pub fn widen_f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// f16 bits to f32, exactly, for a run of scales.
+pub fn widen_f16s(src: &[u16], dst: &mut [f32]) {
+    for (d, &b) in dst.iter_mut().zip(src) {
+        *d = widen_f16(b);
+    }
 }
 
 impl WeightData {
-    /// Number of elements.
+    /// Number of elements (a quantized matrix's rows x k).
     pub fn len(&self) -> usize {
         match self {
             WeightData::F32(v) => v.len(),
-            WeightData::Bf16(v) => v.len(),
+            WeightData::Bf16(v) | WeightData::F16(v) => v.len(),
+            WeightData::Quant(q) => q.rows * q.k,
         }
     }
 
@@ -82,7 +176,8 @@ impl WeightData {
         self.len() == 0
     }
 
-    /// The values in f32 (bf16 widened, exactly), borrowed when they already are f32.
+    /// The values in f32 (bf16 and f16 widened, a quantized matrix dequantized, exactly),
+    /// borrowed when they already are f32.
     ///
     /// ```
     /// use ngpt_runtime::plan::WeightData;
@@ -93,6 +188,25 @@ impl WeightData {
         match self {
             WeightData::F32(v) => std::borrow::Cow::Borrowed(&v[..]),
             WeightData::Bf16(v) => v.iter().map(|&b| widen_bf16(b)).collect(),
+            WeightData::F16(v) => v.iter().map(|&b| widen_f16(b)).collect(),
+            WeightData::Quant(q) => {
+                let mut out = vec![0f32; q.rows * q.k];
+                q.dequantize_rows(0, &mut out);
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    /// The dtype name as the plan states it.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            WeightData::F32(_) => "F32",
+            WeightData::Bf16(_) => "BF16",
+            WeightData::F16(_) => "F16",
+            WeightData::Quant(q) => match q.bits {
+                QuantBits::Int8 => "I8",
+                QuantBits::Int4 => "I4",
+            },
         }
     }
 }
@@ -313,22 +427,56 @@ impl LoadedPlan {
         // Weights: in bounds, sized by shape and dtype, not overlapping.
         let mut spans = vec![];
         let mut data = Vec::with_capacity(plan.weights.len());
-        for w in &plan.weights {
-            let size = dtype_size(w.dtype).filter(|_| w.dtype != pb::DType::I32 as i32);
-            let size = size.ok_or_else(|| {
-                bad(
-                    path,
-                    format!("weight `{}`: dtype {} is not F32 or BF16", w.name, w.dtype),
-                )
-            })?;
+        // Quantized weights' integers, made whole with their scales below.
+        let mut ints: Vec<(usize, Elems<u8>)> = vec![];
+        for (wi, w) in plan.weights.iter().enumerate() {
+            let dtype = pb::DType::try_from(w.dtype).ok();
             let elems = w.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let want = elems.and_then(|e| e.checked_mul(size));
+            let want = match (dtype, w.shape.as_slice()) {
+                (Some(pb::DType::F32), _) => elems.and_then(|e| e.checked_mul(4)),
+                (Some(pb::DType::Bf16 | pb::DType::F16), _) => elems.and_then(|e| e.checked_mul(2)),
+                (Some(pb::DType::I8), [_, _]) => elems,
+                (Some(pb::DType::I4), [n, k]) => n.checked_mul(k.div_ceil(2)),
+                (Some(pb::DType::I8 | pb::DType::I4), _) => {
+                    return Err(bad(
+                        path,
+                        format!(
+                            "weight `{}`: a quantized weight is a matrix [N, K], not shape {:?}",
+                            w.name, w.shape
+                        ),
+                    ))
+                }
+                _ => return Err(bad(
+                    path,
+                    format!(
+                        "weight `{}`: dtype {} is not F32 or BF16 (nor a quantized I8, I4 or F16)",
+                        w.name, w.dtype
+                    ),
+                )),
+            };
             if want != Some(w.bytes) {
                 return Err(bad(
                     path,
                     format!(
-                        "weight `{}`: {} bytes do not match shape {:?}",
-                        w.name, w.bytes, w.shape
+                        "weight `{}`: {} bytes do not match shape {:?}{}",
+                        w.name,
+                        w.bytes,
+                        w.shape,
+                        match dtype {
+                            Some(d @ (pb::DType::I8 | pb::DType::I4 | pb::DType::F16)) =>
+                                format!(" as {} (truncated?)", d.as_str_name()),
+                            _ => String::new(),
+                        }
+                    ),
+                ));
+            }
+            let quantized = matches!(dtype, Some(pb::DType::I8 | pb::DType::I4));
+            if w.quant.is_some() != quantized {
+                return Err(bad(
+                    path,
+                    format!(
+                        "weight `{}`: Weight.quant is set exactly for I8 and I4 weights",
+                        w.name
                     ),
                 ));
             }
@@ -347,14 +495,55 @@ impl LoadedPlan {
             })?;
             spans.push((w.offset, end, w.name.clone()));
             // In bounds (checked just above), so these casts and the slice cannot fail.
-            let (start, count) = (w.offset as usize, (w.bytes / size) as usize);
+            let start = w.offset as usize;
             let raw = &weights[start..end as usize];
-            data.push(match (size, source) {
-                (2, WeightBytes::Shared(m)) => WeightData::Bf16(Elems::in_place(m, start, count)),
-                (2, WeightBytes::Copied(_)) => WeightData::Bf16(Elems::decode(raw)),
-                (_, WeightBytes::Shared(m)) => WeightData::F32(Elems::in_place(m, start, count)),
-                (_, WeightBytes::Copied(_)) => WeightData::F32(Elems::decode(raw)),
+            fn view<T: mapped::Element>(
+                source: WeightBytes<'_>,
+                start: usize,
+                raw: &[u8],
+            ) -> Elems<T> {
+                match source {
+                    WeightBytes::Shared(m) => {
+                        Elems::in_place(m, start, raw.len() / std::mem::size_of::<T>())
+                    }
+                    WeightBytes::Copied(_) => Elems::decode(raw),
+                }
+            }
+            data.push(match dtype {
+                Some(pb::DType::Bf16) => WeightData::Bf16(view(source, start, raw)),
+                Some(pb::DType::F16) => WeightData::F16(view(source, start, raw)),
+                Some(pb::DType::I8 | pb::DType::I4) => {
+                    ints.push((wi, view(source, start, raw)));
+                    // Replaced below, once its scales are checked.
+                    WeightData::F32(Vec::new().into())
+                }
+                _ => WeightData::F32(view(source, start, raw)),
             });
+        }
+        let mut scale_of = vec![false; data.len()];
+        for (wi, bytes) in ints {
+            let w = &plan.weights[wi];
+            let q = quant_weight(w, bytes, &plan.weights, &data).map_err(|p| {
+                bad(
+                    path,
+                    format!("weight `{}`: {p}", contract::printable(&w.name)),
+                )
+            })?;
+            if let Some(m) = &w.quant {
+                scale_of[m.scales as usize] = true;
+            }
+            data[wi] = WeightData::Quant(q);
+        }
+        if let Some(i) =
+            (0..data.len()).find(|&i| matches!(data[i], WeightData::F16(_)) && !scale_of[i])
+        {
+            return Err(bad(
+                path,
+                format!(
+                    "weight `{}`: an F16 weight is only the block scales of an I8 or I4 weight",
+                    plan.weights[i].name
+                ),
+            ));
         }
         spans.sort();
         for pair in spans.windows(2) {
@@ -527,6 +716,66 @@ impl LoadedPlan {
     }
 }
 
+/// A quantized weight made whole: its block size, its scales weight (F16 `[N, n_blocks]`,
+/// every scale finite). The problem, for the caller to name the weight.
+fn quant_weight(
+    w: &pb::Weight,
+    data: Elems<u8>,
+    all: &[pb::Weight],
+    loaded: &[WeightData],
+) -> std::result::Result<QuantWeight, String> {
+    let q = w.quant.as_ref().ok_or("no Weight.quant")?;
+    let block = q.block as usize;
+    if block < 16 || !block.is_power_of_two() {
+        return Err(format!(
+            "block {block} is not a power of two of at least 16"
+        ));
+    }
+    let (rows, k) = match w.shape.as_slice() {
+        [n, k] => (*n as usize, *k as usize),
+        _ => return Err(format!("shape {:?} is not [N, K]", w.shape)),
+    };
+    let nb = k.div_ceil(block);
+    let si = q.scales as usize;
+    let (sw, scales) = match (all.get(si), loaded.get(si)) {
+        (Some(sw), Some(WeightData::F16(v))) => (sw, v),
+        _ => {
+            return Err(format!(
+                "its scales (weight {si}) are not an F16 weight of the plan"
+            ))
+        }
+    };
+    if sw.shape != [rows as u64, nb as u64] || scales.len() != rows * nb {
+        return Err(format!(
+            "its scales `{}` have shape {:?} ({} values); [N, K] = [{rows}, {k}] in blocks of {block} needs [{rows}, {nb}] (wrong count?)",
+            contract::printable(&sw.name),
+            sw.shape,
+            scales.len()
+        ));
+    }
+    // f16 with an all-ones exponent: infinite or NaN.
+    if let Some(i) = scales.iter().position(|&b| b & 0x7c00 == 0x7c00) {
+        return Err(format!(
+            "block scale {i} in `{}` is {} (not finite)",
+            contract::printable(&sw.name),
+            widen_f16(scales[i])
+        ));
+    }
+    let bits = if w.dtype == pb::DType::I4 as i32 {
+        QuantBits::Int4
+    } else {
+        QuantBits::Int8
+    };
+    Ok(QuantWeight {
+        bits,
+        rows,
+        k,
+        block,
+        data,
+        scales: scales.clone(),
+    })
+}
+
 /// The buffer a step writes first: a GEMM's C, a launch's first `Out` argument (what
 /// both executors hand a step tracer).
 pub fn written_buffer(s: &pb::Step) -> Option<usize> {
@@ -691,6 +940,16 @@ fn validate_step(
                     (Slot::Weight, Some(arg::Value::Weight(w))) if *w >= n_w => {
                         return Err(missing("weight", *w, n_w))
                     }
+                    (Slot::Weight, Some(arg::Value::Weight(w)))
+                        if !float_weight(&plan.weights[*w as usize]) =>
+                    {
+                        return Err(format!(
+                            "argument {i} of `{}`: weight `{}` is {}; kernels take F32 or BF16 weights",
+                            l.entry,
+                            contract::printable(&plan.weights[*w as usize].name),
+                            dtype_name(plan.weights[*w as usize].dtype)
+                        ))
+                    }
                     (Slot::In | Slot::Out, Some(arg::Value::Buffer(_)))
                     | (Slot::Weight, Some(arg::Value::Weight(_))) => {}
                     (Slot::Symbol, Some(arg::Value::Symbol(v)))
@@ -744,9 +1003,66 @@ fn validate_step(
             if g.m.is_none() || g.n.is_none() || g.k.is_none() {
                 return Err("GEMM without m, n or k".into());
             }
-            Ok(())
+            check_quant_gemm(plan, g)
         }
     }
+}
+
+/// Whether a weight holds floats a kernel or any GEMM operand can read (F32 or BF16).
+fn float_weight(w: &pb::Weight) -> bool {
+    w.dtype == pb::DType::F32 as i32 || w.dtype == pb::DType::Bf16 as i32
+}
+
+fn dtype_name(d: i32) -> &'static str {
+    pb::DType::try_from(d).map_or("an unknown dtype", |d| d.as_str_name())
+}
+
+/// A quantized weight is read only as `a` of a GEMM in the weight form (`op(A) = A^T`,
+/// `op(B) = B`: the rows of W contiguous), over whole rows: k and lda its K, m at most
+/// its N. F16 scales are read only through their weight.
+fn check_quant_gemm(plan: &Plan, g: &pb::Gemm) -> std::result::Result<(), String> {
+    let weight = |o: Option<&pb::Operand>| match o.and_then(|o| o.source) {
+        Some(operand::Source::Weight(w)) => plan.weights.get(w as usize),
+        _ => None,
+    };
+    for (what, o) in [("b", g.b.as_ref()), ("c", g.c.as_ref())] {
+        if let Some(w) = weight(o).filter(|w| !float_weight(w)) {
+            return Err(format!(
+                "GEMM operand {what}: weight `{}` is {}; only operand a in the weight form reads a quantized weight",
+                contract::printable(&w.name),
+                dtype_name(w.dtype)
+            ));
+        }
+    }
+    let Some(w) = weight(g.a.as_ref()).filter(|w| !float_weight(w)) else {
+        return Ok(());
+    };
+    let name = contract::printable(&w.name);
+    if w.quant.is_none() {
+        return Err(format!(
+            "GEMM operand a: weight `{name}` is {}, which no GEMM reads",
+            dtype_name(w.dtype)
+        ));
+    }
+    if !g.trans_a || g.trans_b {
+        return Err(format!(
+            "GEMM operand a: weight `{name}` is {} (quantized), read only in the weight form (trans_a and not trans_b); this GEMM has trans_a {} trans_b {}",
+            dtype_name(w.dtype),
+            g.trans_a,
+            g.trans_b
+        ));
+    }
+    let fixed =
+        |a: Option<&pb::Affine>| a.filter(|a| a.c_rows == 0 && a.c_batch == 0).map(|a| a.c0);
+    let (rows, k) = (w.shape[0], w.shape[1]);
+    let (m, gk) = (fixed(g.m.as_ref()), fixed(g.k.as_ref()));
+    if gk != Some(k) || g.lda != k || m.is_none_or(|m| m > rows) {
+        return Err(format!(
+            "GEMM over the quantized weight `{name}` [{rows}, {k}] must read whole rows: k and lda {k} and a fixed m of at most {rows}, found m {m:?}, k {gk:?}, lda {}",
+            g.lda
+        ));
+    }
+    Ok(())
 }
 
 /// What an argument holds, for messages.

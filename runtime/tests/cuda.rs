@@ -168,6 +168,7 @@ impl Builder {
             shape: shape.to_vec(),
             offset: offset_bytes,
             bytes: self.weights.len() as u64 - offset_bytes,
+            quant: None,
         });
         (self.plan.weights.len() - 1) as u32
     }

@@ -39,6 +39,9 @@ pub mod plan {
     /// their KV-cache slot (an int32 `slots` input); `pos_norm` and attention take it instead
     /// of the `TOKENS` symbol.
     pub const KERNEL_ABI: u32 = 3;
-    /// The plan format's minor version: additions a reader may ignore.
-    pub const FORMAT_MINOR: u32 = 0;
+    /// The plan format's minor version: additions a reader may ignore. 1: the I8, I4 and
+    /// F16 weight dtypes and `Weight.quant` (weight-only quantized GEMM weights, issue 23),
+    /// written only by plans that hold such weights (a reader of minor 0 refuses their
+    /// dtypes in one line); other plans stay minor 0.
+    pub const FORMAT_MINOR: u32 = 1;
 }

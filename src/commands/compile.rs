@@ -27,7 +27,10 @@ pub struct Args {
     /// Replace an existing output directory (only once the new one is complete).
     #[arg(long)]
     force: bool,
-    /// Weight dtype of the launch plan's GEMMs.
+    /// Weight dtype of the launch plan's GEMMs: f32, bf16, or int8/int4: the `quantize`
+    /// pass (as `--onnx-dtype int8|int4`, with the `--quant-*` options) and its matrices
+    /// stored quantized in model.plan (I8 / I4 blocks with f16 block scales), what
+    /// plan-cpu runs; model.onnx then carries the same weights as MatMulNBits.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: PlanDtype,
     /// KV capacity of the plan and rows of the position table (default: the larger of
@@ -38,8 +41,8 @@ pub struct Args {
     /// cast to f32 in the graph), or int8/int4: weight-only block quantization (the
     /// `quantize` pass, written as onnxruntime's com.microsoft MatMulNBits). A quantized
     /// compile quantizes the graph itself: ir.txt, `--engine ir` on the directory and
-    /// model.plan (which stores the dequantized weights as floats until the plan has
-    /// quantized kernels) all compute with the same dequantized weights.
+    /// model.plan (quantized with `--dtype` of the same bits, its dequantized values as
+    /// floats otherwise) all compute with the same dequantized weights.
     #[arg(long, value_enum, default_value = "f32")]
     onnx_dtype: OnnxDtype,
     /// Entries per quantization block along K (a power of two, at least 16); a last block
@@ -100,10 +103,28 @@ pub enum LmHead {
 /// The quantize pass's options the flags ask for (`None`: no quantization).
 fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
     use ngpt_compiler::quant::{self, Bits};
-    let bits = match a.onnx_dtype {
-        OnnxDtype::F32 | OnnxDtype::F16 => return Ok(None),
-        OnnxDtype::Int8 => Bits::Int8,
-        OnnxDtype::Int4 => Bits::Int4,
+    let plan_bits = match a.dtype {
+        PlanDtype::F32 | PlanDtype::Bf16 => None,
+        PlanDtype::Int8 => Some(Bits::Int8),
+        PlanDtype::Int4 => Some(Bits::Int4),
+    };
+    let onnx_bits = match a.onnx_dtype {
+        OnnxDtype::F32 | OnnxDtype::F16 => None,
+        OnnxDtype::Int8 => Some(Bits::Int8),
+        OnnxDtype::Int4 => Some(Bits::Int4),
+    };
+    let bits = match (plan_bits, onnx_bits) {
+        (None, None) => return Ok(None),
+        (Some(p), Some(o)) if p != o => anyhow::bail!(
+            "--dtype {} with --onnx-dtype {}: one compile quantizes its graph one way; give both the same bits",
+            p.as_str(),
+            o.as_str()
+        ),
+        (Some(_), None) if matches!(a.onnx_dtype, OnnxDtype::F16) => anyhow::bail!(
+            "--dtype {} with --onnx-dtype f16: a quantized graph writes its matrices as MatMulNBits; use --onnx-dtype f32 (the default) or --no-onnx",
+            plan_bits.map_or("", Bits::as_str)
+        ),
+        (Some(b), _) | (None, Some(b)) => b,
     };
     quant::check_block(a.quant_block).map_err(|e| anyhow::anyhow!("--quant-block: {e}"))?;
     Ok(Some(quant::Options {
@@ -122,6 +143,8 @@ fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
 pub enum PlanDtype {
     F32,
     Bf16,
+    Int8,
+    Int4,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -168,6 +191,7 @@ pub fn run(a: Args) -> Result<()> {
     let dtype = match a.dtype {
         PlanDtype::F32 => WeightDtype::F32,
         PlanDtype::Bf16 => WeightDtype::Bf16,
+        PlanDtype::Int8 | PlanDtype::Int4 => WeightDtype::Quant,
     };
     // A plan needs the canonical form: only a full compile lowers one.
     let lowers_plan = a.stop_after.is_none();
@@ -221,7 +245,7 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         producer: "ngpt".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         source_sha256,
@@ -246,6 +270,7 @@ pub fn run(a: Args) -> Result<()> {
             .map(String::from)
             .collect(),
         quantize,
+        plan_weights: None,
     };
     let log = compiled.pass_log();
     let mut written = None;
@@ -282,6 +307,7 @@ pub fn run(a: Args) -> Result<()> {
             })?;
             if let Some(p) = plan {
                 artifact::write_bytes(&dir.join("model.plan"), &p.encode_to_vec())?;
+                manifest.plan_weights = plan::weights_summary(&p, manifest.quantize);
             }
         }
         let json = serde_json::to_string_pretty(&manifest).map_err(|e| {

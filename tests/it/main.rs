@@ -19,6 +19,7 @@ mod parity_tools;
 mod perplexity_cli;
 mod plan_cli;
 mod plan_parity;
+mod quant_plans;
 mod reference_parity;
 mod serve;
 mod slots;

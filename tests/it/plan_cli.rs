@@ -1429,7 +1429,12 @@ fn a_loaded_plan_reads_its_weights_in_place_and_survives_a_recompile() -> Result
     for (name, (a, b)) in pairs() {
         let in_place = match a {
             ngpt_runtime::plan::WeightData::F32(v) => v.is_in_place(),
-            ngpt_runtime::plan::WeightData::Bf16(v) => v.is_in_place(),
+            ngpt_runtime::plan::WeightData::Bf16(v) | ngpt_runtime::plan::WeightData::F16(v) => {
+                v.is_in_place()
+            }
+            ngpt_runtime::plan::WeightData::Quant(q) => {
+                q.data.is_in_place() && q.scales.is_in_place()
+            }
         };
         assert_eq!(in_place, cfg!(target_endian = "little"), "{name}");
         assert_eq!(a, b, "{name}");

@@ -96,6 +96,7 @@ fn dtype_name(dtype: WeightDtype) -> &'static str {
     match dtype {
         WeightDtype::F32 => "f32",
         WeightDtype::Bf16 => "bf16",
+        WeightDtype::Quant => "quantized",
     }
 }
 
@@ -200,7 +201,7 @@ fn prefill_last_rows_match_the_full_prefill(exec: Executor) -> Result<()> {
             // The decode after prefill_last against the reference, with the tolerance of
             // the plan's weights (bf16 as in `bf16_weights_stay_close`).
             let tol = match dtype {
-                WeightDtype::F32 => 1e-5,
+                WeightDtype::F32 | WeightDtype::Quant => 1e-5,
                 WeightDtype::Bf16 => 2e-2,
             };
             for (b, (p, t)) in prompts.iter().zip([1u32, 2, 3]).enumerate() {

@@ -39,6 +39,11 @@ pub enum WeightDtype {
     F32,
     /// GEMM weights rounded to bfloat16: half the bytes; vectors and tables stay float32.
     Bf16,
+    /// GEMM weights the `quantize` pass quantized stay quantized: `I8` or `I4` blocks with
+    /// their `F16` block scales as a companion weight (`Weight.quant`, schemas/plan.proto);
+    /// GEMM weights it left in float (lm_head with `--quant-lm-head float`) are float32.
+    /// On a graph without quantized constants this is [`WeightDtype::F32`].
+    Quant,
 }
 
 /// A lowered plan and the bytes of `model.weights`.
@@ -174,8 +179,100 @@ impl Lowerer<'_> {
             shape,
             offset,
             bytes,
+            quant: None,
         });
         Ok((self.weights.len() - 1) as u32)
+    }
+
+    /// Appends raw bytes as a weight (256-byte aligned), given a block at a time.
+    fn push_raw(
+        &mut self,
+        w: pb::Weight,
+        blocks: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<u32> {
+        let pad = (ALIGN as u64 - self.written % ALIGN as u64) % ALIGN as u64;
+        let offset = self.written + pad;
+        let (sink, sink_path) = (&mut *self.sink, self.sink_path);
+        let io = |source| Error::Io {
+            path: sink_path.to_path_buf(),
+            source,
+        };
+        sink.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        let mut bytes = 0u64;
+        blocks(&mut |b: &[u8]| {
+            bytes += b.len() as u64;
+            sink.write_all(b).map_err(io)
+        })?;
+        self.written = offset + bytes;
+        self.weights.push(pb::Weight { offset, bytes, ..w });
+        Ok((self.weights.len() - 1) as u32)
+    }
+
+    /// A quantized constant as an `I8` or `I4` weight and its `F16` block scales (the
+    /// scales weight follows it, named `NAME.scales`): the integers are written as the
+    /// quantizer makes them, 1,024 rows at a time, the scales (1/16 of int8's bytes) kept
+    /// until the integers are out.
+    fn quant_weight(
+        &mut self,
+        name: &str,
+        t: &crate::graph::Const,
+        fmt: crate::quant::Format,
+    ) -> Result<u32> {
+        use crate::quant::Bits;
+        let (n, k) = match t.dims() {
+            [n, k] => (*n, *k),
+            d => {
+                return Err(Error::Argument {
+                    what: format!("plan lowering: `{name}`"),
+                    problem: format!("a quantized weight must be a matrix, not {d:?}"),
+                })
+            }
+        };
+        let nb = crate::quant::n_blocks(k, fmt.block);
+        let dtype = match fmt.bits {
+            Bits::Int8 => pb::DType::I8,
+            Bits::Int4 => pb::DType::I4,
+        };
+        let mut scales: Vec<u8> = Vec::with_capacity(n * nb * 2);
+        let weight = pb::Weight {
+            name: name.to_string(),
+            dtype: dtype as i32,
+            shape: vec![n as u64, k as u64],
+            quant: Some(pb::Quant {
+                block: fmt.block as u32,
+                // The next weight: pushed right after this one.
+                scales: self.weights.len() as u32 + 1,
+            }),
+            ..Default::default()
+        };
+        let w = self.push_raw(weight, |f| {
+            let mut buf = vec![];
+            t.quant_row_blocks(|q| {
+                scales.extend(q.scales.iter().flat_map(|s| s.to_le_bytes()));
+                buf.clear();
+                match fmt.bits {
+                    Bits::Int8 => buf.extend(q.ints.iter().map(|&v| v as u8)),
+                    Bits::Int4 => {
+                        for row in q.ints.chunks(k.max(1)) {
+                            for pair in row.chunks(2) {
+                                let lo = (pair[0] + 8) as u8;
+                                let hi = pair.get(1).map_or(8, |&v| (v + 8) as u8);
+                                buf.push(lo | (hi << 4));
+                            }
+                        }
+                    }
+                }
+                f(&buf)
+            })
+        })?;
+        let scale_weight = pb::Weight {
+            name: format!("{name}.scales"),
+            dtype: pb::DType::F16 as i32,
+            shape: vec![n as u64, nb as u64],
+            ..Default::default()
+        };
+        self.push_raw(scale_weight, |f| f(&scales))?;
+        Ok(w)
     }
 
     /// The constant `id` as a weight; GEMM weights take the plan dtype, vectors stay f32.
@@ -189,6 +286,11 @@ impl Lowerer<'_> {
             what: format!("plan lowering: `{}`", node.name),
             problem: "expected a constant".into(),
         })?;
+        if let (true, WeightDtype::Quant, Some(fmt)) = (gemm, self.dtype, t.quant()) {
+            let w = self.quant_weight(&node.name, t, fmt)?;
+            self.weight_of.insert(id, w);
+            return Ok(w);
+        }
         let dtype = if gemm && self.dtype == WeightDtype::Bf16 {
             pb::DType::Bf16
         } else {
@@ -832,14 +934,20 @@ pub fn lower_into(
     };
     let prefill = l.lower(false)?;
     let decode = l.lower(true)?;
-    let wdt = match dtype {
-        WeightDtype::F32 => pb::DType::F32,
-        WeightDtype::Bf16 => pb::DType::Bf16,
+    // A quantized plan states its layers' format (I4 where any weight is I4) and is
+    // format minor 1; a plan without quantized weights is what older readers read.
+    let has = |d: pb::DType| l.weights.iter().any(|w| w.dtype == d as i32);
+    let (wdt, minor) = match dtype {
+        WeightDtype::F32 => (pb::DType::F32, 0),
+        WeightDtype::Bf16 => (pb::DType::Bf16, 0),
+        WeightDtype::Quant if has(pb::DType::I4) => (pb::DType::I4, pb::FORMAT_MINOR),
+        WeightDtype::Quant if has(pb::DType::I8) => (pb::DType::I8, pb::FORMAT_MINOR),
+        WeightDtype::Quant => (pb::DType::F32, 0),
     };
     let module = kernel_module(cfg, max_seq_len);
     let plan = Plan {
         format_major: pb::FORMAT_MAJOR,
-        format_minor: pb::FORMAT_MINOR,
+        format_minor: minor,
         producer: format!("ngpt {}", env!("CARGO_PKG_VERSION")),
         config: Some(pb::ModelConfig {
             n_layer: cfg.n_layer as u32,
@@ -875,4 +983,36 @@ pub fn lower_into(
         source,
     })?;
     Ok(plan)
+}
+
+/// What a lowered plan's quantized weights are, for manifest.json (`None` when the plan
+/// holds none).
+pub fn weights_summary(
+    p: &Plan,
+    q: Option<crate::quant::Options>,
+) -> Option<crate::compile::PlanWeights> {
+    let q = q?;
+    let quantized = |d: i32| d == pb::DType::I8 as i32 || d == pb::DType::I4 as i32;
+    let scales: std::collections::HashSet<u32> = p
+        .weights
+        .iter()
+        .filter_map(|w| w.quant.as_ref().map(|q| q.scales))
+        .collect();
+    let bytes: u64 = p
+        .weights
+        .iter()
+        .enumerate()
+        .filter(|(i, w)| quantized(w.dtype) || scales.contains(&(*i as u32)))
+        .map(|(_, w)| w.bytes)
+        .sum();
+    if bytes == 0 {
+        return None;
+    }
+    Some(crate::compile::PlanWeights {
+        format: q.bits.as_str().into(),
+        block: q.block,
+        lm_head: q.lm_head.map_or("f32", |b| b.as_str()).into(),
+        quantized_bytes: bytes,
+        total_bytes: p.weights_file_bytes,
+    })
 }

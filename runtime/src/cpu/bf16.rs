@@ -45,36 +45,68 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
 }
 
 fn blocked(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
-    blocked_by(s, w, x, c, (SCRATCH_BYTES / 4 / s.k).max(MIN_BLOCK_ROWS));
+    blocked_with(s, x, c, widen_rows(s, w));
+}
+
+/// Widens weight row `r` of bf16 `w` into `dst` (k values).
+fn widen_rows(s: Shape, w: &[u16]) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
+    move |r, dst| {
+        let src = &w[r * s.lda..r * s.lda + s.k];
+        for (d, &b) in dst.iter_mut().zip(src) {
+            *d = widen_bf16(b);
+        }
+    }
+}
+
+/// The blocked path for any stored weight: `fill(r, dst)` writes weight row `r`'s k
+/// values in f32 (widened or dequantized) into `dst`; blocks of rows go through the
+/// thread's scratch into the gemm crate. `s.k > 0`.
+pub fn blocked_with(s: Shape, x: &[f32], c: &mut [f32], fill: impl Fn(usize, &mut [f32]) + Sync) {
+    blocked_by(s, x, c, (SCRATCH_BYTES / 4 / s.k).max(MIN_BLOCK_ROWS), fill);
 }
 
 /// The blocked path, `block_rows` weight rows at a time.
-fn blocked_by(s: Shape, w: &[u16], x: &[f32], c: &mut [f32], block_rows: usize) {
+fn blocked_by(
+    s: Shape,
+    x: &[f32],
+    c: &mut [f32],
+    block_rows: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let block_rows = block_rows.min(s.m);
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => {
             if scratch.len() < block_rows * s.k {
                 scratch.resize(block_rows * s.k, 0.0);
             }
-            blocks(s, w, x, c, block_rows, &mut scratch);
+            blocks(s, x, c, block_rows, &mut scratch, &fill);
         }
         // A GEMM that rayon ran on this thread while it waited inside another one.
-        Err(_) => blocks(s, w, x, c, block_rows, &mut vec![0f32; block_rows * s.k]),
+        Err(_) => blocks(
+            s,
+            x,
+            c,
+            block_rows,
+            &mut vec![0f32; block_rows * s.k],
+            &fill,
+        ),
     });
 }
 
-fn blocks(s: Shape, w: &[u16], x: &[f32], c: &mut [f32], block_rows: usize, scratch: &mut [f32]) {
+fn blocks(
+    s: Shape,
+    x: &[f32],
+    c: &mut [f32],
+    block_rows: usize,
+    scratch: &mut [f32],
+    fill: &(impl Fn(usize, &mut [f32]) + Sync),
+) {
     for m0 in (0..s.m).step_by(block_rows) {
         let rows = block_rows.min(s.m - m0);
         scratch[..rows * s.k]
             .par_chunks_mut(s.k)
             .enumerate()
-            .for_each(|(i, dst)| {
-                let src = &w[(m0 + i) * s.lda..(m0 + i) * s.lda + s.k];
-                for (d, &b) in dst.iter_mut().zip(src) {
-                    *d = widen_bf16(b);
-                }
-            });
+            .for_each(|(i, dst)| fill(m0 + i, dst));
         // SAFETY: the block's C rows m0..m0+rows of every column lie inside c (the caller
         // checked the whole m x n extent), scratch holds rows x k, x holds n rows of k.
         unsafe {
@@ -137,7 +169,7 @@ mod tests {
                 k,
                 beta,
                 |v| (v.to_bits() >> 16) as u16,
-                |s, w, x, c| blocked_by(s, w, x, c, 64),
+                |s, w, x, c| blocked_by(s, x, c, 64, widen_rows(s, w)),
             );
         }
     }

@@ -36,10 +36,10 @@ use rayon::prelude::*;
 /// at 32 about even, at 64 the gemm crate is 1.2x faster (bf16).
 pub const MAX_N: usize = 32;
 /// Weight rows per piece of work, at most.
-const ROWS_PER_PIECE: usize = 64;
+pub(crate) const ROWS_PER_PIECE: usize = 64;
 /// A piece's weights when they are read more than once (more than two activation rows): at
 /// most this many bytes, so that they stay in L2 between the column pairs.
-const PIECE_BYTES: usize = 128 << 10;
+pub(crate) const PIECE_BYTES: usize = 128 << 10;
 /// How far ahead (in bytes) the AVX2 dot product prefetches weights. Measured on the 2-core
 /// dev box (BENCHMARKS.md): none, 512, 1024, 2048 and 4096 bytes gave bf16 decode 41, 51,
 /// 53, 53 and 56 tokens/s and f32 32, 32, 34, 30 and 31 (small preset).
@@ -275,7 +275,7 @@ pub(crate) fn dot<W: Weight>(w: &[W], x: &[f32]) -> f32 {
 /// The end of a dot product after its 32-wide body: the rest eight at a time into the first
 /// accumulator, the scalar tail, then every lane summed in a fixed tree.
 #[inline(always)]
-fn finish<W: Weight>(mut acc: [[f32; 8]; 4], w: &[W], x: &[f32]) -> f32 {
+pub(crate) fn finish<W: Weight>(mut acc: [[f32; 8]; 4], w: &[W], x: &[f32]) -> f32 {
     let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
     let (wt, xt) = (wc.remainder(), xc.remainder());
     for (w8, x8) in wc.zip(xc) {

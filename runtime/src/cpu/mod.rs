@@ -4,6 +4,7 @@ mod attend;
 pub mod bf16;
 pub mod dots;
 pub mod kernels;
+pub mod quant;
 
 use std::sync::Arc;
 
@@ -712,6 +713,7 @@ impl CpuExecutor {
             let a = match (src(g.a.as_ref()), weight_form) {
                 (Some(operand::Source::Weight(w)), true) => match plan.weights.get(w as usize) {
                     Some(WeightData::Bf16(bits)) => GemmA::Bf16(bits),
+                    Some(WeightData::Quant(q)) => GemmA::Quant(q),
                     _ => GemmA::F32(operand(src(g.a.as_ref()), "a")?),
                 },
                 (s, _) => GemmA::F32(operand(s, "a")?),
@@ -719,6 +721,20 @@ impl CpuExecutor {
             let a_len = match a {
                 GemmA::Bf16(v) => v.len(),
                 GemmA::F32(v) => v.len(),
+                GemmA::Quant(q) => {
+                    // The plan's validation holds this; a GEMM that reads a quantized
+                    // weight other than by whole rows is refused, never guessed at.
+                    if k != q.k || lda != q.k || m > q.rows {
+                        return Err(step_err(
+                            name,
+                            format!(
+                                "GEMM over a quantized [{}, {}] weight must read whole rows: m {m}, k {k}, lda {lda}",
+                                q.rows, q.k
+                            ),
+                        ));
+                    }
+                    q.rows * q.k
+                }
             };
             let b = operand(src(g.b.as_ref()), "b")?;
             if a_len < need_a || b.len() < need_b || c.len() < need_c {
@@ -743,6 +759,10 @@ impl CpuExecutor {
             let a = match a {
                 GemmA::Bf16(w) => {
                     bf16::gemm(shape, w, b, &mut c);
+                    return Ok(());
+                }
+                GemmA::Quant(w) => {
+                    quant::gemm(shape, w, b, &mut c);
                     return Ok(());
                 }
                 GemmA::F32(a) => a,
@@ -798,6 +818,8 @@ impl CpuExecutor {
 enum GemmA<'a> {
     Bf16(&'a [u16]),
     F32(&'a [f32]),
+    /// Only in the weight form (the plan's validation refuses any other use).
+    Quant(&'a crate::plan::QuantWeight),
 }
 
 /// Weight `w` as f32: its own values, or its widened copy when it is stored in bf16.
@@ -809,6 +831,8 @@ fn f32_weight<'a>(
     match plan.weights.get(w)? {
         WeightData::F32(v) => Some(v),
         WeightData::Bf16(_) => widened.get(w)?.as_deref(),
+        // Read only by the quantized GEMM (the plan's validation refuses other reads).
+        WeightData::F16(_) | WeightData::Quant(_) => None,
     }
 }
 

@@ -164,6 +164,15 @@ pub(super) fn upload_weights(
                 f32: Some(Dev::upload(stream, v, &what)?),
                 bf16: None,
             },
+            WeightData::F16(_) | WeightData::Quant(_) => {
+                return Err(crate::Error::Plan {
+                    path: what,
+                    problem: format!(
+                        "is {} (weight-only quantized): the CUDA executor has no int8/int4 kernels yet (issue 23); run the plan on the CPU (plan-cpu) or compile with --dtype f32 or bf16",
+                        values.dtype_name()
+                    ),
+                })
+            }
         };
         weights.push(dw);
     }

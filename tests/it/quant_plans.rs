@@ -1,0 +1,291 @@
+//! Weight-only quantized plans (issue 23): `--dtype int8|int4` lowers the quantize pass's
+//! matrices as I8 / I4 weights with F16 block scales. plan-cpu equals the IR evaluated on
+//! the same dequantized weights, keeps its batch invariance, and a plan whose scales are
+//! truncated, not finite or of the wrong count is refused at load in one line.
+
+use crate::common;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use common::*;
+use ngpt_compiler::quant::{self, Bits};
+use ngpt_compiler::{compile, graph::interp, import, plan::lower, plan::WeightDtype};
+use ngpt_runtime::cpu::{CpuExecutor, ProgramKind};
+use ngpt_runtime::plan::{LoadedPlan, WeightData};
+use ngpt_runtime::session::Session;
+use ngpt_runtime::Rows;
+use ngpt_schemas::plan as pb;
+use ngpt_schemas::prost::Message;
+
+/// nv-tiny compiled with the quantize pass (`bits`, default options) and lowered with its
+/// matrices quantized: the graph (for the IR) and the plan's bytes.
+fn lowered(bits: Bits, lm_head: Option<Bits>) -> Result<(compile::Compiled, pb::Plan, Vec<u8>)> {
+    let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
+    let mut q = quant::Options::new(bits);
+    q.lm_head = lm_head;
+    let compiled = compile::compile(
+        &ckpt,
+        &compile::Options {
+            quantize: Some(q),
+            ..Default::default()
+        },
+    )?;
+    let l = lower(&compiled.graph, &ckpt.config, WeightDtype::Quant, 64, "")?;
+    Ok((compiled, l.plan, l.weights))
+}
+
+fn load(plan: &pb::Plan, weights: &[u8]) -> ngpt_runtime::Result<LoadedPlan> {
+    LoadedPlan::from_bytes(&plan.encode_to_vec(), weights, "model.plan")
+}
+
+fn rel(got: &[f32], want: &[f32]) -> f64 {
+    let (mut d, mut n) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        d += (f64::from(g) - f64::from(w)).powi(2);
+        n += f64::from(w).powi(2);
+    }
+    (d / n).sqrt()
+}
+
+#[test]
+fn int8_and_int4_plans_equal_the_ir_on_the_same_dequantized_weights() -> Result<()> {
+    let prompt = fixture_tokens("prompt.json", "tokens")?;
+    let prompt = &prompt[..prompt.len().min(40)];
+    for (bits, lm_head) in [
+        (Bits::Int8, Some(Bits::Int8)),
+        (Bits::Int4, Some(Bits::Int8)),
+        (Bits::Int4, None),
+    ] {
+        let (compiled, plan, weights) = lowered(bits, lm_head)?;
+        // The layers' matrices are stored quantized, with their scales beside them.
+        let want_dtype = match bits {
+            Bits::Int8 => pb::DType::I8,
+            Bits::Int4 => pb::DType::I4,
+        };
+        assert_eq!(plan.weight_dtype, want_dtype as i32);
+        assert_eq!(plan.format_minor, 1);
+        let plan = Arc::new(load(&plan, &weights)?);
+        let quantized = plan
+            .weights()
+            .iter()
+            .filter(|w| matches!(w, WeightData::Quant(_)))
+            .count();
+        // Per layer qkv, c_proj, c_fc, mlp c_proj; lm_head unless kept in float.
+        assert_eq!(quantized, 2 * 4 + usize::from(lm_head.is_some()));
+        let v = plan.dims().vocab;
+        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+        let ir = interp::run(
+            &compiled.graph,
+            prompt,
+            &positions,
+            ngpt_compiler::reference::Precision::F32,
+        )?;
+        let ir: Vec<f32> = ir[0].flatten_all()?.to_vec1()?;
+        let mut s = Session::new(Arc::clone(&plan), 1)?;
+        let got = s.prefill(&[prompt.to_vec()])?;
+        // The IR may keep the last position only: compare what it has.
+        let got = &got[got.len() - ir.len()..];
+        let e = rel(got, &ir);
+        assert!(e <= 1e-5, "{bits:?} lm_head {lm_head:?}: prefill {e:e}");
+        // Decode: each step against the IR on the prompt so far.
+        let mut seq = prompt.to_vec();
+        for t in [3u32, 17, 60] {
+            let logits = s.decode(&[t])?;
+            seq.push(t);
+            let pos: Vec<u32> = (0..seq.len() as u32).collect();
+            let ir = interp::run(
+                &compiled.graph,
+                &seq,
+                &pos,
+                ngpt_compiler::reference::Precision::F32,
+            )?;
+            let ir: Vec<f32> = ir[0].flatten_all()?.to_vec1()?;
+            let e = rel(&logits, &ir[ir.len() - v..]);
+            assert!(e <= 1e-5, "{bits:?}: decode at {}: {e:e}", seq.len());
+        }
+    }
+    Ok(())
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Rows of three sequences mixed in calls of at most 32 rows give each sequence the bits it
+/// gets alone (the dot-product path is batch-invariant for quantized weights too).
+#[test]
+fn quantized_plans_are_batch_invariant() -> Result<()> {
+    let prompt = fixture_tokens("prompt.json", "tokens")?;
+    let lens = [9usize, 4, 12];
+    let seq: Vec<Vec<u32>> = (0..3)
+        .map(|s| {
+            (0..lens[s] + 2)
+                .map(|i| prompt[(3 * i + 5 * s) % prompt.len()])
+                .collect()
+        })
+        .collect();
+    for b in [Bits::Int8, Bits::Int4] {
+        let (_, plan, weights) = lowered(b, Some(Bits::Int8))?;
+        let plan = Arc::new(load(&plan, &weights)?);
+        let v = plan.dims().vocab;
+        let alone: Vec<Vec<Vec<u32>>> = (0..3)
+            .map(|s| -> Result<_> {
+                let mut one = Session::new(Arc::clone(&plan), 1)?;
+                let pre = one.prefill(&[seq[s][..lens[s]].to_vec()])?;
+                let mut rows: Vec<Vec<u32>> = pre.chunks(v).map(bits).collect();
+                for &t in &seq[s][lens[s]..] {
+                    rows.push(bits(&one.decode(&[t])?));
+                }
+                Ok(rows)
+            })
+            .collect::<Result<_>>()?;
+        let mut ex = CpuExecutor::new(Arc::clone(&plan), 3)?;
+        let all = |from: &dyn Fn(usize) -> std::ops::Range<usize>| -> Vec<(usize, usize)> {
+            (0..3).flat_map(|s| from(s).map(move |p| (s, p))).collect()
+        };
+        let calls = [
+            (ProgramKind::Prefill, all(&|s| 0..lens[s])),
+            (ProgramKind::Decode, all(&|s| lens[s]..lens[s] + 1)),
+            (ProgramKind::Decode, all(&|s| lens[s] + 1..lens[s] + 2)),
+        ];
+        for (kind, rows) in &calls {
+            assert!(rows.len() <= 32);
+            let tokens: Vec<i32> = rows.iter().map(|&(s, p)| seq[s][p] as i32).collect();
+            let positions: Vec<i32> = rows.iter().map(|&(_, p)| p as i32).collect();
+            let slots: Vec<i32> = rows.iter().map(|&(s, _)| s as i32).collect();
+            let logits = ex.run(
+                *kind,
+                &Rows {
+                    tokens: &tokens,
+                    positions: &positions,
+                    slots: &slots,
+                },
+            )?;
+            for (r, &(s, p)) in rows.iter().enumerate() {
+                assert!(
+                    bits(&logits[r * v..(r + 1) * v]) == alone[s][p],
+                    "{b:?}: slot {s} position {p} differs from its sequence alone"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One-line refusals naming the weight: truncated scales, a NaN or infinite scale, a wrong
+/// scale count, a quantized weight read other than in the weight form.
+#[test]
+fn bad_quantized_plans_are_refused_in_one_line() -> Result<()> {
+    let (_, plan, weights) = lowered(Bits::Int4, Some(Bits::Int8))?;
+    assert!(load(&plan, &weights).is_ok());
+    let qi = plan
+        .weights
+        .iter()
+        .position(|w| w.quant.is_some())
+        .expect("a quantized weight");
+    let si = plan.weights[qi]
+        .quant
+        .as_ref()
+        .map_or(0, |q| q.scales as usize);
+    let (qname, sname) = (plan.weights[qi].name.clone(), plan.weights[si].name.clone());
+    let refused = |p: &pb::Plan, w: &[u8], names: &str, what: &str| {
+        let e = match load(p, w) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{what}: loaded"),
+        };
+        assert!(!e.contains('\n'), "{what}: {e}");
+        assert!(e.contains(names), "{what}: {e}");
+        e
+    };
+    // Truncated: the scales weight two bytes short of its shape.
+    let mut p = plan.clone();
+    p.weights[si].bytes -= 2;
+    let e = refused(&p, &weights, &sname, "truncated");
+    assert!(e.contains("truncated"), "{e}");
+    // NaN and infinity in the scales' bytes.
+    for (bits, what) in [(0x7e00u16, "NaN"), (0x7c00, "inf")] {
+        let mut w = weights.clone();
+        let at = plan.weights[si].offset as usize + 2 * 5;
+        w[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+        let e = refused(&plan, &w, &qname, what);
+        assert!(e.contains("not finite") && e.contains(&sname), "{e}");
+    }
+    // The wrong count: one block fewer per row, bytes to match.
+    let mut p = plan.clone();
+    let (n, nb) = (p.weights[si].shape[0], p.weights[si].shape[1]);
+    p.weights[si].shape = vec![n, nb - 1];
+    p.weights[si].bytes = n * (nb - 1) * 2;
+    let e = refused(&p, &weights, &qname, "wrong count");
+    assert!(e.contains("wrong count"), "{e}");
+    // Block size that is not a power of two of at least 16.
+    let mut p = plan.clone();
+    if let Some(q) = p.weights[qi].quant.as_mut() {
+        q.block = 24;
+    }
+    refused(&p, &weights, &qname, "block 24");
+    // A quantized weight read as a GEMM's a outside the weight form.
+    let mut p = plan.clone();
+    let steps = &mut p.decode.as_mut().expect("decode").steps;
+    let g = steps
+        .iter_mut()
+        .find_map(|s| match s.kind.as_mut() {
+            Some(pb::step::Kind::Gemm(g))
+                if g.a.as_ref().and_then(|o| o.source)
+                    == Some(pb::operand::Source::Weight(qi as u32)) =>
+            {
+                Some(g)
+            }
+            _ => None,
+        })
+        .expect("the GEMM over the quantized weight");
+    g.trans_a = false;
+    let e = refused(&p, &weights, &qname, "not the weight form");
+    assert!(e.contains("weight form"), "{e}");
+    Ok(())
+}
+
+/// `ngpt compile --dtype int4` writes the format into manifest.json and `plan show`
+/// states it; `--dtype int8 --onnx-dtype int4` is refused.
+#[test]
+fn compile_dtype_int4_states_the_format() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("q4");
+    let ckpt = nv_tiny().join("ckpt.pt");
+    let (out_s, ckpt_s) = (out.display().to_string(), ckpt.display().to_string());
+    let o = ngpt(&[
+        "compile",
+        "--dtype",
+        "int4",
+        "--no-onnx",
+        "-o",
+        &out_s,
+        &ckpt_s,
+    ])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json"))?)?;
+    assert_eq!(m["plan_weights"]["format"], "int4");
+    assert_eq!(m["plan_weights"]["block"], 32);
+    assert_eq!(m["plan_weights"]["lm_head"], "int8");
+    assert!(m["plan_weights"]["quantized_bytes"].as_u64().unwrap_or(0) > 0);
+    let o = ngpt(&["plan", "show", &out_s])?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("quantized weights: int4 in blocks of 32"),
+        "{text}"
+    );
+    let x = dir.path().join("x").display().to_string();
+    let o = ngpt(&[
+        "compile",
+        "--dtype",
+        "int8",
+        "--onnx-dtype",
+        "int4",
+        "-o",
+        &x,
+        &ckpt_s,
+    ])?;
+    assert!(!o.status.success());
+    Ok(())
+}
