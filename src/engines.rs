@@ -85,6 +85,10 @@ pub enum Numerics {
     F16Weights,
     /// bf16 weights (a plan compiled with `--dtype bf16`), f32 activations.
     Bf16Weights,
+    /// int8 block-quantized weights (`--dtype int8` / `--onnx-dtype int8`), f32 activations.
+    Int8Weights,
+    /// int4 block-quantized layer weights (`--dtype int4` / `--onnx-dtype int4`).
+    Int4Weights,
 }
 
 impl Numerics {
@@ -94,18 +98,25 @@ impl Numerics {
             Numerics::F32 => "f32",
             Numerics::F16Weights => "f16 weights",
             Numerics::Bf16Weights => "bf16 weights",
+            Numerics::Int8Weights => "int8 weights",
+            Numerics::Int4Weights => "int4 weights",
         }
     }
 
     /// The default tolerance against the float64 reference: (relative error, top-1
     /// agreement fraction). f32 paths within 1e-5 with every position agreeing; reduced
-    /// precision weights within 2e-2 (bf16) or 1e-2 (f16) with 95% of positions agreeing.
+    /// precision weights within 2e-2 (bf16) or 1e-2 (f16) with 95% of positions agreeing;
+    /// quantized weights against the float model: int8 within 1e-2 (measured 1.6e-3 to
+    /// 2.5e-3 on the trained fixtures) with 95%, int4 within 1e-1 (measured 1.9e-2 to
+    /// 3.5e-2) with 85% (BENCHMARKS.md, weight-only quantization).
     pub fn tolerance(self) -> (f64, f64) {
         match self {
             Numerics::F64 => (1e-9, 1.0),
             Numerics::F32 => (1e-5, 1.0),
             Numerics::F16Weights => (1e-2, 0.95),
             Numerics::Bf16Weights => (2e-2, 0.95),
+            Numerics::Int8Weights => (1e-2, 0.95),
+            Numerics::Int4Weights => (1e-1, 0.85),
         }
     }
 }
@@ -333,6 +344,17 @@ impl Model {
         Ok(plan)
     }
 
+    /// Why tract has nothing to run here, where that was asked for: a compiled directory
+    /// made with `--no-onnx`.
+    pub fn onnx_missing_by_choice(&self) -> Option<String> {
+        if !self.is_compiled() || self.input.join(onnx::MODEL_FILE).is_file() {
+            return None;
+        }
+        compile::Manifest::read(&self.input)
+            .is_ok_and(|m| !m.files.iter().any(|f| f == onnx::MODEL_FILE))
+            .then(|| "compiled with --no-onnx: no model.onnx".to_string())
+    }
+
     /// The tract session on model.onnx: a compiled directory's, or one exported in memory
     /// with a position table of at least `min_seq_len` rows.
     pub fn tract(&mut self, min_seq_len: usize) -> Result<&tract::Session> {
@@ -346,11 +368,20 @@ impl Model {
                 let session = if self.is_compiled() {
                     let path = self.input.join(onnx::MODEL_FILE);
                     if !path.is_file() {
+                        let no_onnx = compile::Manifest::read(&self.input)
+                            .is_ok_and(|m| !m.files.iter().any(|f| f == onnx::MODEL_FILE));
+                        if no_onnx {
+                            bail!(
+                                "{}: compiled without {} (--no-onnx); tract runs the ONNX export",
+                                self.input.display(),
+                                onnx::MODEL_FILE
+                            );
+                        }
                         bail!(
-                        "{}: no {} in this compiled directory (compiled by an older ngpt?); compile it again",
-                        self.input.display(),
-                        onnx::MODEL_FILE
-                    );
+                            "{}: no {} in this compiled directory (compiled by an older ngpt?); compile it again",
+                            self.input.display(),
+                            onnx::MODEL_FILE
+                        );
                     }
                     tract::Session::load(&path)?
                 } else {
@@ -401,6 +432,20 @@ impl Model {
 
     /// What `engine` computes in, for its default tolerance.
     pub fn numerics(&mut self, engine: Engine, precision: Precision) -> Result<Numerics> {
+        // A quantized compiled directory: every engine but the reference computes with its
+        // dequantized weights (the IR recompiles with the manifest's quantization).
+        if engine != Engine::Reference && self.is_compiled() {
+            if let Some(q) = compile::Manifest::read(&self.input)?.quantize {
+                // The coarser of the layers' and lm_head's formats.
+                let int4 = q.bits == ngpt_compiler::quant::Bits::Int4
+                    || q.lm_head == Some(ngpt_compiler::quant::Bits::Int4);
+                return Ok(if int4 {
+                    Numerics::Int4Weights
+                } else {
+                    Numerics::Int8Weights
+                });
+            }
+        }
         Ok(match engine {
             Engine::Reference | Engine::Ir => match precision {
                 Precision::F64 => Numerics::F64,

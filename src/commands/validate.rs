@@ -111,10 +111,12 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
             _ => &[Precision::F32],
         };
         for &p in precisions {
-            if let Some(why) = (engine == Engine::PlanCuda)
-                .then(cuda_unavailable)
-                .flatten()
-            {
+            let skip = match engine {
+                Engine::PlanCuda => cuda_unavailable(),
+                Engine::Tract => model.onnx_missing_by_choice(),
+                _ => None,
+            };
+            if let Some(why) = skip {
                 rows.push(Row {
                     engine,
                     numerics: None,

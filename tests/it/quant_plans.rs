@@ -287,5 +287,70 @@ fn compile_dtype_int4_states_the_format() -> Result<()> {
         &ckpt_s,
     ])?;
     assert!(!o.status.success());
+    // `validate` holds each engine to its format's tolerance against the float model (the
+    // IR and the plan compute with the dequantized weights) and skips tract, saying why:
+    // there is no model.onnx by choice.
+    let o = ngpt(&[
+        "validate",
+        &out_s,
+        "--engines",
+        "reference,ir,tract,plan-cpu",
+    ])?;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let row = |engine: &str| {
+        table
+            .lines()
+            .find(|l| l.trim_start().starts_with(engine))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row("plan-cpu").contains("int4 weights"), "{table}");
+    assert!(row("plan-cpu").contains("1e-1"), "{table}");
+    assert!(row("plan-cpu").trim_end().ends_with("ok"), "{table}");
+    assert!(
+        row("tract").contains("skipped: compiled with --no-onnx"),
+        "{table}"
+    );
+    Ok(())
+}
+
+/// An int8 directory is held to int8's tolerance (1e-2), tighter than int4's: the same
+/// engines pass there with their measured errors.
+#[test]
+fn validate_holds_an_int8_directory_to_its_tolerance() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("q8").display().to_string();
+    let ckpt = nv_tiny().join("ckpt.pt").display().to_string();
+    let o = ngpt(&[
+        "compile",
+        "--dtype",
+        "int8",
+        "--onnx-dtype",
+        "int8",
+        "-o",
+        &out,
+        &ckpt,
+    ])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = ngpt(&["validate", &out, "--engines", "ir,plan-cpu"])?;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let plan = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("plan-cpu"))
+        .unwrap_or_default();
+    assert!(
+        plan.contains("int8 weights") && plan.contains("1e-2"),
+        "{table}"
+    );
     Ok(())
 }
