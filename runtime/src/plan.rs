@@ -446,13 +446,15 @@ impl LoadedPlan {
                         ),
                     ))
                 }
-                _ => return Err(bad(
-                    path,
-                    format!(
+                _ => {
+                    return Err(bad(
+                        path,
+                        format!(
                         "weight `{}`: dtype {} is not F32 or BF16 (nor a quantized I8, I4 or F16)",
                         w.name, w.dtype
                     ),
-                )),
+                    ))
+                }
             };
             if want != Some(w.bytes) {
                 return Err(bad(
