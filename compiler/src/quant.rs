@@ -305,7 +305,7 @@ pub fn check_scales(scales: &[f32], want: usize, what: &str) -> Result<()> {
 /// use ngpt_compiler::quant::{pack, unpack, Bits};
 /// let q = [-7i8, 7, 0, 1, 2];
 /// let b = pack(&q, Bits::Int4, 5, 16);
-/// assert_eq!(b.len(), 8 + 8); // one row, two blocks of 8 bytes
+/// assert_eq!(b.len(), 8); // one row: one block of 16 nibbles, padded with the zero point
 /// assert_eq!(b[0], 0x01 | (15 << 4)); // -7 + 8 low, 7 + 8 high
 /// assert_eq!(unpack(&b, Bits::Int4, 5, 16)?, q);
 /// # Ok::<(), ngpt_compiler::Error>(())
