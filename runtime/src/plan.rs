@@ -311,7 +311,8 @@ impl LoadedPlan {
     /// let plan = LoadedPlan::from_vec(&plan_bytes, weights, "in memory")?;
     /// assert!(plan.weights().iter().all(|w| match w {
     ///     WeightData::F32(v) => v.is_in_place(),
-    ///     WeightData::Bf16(v) => v.is_in_place(),
+    ///     WeightData::Bf16(v) | WeightData::F16(v) => v.is_in_place(),
+    ///     WeightData::Quant(q) => q.data.is_in_place() && q.scales.is_in_place(),
     /// }));
     /// # Ok::<(), ngpt_runtime::Error>(())
     /// ```
