@@ -102,11 +102,11 @@ pub(crate) fn plan_step<'a>(
     call_rows: usize,
     mix: bool,
 ) -> StepPlan {
+    let seqs: Vec<SeqView<'a>> = seqs.collect();
     let mut decode = vec![];
     let mut prompt = vec![];
     let mut prefill = vec![];
-    let mut budget = prefill_budget;
-    for (i, s) in seqs.enumerate() {
+    for (i, s) in seqs.iter().enumerate() {
         if let Some(last) = s.last {
             decode.push(Row {
                 seq: i,
@@ -116,17 +116,28 @@ pub(crate) fn plan_step<'a>(
                 chosen: true,
                 decode: true,
             });
-            continue;
         }
+    }
+    // Where rows mix, prompt rows take the room the decode rows leave in their last call,
+    // so a step costs the calls its decode rows need and no more (the running sequences'
+    // next token is not delayed by an extra call); at least one chunk always runs.
+    let call_rows = call_rows.max(1);
+    let mut budget = if mix && !decode.is_empty() {
+        prefill_budget.min((call_rows - decode.len() % call_rows) % call_rows)
+    } else {
+        prefill_budget
+    };
+    for (i, s) in seqs.iter().enumerate() {
         let left = s.prompt.len() - s.prefilled;
-        if left == 0 {
+        if s.last.is_some() || left == 0 {
             continue;
         }
-        let n = if prefill.is_empty() {
-            left.min(chunk).min(budget.max(1))
+        let room = if prefill.is_empty() && budget == 0 {
+            chunk
         } else {
-            left.min(chunk).min(budget)
+            budget
         };
+        let n = left.min(chunk).min(room);
         if n == 0 {
             continue;
         }
@@ -159,7 +170,7 @@ pub(crate) fn plan_step<'a>(
                 chosen_seq: vec![],
                 seqs: vec![],
             };
-            for r in rows.by_ref().take(call_rows.max(1)) {
+            for r in rows.by_ref().take(call_rows) {
                 if r.chosen {
                     call.chosen.push(call.rows.len());
                     call.chosen_seq.push(r.seq);

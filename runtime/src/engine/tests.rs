@@ -479,3 +479,38 @@ fn the_handle_serves_threads_and_drains() {
         Err(Error::ShuttingDown)
     ));
 }
+
+#[test]
+fn prompt_rows_fill_the_decode_call_instead_of_adding_one() {
+    let f = Fake::new(24, 128);
+    let calls = Arc::clone(&f.calls);
+    let mut e = Engine::with_backend(Box::new(f), EngineOptions::new(24)).expect("engine");
+    let long = |n: usize| Request {
+        prompt: (0..n as u32).map(|k| k % 50).collect(),
+        params: SamplingParams {
+            max_tokens: 60,
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+    };
+    // Twenty sequences decoding, then a 40-token prompt arrives: it is prefilled 12 rows a
+    // step (the room the 20 decode rows leave in a 32-row call), one call a step.
+    for _ in 0..20 {
+        e.submit(long(2), Box::new(|_| true)).expect("submit");
+    }
+    e.step(); // 20 prompts of 2 rows: 40 rows, two calls
+    e.step(); // 20 decode rows
+    let arrived = Log::default();
+    e.submit(long(40), sink(&arrived)).expect("submit");
+    let before = calls.lock().expect("lock").len();
+    let mut steps = 0;
+    while tokens(&arrived).is_empty() {
+        e.step();
+        steps += 1;
+    }
+    let c = calls.lock().expect("lock");
+    let new = &c[before..];
+    assert_eq!(new.len(), steps, "one call a step: {new:?}");
+    assert_eq!(steps, 4, "40 rows, 12 a step: {new:?}");
+    assert!(new.iter().all(|&(_, n)| n <= MAX_INVARIANT_ROWS));
+}
