@@ -650,3 +650,71 @@ fn a_pytorch_model_bin_directory_gives_the_same_logits() -> Result<()> {
     );
     Ok(())
 }
+
+/// The parity tools work on this family as on NVIDIA's: a record made by the reference is
+/// checked by plan-cpu and tract on a compiled directory (no drift), one made by plan-cpu
+/// by the reference; and `ngpt perplexity` scores a text on plan-cpu as the IR does.
+#[test]
+fn snapshot_check_and_perplexity_work_on_a_compiled_directory() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("nt");
+    let (out_s, src) = (utf8(&out).to_string(), utf8(&nous_tiny()).to_string());
+    ok(ngpt(&["compile", &src, "-o", &out_s])?, "compile")?;
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "53,54,55\n1,2,3,4,5,6,7\n")?;
+    let record = |engine: &str| -> Result<String> {
+        let p = dir.path().join(format!("{engine}.parity"));
+        let ps = utf8(&p).to_string();
+        ok(
+            ngpt(&[
+                "snapshot",
+                &out_s,
+                "--prompts",
+                utf8(&prompts),
+                "--engine",
+                engine,
+                "-o",
+                &ps,
+            ])?,
+            "snapshot",
+        )?;
+        Ok(ps)
+    };
+    for (recorded, recompute) in [
+        ("reference", "plan-cpu"),
+        ("reference", "tract"),
+        ("plan-cpu", "reference"),
+    ] {
+        let p = record(recorded)?;
+        let o = ok(
+            ngpt(&["check", &p, &out_s, "--engine", recompute])?,
+            "check",
+        )?;
+        ensure!(
+            stdout(&o).contains("0 drifted"),
+            "{recorded} checked by {recompute}: {}",
+            stdout(&o)
+        );
+    }
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/Apache-2.0.txt");
+    let ppl = |engine: &str| -> Result<f64> {
+        let o = ok(
+            ngpt(&[
+                "perplexity",
+                &out_s,
+                "--text",
+                utf8(&text),
+                "--engine",
+                engine,
+                "--json",
+            ])?,
+            "perplexity",
+        )?;
+        let line = stdout(&o).lines().last().unwrap_or_default().to_string();
+        let v: serde_json::Value = serde_json::from_str(&line).context("perplexity --json")?;
+        v["perplexity"].as_f64().context("a perplexity")
+    };
+    let (plan, ir) = (ppl("plan-cpu")?, ppl("ir")?);
+    ensure!((plan - ir).abs() < 1e-4 * ir, "plan-cpu {plan} vs ir {ir}");
+    Ok(())
+}
