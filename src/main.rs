@@ -1,13 +1,6 @@
 //! The `ngpt` command line: compile nGPT checkpoints, run them, check their parity.
 
-mod checkpoint;
-mod commands;
-mod engines;
-mod memory;
-mod parity;
-mod serve;
-mod settings;
-mod tokens;
+use ngpt::{commands, settings};
 
 use clap::{Parser, Subcommand};
 

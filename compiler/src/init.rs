@@ -437,7 +437,7 @@ pub fn write(dir: &Path, opts: &InitOptions) -> Result<()> {
     )
 }
 
-/// Writes the checkpoint `spec` describes into `dir`: NVIDIA's (as [`write`]) or a
+/// Writes the checkpoint `spec` describes into `dir`: NVIDIA's (as [`write()`]) or a
 /// Hugging Face directory of NousResearch's nGPT.
 ///
 /// ```

@@ -196,6 +196,11 @@ impl Vocab {
         }
     }
 
+    /// Whether it has no tokens (a vocabulary file refuses that when read).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// One line for the user: file, format and size.
     pub fn describe(&self) -> String {
         let format = match &self.kind {

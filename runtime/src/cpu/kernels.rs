@@ -478,8 +478,8 @@ pub fn embed_pos(
     Ok(())
 }
 
-/// [`lerp_norm`] with the branch's bias added first: `h[r] = Norm(h[r] + lr * (Norm(branch[r]
-/// + bias) - h[r]))`, the bias of the GEMM that made `branch` (`[n_embd]`).
+/// [`lerp_norm`] with the branch's bias added first (the bias of the GEMM that made
+/// `branch`, `[n_embd]`): `h[r] = Norm(h[r] + lr * (Norm(branch[r] + bias) - h[r]))`.
 pub fn lerp_norm_bias(
     d: &Dims,
     h: &mut [f32],
