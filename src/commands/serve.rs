@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ngpt_compiler::compile::{is_compiled_dir, Manifest};
 use ngpt_runtime::engine::{Engine as RuntimeEngine, EngineHandle, EngineOptions};
 
 use super::generate::Engine;
@@ -58,24 +57,6 @@ pub struct Args {
     no_batch_invariance: bool,
 }
 
-/// The directories a model's tokenizer files may be in: a compiled directory, then its
-/// source's directory (or the checkpoint's).
-fn model_dirs(input: &Path) -> Result<Vec<PathBuf>> {
-    let mut dirs = Vec::new();
-    let source = if is_compiled_dir(input) {
-        dirs.push(input.to_path_buf());
-        Manifest::read(input)?.source
-    } else {
-        input.to_path_buf()
-    };
-    dirs.push(if source.is_dir() {
-        source
-    } else {
-        source.parent().map(Path::to_path_buf).unwrap_or_default()
-    });
-    Ok(dirs)
-}
-
 /// The model's default id: the directory's name (a checkpoint file's directory).
 fn model_id(input: &Path) -> String {
     let path = std::fs::canonicalize(input).unwrap_or_else(|_| input.to_path_buf());
@@ -122,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
         v.check_model_vocab(dims.vocab)?;
         eprintln!("vocabulary: {}", v.describe());
     }
-    let dirs = model_dirs(&a.input)?;
+    let dirs = crate::tokens::model_dirs(&a.input)?;
     let chat = ChatTemplate::find(&dirs)?;
     if let Some(c) = &chat {
         eprintln!("chat template: {}", c.source.display());

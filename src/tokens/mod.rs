@@ -57,6 +57,24 @@ pub fn sentencepiece_note(model: &Path) -> String {
 /// The vocabulary files looked for beside a model, in this order.
 pub const FILE_NAMES: [&str; 3] = ["tokenizer.json", "vocab.json", "meta.pkl"];
 
+/// The directories a model's tokenizer files may be in, in search order: a compiled
+/// directory, then its source's directory (for a checkpoint, the checkpoint's own).
+pub fn model_dirs(input: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    let source = if is_compiled_dir(input) {
+        dirs.push(input.to_path_buf());
+        Manifest::read(input)?.source
+    } else {
+        input.to_path_buf()
+    };
+    dirs.push(if source.is_dir() {
+        source
+    } else {
+        source.parent().map(Path::to_path_buf).unwrap_or_default()
+    });
+    Ok(dirs)
+}
+
 /// A vocabulary: text to token ids and back.
 ///
 /// ```text
@@ -156,18 +174,7 @@ impl Vocab {
     /// then beside the checkpoint (for a compiled directory, the source its manifest
     /// records). `None` when there is none; a file that is there but bad is an error.
     pub fn find(input: &Path) -> Result<Option<Self>> {
-        let mut dirs = Vec::new();
-        let source = if is_compiled_dir(input) {
-            dirs.push(input.to_path_buf());
-            Manifest::read(input)?.source
-        } else {
-            input.to_path_buf()
-        };
-        dirs.push(if source.is_dir() {
-            source
-        } else {
-            source.parent().map(Path::to_path_buf).unwrap_or_default()
-        });
+        let dirs = model_dirs(input)?;
         for dir in &dirs {
             for name in FILE_NAMES {
                 let candidate = dir.join(name);
