@@ -292,15 +292,16 @@ impl Model {
                 ),
                 "use the plan-cpu engine (its memory grows linearly with the tokens) or fewer \
                  tokens",
-            )
+            )?;
         } else {
             crate::memory::ensure_fits(
                 logits,
                 &what,
                 &format!("for the logits, {t} x {vocab} in f32 and f64"),
                 "pass fewer tokens",
-            )
+            )?;
         }
+        Ok(())
     }
 
     /// The launch plan: a compiled directory's, or an f32 plan lowered in memory with a KV

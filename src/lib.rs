@@ -1,7 +1,8 @@
 //! ngpt as a library: what the `ngpt` command does, in code. The member crates hold the
 //! pieces ([`ngpt_compiler`]: import, IR, passes, ONNX and plan emitters, the reference;
 //! [`ngpt_runtime`]: plans, executors, the generation engine); this crate puts them
-//! together as the command line does: every engine behind one model opened on a path
+//! together as the command line does: compiling a checkpoint into a directory
+//! ([`compile::compile_dir`]), every engine behind one model opened on a path
 //! ([`engines::Model`]), the vocabularies and tokenizers ([`tokens`]), the parity records
 //! ([`parity`]) and the OpenAI-compatible server ([`serve`]).
 //!
@@ -55,6 +56,8 @@ pub mod checkpoint;
 /// The command line's subcommands (each `Args` and `run`), for the `ngpt` binary.
 #[doc(hidden)]
 pub mod commands;
+/// Compiling a checkpoint into a directory ([`compile::compile_dir`]), as `ngpt compile`.
+pub mod compile;
 pub mod engines;
 pub mod memory;
 pub mod parity;

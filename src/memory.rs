@@ -1,22 +1,44 @@
 //! How much more memory this process can allocate, for the checks that refuse a request
 //! before an allocation would fail (Rust aborts the process when one does).
 
-/// Fails in one line when `need` bytes exceed [`available_bytes`]: "`what` needs about N
-/// GB (`detail`), more than the M GB this process can still allocate", then `hint` if any.
-/// Where nothing can be read, passes.
-pub fn ensure_fits(need: f64, what: &str, detail: &str, hint: &str) -> anyhow::Result<()> {
+/// More memory asked for than this process can still allocate: "`what` needs about N GB
+/// (`detail`), more than the M GB this process can still allocate", then a hint if any.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "{what} needs about {:.1} GB ({detail}), more than the {:.1} GB this process can still allocate{}{hint}",
+    .need / 1e9,
+    *.free as f64 / 1e9,
+    if .hint.is_empty() { "" } else { "; " }
+)]
+pub struct Insufficient {
+    /// What needs the memory.
+    pub what: String,
+    /// Bytes needed.
+    pub need: f64,
+    /// What the bytes are for.
+    pub detail: String,
+    /// Bytes this process can still allocate.
+    pub free: u64,
+    /// What the user can do instead ("" for nothing).
+    pub hint: String,
+}
+
+/// Fails with [`Insufficient`] when `need` bytes exceed [`available_bytes`]. Where nothing
+/// can be read, passes.
+pub fn ensure_fits(need: f64, what: &str, detail: &str, hint: &str) -> Result<(), Insufficient> {
     let Some(free) = available_bytes() else {
         return Ok(());
     };
-    anyhow::ensure!(
-        need <= free as f64,
-        "{what} needs about {:.1} GB ({detail}), more than the {:.1} GB this process can \
-         still allocate{}{hint}",
-        need / 1e9,
-        free as f64 / 1e9,
-        if hint.is_empty() { "" } else { "; " }
-    );
-    Ok(())
+    if need <= free as f64 {
+        return Ok(());
+    }
+    Err(Insufficient {
+        what: what.to_string(),
+        need,
+        detail: detail.to_string(),
+        free,
+        hint: hint.to_string(),
+    })
 }
 
 /// Bytes a position-table element takes at a compile's peak: the f64 table and the f32 copy
@@ -25,7 +47,7 @@ const TABLE_ELEMENT_BYTES: f64 = 24.0;
 
 /// Refuses, before anything is allocated, a position table of `rows` x `head_dim` larger
 /// than the memory this process can still get.
-pub fn ensure_table_fits(what: &str, rows: usize, head_dim: usize) -> anyhow::Result<()> {
+pub fn ensure_table_fits(what: &str, rows: usize, head_dim: usize) -> Result<(), Insufficient> {
     ensure_fits(
         rows as f64 * head_dim as f64 * TABLE_ELEMENT_BYTES,
         what,
@@ -80,6 +102,24 @@ fn address_space_limit(limits: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insufficient_memory_names_what_and_how_much() {
+        let e = Insufficient {
+            what: "--max-batch 64".into(),
+            need: 3.2e9,
+            detail: "KV caches".into(),
+            free: 1_500_000_000,
+            hint: "try --max-batch 16".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "--max-batch 64 needs about 3.2 GB (KV caches), more than the 1.5 GB this process \
+             can still allocate; try --max-batch 16"
+        );
+        assert!(ensure_fits(f64::MAX, "x", "y", "").is_err() || available_bytes().is_none());
+        assert!(ensure_fits(0.0, "x", "y", "").is_ok());
+    }
 
     #[test]
     fn reads_proc_fields_and_limits() {

@@ -3,10 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use ngpt_compiler::compile::{self, Manifest};
-use ngpt_compiler::plan::{self, WeightDtype};
-use ngpt_compiler::{artifact, onnx, passes};
-use ngpt_schemas::prost::Message;
+use ngpt_compiler::passes;
 
 /// Compile a checkpoint: fold the scaling factors, fuse the normalize ops, and write the
 /// compiled directory (manifest.json, ir.txt, passes.txt, model.onnx, model.plan and
@@ -148,189 +145,49 @@ pub enum PlanDtype {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    use crate::compile::{compile_dir, Error, OnnxWeights, Options, PlanWeights};
     keep_freed_memory();
-    let hashing = hash_in_background(&a.input);
-    let ckpt = super::input::load_checkpoint(&a.input)?;
-    if let Some(n) = a.stop_after {
-        anyhow::ensure!(
-            n <= passes::CANONICAL.len(),
-            "--stop-after {n}: there are only {} passes",
-            passes::CANONICAL.len()
-        );
-    }
-    let max_seq_len = a
-        .max_seq_len
-        .unwrap_or(onnx::default_max_seq_len(&ckpt.config));
-    onnx::check_max_seq_len(&ckpt.config, max_seq_len)?;
-    crate::memory::ensure_table_fits(
-        &format!("--max-seq-len {max_seq_len}"),
-        max_seq_len,
-        ckpt.config.head_dim(),
-    )?;
     let quantize = quantize_options(&a)?;
-    let compiled = compile::compile(
-        &ckpt,
-        &compile::Options {
-            stop_after: a.stop_after,
-            fault: a.inject_fault.clone(),
-            quantize,
-        },
-    )?;
-    // The graph holds what it still needs (lazily folded weights keep their stored
-    // tensors); drop the checkpoint's own references so that the Q, K and V matrices
-    // fuse_qkv concatenated do not stay in memory twice while the files are written.
-    let mut ckpt = ckpt;
-    ckpt.tensors.clear();
-    let source = std::fs::canonicalize(&ckpt.source).unwrap_or_else(|_| ckpt.source.clone());
-    let source_sha256 = match hashing {
-        Some((hashed, h)) if hashed == source => h
-            .join()
-            .map_err(|_| anyhow::anyhow!("hashing {} failed", source.display()))??,
-        _ => compile::sha256_file(&source)?,
-    };
-    let dtype = match a.dtype {
-        PlanDtype::F32 => WeightDtype::F32,
-        PlanDtype::Bf16 => WeightDtype::Bf16,
-        PlanDtype::Int8 | PlanDtype::Int4 => WeightDtype::Quant,
-    };
-    // A plan needs the canonical form: only a full compile lowers one.
-    let lowers_plan = a.stop_after.is_none();
-    let onnx_opts = onnx::Options {
-        max_seq_len,
-        weights: match a.onnx_dtype {
-            OnnxDtype::F16 => onnx::WeightDtype::F16,
-            // Quantized: the matrices go as MatMulNBits, the rest stays f32.
-            OnnxDtype::F32 | OnnxDtype::Int8 | OnnxDtype::Int4 => onnx::WeightDtype::F32,
-        },
-        external_data: a.external_data,
-    };
-    let onnx_info = onnx::ModelInfo {
-        config: ckpt.config.clone(),
-        source_sha256: Some(source_sha256.clone()),
-        source_name: source.file_name().map(|n| n.to_string_lossy().into_owned()),
-        passes: compiled
-            .records
-            .iter()
-            .map(|r| r.name.to_string())
-            .collect(),
-    };
-    let onnx_files: &[&str] = if a.no_onnx {
-        &[]
-    } else if onnx::uses_external_data(&compiled.graph, &onnx_opts) {
-        &[onnx::MODEL_FILE, onnx::DATA_FILE]
-    } else {
-        &[onnx::MODEL_FILE]
-    };
-    // Tokenizer files beside the checkpoint (or in a compiled INPUT) travel with the
-    // directory, so onnxruntime-genai's `og.Tokenizer(model)` and ngpt's own text paths
-    // work from it alone; their special token ids go into genai_config.json.
-    let source_dir = if source.is_dir() {
-        source.clone()
-    } else {
-        source.parent().map(PathBuf::from).unwrap_or_default()
-    };
-    let token_dir = [a.input.clone(), source_dir]
-        .into_iter()
-        .find(|d| !crate::tokens::files::tokenizer_files(d).is_empty());
-    let token_files = token_dir
-        .as_deref()
-        .map(crate::tokens::files::tokenizer_files)
-        .unwrap_or_default();
-    let special = match &token_dir {
-        Some(d) => crate::tokens::files::special_tokens(d, ckpt.config.vocab_size)?,
-        None => Default::default(),
-    };
-    let genai = onnx::genai::config_json(&ckpt.config, max_seq_len, onnx::MODEL_FILE, &special);
-    let token_names: Vec<String> = token_files
-        .iter()
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect();
-    let mut manifest = Manifest {
-        producer: "ngpt".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        source_sha256,
-        source,
+    let opts = Options {
         stop_after: a.stop_after,
-        passes: compiled
-            .records
-            .iter()
-            .map(|r| r.name.to_string())
-            .collect(),
-        files: ["manifest.json", "ir.txt", "passes.txt"]
-            .into_iter()
-            .chain(onnx_files.iter().copied())
-            .chain((!a.no_onnx).then_some(onnx::genai::CONFIG_FILE))
-            .chain(token_names.iter().map(String::as_str))
-            .chain(
-                lowers_plan
-                    .then_some(["model.plan", "model.weights"])
-                    .into_iter()
-                    .flatten(),
-            )
-            .map(String::from)
-            .collect(),
+        max_seq_len: a.max_seq_len,
+        plan: match a.dtype {
+            PlanDtype::F32 => PlanWeights::F32,
+            PlanDtype::Bf16 => PlanWeights::Bf16,
+            PlanDtype::Int8 | PlanDtype::Int4 => PlanWeights::Quantized,
+        },
+        onnx: (!a.no_onnx).then_some(match a.onnx_dtype {
+            OnnxDtype::F16 => OnnxWeights::F16,
+            OnnxDtype::F32 | OnnxDtype::Int8 | OnnxDtype::Int4 => OnnxWeights::F32,
+        }),
+        external_data: a.external_data,
         quantize,
-        plan_weights: None,
+        replace: a.force,
+        fault: a.inject_fault.clone(),
     };
-    let log = compiled.pass_log();
-    let mut written = None;
-    artifact::write_dir(&a.out, a.force, |dir| {
-        artifact::write_bytes(&dir.join("ir.txt"), compiled.graph.to_string().as_bytes())?;
-        artifact::write_bytes(&dir.join("passes.txt"), log.as_bytes())?;
-        if !a.no_onnx {
-            written = Some(onnx::write(&compiled.graph, &onnx_info, &onnx_opts, dir)?);
-            artifact::write_bytes(&dir.join(onnx::genai::CONFIG_FILE), genai.as_bytes())?;
-        }
-        for (from, name) in token_files.iter().zip(&token_names) {
-            let bytes = std::fs::read(from).map_err(|source| ngpt_compiler::Error::Io {
-                path: from.clone(),
-                source,
-            })?;
-            artifact::write_bytes(&dir.join(name), &bytes)?;
-        }
-        if lowers_plan {
-            // model.weights streams: each weight is made and written in turn.
-            let mut plan = None;
-            artifact::write_with(&dir.join("model.weights"), |tmp| {
-                // Written by a thread of its own, beside the lowering.
-                let mut file = artifact::BackgroundWriter::create(tmp)?;
-                plan = Some(plan::lower_into(
-                    &compiled.graph,
-                    &ckpt.config,
-                    dtype,
-                    max_seq_len,
-                    &manifest.source_sha256,
-                    &mut file,
-                    tmp,
-                )?);
-                file.finish()
-            })?;
-            if let Some(p) = plan {
-                artifact::write_bytes(&dir.join("model.plan"), &p.encode_to_vec())?;
-                manifest.plan_weights = plan::weights_summary(&p, manifest.quantize);
-            }
-        }
-        let json = serde_json::to_string_pretty(&manifest).map_err(|e| {
-            ngpt_compiler::Error::Argument {
-                what: "manifest".into(),
-                problem: e.to_string(),
-            }
-        })?;
-        artifact::write_bytes(&dir.join("manifest.json"), json.as_bytes())
-    })
-    .map_err(|e| match e {
-        ngpt_compiler::Error::OutputExists { path } => anyhow::anyhow!(
+    let done = compile_dir(&a.input, &a.out, &opts).map_err(|e| match e {
+        // The library's messages name its options; the command line's name the flags.
+        Error::Compiler(ngpt_compiler::Error::OutputExists { path }) => anyhow::anyhow!(
             "--out {}: already exists and is not empty; pass --force to replace it",
             path.display()
         ),
+        Error::StopAfter { requested, passes } => {
+            anyhow::anyhow!("--stop-after {requested}: there are only {passes} passes")
+        }
+        Error::Memory(m) => anyhow::anyhow!(crate::memory::Insufficient {
+            what: m.what.replace("max_seq_len", "--max-seq-len"),
+            ..m
+        }),
         e => e.into(),
     })?;
-    print!("{log}");
-    let weights_label = match quantize {
-        Some(q) => format!("{} MatMulNBits", q.bits.as_str()),
-        None => onnx_opts.weights.as_str().to_string(),
+    print!("{}", done.pass_log);
+    let weights_label = match (quantize, opts.onnx) {
+        (Some(q), _) => format!("{} MatMulNBits", q.bits.as_str()),
+        (None, Some(OnnxWeights::F16)) => "f16".to_string(),
+        (None, _) => "f32".to_string(),
     };
-    if let Some(w) = written {
+    let max_seq_len = done.max_seq_len;
+    if let Some(w) = &done.onnx {
         let kb = |b: u64| b as f64 / 1024.0;
         if w.data_bytes > 0 {
             println!(
@@ -347,42 +204,11 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    if !token_names.iter().any(|n| n == "tokenizer.json") {
-        eprintln!(
-            "note: no tokenizer.json beside {}: onnxruntime-genai runs {} from token ids (og.Tokenizer needs one)",
-            manifest.source.display(),
-            a.out.display()
-        );
+    for note in &done.notes {
+        eprintln!("note: {note}");
     }
-    println!(
-        "wrote {} ({} IR nodes)",
-        a.out.display(),
-        compiled.graph.nodes.len()
-    );
+    println!("wrote {} ({} IR nodes)", a.out.display(), done.ir_nodes);
     Ok(())
-}
-
-/// The sha256 of the checkpoint file `input` resolves to, on a thread of its own while the
-/// checkpoint is imported and compiled (hashing a 2 GB file is about 1.2 s of one core,
-/// 7% of a 0.5b compile's samples). `None` where the file is not known before import (a
-/// compiled directory as input): the caller hashes then.
-fn hash_in_background(
-    input: &std::path::Path,
-) -> Option<(
-    PathBuf,
-    std::thread::JoinHandle<ngpt_compiler::Result<String>>,
-)> {
-    if ngpt_compiler::compile::is_compiled_dir(input) {
-        return None;
-    }
-    let (file, _, _) = ngpt_compiler::import::resolve(input).ok()?;
-    let file = std::fs::canonicalize(file).ok()?;
-    let path = file.clone();
-    let handle = std::thread::Builder::new()
-        .name("sha256".into())
-        .spawn(move || compile::sha256_file(&path))
-        .ok()?;
-    Some((file, handle))
 }
 
 /// A compile streams gigabytes through short-lived tensor buffers. glibc serves each large

@@ -7,6 +7,7 @@ mod bad_inputs_corpus;
 mod bench_cli;
 mod cli;
 mod compile_cli;
+mod compile_lib;
 mod cpu_threads;
 mod determinism;
 mod engine;
