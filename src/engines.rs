@@ -276,10 +276,7 @@ impl Model {
         let quadratic = score_bytes(n_head, tf, scores);
         let logits = LOGIT_BYTES * tf * vocab;
         let gb = |b: f64| b / 1e9;
-        let what = format!(
-            "--tokens: {t} positions through the {} engine",
-            engine.name()
-        );
+        let what = format!("{t} positions through the {} engine", engine.name());
         if quadratic > 0.0 {
             crate::memory::ensure_fits(
                 quadratic + logits,
@@ -292,14 +289,16 @@ impl Model {
                 ),
                 "use the plan-cpu engine (its memory grows linearly with the tokens) or fewer \
                  tokens",
-            )?;
+            )
+            .map_err(crate::Error::TooManyPositions)?;
         } else {
             crate::memory::ensure_fits(
                 logits,
                 &what,
                 &format!("for the logits, {t} x {vocab} in f32 and f64"),
                 "pass fewer tokens",
-            )?;
+            )
+            .map_err(crate::Error::TooManyPositions)?;
         }
         Ok(())
     }
@@ -314,10 +313,10 @@ impl Model {
         }
         let plan = if self.is_compiled() {
             if !self.input.join("model.plan").is_file() {
-                bail!(
-                    "{}: no model.plan in this compiled directory (compiled with --stop-after, which writes no plan?); compile it again without --stop-after",
-                    self.input.display()
-                );
+                return Err(crate::Error::NoPlan {
+                    dir: self.input.clone(),
+                }
+                .into());
             }
             LoadedPlan::load_with(
                 &self.input,
@@ -345,15 +344,13 @@ impl Model {
         Ok(plan)
     }
 
-    /// Why tract has nothing to run here, where that was asked for: a compiled directory
-    /// made with `--no-onnx`.
-    pub fn onnx_missing_by_choice(&self) -> Option<String> {
-        if !self.is_compiled() || self.input.join(onnx::MODEL_FILE).is_file() {
-            return None;
-        }
-        compile::Manifest::read(&self.input)
-            .is_ok_and(|m| !m.files.iter().any(|f| f == onnx::MODEL_FILE))
-            .then(|| "compiled with --no-onnx: no model.onnx".to_string())
+    /// Whether this is a compiled directory made without model.onnx on purpose (its
+    /// manifest lists none), so tract has nothing to run.
+    pub fn onnx_missing_by_choice(&self) -> bool {
+        self.is_compiled()
+            && !self.input.join(onnx::MODEL_FILE).is_file()
+            && compile::Manifest::read(&self.input)
+                .is_ok_and(|m| !m.files.iter().any(|f| f == onnx::MODEL_FILE))
     }
 
     /// The tract session on model.onnx: a compiled directory's, or one exported in memory
@@ -372,11 +369,10 @@ impl Model {
                         let no_onnx = compile::Manifest::read(&self.input)
                             .is_ok_and(|m| !m.files.iter().any(|f| f == onnx::MODEL_FILE));
                         if no_onnx {
-                            bail!(
-                                "{}: compiled without {} (--no-onnx); tract runs the ONNX export",
-                                self.input.display(),
-                                onnx::MODEL_FILE
-                            );
+                            return Err(crate::Error::NoOnnx {
+                                dir: self.input.clone(),
+                            }
+                            .into());
                         }
                         bail!(
                             "{}: no {} in this compiled directory (compiled by an older ngpt?); compile it again",
@@ -487,7 +483,7 @@ impl Model {
     ) -> Result<Vec<f64>> {
         let vocab = self.vocab_size()?;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("--tokens: token id {bad} is not below the vocabulary size {vocab}");
+            return Err(crate::Error::TokenOutsideVocabulary { id: *bad, vocab }.into());
         }
         self.check_memory(engine, tokens.len(), precision)?;
         let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
@@ -507,13 +503,12 @@ impl Model {
                 let session = self.tract(tokens.len())?;
                 if let Some(max) = session.max_seq_len {
                     if tokens.len() > max {
-                        bail!(
-                            "--tokens: {} tokens, but {} has a position table of {max} rows (its \
-                             --max-seq-len); compile again with --max-seq-len {} or more",
-                            tokens.len(),
-                            input.join(onnx::MODEL_FILE).display(),
-                            tokens.len()
-                        );
+                        return Err(crate::Error::TooManyTokens {
+                            tokens: tokens.len(),
+                            model: input.join(onnx::MODEL_FILE),
+                            max,
+                        }
+                        .into());
                     }
                 }
                 Ok(widen(session.logits(tokens)?))
@@ -688,7 +683,7 @@ pub fn plan_session(
         Engine::PlanCpu => Session::new(plan, batch)?,
         Engine::PlanCuda => {
             if let Some(why) = cuda_unavailable() {
-                bail!("--engine plan-cuda: {why}");
+                return Err(crate::Error::CudaUnavailable { why }.into());
             }
             Session::cuda_with(plan, batch, &crate::settings::get().cuda)?
         }
@@ -708,7 +703,7 @@ pub fn plan_engine(
         Engine::PlanCpu => Generator::cpu(plan, opts)?,
         Engine::PlanCuda => {
             if let Some(why) = cuda_unavailable() {
-                bail!("--engine plan-cuda: {why}");
+                return Err(crate::Error::CudaUnavailable { why }.into());
             }
             Generator::cuda(plan, opts, &crate::settings::get().cuda)?
         }

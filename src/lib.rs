@@ -48,9 +48,11 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 //!
-//! The library's errors are `anyhow` errors with the CLI's one-line messages; the runtime's
-//! request errors underneath are typed ([`ngpt_runtime::Error`]) and can be matched with
-//! `downcast_ref`.
+//! The library's functions return `anyhow` errors; what they refuse in a caller's input is
+//! typed inside ([`Error`]: a token outside the vocabulary, too many tokens for the position
+//! table, a character the vocabulary lacks, ...; the runtime's [`ngpt_runtime::Error`]: KV
+//! cache full, sequence too long, ...), matched with `downcast_ref`, and no message names a
+//! command-line flag ([`compile::compile_dir`] returns its own typed error).
 
 pub mod checkpoint;
 /// The command line's subcommands (each `Args` and `run`), for the `ngpt` binary.
@@ -59,8 +61,11 @@ pub mod commands;
 /// Compiling a checkpoint into a directory ([`compile::compile_dir`]), as `ngpt compile`.
 pub mod compile;
 pub mod engines;
+pub mod error;
 pub mod memory;
 pub mod parity;
 pub mod serve;
 pub mod settings;
 pub mod tokens;
+
+pub use error::Error;

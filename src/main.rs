@@ -90,21 +90,8 @@ fn main() {
         // One line: the outermost context, then each cause. The compiler's errors already
         // print their source (`path: io error`), so a cause whose text is already in the
         // message is not repeated; candle errors are shown without the backtrace they carry
-        // when RUST_BACKTRACE is set.
-        let mut msg = String::new();
-        for cause in e.chain() {
-            let cause = match cause.downcast_ref::<candle_core::Error>() {
-                Some(c) => ngpt_compiler::error::candle_message(c),
-                None => cause.to_string(),
-            };
-            if msg.contains(&cause) {
-                continue;
-            }
-            if !msg.is_empty() {
-                msg.push_str(": ");
-            }
-            msg.push_str(&cause);
-        }
+        // when RUST_BACKTRACE is set; the library's typed errors name the flag.
+        let mut msg = ngpt::error::cli_chain(&e);
         // The runtime's typed errors name no flag; say which one changes the capacity.
         let capacity = e.chain().any(|c| {
             matches!(

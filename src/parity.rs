@@ -364,8 +364,10 @@ pub fn read_prompts(
     vocab: Option<&crate::tokens::Vocab>,
     vocab_size: usize,
 ) -> Result<Vec<(String, Vec<u32>)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --prompts {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|io| crate::Error::PromptsUnreadable {
+        path: path.to_path_buf(),
+        io,
+    })?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
         let trimmed = line.trim();
@@ -378,22 +380,24 @@ pub fn read_prompts(
         let tokens = match (numeric, vocab) {
             (true, _) => crate::tokens::parse_tokens(trimmed, vocab_size),
             (false, Some(v)) => v.encode(line),
-            (false, None) => Err(anyhow::anyhow!(
-                "the line is text but no vocabulary was found beside the model; pass --vocab FILE or write token ids"
-            )),
+            (false, None) => Err(crate::Error::NoVocabulary.into()),
         }
-        .with_context(|| format!("--prompts {} line {}", path.display(), i + 1))?;
-        if tokens.is_empty() {
-            bail!(
-                "--prompts {} line {}: encodes to no tokens",
-                path.display(),
-                i + 1
-            );
-        }
+        .and_then(|t| {
+            anyhow::ensure!(!t.is_empty(), "encodes to no tokens");
+            Ok(t)
+        })
+        .map_err(|problem| crate::Error::PromptLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            problem,
+        })?;
         out.push((line.to_string(), tokens));
     }
     if out.is_empty() {
-        bail!("--prompts {}: holds no prompt", path.display());
+        return Err(crate::Error::NoPrompts {
+            path: path.to_path_buf(),
+        }
+        .into());
     }
     Ok(out)
 }

@@ -113,7 +113,9 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
         for &p in precisions {
             let skip = match engine {
                 Engine::PlanCuda => cuda_unavailable(),
-                Engine::Tract => model.onnx_missing_by_choice(),
+                Engine::Tract => model
+                    .onnx_missing_by_choice()
+                    .then(|| "compiled with --no-onnx: no model.onnx".to_string()),
                 _ => None,
             };
             if let Some(why) = skip {

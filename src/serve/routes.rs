@@ -343,13 +343,9 @@ pub async fn completions(State(s): Shared, body: Result<Bytes, BytesRejection>) 
                         "prompt: the model has no vocabulary (tokenizer.json, vocab.json or meta.pkl); send token ids",
                     )
                 })?;
-                vocab.encode(text).map_err(|e| {
-                    let e = format!("{e:#}");
-                    ApiError::invalid(
-                        "prompt",
-                        format!("prompt: {}", e.trim_start_matches("--prompt: ")),
-                    )
-                })?
+                vocab
+                    .encode(text)
+                    .map_err(|e| ApiError::invalid("prompt", format!("prompt: {e:#}")))?
             }
         };
         Ok((req, ids))
@@ -374,13 +370,9 @@ pub async fn chat_completions(State(s): Shared, body: Result<Bytes, BytesRejecti
         let text = template
             .render(&req.messages)
             .map_err(|e| ApiError::invalid("messages", format!("messages: {e}")))?;
-        let ids = vocab.encode_plain(&text).map_err(|e| {
-            let e = format!("{e:#}");
-            ApiError::invalid(
-                "messages",
-                format!("messages: {}", e.trim_start_matches("--prompt: ")),
-            )
-        })?;
+        let ids = vocab
+            .encode_plain(&text)
+            .map_err(|e| ApiError::invalid("messages", format!("messages: {e:#}")))?;
         if ids.is_empty() {
             return Err(ApiError::invalid(
                 "messages",

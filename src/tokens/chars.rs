@@ -130,7 +130,7 @@ impl Chars {
                 self.index
                     .get(&ch)
                     .copied()
-                    .with_context(|| format!("--prompt: character {ch:?} is not in the vocabulary"))
+                    .ok_or_else(|| crate::Error::CharacterNotInVocabulary { ch }.into())
             })
             .collect()
     }

@@ -54,13 +54,14 @@ impl Hf {
 
     /// `encode`, with or without the special tokens the post-processor adds (a BOS, say).
     pub fn encode_with(&self, text: &str, path: &Path, special: bool) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, special).map_err(|e| {
-            anyhow!(
-                "--prompt: {} cannot encode {text:?}: {}",
-                path.display(),
-                one_line(&e.to_string())
-            )
-        })?;
+        let enc = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| crate::Error::CannotEncode {
+                tokenizer: path.to_path_buf(),
+                text: text.to_string(),
+                reason: one_line(&e.to_string()),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 

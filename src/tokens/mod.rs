@@ -17,25 +17,28 @@ use ngpt_compiler::compile::{is_compiled_dir, Manifest};
 use chars::Chars;
 use hf::{Hf, HfStream};
 
-/// Parses `--tokens 5,17,3` into ids below `vocab_size`.
+/// Parses a token list (`5,17,3`, as `--tokens` takes) into ids below `vocab_size`;
+/// refusals are [`crate::Error`]s.
 pub fn parse_tokens(text: &str, vocab_size: usize) -> Result<Vec<u32>> {
     let text = text.trim();
     if text.is_empty() {
-        bail!("--tokens: empty; expected comma-separated token ids such as 5,17,3");
+        return Err(crate::Error::NoTokens.into());
     }
     text.split(',')
         .enumerate()
         .map(|(i, s)| {
             let s = s.trim();
-            let v: i64 = s.parse().map_err(|_| {
-                anyhow::anyhow!("--tokens: item {} `{s}` is not an integer token id", i + 1)
+            let v: i64 = s.parse().map_err(|_| crate::Error::NotATokenId {
+                item: i + 1,
+                text: s.to_string(),
             })?;
             if v < 0 || v as u64 >= vocab_size as u64 {
-                bail!(
-                    "--tokens: token id {v} (item {}) is out of range; expected 0..{}",
-                    i + 1,
-                    vocab_size - 1
-                );
+                return Err(crate::Error::TokenOutOfRange {
+                    id: v,
+                    item: i + 1,
+                    vocab: vocab_size,
+                }
+                .into());
             }
             Ok(v as u32)
         })

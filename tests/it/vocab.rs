@@ -1,14 +1,10 @@
 //! Vocabularies: nanoGPT's char-level `meta.pkl`, ngpt's `vocab.json` and a Hugging Face
-//! `tokenizer.json`, through the one `Vocab` type the CLI uses (`src/tokens/`, compiled into
-//! this test) and through `ngpt generate`.
+//! `tokenizer.json`, through the one `Vocab` type the CLI uses (`ngpt::tokens`) and through
+//! `ngpt generate`.
 //!
 //! The meta.pkl fixtures under `tests/fixtures/vocab/` were written by Python's `pickle`
 //! exactly as nanoGPT's `prepare.py` writes them (`make_meta.py` there); the variants the
 //! tests corrupt are pickled here with serde-pickle, so no test needs Python.
-
-#[allow(dead_code)]
-#[path = "../../src/tokens/mod.rs"]
-mod tokens;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +13,8 @@ use std::process::Output;
 use anyhow::{Context, Result};
 
 use crate::common::{ngpt, ok, stderr, stdout, utf8};
+use ngpt::tokens::{self, Vocab};
 use serde_pickle::{HashableValue as H, SerOptions, Value};
-use tokens::Vocab;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

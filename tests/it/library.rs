@@ -1,5 +1,6 @@
-//! `ngpt::compile::compile_dir`, the library's `ngpt compile`: the same directory as the
-//! command writes, and typed errors a caller can match on (none naming a flag).
+//! The `ngpt` library: `compile::compile_dir` (the library's `ngpt compile`: the same
+//! directory as the command writes) and the typed errors a caller matches on, none of whose
+//! messages names a flag.
 
 use crate::common;
 
@@ -121,5 +122,74 @@ fn compile_dir_errors_are_typed_and_name_no_flags() -> Result<()> {
     assert_eq!(read(&out, "keep"), b"x");
     compile_dir(&ckpt, &out, &Options { replace: true, ..o })?;
     assert!(!out.join("keep").exists() && out.join("model.plan").is_file());
+    Ok(())
+}
+
+#[test]
+fn refused_inputs_are_typed_errors_that_name_no_flag() -> Result<()> {
+    use ngpt::engines::{Engine, Model};
+    use ngpt_compiler::reference::Precision;
+    let tiny = common::nv_tiny();
+    let named = |e: &anyhow::Error| -> String {
+        let text = format!("{e:#}");
+        assert!(!text.contains("--"), "names a flag: {text}");
+        text
+    };
+    let mut model = Model::open(&tiny);
+    let e = model
+        .logits(Engine::PlanCpu, &[3, 9999], Precision::F32)
+        .expect_err("outside the vocabulary");
+    named(&e);
+    assert!(matches!(
+        e.downcast_ref::<ngpt::Error>(),
+        Some(ngpt::Error::TokenOutsideVocabulary { id: 9999, .. })
+    ));
+    let e = ngpt::tokens::parse_tokens("1,x", 10).expect_err("not an id");
+    named(&e);
+    assert!(matches!(
+        e.downcast_ref::<ngpt::Error>(),
+        Some(ngpt::Error::NotATokenId { item: 2, .. })
+    ));
+    let vocab = ngpt::tokens::Vocab::find(&tiny)?.expect("nv-tiny has a vocabulary");
+    let e = vocab
+        .encode("caf\u{e9}")
+        .expect_err("é is not in a license text's characters");
+    named(&e);
+    assert!(matches!(
+        e.downcast_ref::<ngpt::Error>(),
+        Some(ngpt::Error::CharacterNotInVocabulary { ch: '\u{e9}' })
+    ));
+    let tmp = tempfile::tempdir()?;
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "1,2\n# a comment\n4,99\n")?;
+    let e = ngpt::parity::read_prompts(&prompts, None, 50).expect_err("line 3 is out of range");
+    let text = named(&e);
+    assert!(text.contains("line 3") && text.contains("99"), "{text}");
+    let Some(ngpt::Error::PromptLine {
+        line: 3, problem, ..
+    }) = e.downcast_ref::<ngpt::Error>()
+    else {
+        panic!("{text}")
+    };
+    assert!(matches!(
+        problem.downcast_ref::<ngpt::Error>(),
+        Some(ngpt::Error::TokenOutOfRange { id: 99, .. })
+    ));
+    // The command line prints the same refusal with the flag it came from.
+    let o = common::ngpt(&[
+        "logits",
+        tiny.to_str().unwrap(),
+        "--engine",
+        "plan-cpu",
+        "--tokens",
+        "3,9999",
+        "-o",
+        tmp.path().join("l.npy").to_str().unwrap(),
+    ])?;
+    assert!(
+        common::stderr(&o).contains("error: --tokens: token id 9999 (item 2) is out of range"),
+        "{}",
+        common::stderr(&o)
+    );
     Ok(())
 }
