@@ -58,7 +58,6 @@ pub mod checkpoint;
 /// The command line's subcommands (each `Args` and `run`), for the `ngpt` binary.
 #[doc(hidden)]
 pub mod commands;
-/// Compiling a checkpoint into a directory ([`compile::compile_dir`]), as `ngpt compile`.
 pub mod compile;
 pub mod engines;
 pub mod error;
