@@ -458,6 +458,41 @@ mod tests {
     }
 
     #[test]
+    fn quantized_gemvs_are_entries_and_fold_like_bf16_ones() {
+        assert_eq!(kind_of("gemv_i8_3"), Some(kind::GEMV_I8));
+        assert_eq!(kind_of("gemv_i4_8"), Some(kind::GEMV_I4));
+        assert_eq!(kind_of("dequant_rows"), None);
+        // The compiled decode program with int4 and int8 weights folds as with bf16 ones:
+        // the same folds fire, and every gemv keeps its kind and its scales' address.
+        for k in [kind::GEMV_I4, kind::GEMV_I8] {
+            let raw: Vec<PdOp> = program(2, 2)
+                .into_iter()
+                .map(|mut e| {
+                    if e.kind == kind::GEMV_BF16 {
+                        e.kind = k;
+                        e.p[QUANT_SCALES_SLOT] = e.p[0] + 0x10;
+                    }
+                    e
+                })
+                .collect();
+            let (folded, fused) = fuse(&raw, 2, C, stage_bytes(2, C), SHADOW);
+            assert_eq!(
+                fused,
+                Fused {
+                    lerp_gemv: 4,
+                    swiglu_gemv: 2,
+                    pos_attention: 2
+                }
+            );
+            assert!(folded
+                .iter()
+                .filter(|e| e.is_gemv())
+                .all(|e| e.kind == k && e.p[QUANT_SCALES_SLOT] == e.p[0] + 0x10));
+            assert!(label(&folded[2]).starts_with("gemv int"));
+        }
+    }
+
+    #[test]
     fn the_updated_rows_alternate_between_the_buffer_and_its_shadow() {
         let raw = program(2, 2);
         let (out, _) = fuse(&raw, 2, C, stage_bytes(2, C), SHADOW);

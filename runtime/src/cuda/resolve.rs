@@ -541,6 +541,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quantized_gemvs_take_16_byte_loads_only_over_whole_aligned_runs() {
+        // int8: 16 weights a load; int4: 32. The 0.5b's K (1024, 4096) take them.
+        assert!(quant_vec(8, 1024, 0x1000, 1024) && quant_vec(4, 4096, 0x1000, 4096));
+        assert!(quant_vec(8, 48, 0x1000, 48) && !quant_vec(4, 48, 0x1000, 48));
+        // K odd or not a whole run (row starts would not be 16-byte aligned), activations
+        // misaligned or ldb not a multiple of 4 floats: the element-wise path.
+        for (bits, k, b, ldb) in [
+            (4, 45, 0x1000, 48),
+            (8, 36, 0x1000, 36),
+            (8, 64, 0x1004, 64),
+            (4, 64, 0x1000, 66),
+        ] {
+            assert!(!quant_vec(bits, k, b, ldb), "{bits} {k} {b:#x} {ldb}");
+        }
+        // flags: bit 0 vec, log2(block) from bit 8, as helpers.cu reads them.
+        assert_eq!(quant_flags(true, 5), 1 | 5 << 8);
+        assert_eq!(quant_flags(false, 4), 4 << 8);
+    }
+
+    #[test]
+    fn dequantized_tiles_hold_at_most_32_mib() {
+        // 0.5b lm_head (50,304 x 1,024): 8,192 rows a tile, 7 tiles.
+        let rows = dequant_tile_rows(50_304, 1024);
+        assert_eq!(rows, 8192);
+        assert!(rows * 1024 <= DEQUANT_TILE_FLOATS);
+        assert_eq!(50_304usize.div_ceil(rows), 7);
+        // A small weight is one tile; a K wider than the tile still gets a row.
+        assert_eq!(dequant_tile_rows(97, 64), 97);
+        assert_eq!(dequant_tile_rows(10, DEQUANT_TILE_FLOATS * 2), 1);
+    }
+
+    #[test]
     fn dims_need_x() {
         let a = |c0| {
             Some(pb::Affine {
