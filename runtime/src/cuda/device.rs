@@ -234,21 +234,6 @@ pub(super) fn quant_block_log2(block: usize) -> Option<u32> {
     (block >= 16 && block.is_power_of_two() && block <= 1 << 30).then(|| block.trailing_zeros())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::quant_block_log2;
-
-    #[test]
-    fn blocks_are_powers_of_two_of_at_least_16() {
-        assert_eq!(quant_block_log2(16), Some(4));
-        assert_eq!(quant_block_log2(32), Some(5));
-        assert_eq!(quant_block_log2(1 << 20), Some(20));
-        for bad in [0, 8, 24, 48, 1 << 31] {
-            assert_eq!(quant_block_log2(bad), None, "{bad}");
-        }
-    }
-}
-
 /// The plan's buffers: the KV caches allocated (for `batch` sequences), the rest per call.
 pub(super) fn plan_buffers(
     plan: &LoadedPlan,
@@ -406,5 +391,20 @@ impl CudaExecutor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quant_block_log2;
+
+    #[test]
+    fn blocks_are_powers_of_two_of_at_least_16() {
+        assert_eq!(quant_block_log2(16), Some(4));
+        assert_eq!(quant_block_log2(32), Some(5));
+        assert_eq!(quant_block_log2(1 << 20), Some(20));
+        for bad in [0, 8, 24, 48, 1 << 31] {
+            assert_eq!(quant_block_log2(bad), None, "{bad}");
+        }
     }
 }
