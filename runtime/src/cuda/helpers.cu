@@ -541,7 +541,7 @@ __device__ void pd_qgemv_n(const PdOp& op, const float* b, int ldb, int gwarp, i
     const unsigned short* s = reinterpret_cast<const unsigned short*>(op.p[7]);
     float* c = reinterpret_cast<float*>(op.p[2]);
     const int k = op.i[1], nb = q_blocks(k, op.i[5] >> 8);
-    constexpr int U = N <= 2 ? 4 : 2;
+    constexpr int U = N <= 2 ? 2 : 1;
     for (int i = gwarp; i < op.i[0]; i += nwarps)
         qgemv_row_at<BITS, N, false, U>(a + (long long)i * op.i[2], s + (long long)i * nb, b, c, i, k, ldb, op.i[4],
                                         op.f[0], op.f[1], op.i[5], lane);
@@ -712,7 +712,7 @@ __device__ void pd_qgemv_stream_n(const PdOp& op, const float* b, int ldb, const
     const unsigned char* sa = reinterpret_cast<const unsigned char*>(slice);
     const unsigned short* s = reinterpret_cast<const unsigned short*>(op.p[7]);
     float* c = reinterpret_cast<float*>(op.p[2]);
-    constexpr int U = N <= 2 ? 4 : 2;
+    constexpr int U = N <= 2 ? 2 : 1;
     int r0, r1;
     pd_block_rows(op.i[0], &r0, &r1);
     const int in_slice = pd_slice_rows(op, r0, r1, slice_bytes), k = op.i[1], rb = op.i[2];
