@@ -17,8 +17,14 @@
 #   cargo test --no-run -p ngpt-runtime --test cuda --message-format=json
 # (the compiler-artifact line whose target is `cuda` names its "executable").
 #
+# Plans are not carried: gpu-check.sh makes them there with the bundled CLI (ngpt init, then
+# ngpt compile --dtype f32|bf16|int8|int4), so the CLI must know the weight-only int8/int4
+# plans (issue 23; checked below).
+#
 # Usage: scripts/build-gpu-bundle.sh [OUT_DIR]
 # Then, on the GPU machine: bash OUT_DIR/gpu-check.sh OUT_DIR
+# (NGPT_GPU_PARTS=tests,quant adds issue 23's rows: the 0.5b int8/int4 plans' decode and
+# decode_persistent's int4 gemv entries against bf16.)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,6 +59,11 @@ cargo build --release -p ngpt --bin ngpt
 echo "building the test binaries (test profile) ..." >&2
 cuda_tests=$(test_binary ngpt-runtime cuda)
 it_tests=$(test_binary ngpt it)
+# gpu-check.sh compiles int8 and int4 plans with this CLI.
+if ! target/release/ngpt compile --help 2>/dev/null | grep -q int4; then
+    echo "error: target/release/ngpt compile does not offer --dtype int4 (gpu-check.sh makes int8/int4 plans)" >&2
+    exit 1
+fi
 for b in "$cuda_tests" "$it_tests"; do
     if [ -z "$b" ] || [ ! -x "$b" ]; then
         echo "error: a test binary was not built (run the cargo test --no-run commands above to see why)" >&2

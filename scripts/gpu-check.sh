@@ -2,7 +2,8 @@
 # The CUDA executor on a GPU machine with CUDA 13 and no Rust toolchain, from a bundle made
 # by scripts/build-gpu-bundle.sh (prebuilt, stripped x86-64 binaries):
 #   1. finds libcuda, libnvrtc and libcublas and puts their folders on LD_LIBRARY_PATH;
-#   2. makes the tiny and 0.5b presets (ngpt init; ngpt compile --dtype bf16, tiny also f32);
+#   2. makes the tiny and 0.5b presets (ngpt init; ngpt compile --dtype bf16, tiny also f32,
+#      int8 and int4: weight-only quantized plans, issue 23);
 #   3. runs the CUDA tests: runtime/tests/cuda.rs (CUDA against the CPU executor on made and
 #      on these compiled plans) and tests/it/plan_parity.rs's plan_cuda bodies (against the
 #      float64 reference: f32 1e-5, bf16 2e-2 with top-1 >= 95%);
@@ -25,7 +26,9 @@
 # NGPT_GPU_CPU_ROWS=0 leaves out the plan-cpu generate and bench rows, NGPT_GPU_TORCH=0
 # the PyTorch rows (each saves device time).
 # NGPT_GPU_PARTS: comma-separated, of `tests` (steps 3 to 5), `optin` (step 5c: the tests
-# again with the opt-in GPU paths on), `targets` (step 6) and
+# again with the opt-in GPU paths on), `quant` (step 5d: issue 23's GPU rows, the 0.5b
+# int8 and int4 plans' decode against bf16 and decode_persistent's int4 gemv entries
+# against bf16's, about 3 minutes), `targets` (step 6) and
 # `compare` (step 7: scripts/bench_compare.sh's table, about 5 minutes), or
 # `targets-if-ok` (step 6 only when every earlier check passed); default `tests`. The work folder is /tmp/ngpt-gpu-check: a second call on a machine
 # still warm reuses the models made by the first.
@@ -144,7 +147,12 @@ once 60 "compile tiny f32" "$models/tiny-f32" "$ngpt" compile "$models/tiny" -o 
     fail "compile tiny f32"
 once 60 "compile tiny bf16" "$models/tiny-bf16" "$ngpt" compile "$models/tiny" -o "$models/tiny-bf16" \
     --dtype bf16 || fail "compile tiny bf16"
-plans="$models/tiny-f32,$models/tiny-bf16"
+# Weight-only int8 and int4 plans (issue 23; no model.onnx: --no-onnx).
+for q in int8 int4; do
+    once 60 "compile tiny $q" "$models/tiny-$q" "$ngpt" compile "$models/tiny" -o "$models/tiny-$q" \
+        --dtype "$q" --no-onnx || fail "compile tiny $q"
+done
+plans="$models/tiny-f32,$models/tiny-bf16,$models/tiny-int8,$models/tiny-int4"
 if [ "$half" != 0 ]; then
     once 240 "compile 0.5b bf16" "$models/half-bf16" "$ngpt" compile "$models/half" \
         -o "$models/half-bf16" --dtype bf16 --max-seq-len 2304 || fail "compile 0.5b bf16"
@@ -182,7 +190,7 @@ has_bench=0
 "$ngpt" bench --help >/dev/null 2>&1 && has_bench=1
 
 rows=()
-for m in tiny-f32 tiny-bf16 half-bf16; do
+for m in tiny-f32 tiny-bf16 tiny-int8 tiny-int4 half-bf16; do
     dir="$models/$m"
     [ -f "$dir/model.plan" ] || continue
     src="$models/${m%%-*}"
@@ -289,6 +297,74 @@ if [[ $parts == *,optin,* ]]; then
     if grep -q "^skipped: " "$log"; then
         fail "some CUDA tests skipped on a GPU machine: $(grep -m1 '^skipped: ' "$log")"
     fi
+fi
+
+# --- 5d. issue 23's GPU rows (`quant`): decode of the 0.5b preset's int8 and int4 plans
+# (lm_head int8 in both, the default) against its bf16 plan, batch 1, 128-token prompt, 256
+# new tokens, one machine, one call; then the GPU time of decode_persistent's gemv entries
+# (option profile=on, program decode.pd: the gemv entries' times per decode step summed)
+# for the int8 and int4 plans against the bf16 one. Issue 23's target: int4 gemv entries
+# at least 2x faster than bf16's.
+if [[ $parts == *,quant,* ]] && [ "$half" != 0 ] && [ -f "$models/half/config.json" ]; then
+    qrows=()
+    for q in int8 int4; do
+        once 300 "compile 0.5b $q" "$models/half-$q" "$ngpt" compile "$models/half" -o "$models/half-$q" \
+            --dtype "$q" --no-onnx --max-seq-len 2304 || fail "compile 0.5b $q"
+    done
+    for m in half-bf16 half-int8 half-int4; do
+        [ -f "$models/$m/model.plan" ] || continue
+        out="$work/q-bench-$m.out"
+        if STDOUT="$out" run 180 "quant: bench $m plan-cuda b1 p128 g256" env NGPT_CUDA_OPTIONS=check=off \
+            "$ngpt" bench "$models/$m" --engine plan-cuda --prompt-len 128 --gen-len 256 --runs 3 --json; then
+            qrows+=("$(printf '%-10s %12s %12s %9s %8s' "$m" "$(json_field "$out" prefill_tokens_per_s)" \
+                "$(json_field "$out" decode_tokens_per_s)" "$(json_field "$out" ttft_ms)" \
+                "$(json_field "$out" decode_floor_fraction)")")
+        else
+            fail "quant: bench $m plan-cuda"
+            qrows+=("$(printf '%-10s failed' "$m")")
+        fi
+        cat "$out" >> "$log"
+    done
+    # GPU time of the gemv entries a decode step, from a profile's decode.pd lines
+    # (`  decode.pd gemv int4 m3072 k1024 + lerp_norm   31 calls   1.234 ms ...`).
+    cat > "$work/gemv_time.py" <<'EOF'
+import re, sys
+total, n = 0.0, 0
+for line in open(sys.argv[1]):
+    m = re.match(r"\s+decode\.pd\s+gemv.*?\s(\d+) calls\s+([\d.]+) ms", line)
+    if m:
+        total += float(m.group(2)) / int(m.group(1))
+        n += 1
+print(f"{total:.4f} {n}" if n else "- 0")
+EOF
+    declare -A gemv_ms=()
+    for m in half-bf16 half-int8 half-int4; do
+        [ -f "$models/$m/model.plan" ] || continue
+        prof="$work/q-profile-$m.out"
+        say "== quant: profile $m p128 g32"
+        env NGPT_CUDA_OPTIONS=check=off,profile=on timeout 180 "$ngpt" bench "$models/$m" \
+            --engine plan-cuda --prompt-len 128 --gen-len 32 --runs 1 >"$prof" 2>&1 || fail "quant: profile $m"
+        cat "$prof" >> "$log"
+        read -r ms entries < <(python3 "$work/gemv_time.py" "$prof")
+        gemv_ms[$m]=$ms
+        say "   $m: decode_persistent gemv entries $ms ms a decode step ($entries entries)"
+        [ "${entries:-0}" != 0 ] ||
+            fail "quant: no decode.pd gemv entries in the $m profile (did decode run as decode_persistent?)"
+    done
+    # speedup PLAN: bf16's gemv time over PLAN's.
+    speedup() {
+        awk -v a="${gemv_ms[half-bf16]:--}" -v b="${gemv_ms[$1]:--}" \
+            'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b; else printf "-" }'
+    }
+    {
+        echo
+        echo "issue 23 GPU rows, 0.5b preset, weight-only int8/int4 plans against bf16, $(date -u +%Y-%m-%d)"
+        printf '%-10s %12s %12s %9s %8s\n' plan "prefill t/s" "decode t/s" "ttft ms" "dec.fl"
+        printf '%s\n' "${qrows[@]}"
+        echo "decode_persistent gemv entries a decode step (profile=on, p128 g32): bf16 ${gemv_ms[half-bf16]:--} ms," \
+            "int8 ${gemv_ms[half-int8]:--} ms ($(speedup half-int8) faster), int4 ${gemv_ms[half-int4]:--} ms" \
+            "($(speedup half-int4) faster; target >= 2x)"
+    } | tee -a "$table"
 fi
 
 # --- 6. issue 7's GPU targets --------------------------------------------------------------

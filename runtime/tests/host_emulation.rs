@@ -2,7 +2,9 @@
 //! `embed`, `norm_rows`, `lerp_norm`, `swiglu`, `pos_norm`, and
 //! `attention_prefill` and `attention_decode` with their untiled `_simple` twins), the
 //! runtime's tensor-core `attention_prefill_mma` from helpers.cu, and
-//! `decode_persistent`'s gemv entries (with and without weight streaming) are compiled with
+//! the weight-only quantized `gemv_i8_*` / `gemv_i4_*` and `dequant_rows`, and
+//! `decode_persistent`'s gemv entries (bf16, f32, int8 and int4; with and without weight
+//! streaming) are compiled with
 //! g++ against `host_emulation/warp.hpp`: a block's threads are OS threads,
 //! `__syncthreads` and warp collectives are barriers, `mma.sync` is computed from every
 //! lane's fragments by the PTX ISA's layout, and for the persistent kernel every block is a
@@ -22,6 +24,7 @@ const CHECK_HPP: &str = include_str!("host_emulation/check.hpp");
 const MAIN_CPP: &str = include_str!("host_emulation/attention.cpp");
 const PERSISTENT_CPP: &str = include_str!("host_emulation/persistent.cpp");
 const ROWS_CPP: &str = include_str!("host_emulation/rows.cpp");
+const GEMV_CPP: &str = include_str!("host_emulation/gemv.cpp");
 const NGPT_CU: &str = ngpt_runtime::cuda::NGPT_CU;
 /// Keys per staged tile of ngpt.cu's attention_prefill (the compiler's `KV_TILE`).
 const KV_TILE: usize = 32;
@@ -460,6 +463,59 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
             assert!(worst <= 1e-5, "{what}: {text}");
             assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn quantized_gemv_kernels_match_float64_on_the_dequantized_weights() -> Result<()> {
+    if !gxx() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let src = ngpt_runtime::cuda::HELPERS_CU;
+    let decl = "extern __shared__ __align__(16) float xs[];";
+    ensure!(src.contains(decl), "helpers.cu no longer declares `{decl}`");
+    let exe = compile(
+        dir.path(),
+        "gemv_quant",
+        ("gemv.cpp", GEMV_CPP),
+        &src.replace(decl, "float* xs = g_dynamic_smem;"),
+    )?;
+    // (bits, m, k, block, columns, ldb, beta, 16-byte path): rows not a multiple of a
+    // block's 8; K not a multiple of the block (a short last block), of the 16-byte run or
+    // odd (int4: half a byte of padding); blocks of 16 (an int4 load spans two blocks), 32,
+    // 64 and 128; 1, 3, 5 and 8 columns; ldb past k; beta != 0; the 0.5b's K of 1024.
+    let cases = [
+        (8, 37, 80, 32, 3, 80, 0.0, true),
+        (8, 29, 256, 128, 8, 260, 0.5, true),
+        (8, 13, 45, 16, 2, 45, 0.0, false),
+        (8, 21, 40, 32, 1, 44, 0.0, false),
+        (4, 37, 96, 64, 3, 96, 0.0, true),
+        (4, 19, 64, 16, 5, 68, -0.25, true),
+        (4, 23, 45, 16, 1, 45, 0.0, false),
+        (4, 11, 48, 32, 8, 48, 0.0, false),
+        (4, 9, 1024, 32, 2, 1024, 0.0, true),
+        (8, 9, 1024, 32, 1, 1024, 0.0, true),
+    ];
+    for (bits, m, k, block, n, ldb, beta, vec) in cases {
+        let what = format!("gemv_i{bits}_{n}: m {m}, k {k}, block {block}, ldb {ldb}, beta {beta}");
+        let args = [bits, m, k, block, n, ldb].map(|v: i32| v.to_string());
+        let mut args = args.to_vec();
+        args.push(beta.to_string());
+        let text = emulate(&exe, &args, &what)?;
+        let (worst, unwritten) = (field(&text, "worst_rel_err")?, field(&text, "unwritten")?);
+        eprintln!("{what}: relative error {worst:.3e} (16-byte path: {vec})");
+        assert_eq!(
+            field(&text, "vec")?,
+            f64::from(u8::from(vec)),
+            "{what}: path"
+        );
+        assert!(worst <= 1e-6, "{what}: {text}");
+        assert_eq!(unwritten, 0.0, "{what}: outputs left unwritten");
+        assert_eq!(field(&text, "touched")?, 0.0, "{what}: wrote past row m");
+        // dequant_rows (the prefill GEMM's tiles) gives exactly f32(scale) * q.
+        assert_eq!(field(&text, "dequant_diff")?, 0.0, "{what}: dequant_rows");
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use super::errors::{drv, plan_cuda_err, step_err};
 use super::executor::{program_name, CudaExecutor};
 use crate::cpu::ProgramKind;
 use crate::error::Result;
-use crate::plan::{LoadedPlan, WeightData};
+use crate::plan::{LoadedPlan, QuantBits, WeightData};
 use crate::rows::Rows;
 
 /// A quiet NaN: what every activation and output element holds before a run writes it.
@@ -92,6 +92,34 @@ pub(super) struct DevWeight {
     /// As the plan stores it: f32, or bf16 bits.
     pub(super) f32: Option<Dev<f32>>,
     pub(super) bf16: Option<Dev<u16>>,
+    /// An I8 or I4 matrix: its integers and block scales, as stored.
+    pub(super) quant: Option<DevQuant>,
+}
+
+/// A weight-only quantized `[rows, k]` matrix on the device (plan.rs `QuantWeight`): the
+/// integers and the f16 block scales uploaded as `model.weights` stores them (the gemv
+/// kernels and `dequant_rows` read those bytes; no float copy is kept).
+pub(super) struct DevQuant {
+    pub(super) bits: QuantBits,
+    pub(super) rows: usize,
+    pub(super) k: usize,
+    /// log2 of the block (a power of two, at least 16, checked at load).
+    pub(super) block_log2: u32,
+    /// Bytes of one row of integers (k for I8, ceil(k / 2) for I4).
+    pub(super) row_bytes: usize,
+    pub(super) data: Dev<u8>,
+    /// The scales' f16 bits, ceil(k / block) a row.
+    pub(super) scales: Dev<u16>,
+}
+
+impl DevQuant {
+    /// 8 or 4.
+    pub(super) fn bits(&self) -> u32 {
+        match self.bits {
+            QuantBits::Int8 => 8,
+            QuantBits::Int4 => 4,
+        }
+    }
 }
 
 impl DevWeight {
@@ -157,26 +185,53 @@ pub(super) fn upload_weights(
                     elems: bits.len(),
                     f32: f32_copy,
                     bf16: Some(Dev::upload(stream, bits, &what)?),
+                    quant: None,
                 }
             }
             WeightData::F32(v) => DevWeight {
                 elems: v.len(),
                 f32: Some(Dev::upload(stream, v, &what)?),
                 bf16: None,
+                quant: None,
             },
-            WeightData::F16(_) | WeightData::Quant(_) => {
-                return Err(crate::Error::Plan {
-                    path: what,
-                    problem: format!(
-                        "is {} (weight-only quantized): the CUDA executor has no int8/int4 kernels yet (issue 23); run the plan on the CPU (plan-cpu) or compile with --dtype f32 or bf16",
-                        values.dtype_name()
-                    ),
-                })
+            // Block scales: uploaded with the matrix they scale (below), read only
+            // through it (plan validation).
+            WeightData::F16(v) => DevWeight {
+                elems: v.len(),
+                f32: None,
+                bf16: None,
+                quant: None,
+            },
+            WeightData::Quant(q) => {
+                let block_log2 = quant_block_log2(q.block).ok_or_else(|| crate::Error::Plan {
+                    path: what.clone(),
+                    problem: format!("block {} is not a power of two of at least 16", q.block),
+                })?;
+                DevWeight {
+                    elems: q.rows * q.k,
+                    f32: None,
+                    bf16: None,
+                    quant: Some(DevQuant {
+                        bits: q.bits,
+                        rows: q.rows,
+                        k: q.k,
+                        block_log2,
+                        row_bytes: q.row_bytes(),
+                        data: Dev::upload(stream, &q.data, &what)?,
+                        scales: Dev::upload(stream, &q.scales, &format!("{what}'s scales"))?,
+                    }),
+                }
             }
         };
         weights.push(dw);
     }
     Ok(weights)
+}
+
+/// log2 of a quantized weight's block: a power of two of at least 16 (what the kernels'
+/// runs of 16 weights need), at most 2^30.
+pub(super) fn quant_block_log2(block: usize) -> Option<u32> {
+    (block >= 16 && block.is_power_of_two() && block <= 1 << 30).then(|| block.trailing_zeros())
 }
 
 /// The plan's buffers: the KV caches allocated (for `batch` sequences), the rest per call.
@@ -336,5 +391,20 @@ impl CudaExecutor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quant_block_log2;
+
+    #[test]
+    fn blocks_are_powers_of_two_of_at_least_16() {
+        assert_eq!(quant_block_log2(16), Some(4));
+        assert_eq!(quant_block_log2(32), Some(5));
+        assert_eq!(quant_block_log2(1 << 20), Some(20));
+        for bad in [0, 8, 24, 48, 1 << 31] {
+            assert_eq!(quant_block_log2(bad), None, "{bad}");
+        }
     }
 }

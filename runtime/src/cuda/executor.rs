@@ -91,7 +91,7 @@ use super::modules::{arch_name, load_functions, load_ptx, used_functions};
 use super::persistent;
 use super::persistent_launch::{self, load_persistent, Persistent, COOPERATIVE_REFUSED};
 use super::profile::Profile;
-use super::resolve::{Op, GEMV_MAX_N};
+use super::resolve::{Op, GEMV_FAMILIES, GEMV_MAX_N};
 use crate::contract;
 use crate::cpu::ProgramKind;
 use crate::error::{Error, Result};
@@ -141,12 +141,14 @@ pub struct State {
     pub(super) weights: Vec<DevWeight>,
     pub(super) buffers: Vec<DevBuffer>,
     pub(super) scratch: [Option<Dev<u16>>; 2],
+    /// A quantized weight's dequantized tile (prefill GEMMs over I8/I4 weights, gemm.rs).
+    pub(super) dequant: Option<Dev<f32>>,
     pub(super) _workspace: Dev<u8>,
     /// Loaded functions, indexed by `func` in [`Op::Launch`], and their entry names.
     pub(super) functions: Vec<CudaFunction>,
     pub(super) function_names: Vec<String>,
-    /// `functions` indices of gemv_bf16_1..8 and gemv_f32_1..8.
-    pub(super) gemv: [[usize; GEMV_MAX_N]; 2],
+    /// `functions` indices of gemv_{bf16,f32,i8,i4}_1..8 (rows: `resolve::GEMV_FAMILIES`).
+    pub(super) gemv: [[usize; GEMV_MAX_N]; GEMV_FAMILIES.len()],
     /// Whether narrow weight GEMMs run as `gemv_*` (the option `gemv=off` turns it off).
     pub(super) use_gemv: bool,
     /// Decode as one `decode_persistent` launch (the option `persistent=off` turns it off).
@@ -164,6 +166,7 @@ pub struct State {
     pub(super) spin: CudaFunction,
     pub(super) function_of: HashMap<(u32, String), usize>,
     pub(super) to_bf16: CudaFunction,
+    pub(super) dequant_fn: CudaFunction,
     pub(super) _modules: Vec<Arc<CudaModule>>,
     pub(super) stream: Arc<CudaStream>,
     pub(super) ctx: Arc<CudaContext>,
@@ -289,6 +292,9 @@ impl CudaExecutor {
         let spin = helpers
             .load_function("spin")
             .map_err(setup("loading spin"))?;
+        let dequant_fn = helpers
+            .load_function("dequant_rows")
+            .map_err(setup("loading dequant_rows"))?;
         let (persistent, coop_ok, fallback_note) = load_persistent(
             &ctx,
             &stream,
@@ -329,7 +335,9 @@ impl CudaExecutor {
         let (blas_handle, workspace) = create_blas(&stream)?;
 
         // Weights: once. F32 as f32; BF16 as its bits, plus an f32 copy where a kernel
-        // reads it (or for every one under bf16_gemm=f32).
+        // reads it (or for every one under bf16_gemm=f32); I8/I4 as their integers and
+        // f16 scales (no float copy: the gemv kernels dequantize in registers, prefill
+        // GEMMs a tile at a time).
         let widen_bf16 = options.bf16_gemm == Bf16Gemm::F32;
         let weights = upload_weights(&plan, &stream, widen_bf16)?;
 
@@ -364,6 +372,7 @@ impl CudaExecutor {
                 weights,
                 buffers,
                 scratch: [None, None],
+                dequant: None,
                 _workspace: workspace,
                 functions,
                 function_names,
@@ -378,6 +387,7 @@ impl CudaExecutor {
                 spin,
                 function_of,
                 to_bf16,
+                dequant_fn,
                 _modules: loaded,
                 stream,
                 ctx,

@@ -130,6 +130,154 @@ __device__ void gemv_body(const W* a, const float* b, float* c, int m, int k, in
 NGPT_GEMV_ALL(unsigned short, bf16)
 NGPT_GEMV_ALL(float, f32)
 
+// gemv_i8_<N> and gemv_i4_<N>: the gemv_<w>_<N> product with a weight-only quantized weight
+// (issue 23; runtime/src/plan.rs QuantWeight): row i's integers at a + i * row_bytes (I8:
+// signed bytes; I4: q + 8 in nibbles, element 2j in the low nibble of byte j), its f16
+// block scales at scales + i * ceil(k / block), value (i, kk) = f32(scale[kk / block]) * q,
+// exactly the plan's dequantized value. `flags`: bit 0 `vec`, bits 8 and up log2(block).
+// One warp per output row, as gemv_*. With `vec` (rows and B 16-byte aligned, k a multiple
+// of 16 (I8) or 32 (I4), ldb a multiple of 4) each lane loads 16 bytes at a time, so a warp
+// reads 512 contiguous bytes of the row per load (16 I8 or 32 I4 weights a lane), turns
+// the integers into floats in registers exactly (2^23 + u as float bits, minus 2^23 + the
+// offset: one logic op and one add a weight), sums q * x over each run of 16 weights (a
+// run never spans two blocks: blocks are powers of two >= 16 and runs start at multiples
+// of 16) and multiplies that sum by its block's scale once. Otherwise one element a lane,
+// dequantized f32(scale) * q first (the CPU executor's order). f32 accumulation; the
+// scales are read through the read-only path (1/16 of an I4 row's bytes at block 32).
+// Grid: ceil(m / 8); block: 256 (8 warps).
+
+// An f16's bits as f32, exactly (normal and subnormal; the plan refuses infinite and NaN
+// scales at load).
+__device__ __forceinline__ float q_scale(unsigned short h) {
+    unsigned int e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    float v = e ? __uint_as_float(((e + 112u) << 23) | (m << 13)) : (float)m * 5.9604644775390625e-8f;
+    return (h & 0x8000u) ? -v : v;
+}
+// The four signed bytes of u, as floats (element 0 the low byte).
+__device__ __forceinline__ void q8_unpack4(unsigned int u, float* w) {
+    u ^= 0x80808080u;  // q + 128, as unsigned bytes
+#pragma unroll
+    for (int e = 0; e < 4; ++e) w[e] = __uint_as_float(0x4b000000u | ((u >> (8 * e)) & 0xffu)) - 8388736.0f;
+}
+// The eight nibbles of u (each q + 8), as the floats q (element 0 the low nibble).
+__device__ __forceinline__ void q4_unpack8(unsigned int u, float* w) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w[e] = __uint_as_float(0x4b000000u | ((u >> (4 * e)) & 0xfu)) - 8388616.0f;
+}
+// Integer kk of a quantized row, as a float.
+template <int BITS>
+__device__ __forceinline__ float q_int(const unsigned char* row, int kk) {
+    if (BITS == 8) return (float)(int)(signed char)row[kk];
+    return (float)((int)((row[kk >> 1] >> (4 * (kk & 1))) & 0xfu) - 8);
+}
+
+// Writes a warp's N accumulators (each lane's part) to output row i: the sums over the
+// warp, alpha and beta as cuBLAS applies them.
+template <int N>
+__device__ __forceinline__ void gemv_store(float* acc, float* c, int i, int ldc, float alpha, float beta, int lane) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        float v = acc[j];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == j) {
+            float* out = c + i + (long long)j * ldc;
+            *out = beta != 0.0f ? alpha * v + beta * *out : alpha * v;
+        }
+    }
+}
+
+// Output row i of a quantized gemv by one warp: the row's integers at `row` (in shared
+// memory when SHARED, and then `vec`), its scales at `srow`. U: 16-byte loads per lane in
+// flight.
+template <int BITS, int N, bool NC, int U = 2, bool SHARED = false>
+__device__ __forceinline__ void qgemv_row_at(const unsigned char* row, const unsigned short* srow, const float* b,
+                                             float* c, int i, int k, int ldb, int ldc, float alpha, float beta,
+                                             int flags, int lane) {
+    const int lb = flags >> 8;
+    float acc[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[j] = 0.0f;
+    if (flags & 1) {
+        constexpr int E = BITS == 8 ? 16 : 32;  // weights a 16-byte load holds
+#pragma unroll U
+        for (int kk = lane * E; kk < k; kk += 32 * E) {
+            const uint4* p = reinterpret_cast<const uint4*>(row + kk / (8 / BITS));
+            uint4 u = SHARED ? *p : __ldg(p);
+            const unsigned int words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int h = 0; h < E / 16; ++h) {
+                float w[16];
+                if (BITS == 8) {
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) q8_unpack4(words[q], w + 4 * q);
+                } else {
+                    q4_unpack8(words[2 * h], w);
+                    q4_unpack8(words[2 * h + 1], w + 8);
+                }
+                const int k0 = kk + 16 * h;
+                const float s = q_scale(__ldg(srow + (k0 >> lb)));
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    const float* x = b + (long long)j * ldb + k0;
+                    float4 x0 = act4<NC>(x), x1 = act4<NC>(x + 4), x2 = act4<NC>(x + 8), x3 = act4<NC>(x + 12);
+                    float d = w[0] * x0.x + w[1] * x0.y + w[2] * x0.z + w[3] * x0.w;
+                    d += w[4] * x1.x + w[5] * x1.y + w[6] * x1.z + w[7] * x1.w;
+                    d += w[8] * x2.x + w[9] * x2.y + w[10] * x2.z + w[11] * x2.w;
+                    d += w[12] * x3.x + w[13] * x3.y + w[14] * x3.z + w[15] * x3.w;
+                    acc[j] += s * d;
+                }
+            }
+        }
+    } else {
+        for (int kk = lane; kk < k; kk += 32) {
+            float w = q_scale(__ldg(srow + (kk >> lb))) * q_int<BITS>(row, kk);
+#pragma unroll
+            for (int j = 0; j < N; ++j) acc[j] += w * b[(long long)j * ldb + kk];
+        }
+    }
+    gemv_store<N>(acc, c, i, ldc, alpha, beta, lane);
+}
+
+// Scales a row of a quantized weight of k entries in blocks of 2^lb.
+__device__ __forceinline__ int q_blocks(int k, int lb) { return (k + (1 << lb) - 1) >> lb; }
+
+template <int BITS, int N>
+__device__ void qgemv_body(const unsigned char* a, const float* b, float* c, int m, int k, int row_bytes, int ldb,
+                           int ldc, float alpha, float beta, int flags, const unsigned short* scales) {
+    int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= m) return;
+    qgemv_row_at<BITS, N, true>(a + (long long)i * row_bytes, scales + (long long)i * q_blocks(k, flags >> 8), b, c,
+                                i, k, ldb, ldc, alpha, beta, flags, threadIdx.x & 31);
+}
+
+#define NGPT_QGEMV(BITS, N)                                                                                    \
+    extern "C" __global__ void gemv_i##BITS##_##N(const unsigned char* a, const float* b, float* c, int m,      \
+                                                  int k, int row_bytes, int ldb, int ldc, float alpha,          \
+                                                  float beta, int flags, const unsigned short* scales) {       \
+        qgemv_body<BITS, N>(a, b, c, m, k, row_bytes, ldb, ldc, alpha, beta, flags, scales);                    \
+    }
+#define NGPT_QGEMV_ALL(BITS)                                                                \
+    NGPT_QGEMV(BITS, 1) NGPT_QGEMV(BITS, 2) NGPT_QGEMV(BITS, 3) NGPT_QGEMV(BITS, 4) \
+    NGPT_QGEMV(BITS, 5) NGPT_QGEMV(BITS, 6) NGPT_QGEMV(BITS, 7) NGPT_QGEMV(BITS, 8)
+NGPT_QGEMV_ALL(8)
+NGPT_QGEMV_ALL(4)
+
+// dequant_rows: `rows` rows of a quantized weight (as gemv_i*: `bits` 8 or 4, row_bytes a
+// row, its scales, blocks of 2^lb) into out, k floats a row: f32(scale) * q, exactly the
+// plan's values. The prefill GEMM over a quantized weight dequantizes a tile of rows with
+// this, then multiplies by cublasSgemm (gemm.rs). Grid: (ceil(k / 256), any); block 256.
+extern "C" __global__ void dequant_rows(const unsigned char* a, const unsigned short* scales, float* out, int rows,
+                                        int k, int row_bytes, int lb, int bits) {
+    const int kk = blockIdx.x * blockDim.x + threadIdx.x;
+    if (kk >= k) return;
+    const int nb = q_blocks(k, lb);
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const unsigned char* row = a + (long long)r * row_bytes;
+        float q = bits == 8 ? q_int<8>(row, kk) : q_int<4>(row, kk);
+        out[(long long)r * k + kk] = q_scale(__ldg(scales + (long long)r * nb + (kk >> lb))) * q;
+    }
+}
+
 // spin: keeps the stream busy for `cycles` clock cycles. NGPT_CUDA_PROFILE puts one
 // before each profiled run, so that every launch is queued before the first kernel runs
 // and the events between kernels time the kernels, not the host's launch rate.
@@ -190,6 +338,10 @@ enum PdKind {
     PD_GEMV_F32 = 7,
     // pos_norm folded into attention_decode's partials (the executor's fusion).
     PD_POS_ATTENTION = 8,
+    // Weight-only quantized gemvs (gemv_i8_N, gemv_i4_N): p[7] holds the block scales,
+    // i[2] the bytes of a weight row, i[5] the flags (bit 0 vec, bits 8.. log2 block).
+    PD_GEMV_I8 = 9,
+    PD_GEMV_I4 = 10,
 };
 
 // Where a gemv step's activations come from (PdOp.i[7]): the B operand in global memory,
@@ -336,8 +488,19 @@ __device__ __forceinline__ void pd_copy_wait0() {}
 #endif
 #endif
 
-// Whether an entry is a gemv (bf16 or f32 weights).
-__device__ __forceinline__ bool pd_is_gemv(int kind) { return kind == PD_GEMV_BF16 || kind == PD_GEMV_F32; }
+// Whether an entry is a gemv (bf16, f32, int8 or int4 weights), and a quantized one.
+__device__ __forceinline__ bool pd_is_quant(int kind) { return kind == PD_GEMV_I8 || kind == PD_GEMV_I4; }
+__device__ __forceinline__ bool pd_is_gemv(int kind) {
+    return kind == PD_GEMV_BF16 || kind == PD_GEMV_F32 || pd_is_quant(kind);
+}
+// Bytes of one weight row a gemv entry reads (k elements), and between consecutive rows
+// (lda elements; a quantized entry's i[2] is already in bytes, its rows are whole).
+__device__ __forceinline__ long long pd_row_bytes(const PdOp& op) {
+    return pd_is_quant(op.kind) ? op.i[2] : (long long)op.i[1] * (op.kind == PD_GEMV_BF16 ? 2 : 4);
+}
+__device__ __forceinline__ long long pd_row_stride(const PdOp& op) {
+    return pd_is_quant(op.kind) ? op.i[2] : (long long)op.i[2] * (op.kind == PD_GEMV_BF16 ? 2 : 4);
+}
 
 // Asks L2 for the weight rows of the next gemv entry (within the next two) that this warp
 // will read, so that they stream in while the blocks wait at the barrier. Skipped for
@@ -348,12 +511,11 @@ __device__ void pd_prefetch_next(const PdOp* ops, int o, int n_ops, int gwarp, i
     for (int x = o + 1; x < n_ops && x <= o + 2; ++x) {
         const PdOp& nx = ops[x];
         if (!pd_is_gemv(nx.kind)) continue;
-        long long esize = nx.kind == PD_GEMV_BF16 ? 2 : 4;
-        long long row_bytes = (long long)nx.i[1] * esize;
+        long long row_bytes = pd_row_bytes(nx), stride = pd_row_stride(nx);
         if ((long long)nx.i[0] * row_bytes > PD_PREFETCH_MAX) return;
         const char* a = reinterpret_cast<const char*>(nx.p[0]);
         for (int i = gwarp; i < nx.i[0]; i += nwarps) {
-            const char* row = a + (long long)i * nx.i[2] * esize;
+            const char* row = a + (long long)i * stride;
             for (long long off = (long long)lane * 128; off < row_bytes; off += 32 * 128) pd_prefetch_l2(row + off);
         }
         return;
@@ -369,6 +531,20 @@ __device__ void pd_gemv_n(const PdOp& op, const float* b, int ldb, int gwarp, in
     constexpr int U = N <= 2 ? 8 : 4;
     for (int i = gwarp; i < op.i[0]; i += nwarps)
         gemv_row<W, N, false, U>(a, b, c, i, op.i[1], op.i[2], ldb, op.i[4], op.f[0], op.f[1], op.i[5], lane);
+}
+
+// The same for a quantized entry (BITS 8 or 4): row i's integers at p[0] + i * i[2] bytes,
+// its scales at p[7] + i * ceil(k / block).
+template <int BITS, int N>
+__device__ void pd_qgemv_n(const PdOp& op, const float* b, int ldb, int gwarp, int nwarps, int lane) {
+    const unsigned char* a = reinterpret_cast<const unsigned char*>(op.p[0]);
+    const unsigned short* s = reinterpret_cast<const unsigned short*>(op.p[7]);
+    float* c = reinterpret_cast<float*>(op.p[2]);
+    const int k = op.i[1], nb = q_blocks(k, op.i[5] >> 8);
+    constexpr int U = N <= 2 ? 2 : 1;
+    for (int i = gwarp; i < op.i[0]; i += nwarps)
+        qgemv_row_at<BITS, N, false, U>(a + (long long)i * op.i[2], s + (long long)i * nb, b, c, i, k, ldb, op.i[4],
+                                        op.f[0], op.f[1], op.i[5], lane);
 }
 
 // Runs CALL with the constant PD_N = n, 1 to 8 (more: 8): the gemv bodies are compiled for
@@ -480,9 +656,8 @@ __device__ __forceinline__ void pd_block_rows(int m, int* r0, int* r1) {
 
 // How many of rows [r0, r1) of gemv `op` its slice of `slice_bytes` holds.
 __device__ __forceinline__ int pd_slice_rows(const PdOp& op, int r0, int r1, int slice_bytes) {
-    if (!op.i[5]) return 0;
-    long long row_bytes = (long long)op.i[1] * (op.kind == PD_GEMV_BF16 ? 2 : 4);
-    return (int)min((long long)(r1 - r0), (long long)slice_bytes / row_bytes);
+    if (!(op.i[5] & 1)) return 0;
+    return (int)min((long long)(r1 - r0), (long long)slice_bytes / pd_row_bytes(op));
 }
 
 // Issues the copies of gemv `op`'s slice into `buf` (row after row, each k elements) and
@@ -491,10 +666,9 @@ __device__ void pd_issue_slice(const PdOp& op, char* buf, int slice_bytes) {
     int r0, r1;
     pd_block_rows(op.i[0], &r0, &r1);
     int rows = pd_slice_rows(op, r0, r1, slice_bytes);
-    long long esize = op.kind == PD_GEMV_BF16 ? 2 : 4;
-    int pieces = (int)((long long)op.i[1] * esize / 16);
+    int pieces = (int)(pd_row_bytes(op) / 16);
     const char* a = reinterpret_cast<const char*>(op.p[0]);
-    long long lda_bytes = (long long)op.i[2] * esize;
+    long long lda_bytes = pd_row_stride(op);
     for (int e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
         int r = e / pieces, q = e - r * pieces;
         pd_copy16_async(buf + (long long)e * 16, a + (long long)(r0 + r) * lda_bytes + (long long)q * 16);
@@ -529,6 +703,38 @@ __device__ void pd_gemv_stream(const PdOp& op, float* xs, int c, const char* sli
     const float* b = pd_gemv_input(op, xs, c, &ldb);
     PD_WITH_COLS(op.i[6], (pd_gemv_stream_n<W, PD_N>(op, b, ldb, slice, slice_bytes, warp, lane)));
 }
+
+// A quantized gemv streamed: the slice's rows are row_bytes apart in shared memory.
+template <int BITS, int N>
+__device__ void pd_qgemv_stream_n(const PdOp& op, const float* b, int ldb, const char* slice, int slice_bytes,
+                                  int warp, int lane) {
+    const unsigned char* a = reinterpret_cast<const unsigned char*>(op.p[0]);
+    const unsigned char* sa = reinterpret_cast<const unsigned char*>(slice);
+    const unsigned short* s = reinterpret_cast<const unsigned short*>(op.p[7]);
+    float* c = reinterpret_cast<float*>(op.p[2]);
+    constexpr int U = N <= 2 ? 2 : 1;
+    int r0, r1;
+    pd_block_rows(op.i[0], &r0, &r1);
+    const int in_slice = pd_slice_rows(op, r0, r1, slice_bytes), k = op.i[1], rb = op.i[2];
+    const int nb = q_blocks(k, op.i[5] >> 8);
+    for (int i = r0 + warp; i < r1; i += PD_WARPS) {
+        const unsigned short* srow = s + (long long)i * nb;
+        if (i - r0 < in_slice)
+            qgemv_row_at<BITS, N, false, U, true>(sa + (long long)(i - r0) * rb, srow, b, c, i, k, ldb, op.i[4],
+                                                  op.f[0], op.f[1], op.i[5], lane);
+        else
+            qgemv_row_at<BITS, N, false, U>(a + (long long)i * rb, srow, b, c, i, k, ldb, op.i[4], op.f[0], op.f[1],
+                                            op.i[5], lane);
+    }
+}
+
+template <int BITS>
+__device__ void pd_qgemv_stream(const PdOp& op, float* xs, int c, const char* slice, int slice_bytes, int warp,
+                                int lane) {
+    int ldb;
+    const float* b = pd_gemv_input(op, xs, c, &ldb);
+    PD_WITH_COLS(op.i[6], (pd_qgemv_stream_n<BITS, PD_N>(op, b, ldb, slice, slice_bytes, warp, lane)));
+}
 #endif
 
 template <typename W>
@@ -536,6 +742,13 @@ __device__ void pd_gemv(const PdOp& op, float* xs, int c, int gwarp, int nwarps,
     int ldb;
     const float* b = pd_gemv_input(op, xs, c, &ldb);
     PD_WITH_COLS(op.i[6], (pd_gemv_n<W, PD_N>(op, b, ldb, gwarp, nwarps, lane)));
+}
+
+template <int BITS>
+__device__ void pd_qgemv(const PdOp& op, float* xs, int c, int gwarp, int nwarps, int lane) {
+    int ldb;
+    const float* b = pd_gemv_input(op, xs, c, &ldb);
+    PD_WITH_COLS(op.i[6], (pd_qgemv_n<BITS, PD_N>(op, b, ldb, gwarp, nwarps, lane)));
 }
 
 // pos_norm's first half for one (row, head), by one warp: q and k of the head after the
@@ -893,6 +1106,10 @@ extern "C" __global__ void PD_BOUNDS
             const char* slice = ring + (consumed++ & 1) * slice_bytes;
             if (op.kind == PD_GEMV_BF16)
                 pd_gemv_stream<unsigned short>(op, xs, c, slice, slice_bytes, warp, lane);
+            else if (op.kind == PD_GEMV_I8)
+                pd_qgemv_stream<8>(op, xs, c, slice, slice_bytes, warp, lane);
+            else if (op.kind == PD_GEMV_I4)
+                pd_qgemv_stream<4>(op, xs, c, slice, slice_bytes, warp, lane);
             else
                 pd_gemv_stream<float>(op, xs, c, slice, slice_bytes, warp, lane);
         } else
@@ -1003,6 +1220,8 @@ extern "C" __global__ void PD_BOUNDS
             break;
         case PD_GEMV_BF16: pd_gemv<unsigned short>(op, xs, c, gwarp, nwarps, lane); break;
         case PD_GEMV_F32: pd_gemv<float>(op, xs, c, gwarp, nwarps, lane); break;
+        case PD_GEMV_I8: pd_qgemv<8>(op, xs, c, gwarp, nwarps, lane); break;
+        case PD_GEMV_I4: pd_qgemv<4>(op, xs, c, gwarp, nwarps, lane); break;
         default: break;
         }
         if (o + 1 < n_ops) {

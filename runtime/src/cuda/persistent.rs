@@ -29,7 +29,15 @@ pub(super) mod kind {
     pub const GEMV_BF16: i32 = 6;
     pub const GEMV_F32: i32 = 7;
     pub const POS_ATTENTION: i32 = 8;
+    /// `gemv_i8_N` / `gemv_i4_N`: p[7] the block scales, i[2] a weight row's bytes, i[5]
+    /// the flags (bit 0 vec, bits 8.. log2 block).
+    pub const GEMV_I8: i32 = 9;
+    pub const GEMV_I4: i32 = 10;
 }
+
+/// Where a quantized gemv entry keeps its scales' address (the kernel's last parameter,
+/// moved past the slots of the staged inputs, `PdOp.p[3..7]`).
+pub(super) const QUANT_SCALES_SLOT: usize = 7;
 
 /// Where a gemv entry's activations come from, `i[7]` (`PdInput` in helpers.cu).
 pub(super) mod input {
@@ -79,14 +87,16 @@ impl PdOp {
     }
 
     fn is_gemv(&self) -> bool {
-        self.kind == kind::GEMV_BF16 || self.kind == kind::GEMV_F32
+        is_gemv_kind(self.kind)
     }
 
     /// The address slot this entry overwrites without reading it, if any (a gemv with
     /// beta != 0 reads its output too; caches and lerp_norm's rows are updated in place).
     fn output_slot(&self) -> Option<usize> {
         match self.kind {
-            kind::GEMV_BF16 | kind::GEMV_F32 => (self.f[1] == 0.0).then_some(2),
+            kind::GEMV_BF16 | kind::GEMV_F32 | kind::GEMV_I8 | kind::GEMV_I4 => {
+                (self.f[1] == 0.0).then_some(2)
+            }
             kind::EMBED => Some(2),
             kind::NORM_ROWS | kind::SWIGLU => Some(1),
             kind::POS_NORM => Some(5),
@@ -95,6 +105,14 @@ impl PdOp {
             _ => None,
         }
     }
+}
+
+/// Whether an entry kind is a gemv (any weight format).
+pub(super) fn is_gemv_kind(k: i32) -> bool {
+    matches!(
+        k,
+        kind::GEMV_BF16 | kind::GEMV_F32 | kind::GEMV_I8 | kind::GEMV_I4
+    )
 }
 
 /// Whether an entry of `later` reads `ptr` before one overwrites it.
@@ -126,6 +144,8 @@ pub(super) fn kind_of(entry: &str) -> Option<i32> {
         "attention_decode" => kind::ATTENTION,
         _ if entry.starts_with("gemv_bf16_") => kind::GEMV_BF16,
         _ if entry.starts_with("gemv_f32_") => kind::GEMV_F32,
+        _ if entry.starts_with("gemv_i8_") => kind::GEMV_I8,
+        _ if entry.starts_with("gemv_i4_") => kind::GEMV_I4,
         _ => return None,
     })
 }
@@ -141,7 +161,14 @@ pub(super) fn label(e: &PdOp) -> String {
         kind::ATTENTION => "attention_decode (split, combine)".into(),
         kind::POS_ATTENTION => "pos_norm + attention_decode".into(),
         _ => format!(
-            "gemv m{} k{}{}",
+            "gemv{} m{} k{}{}",
+            match e.kind {
+                kind::GEMV_BF16 => " bf16",
+                kind::GEMV_F32 => " f32",
+                kind::GEMV_I8 => " int8",
+                kind::GEMV_I4 => " int4",
+                _ => "",
+            },
             e.i[0],
             e.i[1],
             match e.i[7] {
@@ -431,6 +458,41 @@ mod tests {
     }
 
     #[test]
+    fn quantized_gemvs_are_entries_and_fold_like_bf16_ones() {
+        assert_eq!(kind_of("gemv_i8_3"), Some(kind::GEMV_I8));
+        assert_eq!(kind_of("gemv_i4_8"), Some(kind::GEMV_I4));
+        assert_eq!(kind_of("dequant_rows"), None);
+        // The compiled decode program with int4 and int8 weights folds as with bf16 ones:
+        // the same folds fire, and every gemv keeps its kind and its scales' address.
+        for k in [kind::GEMV_I4, kind::GEMV_I8] {
+            let raw: Vec<PdOp> = program(2, 2)
+                .into_iter()
+                .map(|mut e| {
+                    if e.kind == kind::GEMV_BF16 {
+                        e.kind = k;
+                        e.p[QUANT_SCALES_SLOT] = e.p[0] + 0x10;
+                    }
+                    e
+                })
+                .collect();
+            let (folded, fused) = fuse(&raw, 2, C, stage_bytes(2, C), SHADOW);
+            assert_eq!(
+                fused,
+                Fused {
+                    lerp_gemv: 4,
+                    swiglu_gemv: 2,
+                    pos_attention: 2
+                }
+            );
+            assert!(folded
+                .iter()
+                .filter(|e| e.is_gemv())
+                .all(|e| e.kind == k && e.p[QUANT_SCALES_SLOT] == e.p[0] + 0x10));
+            assert!(label(&folded[2]).starts_with("gemv int"));
+        }
+    }
+
+    #[test]
     fn the_updated_rows_alternate_between_the_buffer_and_its_shadow() {
         let raw = program(2, 2);
         let (out, _) = fuse(&raw, 2, C, stage_bytes(2, C), SHADOW);
@@ -609,7 +671,7 @@ mod tests {
                             let q = self.pos(e, 5, r);
                             self.attend(&q, e.p[5], e.p[6], e.p[7], r);
                         }
-                        kind::GEMV_BF16 | kind::GEMV_F32 => {
+                        kind::GEMV_BF16 | kind::GEMV_F32 | kind::GEMV_I8 | kind::GEMV_I4 => {
                             let (m, k) = (e.i[0] as usize, e.i[1] as usize);
                             let x = match e.i[7] {
                                 input::LERP => {

@@ -297,10 +297,14 @@ impl CudaExecutor {
                     )));
                 }
             }
-            if kind == persistent::kind::GEMV_BF16 || kind == persistent::kind::GEMV_F32 {
+            if persistent::is_gemv_kind(kind) {
                 // The gemv's column count, from its name (gemv_bf16_N).
                 let n = name.rsplit('_').next().and_then(|n| n.parse::<i32>().ok());
                 e.i[6] = n.ok_or_else(|| plan_cuda_err(format!("internal: `{name}`")))?;
+            }
+            if kind == persistent::kind::GEMV_I8 || kind == persistent::kind::GEMV_I4 {
+                // gemv_i*'s fourth address (its scales) goes past the staged inputs' slots.
+                e.p[persistent::QUANT_SCALES_SLOT] = std::mem::take(&mut e.p[3]);
             }
             table.push(e);
         }

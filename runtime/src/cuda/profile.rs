@@ -187,10 +187,11 @@ impl CudaExecutor {
             }
             Op::Gemm { mnk, a, .. } => format!(
                 "cublas {}gemm m{} n{} k{}",
-                if matches!(a, GemmIn::F32(_)) {
-                    "s"
-                } else {
-                    "bf16 "
+                match a {
+                    GemmIn::F32(_) => "s",
+                    GemmIn::Dequant { bits: 8, .. } => "s (int8 dequantized) ",
+                    GemmIn::Dequant { .. } => "s (int4 dequantized) ",
+                    _ => "bf16 ",
                 },
                 mnk.0,
                 mnk.1,

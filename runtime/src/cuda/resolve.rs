@@ -1,11 +1,13 @@
 //! Resolving a plan's steps for one request: each step becomes an [`Op`] with device
 //! addresses and launch shapes, checked against its kernel's contract
 //! (`crate::contract`) or the GEMM's extents; narrow weight GEMMs become `gemv_*` launches
-//! here, the rest cuBLAS GEMMs (run by gemm.rs).
+//! here (`gemv_i8_*` / `gemv_i4_*` for a weight-only quantized weight), the rest cuBLAS
+//! GEMMs (run by gemm.rs; a quantized weight is dequantized to f32 a tile of rows at a time
+//! first).
 
 use ngpt_schemas::plan::{self as pb, arg, operand, step};
 
-use super::device::DevWeight;
+use super::device::{DevQuant, DevWeight};
 use super::errors::step_err;
 use super::executor::CudaExecutor;
 use crate::contract::{self, Bound, Slot};
@@ -18,6 +20,33 @@ pub(super) const GEMV_MAX_N: usize = 8;
 
 /// Output rows per block of a `gemv_*` kernel (one warp each).
 pub(super) const GEMV_ROWS_PER_BLOCK: u32 = 8;
+
+/// The gemv kernel families, in the order of `State::gemv`'s rows (entry `gemv_<name>_N`).
+pub(super) const GEMV_FAMILIES: [&str; 4] = ["bf16", "f32", "i8", "i4"];
+
+/// Most floats a quantized weight's dequantized tile takes (32 MiB): the prefill GEMM over
+/// a quantized weight runs as `dequant_rows` into a scratch slot of this size and
+/// `cublasSgemm`, tile after tile of rows.
+pub(super) const DEQUANT_TILE_FLOATS: usize = 8 << 20;
+
+/// Rows of a `k`-wide quantized weight that one dequantized tile holds (of `m` rows
+/// multiplied).
+pub(super) fn dequant_tile_rows(m: usize, k: usize) -> usize {
+    (DEQUANT_TILE_FLOATS / k.max(1)).clamp(1, m.max(1))
+}
+
+/// Whether a quantized gemv takes the 16-byte loads: whole 16-byte runs of integers in
+/// every row (k a multiple of 16 for I8, of 32 for I4, so that each row starts aligned),
+/// and 16-byte aligned activations with ldb a multiple of 4 floats.
+pub(super) fn quant_vec(bits: u32, k: usize, b_ptr: u64, ldb: usize) -> bool {
+    let per_load = if bits == 8 { 16 } else { 32 };
+    k.is_multiple_of(per_load) && b_ptr.is_multiple_of(16) && ldb.is_multiple_of(4)
+}
+
+/// The `flags` argument of `gemv_i*`: bit 0 `vec`, bits 8 and up log2(block).
+pub(super) fn quant_flags(vec: bool, block_log2: u32) -> i32 {
+    i32::from(vec) | ((block_log2 as i32) << 8)
+}
 
 /// A kernel parameter, by value.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +67,17 @@ pub(super) enum GemmIn {
         src: u64,
         n: usize,
         slot: usize,
+    },
+    /// A weight-only quantized `a` in the weight form (op(A) = A^T, lda = k): dequantized
+    /// to f32, `tile_rows` rows at a time, into the dequantization scratch, each tile then
+    /// multiplied by `cublasSgemm`.
+    Dequant {
+        data: u64,
+        scales: u64,
+        bits: u32,
+        row_bytes: usize,
+        block_log2: u32,
+        tile_rows: usize,
     },
 }
 
@@ -240,6 +280,26 @@ impl CudaExecutor {
             .get(ci)
             .filter(|b| !b.int32)
             .ok_or_else(|| step_err(name, "GEMM c must be f32"))?;
+        if let Some(operand::Source::Weight(w)) = src(g.a.as_ref()) {
+            if let Some(q) = self
+                .weights
+                .get(w as usize)
+                .and_then(|dw| dw.quant.as_ref())
+            {
+                let ext = crate::plan::GemmExtents {
+                    m,
+                    n,
+                    k,
+                    lda,
+                    ldb,
+                    ldc,
+                    need_a,
+                    need_b,
+                    need_c,
+                };
+                return self.resolve_quant_gemm(si, name, g, q, &ext, ci);
+            }
+        }
         // (address, elements, bf16?)
         let operand = |s: Option<operand::Source>, what: &str| -> Result<(u64, usize, bool)> {
             let bad = || {
@@ -251,6 +311,12 @@ impl CudaExecutor {
             match s {
                 Some(operand::Source::Weight(w)) => {
                     let dw = self.weights.get(w as usize).ok_or_else(bad)?;
+                    if dw.quant.is_some() {
+                        return Err(step_err(
+                            name,
+                            format!("GEMM {what} is a quantized weight, which only a, in the weight form, may be"),
+                        ));
+                    }
                     match (&dw.bf16, &dw.f32) {
                         (Some(_), Some(f)) if self.widen_bf16 => Ok((f.ptr, dw.elems, false)),
                         (Some(b16), _) => Ok((b16.ptr, dw.elems, true)),
@@ -351,6 +417,112 @@ impl CudaExecutor {
     }
 }
 
+impl CudaExecutor {
+    /// A GEMM whose `a` is a weight-only quantized weight: checked as plan validation
+    /// states it (the weight form over whole rows: trans_a, not trans_b, k and lda the
+    /// weight's K, m at most its rows; b an f32 buffer other than c), then a `gemv_i8_N` /
+    /// `gemv_i4_N` launch for at most [`GEMV_MAX_N`] columns (unless `gemv=off`), else
+    /// the tiled dequantize-then-Sgemm GEMM.
+    fn resolve_quant_gemm(
+        &self,
+        si: usize,
+        name: &str,
+        g: &pb::Gemm,
+        q: &DevQuant,
+        e: &crate::plan::GemmExtents,
+        ci: usize,
+    ) -> Result<Op> {
+        let cbuf = &self.buffers[ci];
+        if !g.trans_a || g.trans_b || e.k != q.k || e.lda != q.k || e.m > q.rows {
+            return Err(step_err(
+                name,
+                format!(
+                    "a GEMM over a quantized [{}, {}] weight must read whole rows in the weight form (trans_a, not trans_b, k = lda = {}, m <= {}); found trans_a {} trans_b {}, m {} k {} lda {}",
+                    q.rows, q.k, q.k, q.rows, g.trans_a, g.trans_b, e.m, e.k, e.lda
+                ),
+            ));
+        }
+        let b = match g.b.as_ref().and_then(|o| o.source) {
+            Some(operand::Source::Buffer(b)) if b as usize != ci => self
+                .buffers
+                .get(b as usize)
+                .filter(|x| !x.int32)
+                .ok_or_else(|| step_err(name, "GEMM b is not an f32 buffer"))?,
+            _ => {
+                return Err(step_err(
+                    name,
+                    "GEMM b must be an f32 buffer distinct from c when a is quantized",
+                ))
+            }
+        };
+        if b.need < e.need_b || cbuf.need < e.need_c {
+            return Err(step_err(
+                name,
+                format!(
+                    "GEMM operands too small: b {}/{}, c {}/{} elements",
+                    b.need, e.need_b, cbuf.need, e.need_c
+                ),
+            ));
+        }
+        if e.m == 0 || e.n == 0 {
+            return Ok(Op::Nothing);
+        }
+        let int = |v: usize, what: &str| {
+            i32::try_from(v)
+                .map_err(|_| step_err(name, format!("GEMM {what} = {v} exceeds the int range")))
+        };
+        let (m32, n32, k32) = (int(e.m, "m")?, int(e.n, "n")?, int(e.k, "k")?);
+        let (ldb32, ldc32) = (int(e.ldb, "ldb")?, int(e.ldc, "ldc")?);
+        let row_bytes = int(q.row_bytes, "the row bytes")?;
+        if self.use_gemv && e.n <= GEMV_MAX_N {
+            let vec = quant_vec(q.bits(), q.k, b.ptr(), e.ldb);
+            let blocks = u32::try_from(e.m.div_ceil(GEMV_ROWS_PER_BLOCK as usize))
+                .map_err(|_| step_err(name, format!("GEMM m = {} is too large", e.m)))?;
+            let family = if q.bits() == 8 { 2 } else { 3 };
+            return Ok(Op::Launch {
+                step: si,
+                func: self.gemv[family][e.n - 1],
+                grid: (blocks, 1, 1),
+                block: (32 * GEMV_ROWS_PER_BLOCK, 1, 1),
+                shared: 0,
+                params: vec![
+                    Param::Ptr(q.data.ptr),
+                    Param::Ptr(b.ptr()),
+                    Param::Ptr(cbuf.ptr()),
+                    Param::I32(m32),
+                    Param::I32(k32),
+                    Param::I32(row_bytes),
+                    Param::I32(ldb32),
+                    Param::I32(ldc32),
+                    Param::F32(g.alpha),
+                    Param::F32(g.beta),
+                    Param::I32(quant_flags(vec, q.block_log2)),
+                    Param::Ptr(q.scales.ptr),
+                ],
+            });
+        }
+        Ok(Op::Gemm {
+            step: si,
+            trans_a: true,
+            trans_b: false,
+            mnk: (m32, n32, k32),
+            ld: (k32, ldb32, ldc32),
+            alpha: g.alpha,
+            beta: g.beta,
+            a: GemmIn::Dequant {
+                data: q.data.ptr,
+                scales: q.scales.ptr,
+                bits: q.bits(),
+                row_bytes: q.row_bytes,
+                block_log2: q.block_log2,
+                tile_rows: dequant_tile_rows(e.m, e.k),
+            },
+            b: GemmIn::F32(b.ptr()),
+            c: cbuf.ptr(),
+        })
+    }
+}
+
 /// A launch dimension evaluated for this request, if every component fits u32.
 fn dim3(d: Option<&pb::Dim3>, rows: usize, batch: usize) -> Option<(u32, u32, u32)> {
     let d = d?;
@@ -367,6 +539,38 @@ fn dim3(d: Option<&pb::Dim3>, rows: usize, batch: usize) -> Option<(u32, u32, u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantized_gemvs_take_16_byte_loads_only_over_whole_aligned_runs() {
+        // int8: 16 weights a load; int4: 32. The 0.5b's K (1024, 4096) take them.
+        assert!(quant_vec(8, 1024, 0x1000, 1024) && quant_vec(4, 4096, 0x1000, 4096));
+        assert!(quant_vec(8, 48, 0x1000, 48) && !quant_vec(4, 48, 0x1000, 48));
+        // K odd or not a whole run (row starts would not be 16-byte aligned), activations
+        // misaligned or ldb not a multiple of 4 floats: the element-wise path.
+        for (bits, k, b, ldb) in [
+            (4, 45, 0x1000, 48),
+            (8, 36, 0x1000, 36),
+            (8, 64, 0x1004, 64),
+            (4, 64, 0x1000, 66),
+        ] {
+            assert!(!quant_vec(bits, k, b, ldb), "{bits} {k} {b:#x} {ldb}");
+        }
+        // flags: bit 0 vec, log2(block) from bit 8, as helpers.cu reads them.
+        assert_eq!(quant_flags(true, 5), 1 | 5 << 8);
+        assert_eq!(quant_flags(false, 4), 4 << 8);
+    }
+
+    #[test]
+    fn dequantized_tiles_hold_at_most_32_mib() {
+        // 0.5b lm_head (50,304 x 1,024): 8,192 rows a tile, 7 tiles.
+        let rows = dequant_tile_rows(50_304, 1024);
+        assert_eq!(rows, 8192);
+        assert!(rows * 1024 <= DEQUANT_TILE_FLOATS);
+        assert_eq!(50_304usize.div_ceil(rows), 7);
+        // A small weight is one tile; a K wider than the tile still gets a row.
+        assert_eq!(dequant_tile_rows(97, 64), 97);
+        assert_eq!(dequant_tile_rows(10, DEQUANT_TILE_FLOATS * 2), 1);
+    }
 
     #[test]
     fn dims_need_x() {

@@ -9,7 +9,11 @@
 //
 // gemv: a bf16 gemv with padded rows; an f32 gemv whose input is a folded lerp_norm;
 // swiglu; a bf16 gemv whose input is a folded swiglu, with beta != 0; a bf16 gemv that is
-// not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows.
+// not `vec` (k not a multiple of 8); an f32 gemv of 1,000 rows; then the weight-only
+// quantized entries (check.hpp's quant_mat): int8 of 600 rows (slices hold part of a
+// block's rows), int4 in blocks of 16 on a folded lerp_norm, int4 in blocks of 64 on a
+// folded swiglu with beta != 0, and element-wise ones (not `vec`): int4 of odd k 45 and
+// int8 of k 60 (a short last block).
 // attention: one decode row per sequence at positions 5, 1,100 (more 32-key tiles than
 // splits), 40, 31 (one whole tile), ..., row r in KV slot (r + 1) % ROWS (not the row's own
 // index), the caches random before them: pos_norm then
@@ -35,9 +39,12 @@ static double wide(float f) { return f; }
 struct Gemv {
     int kind, m, k, lda, ldb, ldc, vec, mode;
     float alpha, beta;
+    int block;  // quantized kinds: entries a block along k
     void* a;
     float *b, *c, *c0;
+    QuantMat q;
 };
+static bool quantized(int kind) { return kind == PD_GEMV_I8 || kind == PD_GEMV_I4; }
 
 static int attention(int rows, int blocks, int fold) {
     const int C = NGPT_PD_C, D = NGPT_PD_D, H = C / D, S = 1200;
@@ -181,11 +188,23 @@ int main(int argc, char** argv) {
         {PD_GEMV_BF16, 50, 4 * C, 4 * C, 0, 53, 1, PD_IN_SWIGLU, 0.75f, 0.25f},
         {PD_GEMV_BF16, 40, 60, 61, 60, 40, 0, PD_IN_GLOBAL, 1.0f, 0.0f},
         {PD_GEMV_F32, 1000, C, C, C, 1000, 1, PD_IN_GLOBAL, 1.0f, 0.0f},
+        {PD_GEMV_I8, 600, C, 0, C, 600, 1, PD_IN_GLOBAL, 1.0f, 0.0f, 32},
+        {PD_GEMV_I4, 131, C, 0, 0, 131, 1, PD_IN_LERP, 1.0f, 0.0f, 16},
+        {PD_GEMV_I4, 50, 4 * C, 0, 0, 53, 1, PD_IN_SWIGLU, 0.75f, 0.25f, 64},
+        {PD_GEMV_I4, 29, 45, 0, 45, 29, 0, PD_IN_GLOBAL, 1.0f, 0.0f, 16},
+        {PD_GEMV_I8, 40, 60, 0, 60, 40, 0, PD_IN_GLOBAL, 1.0f, 0.0f, 32},
     };
     float* x60 = filled((size_t)rows * 60, 1.0f);
+    float* x45 = filled((size_t)rows * 45, 1.0f);
     for (auto& g : gemvs) {
-        g.a = weight(g.kind, g.m, g.lda);
-        g.b = g.k == 60 ? x60 : x;
+        if (quantized(g.kind)) {
+            g.q = quant_mat(arena, g.kind == PD_GEMV_I8 ? 8 : 4, g.m, g.k, g.block);
+            g.a = g.q.data;
+            g.lda = g.q.row_bytes;
+        } else {
+            g.a = weight(g.kind, g.m, g.lda);
+        }
+        g.b = g.k == 60 ? x60 : g.k == 45 ? x45 : x;
         g.c = out((size_t)rows * g.ldc);
         g.c0 = nullptr;
         if (g.beta != 0.0f) {
@@ -212,6 +231,10 @@ int main(int argc, char** argv) {
         e.i[7] = g.mode;
         e.f[0] = g.alpha;
         e.f[1] = g.beta;
+        if (quantized(g.kind)) {  // as persistent_launch.rs moves gemv_i*'s scales
+            e.p[7] = (unsigned long long)g.q.scales;
+            e.i[5] = g.vec | g.q.block_log2 << 8;
+        }
         if (g.mode == PD_IN_LERP) {
             e.p[3] = (unsigned long long)h_in;
             e.p[4] = (unsigned long long)branch;
@@ -270,8 +293,9 @@ int main(int argc, char** argv) {
             for (int i = 0; i < g.m; ++i) {
                 double acc = 0;
                 for (int kk = 0; kk < g.k; ++kk) {
-                    double w = g.kind == PD_GEMV_F32 ? wide(((float*)g.a)[(size_t)i * g.lda + kk])
-                                                     : wide(((unsigned short*)g.a)[(size_t)i * g.lda + kk]);
+                    double w = quantized(g.kind)      ? g.q.value[(size_t)i * g.k + kk]
+                               : g.kind == PD_GEMV_F32 ? wide(((float*)g.a)[(size_t)i * g.lda + kk])
+                                                       : wide(((unsigned short*)g.a)[(size_t)i * g.lda + kk]);
                     double in = g.mode == PD_IN_LERP     ? lerp[j * C + kk]
                                 : g.mode == PD_IN_SWIGLU ? swi[j * 4 * C + kk]
                                                          : g.b[(size_t)j * g.ldb + kk];
