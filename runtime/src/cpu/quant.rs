@@ -64,8 +64,16 @@ trait Ints: Copy + Send + Sync + 'static {
     /// row is then read through [`split_units`] on the AVX2 path).
     const SPLIT: bool;
 
+    /// What the unit body's integers are offset by: `stored = q + OFFSET` (0 for [`I8`],
+    /// 8 for [`I4`], whose unsigned nibbles the body converts as they are and whose offset
+    /// enters each block's partial sum as a start value, [`block_starts`]).
+    const OFFSET: f32;
+
     /// The integer of entry `j` of a row's bytes.
     fn q(row: &[u8], j: usize) -> i8;
+
+    /// Entry `j` as stored (`q + OFFSET`), as the unit body converts it.
+    fn stored(row: &[u8], j: usize) -> f32;
 
     /// The entry that lane `l` of vector `v` (0 or 1) of a unit holds, from the unit's start.
     #[inline(always)]
@@ -77,7 +85,8 @@ trait Ints: Copy + Send + Sync + 'static {
         }
     }
 
-    /// The unit at `p` as two vectors of f32 (exact), lanes as [`Ints::entry`] says.
+    /// The unit at `p` as stored, two vectors of f32 (exact), lanes as [`Ints::entry`]
+    /// says.
     ///
     /// # Safety
     /// `p` points at the unit's [`Ints::UNIT_BYTES`] readable bytes; the CPU has AVX2.
@@ -96,10 +105,16 @@ struct I4;
 impl Ints for I8 {
     const UNIT_BYTES: usize = 16;
     const SPLIT: bool = false;
+    const OFFSET: f32 = 0.0;
 
     #[inline(always)]
     fn q(row: &[u8], j: usize) -> i8 {
         row[j] as i8
+    }
+
+    #[inline(always)]
+    fn stored(row: &[u8], j: usize) -> f32 {
+        f32::from(row[j] as i8)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -117,10 +132,16 @@ impl Ints for I8 {
 impl Ints for I4 {
     const UNIT_BYTES: usize = 8;
     const SPLIT: bool = true;
+    const OFFSET: f32 = 8.0;
 
     #[inline(always)]
     fn q(row: &[u8], j: usize) -> i8 {
         ((row[j / 2] >> (4 * (j % 2))) & 0x0f) as i8 - 8
+    }
+
+    #[inline(always)]
+    fn stored(row: &[u8], j: usize) -> f32 {
+        f32::from((row[j / 2] >> (4 * (j % 2))) & 0x0f)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -131,9 +152,8 @@ impl Ints for I4 {
         // SAFETY: the eight-byte load is the unit. Each lane gets one byte (two entries):
         // the low nibble is the even entry, the byte shifted right by 4 the odd one.
         let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
-        let eight = _mm256_set1_epi32(8);
-        let lo = _mm256_sub_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0f)), eight);
-        let hi = _mm256_sub_epi32(_mm256_srli_epi32::<4>(bytes), eight);
+        let lo = _mm256_and_si256(bytes, _mm256_set1_epi32(0x0f));
+        let hi = _mm256_srli_epi32::<4>(bytes);
         [_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)]
     }
 }
@@ -190,7 +210,7 @@ impl Row<'_> {
 
 /// The portable dot product of a weight row with an activation row (`x.len() >= row.k`):
 /// the operations the module documentation describes, in its order.
-fn dot<F: Ints>(row: Row<'_>, x: &[f32]) -> f32 {
+fn dot<F: Ints>(row: Row<'_>, x: Act<'_>) -> f32 {
     let (k, upb) = (row.k, row.upb);
     let units = k / UNIT;
     let mut acc = [0f32; 8];
@@ -198,11 +218,14 @@ fn dot<F: Ints>(row: Row<'_>, x: &[f32]) -> f32 {
     while u < units {
         let end = (u + upb).min(units);
         let mut p = [0f32; 8];
+        if F::OFFSET != 0.0 {
+            p.copy_from_slice(&x.starts[u / upb * 8..u / upb * 8 + 8]);
+        }
         for unit in u..end {
             for v in 0..2 {
                 for (l, p) in p.iter_mut().enumerate() {
                     let j = unit * UNIT + F::entry(v, l);
-                    *p = f32::from(F::q(row.bytes, j)).mul_add(x[j], *p);
+                    *p = F::stored(row.bytes, j).mul_add(x.x[j], *p);
                 }
             }
         }
@@ -214,9 +237,44 @@ fn dot<F: Ints>(row: Row<'_>, x: &[f32]) -> f32 {
     }
     finish(
         acc,
-        tail::<F>(row.bytes, x, units * UNIT, k),
+        tail::<F>(row.bytes, x.x, units * UNIT, k),
         row.tail_scale(),
     )
+}
+
+/// Blocks of a row of `k` entries that hold a whole unit.
+fn units_of(k: usize, upb: usize) -> usize {
+    (k / UNIT).div_ceil(upb.max(1))
+}
+
+/// An activation row as the dot products read it.
+#[derive(Clone, Copy)]
+struct Act<'a> {
+    /// The values (in [`Kernels::split`] order on the AVX2 path).
+    x: &'a [f32],
+    /// Where [`Ints::OFFSET`] is not 0, eight lanes a block: [`block_starts`].
+    starts: &'a [f32],
+}
+
+/// The start of each block's partial sum where the unit body reads integers offset by
+/// [`Ints::OFFSET`]: lane `l` of block `b` is `-OFFSET * s`, `s` the sum (in f32, in
+/// order) over the block's whole units of the two values that lane multiplies
+/// ([`Ints::entry`]), so that the block's partial sum is that of `q = stored - OFFSET`.
+/// `x` in its natural order; `out` gets eight lanes for each block that holds a whole unit.
+fn block_starts<F: Ints>(x: &[f32], upb: usize, out: &mut Vec<f32>) {
+    out.clear();
+    let units = x.len() / UNIT;
+    for b0 in (0..units).step_by(upb.max(1)) {
+        let mut s = [0f32; 8];
+        for u in b0..(b0 + upb).min(units) {
+            for v in 0..2 {
+                for (l, s) in s.iter_mut().enumerate() {
+                    *s += x[u * UNIT + F::entry(v, l)];
+                }
+            }
+        }
+        out.extend(s.iter().map(|s| -F::OFFSET * s));
+    }
 }
 
 /// `x`'s whole units with each unit's sixteen values reordered evens first (`x0 x2 .. x14
@@ -280,7 +338,7 @@ impl Kernels {
     fn dots<F: Ints, const R: usize, const C: usize>(
         self,
         rows: [Row<'_>; R],
-        xs: [&[f32]; C],
+        xs: [Act<'_>; C],
     ) -> [[f32; C]; R] {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
@@ -338,7 +396,7 @@ unsafe fn widen_f16c(src: &[u16], dst: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     rows: [Row<'_>; R],
-    xs: [&[f32]; C],
+    xs: [Act<'_>; C],
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
     let (k, upb) = (rows[0].k, rows[0].upb);
@@ -347,12 +405,15 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
         && r.upb == upb
         && r.bytes.len() >= k / UNIT * F::UNIT_BYTES
         && r.scales.len() >= k.div_ceil(upb * UNIT)));
-    debug_assert!(xs.iter().all(|x| x.len() >= k));
+    debug_assert!(xs
+        .iter()
+        .all(|x| x.x.len() >= k && (F::OFFSET == 0.0 || x.starts.len() >= units_of(k, upb) * 8)));
     let upb = if U > 0 { U } else { upb };
     let units = k / UNIT;
     let pw: [*const u8; R] = std::array::from_fn(|r| rows[r].bytes.as_ptr());
     let ps: [*const f32; R] = std::array::from_fn(|r| rows[r].scales.as_ptr());
-    let px: [*const f32; C] = std::array::from_fn(|c| xs[c].as_ptr());
+    let px: [*const f32; C] = std::array::from_fn(|c| xs[c].x.as_ptr());
+    let pst: [*const f32; C] = std::array::from_fn(|c| xs[c].starts.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // One block of `$n` units from unit `$u0`, its scale `$b` (a macro, not a closure, so
     // that the body is compiled with this function's target features).
@@ -360,6 +421,15 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
         ($u0:expr, $n:expr, $b:expr) => {{
             let (u0, n, b): (usize, usize, usize) = ($u0, $n, $b);
             let mut p = [[_mm256_setzero_ps(); C]; R];
+            if F::OFFSET != 0.0 {
+                for c in 0..C {
+                    // SAFETY: b is a block with a whole unit: its eight start lanes exist.
+                    let start = _mm256_loadu_ps(pst[c].add(8 * b));
+                    for p in p.iter_mut() {
+                        p[c] = start;
+                    }
+                }
+            }
             for w in pw {
                 // A prefetch past the end of the row never faults.
                 _mm_prefetch::<_MM_HINT_T0>(
@@ -411,7 +481,7 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
         std::array::from_fn(|c| {
             finish(
                 lanes[r][c],
-                tail::<F>(row.bytes, xs[c], units * UNIT, k),
+                tail::<F>(row.bytes, xs[c].x, units * UNIT, k),
                 row.tail_scale(),
             )
         })
@@ -434,7 +504,7 @@ fn piece_dots<'a, F: Ints, const C: usize>(
     kern: Kernels,
     rows: usize,
     row: impl Fn(usize) -> Row<'a>,
-    xs: [&[f32]; C],
+    xs: [Act<'_>; C],
     out: &mut [f32],
 ) {
     let per = rows_per_call(C);
@@ -474,6 +544,7 @@ fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
 
 /// [`dot_gemm`] with the given kernels.
 fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+    let xin = x;
     let (rb, nb) = (w.row_bytes(), w.n_blocks());
     let upb = (w.block / UNIT).max(1);
     let row_bytes = rb + 2 * nb;
@@ -495,7 +566,17 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
     } else {
         (std::borrow::Cow::Borrowed(x), s.ldb)
     };
-    let xrow = |j: usize| &x[j * ldb..j * ldb + s.k];
+    // Each activation row's block starts (none where the format has no offset).
+    let mut starts: Vec<Vec<f32>> = vec![Vec::new(); s.n];
+    if F::OFFSET != 0.0 {
+        for (j, st) in starts.iter_mut().enumerate() {
+            block_starts::<F>(&xin[j * s.ldb..j * s.ldb + s.k], upb, st);
+        }
+    }
+    let xrow = |j: usize| Act {
+        x: &x[j * ldb..j * ldb + s.k],
+        starts: &starts[j],
+    };
     let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
         .step_by(piece_rows)
         .collect::<Vec<_>>()
