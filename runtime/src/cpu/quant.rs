@@ -9,18 +9,22 @@
 //! more fused multiply-add). Lane `l` of a unit's first vector holds entry `l` (int8) or
 //! `2l` (int4: the low nibbles), of its second `8 + l` or `2l + 1` (the high nibbles); the
 //! entries after the last whole unit (fewer than sixteen) form a scalar partial sum scaled
-//! by the last block's scale. The eight lanes are summed in a fixed tree. The portable
-//! [`dot`] and the AVX2 + FMA body compute exactly these operations in this order, so they
-//! are bitwise equal; every output element is computed whole by one thread, in an order that
+//! by the last block's scale. Int4 nibbles are converted as stored (`q + 8`, unsigned: no
+//! subtraction per unit); the offset enters each block's partial sum as its start value,
+//! `-8` times the sum of the activations that lane multiplies over the block, made once per
+//! activation row and GEMM ([`block_starts`]). The eight lanes are summed in a fixed tree.
+//! The portable [`dot`] and the AVX2 + FMA body compute exactly these operations in this
+//! order, so they are bitwise equal; every output element is computed whole by one thread, in an order that
 //! depends only on the weight row and the activation row, so results are bitwise the same
 //! whatever the thread count and whatever the other activation rows (batch invariance, as
 //! [`dots`]: a sequence decoded in a batch of up to [`dots::MAX_N`] gets the bits it gets
 //! alone).
 //!
-//! This is not bitwise the f32 GEMM of the dequantized weights (that GEMM rounds every
-//! `scale * q` product's sum in another order); it is that product in exact arithmetic up
-//! to f32 rounding of sums of at most a block's terms, then of the blocks: the plans'
-//! logits stay within relative 1e-5 of the IR on the same dequantized weights
+//! This is not bitwise the f32 GEMM of the dequantized weights (that one multiplies each
+//! weight by its scale, then sums the products in another order): it is the same sum in
+//! exact arithmetic, rounded differently. Each output is within f32 rounding of the exact
+//! dot product of the dequantized weights (unit tests: against f64), and the plans' logits
+//! stay within relative 1e-5 of the IR on the same dequantized weights
 //! (tests/it/quant_plans.rs).
 //!
 //! The row's f16 scales are widened once per piece of rows (F16C where present, exact
