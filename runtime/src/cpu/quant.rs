@@ -2,22 +2,44 @@
 //! [`QuantWeight`]): what an int8 or int4 plan's GEMM steps run on the CPU.
 //!
 //! Decode-sized products (at most [`dots::MAX_N`] activation rows) are dot products over
-//! weight rows, as [`dots`] computes them: each weight is dequantized in registers
-//! (`f32(scale) * q`, exact: the value [`QuantWeight::dequantize_rows`] and the compiler's
-//! `quant::dequantize` give) and enters the same four accumulators of eight lanes in the
-//! same order, separate multiplies and adds. So a quantized GEMM is bitwise the f32 GEMM of
-//! its dequantized weights on the dot-product path, the AVX2 body is bitwise the portable
-//! one, and an activation row's result does not depend on the other rows (batch
-//! invariance, as [`dots`]). The row's f16 scales are widened once per piece of rows
-//! (F16C where present, exact either way). Larger products dequantize blocks of rows
-//! into the f32 scratch of [`super::bf16`]'s blocked path and run the gemm crate on it.
+//! weight rows. The block scale stays out of the inner loop: a row's integers are converted
+//! to f32 (exact) and multiplied into the activations with fused multiply-adds, sixteen
+//! entries ("a unit") at a time into one partial sum of eight lanes per block; at the end of
+//! a block the partial sum enters the row's accumulator scaled by the block's scale (one
+//! more fused multiply-add). Lane `l` of a unit's first vector holds entry `l` (int8) or
+//! `2l` (int4: the low nibbles), of its second `8 + l` or `2l + 1` (the high nibbles); the
+//! entries after the last whole unit (fewer than sixteen) form a scalar partial sum scaled
+//! by the last block's scale. Int4 nibbles are converted as stored (`q + 8`, unsigned: no
+//! subtraction per unit); the offset enters each block's partial sum as its start value,
+//! `-8` times the sum of the activations that lane multiplies over the block, made once per
+//! activation row and GEMM ([`block_starts`]). The eight lanes are summed in a fixed tree.
+//! The portable [`dot`] and the AVX2 + FMA body compute exactly these operations in this
+//! order, so they are bitwise equal; every output element is computed whole by one thread, in an order that
+//! depends only on the weight row and the activation row, so results are bitwise the same
+//! whatever the thread count and whatever the other activation rows (batch invariance, as
+//! [`dots`]: a sequence decoded in a batch of up to [`dots::MAX_N`] gets the bits it gets
+//! alone).
+//!
+//! This is not bitwise the f32 GEMM of the dequantized weights (that one multiplies each
+//! weight by its scale, then sums the products in another order): it is the same sum in
+//! exact arithmetic, rounded differently. Each output is within f32 rounding of the exact
+//! dot product of the dequantized weights (unit tests: against f64), and the plans' logits
+//! stay within relative 1e-5 of the IR on the same dequantized weights
+//! (tests/it/quant_plans.rs).
+//!
+//! The row's f16 scales are widened once per piece of rows (F16C where present, exact
+//! either way). Larger products dequantize blocks of rows into the f32 scratch of
+//! [`super::bf16`]'s blocked path and run the gemm crate on it.
 
 use rayon::prelude::*;
 
 use super::dots::{self, Shape};
 use crate::plan::{QuantBits, QuantWeight};
 
-/// How far ahead (in bytes of integers) the AVX2 dot product prefetches.
+/// Entries of a unit: what one step of the inner loop reads of a row.
+const UNIT: usize = 16;
+
+/// How far ahead (in bytes of integers) the AVX2 body prefetches each weight row.
 const PREFETCH_BYTES: usize = 512;
 
 /// Runs the GEMM `C = alpha W x^T + beta C` over quantized `w` (`s.lda == w.k`, `s.k ==
@@ -28,67 +50,258 @@ pub fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
         return;
     }
     if s.n <= dots::MAX_N || s.k == 0 {
-        dot_gemm(s, w, x, c)
+        match w.bits {
+            QuantBits::Int8 => dot_gemm::<I8>(s, w, x, c),
+            QuantBits::Int4 => dot_gemm::<I4>(s, w, x, c),
+        }
     } else {
         super::bf16::blocked_with(s, x, c, |m0, out| w.dequantize_rows(m0, out));
     }
 }
 
-/// The row `r` of `w` as [`dot`] reads it.
+/// A format's integers as the dot products read them; the kernels are monomorphized per
+/// format ([`I8`], [`I4`]), so no `match` on the bits runs inside a loop.
+trait Ints: Copy + Send + Sync + 'static {
+    /// Bytes of a unit (sixteen entries).
+    const UNIT_BYTES: usize;
+    /// Whether a unit's two vectors hold its even then its odd entries (the activation
+    /// row is then read through [`split_units`] on the AVX2 path).
+    const SPLIT: bool;
+
+    /// What the unit body's integers are offset by: `stored = q + OFFSET` (0 for [`I8`],
+    /// 8 for [`I4`], whose unsigned nibbles the body converts as they are and whose offset
+    /// enters each block's partial sum as a start value, [`block_starts`]).
+    const OFFSET: f32;
+
+    /// The integer of entry `j` of a row's bytes.
+    fn q(row: &[u8], j: usize) -> i8;
+
+    /// Entry `j` as stored (`q + OFFSET`), as the unit body converts it.
+    fn stored(row: &[u8], j: usize) -> f32;
+
+    /// The entry that lane `l` of vector `v` (0 or 1) of a unit holds, from the unit's start.
+    #[inline(always)]
+    fn entry(v: usize, l: usize) -> usize {
+        if Self::SPLIT {
+            2 * l + v
+        } else {
+            8 * v + l
+        }
+    }
+
+    /// The unit at `p` as stored, two vectors of f32 (exact), lanes as [`Ints::entry`]
+    /// says.
+    ///
+    /// # Safety
+    /// `p` points at the unit's [`Ints::UNIT_BYTES`] readable bytes; the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unit(p: *const u8) -> [std::arch::x86_64::__m256; 2];
+}
+
+/// `I8`: a signed byte an entry.
+#[derive(Clone, Copy)]
+struct I8;
+
+/// `I4`: `q + 8` in a nibble, the even entry low.
+#[derive(Clone, Copy)]
+struct I4;
+
+impl Ints for I8 {
+    const UNIT_BYTES: usize = 16;
+    const SPLIT: bool = false;
+    const OFFSET: f32 = 0.0;
+
+    #[inline(always)]
+    fn q(row: &[u8], j: usize) -> i8 {
+        row[j] as i8
+    }
+
+    #[inline(always)]
+    fn stored(row: &[u8], j: usize) -> f32 {
+        f32::from(row[j] as i8)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn unit(p: *const u8) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: both eight-byte loads lie inside the unit.
+        let a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()));
+        let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast()));
+        [_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b)]
+    }
+}
+
+impl Ints for I4 {
+    const UNIT_BYTES: usize = 8;
+    const SPLIT: bool = true;
+    const OFFSET: f32 = 8.0;
+
+    #[inline(always)]
+    fn q(row: &[u8], j: usize) -> i8 {
+        ((row[j / 2] >> (4 * (j % 2))) & 0x0f) as i8 - 8
+    }
+
+    #[inline(always)]
+    fn stored(row: &[u8], j: usize) -> f32 {
+        f32::from((row[j / 2] >> (4 * (j % 2))) & 0x0f)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn unit(p: *const u8) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the eight-byte load is the unit. Each lane gets one byte (two entries):
+        // the low nibble is the even entry, the byte shifted right by 4 the odd one.
+        let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+        let lo = _mm256_and_si256(bytes, _mm256_set1_epi32(0x0f));
+        let hi = _mm256_srli_epi32::<4>(bytes);
+        [_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)]
+    }
+}
+
+/// The end of a dot product: the eight lanes summed in a fixed tree, then the scalar tail's
+/// partial sum `tail` times the last block's scale `scale`.
+#[inline(always)]
+fn finish(acc: [f32; 8], tail: f32, scale: f32) -> f32 {
+    let quads = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+    sum + scale * tail
+}
+
+/// The scalar tail of a dot product: entries `from..k` (after the last whole unit), fused
+/// multiply-adds in order from 0.
+#[inline(always)]
+fn tail<F: Ints>(row: &[u8], x: &[f32], from: usize, k: usize) -> f32 {
+    let mut t = 0f32;
+    for (j, &xj) in x.iter().enumerate().take(k).skip(from) {
+        t = f32::from(F::q(row, j)).mul_add(xj, t);
+    }
+    t
+}
+
+/// One weight row as the dot products read it.
 #[derive(Clone, Copy)]
 struct Row<'a> {
-    bits: QuantBits,
     /// The row's integers as stored.
     bytes: &'a [u8],
     /// The row's scales, widened.
     scales: &'a [f32],
-    /// log2 of the block size.
-    shift: u32,
-    /// Entries of the row used (the GEMM's k).
+    /// Entries of the row (the GEMM's k).
     k: usize,
+    /// Units a block (the block size / 16).
+    upb: usize,
 }
 
 impl Row<'_> {
-    /// The dequantized value of entry `j`: `scale * q`, exact in f32.
-    #[inline(always)]
-    fn value(&self, j: usize) -> f32 {
-        let q = match self.bits {
-            QuantBits::Int8 => self.bytes[j] as i8,
-            QuantBits::Int4 => ((self.bytes[j / 2] >> (4 * (j % 2))) & 0x0f) as i8 - 8,
-        };
-        self.scales[j >> self.shift] * f32::from(q)
-    }
-
-    /// Entries `from..k` dequantized (the part after the 32-wide body: fewer than 32).
-    fn rest(&self, from: usize) -> ([f32; 32], usize) {
-        let mut out = [0f32; 32];
-        let n = self.k - from;
-        for (i, o) in out[..n].iter_mut().enumerate() {
-            *o = self.value(from + i);
+    /// The scale of the block that holds the entries after the last whole unit.
+    fn tail_scale(&self) -> f32 {
+        let units = self.k / UNIT;
+        if units * UNIT < self.k {
+            self.scales[units / self.upb]
+        } else {
+            0.0
         }
-        (out, n)
     }
 }
 
-/// The portable dot product: [`dots::dot`]'s order over the dequantized values.
-fn dot(row: Row<'_>, x: &[f32]) -> f32 {
-    let k = row.k.min(x.len());
-    let body = k / 32 * 32;
-    let mut acc = [[0f32; 8]; 4];
-    for i in (0..body).step_by(32) {
-        for e in 0..32 {
-            acc[e / 8][e % 8] += row.value(i + e) * x[i + e];
+/// The portable dot product of a weight row with an activation row (`x.len() >= row.k`):
+/// the operations the module documentation describes, in its order.
+fn dot<F: Ints>(row: Row<'_>, x: Act<'_>) -> f32 {
+    let (k, upb) = (row.k, row.upb);
+    let units = k / UNIT;
+    let mut acc = [0f32; 8];
+    let mut u = 0;
+    while u < units {
+        let end = (u + upb).min(units);
+        let mut p = [0f32; 8];
+        if F::OFFSET != 0.0 {
+            p.copy_from_slice(&x.starts[u / upb * 8..u / upb * 8 + 8]);
         }
+        for unit in u..end {
+            for v in 0..2 {
+                for (l, p) in p.iter_mut().enumerate() {
+                    let j = unit * UNIT + F::entry(v, l);
+                    *p = F::stored(row.bytes, j).mul_add(x.x[j], *p);
+                }
+            }
+        }
+        let scale = row.scales[u / upb];
+        for (a, p) in acc.iter_mut().zip(p) {
+            *a = p.mul_add(scale, *a);
+        }
+        u = end;
     }
-    let (rest, n) = Row { k, ..row }.rest(body);
-    dots::finish(acc, &rest[..n], &x[body..k])
+    finish(
+        acc,
+        tail::<F>(row.bytes, x.x, units * UNIT, k),
+        row.tail_scale(),
+    )
 }
 
-/// The dot products this CPU runs: AVX2 (with F16C for the scales) where present, the
+/// Blocks of a row of `k` entries that hold a whole unit.
+fn units_of(k: usize, upb: usize) -> usize {
+    (k / UNIT).div_ceil(upb.max(1))
+}
+
+/// An activation row as the dot products read it.
+#[derive(Clone, Copy)]
+struct Act<'a> {
+    /// The values (in [`Kernels::split`] order on the AVX2 path).
+    x: &'a [f32],
+    /// Where [`Ints::OFFSET`] is not 0, eight lanes a block: [`block_starts`].
+    starts: &'a [f32],
+}
+
+/// The start of each block's partial sum where the unit body reads integers offset by
+/// [`Ints::OFFSET`]: lane `l` of block `b` is `-OFFSET * s`, `s` the sum (in f32, in
+/// order) over the block's whole units of the two values that lane multiplies
+/// ([`Ints::entry`]), so that the block's partial sum is that of `q = stored - OFFSET`.
+/// `x` in its natural order; `out` gets eight lanes for each block that holds a whole unit.
+fn block_starts<F: Ints>(x: &[f32], upb: usize, out: &mut Vec<f32>) {
+    out.clear();
+    let units = x.len() / UNIT;
+    for b0 in (0..units).step_by(upb.max(1)) {
+        let mut s = [0f32; 8];
+        for u in b0..(b0 + upb).min(units) {
+            for v in 0..2 {
+                for (l, s) in s.iter_mut().enumerate() {
+                    *s += x[u * UNIT + F::entry(v, l)];
+                }
+            }
+        }
+        out.extend(s.iter().map(|s| -F::OFFSET * s));
+    }
+}
+
+/// `x`'s whole units with each unit's sixteen values reordered evens first (`x0 x2 .. x14
+/// x1 x3 .. x15`), the order the AVX2 body reads an [`I4`] unit in; the values after the
+/// last whole unit are copied as they are.
+fn split_units(x: &[f32], out: &mut [f32]) {
+    let body = x.len() / UNIT * UNIT;
+    for (src, dst) in x[..body].chunks_exact(UNIT).zip(out.chunks_exact_mut(UNIT)) {
+        for l in 0..8 {
+            dst[l] = src[2 * l];
+            dst[8 + l] = src[2 * l + 1];
+        }
+    }
+    out[body..x.len()].copy_from_slice(&x[body..]);
+}
+
+/// The dot products this CPU runs: AVX2 + FMA (with F16C for the scales) where present, the
 /// portable [`dot`] otherwise; bitwise the same.
 #[derive(Clone, Copy)]
 struct Kernels {
+    /// AVX2 and FMA are present (only [`Kernels::detect`] sets it).
     avx2: bool,
+    /// F16C is present.
     f16c: bool,
 }
 
@@ -97,7 +310,8 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             Kernels {
-                avx2: std::arch::is_x86_feature_detected!("avx2"),
+                avx2: std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma"),
                 f16c: std::arch::is_x86_feature_detected!("f16c"),
             }
         }
@@ -108,13 +322,43 @@ impl Kernels {
         }
     }
 
-    fn dots<const C: usize>(self, row: Row<'_>, xs: [&[f32]; C]) -> [f32; C] {
+    /// The portable kernels only (for tests comparing the two).
+    #[cfg(test)]
+    fn portable() -> Kernels {
+        Kernels {
+            avx2: false,
+            f16c: false,
+        }
+    }
+
+    /// Whether activation rows go in [`split_units`] order.
+    fn split<F: Ints>(self) -> bool {
+        self.avx2 && F::SPLIT
+    }
+
+    /// `[[dot(rows[r], xs[c]) for c] for r]`, with `xs` in [`Kernels::split`] order; every
+    /// row holds `k` entries and every activation row at least `k` values.
+    #[inline(always)]
+    fn dots<F: Ints, const R: usize, const C: usize>(
+        self,
+        rows: [Row<'_>; R],
+        xs: [Act<'_>; C],
+    ) -> [[f32; C]; R] {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: AVX2 is present (`detect` checked it).
-            return unsafe { dots_avx2(row, xs) };
+            // SAFETY: AVX2 and FMA are present (`detect` checked them); the caller holds the
+            // extents (checked again in `dots_avx2`'s debug assertions).
+            return unsafe {
+                match rows[0].upb {
+                    1 => dots_avx2::<F, R, C, 1>(rows, xs),
+                    2 => dots_avx2::<F, R, C, 2>(rows, xs),
+                    4 => dots_avx2::<F, R, C, 4>(rows, xs),
+                    8 => dots_avx2::<F, R, C, 8>(rows, xs),
+                    _ => dots_avx2::<F, R, C, 0>(rows, xs),
+                }
+            };
         }
-        xs.map(|x| dot(row, x))
+        rows.map(|row| xs.map(|x| dot::<F>(row, x)))
     }
 
     /// f16 bits to f32, exactly.
@@ -143,91 +387,200 @@ unsafe fn widen_f16c(src: &[u16], dst: &mut [f32]) {
     crate::plan::widen_f16s(&src[body..n], &mut dst[body..n]);
 }
 
-/// Sixteen integers from entry `j` (a multiple of 16, `j + 16 <= k`) as two vectors of f32.
+/// [`dot`] of `R` weight rows with each of `C` activation rows (in [`Kernels::split`]
+/// order), the whole units in AVX2 registers: each unit of activations is loaded once for
+/// the `R` rows, each unit of integers converted once for the `C` activation rows; per
+/// (row, activation row) the operations and order of [`dot`]. `U` is the units a block
+/// when it is 1, 2, 4 or 8 (the block loop unrolled), 0 for any other block.
 ///
 /// # Safety
-/// AVX2 is present; the row holds the sixteen entries.
+/// AVX2 and FMA are present; every row has the same `k` and `upb` (`U` when not 0) and
+/// holds its `k` entries and their scales; every activation row holds `k` values.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn ints16(row: &Row<'_>, j: usize) -> [std::arch::x86_64::__m256; 2] {
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
+    rows: [Row<'_>; R],
+    xs: [Act<'_>; C],
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
-    let bytes = match row.bits {
-        // SAFETY: entries j..j + 16 are bytes j..j + 16 of the row.
-        QuantBits::Int8 => _mm_loadu_si128(row.bytes.as_ptr().add(j).cast()),
-        QuantBits::Int4 => {
-            // SAFETY: entries j..j + 16 are bytes j / 2..j / 2 + 8 of the row.
-            let packed = _mm_loadl_epi64(row.bytes.as_ptr().add(j / 2).cast());
-            let mask = _mm_set1_epi8(0x0f);
-            let lo = _mm_and_si128(packed, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), mask);
-            _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8))
-        }
-    };
-    [
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(bytes))),
-    ]
-}
-
-/// [`dot`] of one weight row with each of `C` activation rows, the 32-wide body in AVX2
-/// registers: the weights dequantized sixteen at a time (a half lies inside one block:
-/// blocks are powers of two of at least 16), then [`dots`]' accumulators and order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dots_avx2<const C: usize>(row: Row<'_>, xs: [&[f32]; C]) -> [f32; C] {
-    use std::arch::x86_64::*;
-    let k = xs.iter().fold(row.k, |k, x| k.min(x.len()));
-    let body = k / 32 * 32;
-    let per_entry = match row.bits {
-        QuantBits::Int8 => 2,
-        QuantBits::Int4 => 1,
-    };
-    let pb = row.bytes.as_ptr();
-    let mut v = [[_mm256_setzero_ps(); 4]; C];
-    let mut i = 0;
-    while i < body {
-        // A prefetch past the end of the row never faults.
-        _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(i * per_entry / 2 + PREFETCH_BYTES).cast());
-        for h in 0..2 {
-            let j = i + 16 * h;
-            let scale = _mm256_set1_ps(row.scales[j >> row.shift]);
-            // SAFETY: j + 16 <= body <= k: inside the row and every activation row.
-            let q = ints16(&row, j);
-            let wv = [_mm256_mul_ps(q[0], scale), _mm256_mul_ps(q[1], scale)];
-            for (v, x) in v.iter_mut().zip(&xs) {
-                let px = x.as_ptr().add(j);
-                for (s, wv) in wv.iter().enumerate() {
-                    let p = _mm256_mul_ps(*wv, _mm256_loadu_ps(px.add(8 * s)));
-                    v[2 * h + s] = _mm256_add_ps(v[2 * h + s], p);
+    let (k, upb) = (rows[0].k, rows[0].upb);
+    debug_assert!(U == 0 || U == upb);
+    debug_assert!(rows.iter().all(|r| r.k == k
+        && r.upb == upb
+        && r.bytes.len() >= k / UNIT * F::UNIT_BYTES
+        && r.scales.len() >= k.div_ceil(upb * UNIT)));
+    debug_assert!(xs
+        .iter()
+        .all(|x| x.x.len() >= k && (F::OFFSET == 0.0 || x.starts.len() >= units_of(k, upb) * 8)));
+    let upb = if U > 0 { U } else { upb };
+    let units = k / UNIT;
+    let pw: [*const u8; R] = std::array::from_fn(|r| rows[r].bytes.as_ptr());
+    let ps: [*const f32; R] = std::array::from_fn(|r| rows[r].scales.as_ptr());
+    let px: [*const f32; C] = std::array::from_fn(|c| xs[c].x.as_ptr());
+    let pst: [*const f32; C] = std::array::from_fn(|c| xs[c].starts.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    // One block of `$n` units from unit `$u0`, its scale `$b` (a macro, not a closure, so
+    // that the body is compiled with this function's target features).
+    macro_rules! block {
+        ($u0:expr, $n:expr, $b:expr) => {{
+            let (u0, n, b): (usize, usize, usize) = ($u0, $n, $b);
+            let mut p = [[_mm256_setzero_ps(); C]; R];
+            if F::OFFSET != 0.0 {
+                for c in 0..C {
+                    // SAFETY: b is a block with a whole unit: its eight start lanes exist.
+                    let start = _mm256_loadu_ps(pst[c].add(8 * b));
+                    for p in p.iter_mut() {
+                        p[c] = start;
+                    }
                 }
             }
-        }
-        i += 32;
+            for w in pw {
+                // A prefetch past the end of the row never faults.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    w.wrapping_add(u0 * F::UNIT_BYTES + PREFETCH_BYTES).cast(),
+                );
+            }
+            for u in u0..u0 + n {
+                let mut xv = [[_mm256_setzero_ps(); 2]; C];
+                for c in 0..C {
+                    // SAFETY: u < units: the unit's values lie inside every activation row.
+                    xv[c] = [
+                        _mm256_loadu_ps(px[c].add(u * UNIT)),
+                        _mm256_loadu_ps(px[c].add(u * UNIT + 8)),
+                    ];
+                }
+                for r in 0..R {
+                    // SAFETY: u < units: the unit's bytes lie inside the row.
+                    let q = F::unit(pw[r].add(u * F::UNIT_BYTES));
+                    for c in 0..C {
+                        p[r][c] = _mm256_fmadd_ps(q[0], xv[c][0], p[r][c]);
+                        p[r][c] = _mm256_fmadd_ps(q[1], xv[c][1], p[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                // SAFETY: b is a block of the row: its scale is inside the row's scales.
+                let scale = _mm256_broadcast_ss(&*ps[r].add(b));
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(p[r][c], scale, acc[r][c]);
+                }
+            }
+        }};
     }
-    let (rest, n) = Row { k, ..row }.rest(body);
-    std::array::from_fn(|c| {
-        let mut acc = [[0f32; 8]; 4];
-        for (dst, v) in acc.iter_mut().zip(v[c]) {
-            _mm256_storeu_ps(dst.as_mut_ptr(), v);
+    let whole = units / upb;
+    for b in 0..whole {
+        block!(b * upb, upb, b);
+    }
+    if whole * upb < units {
+        block!(whole * upb, units - whole * upb, whole);
+    }
+    let mut lanes = [[[0f32; 8]; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            _mm256_storeu_ps(lanes[r][c].as_mut_ptr(), acc[r][c]);
         }
-        dots::finish(acc, &rest[..n], &xs[c][body..k])
+    }
+    std::array::from_fn(|r| {
+        let row = rows[r];
+        std::array::from_fn(|c| {
+            finish(
+                lanes[r][c],
+                tail::<F>(row.bytes, xs[c].x, units * UNIT, k),
+                row.tail_scale(),
+            )
+        })
     })
 }
 
+/// Weight rows a kernel call takes together for `C` activation rows.
+const fn rows_per_call(c: usize) -> usize {
+    if c == 1 {
+        4
+    } else {
+        2
+    }
+}
+
+/// The dot products of rows `0..rows` (through `row`) with activation rows `xs`, into
+/// `out[c * rows + i]`: [`rows_per_call`] rows a kernel call, the last ones one at a time.
+#[inline(always)]
+fn piece_dots<'a, F: Ints, const C: usize>(
+    kern: Kernels,
+    rows: usize,
+    row: impl Fn(usize) -> Row<'a>,
+    xs: [Act<'_>; C],
+    out: &mut [f32],
+) {
+    let per = rows_per_call(C);
+    let mut i = 0;
+    while i + per <= rows {
+        if per == 4 {
+            let r = kern.dots::<F, 4, C>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
+            for (d, r) in r.iter().enumerate() {
+                for c in 0..C {
+                    out[c * rows + i + d] = r[c];
+                }
+            }
+        } else {
+            let r = kern.dots::<F, 2, C>([row(i), row(i + 1)], xs);
+            for (d, r) in r.iter().enumerate() {
+                for c in 0..C {
+                    out[c * rows + i + d] = r[c];
+                }
+            }
+        }
+        i += per;
+    }
+    while i < rows {
+        let [r] = kern.dots::<F, 1, C>([row(i)], xs);
+        for c in 0..C {
+            out[c * rows + i] = r[c];
+        }
+        i += 1;
+    }
+}
+
 /// The dot-product path: pieces of weight rows on rayon's threads, the activation rows in
-/// pairs sharing each dequantized chunk, as [`dots::gemm`] does.
-fn dot_gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
-    let kern = Kernels::detect();
+/// pairs sharing each converted unit, as [`dots::gemm`] does.
+fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+    dot_gemm_with::<F>(Kernels::detect(), s, w, x, c)
+}
+
+/// [`dot_gemm`] with the given kernels.
+fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+    let xin = x;
     let (rb, nb) = (w.row_bytes(), w.n_blocks());
-    let shift = w.block.trailing_zeros();
+    let upb = (w.block / UNIT).max(1);
     let row_bytes = rb + 2 * nb;
     let piece_rows = if s.n <= 2 {
         dots::ROWS_PER_PIECE
     } else {
         (dots::PIECE_BYTES / row_bytes.max(1)).clamp(8, dots::ROWS_PER_PIECE)
     };
-    let xrow = |j: usize| &x[j * s.ldb..j * s.ldb + s.k];
+    // The activation rows in the order the kernels read them, made once.
+    let (x, ldb) = if kern.split::<F>() {
+        let mut xs = vec![0f32; s.n * s.k];
+        for j in 0..s.n {
+            split_units(
+                &x[j * s.ldb..j * s.ldb + s.k],
+                &mut xs[j * s.k..(j + 1) * s.k],
+            );
+        }
+        (std::borrow::Cow::Owned(xs), s.k)
+    } else {
+        (std::borrow::Cow::Borrowed(x), s.ldb)
+    };
+    // Each activation row's block starts (none where the format has no offset).
+    let mut starts: Vec<Vec<f32>> = vec![Vec::new(); s.n];
+    if F::OFFSET != 0.0 {
+        for (j, st) in starts.iter_mut().enumerate() {
+            block_starts::<F>(&xin[j * s.ldb..j * s.ldb + s.k], upb, st);
+        }
+    }
+    let xrow = |j: usize| Act {
+        x: &x[j * ldb..j * ldb + s.k],
+        starts: &starts[j],
+    };
     let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
         .step_by(piece_rows)
         .collect::<Vec<_>>()
@@ -237,24 +590,18 @@ fn dot_gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
             let mut scales = vec![0f32; rows * nb];
             kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], &mut scales);
             let row = |i: usize| Row {
-                bits: w.bits,
                 bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
                 scales: &scales[i * nb..(i + 1) * nb],
-                shift,
                 k: s.k,
+                upb,
             };
             let mut out = vec![0f32; rows * s.n];
             for j in (0..s.n).step_by(2) {
+                let out = &mut out[j * rows..];
                 if j + 1 < s.n {
-                    for i in 0..rows {
-                        let [a, b] = kern.dots(row(i), [xrow(j), xrow(j + 1)]);
-                        out[j * rows + i] = a;
-                        out[(j + 1) * rows + i] = b;
-                    }
+                    piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
                 } else {
-                    for i in 0..rows {
-                        out[j * rows + i] = kern.dots(row(i), [xrow(j)])[0];
-                    }
+                    piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
                 }
             }
             (m0, out)
@@ -333,34 +680,85 @@ mod tests {
             .collect()
     }
 
-    const CASES: [(usize, usize, usize); 6] = [
+    /// (rows, k, block): k crosses whole blocks, a short last block, whole units after
+    /// the last block and the scalar tail; blocks of 1, 2, 4, 8 and 16 units (the last
+    /// through the kernel's general block loop).
+    const CASES: [(usize, usize, usize); 12] = [
         (67, 13, 16),
         (130, 70, 32),
         (65, 32, 16),
         (40, 1000, 64),
         (9, 33, 32),
         (64, 0, 32),
+        (21, 200, 128),
+        (18, 1027, 128),
+        (11, 300, 256),
+        (13, 96, 64),
+        (7, 47, 16),
+        (6, 16, 32),
     ];
 
+    /// The GEMM of the dequantized weights in f64, column-major as `gemm` writes it, and
+    /// beside each element the sum of its terms' magnitudes (what bounds f32 rounding).
+    fn exact(s: Shape, deq: &[f32], x: &[f32], c0: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let mut out: Vec<f64> = c0.iter().map(|&v| f64::from(v)).collect();
+        let mut mag = vec![0f64; out.len()];
+        for j in 0..s.n {
+            for r in 0..s.m {
+                let terms =
+                    (0..s.k).map(|i| f64::from(deq[r * s.k + i]) * f64::from(x[j * s.ldb + i]));
+                let (dot, abs) = terms.fold((0f64, 0f64), |(d, a), t| (d + t, a + t.abs()));
+                let c = &mut out[j * s.ldc + r];
+                mag[j * s.ldc + r] = f64::from(s.alpha) * abs + (f64::from(s.beta) * *c).abs();
+                *c = f64::from(s.alpha) * dot + f64::from(s.beta) * *c;
+            }
+        }
+        (out, mag)
+    }
+
+    /// `||got - want||_F / ||want||_F`.
+    fn rel(got: &[f32], want: &[f64]) -> f64 {
+        let (mut d, mut n) = (0f64, 0f64);
+        for (&g, &w) in got.iter().zip(want) {
+            d += (f64::from(g) - w).powi(2);
+            n += w * w;
+        }
+        (d / n.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
     #[test]
-    fn dot_products_are_bitwise_the_f32_gemm_of_the_dequantized_weights() {
+    fn dot_products_match_an_f64_dot_over_the_dequantized_weights() {
         for bits in [QuantBits::Int8, QuantBits::Int4] {
             for (m, k, block) in CASES {
                 let w = weight(bits, m, k, block);
                 let deq = dequantized(&w);
                 for n in [1, 2, 3, 5, 32] {
-                    let s = shape(m, n, k);
-                    let x = xs(n, k);
-                    let mut got = vec![f32::NAN; n * s.ldc];
-                    let mut want = got.clone();
-                    gemm(s, &w, &x, &mut got);
-                    dots::gemm(s, &deq, &x, &mut want);
-                    let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits_of(&got),
-                        bits_of(&want),
-                        "{bits:?} m{m} k{k} b{block} n{n}"
-                    );
+                    for beta in [0.0, 0.5] {
+                        let mut s = shape(m, n, k);
+                        s.beta = beta;
+                        let x = xs(n, k);
+                        let c0: Vec<f32> = (0..n * s.ldc).map(|i| (i % 5) as f32).collect();
+                        let mut got = c0.clone();
+                        gemm(s, &w, &x, &mut got);
+                        let (want, mag) = exact(s, &deq, &x, &c0);
+                        let e = rel(&got, &want);
+                        assert!(e <= 1e-6, "{bits:?} m{m} k{k} b{block} n{n}: {e:e}");
+                        // Elementwise too (a wrong row can hide in a Frobenius norm), to
+                        // f32 rounding of sums of the terms' magnitudes; C's padding rows
+                        // are untouched.
+                        for j in 0..n {
+                            for r in 0..s.ldc {
+                                let (g, w) = (got[j * s.ldc + r], want[j * s.ldc + r]);
+                                if r >= m {
+                                    assert_eq!(g, c0[j * s.ldc + r]);
+                                }
+                                assert!(
+                                    (f64::from(g) - w).abs() <= 1e-6 * mag[j * s.ldc + r],
+                                    "{bits:?} m{m} k{k} b{block} n{n} ({r},{j}): {g} vs {w}"
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -373,34 +771,97 @@ mod tests {
         out
     }
 
+    /// The GEMM through the given kernels, as `gemm` runs it.
+    fn gemm_with(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+        match w.bits {
+            QuantBits::Int8 => dot_gemm_with::<I8>(kern, s, w, x, c),
+            QuantBits::Int4 => dot_gemm_with::<I4>(kern, s, w, x, c),
+        }
+    }
+
     #[test]
-    fn the_avx2_body_is_bitwise_the_portable_order() {
+    fn the_avx2_body_is_bitwise_the_portable_one() {
         let kern = Kernels::detect();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // Otherwise this compares the portable kernels with themselves.
+            assert!(kern.avx2);
+        }
         for bits in [QuantBits::Int8, QuantBits::Int4] {
-            for (_, k, block) in CASES {
-                let w = weight(bits, 3, k, block);
-                let mut scales = vec![0f32; w.n_blocks()];
-                kern.widen(&w.scales[..w.n_blocks()], &mut scales);
-                let mut portable = vec![0f32; w.n_blocks()];
-                crate::plan::widen_f16s(&w.scales[..w.n_blocks()], &mut portable);
+            for (m, k, block) in CASES {
+                let w = weight(bits, m, k, block);
+                let nb = w.n_blocks();
+                let mut scales = vec![0f32; m * nb];
+                kern.widen(&w.scales[..m * nb], &mut scales);
+                let mut portable = vec![0f32; m * nb];
+                crate::plan::widen_f16s(&w.scales[..m * nb], &mut portable);
                 assert_eq!(scales, portable);
-                let row = Row {
-                    bits,
-                    bytes: &w.data[..w.row_bytes()],
-                    scales: &scales,
-                    shift: block.trailing_zeros(),
-                    k,
-                };
-                let x = xs(2, k);
-                let (x0, x1) = (&x[..k], &x[k + 1..2 * k + 1]);
-                let [a, b] = kern.dots(row, [x0, x1]);
-                let [c] = kern.dots(row, [x0]);
+                // Every kernel shape: 4 or 2 rows a call and the rows left over, one or
+                // two activation rows.
+                for n in [1, 2, 3, 4, 7] {
+                    let s = shape(m, n, k);
+                    let x = xs(n, k);
+                    let mut fast = vec![f32::NAN; n * s.ldc];
+                    let mut slow = fast.clone();
+                    gemm_with(kern, s, &w, &x, &mut fast);
+                    gemm_with(Kernels::portable(), s, &w, &x, &mut slow);
+                    let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits_of(&fast),
+                        bits_of(&slow),
+                        "{bits:?} m{m} k{k} b{block} n{n}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A row alone and the same row amid 31 others (the most the dot-product path takes):
+    /// the same bits, at every position of the 32 and for both formats.
+    #[test]
+    fn a_row_amid_31_others_is_bitwise_the_row_alone() {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            let (m, k) = (75, 1000);
+            let w = weight(bits, m, k, 32);
+            let n = dots::MAX_N;
+            let s = shape(m, n, k);
+            let x = xs(n, k);
+            let mut all = vec![f32::NAN; n * s.ldc];
+            gemm(s, &w, &x, &mut all);
+            let s1 = shape(m, 1, k);
+            for j in 0..n {
+                let mut alone = vec![f32::NAN; s1.ldc];
+                gemm(s1, &w, &x[j * s.ldb..], &mut alone);
                 assert_eq!(
-                    [a, b, c].map(f32::to_bits),
-                    [dot(row, x0), dot(row, x1), dot(row, x0)].map(f32::to_bits),
-                    "{bits:?} k{k} block {block}"
+                    all[j * s.ldc..j * s.ldc + m]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    alone[..m].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{bits:?}: row {j} of {n}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            let (m, n, k) = (333, 3, 200);
+            let w = weight(bits, m, k, 32);
+            let s = shape(m, n, k);
+            let x = xs(n, k);
+            let run = |threads| {
+                let mut c = vec![0f32; n * s.ldc];
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool")
+                    .install(|| gemm(s, &w, &x, &mut c));
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(1), run(5), "{bits:?}");
         }
     }
 
