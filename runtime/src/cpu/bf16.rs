@@ -38,7 +38,7 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
         return;
     }
     // k = 0 (C = beta C, as cuBLAS and the f32 path compute it) has no rows to widen.
-    if s.n <= tiles::MAX_N || s.k == 0 {
+    if s.n <= tiles::GEMM_MAX_N || s.k == 0 {
         tiles::gemm(s, w, x, c)
     } else {
         blocked(s, w, x, c)

@@ -768,7 +768,7 @@ impl CpuExecutor {
                 }
                 GemmA::F32(a) => a,
             };
-            if weight_form && n <= tiles::MAX_N {
+            if weight_form && n <= tiles::GEMM_MAX_N {
                 // Decode steps, prompt chunks, short prompts: register tiles, each row's
                 // result independent of the others (batch invariance).
                 tiles::gemm(shape, a, b, &mut c);

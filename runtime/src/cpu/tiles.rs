@@ -16,8 +16,8 @@
 //! - then `alpha * sum`, or `alpha * sum + beta * c` (a multiply and an add each rounded).
 //!
 //! The portable code computes exactly that (`f32::mul_add` is the fused multiply-add); the
-//! AVX2+FMA code computes it for a tile of up to 4 activation rows by 3 weight rows at
-//! once: twelve accumulators in registers, each weight vector loaded (and for bf16,
+//! AVX2+FMA code computes it for a tile of up to 4 activation rows (3 for bf16) by 3
+//! weight rows at once: twelve (nine) accumulators in registers, each weight vector loaded (and for bf16,
 //! widened) once for four activation rows and each activation vector once for three
 //! weight rows, so the loop is bound by the multiply-adds, not the loads. (The older
 //! dot-product order of [`super::dots`], four accumulators an output, needed four registers
@@ -44,18 +44,20 @@ use super::dots::Shape;
 /// most this many rows; see `dots::MAX_N`, the same number).
 pub const MAX_N: usize = super::dots::MAX_N;
 
-/// Activation rows of the AVX2 tile.
-const TILE_X: usize = 4;
+/// The executors take this path up to this many activation rows (the gemm crate beyond):
+/// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
+/// preset 1.3x (f32) to 1.8x (bf16) faster than the gemm crate (bf16: on widened blocks),
+/// 128 tokens about 1.1x, and 512 tokens about 5% slower. Every row is computed alone at
+/// any count; the engine's invariance promise stays at [`MAX_N`] rows a call.
+pub const GEMM_MAX_N: usize = 128;
+
 /// Weight rows of the AVX2 tile.
 const TILE_W: usize = 3;
-/// Weight rows of a piece of work, at most (a multiple of [`TILE_W`]).
+/// Weight rows of a piece of work, at most (a multiple of 24, see [`piece_rows`]).
 const PIECE_ROWS: usize = 96;
 /// A piece's weights, at most, when they are read more than once (more than two
 /// activation rows): they stay in L2 while the activation tiles go over them.
 const PIECE_BYTES: usize = 128 << 10;
-/// How far ahead (in bytes) the one- and two-row tiles prefetch weights (read once: from
-/// memory).
-const PREFETCH_BYTES: usize = 1024;
 
 /// A weight element type this path reads: f32 or bf16 bits (`u16`).
 pub trait Lanes: Copy + Send + Sync + 'static {
@@ -63,6 +65,13 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     const CHUNK: usize;
     /// The zero weight (padding).
     const ZERO: Self;
+    /// Activation rows of the AVX2 tile (at most 4): with [`TILE_W`] weight rows, as many
+    /// accumulators as leave registers for the weights (bf16 widens them: 3 x 3; f32: 4 x
+    /// 3, twelve accumulators, three weight vectors and one activation vector).
+    const TILE_X: usize;
+    /// Weight rows of the one- and two-row (decode) tiles: 6 or 8 (bf16 takes two dependent
+    /// multiply-adds a chunk, so more rows keep enough in flight; measured).
+    const DECODE_W: usize;
 
     /// The element's value as f32, exactly.
     fn widen(self) -> f32;
@@ -81,6 +90,8 @@ pub trait Lanes: Copy + Send + Sync + 'static {
 impl Lanes for f32 {
     const CHUNK: usize = 8;
     const ZERO: f32 = 0.0;
+    const TILE_X: usize = 4;
+    const DECODE_W: usize = 6;
 
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -104,6 +115,8 @@ impl Lanes for f32 {
 impl Lanes for u16 {
     const CHUNK: usize = 16;
     const ZERO: u16 = 0;
+    const TILE_X: usize = 3;
+    const DECODE_W: usize = 8;
 
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -226,7 +239,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::mem::size_of;
 
-    use super::{Block, Lanes, PREFETCH_BYTES, TILE_W, TILE_X};
+    use super::{Block, Lanes, TILE_W};
 
     /// The accumulator's eight lanes summed by [`super::reduce`]'s tree.
     #[inline]
@@ -261,7 +274,7 @@ mod avx2 {
     }
 
     /// The `R x C` tile at weight row `i0`, activation row `j0`, over all of K; `PF`:
-    /// prefetch the weights ahead (they come from memory, read once).
+    /// prefetch the next tile's weights (they come from memory, read once).
     ///
     /// # Safety
     /// Weight rows `i0..i0 + C` and activation rows `j0..j0 + R` exist in `b`; the CPU has
@@ -281,12 +294,16 @@ mod avx2 {
         let mut e = 0;
         while e < body {
             if PF {
-                for p in wp {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        p.cast::<u8>()
-                            .wrapping_add(e * size_of::<W>() + PREFETCH_BYTES)
-                            .cast(),
-                    );
+                // The next tile's weights (C rows from here; a prefetch of an address past
+                // the weights never faults), this chunk's share of them in address order:
+                // the one- and two-row tiles read C short rows at once, which the hardware
+                // prefetcher does not follow as it follows one long stream (bf16 decode
+                // went from 1.25x slower than the dot products to even, BENCHMARKS.md).
+                let next = wp[0].cast::<u8>().wrapping_add(C * b.lda * size_of::<W>());
+                let mut off = e * size_of::<W>() * C;
+                while off < (e + W::CHUNK) * size_of::<W>() * C {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
+                    off += 64;
                 }
             }
             // SAFETY: e + CHUNK <= body <= k: the chunk lies inside each weight row (rows
@@ -345,13 +362,16 @@ mod avx2 {
             if n <= 2 {
                 // Decode: weights from memory, read once; wide tiles so that enough
                 // accumulators are in flight, and prefetching.
+                let dw = W::DECODE_W;
                 let mut i = 0;
-                while i + 6 <= rows {
-                    match n {
-                        1 => tile::<W, 1, 6, true>(&w, i, 0, out, ld),
+                while i + dw <= rows {
+                    match (n, dw) {
+                        (1, 8) => tile::<W, 1, 8, true>(&w, i, 0, out, ld),
+                        (_, 8) => tile::<W, 2, 8, true>(&w, i, 0, out, ld),
+                        (1, _) => tile::<W, 1, 6, true>(&w, i, 0, out, ld),
                         _ => tile::<W, 2, 6, true>(&w, i, 0, out, ld),
                     }
-                    i += 6;
+                    i += dw;
                 }
                 while i < rows {
                     match n {
@@ -364,14 +384,14 @@ mod avx2 {
             }
             let mut j = 0;
             while j < n {
-                let r = (n - j).min(TILE_X);
+                let r = (n - j).min(W::TILE_X).min(4);
                 let mut i = 0;
                 while i + TILE_W <= rows {
                     match r {
                         1 => tile::<W, 1, TILE_W, false>(&w, i, j, out, ld),
                         2 => tile::<W, 2, TILE_W, false>(&w, i, j, out, ld),
                         3 => tile::<W, 3, TILE_W, false>(&w, i, j, out, ld),
-                        _ => tile::<W, TILE_X, TILE_W, false>(&w, i, j, out, ld),
+                        _ => tile::<W, 4, TILE_W, false>(&w, i, j, out, ld),
                     }
                     i += TILE_W;
                 }
@@ -380,7 +400,7 @@ mod avx2 {
                         1 => tile::<W, 1, 1, false>(&w, i, j, out, ld),
                         2 => tile::<W, 2, 1, false>(&w, i, j, out, ld),
                         3 => tile::<W, 3, 1, false>(&w, i, j, out, ld),
-                        _ => tile::<W, TILE_X, 1, false>(&w, i, j, out, ld),
+                        _ => tile::<W, 4, 1, false>(&w, i, j, out, ld),
                     }
                     i += 1;
                 }
@@ -406,14 +426,14 @@ impl<W: Lanes> Block<'_, W> {
 }
 
 /// Weight rows a piece for `n` activation rows and weight rows of `row_bytes` bytes: a
-/// multiple of [`TILE_W`] (and of 6, the decode tiles' width).
+/// multiple of 24: of [`TILE_W`] and of the decode tiles' widths (6, 8).
 fn piece_rows(n: usize, row_bytes: usize) -> usize {
     let rows = if n <= 2 {
         PIECE_ROWS
     } else {
-        (PIECE_BYTES / row_bytes.max(1)).clamp(6, PIECE_ROWS)
+        (PIECE_BYTES / row_bytes.max(1)).clamp(24, PIECE_ROWS)
     };
-    rows / 6 * 6
+    rows / 24 * 24
 }
 
 /// Runs the GEMM (any `n`; the executors take it for at most [`MAX_N`] rows). The caller
@@ -611,15 +631,15 @@ mod tests {
         check::<u16>(bf16);
     }
 
-    /// Batch invariance: each activation row of a call of n = 1 to 32 (and 40) rows gets
+    /// Batch invariance: each activation row of a call of n = 1 to 32 (and 40, 100) rows gets
     /// bitwise what it gets alone, whatever the thread count.
     #[test]
     fn each_row_is_bitwise_its_gemm_alone() {
         fn check<W: Lanes>(make: fn(f32) -> W) {
             for (m, k) in [(70, 1000), (19, 200), (5, 45), (131, 33)] {
                 let w = weights(m * k, make);
-                let x = acts(40 * k);
-                let alone: Vec<Vec<u32>> = (0..40)
+                let x = acts(100 * k);
+                let alone: Vec<Vec<u32>> = (0..100)
                     .map(|j| {
                         let mut c = vec![f32::NAN; m + 1];
                         gemm(
@@ -631,7 +651,7 @@ mod tests {
                         bits(&c[..m])
                     })
                     .collect();
-                for n in (1..=32).chain([40]) {
+                for n in (1..=32).chain([40, 100]) {
                     for threads in [1, 3] {
                         let mut c = vec![f32::NAN; n * (m + 1)];
                         rayon::ThreadPoolBuilder::new()
