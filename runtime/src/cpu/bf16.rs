@@ -1,8 +1,8 @@
 //! GEMMs over bf16 weights with f32 accumulation: what a bf16 plan's GEMM steps run on the
 //! CPU, reading half the bytes of widened f32 weights.
 //!
-//! Decode-sized products (few activation rows) are dot products over bf16 weight rows
-//! (`super::dots`, shared with f32 weights), bound by memory bandwidth; larger ones widen a
+//! Products of up to [`tiles::MAX_N`] activation rows (decode steps, prompt chunks) run on
+//! bf16 weight rows directly ([`super::tiles`], shared with f32 weights); larger ones widen a
 //! block of weight rows at a time into an f32 scratch and run the gemm crate on it. Every
 //! output element is computed by one thread in a fixed order, so results do not depend on
 //! the thread count.
@@ -17,7 +17,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::dots::{self, Shape};
+use super::dots::Shape;
+use super::tiles;
 use crate::plan::widen_bf16;
 
 /// Widened weights held at a time on the blocked path.
@@ -37,8 +38,8 @@ pub fn gemm(s: Shape, w: &[u16], x: &[f32], c: &mut [f32]) {
         return;
     }
     // k = 0 (C = beta C, as cuBLAS and the f32 path compute it) has no rows to widen.
-    if s.n <= dots::MAX_N || s.k == 0 {
-        dots::gemm(s, w, x, c)
+    if s.n <= tiles::GEMM_MAX_N || s.k == 0 {
+        tiles::gemm(s, w, x, c)
     } else {
         blocked(s, w, x, c)
     }
@@ -138,6 +139,7 @@ fn blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::dots;
 
     /// Both paths (dot products up to 8 columns, widened blocks beyond) on one shape.
     fn case(m: usize, n: usize, k: usize, beta: f32) {

@@ -5,6 +5,7 @@ pub mod bf16;
 pub mod dots;
 pub mod kernels;
 pub mod quant;
+pub mod tiles;
 
 use std::sync::Arc;
 
@@ -767,9 +768,10 @@ impl CpuExecutor {
                 }
                 GemmA::F32(a) => a,
             };
-            if weight_form && n <= dots::MAX_N {
-                // Decode-sized: a dot product per weight row.
-                dots::gemm(shape, a, b, &mut c);
+            if weight_form && n <= tiles::GEMM_MAX_N {
+                // Decode steps, prompt chunks, short prompts: register tiles, each row's
+                // result independent of the others (batch invariance).
+                tiles::gemm(shape, a, b, &mut c);
                 return Ok(());
             }
             let (a_rs, a_cs) = if g.trans_a {

@@ -1,0 +1,676 @@
+//! Weight GEMMs of up to [`MAX_N`] activation rows (decode steps, prompt chunks, short
+//! prompts) over f32 or bf16 weights, register-tiled and batch-invariant: what the CPU
+//! executor runs for every weight GEMM that small.
+//!
+//! The form is the plan's weight GEMM (`C = alpha W x^T + beta C`, [`Shape`]): weight rows
+//! and activation rows both contiguous along K. Each output element `(i, j)` (weight row
+//! `i`, activation row `j`) has ONE definition, whatever the other rows of the call, the
+//! tile it falls in, the thread that runs it, and whether the CPU has AVX2 and FMA:
+//!
+//! - K is cut into chunks of [`Lanes::CHUNK`] elements (8 for f32, 16 for bf16), the last
+//!   one padded with zeros (weight and activation alike);
+//! - one accumulator of eight lanes, starting at +0; each chunk adds into it in
+//!   `CHUNK / 8` steps, step `t` adding `w[e] * x[e]` into lane `l` as one fused
+//!   multiply-add (one rounding), `e` = [`Lanes::elem`]`(t, l)`; chunks in order from 0;
+//! - the eight lanes summed as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`;
+//! - then `alpha * sum`, or `alpha * sum + beta * c` (a multiply and an add each rounded).
+//!
+//! The portable code computes exactly that (`f32::mul_add` is the fused multiply-add); the
+//! AVX2+FMA code computes it for a tile of up to 4 activation rows (3 for bf16) by 3
+//! weight rows at once: twelve (nine) accumulators in registers, each weight vector loaded (and for bf16,
+//! widened) once for four activation rows and each activation vector once for three
+//! weight rows, so the loop is bound by the multiply-adds, not the loads. (The older
+//! dot-product order of [`super::dots`], four accumulators an output, needed four registers
+//! an output and was bound by loads.) A call of any number of rows up to [`MAX_N`]
+//! therefore gives each row the bits it gets alone: the batch invariance the engine
+//! promises (RELIABILITY.md).
+//!
+//! bf16 weights are widened in pairs (one 256-bit load is sixteen bf16 values: a shift
+//! left by 16 makes the even elements f32, a mask keeps the odd ones), so for bf16 step 0
+//! of a chunk takes its even elements and step 1 its odd ones, and the activation rows
+//! are copied once per GEMM in that order (evens, then odds, of each sixteen).
+//!
+//! Work is split over rayon's threads by pieces of weight rows, each output computed by
+//! one thread; each piece's weights are read from memory once and then from L2 while the
+//! activation rows' tiles go over them.
+
+use std::mem::size_of;
+
+use rayon::prelude::*;
+
+use super::dots::Shape;
+
+/// At most this many activation rows take this path (the engine's invariant calls have at
+/// most this many rows; see `dots::MAX_N`, the same number).
+pub const MAX_N: usize = super::dots::MAX_N;
+
+/// The executors take this path up to this many activation rows (the gemm crate beyond):
+/// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
+/// preset 1.3x (f32) to 1.8x (bf16) faster than the gemm crate (bf16: on widened blocks),
+/// 128 tokens about 1.1x, and 512 tokens about 5% slower. Every row is computed alone at
+/// any count; the engine's invariance promise stays at [`MAX_N`] rows a call.
+pub const GEMM_MAX_N: usize = 128;
+
+/// Weight rows of the AVX2 tile.
+const TILE_W: usize = 3;
+/// Weight rows of a piece of work, at most (a multiple of 24, see [`piece_rows`]).
+const PIECE_ROWS: usize = 96;
+/// A piece's weights, at most, when they are read more than once (more than two
+/// activation rows): they stay in L2 while the activation tiles go over them.
+const PIECE_BYTES: usize = 128 << 10;
+
+/// A weight element type this path reads: f32 or bf16 bits (`u16`).
+pub trait Lanes: Copy + Send + Sync + 'static {
+    /// Elements a chunk of K: the unit of zero padding and of the activations' order.
+    const CHUNK: usize;
+    /// The zero weight (padding).
+    const ZERO: Self;
+    /// Activation rows of the AVX2 tile (at most 4): with [`TILE_W`] weight rows, as many
+    /// accumulators as leave registers for the weights (bf16 widens them: 3 x 3; f32: 4 x
+    /// 3, twelve accumulators, three weight vectors and one activation vector).
+    const TILE_X: usize;
+    /// Weight rows of the one- and two-row (decode) tiles: 6 or 8 (bf16 takes two dependent
+    /// multiply-adds a chunk, so more rows keep enough in flight; measured).
+    const DECODE_W: usize;
+
+    /// The element's value as f32, exactly.
+    fn widen(self) -> f32;
+
+    /// The element of a chunk that step `t` (below `CHUNK / 8`) adds into lane `l`.
+    fn elem(t: usize, l: usize) -> usize;
+
+    /// Step `t` of the chunk at `w`: its eight elements `elem(t, 0..8)` widened to f32.
+    ///
+    /// # Safety
+    /// `w` points at `CHUNK` readable elements; the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn step(w: *const Self, t: usize) -> std::arch::x86_64::__m256;
+}
+
+impl Lanes for f32 {
+    const CHUNK: usize = 8;
+    const ZERO: f32 = 0.0;
+    const TILE_X: usize = 4;
+    const DECODE_W: usize = 6;
+
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn elem(_t: usize, l: usize) -> usize {
+        l
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn step(w: *const f32, _t: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's: eight readable elements, AVX2.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(w) }
+    }
+}
+
+impl Lanes for u16 {
+    const CHUNK: usize = 16;
+    const ZERO: u16 = 0;
+    const TILE_X: usize = 3;
+    const DECODE_W: usize = 8;
+
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        crate::plan::widen_bf16(self)
+    }
+
+    #[inline(always)]
+    fn elem(t: usize, l: usize) -> usize {
+        2 * l + t
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn step(w: *const u16, t: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's: sixteen readable elements (32 bytes), AVX2.
+        unsafe {
+            let words = _mm256_loadu_si256(w.cast());
+            if t == 0 {
+                // The even element of each 32-bit word is its low half.
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words))
+            } else {
+                _mm256_castsi256_ps(_mm256_and_si256(
+                    words,
+                    _mm256_set1_epi32(0xffff_0000_u32 as i32),
+                ))
+            }
+        }
+    }
+}
+
+/// The eight lanes summed in the one fixed tree.
+#[inline(always)]
+fn reduce(a: [f32; 8]) -> f32 {
+    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Activation row `x` (k values) copied into `out` (K padded to whole chunks, the padding
+/// zero) in the order the chunk steps read it: `out[c * CHUNK + 8 t + l] = x[c * CHUNK +
+/// elem(t, l)]`.
+fn pack_row<W: Lanes>(x: &[f32], out: &mut [f32]) {
+    for (c, dst) in out.chunks_exact_mut(W::CHUNK).enumerate() {
+        let src = x.get(c * W::CHUNK..).unwrap_or(&[]);
+        for t in 0..W::CHUNK / 8 {
+            for l in 0..8 {
+                let e = W::elem(t, l);
+                dst[8 * t + l] = src.get(e).copied().unwrap_or(0.0);
+            }
+        }
+    }
+}
+
+/// One output by the definition: weight row `w` (k elements) against packed activation
+/// row `xp` (k padded to whole chunks), before alpha and beta.
+fn dot_portable<W: Lanes>(w: &[W], xp: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (c, xc) in xp.chunks_exact(W::CHUNK).enumerate() {
+        let wc = w.get(c * W::CHUNK..).unwrap_or(&[]);
+        for t in 0..W::CHUNK / 8 {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let wv = wc.get(W::elem(t, l)).map_or(0.0, |v| v.widen());
+                *a = wv.mul_add(xc[8 * t + l], *a);
+            }
+        }
+    }
+    reduce(acc)
+}
+
+/// The kernels this CPU runs: AVX2 with FMA where present, portable otherwise (the same
+/// bits).
+#[derive(Clone, Copy, Debug)]
+struct Kernels {
+    /// The CPU has AVX2 and FMA (only [`Kernels::detect`] sets it).
+    simd: bool,
+}
+
+impl Kernels {
+    fn detect() -> Kernels {
+        #[cfg(target_arch = "x86_64")]
+        let simd = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        Kernels { simd }
+    }
+
+    #[cfg(test)]
+    fn portable() -> Kernels {
+        Kernels { simd: false }
+    }
+}
+
+/// The outputs of weight rows `i0..i0 + rows` for activation rows `j0..j0 + cols`, written
+/// to `out[(j - j0) * ld + (i - i0)]`, before alpha and beta. `w` holds the whole weight
+/// (rows `lda` apart, k used), `xp` the packed activation rows (`kp` apart).
+struct Block<'a, W> {
+    w: &'a [W],
+    lda: usize,
+    k: usize,
+    xp: &'a [f32],
+    kp: usize,
+}
+
+impl<W: Lanes> Block<'_, W> {
+    fn portable(&self, i0: usize, rows: usize, j0: usize, cols: usize, out: &mut [f32], ld: usize) {
+        for j in 0..cols {
+            let x = &self.xp[(j0 + j) * self.kp..(j0 + j + 1) * self.kp];
+            for i in 0..rows {
+                let r = (i0 + i) * self.lda;
+                out[j * ld + i] = dot_portable(&self.w[r..r + self.k], x);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::mem::size_of;
+
+    use super::{Block, Lanes, TILE_W};
+
+    /// The accumulator's eight lanes summed by [`super::reduce`]'s tree.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+
+    /// One chunk into the `R x C` accumulators: weight row pointers `w[c]` and packed
+    /// activation pointers `x[r]` at the chunk's start.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn chunk<W: Lanes, const R: usize, const C: usize>(
+        acc: &mut [[__m256; C]; R],
+        w: [*const W; C],
+        x: [*const f32; R],
+    ) {
+        for t in 0..W::CHUNK / 8 {
+            // SAFETY: the caller's: a whole chunk behind every pointer, AVX2 and FMA.
+            unsafe {
+                let wv: [__m256; C] = std::array::from_fn(|c| W::step(w[c], t));
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(x[r].add(8 * t));
+                    for c in 0..C {
+                        acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `R x C` tile at weight row `i0`, activation row `j0`, over all of K; `PF`:
+    /// prefetch the next tile's weights (they come from memory, read once).
+    ///
+    /// # Safety
+    /// Weight rows `i0..i0 + C` and activation rows `j0..j0 + R` exist in `b`; the CPU has
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<W: Lanes, const R: usize, const C: usize, const PF: bool>(
+        b: &Block<'_, W>,
+        i0: usize,
+        j0: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let body = b.k / W::CHUNK * W::CHUNK;
+        let wp: [*const W; C] = std::array::from_fn(|c| b.w[(i0 + c) * b.lda..].as_ptr());
+        let xp: [*const f32; R] = std::array::from_fn(|r| b.xp[(j0 + r) * b.kp..].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut e = 0;
+        while e < body {
+            if PF {
+                // The next tile's weights (C rows from here; a prefetch of an address past
+                // the weights never faults), this chunk's share of them in address order:
+                // the one- and two-row tiles read C short rows at once, which the hardware
+                // prefetcher does not follow as it follows one long stream (bf16 decode
+                // went from 1.25x slower than the dot products to even, BENCHMARKS.md).
+                let next = wp[0].cast::<u8>().wrapping_add(C * b.lda * size_of::<W>());
+                let mut off = e * size_of::<W>() * C;
+                while off < (e + W::CHUNK) * size_of::<W>() * C {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
+                    off += 64;
+                }
+            }
+            // SAFETY: e + CHUNK <= body <= k: the chunk lies inside each weight row (rows
+            // are lda >= k apart, and the caller's rows exist) and inside each packed
+            // activation row (kp >= k).
+            unsafe {
+                chunk::<W, R, C>(&mut acc, wp.map(|p| p.add(e)), xp.map(|p| p.add(e)));
+            }
+            e += W::CHUNK;
+        }
+        if body < b.k {
+            // The last, partial chunk: the weights copied into zeroed chunks.
+            let mut pad = [[W::ZERO; 16]; C];
+            for (c, dst) in pad.iter_mut().enumerate() {
+                let r = (i0 + c) * b.lda;
+                dst[..b.k - body].copy_from_slice(&b.w[r + body..r + b.k]);
+            }
+            // SAFETY: each pad row holds 16 >= CHUNK elements; the packed activation rows
+            // hold kp >= body + CHUNK.
+            unsafe {
+                chunk::<W, R, C>(
+                    &mut acc,
+                    std::array::from_fn(|c| pad[c].as_ptr()),
+                    xp.map(|p| p.add(body)),
+                );
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                out[(j0 + r) * ld + i0 + c] = hsum(*v);
+            }
+        }
+    }
+
+    /// Rows `i0..i0 + rows` by activation rows `0..n` into `out` (rows `ld` apart per
+    /// activation row), in tiles.
+    ///
+    /// # Safety
+    /// The rows exist in `b`; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block<W: Lanes>(
+        b: &Block<'_, W>,
+        i0: usize,
+        rows: usize,
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        // `out` is indexed from the piece's first row.
+        let w = Block {
+            w: &b.w[i0 * b.lda..],
+            ..*b
+        };
+        // SAFETY (every call below): the tile's rows lie inside the piece and 0..n.
+        unsafe {
+            if n <= 2 {
+                // Decode: weights from memory, read once; wide tiles so that enough
+                // accumulators are in flight, and prefetching.
+                let dw = W::DECODE_W;
+                let mut i = 0;
+                while i + dw <= rows {
+                    match (n, dw) {
+                        (1, 8) => tile::<W, 1, 8, true>(&w, i, 0, out, ld),
+                        (_, 8) => tile::<W, 2, 8, true>(&w, i, 0, out, ld),
+                        (1, _) => tile::<W, 1, 6, true>(&w, i, 0, out, ld),
+                        _ => tile::<W, 2, 6, true>(&w, i, 0, out, ld),
+                    }
+                    i += dw;
+                }
+                while i < rows {
+                    match n {
+                        1 => tile::<W, 1, 1, true>(&w, i, 0, out, ld),
+                        _ => tile::<W, 2, 1, true>(&w, i, 0, out, ld),
+                    }
+                    i += 1;
+                }
+                return;
+            }
+            let mut j = 0;
+            while j < n {
+                let r = (n - j).min(W::TILE_X).min(4);
+                let mut i = 0;
+                while i + TILE_W <= rows {
+                    match r {
+                        1 => tile::<W, 1, TILE_W, false>(&w, i, j, out, ld),
+                        2 => tile::<W, 2, TILE_W, false>(&w, i, j, out, ld),
+                        3 => tile::<W, 3, TILE_W, false>(&w, i, j, out, ld),
+                        _ => tile::<W, 4, TILE_W, false>(&w, i, j, out, ld),
+                    }
+                    i += TILE_W;
+                }
+                while i < rows {
+                    match r {
+                        1 => tile::<W, 1, 1, false>(&w, i, j, out, ld),
+                        2 => tile::<W, 2, 1, false>(&w, i, j, out, ld),
+                        3 => tile::<W, 3, 1, false>(&w, i, j, out, ld),
+                        _ => tile::<W, 4, 1, false>(&w, i, j, out, ld),
+                    }
+                    i += 1;
+                }
+                j += r;
+            }
+        }
+    }
+}
+
+impl<W: Lanes> Block<'_, W> {
+    /// Rows `i0..i0 + rows` for activation rows `0..n`: `out[j * rows + i]`.
+    fn run(&self, kern: Kernels, i0: usize, rows: usize, n: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if kern.simd {
+            // SAFETY: AVX2 and FMA are present (`Kernels::detect`); the piece's rows exist
+            // (the caller splits 0..m) and so do the n packed activation rows.
+            unsafe { avx2::block(self, i0, rows, n, out, rows) };
+            return;
+        }
+        let _ = kern;
+        self.portable(i0, rows, 0, n, out, rows);
+    }
+}
+
+/// Weight rows a piece for `n` activation rows and weight rows of `row_bytes` bytes: a
+/// multiple of 24: of [`TILE_W`] and of the decode tiles' widths (6, 8).
+fn piece_rows(n: usize, row_bytes: usize) -> usize {
+    let rows = if n <= 2 {
+        PIECE_ROWS
+    } else {
+        (PIECE_BYTES / row_bytes.max(1)).clamp(24, PIECE_ROWS)
+    };
+    rows / 24 * 24
+}
+
+/// Runs the GEMM (any `n`; the executors take it for at most [`MAX_N`] rows). The caller
+/// has checked that `w`, `x` and `c` hold every element the shape touches.
+///
+/// ```
+/// use ngpt_runtime::cpu::dots::Shape;
+/// use ngpt_runtime::cpu::tiles::gemm;
+/// // W is 2 x 3, one activation row x; C = W x^T, 2 x 1.
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let x = [1.0f32, 0.0, -2.0];
+/// let s = Shape { m: 2, n: 1, k: 3, lda: 3, ldb: 3, ldc: 2, alpha: 1.0, beta: 0.0 };
+/// let mut c = [f32::NAN; 2]; // beta 0: never read
+/// gemm(s, &w, &x, &mut c);
+/// assert_eq!(c, [-5.0, -8.0]);
+/// // The same weights as bf16 bits (exact here): the same result.
+/// let w16: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+/// gemm(s, &w16, &x, &mut c);
+/// assert_eq!(c, [-5.0, -8.0]);
+/// ```
+pub fn gemm<W: Lanes>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
+    gemm_with(Kernels::detect(), s, w, x, c)
+}
+
+fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
+    if s.m == 0 || s.n == 0 {
+        return;
+    }
+    // The activation rows packed once: padded to whole chunks, in the steps' order.
+    let kp = s.k.div_ceil(W::CHUNK) * W::CHUNK;
+    let mut xp = vec![0f32; s.n * kp];
+    if kp > 0 {
+        for (j, dst) in xp.chunks_exact_mut(kp).enumerate() {
+            pack_row::<W>(&x[j * s.ldb..j * s.ldb + s.k], dst);
+        }
+    }
+    let b = Block {
+        w,
+        lda: s.lda,
+        k: s.k,
+        xp: &xp,
+        kp,
+    };
+    let per = piece_rows(s.n, s.k * size_of::<W>());
+    let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
+        .step_by(per)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|i0| {
+            let rows = per.min(s.m - i0);
+            let mut out = vec![0f32; rows * s.n];
+            b.run(kern, i0, rows, s.n, &mut out);
+            (i0, out)
+        })
+        .collect();
+    for (i0, out) in pieces {
+        let rows = out.len() / s.n;
+        for (j, col) in out.chunks_exact(rows).enumerate() {
+            let dst = &mut c[j * s.ldc + i0..j * s.ldc + i0 + rows];
+            for (d, v) in dst.iter_mut().zip(col) {
+                *d = if s.beta == 0.0 {
+                    s.alpha * v
+                } else {
+                    s.alpha * v + s.beta * *d
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::dots;
+
+    fn bf16(v: f32) -> u16 {
+        (v.to_bits() >> 16) as u16
+    }
+
+    /// Shapes whose m, n and k are not multiples of the tiles (3 weight rows, 4 activation
+    /// rows, 6 for decode), the chunks (8, 16) or the pieces, and some that are.
+    const SHAPES: [(usize, usize, usize); 12] = [
+        (1, 1, 1),
+        (67, 1, 13),
+        (130, 3, 70),
+        (300, 8, 33),
+        (65, 2, 32),
+        (129, 5, 103),
+        (64, 1, 0),
+        (97, 7, 16),
+        (200, 32, 47),
+        (31, 17, 9),
+        (12, 4, 64),
+        (250, 13, 768),
+    ];
+
+    #[test]
+    fn f32_and_bf16_weights_match_exact_products_on_odd_shapes() {
+        for (m, n, k) in SHAPES {
+            for beta in [0.0, 0.5] {
+                dots::tests::case(m, n, k, beta, |v| v, gemm::<f32>);
+                dots::tests::case(m, n, k, beta, bf16, gemm::<u16>);
+            }
+        }
+    }
+
+    fn weights<W: Lanes>(len: usize, make: fn(f32) -> W) -> Vec<W> {
+        (0..len)
+            .map(|i| make(((i.wrapping_mul(2654435761) >> 7) % 2001) as f32 / 1000.0 - 1.0))
+            .collect()
+    }
+
+    fn acts(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 7.0)
+            .collect()
+    }
+
+    fn shape(m: usize, n: usize, k: usize, lda: usize, ldb: usize, beta: f32) -> Shape {
+        Shape {
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc: m + 1,
+            alpha: 0.75,
+            beta,
+        }
+    }
+
+    /// The documented definition, written out independently: lanes, fused multiply-adds,
+    /// zero padding, the tree, alpha and beta.
+    fn defined<W: Lanes>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
+        for j in 0..s.n {
+            for i in 0..s.m {
+                let mut acc = [0f32; 8];
+                let chunks = s.k.div_ceil(W::CHUNK);
+                for ch in 0..chunks {
+                    for t in 0..W::CHUNK / 8 {
+                        for (l, a) in acc.iter_mut().enumerate() {
+                            let e = ch * W::CHUNK + W::elem(t, l);
+                            let (wv, xv) = if e < s.k {
+                                (w[i * s.lda + e].widen(), x[j * s.ldb + e])
+                            } else {
+                                (0.0, 0.0)
+                            };
+                            *a = wv.mul_add(xv, *a);
+                        }
+                    }
+                }
+                let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6]))
+                    + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+                let d = &mut c[j * s.ldc + i];
+                *d = if s.beta == 0.0 {
+                    s.alpha * sum
+                } else {
+                    s.alpha * sum + s.beta * *d
+                };
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The AVX2 tiles (where this CPU has AVX2 and FMA), the portable code and the
+    /// definition give the same bits on every shape, decode tiles included.
+    #[test]
+    fn simd_portable_and_the_definition_agree_bitwise() {
+        fn check<W: Lanes>(make: fn(f32) -> W) {
+            for (m, n, k) in SHAPES.into_iter().chain([(40, 2, 1000), (7, 1, 17)]) {
+                for beta in [0.0, -1.5] {
+                    let (lda, ldb) = (k + 5, k + 3);
+                    let s = shape(m, n, k, lda, ldb, beta);
+                    let w = weights(m * lda, make);
+                    let x = acts(n * ldb);
+                    let c0: Vec<f32> = (0..n * s.ldc).map(|i| (i % 7) as f32 - 3.0).collect();
+                    let mut want = c0.clone();
+                    defined(s, &w, &x, &mut want);
+                    for kern in [Kernels::detect(), Kernels::portable()] {
+                        let mut got = c0.clone();
+                        gemm_with(kern, s, &w, &x, &mut got);
+                        assert!(
+                            bits(&got) == bits(&want),
+                            "{} {kern:?} m{m} n{n} k{k} beta {beta}",
+                            std::any::type_name::<W>()
+                        );
+                    }
+                }
+            }
+        }
+        check::<f32>(|v| v);
+        check::<u16>(bf16);
+    }
+
+    /// Batch invariance: each activation row of a call of n = 1 to 32 (and 40, 100) rows gets
+    /// bitwise what it gets alone, whatever the thread count.
+    #[test]
+    fn each_row_is_bitwise_its_gemm_alone() {
+        fn check<W: Lanes>(make: fn(f32) -> W) {
+            for (m, k) in [(70, 1000), (19, 200), (5, 45), (131, 33)] {
+                let w = weights(m * k, make);
+                let x = acts(100 * k);
+                let alone: Vec<Vec<u32>> = (0..100)
+                    .map(|j| {
+                        let mut c = vec![f32::NAN; m + 1];
+                        gemm(
+                            shape(m, 1, k, k, k, 0.0),
+                            &w,
+                            &x[j * k..(j + 1) * k],
+                            &mut c,
+                        );
+                        bits(&c[..m])
+                    })
+                    .collect();
+                for n in (1..=32).chain([40, 100]) {
+                    for threads in [1, 3] {
+                        let mut c = vec![f32::NAN; n * (m + 1)];
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .expect("pool")
+                            .install(|| gemm(shape(m, n, k, k, k, 0.0), &w, &x, &mut c));
+                        for (j, col) in c.chunks(m + 1).enumerate() {
+                            assert!(
+                                bits(&col[..m]) == alone[j],
+                                "{} m{m} k{k}: row {j} of {n}, {threads} threads",
+                                std::any::type_name::<W>()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(|v| v);
+        check::<u16>(bf16);
+    }
+}
