@@ -1,8 +1,9 @@
 //! Decode-sized weight GEMMs (a few activation rows) as dot products over weight rows, f32 or
 //! bf16 weights alike. The executors' f32 and bf16 weight GEMMs now run on
 //! [`super::tiles`] (register tiles, fused multiply-adds: faster for prompts, as fast for
-//! decode); this order stays the one [`super::quant`]'s dot products are defined against
-//! (bitwise the f32 [`gemm`] of the dequantized weights) and attention's scores use.
+//! decode) and the quantized ones on [`super::quant`]'s own kernels; no executor calls
+//! [`gemm`] any more (its tests and the tiles' tests compare against it). Attention's
+//! scores use this module's dot product.
 //!
 //! The plan's weight GEMMs all have one form (`C = alpha W x^T + beta C`, column-major, `A =
 //! W` transposed): weight rows are contiguous, activation rows are contiguous. With few

@@ -12,8 +12,8 @@
 //! by the last block's scale. Int4 nibbles are converted as stored (`q + 8`, unsigned: no
 //! subtraction per unit); the offset enters each block's partial sum as its start value,
 //! `-8` times the sum of the activations that lane multiplies over the block, made once per
-//! activation row and GEMM ([`block_starts`]). The eight lanes are summed in a fixed tree.
-//! The portable [`dot`] and the AVX2 + FMA body compute exactly these operations in this
+//! activation row and GEMM (`block_starts`). The eight lanes are summed in a fixed tree.
+//! The portable `dot` and the AVX2 + FMA body compute exactly these operations in this
 //! order, so they are bitwise equal; every output element is computed whole by one thread, in an order that
 //! depends only on the weight row and the activation row, so results are bitwise the same
 //! whatever the thread count and whatever the other activation rows (batch invariance, as

@@ -65,7 +65,7 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     const CHUNK: usize;
     /// The zero weight (padding).
     const ZERO: Self;
-    /// Activation rows of the AVX2 tile (at most 4): with [`TILE_W`] weight rows, as many
+    /// Activation rows of the AVX2 tile (at most 4): with `TILE_W` weight rows, as many
     /// accumulators as leave registers for the weights (bf16 widens them: 3 x 3; f32: 4 x
     /// 3, twelve accumulators, three weight vectors and one activation vector).
     const TILE_X: usize;
