@@ -2,7 +2,7 @@
 //! bf16 weights alike. The executors' f32 and bf16 weight GEMMs now run on
 //! [`super::tiles`] (register tiles, fused multiply-adds: faster for prompts, as fast for
 //! decode) and the quantized ones on [`super::quant`]'s own kernels; no executor calls
-//! [`gemm`] any more (its tests and the tiles' tests compare against it). Attention's
+//! [`gemm()`] any more (its tests and the tiles' tests compare against it). Attention's
 //! scores use this module's dot product.
 //!
 //! The plan's weight GEMMs all have one form (`C = alpha W x^T + beta C`, column-major, `A =
