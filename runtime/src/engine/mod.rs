@@ -510,21 +510,26 @@ impl Engine {
             .collect();
         ends.sort_by_key(|e| std::cmp::Reverse(e.0));
         ends.dedup_by_key(|e| e.0);
+        let mut ended = Vec::with_capacity(ends.len());
         for (i, end) in ends {
             let s = self.running.remove(i);
             self.free.push(s.slot);
+            ended.push((s, end));
+        }
+        // Lowest free slot first: a lone request always runs in slot 0.
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        // The counts first, then the last events: whoever sees a request end (its stream
+        // closing) sees the engine without it.
+        self.publish();
+        for (mut s, end) in ended {
             match end {
                 End::Finish(Some(f)) => self.finish(s, f),
                 End::Finish(None) => {} // the receiver is gone
                 End::Failed(e) => {
-                    let mut s = s;
                     (s.sink)(Event::Failed(e));
                 }
             }
         }
-        // Lowest free slot first: a lone request always runs in slot 0.
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
-        self.publish();
         !self.is_idle()
     }
 
