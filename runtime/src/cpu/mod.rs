@@ -266,7 +266,7 @@ impl CpuExecutor {
         &mut self,
         kind: ProgramKind,
         request: &Rows<'_>,
-        mut on_step: Option<StepTrace<'_>>,
+        on_step: Option<StepTrace<'_>>,
         select: Option<&[usize]>,
     ) -> Result<&[f32]> {
         let d = self.plan.dims;
@@ -301,6 +301,44 @@ impl CpuExecutor {
             ProgramKind::Decode => plan.plan.decode.as_ref(),
         };
         let program = program.ok_or_else(|| step_err("program", "missing"))?;
+        // The steps run on one of the pool's threads: every GEMM and kernel twin inside
+        // then splits its work among threads that are already awake, where from any other
+        // thread each parallel step would be handed to the pool and waited for (tens of
+        // microseconds each, hundreds of times a decode step). A tracer stays on the
+        // caller's thread (it need not be Send); so does a call already on the pool.
+        let out_rows = match on_step {
+            None if rayon::current_thread_index().is_none() => {
+                rayon::scope(|_| self.run_steps(program, rows, None, select))?
+            }
+            on_step => self.run_steps(program, rows, on_step, select)?,
+        };
+        self.logits_rows = out_rows;
+        let li = self.buffer_index("logits")?;
+        let want = out_rows * plan.dims.vocab;
+        match &self.buffers[li] {
+            Buf::F32(v) if v.len() >= want => Ok(&v[..want]),
+            Buf::F32(v) => Err(step_err(
+                "logits",
+                format!(
+                    "the logits buffer holds {} elements, {rows} rows x vocab {} need {want}",
+                    v.len(),
+                    plan.dims.vocab
+                ),
+            )),
+            Buf::I32(_) => Err(step_err("logits", "logits buffer is not f32")),
+        }
+    }
+
+    /// Runs `program`'s steps on `rows` (sized and filled by [`CpuExecutor::run_program`])
+    /// and returns the rows of logits computed.
+    fn run_steps(
+        &mut self,
+        program: &pb::Program,
+        rows: usize,
+        mut on_step: Option<StepTrace<'_>>,
+        select: Option<&[usize]>,
+    ) -> Result<usize> {
+        let plan = Arc::clone(&self.plan);
         let last = program.steps.len().saturating_sub(1);
         let mut out_rows = rows;
         for (si, s) in program.steps.iter().enumerate() {
@@ -342,21 +380,7 @@ impl CpuExecutor {
                 }
             }
         }
-        self.logits_rows = out_rows;
-        let li = self.buffer_index("logits")?;
-        let want = out_rows * plan.dims.vocab;
-        match &self.buffers[li] {
-            Buf::F32(v) if v.len() >= want => Ok(&v[..want]),
-            Buf::F32(v) => Err(step_err(
-                "logits",
-                format!(
-                    "the logits buffer holds {} elements, {rows} rows x vocab {} need {want}",
-                    v.len(),
-                    plan.dims.vocab
-                ),
-            )),
-            Buf::I32(_) => Err(step_err("logits", "logits buffer is not f32")),
-        }
+        Ok(out_rows)
     }
 
     /// For [`CpuExecutor::run_rows`]: when `g` (a program's last step) is the lm_head
