@@ -186,8 +186,8 @@ fn finish(acc: [f32; 8], tail: f32, scale: f32) -> f32 {
 #[inline(always)]
 fn tail<F: Ints>(row: &[u8], x: &[f32], from: usize, k: usize) -> f32 {
     let mut t = 0f32;
-    for (j, &xj) in x.iter().enumerate().take(k).skip(from) {
-        t = f32::from(F::q(row, j)).mul_add(xj, t);
+    for j in from..k {
+        t = f32::from(F::q(row, j)).mul_add(x[j], t);
     }
     t
 }
@@ -480,20 +480,23 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     if whole * upb < units {
         block!(whole * upb, units - whole * upb, whole);
     }
-    let mut lanes = [[[0f32; 8]; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            _mm256_storeu_ps(lanes[r][c].as_mut_ptr(), acc[r][c]);
-        }
+    // The lanes summed in `finish`'s tree: (l0 + l4, .., l3 + l7), then the even and odd
+    // of those, then the two.
+    let sums = acc.map(|acc| {
+        acc.map(|v| {
+            let quads = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let pairs = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
+            _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+        })
+    });
+    if units * UNIT == k {
+        // No tail: `finish` adds 0 * 0.
+        return sums.map(|s| s.map(|s| s + 0.0));
     }
     std::array::from_fn(|r| {
         let row = rows[r];
         std::array::from_fn(|c| {
-            finish(
-                lanes[r][c],
-                tail::<F>(row.bytes, xs[c].x, units * UNIT, k),
-                row.tail_scale(),
-            )
+            sums[r][c] + row.tail_scale() * tail::<F>(row.bytes, xs[c].x, units * UNIT, k)
         })
     })
 }
@@ -546,6 +549,11 @@ fn piece_dots<'a, F: Ints, const C: usize>(
     }
 }
 
+thread_local! {
+    /// A thread's widened scales of the piece of rows it is on ([`dot_gemm_with`]).
+    static SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The dot-product path: pieces of weight rows on rayon's threads, the activation rows in
 /// pairs sharing each converted unit, as [`dots::gemm`] does.
 fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
@@ -593,23 +601,30 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         .into_par_iter()
         .map(|m0| {
             let rows = piece_rows.min(s.m - m0);
-            let mut scales = vec![0f32; rows * nb];
-            kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], &mut scales);
-            let row = |i: usize| Row {
-                bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
-                scales: &scales[i * nb..(i + 1) * nb],
-                k: s.k,
-                upb,
-            };
             let mut out = vec![0f32; rows * s.n];
-            for j in (0..s.n).step_by(2) {
-                let out = &mut out[j * rows..];
-                if j + 1 < s.n {
-                    piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
-                } else {
-                    piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
+            SCALES.with_borrow_mut(|scales| {
+                // The thread's scratch, grown once (not allocated and zeroed per piece: as
+                // many f32 as a step has blocks, tens of MB).
+                if scales.len() < rows * nb {
+                    scales.resize(rows * nb, 0.0);
                 }
-            }
+                let scales = &mut scales[..rows * nb];
+                kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], scales);
+                let row = |i: usize| Row {
+                    bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
+                    scales: &scales[i * nb..(i + 1) * nb],
+                    k: s.k,
+                    upb,
+                };
+                for j in (0..s.n).step_by(2) {
+                    let out = &mut out[j * rows..];
+                    if j + 1 < s.n {
+                        piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
+                    } else {
+                        piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
+                    }
+                }
+            });
             (m0, out)
         })
         .collect();
