@@ -3,9 +3,11 @@
 //!
 //! Both have one fixed order of operations, so results are bitwise the same with or
 //! without AVX2 (and whatever the thread count):
-//! - a score is the weight GEMMs' dot product ([`super::dots`]: four accumulators of eight
-//!   lanes, then a fixed tree), not one running sum whose 64 dependent adds a key the
-//!   compiler may not reorder;
+//! - a score is a dot product of four accumulators of eight lanes (element `i` of each
+//!   32-wide chunk into accumulator `i / 8`, lane `i % 8`; what is left after the last
+//!   chunk eight at a time into the first, then a scalar tail), separate multiplies and
+//!   adds, the lanes summed in a fixed tree ([`dot`]); not one running sum whose 64
+//!   dependent adds a key the compiler may not reorder;
 //! - a weighted sum: each output element `o[j] = sum_u p_u v_u[j]`, keys in order from 0,
 //!   a multiply then an add (no FMA); the AVX2 path keeps up to 64 outputs in registers
 //!   across all the keys instead of loading and storing them for every key.
@@ -21,10 +23,102 @@ pub(crate) fn scores(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let dot = super::dots::f32_dot();
+    let dot = score_dot();
     for (s, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
         *s = dot(k, &q[..hd]);
     }
+}
+
+/// How far ahead (in bytes) the AVX2 dot product prefetches the keys (measured on the
+/// weight GEMMs it once served: 1024 bytes the best of none to 4096).
+const PREFETCH_BYTES: usize = 1024;
+
+/// The score dot product for this CPU: AVX2 where present, bitwise the portable [`dot`].
+fn score_dot() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above).
+        return |k, q| unsafe { dot_avx2(k, q) };
+    }
+    dot
+}
+
+/// `sum_i k[i] * q[i]` over `min(k.len(), q.len())` elements, in the order the module
+/// documentation gives.
+#[inline(always)]
+fn dot(k: &[f32], q: &[f32]) -> f32 {
+    let n = k.len().min(q.len());
+    let (k, q) = (&k[..n], &q[..n]);
+    let mut acc = [[0f32; 8]; 4];
+    let (kc, qc) = (k.chunks_exact(32), q.chunks_exact(32));
+    let (kr, qr) = (kc.remainder(), qc.remainder());
+    for (k32, q32) in kc.zip(qc) {
+        for i in 0..32 {
+            acc[i / 8][i % 8] += k32[i] * q32[i];
+        }
+    }
+    finish(acc, kr, qr)
+}
+
+/// The end of [`dot`] after its 32-wide body: the rest eight at a time into the first
+/// accumulator, the scalar tail, then every lane summed in a fixed tree.
+#[inline(always)]
+fn finish(mut acc: [[f32; 8]; 4], k: &[f32], q: &[f32]) -> f32 {
+    let (kc, qc) = (k.chunks_exact(8), q.chunks_exact(8));
+    let (kt, qt) = (kc.remainder(), qc.remainder());
+    for (k8, q8) in kc.zip(qc) {
+        for l in 0..8 {
+            acc[0][l] += k8[l] * q8[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (&a, &b) in kt.iter().zip(qt) {
+        tail += a * b;
+    }
+    let mut lanes = [0f32; 8];
+    for (l, v) in lanes.iter_mut().enumerate() {
+        *v = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    }
+    let quads = [
+        lanes[0] + lanes[4],
+        lanes[1] + lanes[5],
+        lanes[2] + lanes[6],
+        lanes[3] + lanes[7],
+    ];
+    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
+}
+
+/// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators, the same
+/// separate multiplies and adds in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(k: &[f32], q: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = k.len().min(q.len());
+    let body = n / 32 * 32;
+    let (pk, pq) = (k.as_ptr(), q.as_ptr());
+    let mut v = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < body {
+        // Ask for the keys PREFETCH_BYTES ahead (a prefetch past the slice never faults).
+        let ahead = pk.cast::<u8>().wrapping_add(4 * i + PREFETCH_BYTES);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+        for (a, v) in v.iter_mut().enumerate() {
+            // SAFETY: i + 32 <= body <= n: the chunk is inside both slices.
+            let p = _mm256_mul_ps(
+                _mm256_loadu_ps(pk.add(i + 8 * a)),
+                _mm256_loadu_ps(pq.add(i + 8 * a)),
+            );
+            *v = _mm256_add_ps(*v, p);
+        }
+        i += 32;
+    }
+    let mut acc = [[0f32; 8]; 4];
+    for (dst, v) in acc.iter_mut().zip(v) {
+        _mm256_storeu_ps(dst.as_mut_ptr(), v);
+    }
+    finish(acc, &k[body..n], &q[body..n])
 }
 
 /// `o[j] = sum_u p[u] * vals[u * hd + j]` for `j < hd`, keys `u < p.len()` in order;
@@ -146,7 +240,7 @@ mod tests {
                 weighted_sum(&p, &keys, hd, &mut o);
                 for u in 0..n {
                     let k = &keys[u * hd..(u + 1) * hd];
-                    let want = crate::cpu::dots::dot(k, &q);
+                    let want = dot(k, &q);
                     assert_eq!(got[u].to_bits(), want.to_bits(), "hd {hd}, key {u}");
                     let exact: f64 = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
                     assert!((got[u] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()));

@@ -1,7 +1,7 @@
 //! GEMMs over bf16 weights with f32 accumulation: what a bf16 plan's GEMM steps run on the
 //! CPU, reading half the bytes of widened f32 weights.
 //!
-//! Products of up to [`tiles::MAX_N`] activation rows (decode steps, prompt chunks) run on
+//! Products of up to [`tiles::GEMM_MAX_N`] activation rows (decode steps, prompt chunks) run on
 //! bf16 weight rows directly ([`super::tiles`], shared with f32 weights); larger ones widen a
 //! block of weight rows at a time into an f32 scratch and run the gemm crate on it. Every
 //! output element is computed by one thread in a fixed order, so results do not depend on
@@ -17,8 +17,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::dots::Shape;
 use super::tiles;
+use super::weight_gemm::Shape;
 use crate::plan::widen_bf16;
 
 /// Widened weights held at a time on the blocked path.
@@ -139,11 +139,11 @@ fn blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::dots;
+    use crate::cpu::tiles::tests::case as exact_case;
 
     /// Both paths (dot products up to 8 columns, widened blocks beyond) on one shape.
     fn case(m: usize, n: usize, k: usize, beta: f32) {
-        dots::tests::case(m, n, k, beta, |v| (v.to_bits() >> 16) as u16, gemm);
+        exact_case(m, n, k, beta, |v| (v.to_bits() >> 16) as u16, gemm);
     }
 
     #[test]
@@ -165,7 +165,7 @@ mod tests {
     fn the_blocked_path_holds_across_blocks_and_a_partial_last_one() {
         // The widening scratch holds 64 rows: 517 rows are 8 whole blocks and 5 rows.
         for (n, k, beta) in [(9, 40, 0.0), (12, 33, 0.5)] {
-            dots::tests::case(
+            exact_case(
                 517,
                 n,
                 k,

@@ -2,10 +2,10 @@
 
 mod attend;
 pub mod bf16;
-pub mod dots;
 pub mod kernels;
 pub mod quant;
 pub mod tiles;
+pub mod weight_gemm;
 
 use std::sync::Arc;
 
@@ -771,7 +771,7 @@ impl CpuExecutor {
             if m == 0 || n == 0 {
                 return Ok(());
             }
-            let shape = dots::Shape {
+            let shape = weight_gemm::Shape {
                 m,
                 n,
                 k,

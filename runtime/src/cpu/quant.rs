@@ -1,7 +1,7 @@
 //! GEMMs over weight-only quantized weights (`I8` and `I4` blocks with f16 block scales,
 //! [`QuantWeight`]): what an int8 or int4 plan's GEMM steps run on the CPU.
 //!
-//! Decode-sized products (at most [`dots::MAX_N`] activation rows) are dot products over
+//! Decode-sized products (at most [`MAX_N`] activation rows) are dot products over
 //! weight rows. The block scale stays out of the inner loop: a row's integers are converted
 //! to f32 (exact) and multiplied into the activations with fused multiply-adds, sixteen
 //! entries ("a unit") at a time into one partial sum of eight lanes per block; at the end of
@@ -16,8 +16,8 @@
 //! The portable `dot` and the AVX2 + FMA body compute exactly these operations in this
 //! order, so they are bitwise equal; every output element is computed whole by one thread, in an order that
 //! depends only on the weight row and the activation row, so results are bitwise the same
-//! whatever the thread count and whatever the other activation rows (batch invariance, as
-//! [`dots`]: a sequence decoded in a batch of up to [`dots::MAX_N`] gets the bits it gets
+//! whatever the thread count and whatever the other activation rows (batch invariance,
+//! [`super::weight_gemm`]: a sequence decoded in a batch of up to [`MAX_N`] gets the bits it gets
 //! alone).
 //!
 //! This is not bitwise the f32 GEMM of the dequantized weights (that one multiplies each
@@ -31,10 +31,14 @@
 //! either way). Larger products dequantize blocks of rows into the f32 scratch of
 //! [`super::bf16`]'s blocked path and run the gemm crate on it.
 
-use rayon::prelude::*;
-
-use super::dots::{self, Shape};
+use super::weight_gemm::{in_pieces, Shape, MAX_N};
 use crate::plan::{QuantBits, QuantWeight};
+
+/// Weight rows per piece of work, at most.
+const ROWS_PER_PIECE: usize = 64;
+/// A piece's weights when they are read more than once (more than two activation rows): at
+/// most this many bytes, so that they stay in L2 between the pairs of activation rows.
+const PIECE_BYTES: usize = 128 << 10;
 
 /// Entries of a unit: what one step of the inner loop reads of a row.
 const UNIT: usize = 16;
@@ -54,7 +58,7 @@ pub fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;
     }
-    if s.n <= dots::MAX_N || s.k == 0 {
+    if s.n <= MAX_N || s.k == 0 {
         match w.bits {
             QuantBits::Int8 => dot_gemm::<I8>(s, w, x, c),
             QuantBits::Int4 => dot_gemm::<I4>(s, w, x, c),
@@ -554,8 +558,8 @@ thread_local! {
     static SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The dot-product path: pieces of weight rows on rayon's threads, the activation rows in
-/// pairs sharing each converted unit, as [`dots::gemm`] does.
+/// The dot-product path: pieces of weight rows on rayon's threads ([`in_pieces`]), the
+/// activation rows in pairs sharing each converted unit.
 fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     dot_gemm_with::<F>(Kernels::detect(), s, w, x, c)
 }
@@ -567,9 +571,9 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
     let upb = (w.block / UNIT).max(1);
     let row_bytes = rb + 2 * nb;
     let piece_rows = if s.n <= 2 {
-        dots::ROWS_PER_PIECE
+        ROWS_PER_PIECE
     } else {
-        (dots::PIECE_BYTES / row_bytes.max(1)).clamp(8, dots::ROWS_PER_PIECE)
+        (PIECE_BYTES / row_bytes.max(1)).clamp(8, ROWS_PER_PIECE)
     };
     // The activation rows in the order the kernels read them, made once.
     let (x, ldb) = if kern.split::<F>() {
@@ -595,52 +599,31 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         x: &x[j * ldb..j * ldb + s.k],
         starts: &starts[j],
     };
-    let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
-        .step_by(piece_rows)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|m0| {
-            let rows = piece_rows.min(s.m - m0);
-            let mut out = vec![0f32; rows * s.n];
-            SCALES.with_borrow_mut(|scales| {
-                // The thread's scratch, grown once (not allocated and zeroed per piece: as
-                // many f32 as a step has blocks, tens of MB).
-                if scales.len() < rows * nb {
-                    scales.resize(rows * nb, 0.0);
-                }
-                let scales = &mut scales[..rows * nb];
-                kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], scales);
-                let row = |i: usize| Row {
-                    bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
-                    scales: &scales[i * nb..(i + 1) * nb],
-                    k: s.k,
-                    upb,
-                };
-                for j in (0..s.n).step_by(2) {
-                    let out = &mut out[j * rows..];
-                    if j + 1 < s.n {
-                        piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
-                    } else {
-                        piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
-                    }
-                }
-            });
-            (m0, out)
-        })
-        .collect();
-    for (m0, out) in pieces {
-        let rows = out.len() / s.n;
-        for j in 0..s.n {
-            for (i, v) in out[j * rows..(j + 1) * rows].iter().enumerate() {
-                let dst = &mut c[j * s.ldc + m0 + i];
-                *dst = if s.beta == 0.0 {
-                    s.alpha * v
-                } else {
-                    s.alpha * v + s.beta * *dst
-                };
+    in_pieces(s, piece_rows, c, |m0, rows, out| {
+        SCALES.with_borrow_mut(|scales| {
+            // The thread's scratch, grown once (not allocated and zeroed per piece: as
+            // many f32 as a step has blocks, tens of MB).
+            if scales.len() < rows * nb {
+                scales.resize(rows * nb, 0.0);
             }
-        }
-    }
+            let scales = &mut scales[..rows * nb];
+            kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], scales);
+            let row = |i: usize| Row {
+                bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
+                scales: &scales[i * nb..(i + 1) * nb],
+                k: s.k,
+                upb,
+            };
+            for j in (0..s.n).step_by(2) {
+                let out = &mut out[j * rows..];
+                if j + 1 < s.n {
+                    piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
+                } else {
+                    piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
+                }
+            }
+        })
+    });
 }
 
 #[cfg(test)]
@@ -845,7 +828,7 @@ mod tests {
         for bits in [QuantBits::Int8, QuantBits::Int4] {
             let (m, k) = (75, 1000);
             let w = weight(bits, m, k, 32);
-            let n = dots::MAX_N;
+            let n = MAX_N;
             let s = shape(m, n, k);
             let x = xs(n, k);
             let mut all = vec![f32::NAN; n * s.ldc];

@@ -1,4 +1,4 @@
-//! Weight GEMMs of up to [`MAX_N`] activation rows (decode steps, prompt chunks, short
+//! Weight GEMMs of up to [`GEMM_MAX_N`] activation rows (decode steps, prompt chunks, short
 //! prompts) over f32 or bf16 weights, register-tiled and batch-invariant: what the CPU
 //! executor runs for every weight GEMM that small.
 //!
@@ -19,9 +19,9 @@
 //! AVX2+FMA code computes it for a tile of up to 4 activation rows (3 for bf16) by 3
 //! weight rows at once: twelve (nine) accumulators in registers, each weight vector loaded (and for bf16,
 //! widened) once for four activation rows and each activation vector once for three
-//! weight rows, so the loop is bound by the multiply-adds, not the loads. (The older
-//! dot-product order of [`super::dots`], four accumulators an output, needed four registers
-//! an output and was bound by loads.) A call of any number of rows up to [`MAX_N`]
+//! weight rows, so the loop is bound by the multiply-adds, not the loads. (The executor's
+//! dot products before these tiles, four accumulators an output, needed four registers an
+//! output and were bound by loads.) A call of any number of rows up to [`GEMM_MAX_N`]
 //! therefore gives each row the bits it gets alone: the batch invariance the engine
 //! promises (RELIABILITY.md).
 //!
@@ -36,13 +36,7 @@
 
 use std::mem::size_of;
 
-use rayon::prelude::*;
-
-use super::dots::Shape;
-
-/// At most this many activation rows take this path (the engine's invariant calls have at
-/// most this many rows; see `dots::MAX_N`, the same number).
-pub const MAX_N: usize = super::dots::MAX_N;
+use super::weight_gemm::{in_pieces, Shape};
 
 /// The executors take this path up to this many activation rows (the gemm crate beyond):
 /// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
@@ -436,11 +430,11 @@ fn piece_rows(n: usize, row_bytes: usize) -> usize {
     rows / 24 * 24
 }
 
-/// Runs the GEMM (any `n`; the executors take it for at most [`MAX_N`] rows). The caller
+/// Runs the GEMM (any `n`; the executors take it for at most [`GEMM_MAX_N`] rows). The caller
 /// has checked that `w`, `x` and `c` hold every element the shape touches.
 ///
 /// ```
-/// use ngpt_runtime::cpu::dots::Shape;
+/// use ngpt_runtime::cpu::weight_gemm::Shape;
 /// use ngpt_runtime::cpu::tiles::gemm;
 /// // W is 2 x 3, one activation row x; C = W x^T, 2 x 1.
 /// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
@@ -478,39 +472,65 @@ fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32
         kp,
     };
     let per = piece_rows(s.n, s.k * size_of::<W>());
-    let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
-        .step_by(per)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|i0| {
-            let rows = per.min(s.m - i0);
-            let mut out = vec![0f32; rows * s.n];
-            b.run(kern, i0, rows, s.n, &mut out);
-            (i0, out)
-        })
-        .collect();
-    for (i0, out) in pieces {
-        let rows = out.len() / s.n;
-        for (j, col) in out.chunks_exact(rows).enumerate() {
-            let dst = &mut c[j * s.ldc + i0..j * s.ldc + i0 + rows];
-            for (d, v) in dst.iter_mut().zip(col) {
-                *d = if s.beta == 0.0 {
-                    s.alpha * v
-                } else {
-                    s.alpha * v + s.beta * *d
-                };
-            }
-        }
-    }
+    in_pieces(s, per, c, |i0, rows, out| b.run(kern, i0, rows, s.n, out));
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::cpu::dots;
 
     fn bf16(v: f32) -> u16 {
         (v.to_bits() >> 16) as u16
+    }
+
+    /// A GEMM of shape m x n x k (padded leading dimensions, alpha 0.75) run by `gemm`,
+    /// against exact f64 products; C's padding rows must stay untouched.
+    pub(crate) fn case<W: Lanes>(
+        m: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+        make: fn(f32) -> W,
+        gemm: fn(Shape, &[W], &[f32], &mut [f32]),
+    ) {
+        let (lda, ldb, ldc) = (k + 3, k + 1, m + 2);
+        let w: Vec<W> = (0..m * lda)
+            .map(|i| make(((i * 37 % 101) as f32 - 50.0) / 64.0))
+            .collect();
+        let x: Vec<f32> = (0..n * ldb)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
+            .collect();
+        let c0: Vec<f32> = (0..n * ldc).map(|i| (i % 5) as f32).collect();
+        let mut c = c0.clone();
+        let s = Shape {
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            alpha: 0.75,
+            beta,
+        };
+        gemm(s, &w, &x, &mut c);
+        for j in 0..n {
+            for r in 0..m {
+                let exact: f64 = (0..k)
+                    .map(|i| w[r * lda + i].widen() as f64 * x[j * ldb + i] as f64)
+                    .sum::<f64>()
+                    * 0.75
+                    + beta as f64 * c0[j * ldc + r] as f64;
+                let got = c[j * ldc + r] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                    "m{m} n{n} k{k} ({r},{j}): {got} vs {exact}"
+                );
+            }
+            // Padding rows of C are untouched.
+            for r in m..ldc {
+                assert_eq!(c[j * ldc + r], c0[j * ldc + r]);
+            }
+        }
     }
 
     /// Shapes whose m, n and k are not multiples of the tiles (3 weight rows, 4 activation
@@ -534,8 +554,8 @@ mod tests {
     fn f32_and_bf16_weights_match_exact_products_on_odd_shapes() {
         for (m, n, k) in SHAPES {
             for beta in [0.0, 0.5] {
-                dots::tests::case(m, n, k, beta, |v| v, gemm::<f32>);
-                dots::tests::case(m, n, k, beta, bf16, gemm::<u16>);
+                case(m, n, k, beta, |v| v, gemm::<f32>);
+                case(m, n, k, beta, bf16, gemm::<u16>);
             }
         }
     }
