@@ -258,18 +258,7 @@ impl CudaExecutor {
         g: &pb::Gemm,
         rows: usize,
     ) -> Result<Op> {
-        let batch = self.batch;
-        let crate::plan::GemmExtents {
-            m,
-            n,
-            k,
-            lda,
-            ldb,
-            ldc,
-            need_a,
-            need_b,
-            need_c,
-        } = crate::plan::gemm_extents(g, rows, batch).map_err(|p| step_err(name, p))?;
+        let ext = crate::plan::gemm_extents(g, rows, self.batch).map_err(|p| step_err(name, p))?;
         let src = |o: Option<&pb::Operand>| o.and_then(|o| o.source);
         let ci = match src(g.c.as_ref()) {
             Some(operand::Source::Buffer(b)) => b as usize,
@@ -286,20 +275,20 @@ impl CudaExecutor {
                 .get(w as usize)
                 .and_then(|dw| dw.quant.as_ref())
             {
-                let ext = crate::plan::GemmExtents {
-                    m,
-                    n,
-                    k,
-                    lda,
-                    ldb,
-                    ldc,
-                    need_a,
-                    need_b,
-                    need_c,
-                };
                 return self.resolve_quant_gemm(si, name, g, q, &ext, ci);
             }
         }
+        let crate::plan::GemmExtents {
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            need_a,
+            need_b,
+            need_c,
+        } = ext;
         // (address, elements, bf16?)
         let operand = |s: Option<operand::Source>, what: &str| -> Result<(u64, usize, bool)> {
             let bad = || {
