@@ -190,8 +190,8 @@ fn finish(acc: [f32; 8], tail: f32, scale: f32) -> f32 {
 #[inline(always)]
 fn tail<F: Ints>(row: &[u8], x: &[f32], from: usize, k: usize) -> f32 {
     let mut t = 0f32;
-    for j in from..k {
-        t = f32::from(F::q(row, j)).mul_add(x[j], t);
+    for (j, &xj) in (from..k).zip(&x[from..k]) {
+        t = f32::from(F::q(row, j)).mul_add(xj, t);
     }
     t
 }
