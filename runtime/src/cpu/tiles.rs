@@ -42,7 +42,8 @@ use super::weight_gemm::{in_pieces, Shape};
 /// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
 /// preset 1.3x (f32) to 1.8x (bf16) faster than the gemm crate (bf16: on widened blocks),
 /// 128 tokens about 1.1x, and 512 tokens about 5% slower. Every row is computed alone at
-/// any count; the engine's invariance promise stays at [`MAX_N`] rows a call.
+/// any count; the engine's invariance promise stays at [`super::weight_gemm::MAX_N`] rows
+/// a call.
 pub const GEMM_MAX_N: usize = 128;
 
 /// Weight rows of the AVX2 tile.

@@ -1,6 +1,6 @@
 //! The plan's weight GEMM as the CPU executor runs it: its [`Shape`], the row count up to
 //! which every row's result is its own ([`MAX_N`]), and the split of the weight rows over
-//! rayon's threads that the kernels share ([`in_pieces`]).
+//! rayon's threads that the kernels share (`in_pieces`).
 //!
 //! Every weight GEMM of a plan has one form: `C = alpha W x^T + beta C`, W's rows and the
 //! activation rows both contiguous along K, C column-major (column `j` holds activation
