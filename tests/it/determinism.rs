@@ -241,7 +241,7 @@ fn ragged_batches_are_bitwise_identical_run_to_run() -> Result<()> {
     Ok(())
 }
 
-/// Batch invariance: with at most `dots::MAX_N` rows a GEMM computes each row on its own
+/// Batch invariance: with at most `cpu::weight_gemm::MAX_N` rows a GEMM computes each row on its own
 /// (and attention each (row, head) pair), so a sequence's prefill and decode logits are the
 /// same bits alone as in a ragged batch of three, f32 and bf16 weights alike.
 #[test]

@@ -1,7 +1,7 @@
 //! Kernel ABI 3: every row carries its KV-cache slot, so rows of different sequences,
 //! prefill chunks and decode rows, can share a call in any order (what a continuous-batching
 //! scheduler sends). On the CPU each row's logits are the bits it gets with its sequence
-//! alone in a batch-1 session, while every call has at most 32 rows (`dots::MAX_N`).
+//! alone in a batch-1 session, while every call has at most 32 rows (`cpu::weight_gemm::MAX_N`).
 
 use crate::common;
 

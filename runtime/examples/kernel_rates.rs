@@ -1,0 +1,128 @@
+//! How fast the CPU executor's weight GEMM kernels run for one activation row (a decode
+//! step's GEMV), per weight format, on one thread with the weights in cache and on every
+//! thread over weights far larger than the caches: the compute ceiling each format's
+//! decode meets, beside the memory floor `ngpt bench` prints.
+//!
+//! ```text
+//! cargo run --release -p ngpt-runtime --example kernel_rates
+//! ```
+//!
+//! Prints, per format, giga-weights a second (and the weight bytes a second that makes).
+//! A format whose in-cache rate on all cores is below what its bytes allow at the machine's
+//! read bandwidth is bound by its arithmetic, not by memory.
+
+use std::time::Instant;
+
+use ngpt_runtime::cpu::{quant, tiles, weight_gemm::Shape};
+use ngpt_runtime::plan::{QuantBits, QuantWeight};
+
+/// Seconds one call of `f` takes: the best of three timings of enough calls for ~0.3 s.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let reps = ((0.3 / once) as usize).clamp(1, 100_000);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    best
+}
+
+/// A `rows x k` int8 or int4 matrix in blocks of 32 with f16 scales near 1/64.
+fn quantized(bits: QuantBits, rows: usize, k: usize) -> QuantWeight {
+    let row_bytes = match bits {
+        QuantBits::Int8 => k,
+        QuantBits::Int4 => k.div_ceil(2),
+    };
+    let data: Vec<u8> = (0..rows * row_bytes)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let scales: Vec<u16> = (0..rows * k.div_ceil(32))
+        .map(|i| 0x2400 + (i % 97) as u16)
+        .collect();
+    QuantWeight {
+        bits,
+        rows,
+        k,
+        block: 32,
+        data: data.into(),
+        scales: scales.into(),
+    }
+}
+
+/// The GEMV of format `name` over a `rows x k` matrix: a closure that runs it once.
+fn gemv(name: &str, rows: usize, k: usize) -> Box<dyn FnMut() + Send> {
+    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut c = vec![0f32; rows];
+    let s = Shape {
+        m: rows,
+        n: 1,
+        k,
+        lda: k,
+        ldb: k,
+        ldc: rows,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    match name {
+        "f32" => {
+            let w: Vec<f32> = (0..rows * k).map(|i| (i % 251) as f32 / 251.0).collect();
+            Box::new(move || tiles::gemm(s, &w, &x, &mut c))
+        }
+        "bf16" => {
+            let w: Vec<u16> = (0..rows * k).map(|i| 0x3c00 + (i % 251) as u16).collect();
+            Box::new(move || tiles::gemm(s, &w, &x, &mut c))
+        }
+        "int8" | "int4" => {
+            let bits = if name == "int8" {
+                QuantBits::Int8
+            } else {
+                QuantBits::Int4
+            };
+            let w = quantized(bits, rows, k);
+            Box::new(move || quant::gemm(s, &w, &x, &mut c))
+        }
+        _ => unreachable!("a format this example names"),
+    }
+}
+
+/// Bytes a weight of `name` takes (int8/int4 with their f16 scale per 32).
+fn bytes_per_weight(name: &str) -> f64 {
+    match name {
+        "f32" => 4.0,
+        "bf16" => 2.0,
+        "int8" => 1.0 + 2.0 / 32.0,
+        _ => 0.5 + 2.0 / 32.0,
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let threads = rayon::current_num_threads();
+    println!("weight GEMV rates, one activation row (G weights/s, and GB/s of weights)");
+    for name in ["f32", "bf16", "int8", "int4"] {
+        // 1024 x 1024 (a 0.5b preset attention projection): in L2/L3 on one thread.
+        let (rows, k) = (1024, 1024);
+        let mut f = gemv(name, rows, k);
+        let t1 = one.install(|| time(&mut f));
+        // 256 MiB of weights or more: from memory, on every thread.
+        let big_rows = ((256usize << 20) as f64 / (bytes_per_weight(name) * 1024.0)) as usize;
+        let mut g = gemv(name, big_rows, 1024);
+        let tn = time(&mut g);
+        let gw = |rows: usize, t: f64| (rows * 1024) as f64 / t / 1e9;
+        println!(
+            "  {name:>4}: in cache, 1 thread {:6.2} G/s ({:5.1} GB/s); from memory, {threads} threads {:6.2} G/s ({:5.1} GB/s)",
+            gw(rows, t1),
+            gw(rows, t1) * bytes_per_weight(name),
+            gw(big_rows, tn),
+            gw(big_rows, tn) * bytes_per_weight(name),
+        );
+    }
+    Ok(())
+}
