@@ -31,14 +31,11 @@
 //! either way). Larger products dequantize blocks of rows into the f32 scratch of
 //! [`super::bf16`]'s blocked path and run the gemm crate on it.
 
-use super::weight_gemm::{in_pieces, Shape, MAX_N};
+use super::weight_gemm::{in_pieces, piece_rows, Shape, MAX_N};
 use crate::plan::{QuantBits, QuantWeight};
 
 /// Weight rows per piece of work, at most.
 const ROWS_PER_PIECE: usize = 64;
-/// A piece's weights when they are read more than once (more than two activation rows): at
-/// most this many bytes, so that they stay in L2 between the pairs of activation rows.
-const PIECE_BYTES: usize = 128 << 10;
 
 /// Entries of a unit: what one step of the inner loop reads of a row.
 const UNIT: usize = 16;
@@ -570,11 +567,7 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
     let (rb, nb) = (w.row_bytes(), w.n_blocks());
     let upb = (w.block / UNIT).max(1);
     let row_bytes = rb + 2 * nb;
-    let piece_rows = if s.n <= 2 {
-        ROWS_PER_PIECE
-    } else {
-        (PIECE_BYTES / row_bytes.max(1)).clamp(8, ROWS_PER_PIECE)
-    };
+    let per = piece_rows(s.n, row_bytes, 8, ROWS_PER_PIECE);
     // The activation rows in the order the kernels read them, made once.
     let (x, ldb) = if kern.split::<F>() {
         let mut xs = vec![0f32; s.n * s.k];
@@ -599,7 +592,7 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         x: &x[j * ldb..j * ldb + s.k],
         starts: &starts[j],
     };
-    in_pieces(s, piece_rows, c, |m0, rows, out| {
+    in_pieces(s, per, c, |m0, rows, out| {
         SCALES.with_borrow_mut(|scales| {
             // The thread's scratch, grown once (not allocated and zeroed per piece: as
             // many f32 as a step has blocks, tens of MB).

@@ -36,7 +36,7 @@
 
 use std::mem::size_of;
 
-use super::weight_gemm::{in_pieces, Shape};
+use super::weight_gemm::{self, in_pieces, Shape};
 
 /// The executors take this path up to this many activation rows (the gemm crate beyond):
 /// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
@@ -50,9 +50,6 @@ pub const GEMM_MAX_N: usize = 128;
 const TILE_W: usize = 3;
 /// Weight rows of a piece of work, at most (a multiple of 24, see [`piece_rows`]).
 const PIECE_ROWS: usize = 96;
-/// A piece's weights, at most, when they are read more than once (more than two
-/// activation rows): they stay in L2 while the activation tiles go over them.
-const PIECE_BYTES: usize = 128 << 10;
 
 /// A weight element type this path reads: f32 or bf16 bits (`u16`).
 pub trait Lanes: Copy + Send + Sync + 'static {
@@ -423,12 +420,7 @@ impl<W: Lanes> Block<'_, W> {
 /// Weight rows a piece for `n` activation rows and weight rows of `row_bytes` bytes: a
 /// multiple of 24: of [`TILE_W`] and of the decode tiles' widths (6, 8).
 fn piece_rows(n: usize, row_bytes: usize) -> usize {
-    let rows = if n <= 2 {
-        PIECE_ROWS
-    } else {
-        (PIECE_BYTES / row_bytes.max(1)).clamp(24, PIECE_ROWS)
-    };
-    rows / 24 * 24
+    weight_gemm::piece_rows(n, row_bytes, 24, PIECE_ROWS) / 24 * 24
 }
 
 /// Runs the GEMM (any `n`; the executors take it for at most [`GEMM_MAX_N`] rows). The caller

@@ -45,6 +45,21 @@ pub struct Shape {
     pub beta: f32,
 }
 
+/// A piece's weights, at most, when they are read more than once (more than two
+/// activation rows): they stay in L2 while the activation rows go over them.
+const PIECE_BYTES: usize = 128 << 10;
+
+/// Weight rows a piece for `n` activation rows and weight rows of `row_bytes` bytes: `max`
+/// when the piece is read once or twice (at most two activation rows: bound by memory, not
+/// by L2), else as many as [`PIECE_BYTES`] holds, between `min` and `max`.
+pub(crate) fn piece_rows(n: usize, row_bytes: usize, min: usize, max: usize) -> usize {
+    if n <= 2 {
+        max
+    } else {
+        (PIECE_BYTES / row_bytes.max(1)).clamp(min, max)
+    }
+}
+
 /// Runs `piece(i0, rows, out)` for pieces of `per` weight rows (the last one shorter) on
 /// rayon's threads, each writing the products of its rows `i0..i0 + rows` with every
 /// activation row into its own `out` (`out[j * rows + i]`: row `i0 + i`, activation row
