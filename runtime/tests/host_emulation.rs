@@ -73,15 +73,18 @@ fn mma_kernel(w: Widths) -> Result<Kernel> {
     })
 }
 
+/// `src` (a kernel source, `file` naming it) with its dynamic shared memory array `array`
+/// made a pointer to the emulation's, or an error when `src` no longer declares it so.
+fn on_host(src: &str, file: &str, array: &str) -> Result<String> {
+    let decl = format!("extern __shared__ __align__(16) float {array}[];");
+    ensure!(src.contains(&decl), "{file} no longer declares `{decl}`");
+    Ok(src.replace(&decl, &format!("float* {array} = g_dynamic_smem;")))
+}
+
 /// One of ngpt.cu's attention kernels, behind the prelude a plan gives it; its dynamic
 /// shared memory array becomes a pointer to the emulation's.
 fn ngpt_kernel(name: &'static str, w: Widths) -> Result<Kernel> {
-    let decl = "extern __shared__ __align__(16) float tile[];";
-    ensure!(
-        NGPT_CU.contains(decl),
-        "ngpt.cu no longer declares `{decl}`"
-    );
-    let body = NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;");
+    let body = on_host(NGPT_CU, "ngpt.cu", "tile")?;
     Ok(Kernel {
         name,
         source: format!(
@@ -347,9 +350,7 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let src = ngpt_runtime::cuda::HELPERS_CU;
-    let decl = "extern __shared__ __align__(16) float xs[];";
-    ensure!(src.contains(decl), "helpers.cu no longer declares `{decl}`");
+    let src = on_host(ngpt_runtime::cuda::HELPERS_CU, "helpers.cu", "xs")?;
     // Buffers of 4 KiB (a slice holds 8 to 64 of a block's rows, never all of the
     // 1,000-row gemv's), behind 8 KiB of staged rows (8 rows of swiglu at n_embd 64).
     let (slice, ring) = (4096, 8192);
@@ -401,7 +402,7 @@ fn persistent_kernel_entries_match_float64_gemvs_streamed_or_not_and_split_atten
             &format!(
                 "#define NGPT_PD_C {c}\n#define NGPT_PD_D {d}\n{defines}#define NGPT_PD_STREAM 1\n#define NGPT_EMU_SLICE {slice}\n#define NGPT_EMU_RING {ring}\n#define NGPT_EMU_SHARED {}\n{}",
                 ring + 2 * slice,
-                src.replace(decl, "float* xs = g_dynamic_smem;")
+                src
             ),
         )?;
         for &(table, rows, blocks, flag) in runs {
@@ -430,11 +431,7 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let decl = "extern __shared__ __align__(16) float tile[];";
-    ensure!(
-        NGPT_CU.contains(decl),
-        "ngpt.cu no longer declares `{decl}`"
-    );
+    let body = on_host(NGPT_CU, "ngpt.cu", "tile")?;
     // (n_embd, n_head, vocab, KV capacity, n_inner): head dims 16, 12 (pos_norm's and
     // rotary_norm's pairs fill part of one warp) and 64 (one warp of pairs); odd
     // vocabularies; MLP widths other than 4 x n_embd (the Hugging Face family's n_inner).
@@ -450,7 +447,7 @@ fn plan_row_kernels_match_float64_on_the_cpu() -> Result<()> {
             &format!(
                 "#define NGPT_C {c}\n#define NGPT_H {h}\n#define NGPT_D {}\n#define NGPT_V {v}\n#define NGPT_MAX_SEQ {max_seq}\n#define NGPT_KV_TILE {KV_TILE}\n#define NGPT_I {inner}\n{}",
                 c / h,
-                NGPT_CU.replace(decl, "float* tile = g_dynamic_smem;")
+                body
             ),
         )?;
         // (rows, tokens per sequence)
@@ -473,15 +470,8 @@ fn quantized_gemv_kernels_match_float64_on_the_dequantized_weights() -> Result<(
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let src = ngpt_runtime::cuda::HELPERS_CU;
-    let decl = "extern __shared__ __align__(16) float xs[];";
-    ensure!(src.contains(decl), "helpers.cu no longer declares `{decl}`");
-    let exe = compile(
-        dir.path(),
-        "gemv_quant",
-        ("gemv.cpp", GEMV_CPP),
-        &src.replace(decl, "float* xs = g_dynamic_smem;"),
-    )?;
+    let src = on_host(ngpt_runtime::cuda::HELPERS_CU, "helpers.cu", "xs")?;
+    let exe = compile(dir.path(), "gemv_quant", ("gemv.cpp", GEMV_CPP), &src)?;
     // (bits, m, k, block, columns, ldb, beta, 16-byte path): rows not a multiple of a
     // block's 8; K not a multiple of the block (a short last block), of the 16-byte run or
     // odd (int4: half a byte of padding); blocks of 16 (an int4 load spans two blocks), 32,
