@@ -7,7 +7,9 @@
 //! cargo run --release -p ngpt-runtime --example kernel_rates
 //! ```
 //!
-//! Prints, per format, giga-weights a second (and the weight bytes a second that makes).
+//! Prints, per format, giga-weights a second (and the weight bytes a second that makes);
+//! then the f32 and bf16 tiles' rate over 8, 64 and 128 activation rows (a prompt's
+//! prefill), in GFLOP/s.
 //! A format whose in-cache rate on all cores is below what its bytes allow at the machine's
 //! read bandwidth is bound by its arithmetic, not by memory.
 
@@ -56,13 +58,14 @@ fn quantized(bits: QuantBits, rows: usize, k: usize) -> QuantWeight {
     }
 }
 
-/// The GEMV of format `name` over a `rows x k` matrix: a closure that runs it once.
-fn gemv(name: &str, rows: usize, k: usize) -> Box<dyn FnMut() + Send> {
-    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
-    let mut c = vec![0f32; rows];
+/// The GEMM of format `name` over a `rows x k` matrix and `n` activation rows: a closure
+/// that runs it once.
+fn gemm_of(name: &str, rows: usize, n: usize, k: usize) -> Box<dyn FnMut() + Send> {
+    let x: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut c = vec![0f32; rows * n];
     let s = Shape {
         m: rows,
-        n: 1,
+        n,
         k,
         lda: k,
         ldb: k,
@@ -109,11 +112,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for name in ["f32", "bf16", "int8", "int4"] {
         // 1024 x 1024 (a 0.5b preset attention projection): in L2/L3 on one thread.
         let (rows, k) = (1024, 1024);
-        let mut f = gemv(name, rows, k);
+        let mut f = gemm_of(name, rows, 1, k);
         let t1 = one.install(|| time(&mut f));
         // 256 MiB of weights or more: from memory, on every thread.
         let big_rows = ((256usize << 20) as f64 / (bytes_per_weight(name) * 1024.0)) as usize;
-        let mut g = gemv(name, big_rows, 1024);
+        let mut g = gemm_of(name, big_rows, 1, 1024);
         let tn = time(&mut g);
         let gw = |rows: usize, t: f64| (rows * 1024) as f64 / t / 1e9;
         println!(
@@ -123,6 +126,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             gw(big_rows, tn),
             gw(big_rows, tn) * bytes_per_weight(name),
         );
+    }
+    println!("weight GEMM rates over a prompt's rows (GFLOP/s; 2304 x 768 weights, the small preset's qkv, in cache)");
+    for name in ["f32", "bf16"] {
+        for n in [8, 64, 128] {
+            let (rows, k) = (2304, 768);
+            let mut f = gemm_of(name, rows, n, k);
+            let t1 = one.install(|| time(&mut f));
+            let tn = time(&mut f);
+            let gf = |t: f64| 2.0 * (rows * n * k) as f64 / t / 1e9;
+            println!(
+                "  {name:>4}, {n:>3} rows: 1 thread {:6.1} GFLOP/s; {threads} threads {:6.1} GFLOP/s",
+                gf(t1),
+                gf(tn)
+            );
+        }
     }
     Ok(())
 }
