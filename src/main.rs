@@ -66,6 +66,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_stdout();
+    }
     if let Err(e) = settings::init(cli.cuda_options.as_deref(), cli.read_weights) {
         eprintln!("error: {e}");
         std::process::exit(2);
@@ -107,5 +110,18 @@ fn main() {
         }
         eprintln!("error: {}", msg.replace('\n', " "));
         std::process::exit(1);
+    }
+}
+
+/// Output into a reader that stops early (`ngpt plan show DIR | head`) ends the process
+/// quietly, as it ends other Unix tools, instead of a panic from `println!` (Rust starts
+/// programs with SIGPIPE ignored, so the write fails and `println!` panics). Not for
+/// `serve`: a server must not end because a pipe it writes to closed.
+fn quiet_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: at start-up, before this process starts a thread; SIG_DFL is a valid action
+    // for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

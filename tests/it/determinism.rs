@@ -294,3 +294,48 @@ fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> Result<()> {
     }
     Ok(())
 }
+
+/// Batch invariance over a prompt-sized call: six prompts of 12 to 50 tokens prefilled
+/// together are one call of 300 rows (six sequences padded to 50), past the 32 the engine
+/// promises and within `cpu::tiles::GEMM_MAX_N` (512), where f32 and bf16 weight GEMMs
+/// still compute each row on its own: each sequence's logits are the bits it gets alone.
+#[test]
+fn a_prompt_gives_the_same_bits_alone_and_in_a_300_row_call() -> Result<()> {
+    use ngpt_compiler::plan::{lower, WeightDtype};
+    use ngpt_compiler::{compile, import};
+    use ngpt_schemas::prost::Message;
+    let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
+    let compiled = compile::compile(&ckpt, &compile::Options::default())?;
+    let vocab = 86;
+    let lens = [50usize, 31, 44, 50, 12, 47];
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &n)| (0..n).map(|i| ((i * 7 + b * 13) % vocab) as u32).collect())
+        .collect();
+    let t = 50;
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        let l = lower(&compiled.graph, &ckpt.config, dtype, 64, "")?;
+        let plan = Arc::new(LoadedPlan::from_bytes(
+            &l.plan.encode_to_vec(),
+            &l.weights,
+            "model.plan",
+        )?);
+        let mut batch = Session::new(Arc::clone(&plan), lens.len())?;
+        let pre = batch.prefill(&prompts)?;
+        assert_eq!(pre.len(), lens.len() * t * vocab);
+        for (b, p) in prompts.iter().enumerate() {
+            let mut alone = Session::new(Arc::clone(&plan), 1)?;
+            let want = alone.prefill(std::slice::from_ref(p))?;
+            let got = &pre[b * t * vocab..(b * t + p.len()) * vocab];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(want.iter().all(|v| v.is_finite()));
+            assert!(
+                bits(got) == bits(&want),
+                "{dtype:?}: prefill of sequence {b} ({} tokens) differs alone",
+                p.len()
+            );
+        }
+    }
+    Ok(())
+}

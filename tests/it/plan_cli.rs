@@ -1022,6 +1022,27 @@ fn plan_show_lists_a_tiny_model() -> Result<()> {
     let version = format!("ngpt {}", env!("CARGO_PKG_VERSION"));
     insta::assert_snapshot!("plan_show_tiny", text.replace(&version, "ngpt <VERSION>"));
 
+    // A reader that stops before the listing (`ngpt plan show DIR | head`; here the pipe's
+    // read end closed before the first write): the process ends quietly, as other Unix
+    // tools do, not with a panic from the write to a closed stdout.
+    let mut child = std::process::Command::new(ngpt_bin())
+        .args(["plan", "show", utf8(&a)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let o = child.wait_with_output()?;
+    assert!(
+        stderr(&o).is_empty(),
+        "plan show into a closed pipe: {}",
+        stderr(&o)
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{:?}", o.status);
+    }
+
     // A directory with no plan, and a truncated plan: one-line errors naming the file.
     let o = ngpt(&["plan", "show", utf8(&model)])?;
     let err = clean_failure(&o, "plan show of a checkpoint");

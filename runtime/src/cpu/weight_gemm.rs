@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 /// At most this many activation rows a GEMM call for batch invariance on every weight
-/// format: the tiles hold it up to [`super::tiles::GEMM_MAX_N`], the quantized dot
+/// format: the tiles hold it up to [`super::tiles::GEMM_MAX_N`] (512), the quantized dot
 /// products up to this.
 pub const MAX_N: usize = 32;
 

@@ -208,7 +208,7 @@ pub struct EngineOptions {
 }
 
 /// The most rows an invariant call takes: the CPU's weight GEMMs of this many rows give
-/// every row the bits it gets alone (`cpu::tiles` for f32 and bf16 weights, up to 128
+/// every row the bits it gets alone (`cpu::tiles` for f32 and bf16 weights, up to 512
 /// rows; `cpu::quant`'s int8/int4 dot path, up to 32).
 pub const MAX_INVARIANT_ROWS: usize = crate::cpu::weight_gemm::MAX_N;
 /// The prompt rows an invariant step takes per request and call.
