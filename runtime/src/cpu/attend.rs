@@ -23,25 +23,30 @@ pub(crate) fn scores(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let dot = score_dot();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above).
+        unsafe { scores_avx2(q, keys, hd, out) };
+        return;
+    }
     for (s, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
         *s = dot(k, &q[..hd]);
+    }
+}
+
+/// [`scores`] with the AVX2 dot product inlined into the loop over the keys.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scores_avx2(q: &[f32], keys: &[f32], hd: usize, out: &mut [f32]) {
+    for (s, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+        // SAFETY: AVX2 is present (this function's contract).
+        *s = unsafe { dot_avx2(k, &q[..hd]) };
     }
 }
 
 /// How far ahead (in bytes) the AVX2 dot product prefetches the keys (measured on the
 /// weight GEMMs it once served: 1024 bytes the best of none to 4096).
 const PREFETCH_BYTES: usize = 1024;
-
-/// The score dot product for this CPU: AVX2 where present, bitwise the portable [`dot`].
-fn score_dot() -> fn(&[f32], &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above).
-        return |k, q| unsafe { dot_avx2(k, q) };
-    }
-    dot
-}
 
 /// `sum_i k[i] * q[i]` over `min(k.len(), q.len())` elements, in the order the module
 /// documentation gives.
@@ -88,9 +93,10 @@ fn finish(mut acc: [[f32; 8]; 4], k: &[f32], q: &[f32]) -> f32 {
     (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
 }
 
-/// [`dot`] with the 32-wide body in AVX2 registers: the same four accumulators, the same
-/// separate multiplies and adds in the same order, so the same bits.
+/// [`dot`] in AVX2 registers: the same four accumulators, the same separate multiplies
+/// and adds in the same order, the same tree, so the same bits.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2(k: &[f32], q: &[f32]) -> f32 {
     use std::arch::x86_64::*;
@@ -114,11 +120,27 @@ unsafe fn dot_avx2(k: &[f32], q: &[f32]) -> f32 {
         }
         i += 32;
     }
-    let mut acc = [[0f32; 8]; 4];
-    for (dst, v) in acc.iter_mut().zip(v) {
-        _mm256_storeu_ps(dst.as_mut_ptr(), v);
+    // `finish` in registers: the rest eight at a time into the first accumulator, the four
+    // accumulators lane by lane, then the lanes in its tree; the scalar tail as it has it.
+    let whole = n / 8 * 8;
+    while i < whole {
+        // SAFETY: i + 8 <= whole <= n: inside both slices.
+        let p = _mm256_mul_ps(_mm256_loadu_ps(pk.add(i)), _mm256_loadu_ps(pq.add(i)));
+        v[0] = _mm256_add_ps(v[0], p);
+        i += 8;
     }
-    finish(acc, &k[body..n], &q[body..n])
+    let mut tail = 0f32;
+    for (&a, &b) in k[whole..n].iter().zip(&q[whole..n]) {
+        tail += a * b;
+    }
+    let lanes = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+    // (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then (q0 + q2) + (q1 + q3).
+    let quads = _mm_add_ps(
+        _mm256_castps256_ps128(lanes),
+        _mm256_extractf128_ps::<1>(lanes),
+    );
+    let halves = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
+    _mm_cvtss_f32(_mm_add_ss(halves, _mm_movehdup_ps(halves))) + tail
 }
 
 /// `o[j] = sum_u p[u] * vals[u * hd + j]` for `j < hd`, keys `u < p.len()` in order;
