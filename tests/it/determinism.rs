@@ -241,16 +241,28 @@ fn ragged_batches_are_bitwise_identical_run_to_run() -> Result<()> {
     Ok(())
 }
 
-/// Batch invariance: with at most `cpu::weight_gemm::MAX_N` rows a GEMM computes each row on its own
-/// (and attention each (row, head) pair), so a sequence's prefill and decode logits are the
-/// same bits alone as in a ragged batch of three, f32 and bf16 weights alike.
-#[test]
-fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> Result<()> {
+/// nv-tiny compiled and lowered to f32 and bf16 plans of KV capacity 64.
+fn nv_tiny_plans() -> Result<Vec<(ngpt_compiler::plan::WeightDtype, Arc<LoadedPlan>)>> {
     use ngpt_compiler::plan::{lower, WeightDtype};
     use ngpt_compiler::{compile, import};
     use ngpt_schemas::prost::Message;
     let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
     let compiled = compile::compile(&ckpt, &compile::Options::default())?;
+    [WeightDtype::F32, WeightDtype::Bf16]
+        .into_iter()
+        .map(|dtype| {
+            let l = lower(&compiled.graph, &ckpt.config, dtype, 64, "")?;
+            let plan = LoadedPlan::from_bytes(&l.plan.encode_to_vec(), &l.weights, "model.plan")?;
+            Ok((dtype, Arc::new(plan)))
+        })
+        .collect()
+}
+
+/// Batch invariance: with at most `cpu::weight_gemm::MAX_N` rows a GEMM computes each row on its own
+/// (and attention each (row, head) pair), so a sequence's prefill and decode logits are the
+/// same bits alone as in a ragged batch of three, f32 and bf16 weights alike.
+#[test]
+fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> Result<()> {
     let prompt = fixture_tokens("prompt.json", "tokens")?;
     let prompts = vec![
         prompt[..7].to_vec(),
@@ -258,13 +270,7 @@ fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> Result<()> {
         prompt[2..7].to_vec(),
     ];
     let steps: [[u32; 3]; 3] = [[5, 17, 2], [40, 1, 9], [3, 3, 60]];
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-        let l = lower(&compiled.graph, &ckpt.config, dtype, 64, "")?;
-        let plan = Arc::new(LoadedPlan::from_bytes(
-            &l.plan.encode_to_vec(),
-            &l.weights,
-            "model.plan",
-        )?);
+    for (dtype, plan) in nv_tiny_plans()? {
         let vocab = 86;
         let mut batch = Session::new(Arc::clone(&plan), 3)?;
         let t = 7;
@@ -301,11 +307,6 @@ fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> Result<()> {
 /// still compute each row on its own: each sequence's logits are the bits it gets alone.
 #[test]
 fn a_prompt_gives_the_same_bits_alone_and_in_a_300_row_call() -> Result<()> {
-    use ngpt_compiler::plan::{lower, WeightDtype};
-    use ngpt_compiler::{compile, import};
-    use ngpt_schemas::prost::Message;
-    let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
-    let compiled = compile::compile(&ckpt, &compile::Options::default())?;
     let vocab = 86;
     let lens = [50usize, 31, 44, 50, 12, 47];
     let prompts: Vec<Vec<u32>> = lens
@@ -314,13 +315,7 @@ fn a_prompt_gives_the_same_bits_alone_and_in_a_300_row_call() -> Result<()> {
         .map(|(b, &n)| (0..n).map(|i| ((i * 7 + b * 13) % vocab) as u32).collect())
         .collect();
     let t = 50;
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-        let l = lower(&compiled.graph, &ckpt.config, dtype, 64, "")?;
-        let plan = Arc::new(LoadedPlan::from_bytes(
-            &l.plan.encode_to_vec(),
-            &l.weights,
-            "model.plan",
-        )?);
+    for (dtype, plan) in nv_tiny_plans()? {
         let mut batch = Session::new(Arc::clone(&plan), lens.len())?;
         let pre = batch.prefill(&prompts)?;
         assert_eq!(pre.len(), lens.len() * t * vocab);
