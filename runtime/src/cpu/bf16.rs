@@ -1,7 +1,7 @@
 //! GEMMs over bf16 weights with f32 accumulation: what a bf16 plan's GEMM steps run on the
 //! CPU, reading half the bytes of widened f32 weights.
 //!
-//! Products of up to [`tiles::GEMM_MAX_N`] activation rows (decode steps, prompt chunks) run on
+//! Products of up to [`tiles::GEMM_MAX_N`] activation rows (decode steps, prompts) run on
 //! bf16 weight rows directly ([`super::tiles`], shared with f32 weights); larger ones widen a
 //! block of weight rows at a time into an f32 scratch and run the gemm crate on it. Every
 //! output element is computed by one thread in a fixed order, so results do not depend on

@@ -1,5 +1,5 @@
-//! Weight GEMMs of up to [`GEMM_MAX_N`] activation rows (decode steps, prompt chunks, short
-//! prompts) over f32 or bf16 weights, register-tiled and batch-invariant: what the CPU
+//! Weight GEMMs of up to [`GEMM_MAX_N`] activation rows (decode steps, prompt chunks, prompts
+//! of up to 512 tokens) over f32 or bf16 weights, register-tiled and batch-invariant: what the CPU
 //! executor runs for every weight GEMM that small.
 //!
 //! The form is the plan's weight GEMM (`C = alpha W x^T + beta C`, [`Shape`]): weight rows
