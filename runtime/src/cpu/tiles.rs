@@ -42,10 +42,10 @@ use super::weight_gemm::{self, in_pieces, Shape};
 /// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
 /// preset 1.3x (f32) to 1.8x (bf16) faster than the gemm crate (bf16: on widened blocks),
 /// 128 tokens about 1.1x (session 12), and since their first pass prefetches (session 14)
-/// 256 and 512 tokens 1.08x and 0.98x (f32: even), 1.19x and 1.13x (bf16). Not measured
-/// beyond 512 rows (the packed activation rows outgrow L2 there). Every row is computed
-/// alone at any count; the engine's invariance promise stays at
-/// [`super::weight_gemm::MAX_N`] rows a call.
+/// 256 and 512 tokens 1.08x and 0.98x (f32: even), 1.19x and 1.13x (bf16); not measured
+/// beyond 512 rows, so the gemm crate keeps those. Every row is computed alone at any
+/// count; the engine's invariance promise stays at [`super::weight_gemm::MAX_N`] rows a
+/// call.
 pub const GEMM_MAX_N: usize = 512;
 
 /// Weight rows of the AVX2 tile.
