@@ -84,13 +84,7 @@ fn finish(mut acc: [[f32; 8]; 4], k: &[f32], q: &[f32]) -> f32 {
     for (l, v) in lanes.iter_mut().enumerate() {
         *v = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
     }
-    let quads = [
-        lanes[0] + lanes[4],
-        lanes[1] + lanes[5],
-        lanes[2] + lanes[6],
-        lanes[3] + lanes[7],
-    ];
-    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
+    super::sum_tree::sum8(lanes) + tail
 }
 
 /// [`dot`] in AVX2 registers: the same four accumulators, the same separate multiplies
@@ -134,13 +128,7 @@ unsafe fn dot_avx2(k: &[f32], q: &[f32]) -> f32 {
         tail += a * b;
     }
     let lanes = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
-    // (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then (q0 + q2) + (q1 + q3).
-    let quads = _mm_add_ps(
-        _mm256_castps256_ps128(lanes),
-        _mm256_extractf128_ps::<1>(lanes),
-    );
-    let halves = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
-    _mm_cvtss_f32(_mm_add_ss(halves, _mm_movehdup_ps(halves))) + tail
+    super::sum_tree::sum8_avx(lanes) + tail
 }
 
 /// `o[j] = sum_u p[u] * vals[u * hd + j]` for `j < hd`, keys `u < p.len()` in order;

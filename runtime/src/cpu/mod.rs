@@ -4,6 +4,7 @@ mod attend;
 pub mod bf16;
 pub mod kernels;
 pub mod quant;
+mod sum_tree;
 pub mod tiles;
 pub mod weight_gemm;
 

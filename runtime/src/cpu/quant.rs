@@ -168,18 +168,12 @@ impl Ints for I4 {
     }
 }
 
-/// The end of a dot product: the eight lanes summed in a fixed tree, then the scalar tail's
-/// partial sum `tail` times the last block's scale `scale`.
+/// The end of a dot product: the eight lanes summed in the CPU kernels' one tree
+/// ([`super::sum_tree`]), then the scalar tail's partial sum `tail` times the last block's
+/// scale `scale`.
 #[inline(always)]
 fn finish(acc: [f32; 8], tail: f32, scale: f32) -> f32 {
-    let quads = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
-    sum + scale * tail
+    super::sum_tree::sum8(acc) + scale * tail
 }
 
 /// The scalar tail of a dot product: entries `from..k` (after the last whole unit), fused
@@ -481,15 +475,8 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     if whole * upb < units {
         block!(whole * upb, units - whole * upb, whole);
     }
-    // The lanes summed in `finish`'s tree: (l0 + l4, .., l3 + l7), then the even and odd
-    // of those, then the two.
-    let sums = acc.map(|acc| {
-        acc.map(|v| {
-            let quads = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let pairs = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
-            _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
-        })
-    });
+    // The lanes summed in `finish`'s tree.
+    let sums = acc.map(|acc| acc.map(|v| super::sum_tree::sum8_avx(v)));
     if units * UNIT == k {
         // No tail: `finish` adds 0 * 0.
         return sums.map(|s| s.map(|s| s + 0.0));

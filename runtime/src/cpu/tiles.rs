@@ -143,13 +143,6 @@ impl Lanes for u16 {
     }
 }
 
-/// The eight lanes summed in the one fixed tree.
-#[inline(always)]
-fn reduce(a: [f32; 8]) -> f32 {
-    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-    (q[0] + q[2]) + (q[1] + q[3])
-}
-
 /// Activation row `x` (k values) copied into `out` (K padded to whole chunks, the padding
 /// zero) in the order the chunk steps read it: `out[c * CHUNK + 8 t + l] = x[c * CHUNK +
 /// elem(t, l)]`.
@@ -178,7 +171,7 @@ fn dot_portable<W: Lanes>(w: &[W], xp: &[f32]) -> f32 {
             }
         }
     }
-    reduce(acc)
+    super::sum_tree::sum8(acc)
 }
 
 /// The kernels this CPU runs: AVX2 with FMA where present, portable otherwise (the same
@@ -233,16 +226,8 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::mem::size_of;
 
+    use super::super::sum_tree::sum8_avx;
     use super::{Block, Lanes, TILE_W};
-
-    /// The accumulator's eight lanes summed by [`super::reduce`]'s tree.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
-    }
 
     /// One chunk into the `R x C` accumulators: weight row pointers `w[c]` and packed
     /// activation pointers `x[r]` at the chunk's start.
@@ -327,7 +312,7 @@ mod avx2 {
         }
         for (r, row) in acc.iter().enumerate() {
             for (c, v) in row.iter().enumerate() {
-                out[(j0 + r) * ld + i0 + c] = hsum(*v);
+                out[(j0 + r) * ld + i0 + c] = sum8_avx(*v);
             }
         }
     }
