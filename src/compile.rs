@@ -158,7 +158,7 @@ pub fn compile_dir(input: &Path, out: &Path, opts: &Options) -> Result<Compiled,
         ));
     }
     if let Some(q) = &opts.quantize {
-        quant::check_block(q.block)?;
+        q.check()?;
     }
     let mut notes = Vec::new();
     let hashing = hash_in_background(input);

@@ -89,6 +89,10 @@ pub enum Numerics {
     Int8Weights,
     /// int4 block-quantized layer weights (`--dtype int4` / `--onnx-dtype int4`).
     Int4Weights,
+    /// A plan's int8 weights with int8 activations (`--quant-activations int8`).
+    Int8WeightsInt8Acts,
+    /// A plan's int4 layer weights with int8 activations (`--quant-activations int8`).
+    Int4WeightsInt8Acts,
 }
 
 impl Numerics {
@@ -100,6 +104,8 @@ impl Numerics {
             Numerics::Bf16Weights => "bf16 weights",
             Numerics::Int8Weights => "int8 weights",
             Numerics::Int4Weights => "int4 weights",
+            Numerics::Int8WeightsInt8Acts => "int8 weights, int8 acts",
+            Numerics::Int4WeightsInt8Acts => "int4 weights, int8 acts",
         }
     }
 
@@ -117,6 +123,8 @@ impl Numerics {
             Numerics::Bf16Weights => (2e-2, 0.95),
             Numerics::Int8Weights => (1e-2, 0.95),
             Numerics::Int4Weights => (1e-1, 0.85),
+            Numerics::Int8WeightsInt8Acts => (1e-2, 0.95),
+            Numerics::Int4WeightsInt8Acts => (1e-1, 0.85),
         }
     }
 }
@@ -436,10 +444,14 @@ impl Model {
                 // The coarser of the layers' and lm_head's formats.
                 let int4 = q.bits == ngpt_compiler::quant::Bits::Int4
                     || q.lm_head == Some(ngpt_compiler::quant::Bits::Int4);
-                return Ok(if int4 {
-                    Numerics::Int4Weights
-                } else {
-                    Numerics::Int8Weights
+                // The plan engines quantize activations where the compile asked; the IR and
+                // model.onnx stay weight-only.
+                let acts = q.act_int8 && matches!(engine, Engine::PlanCpu | Engine::PlanCuda);
+                return Ok(match (int4, acts) {
+                    (true, false) => Numerics::Int4Weights,
+                    (false, false) => Numerics::Int8Weights,
+                    (true, true) => Numerics::Int4WeightsInt8Acts,
+                    (false, true) => Numerics::Int8WeightsInt8Acts,
                 });
             }
         }

@@ -30,10 +30,18 @@ pub struct PlanWeights {
     pub block: usize,
     /// lm_head's format: `int8`, `int4` or `f32`.
     pub lm_head: String,
+    /// `int8` where the layers' GEMMs quantize their activations
+    /// (`--quant-activations int8`; lm_head's keep f32), `f32` otherwise.
+    #[serde(default = "f32_name")]
+    pub activations: String,
     /// Bytes of the quantized weights (integers and scales) in model.weights.
     pub quantized_bytes: u64,
     /// Bytes of model.weights in all (with the f32 embedding and vectors).
     pub total_bytes: u64,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// A compiled model: the canonical graph and what each pass did.

@@ -65,6 +65,10 @@ pub struct Format {
     pub block: usize,
     /// Rescale each row's block scales so the dequantized row keeps the source row's norm.
     pub renorm: bool,
+    /// The plan's GEMMs with this matrix quantize their activations to int8 in blocks of
+    /// 32 (plan `Quant.act_block`); the graph's meaning (the IR, model.onnx) is the
+    /// weight-only product either way.
+    pub act_int8: bool,
 }
 
 impl std::fmt::Display for Format {
@@ -72,6 +76,9 @@ impl std::fmt::Display for Format {
         write!(f, "{}/{}", self.bits.as_str(), self.block)?;
         if self.renorm {
             write!(f, " renorm")?;
+        }
+        if self.act_int8 {
+            write!(f, " act-int8")?;
         }
         Ok(())
     }
@@ -89,6 +96,11 @@ pub struct Options {
     pub renorm: bool,
     /// Bits of lm_head; `None` keeps it in float.
     pub lm_head: Option<Bits>,
+    /// The plan's GEMMs with the layers' quantized matrices quantize their activations to
+    /// int8 in blocks of 32 (needs `block` 32; lm_head keeps f32 activations): faster on a
+    /// CPU, less accurate (BENCHMARKS.md measures both). Off by default.
+    #[serde(default)]
+    pub act_int8: bool,
 }
 
 impl Options {
@@ -105,7 +117,34 @@ impl Options {
             block: 32,
             renorm: false,
             lm_head: Some(Bits::Int8),
+            act_int8: false,
         }
+    }
+}
+
+impl Options {
+    /// Checks the options: the block ([`check_block`]), and blocks of 32 where the
+    /// activations are quantized.
+    ///
+    /// ```
+    /// use ngpt_compiler::quant::{Bits, Options};
+    /// let mut o = Options::new(Bits::Int4);
+    /// o.act_int8 = true;
+    /// assert!(o.check().is_ok());
+    /// o.block = 64;
+    /// assert!(o.check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        check_block(self.block)?;
+        if self.act_int8 && self.block != 32 {
+            return Err(Error::Argument {
+                what: format!("int8 activations with quantization block {}", self.block),
+                problem:
+                    "int8 activations are quantized in blocks of 32 and need weight blocks of 32"
+                        .into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -166,7 +205,7 @@ pub fn n_blocks(k: usize, block: usize) -> usize {
 ///
 /// ```
 /// use ngpt_compiler::quant::{quantize, Bits, Format};
-/// let fmt = Format { bits: Bits::Int4, block: 16, renorm: false };
+/// let fmt = Format { bits: Bits::Int4, block: 16, renorm: false, act_int8: false };
 /// let w: Vec<f64> = (0..20).map(|i| i as f64 - 10.0).collect();
 /// let q = quantize(&w, 1, 20, Some(&[0.5]), fmt)?;
 /// assert_eq!((q.ints.len(), q.scales.len()), (20, 2)); // a block of 16, a short one of 4
@@ -383,6 +422,7 @@ mod tests {
                 bits,
                 block: 32,
                 renorm: true,
+                act_int8: false,
             };
             let q = quantize(&w, 1, k, Some(&[2.0]), fmt)?;
             let deq = q.dequantize()?;

@@ -53,6 +53,7 @@ fn quantized(bits: QuantBits, rows: usize, k: usize) -> QuantWeight {
         rows,
         k,
         block: 32,
+        act_block: 0,
         data: data.into(),
         scales: scales.into(),
     }
@@ -119,6 +120,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut g = gemm_of(name, big_rows, 1, 1024);
         let tn = time(&mut g);
         let gw = |rows: usize, t: f64| (rows * 1024) as f64 / t / 1e9;
+        let l2_rows = ((192usize << 10) as f64 / (bytes_per_weight(name) * 1024.0)) as usize;
+        let mut h = gemm_of(name, l2_rows, 1, 1024);
+        let t2 = one.install(|| time(&mut h));
+        let t3 = one.install(|| time(&mut g));
+        println!(
+            "  {name:>4}: 192 KiB 1 thread {:6.2} G/s; from memory 1 thread {:6.2} G/s",
+            gw(l2_rows, t2),
+            gw(big_rows, t3)
+        );
         println!(
             "  {name:>4}: in cache, 1 thread {:6.2} G/s ({:5.1} GB/s); from memory, {threads} threads {:6.2} G/s ({:5.1} GB/s)",
             gw(rows, t1),

@@ -126,11 +126,12 @@ pub fn prefill_last_flops(p: &LoadedPlan, shape: Shape) -> f64 {
     }
 }
 
-/// For a plan with weight-only quantized weights, one line: each format with its block
-/// size, how many matrices, and their bytes (integers and f16 scales).
+/// For a plan with quantized weights, one line: each format with its block size (and its
+/// activations' where they are quantized too), how many matrices, and their bytes
+/// (integers and f16 scales).
 fn quant_line(p: &LoadedPlan, out: &mut String) {
     use std::collections::BTreeMap;
-    let mut by: BTreeMap<(&str, usize), (usize, u64, u64)> = BTreeMap::new();
+    let mut by: BTreeMap<(&str, usize, usize), (usize, u64, u64)> = BTreeMap::new();
     for (w, data) in p.plan.weights.iter().zip(&p.weights) {
         if let crate::plan::WeightData::Quant(q) = data {
             let scales = w
@@ -138,7 +139,9 @@ fn quant_line(p: &LoadedPlan, out: &mut String) {
                 .as_ref()
                 .and_then(|m| p.plan.weights.get(m.scales as usize))
                 .map_or(0, |s| s.bytes);
-            let e = by.entry((q.bits.as_str(), q.block)).or_default();
+            let e = by
+                .entry((q.bits.as_str(), q.block, q.act_block))
+                .or_default();
             *e = (e.0 + 1, e.1 + w.bytes, e.2 + scales);
         }
     }
@@ -147,9 +150,14 @@ fn quant_line(p: &LoadedPlan, out: &mut String) {
     }
     let parts: Vec<String> = by
         .iter()
-        .map(|((bits, block), (n, ints, scales))| {
+        .map(|((bits, block, act), (n, ints, scales))| {
             format!(
-                "{bits} in blocks of {block} ({n} matrices, {} of integers + {} of f16 scales)",
+                "{bits} in blocks of {block}{} ({n} matrices, {} of integers + {} of f16 scales)",
+                if *act != 0 {
+                    format!(", int8 activations in blocks of {act}")
+                } else {
+                    String::new()
+                },
                 si(*ints as f64) + "B",
                 si(*scales as f64) + "B"
             )

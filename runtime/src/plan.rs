@@ -104,6 +104,10 @@ pub struct QuantWeight {
     pub k: usize,
     /// Entries a block along K (a power of two, at least 16).
     pub block: usize,
+    /// 0: GEMMs multiply the f32 activations (weight-only); 32: they quantize each
+    /// activation row to int8 in blocks of 32 first (`block` is 32 and `k` a multiple of
+    /// 32 then), [`crate::cpu::quant_act`].
+    pub act_block: usize,
     /// The integers as stored, [`QuantWeight::row_bytes`] a row.
     pub data: Elems<u8>,
     /// The block scales' f16 bits, [`QuantWeight::n_blocks`] a row.
@@ -769,11 +773,18 @@ fn quant_weight(
     } else {
         QuantBits::Int8
     };
+    let act_block = q.act_block as usize;
+    if act_block != 0 && (act_block != 32 || block != 32 || k % 32 != 0) {
+        return Err(format!(
+            "act_block {act_block} with block {block} and K = {k}: int8 activations need act_block 32, block 32 and K a multiple of 32 (or act_block 0)"
+        ));
+    }
     Ok(QuantWeight {
         bits,
         rows,
         k,
         block,
+        act_block,
         data,
         scales: scales.clone(),
     })

@@ -242,6 +242,7 @@ impl Builder {
         self.plan.weights[wi as usize].quant = Some(pb::Quant {
             block: block as u32,
             scales: si,
+            act_block: 0,
         });
         wi
     }

@@ -42,6 +42,7 @@ pub mod plan {
     /// The plan format's minor version: additions a reader may ignore. 1: the I8, I4 and
     /// F16 weight dtypes and `Weight.quant` (weight-only quantized GEMM weights, issue 23),
     /// written only by plans that hold such weights (a reader of minor 0 refuses their
-    /// dtypes in one line); other plans stay minor 0.
-    pub const FORMAT_MINOR: u32 = 1;
+    /// dtypes in one line); other plans stay minor 0. 2: `Quant.act_block` (int8-quantized
+    /// activations for a quantized weight's GEMMs), written only by plans that set it.
+    pub const FORMAT_MINOR: u32 = 2;
 }

@@ -55,6 +55,15 @@ pub struct Args {
     /// the float matrices are).
     #[arg(long, value_enum, default_value = "int8")]
     quant_lm_head: LmHead,
+    /// Activations of the plan's GEMMs with the layers' int8/int4 matrices: `f32` (the
+    /// default: weight-only, within f32 rounding of the dequantized weights' product), or
+    /// `int8`: each activation row quantized in blocks of 32 (needs `--quant-block 32`) and
+    /// integer dot products, as llama.cpp's Q8_0 activations and onnxruntime's MatMulNBits
+    /// accuracy_level 4 do: faster decode on a CPU, less accurate (`ngpt validate` and
+    /// `ngpt perplexity` measure it). lm_head keeps f32 activations; model.onnx and the
+    /// IR stay weight-only; the CUDA executor refuses such a plan.
+    #[arg(long, value_enum, default_value = "f32")]
+    quant_activations: Activations,
     /// Write no model.onnx (nor genai_config.json): a directory for the plan engines only.
     #[arg(long)]
     no_onnx: bool,
@@ -90,6 +99,12 @@ pub enum OnnxDtype {
     Int4,
 }
 
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Activations {
+    F32,
+    Int8,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum LmHead {
     Int8,
@@ -110,6 +125,12 @@ fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
         OnnxDtype::Int8 => Some(Bits::Int8),
         OnnxDtype::Int4 => Some(Bits::Int4),
     };
+    let act_int8 = a.quant_activations == Activations::Int8;
+    if act_int8 && plan_bits.is_none() {
+        anyhow::bail!(
+            "--quant-activations int8 is how the plan's GEMMs run: give --dtype int8 or int4 (model.onnx stays weight-only)"
+        );
+    }
     let bits = match (plan_bits, onnx_bits) {
         (None, None) => return Ok(None),
         (Some(p), Some(o)) if p != o => anyhow::bail!(
@@ -124,7 +145,14 @@ fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
         (Some(b), _) | (None, Some(b)) => b,
     };
     quant::check_block(a.quant_block).map_err(|e| anyhow::anyhow!("--quant-block: {e}"))?;
+    if act_int8 && a.quant_block != 32 {
+        anyhow::bail!(
+            "--quant-activations int8 with --quant-block {}: int8 activations are quantized in blocks of 32 and need weight blocks of 32",
+            a.quant_block
+        );
+    }
     Ok(Some(quant::Options {
+        act_int8,
         bits,
         block: a.quant_block,
         renorm: a.quant_renorm,

@@ -164,8 +164,13 @@ pub fn print_table(rows: &[Row], positions: usize) {
     println!(
         "parity against the float64 reference, {positions} positions (relative error ||out - ref||_F / ||ref||_F):"
     );
+    // The "computes in" column as wide as its longest label.
+    let w = rows
+        .iter()
+        .map(|r| r.numerics.map_or(1, |n| n.label().len()))
+        .fold("computes in".len(), usize::max);
     println!(
-        "  {:<10} {:<13} {:>10} {:>9} {:>10} {:>10} {:>10}  result",
+        "  {:<10} {:<w$} {:>10} {:>9} {:>10} {:>10} {:>10}  result",
         "engine", "computes in", "rel. error", "top-1", "tolerance", "time", "load"
     );
     for r in rows {
@@ -177,7 +182,7 @@ pub fn print_table(rows: &[Row], positions: usize) {
                 millis,
                 load_millis,
             } => println!(
-                "  {:<10} {:<13} {:>10.2e} {:>9} {:>10.0e} {:>8.1}ms {:>8.1}ms  {}",
+                "  {:<10} {:<w$} {:>10.2e} {:>9} {:>10.0e} {:>8.1}ms {:>8.1}ms  {}",
                 r.engine.name(),
                 numerics,
                 cmp.rel_err,
@@ -188,7 +193,7 @@ pub fn print_table(rows: &[Row], positions: usize) {
                 if r.passed() { "ok" } else { "FAIL" }
             ),
             Outcome::Skipped(why) | Outcome::Failed(why) => println!(
-                "  {:<10} {:<13} {:>10} {:>9} {:>10} {:>10} {:>10}  {}: {why}",
+                "  {:<10} {:<w$} {:>10} {:>9} {:>10} {:>10} {:>10}  {}: {why}",
                 r.engine.name(),
                 numerics,
                 "-",

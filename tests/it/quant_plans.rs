@@ -21,9 +21,14 @@ use ngpt_schemas::prost::Message;
 /// nv-tiny compiled with the quantize pass (`bits`, default options) and lowered with its
 /// matrices quantized: the graph (for the IR) and the plan's bytes.
 fn lowered(bits: Bits, lm_head: Option<Bits>) -> Result<(compile::Compiled, pb::Plan, Vec<u8>)> {
-    let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
     let mut q = quant::Options::new(bits);
     q.lm_head = lm_head;
+    lowered_with(q)
+}
+
+/// [`lowered`] with any quantize options.
+fn lowered_with(q: quant::Options) -> Result<(compile::Compiled, pb::Plan, Vec<u8>)> {
+    let ckpt = import::load(&nv_tiny().join("ckpt.pt"))?;
     let compiled = compile::compile(
         &ckpt,
         &compile::Options {
@@ -125,8 +130,15 @@ fn quantized_plans_are_batch_invariant() -> Result<()> {
                 .collect()
         })
         .collect();
-    for b in [Bits::Int8, Bits::Int4] {
-        let (_, plan, weights) = lowered(b, Some(Bits::Int8))?;
+    for (b, act_int8) in [
+        (Bits::Int8, false),
+        (Bits::Int4, false),
+        (Bits::Int8, true),
+        (Bits::Int4, true),
+    ] {
+        let mut q = quant::Options::new(b);
+        q.act_int8 = act_int8;
+        let (_, plan, weights) = lowered_with(q)?;
         let plan = Arc::new(load(&plan, &weights)?);
         let v = plan.dims().vocab;
         let alone: Vec<Vec<Vec<u32>>> = (0..3)
@@ -165,7 +177,7 @@ fn quantized_plans_are_batch_invariant() -> Result<()> {
             for (r, &(s, p)) in rows.iter().enumerate() {
                 assert!(
                     bits(&logits[r * v..(r + 1) * v]) == alone[s][p],
-                    "{b:?}: slot {s} position {p} differs from its sequence alone"
+                    "{b:?} (int8 activations {act_int8}): slot {s} position {p} differs from its sequence alone"
                 );
             }
         }
@@ -224,6 +236,13 @@ fn bad_quantized_plans_are_refused_in_one_line() -> Result<()> {
         q.block = 24;
     }
     refused(&p, &weights, &qname, "block 24");
+    // Int8 activations in blocks other than 32.
+    let mut p = plan.clone();
+    if let Some(q) = p.weights[qi].quant.as_mut() {
+        q.act_block = 16;
+    }
+    let e = refused(&p, &weights, &qname, "act_block 16");
+    assert!(e.contains("act_block 16"), "{e}");
     // A quantized weight read as a GEMM's a outside the weight form.
     let mut p = plan.clone();
     let steps = &mut p.decode.as_mut().expect("decode").steps;
@@ -352,5 +371,138 @@ fn validate_holds_an_int8_directory_to_its_tolerance() -> Result<()> {
         plan.contains("int8 weights") && plan.contains("1e-2"),
         "{table}"
     );
+    Ok(())
+}
+
+/// `--quant-activations int8`: the layers' quantized weights carry `act_block` 32 (lm_head
+/// keeps f32 activations), the plan is format minor 2, plan-cpu stays within its measured
+/// distance of the weight-only IR (the activations' rounding is all that differs), and the
+/// CUDA executor refuses the plan in one line before touching a device.
+#[test]
+fn int8_activation_plans_stay_near_the_weight_only_ir() -> Result<()> {
+    let prompt = fixture_tokens("prompt.json", "tokens")?;
+    // The largest relative distance to the weight-only IR: 3x the distance measured on this
+    // prompt (2.5e-3 for int8 and int4 weights alike), so a 3x regression fails.
+    for bits in [Bits::Int8, Bits::Int4] {
+        let bound = 7.5e-3;
+        let mut q = quant::Options::new(bits);
+        q.act_int8 = true;
+        let (compiled, plan, weights) = lowered_with(q)?;
+        assert_eq!(plan.format_minor, 2);
+        let acts: Vec<(&str, u32)> = plan
+            .weights
+            .iter()
+            .filter_map(|w| w.quant.as_ref().map(|q| (w.name.as_str(), q.act_block)))
+            .collect();
+        assert_eq!(acts.len(), 2 * 4 + 1, "{acts:?}");
+        for (name, act) in &acts {
+            let want = if name.starts_with("lm_head") { 0 } else { 32 };
+            assert_eq!(*act, want, "{name}");
+        }
+        let plan = Arc::new(load(&plan, &weights)?);
+        let ir = interp::run(
+            &compiled.graph,
+            &prompt,
+            &(0..prompt.len() as u32).collect::<Vec<_>>(),
+            ngpt_compiler::reference::Precision::F32,
+        )?;
+        let ir: Vec<f32> = ir[0].flatten_all()?.to_vec1()?;
+        let mut s = Session::new(Arc::clone(&plan), 1)?;
+        let got = s.prefill(&[prompt.to_vec()])?;
+        let got = &got[got.len() - ir.len()..];
+        let e = rel(got, &ir);
+        // Not the weight-only product (the activations are rounded), but near it.
+        assert!(e > 1e-6 && e <= bound, "{bits:?}: {e:e}");
+        let v = plan.dims().vocab;
+        let argmax = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0
+        };
+        let agree = got
+            .chunks(v)
+            .zip(ir.chunks(v))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        assert!(
+            agree * 100 >= 95 * (got.len() / v),
+            "{bits:?}: top-1 {agree}"
+        );
+        let e = ngpt_runtime::cuda::CudaExecutor::new(Arc::clone(&plan), 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("--quant-activations int8") && !e.contains('\n'),
+            "CUDA: {e}"
+        );
+    }
+    Ok(())
+}
+
+/// `ngpt compile --quant-activations int8` states it in manifest.json and `plan show`;
+/// without a quantized plan or with blocks other than 32 it is refused in one line.
+#[test]
+fn compile_quant_activations_states_itself_and_refuses_what_it_cannot_do() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ckpt = nv_tiny().join("ckpt.pt").display().to_string();
+    let out = dir.path().join("a8").display().to_string();
+    let o = ngpt(&[
+        "compile",
+        "--dtype",
+        "int4",
+        "--no-onnx",
+        "--quant-activations",
+        "int8",
+        "-o",
+        &out,
+        &ckpt,
+    ])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.path().join("a8/manifest.json"),
+    )?)?;
+    assert_eq!(m["plan_weights"]["activations"], "int8");
+    assert_eq!(m["quantize"]["act_int8"], true);
+    let o = ngpt(&["plan", "show", &out])?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("int4 in blocks of 32, int8 activations in blocks of 32"),
+        "{text}"
+    );
+    // lm_head (int8) keeps f32 activations: its own entry.
+    assert!(text.contains("int8 in blocks of 32 (1 matrices"), "{text}");
+    for (args, says) in [
+        (vec!["--dtype", "f32"], "give --dtype int8 or int4"),
+        (vec!["--onnx-dtype", "int4"], "give --dtype int8 or int4"),
+        (
+            vec!["--dtype", "int4", "--quant-block", "64"],
+            "--quant-block 64",
+        ),
+    ] {
+        let x = dir.path().join("x").display().to_string();
+        let mut a = vec![
+            "compile",
+            "--no-onnx",
+            "--quant-activations",
+            "int8",
+            "-o",
+            &x,
+        ];
+        a.extend(args.iter().copied());
+        a.push(&ckpt);
+        if args.contains(&"--onnx-dtype") {
+            a.retain(|s| *s != "--no-onnx");
+        }
+        let o = ngpt(&a)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            !dir.path().join("x").exists(),
+            "{args:?}: wrote a directory"
+        );
+    }
     Ok(())
 }

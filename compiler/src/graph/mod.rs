@@ -151,7 +151,7 @@ impl Const {
     /// use ngpt_compiler::graph::Const;
     /// use ngpt_compiler::quant::{Bits, Format};
     /// let w = Tensor::new(&[[0.5f32, -1.0, 0.25], [2.0, 1.0, 0.0]], &Device::Cpu)?;
-    /// let fmt = Format { bits: Bits::Int8, block: 16, renorm: false };
+    /// let fmt = Format { bits: Bits::Int8, block: 16, renorm: false, act_int8: false };
     /// let q = Const::new(w).quantized(fmt)?;
     /// assert_eq!(q.quant(), Some(fmt));
     /// // Row 1's block scale is 2 / 127, rounded to f16: the values come back within it.

@@ -290,7 +290,7 @@ pub fn run_quantize(
     opts: &crate::quant::Options,
     verify: bool,
 ) -> Result<PassRecord> {
-    crate::quant::check_block(opts.block)?;
+    opts.check()?;
     run_rule(g, QUANTIZE, &|g, id| quantize::rule(g, id, opts), verify)
 }
 

@@ -71,10 +71,13 @@ pub fn rule(g: &Graph, id: NodeId, opts: &Options) -> Result<Outcome> {
             "`{name}` has other users; quantizing it would change them"
         )));
     }
+    let lm_head = name.starts_with("lm_head");
+    let k = c.dims()[1];
     let fmt = Format {
         bits,
         block: opts.block,
         renorm: opts.renorm && unit_rows(name),
+        act_int8: opts.act_int8 && !lm_head && opts.block == 32 && k % 32 == 0,
     };
     let q = c.quantized(fmt).ctx("quantize")?;
     let mut p = Patch::new(g);
@@ -83,6 +86,13 @@ pub fn rule(g: &Graph, id: NodeId, opts: &Options) -> Result<Outcome> {
     inputs[1] = qc;
     let out = p.node(node.name.clone(), Op::MatMulT, inputs);
     p.replace(id, out);
+    if opts.act_int8 && !fmt.act_int8 {
+        p.note(if lm_head {
+            format!("`{name}`: lm_head keeps f32 activations (int8 activations are for the layers' matrices)")
+        } else {
+            format!("`{name}` keeps f32 activations: int8 activations need blocks of 32 along K, and K = {k}")
+        });
+    }
     if opts.renorm && !fmt.renorm {
         p.note(if name.contains("c_proj") {
             "the c_proj matrices are not renormalized: training keeps their unit vectors \

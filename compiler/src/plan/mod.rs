@@ -242,6 +242,7 @@ impl Lowerer<'_> {
                 block: fmt.block as u32,
                 // The next weight: pushed right after this one.
                 scales: self.weights.len() as u32 + 1,
+                act_block: if fmt.act_int8 { 32 } else { 0 },
             }),
             ..Default::default()
         };
@@ -935,13 +936,24 @@ pub fn lower_into(
     let prefill = l.lower(false)?;
     let decode = l.lower(true)?;
     // A quantized plan states its layers' format (I4 where any weight is I4) and is
-    // format minor 1; a plan without quantized weights is what older readers read.
+    // format minor 1 (2 with int8 activations); a plan without quantized weights is what
+    // older readers read.
+    // Minor 2 where a quantized weight's GEMMs quantize their activations.
     let has = |d: pb::DType| l.weights.iter().any(|w| w.dtype == d as i32);
+    let quant_minor = if l
+        .weights
+        .iter()
+        .any(|w| w.quant.as_ref().is_some_and(|q| q.act_block != 0))
+    {
+        pb::FORMAT_MINOR
+    } else {
+        1
+    };
     let (wdt, minor) = match dtype {
         WeightDtype::F32 => (pb::DType::F32, 0),
         WeightDtype::Bf16 => (pb::DType::Bf16, 0),
-        WeightDtype::Quant if has(pb::DType::I4) => (pb::DType::I4, pb::FORMAT_MINOR),
-        WeightDtype::Quant if has(pb::DType::I8) => (pb::DType::I8, pb::FORMAT_MINOR),
+        WeightDtype::Quant if has(pb::DType::I4) => (pb::DType::I4, quant_minor),
+        WeightDtype::Quant if has(pb::DType::I8) => (pb::DType::I8, quant_minor),
         WeightDtype::Quant => (pb::DType::F32, 0),
     };
     let module = kernel_module(cfg, max_seq_len);
@@ -1012,6 +1024,7 @@ pub fn weights_summary(
         format: q.bits.as_str().into(),
         block: q.block,
         lm_head: q.lm_head.map_or("f32", |b| b.as_str()).into(),
+        activations: if q.act_int8 { "int8" } else { "f32" }.into(),
         quantized_bytes: bytes,
         total_bytes: p.weights_file_bytes,
     })

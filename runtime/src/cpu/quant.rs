@@ -55,6 +55,10 @@ pub fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;
     }
+    if w.act_block != 0 {
+        super::quant_act::gemm(s, w, x, c);
+        return;
+    }
     if s.n <= MAX_N || s.k == 0 {
         match w.bits {
             QuantBits::Int8 => dot_gemm::<I8>(s, w, x, c),
@@ -542,6 +546,25 @@ thread_local! {
     static SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on the widened scales of rows `m0..m0 + rows` of `w` (`n_blocks` a row), in
+/// the thread's scratch: grown once, not allocated and zeroed per piece (as many f32 as a
+/// step has blocks, tens of MB).
+pub(super) fn with_scales(w: &QuantWeight, m0: usize, rows: usize, f: impl FnOnce(&[f32])) {
+    with_scales_in(Kernels::detect(), w, m0, rows, f)
+}
+
+fn with_scales_in(kern: Kernels, w: &QuantWeight, m0: usize, rows: usize, f: impl FnOnce(&[f32])) {
+    let nb = w.n_blocks();
+    SCALES.with_borrow_mut(|scales| {
+        if scales.len() < rows * nb {
+            scales.resize(rows * nb, 0.0);
+        }
+        let scales = &mut scales[..rows * nb];
+        kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], scales);
+        f(scales)
+    })
+}
+
 /// The dot-product path: pieces of weight rows on rayon's threads ([`in_pieces`]), the
 /// activation rows in pairs sharing each converted unit.
 fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
@@ -580,14 +603,7 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         starts: &starts[j],
     };
     in_pieces(s, per, c, |m0, rows, out| {
-        SCALES.with_borrow_mut(|scales| {
-            // The thread's scratch, grown once (not allocated and zeroed per piece: as
-            // many f32 as a step has blocks, tens of MB).
-            if scales.len() < rows * nb {
-                scales.resize(rows * nb, 0.0);
-            }
-            let scales = &mut scales[..rows * nb];
-            kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], scales);
+        with_scales_in(kern, w, m0, rows, |scales| {
             let row = |i: usize| Row {
                 bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
                 scales: &scales[i * nb..(i + 1) * nb],
@@ -607,7 +623,7 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A `rows x k` quantized matrix with integers spanning the range and scales of
@@ -640,12 +656,13 @@ mod tests {
             rows,
             k,
             block,
+            act_block: 0,
             data: data.into(),
             scales: scales.into(),
         }
     }
 
-    fn shape(m: usize, n: usize, k: usize) -> Shape {
+    pub(crate) fn shape(m: usize, n: usize, k: usize) -> Shape {
         Shape {
             m,
             n,
@@ -658,7 +675,7 @@ mod tests {
         }
     }
 
-    fn xs(n: usize, k: usize) -> Vec<f32> {
+    pub(crate) fn xs(n: usize, k: usize) -> Vec<f32> {
         (0..n * (k + 1))
             .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
             .collect()
@@ -749,7 +766,7 @@ mod tests {
     }
 
     /// The dequantized matrix in f32 (through the plan's one dequantization).
-    fn dequantized(w: &QuantWeight) -> Vec<f32> {
+    pub(crate) fn dequantized(w: &QuantWeight) -> Vec<f32> {
         let mut out = vec![0f32; w.rows * w.k];
         w.dequantize_rows(0, &mut out);
         out

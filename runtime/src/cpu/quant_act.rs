@@ -1,0 +1,499 @@
+//! GEMMs over int8/int4 weights whose activation rows are quantized to int8 too (a plan's
+//! `Quant.act_block` 32, `ngpt compile --quant-activations int8`): integer dot products, as
+//! llama.cpp's Q4_0 x Q8_0 and onnxruntime's MatMulNBits `accuracy_level` 4 compute. Opt-in:
+//! it trades the weight-only path's f32-rounding parity for fewer operations a weight
+//! (on a CPU without AVX-512 the weight-only int4 kernel is bound by converting nibbles to
+//! f32, BENCHMARKS.md).
+//!
+//! Every output element has one definition, whatever the other rows of the call, the
+//! thread and the CPU:
+//!
+//! - each activation row is cut into blocks of [`QBLOCK`] values (the weights' blocks; K
+//!   a multiple of 32, the plan's validation holds it); block `b` gets the scale `d = m /
+//!   127` (f32), `m` the largest magnitude in the block, and the integers `round(x * (127 /
+//!   m))` (ties to even; all 0 where `m` is 0). A NaN or an infinity in a block makes its
+//!   scale NaN, so the outputs are NaN, never a number that hides it ([`quantize_row`]);
+//! - eight lanes, each starting at +0. Int8 weights: block `b` adds, in lane `l`, the
+//!   exact integer `sum q_w * q_x` over the block's entries `4l..4l + 4`, converted to f32,
+//!   times `d_w * d_x` (one rounding), as one fused multiply-add. Int4 weights: the blocks
+//!   go in pairs (`2p`, `2p + 1`; a last odd block pairs with nothing); lanes 0-3 take block
+//!   `2p`, lanes 4-7 block `2p + 1`, lane `l` the entries `2i, 2i + 1` for `i` in `4 (l % 4)
+//!   .. 4 (l % 4) + 4`, the same way;
+//! - the lanes summed in the CPU kernels' one tree ([`super::sum_tree`]).
+//!
+//! The integer sums are exact, so the AVX2 body (`maddubs` / `madd` on the integers) and
+//! the portable code are bitwise equal; every output is computed whole by one thread in
+//! an order that depends only on its weight row and activation row, so a sequence gets the
+//! same bits alone or in any batch, at any thread count.
+
+use super::weight_gemm::{in_pieces, Shape};
+use crate::plan::{QuantBits, QuantWeight};
+
+/// Values of an activation block: the only block this path takes (the weights' too).
+pub const QBLOCK: usize = 32;
+
+/// Weight rows per piece of work.
+const ROWS_PER_PIECE: usize = 64;
+
+/// One activation row quantized, laid out as the kernels read it.
+#[derive(Debug, Default, Clone)]
+pub struct ActRow {
+    /// The integers: int8 weights, in order; int4 weights, 64 a pair of blocks: the even
+    /// entries of both blocks (16 + 16), then the odd ones (an odd last block padded with
+    /// 0s).
+    q: Vec<i8>,
+    /// Int4 weights: eight lanes a pair, `8 * (the sum of the integers the lane covers)`:
+    /// the stored nibbles are `q_w + 8`.
+    corr: Vec<i32>,
+    /// Eight lanes a block (int8) or a pair (int4): the scale of the block each lane takes.
+    d: Vec<f32>,
+}
+
+/// The scale and integers of one block of activations (see the module documentation).
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let m = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if x.iter().any(|v| !v.is_finite()) {
+        q.fill(0);
+        return f32::NAN;
+    }
+    let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
+    for (q, v) in q.iter_mut().zip(x) {
+        // |v * inv| <= 127 (up to rounding, which cannot pass 127.5): the cast is exact.
+        *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    m / 127.0
+}
+
+/// Quantizes activation row `x` (a multiple of [`QBLOCK`] values) for weights of `bits`
+/// into `out`, reusing its allocations.
+pub fn quantize_row(x: &[f32], bits: QuantBits, out: &mut ActRow) {
+    let nb = x.len() / QBLOCK;
+    let mut q = [0i8; QBLOCK];
+    match bits {
+        QuantBits::Int8 => {
+            out.q.resize(nb * QBLOCK, 0);
+            out.corr.clear();
+            out.d.clear();
+            for (xs, qs) in x.chunks_exact(QBLOCK).zip(out.q.chunks_exact_mut(QBLOCK)) {
+                out.d.extend([quantize_block(xs, qs); 8]);
+            }
+        }
+        QuantBits::Int4 => {
+            let np = nb.div_ceil(2);
+            out.q.clear();
+            out.q.resize(np * 64, 0);
+            out.corr.clear();
+            out.corr.resize(np * 8, 0);
+            out.d.clear();
+            out.d.resize(np * 8, 0.0);
+            for b in 0..nb {
+                let (p, h) = (b / 2, b % 2);
+                let d = quantize_block(&x[b * QBLOCK..(b + 1) * QBLOCK], &mut q);
+                let at = &mut out.q[p * 64..(p + 1) * 64];
+                for i in 0..16 {
+                    at[16 * h + i] = q[2 * i];
+                    at[32 + 16 * h + i] = q[2 * i + 1];
+                }
+                out.d[p * 8 + 4 * h..p * 8 + 4 * h + 4].fill(d);
+            }
+            for p in 0..np {
+                let at = &out.q[p * 64..(p + 1) * 64];
+                for l in 0..8 {
+                    let s: i32 = (4 * l..4 * l + 4)
+                        .map(|i| i32::from(at[i]) + i32::from(at[32 + i]))
+                        .sum();
+                    out.corr[p * 8 + l] = 8 * s;
+                }
+            }
+        }
+    }
+}
+
+/// Int4: the stored nibble of entry `j` of a row.
+#[inline(always)]
+fn nibble(row: &[u8], j: usize) -> i32 {
+    i32::from((row[j / 2] >> (4 * (j % 2))) & 0x0f)
+}
+
+/// The portable dot product of one weight row (its bytes and widened scales) with a
+/// quantized activation row: the module documentation's operations in its order.
+fn dot(bits: QuantBits, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32 {
+    let nb = k / QBLOCK;
+    let mut acc = [0f32; 8];
+    match bits {
+        QuantBits::Int8 => {
+            for (b, &dw) in scales[..nb].iter().enumerate() {
+                let s = dw * a.d[8 * b];
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    let i: i32 = (QBLOCK * b + 4 * l..QBLOCK * b + 4 * l + 4)
+                        .map(|j| i32::from(row[j] as i8) * i32::from(a.q[j]))
+                        .sum();
+                    *acc = (i as f32).mul_add(s, *acc);
+                }
+            }
+        }
+        QuantBits::Int4 => {
+            for p in 0..nb.div_ceil(2) {
+                let q = &a.q[p * 64..(p + 1) * 64];
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    let (h, lane) = (l / 4, l % 4);
+                    let b = 2 * p + h;
+                    if b >= nb {
+                        // Lanes of the missing block: 0 times a scale of 0, as the AVX2
+                        // body adds it.
+                        *acc = 0f32.mul_add(0.0, *acc);
+                        continue;
+                    }
+                    let mut i = 0i32;
+                    for t in 0..4 {
+                        let e = 4 * lane + t; // byte of the block
+                        let j = QBLOCK * b + 2 * e;
+                        i += (nibble(row, j) - 8) * i32::from(q[16 * h + e])
+                            + (nibble(row, j + 1) - 8) * i32::from(q[32 + 16 * h + e]);
+                    }
+                    let s = scales[b] * a.d[p * 8 + l];
+                    *acc = (i as f32).mul_add(s, *acc);
+                }
+            }
+        }
+    }
+    super::sum_tree::sum8(acc)
+}
+
+/// `R` rows' dot products with one activation row in AVX2 registers: rows `row + r * rb`
+/// (`rb` bytes a row), widened scales `sc + r * nb`; bitwise [`dot`].
+///
+/// # Safety
+/// AVX2 and FMA are present; the `R` rows hold `k` entries (`k` a multiple of 32) and
+/// their `k / 32` scales; `a` was quantized from `k` values for these bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const R: usize>(
+    bits: QuantBits,
+    row: *const u8,
+    rb: usize,
+    sc: *const f32,
+    nb_row: usize,
+    a: &ActRow,
+    k: usize,
+) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let nb = k / QBLOCK;
+    let mut acc = [_mm256_setzero_ps(); R];
+    // The next calls' rows (a prefetch past the weights never faults): rows lie one after
+    // another, as in `quant`'s kernels.
+    let next = row.wrapping_add(2 * R * rb);
+    let ones = _mm256_set1_epi16(1);
+    match bits {
+        QuantBits::Int8 => {
+            for b in 0..nb {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * R * QBLOCK).cast());
+                // SAFETY (loads): block b lies inside every row and the activation row.
+                let qx = _mm256_loadu_si256(a.q.as_ptr().add(QBLOCK * b).cast());
+                let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * b));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm256_loadu_si256(row.add(r * rb + QBLOCK * b).cast());
+                    // |w| * (q_x with w's sign): exact, at most 2 * 128 * 127 a pair.
+                    let s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(qx, w));
+                    let i = _mm256_madd_epi16(s16, ones);
+                    let s = _mm256_mul_ps(_mm256_set1_ps(*sc.add(r * nb_row + b)), dx);
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, *acc);
+                }
+            }
+        }
+        QuantBits::Int4 => {
+            let m = _mm256_set1_epi8(0x0f);
+            let idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+            let whole = nb / 2;
+            for p in 0..nb.div_ceil(2) {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * R * 32).cast());
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * R * 32 + 64).cast());
+                let qlo = _mm256_loadu_si256(a.q.as_ptr().add(64 * p).cast());
+                let qhi = _mm256_loadu_si256(a.q.as_ptr().add(64 * p + 32).cast());
+                let corr = _mm256_loadu_si256(a.corr.as_ptr().add(8 * p).cast());
+                let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * p));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let (w, dw) = if p < whole {
+                        // Two blocks: 32 bytes, two scales.
+                        let w = _mm256_loadu_si256(row.add(r * rb + 32 * p).cast());
+                        let s2 =
+                            _mm_castsi128_ps(_mm_loadl_epi64(sc.add(r * nb_row + 2 * p).cast()));
+                        (w, s2)
+                    } else {
+                        // The last, odd block alone: 16 bytes (the rest 0: adds 0) and
+                        // its scale (the other lanes' 0).
+                        let w = _mm256_zextsi128_si256(_mm_loadu_si128(
+                            row.add(r * rb + 32 * p).cast(),
+                        ));
+                        (w, _mm_load_ss(sc.add(r * nb_row + 2 * p)))
+                    };
+                    let lo = _mm256_and_si256(w, m);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m);
+                    // Nibbles (0..15) times q_x: at most 2 * 15 * 127 a pair, twice.
+                    let s16 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, qlo),
+                        _mm256_maddubs_epi16(hi, qhi),
+                    );
+                    let i = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), corr);
+                    let dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), idx);
+                    let s = _mm256_mul_ps(dw, dx);
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, *acc);
+                }
+            }
+        }
+    }
+    acc.map(|v| super::sum_tree::sum8_avx(v))
+}
+
+/// Whether this CPU runs the AVX2 body.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Runs the GEMM `C = alpha W x^T + beta C` with `x`'s rows quantized (`w.act_block` 32,
+/// `s.k == w.k` a multiple of 32: the plan's validation holds both; the executor has
+/// checked x and c). Any number of activation rows.
+pub fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+    gemm_with(avx2(), s, w, x, c)
+}
+
+fn gemm_with(simd: bool, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+    if s.m == 0 || s.n == 0 {
+        return;
+    }
+    let acts: Vec<ActRow> = (0..s.n)
+        .map(|j| {
+            let mut a = ActRow::default();
+            quantize_row(&x[j * s.ldb..j * s.ldb + s.k], w.bits, &mut a);
+            a
+        })
+        .collect();
+    let (rb, nb, k) = (w.row_bytes(), w.n_blocks(), s.k);
+    in_pieces(s, ROWS_PER_PIECE, c, |m0, rows, out| {
+        super::quant::with_scales(w, m0, rows, |scales| {
+            for (j, a) in acts.iter().enumerate() {
+                let out = &mut out[j * rows..(j + 1) * rows];
+                let mut i = 0;
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    while i + 4 <= rows {
+                        // SAFETY: AVX2 and FMA are present (`avx2`); rows m0 + i.. + 4
+                        // exist (the piece's), each rb bytes with nb scales; `a` was
+                        // quantized from k values for w.bits.
+                        let v = unsafe {
+                            dots_avx2::<4>(
+                                w.bits,
+                                w.data[(m0 + i) * rb..].as_ptr(),
+                                rb,
+                                scales[i * nb..].as_ptr(),
+                                nb,
+                                a,
+                                k,
+                            )
+                        };
+                        out[i..i + 4].copy_from_slice(&v);
+                        i += 4;
+                    }
+                    while i < rows {
+                        // SAFETY: as above, one row.
+                        let [v] = unsafe {
+                            dots_avx2::<1>(
+                                w.bits,
+                                w.data[(m0 + i) * rb..].as_ptr(),
+                                rb,
+                                scales[i * nb..].as_ptr(),
+                                nb,
+                                a,
+                                k,
+                            )
+                        };
+                        out[i] = v;
+                        i += 1;
+                    }
+                }
+                let _ = simd;
+                for (i, o) in out.iter_mut().enumerate().skip(i) {
+                    let r = m0 + i;
+                    *o = dot(
+                        w.bits,
+                        &w.data[r * rb..(r + 1) * rb],
+                        &scales[i * nb..(i + 1) * nb],
+                        a,
+                        k,
+                    );
+                }
+            }
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::quant::tests::{dequantized, shape, weight, xs};
+
+    /// `w` with int8 activations.
+    fn act(mut w: QuantWeight) -> QuantWeight {
+        w.act_block = QBLOCK;
+        w
+    }
+
+    /// (rows, k): rows not a multiple of the kernel's four; k of 1 to 88 blocks, odd and
+    /// even counts (int4's last block alone), the 0.5b preset's 1024 and 2816.
+    const CASES: [(usize, usize); 7] = [
+        (1, 32),
+        (7, 64),
+        (9, 96),
+        (66, 160),
+        (13, 1024),
+        (5, 2816),
+        (130, 256),
+    ];
+
+    fn bits_of(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn quantized_blocks_take_127_at_their_largest_value_and_round_ties_to_even() {
+        let mut x = vec![0f32; 2 * QBLOCK];
+        // Block 0: largest magnitude 127 (scale 1, exact): 0.5 and 2.5 are ties to even,
+        // 1.5 too.
+        x[..5].copy_from_slice(&[-127.0, 0.5, 1.5, 2.5, 63.7]);
+        // Block 1: all zeros: scale 0 and integers 0.
+        let mut a = ActRow::default();
+        quantize_row(&x, QuantBits::Int8, &mut a);
+        assert_eq!(&a.q[..5], &[-127, 0, 2, 2, 64]);
+        assert_eq!(&a.d[..8], &[1.0; 8]);
+        assert!(a.q[QBLOCK..].iter().all(|&q| q == 0) && a.d[8..].iter().all(|&d| d == 0.0));
+        // Int4's layout: the evens of both blocks, then the odds.
+        quantize_row(&x, QuantBits::Int4, &mut a);
+        assert_eq!(
+            (a.q[0], a.q[1], a.q[2], a.q[32], a.q[33]),
+            (-127, 2, 64, 0, 2)
+        );
+        // Lane 0 covers entries 0..8 of block 0: 8 times their sum.
+        assert_eq!(a.corr[0], 8 * (-127 + 2 + 64 + 2));
+        assert_eq!(&a.d[..8], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_nan_or_an_infinity_in_an_activation_block_makes_its_outputs_nan() {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            for bad in [f32::NAN, f32::INFINITY] {
+                let (m, k) = (9, 96);
+                let w = act(weight(bits, m, k, 32));
+                let s = shape(m, 1, k);
+                let mut x = xs(1, k);
+                x[70] = bad;
+                let mut c = vec![0f32; s.ldc];
+                gemm(s, &w, &x, &mut c);
+                assert!(
+                    c[..m].iter().all(|v| v.is_nan()),
+                    "{bits:?} {bad}: {:?}",
+                    &c[..m]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_are_the_exact_dot_products_of_the_dequantized_integers() {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            for (m, k) in CASES {
+                let w = act(weight(bits, m, k, 32));
+                let deq = dequantized(&w);
+                let n = 3;
+                let s = shape(m, n, k);
+                let x = xs(n, k);
+                let mut c = vec![f32::NAN; n * s.ldc];
+                gemm(s, &w, &x, &mut c);
+                for j in 0..n {
+                    // The activations as the kernels see them: q * d per block.
+                    let xj = &x[j * s.ldb..j * s.ldb + k];
+                    let mut xq = vec![0f64; k];
+                    for (b, xs) in xj.chunks(QBLOCK).enumerate() {
+                        let mut q = [0i8; QBLOCK];
+                        let d = quantize_block(xs, &mut q);
+                        for i in 0..QBLOCK {
+                            xq[b * QBLOCK + i] = f64::from(q[i]) * f64::from(d);
+                        }
+                        // The dequantized activations are within half a step of x.
+                        for (i, &v) in xs.iter().enumerate() {
+                            assert!(
+                                (xq[b * QBLOCK + i] - f64::from(v)).abs() <= 0.5001 * f64::from(d)
+                            );
+                        }
+                    }
+                    for r in 0..m {
+                        let (dot, mag) = (0..k).fold((0f64, 0f64), |(d, a), i| {
+                            let t = f64::from(deq[r * k + i]) * xq[i];
+                            (d + t, a + t.abs())
+                        });
+                        let got = f64::from(c[j * s.ldc + r]);
+                        let want = 0.75 * dot;
+                        // f32 rounding of block partial sums: far below 1e-6 of the terms.
+                        assert!(
+                            (got - want).abs() <= 1e-6 * mag + 1e-30,
+                            "{bits:?} m{m} k{k} ({r},{j}): {got} vs {want} (terms {mag})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx2_body_is_bitwise_the_portable_one() {
+        if !avx2() {
+            eprintln!("no AVX2 on this CPU: the portable body is the only one");
+            return;
+        }
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            for (m, k) in CASES {
+                let w = act(weight(bits, m, k, 32));
+                let n = 2;
+                let s = shape(m, n, k);
+                let x = xs(n, k);
+                let run = |simd| {
+                    let mut c = vec![f32::NAN; n * s.ldc];
+                    gemm_with(simd, s, &w, &x, &mut c);
+                    bits_of(&c)
+                };
+                assert_eq!(run(true), run(false), "{bits:?} m{m} k{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_activation_row_is_bitwise_its_gemm_alone_at_any_thread_count() {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            let (m, k) = (75, 160);
+            let w = act(weight(bits, m, k, 32));
+            let n = 40;
+            let s = shape(m, n, k);
+            let x = xs(n, k);
+            let mut all = vec![f32::NAN; n * s.ldc];
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .expect("pool")
+                .install(|| gemm(s, &w, &x, &mut all));
+            let s1 = shape(m, 1, k);
+            for j in 0..n {
+                let mut alone = vec![f32::NAN; s1.ldc];
+                gemm(s1, &w, &x[j * s.ldb..], &mut alone);
+                assert_eq!(
+                    bits_of(&all[j * s.ldc..j * s.ldc + m]),
+                    bits_of(&alone[..m]),
+                    "{bits:?}: row {j} of {n}"
+                );
+            }
+        }
+    }
+}
