@@ -7,7 +7,8 @@
 //! cargo run --release -p ngpt-runtime --example kernel_rates
 //! ```
 //!
-//! Prints, per format, giga-weights a second (and the weight bytes a second that makes);
+//! Prints, per format (`int8a` and `int4a`: with int8 activations), giga-weights a second
+//! (and the weight bytes a second that makes);
 //! then the f32 and bf16 tiles' rate over 8, 64 and 128 activation rows (a prompt's
 //! prefill), in GFLOP/s.
 //! A format whose in-cache rate on all cores is below what its bytes allow at the machine's
@@ -83,13 +84,15 @@ fn gemm_of(name: &str, rows: usize, n: usize, k: usize) -> Box<dyn FnMut() + Sen
             let w: Vec<u16> = (0..rows * k).map(|i| 0x3c00 + (i % 251) as u16).collect();
             Box::new(move || tiles::gemm(s, &w, &x, &mut c))
         }
-        "int8" | "int4" => {
-            let bits = if name == "int8" {
+        "int8" | "int4" | "int8a" | "int4a" => {
+            let bits = if name.starts_with("int8") {
                 QuantBits::Int8
             } else {
                 QuantBits::Int4
             };
-            let w = quantized(bits, rows, k);
+            let mut w = quantized(bits, rows, k);
+            // `a`: int8 activations (`--quant-activations int8`).
+            w.act_block = if name.ends_with('a') { 32 } else { 0 };
             Box::new(move || quant::gemm(s, &w, &x, &mut c))
         }
         _ => unreachable!("a format this example names"),
@@ -101,7 +104,7 @@ fn bytes_per_weight(name: &str) -> f64 {
     match name {
         "f32" => 4.0,
         "bf16" => 2.0,
-        "int8" => 1.0 + 2.0 / 32.0,
+        "int8" | "int8a" => 1.0 + 2.0 / 32.0,
         _ => 0.5 + 2.0 / 32.0,
     }
 }
@@ -110,29 +113,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let threads = rayon::current_num_threads();
     println!("weight GEMV rates, one activation row (G weights/s, and GB/s of weights)");
-    for name in ["f32", "bf16", "int8", "int4"] {
-        // 1024 x 1024 (a 0.5b preset attention projection): in L2/L3 on one thread.
-        let (rows, k) = (1024, 1024);
-        let mut f = gemm_of(name, rows, 1, k);
-        let t1 = one.install(|| time(&mut f));
-        // 256 MiB of weights or more: from memory, on every thread.
-        let big_rows = ((256usize << 20) as f64 / (bytes_per_weight(name) * 1024.0)) as usize;
-        let mut g = gemm_of(name, big_rows, 1, 1024);
-        let tn = time(&mut g);
+    for name in ["f32", "bf16", "int8", "int4", "int8a", "int4a"] {
         let gw = |rows: usize, t: f64| (rows * 1024) as f64 / t / 1e9;
+        // 192 KiB of weights (in L2) and 1024 x 1024 (a 0.5b preset attention projection,
+        // in L2/L3) on one thread.
         let l2_rows = ((192usize << 10) as f64 / (bytes_per_weight(name) * 1024.0)) as usize;
         let mut h = gemm_of(name, l2_rows, 1, 1024);
         let t2 = one.install(|| time(&mut h));
+        let mut f = gemm_of(name, 1024, 1, 1024);
+        let t1 = one.install(|| time(&mut f));
+        // 256 MiB of weights or more: from memory, on one thread and on every thread.
+        let big_rows = ((256usize << 20) as f64 / (bytes_per_weight(name) * 1024.0)) as usize;
+        let mut g = gemm_of(name, big_rows, 1, 1024);
         let t3 = one.install(|| time(&mut g));
+        let tn = time(&mut g);
         println!(
-            "  {name:>4}: 192 KiB 1 thread {:6.2} G/s; from memory 1 thread {:6.2} G/s",
+            "  {name:>5}: 1 thread: in L2 {:6.2} G/s, 1024x1024 {:6.2} G/s, from memory {:6.2} G/s; from memory, {threads} threads {:6.2} G/s ({:5.1} GB/s)",
             gw(l2_rows, t2),
-            gw(big_rows, t3)
-        );
-        println!(
-            "  {name:>4}: in cache, 1 thread {:6.2} G/s ({:5.1} GB/s); from memory, {threads} threads {:6.2} G/s ({:5.1} GB/s)",
-            gw(rows, t1),
-            gw(rows, t1) * bytes_per_weight(name),
+            gw(1024, t1),
+            gw(big_rows, t3),
             gw(big_rows, tn),
             gw(big_rows, tn) * bytes_per_weight(name),
         );
