@@ -187,7 +187,10 @@ unsafe fn dots_avx2<const R: usize>(
     match bits {
         QuantBits::Int8 => {
             for b in 0..nb {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * R * QBLOCK).cast());
+                // R blocks of 32 bytes a step: R / 2 lines.
+                let at = next.wrapping_add(b * R * QBLOCK);
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64).cast());
                 // SAFETY (loads): block b lies inside every row and the activation row.
                 let qx = _mm256_loadu_si256(a.q.as_ptr().add(QBLOCK * b).cast());
                 let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * b));
@@ -206,8 +209,10 @@ unsafe fn dots_avx2<const R: usize>(
             let idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
             let whole = nb / 2;
             for p in 0..nb.div_ceil(2) {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * R * 32).cast());
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * R * 32 + 64).cast());
+                // R pairs of 32 bytes a step: R / 2 lines.
+                let at = next.wrapping_add(p * R * 32);
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64).cast());
                 let qlo = _mm256_loadu_si256(a.q.as_ptr().add(64 * p).cast());
                 let qhi = _mm256_loadu_si256(a.q.as_ptr().add(64 * p + 32).cast());
                 let corr = _mm256_loadu_si256(a.corr.as_ptr().add(8 * p).cast());
