@@ -280,7 +280,7 @@ fn gemm_with(simd: bool, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     assert!(
         w.act_block == QBLOCK
             && s.k == w.k
-            && s.k % QBLOCK == 0
+            && s.k.is_multiple_of(QBLOCK)
             && s.m <= w.rows
             && x.len() >= (s.n - 1) * s.ldb + s.k,
         "quant_act::gemm: shape {s:?} does not fit a {}x{} weight with act_block {} and {} activations",
