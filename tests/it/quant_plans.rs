@@ -44,6 +44,28 @@ fn load(plan: &pb::Plan, weights: &[u8]) -> ngpt_runtime::Result<LoadedPlan> {
     LoadedPlan::from_bytes(&plan.encode_to_vec(), weights, "model.plan")
 }
 
+/// The plan's prefill logits of `prompt` (a new session, returned for decoding on) beside
+/// the IR's on the same positions (the IR may keep the last position only: the plan's
+/// rows are cut to what it has).
+fn prefill_beside_ir(
+    compiled: &compile::Compiled,
+    plan: &Arc<LoadedPlan>,
+    prompt: &[u32],
+) -> Result<(Vec<f32>, Vec<f32>, Session)> {
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let ir = interp::run(
+        &compiled.graph,
+        prompt,
+        &positions,
+        ngpt_compiler::reference::Precision::F32,
+    )?;
+    let ir: Vec<f32> = ir[0].flatten_all()?.to_vec1()?;
+    let mut s = Session::new(Arc::clone(plan), 1)?;
+    let got = s.prefill(&[prompt.to_vec()])?;
+    let got = got[got.len() - ir.len()..].to_vec();
+    Ok((got, ir, s))
+}
+
 fn rel(got: &[f32], want: &[f32]) -> f64 {
     let (mut d, mut n) = (0f64, 0f64);
     for (&g, &w) in got.iter().zip(want) {
@@ -79,19 +101,8 @@ fn int8_and_int4_plans_equal_the_ir_on_the_same_dequantized_weights() -> Result<
         // Per layer qkv, c_proj, c_fc, mlp c_proj; lm_head unless kept in float.
         assert_eq!(quantized, 2 * 4 + usize::from(lm_head.is_some()));
         let v = plan.dims().vocab;
-        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-        let ir = interp::run(
-            &compiled.graph,
-            prompt,
-            &positions,
-            ngpt_compiler::reference::Precision::F32,
-        )?;
-        let ir: Vec<f32> = ir[0].flatten_all()?.to_vec1()?;
-        let mut s = Session::new(Arc::clone(&plan), 1)?;
-        let got = s.prefill(&[prompt.to_vec()])?;
-        // The IR may keep the last position only: compare what it has.
-        let got = &got[got.len() - ir.len()..];
-        let e = rel(got, &ir);
+        let (got, ir, mut s) = prefill_beside_ir(&compiled, &plan, prompt)?;
+        let e = rel(&got, &ir);
         assert!(e <= 1e-5, "{bits:?} lm_head {lm_head:?}: prefill {e:e}");
         // Decode: each step against the IR on the prompt so far.
         let mut seq = prompt.to_vec();
@@ -400,17 +411,8 @@ fn int8_activation_plans_stay_near_the_weight_only_ir() -> Result<()> {
             assert_eq!(*act, want, "{name}");
         }
         let plan = Arc::new(load(&plan, &weights)?);
-        let ir = interp::run(
-            &compiled.graph,
-            &prompt,
-            &(0..prompt.len() as u32).collect::<Vec<_>>(),
-            ngpt_compiler::reference::Precision::F32,
-        )?;
-        let ir: Vec<f32> = ir[0].flatten_all()?.to_vec1()?;
-        let mut s = Session::new(Arc::clone(&plan), 1)?;
-        let got = s.prefill(&[prompt.to_vec()])?;
-        let got = &got[got.len() - ir.len()..];
-        let e = rel(got, &ir);
+        let (got, ir, _) = prefill_beside_ir(&compiled, &plan, &prompt)?;
+        let e = rel(&got, &ir);
         // Not the weight-only product (the activations are rounded), but near it.
         assert!(e > 1e-6 && e <= bound, "{bits:?}: {e:e}");
         let v = plan.dims().vocab;
