@@ -335,7 +335,8 @@ pub fn compile_dir(input: &Path, out: &Path, opts: &Options) -> Result<Compiled,
         })?;
         artifact::write_bytes(&dir.join("manifest.json"), json.as_bytes())
     })?;
-    if !token_names.iter().any(|n| n == "tokenizer.json") {
+    // Only where there is a genai_config.json for onnxruntime-genai to read.
+    if writes_onnx && !token_names.iter().any(|n| n == "tokenizer.json") {
         notes.push(format!(
             "no tokenizer.json beside {}: onnxruntime-genai runs {} from token ids (og.Tokenizer needs one)",
             manifest.source.display(),

@@ -273,6 +273,18 @@ fn compile_writes_genai_config_and_carries_the_tokenizer_files() -> Result<()> {
         err.contains("note: no tokenizer.json beside") && err.contains("from token ids"),
         "{err}"
     );
+    // Without model.onnx there is no genai_config.json, and no note about it.
+    let plain = tmp.path().join("plain");
+    let o = ngpt(&[
+        "compile",
+        ckpt.to_str().unwrap(),
+        "-o",
+        plain.to_str().unwrap(),
+        "--no-onnx",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("tokenizer.json"), "{err}");
     let g = json(&out.join("genai_config.json"))?;
     let cfg = json(&common::nv_tiny().join("config.json"))?;
     let m = &g["model"];
