@@ -106,7 +106,7 @@ pub struct QuantWeight {
     pub block: usize,
     /// 0: GEMMs multiply the f32 activations (weight-only); 32: they quantize each
     /// activation row to int8 in blocks of 32 first (`block` is 32 and `k` a multiple of
-    /// 32 then), [`crate::cpu::quant_act`].
+    /// 32 then), as `cpu/quant_act.rs` defines it.
     pub act_block: usize,
     /// The integers as stored, [`QuantWeight::row_bytes`] a row.
     pub data: Elems<u8>,

@@ -4,7 +4,7 @@ mod attend;
 pub mod bf16;
 pub mod kernels;
 pub mod quant;
-pub mod quant_act;
+mod quant_act;
 mod sum_tree;
 pub mod tiles;
 pub mod weight_gemm;

@@ -30,6 +30,10 @@
 //! The row's f16 scales are widened once per piece of rows (F16C where present, exact
 //! either way). Larger products dequantize blocks of rows into the f32 scratch of
 //! [`super::bf16`]'s blocked path and run the gemm crate on it.
+//!
+//! A weight whose plan entry sets `act_block` 32 (`ngpt compile --quant-activations int8`)
+//! takes none of this: its GEMMs of any row count quantize the activation rows to int8
+//! and run integer dot products (`quant_act.rs`, which defines them).
 
 use super::weight_gemm::{in_pieces, piece_rows, Shape, MAX_N};
 use crate::plan::{QuantBits, QuantWeight};

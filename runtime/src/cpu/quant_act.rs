@@ -19,7 +19,7 @@
 //!   go in pairs (`2p`, `2p + 1`; a last odd block pairs with nothing); lanes 0-3 take block
 //!   `2p`, lanes 4-7 block `2p + 1`, lane `l` the entries `2i, 2i + 1` for `i` in `4 (l % 4)
 //!   .. 4 (l % 4) + 4`, the same way;
-//! - the lanes summed in the CPU kernels' one tree ([`super::sum_tree`]).
+//! - the lanes summed in the CPU kernels' one tree (`sum_tree.rs`).
 //!
 //! The integer sums are exact, so the AVX2 body (`maddubs` / `madd` on the integers) and
 //! the portable code are bitwise equal; every output is computed whole by one thread in
@@ -30,14 +30,14 @@ use super::weight_gemm::{in_pieces, Shape};
 use crate::plan::{QuantBits, QuantWeight};
 
 /// Values of an activation block: the only block this path takes (the weights' too).
-pub const QBLOCK: usize = 32;
+pub(crate) const QBLOCK: usize = 32;
 
 /// Weight rows per piece of work.
 const ROWS_PER_PIECE: usize = 64;
 
 /// One activation row quantized, laid out as the kernels read it.
 #[derive(Debug, Default, Clone)]
-pub struct ActRow {
+pub(crate) struct ActRow {
     /// The integers: int8 weights, in order; int4 weights, 64 a pair of blocks: the even
     /// entries of both blocks (16 + 16), then the odd ones (an odd last block padded with
     /// 0s).
@@ -71,7 +71,7 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
 
 /// Quantizes activation row `x` (a multiple of [`QBLOCK`] values) for weights of `bits`
 /// into `out`, reusing its allocations.
-pub fn quantize_row(x: &[f32], bits: QuantBits, out: &mut ActRow) {
+pub(crate) fn quantize_row(x: &[f32], bits: QuantBits, out: &mut ActRow) {
     let nb = x.len() / QBLOCK;
     let mut q = [0i8; QBLOCK];
     match bits {
@@ -268,7 +268,7 @@ fn avx2() -> bool {
 /// Runs the GEMM `C = alpha W x^T + beta C` with `x`'s rows quantized (`w.act_block` 32,
 /// `s.k == w.k` a multiple of 32: the plan's validation holds both; the executor has
 /// checked x and c). Any number of activation rows.
-pub fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+pub(crate) fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     gemm_with(avx2(), s, w, x, c)
 }
 
