@@ -683,6 +683,13 @@ pub fn cuda_unavailable() -> Option<String> {
     ngpt_runtime::cuda::unavailable()
 }
 
+/// Why plan-cuda cannot run `plan` here (`None`: it can): a plan the CUDA executor refuses
+/// on any device (`ngpt_runtime::cuda::refuses`), or CUDA missing. A command with no
+/// `--engine` runs plan-cpu then, saying why.
+pub fn cuda_cannot_run(plan: &LoadedPlan) -> Option<String> {
+    ngpt_runtime::cuda::refuses(plan).or_else(cuda_unavailable)
+}
+
 /// A runtime session on `plan` for the plan engines: the CPU executor, or the CUDA one
 /// (an error naming what is missing where CUDA is not usable).
 pub fn plan_session(

@@ -95,7 +95,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Default: the GPU where CUDA is usable, else the CPU (said once the request is known
     // to be servable). Asked for explicitly, plan-cuda without a GPU is an error.
-    let cuda_missing = crate::engines::cuda_unavailable();
+    let plan = super::input::load_plan(&a.input, 0)?;
+    let cuda_missing = crate::engines::cuda_cannot_run(&plan);
     let engine = match (a.engine, &cuda_missing) {
         (Some(e), _) => e,
         (None, None) => Engine::PlanCuda,
@@ -107,7 +108,6 @@ pub fn run(a: Args) -> Result<()> {
     };
     let engine_name = runtime_engine.name();
     let vocab = find_vocab(&a)?;
-    let plan = super::input::load_plan(&a.input, 0)?;
     let v = plan.dims().vocab;
     if let Some(voc) = &vocab {
         voc.check_model_vocab(v)?;

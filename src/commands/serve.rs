@@ -83,7 +83,8 @@ pub fn run(a: Args) -> Result<()> {
     if a.api_key.as_deref() == Some("") {
         bail!("--api-key: empty");
     }
-    let cuda_missing = crate::engines::cuda_unavailable();
+    let plan = super::input::load_plan(&a.input, 0)?;
+    let cuda_missing = crate::engines::cuda_cannot_run(&plan);
     let engine = match (a.engine, &cuda_missing) {
         (Some(Engine::PlanCuda), Some(why)) => bail!("--engine plan-cuda: {why}"),
         (Some(e), _) => e,
@@ -97,7 +98,6 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => Some(Vocab::from_file(p)?),
         None => Vocab::find(&a.input)?,
     };
-    let plan = super::input::load_plan(&a.input, 0)?;
     let dims = *plan.dims();
     if let Some(v) = &vocab {
         v.check_model_vocab(dims.vocab)?;

@@ -112,7 +112,13 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
         };
         for &p in precisions {
             let skip = match engine {
-                Engine::PlanCuda => cuda_unavailable(),
+                // A plan the CUDA executor refuses on any device is skipped, saying why
+                // (not a parity failure); a plan that does not load fails below.
+                Engine::PlanCuda => model
+                    .plan(tokens.len())
+                    .ok()
+                    .and_then(|p| ngpt_runtime::cuda::refuses(&p))
+                    .or_else(cuda_unavailable),
                 Engine::Tract => model
                     .onnx_missing_by_choice()
                     .then(|| "compiled with --no-onnx: no model.onnx".to_string()),

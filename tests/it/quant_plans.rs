@@ -475,6 +475,33 @@ fn compile_quant_activations_states_itself_and_refuses_what_it_cannot_do() -> Re
     );
     // lm_head (int8) keeps f32 activations: its own entry.
     assert!(text.contains("int8 in blocks of 32 (1 matrices"), "{text}");
+    // Without --engine, generate runs plan-cpu and says why plan-cuda cannot run this plan
+    // (with or without a GPU); validate skips plan-cuda with the reason, not a failure.
+    let o = ngpt(&[
+        "generate",
+        &out,
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+    ])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("engine: plan-cpu (weight `") && err.contains("--quant-activations int8"),
+        "{err}"
+    );
+    let o = ngpt(&["validate", &out, "--engines", "plan-cpu,plan-cuda"])?;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with("plan-cuda")
+                && l.contains("skipped: weight `")
+                && l.contains("only plan-cpu runs that")),
+        "{table}"
+    );
     for (args, says) in [
         (vec!["--dtype", "f32"], "give --dtype int8 or int4"),
         (vec!["--onnx-dtype", "int4"], "give --dtype int8 or int4"),

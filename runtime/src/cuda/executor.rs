@@ -241,15 +241,8 @@ impl CudaExecutor {
             return Err(Error::EmptyBatch);
         }
         // Before any device work, so the refusal reads the same with or without a GPU.
-        if let Some(i) = plan
-            .weights()
-            .iter()
-            .position(|w| matches!(w, WeightData::Quant(q) if q.act_block != 0))
-        {
-            return Err(plan_cuda_err(format!(
-                "weight `{}` quantizes its GEMMs' activations to int8 (compiled with --quant-activations int8): only plan-cpu runs that; compile without it for the GPU",
-                crate::contract::printable(&plan.plan().weights[i].name)
-            )));
+        if let Some(why) = super::refuses(&plan) {
+            return Err(plan_cuda_err(why));
         }
         if let Some(why) = super::unavailable() {
             return Err(plan_cuda_err(why));

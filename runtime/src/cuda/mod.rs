@@ -128,6 +128,21 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Why the CUDA executor refuses `plan` on any device (`None`: it takes it): a plan whose
+/// quantized GEMMs quantize their activations to int8 (`ngpt compile --quant-activations
+/// int8`; no CUDA kernel computes that yet). Callers choosing an engine ask this before
+/// picking the GPU, as [`CudaExecutor`](executor::CudaExecutor) does before any device work.
+pub fn refuses(plan: &crate::plan::LoadedPlan) -> Option<String> {
+    let i = plan
+        .weights()
+        .iter()
+        .position(|w| matches!(w, crate::plan::WeightData::Quant(q) if q.act_block != 0))?;
+    Some(format!(
+        "weight `{}` quantizes its GEMMs' activations to int8 (compiled with --quant-activations int8): only plan-cpu runs that; compile without it for the GPU",
+        crate::contract::printable(&plan.plan().weights[i].name)
+    ))
+}
+
 /// The NVRTC version as (major, minor).
 pub fn nvrtc_version() -> Result<(i32, i32)> {
     if !probe().nvrtc {
