@@ -120,9 +120,7 @@ impl Options {
             act_int8: false,
         }
     }
-}
 
-impl Options {
     /// Checks the options: the block ([`check_block`]), and blocks of 32 where the
     /// activations are quantized.
     ///

@@ -93,8 +93,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens 0: expected at least 1");
     }
-    // Default: the GPU where CUDA is usable, else the CPU (said once the request is known
-    // to be servable). Asked for explicitly, plan-cuda without a GPU is an error.
+    // Default: the GPU where CUDA is usable and the CUDA executor takes the plan, else the
+    // CPU (said once the request is known to be servable). Asked for explicitly, plan-cuda
+    // without a GPU is an error.
     let plan = super::input::load_plan(&a.input, 0)?;
     let cuda_missing = crate::engines::cuda_cannot_run(&plan);
     let engine = match (a.engine, &cuda_missing) {

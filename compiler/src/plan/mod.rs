@@ -936,9 +936,8 @@ pub fn lower_into(
     let prefill = l.lower(false)?;
     let decode = l.lower(true)?;
     // A quantized plan states its layers' format (I4 where any weight is I4) and is
-    // format minor 1 (2 with int8 activations); a plan without quantized weights is what
-    // older readers read.
-    // Minor 2 where a quantized weight's GEMMs quantize their activations.
+    // format minor 1 (2 where a quantized weight's GEMMs quantize their activations); a
+    // plan without quantized weights is what older readers read.
     let has = |d: pb::DType| l.weights.iter().any(|w| w.dtype == d as i32);
     let quant_minor = if l
         .weights
