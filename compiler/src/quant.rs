@@ -56,6 +56,10 @@ impl Bits {
     }
 }
 
+/// Values a block of int8 activations (`act_int8`): the plan's one
+/// [`ngpt_schemas::plan::INT8_ACT_BLOCK`]; the weights' block must be this too.
+pub const ACT_BLOCK: usize = ngpt_schemas::plan::INT8_ACT_BLOCK as usize;
+
 /// How one matrix is quantized: what a quantized [`crate::graph::Const`] carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Format {
@@ -134,12 +138,12 @@ impl Options {
     /// ```
     pub fn check(&self) -> Result<()> {
         check_block(self.block)?;
-        if self.act_int8 && self.block != 32 {
+        if self.act_int8 && self.block != ACT_BLOCK {
             return Err(Error::Argument {
                 what: format!("int8 activations with quantization block {}", self.block),
-                problem:
-                    "int8 activations are quantized in blocks of 32 and need weight blocks of 32"
-                        .into(),
+                problem: format!(
+                    "int8 activations are quantized in blocks of {ACT_BLOCK} and need weight blocks of {ACT_BLOCK}"
+                ),
             });
         }
         Ok(())

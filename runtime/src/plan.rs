@@ -774,9 +774,10 @@ fn quant_weight(
         QuantBits::Int8
     };
     let act_block = q.act_block as usize;
-    if act_block != 0 && (act_block != 32 || block != 32 || k % 32 != 0) {
+    let want = pb::INT8_ACT_BLOCK as usize;
+    if act_block != 0 && (act_block != want || block != want || k % want != 0) {
         return Err(format!(
-            "act_block {act_block} with block {block} and K = {k}: int8 activations need act_block 32, block 32 and K a multiple of 32 (or act_block 0)"
+            "act_block {act_block} with block {block} and K = {k}: int8 activations need act_block {want}, block {want} and K a multiple of {want} (or act_block 0)"
         ));
     }
     Ok(QuantWeight {

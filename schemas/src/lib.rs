@@ -45,4 +45,8 @@ pub mod plan {
     /// dtypes in one line); other plans stay minor 0. 2: `Quant.act_block` (int8-quantized
     /// activations for a quantized weight's GEMMs), written only by plans that set it.
     pub const FORMAT_MINOR: u32 = 2;
+    /// The one `Quant.act_block` besides 0: int8-quantized activations in blocks of this
+    /// many values along K, which also needs the weight's `block` to be this and K a
+    /// multiple of it. The compiler writes it, the runtime checks and computes it.
+    pub const INT8_ACT_BLOCK: u32 = 32;
 }

@@ -145,10 +145,11 @@ fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
         (Some(b), _) | (None, Some(b)) => b,
     };
     quant::check_block(a.quant_block).map_err(|e| anyhow::anyhow!("--quant-block: {e}"))?;
-    if act_int8 && a.quant_block != 32 {
+    if act_int8 && a.quant_block != quant::ACT_BLOCK {
         anyhow::bail!(
-            "--quant-activations int8 with --quant-block {}: int8 activations are quantized in blocks of 32 and need weight blocks of 32",
-            a.quant_block
+            "--quant-activations int8 with --quant-block {}: int8 activations are quantized in blocks of {b} and need weight blocks of {b}",
+            a.quant_block,
+            b = quant::ACT_BLOCK
         );
     }
     Ok(Some(quant::Options {

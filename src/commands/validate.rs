@@ -114,11 +114,10 @@ pub fn parity_table(model: &mut Model, tokens: &[u32], engines: &[Engine]) -> Re
             let skip = match engine {
                 // A plan the CUDA executor refuses on any device is skipped, saying why
                 // (not a parity failure); a plan that does not load fails below.
-                Engine::PlanCuda => model
-                    .plan(tokens.len())
-                    .ok()
-                    .and_then(|p| ngpt_runtime::cuda::refuses(&p))
-                    .or_else(cuda_unavailable),
+                Engine::PlanCuda => match model.plan(tokens.len()) {
+                    Ok(p) => crate::engines::cuda_cannot_run(&p),
+                    Err(_) => cuda_unavailable(),
+                },
                 Engine::Tract => model
                     .onnx_missing_by_choice()
                     .then(|| "compiled with --no-onnx: no model.onnx".to_string()),

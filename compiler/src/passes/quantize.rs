@@ -77,7 +77,8 @@ pub fn rule(g: &Graph, id: NodeId, opts: &Options) -> Result<Outcome> {
         bits,
         block: opts.block,
         renorm: opts.renorm && unit_rows(name),
-        act_int8: opts.act_int8 && !lm_head && opts.block == 32 && k % 32 == 0,
+        // `opts.block` is ACT_BLOCK where act_int8 is asked (`Options::check`).
+        act_int8: opts.act_int8 && !lm_head && k % crate::quant::ACT_BLOCK == 0,
     };
     let q = c.quantized(fmt).ctx("quantize")?;
     let mut p = Patch::new(g);
@@ -90,7 +91,10 @@ pub fn rule(g: &Graph, id: NodeId, opts: &Options) -> Result<Outcome> {
         p.note(if lm_head {
             format!("`{name}`: lm_head keeps f32 activations (int8 activations are for the layers' matrices)")
         } else {
-            format!("`{name}` keeps f32 activations: int8 activations need blocks of 32 along K, and K = {k}")
+            format!(
+                "`{name}` keeps f32 activations: int8 activations need blocks of {} along K, and K = {k}",
+                crate::quant::ACT_BLOCK
+            )
         });
     }
     if opts.renorm && !fmt.renorm {

@@ -242,7 +242,7 @@ impl Lowerer<'_> {
                 block: fmt.block as u32,
                 // The next weight: pushed right after this one.
                 scales: self.weights.len() as u32 + 1,
-                act_block: if fmt.act_int8 { 32 } else { 0 },
+                act_block: if fmt.act_int8 { pb::INT8_ACT_BLOCK } else { 0 },
             }),
             ..Default::default()
         };

@@ -306,15 +306,15 @@ fn split_units(x: &[f32], out: &mut [f32]) {
 /// The dot products this CPU runs: AVX2 + FMA (with F16C for the scales) where present, the
 /// portable [`dot`] otherwise; bitwise the same.
 #[derive(Clone, Copy)]
-struct Kernels {
+pub(super) struct Kernels {
     /// AVX2 and FMA are present (only [`Kernels::detect`] sets it).
-    avx2: bool,
+    pub(super) avx2: bool,
     /// F16C is present.
     f16c: bool,
 }
 
 impl Kernels {
-    fn detect() -> Kernels {
+    pub(super) fn detect() -> Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             Kernels {
@@ -332,7 +332,7 @@ impl Kernels {
 
     /// The portable kernels only (for tests comparing the two).
     #[cfg(test)]
-    fn portable() -> Kernels {
+    pub(super) fn portable() -> Kernels {
         Kernels {
             avx2: false,
             f16c: false,
@@ -553,11 +553,13 @@ thread_local! {
 /// Runs `f` on the widened scales of rows `m0..m0 + rows` of `w` (`n_blocks` a row), in
 /// the thread's scratch: grown once, not allocated and zeroed per piece (as many f32 as a
 /// step has blocks, tens of MB).
-pub(super) fn with_scales(w: &QuantWeight, m0: usize, rows: usize, f: impl FnOnce(&[f32])) {
-    with_scales_in(Kernels::detect(), w, m0, rows, f)
-}
-
-fn with_scales_in(kern: Kernels, w: &QuantWeight, m0: usize, rows: usize, f: impl FnOnce(&[f32])) {
+pub(super) fn with_scales(
+    kern: Kernels,
+    w: &QuantWeight,
+    m0: usize,
+    rows: usize,
+    f: impl FnOnce(&[f32]),
+) {
     let nb = w.n_blocks();
     SCALES.with_borrow_mut(|scales| {
         if scales.len() < rows * nb {
@@ -607,7 +609,7 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         starts: &starts[j],
     };
     in_pieces(s, per, c, |m0, rows, out| {
-        with_scales_in(kern, w, m0, rows, |scales| {
+        with_scales(kern, w, m0, rows, |scales| {
             let row = |i: usize| Row {
                 bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
                 scales: &scales[i * nb..(i + 1) * nb],

@@ -26,11 +26,12 @@
 //! an order that depends only on its weight row and activation row, so a sequence gets the
 //! same bits alone or in any batch, at any thread count.
 
+use super::quant::{with_scales, Kernels};
 use super::weight_gemm::{in_pieces, Shape};
 use crate::plan::{QuantBits, QuantWeight};
 
 /// Values of an activation block: the only block this path takes (the weights' too).
-pub(crate) const QBLOCK: usize = 32;
+pub(crate) const QBLOCK: usize = ngpt_schemas::plan::INT8_ACT_BLOCK as usize;
 
 /// Weight rows per piece of work.
 const ROWS_PER_PIECE: usize = 64;
@@ -114,24 +115,19 @@ pub(crate) fn quantize_row(x: &[f32], bits: QuantBits, out: &mut ActRow) {
     }
 }
 
-/// Int4: the stored nibble of entry `j` of a row.
-#[inline(always)]
-fn nibble(row: &[u8], j: usize) -> i32 {
-    i32::from((row[j / 2] >> (4 * (j % 2))) & 0x0f)
-}
-
-/// The portable dot product of one weight row (its bytes and widened scales) with a
+/// The portable dot product of one row of `w` (its bytes and widened scales) with a
 /// quantized activation row: the module documentation's operations in its order.
-fn dot(bits: QuantBits, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32 {
+fn dot(w: &QuantWeight, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32 {
     let nb = k / QBLOCK;
+    let q_w = |j: usize| i32::from(w.int(row, j));
     let mut acc = [0f32; 8];
-    match bits {
+    match w.bits {
         QuantBits::Int8 => {
             for (b, &dw) in scales[..nb].iter().enumerate() {
                 let s = dw * a.d[8 * b];
                 for (l, acc) in acc.iter_mut().enumerate() {
                     let i: i32 = (QBLOCK * b + 4 * l..QBLOCK * b + 4 * l + 4)
-                        .map(|j| i32::from(row[j] as i8) * i32::from(a.q[j]))
+                        .map(|j| q_w(j) * i32::from(a.q[j]))
                         .sum();
                     *acc = (i as f32).mul_add(s, *acc);
                 }
@@ -153,8 +149,8 @@ fn dot(bits: QuantBits, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32
                     for t in 0..4 {
                         let e = 4 * lane + t; // byte of the block
                         let j = QBLOCK * b + 2 * e;
-                        i += (nibble(row, j) - 8) * i32::from(q[16 * h + e])
-                            + (nibble(row, j + 1) - 8) * i32::from(q[32 + 16 * h + e]);
+                        i += q_w(j) * i32::from(q[16 * h + e])
+                            + q_w(j + 1) * i32::from(q[32 + 16 * h + e]);
                     }
                     let s = scales[b] * a.d[p * 8 + l];
                     *acc = (i as f32).mul_add(s, *acc);
@@ -255,24 +251,15 @@ unsafe fn dots_avx2<const R: usize>(
     acc.map(|v| super::sum_tree::sum8_avx(v))
 }
 
-/// Whether this CPU runs the AVX2 body.
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// Runs the GEMM `C = alpha W x^T + beta C` with `x`'s rows quantized (`w.act_block` 32,
 /// `s.k == w.k` a multiple of 32: the plan's validation holds both; the executor has
 /// checked x and c). Any number of activation rows.
 pub(crate) fn gemm(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
-    gemm_with(avx2(), s, w, x, c)
+    gemm_with(Kernels::detect(), s, w, x, c)
 }
 
-fn gemm_with(simd: bool, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
+/// [`gemm`] with the given kernels (the portable ones where `kern.avx2` is false).
+fn gemm_with(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     if s.m == 0 || s.n == 0 {
         return;
     }
@@ -298,14 +285,14 @@ fn gemm_with(simd: bool, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
         .collect();
     let (rb, nb, k) = (w.row_bytes(), w.n_blocks(), s.k);
     in_pieces(s, ROWS_PER_PIECE, c, |m0, rows, out| {
-        super::quant::with_scales(w, m0, rows, |scales| {
+        with_scales(kern, w, m0, rows, |scales| {
             for (j, a) in acts.iter().enumerate() {
                 let out = &mut out[j * rows..(j + 1) * rows];
                 let mut i = 0;
                 #[cfg(target_arch = "x86_64")]
-                if simd {
+                if kern.avx2 {
                     while i + 4 <= rows {
-                        // SAFETY: AVX2 and FMA are present (`avx2`); rows m0 + i.. + 4
+                        // SAFETY: AVX2 and FMA are present (`Kernels::detect`); rows m0 + i.. + 4
                         // exist (the piece's), each rb bytes with nb scales; `a` was
                         // quantized from k values for w.bits.
                         let v = unsafe {
@@ -339,12 +326,10 @@ fn gemm_with(simd: bool, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
                         i += 1;
                     }
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = simd;
                 for (i, o) in out.iter_mut().enumerate().skip(i) {
                     let r = m0 + i;
                     *o = dot(
-                        w.bits,
+                        w,
                         &w.data[r * rb..(r + 1) * rb],
                         &scales[i * nb..(i + 1) * nb],
                         a,
@@ -474,7 +459,7 @@ mod tests {
 
     #[test]
     fn the_avx2_body_is_bitwise_the_portable_one() {
-        if !avx2() {
+        if !Kernels::detect().avx2 {
             eprintln!("no AVX2 on this CPU: the portable body is the only one");
             return;
         }
@@ -484,12 +469,16 @@ mod tests {
                 let n = 2;
                 let s = shape(m, n, k);
                 let x = xs(n, k);
-                let run = |simd| {
+                let run = |kern| {
                     let mut c = vec![f32::NAN; n * s.ldc];
-                    gemm_with(simd, s, &w, &x, &mut c);
+                    gemm_with(kern, s, &w, &x, &mut c);
                     bits_of(&c)
                 };
-                assert_eq!(run(true), run(false), "{bits:?} m{m} k{k}");
+                assert_eq!(
+                    run(Kernels::detect()),
+                    run(Kernels::portable()),
+                    "{bits:?} m{m} k{k}"
+                );
             }
         }
     }

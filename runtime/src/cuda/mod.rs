@@ -131,7 +131,7 @@ pub fn unavailable() -> Option<String> {
 /// Why the CUDA executor refuses `plan` on any device (`None`: it takes it): a plan whose
 /// quantized GEMMs quantize their activations to int8 (`ngpt compile --quant-activations
 /// int8`; no CUDA kernel computes that yet). Callers choosing an engine ask this before
-/// picking the GPU, as [`CudaExecutor`](executor::CudaExecutor) does before any device work.
+/// picking the GPU, as [`CudaExecutor`] does before any device work.
 pub fn refuses(plan: &crate::plan::LoadedPlan) -> Option<String> {
     let i = plan
         .weights()
