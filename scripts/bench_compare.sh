@@ -7,13 +7,15 @@
 # then weight-only int8 and int4 (`--dtype int8|int4`, default block 32 and lm_head): ngpt
 # plan-cpu on model.plan beside onnxruntime on the same directory's model.onnx (the same
 # integers and scales as com.microsoft MatMulNBits), each quantized row's ratio taken to
-# ngpt's row of the same format.
+# ngpt's row of the same format; then int8a and int4a, the same with int8 activations
+# (`--quant-activations int8`: the plan's integer GEMMs, and MatMulNBits accuracy_level 4, so
+# onnxruntime runs its own int8-activation kernels on the same model.onnx).
 # GPU (when nvidia-smi works): ngpt plan-cuda (bf16 plan), onnxruntime CUDA (if its
 # provider loads), PyTorch as NVIDIA's model.py runs (bf16, no KV cache) and PyTorch with
 # a static KV cache under torch.compile (scripts/torch_ngpt.py).
 # Env: NGPT (default target/release/ngpt), PYTHON (default python3; needs numpy and
-# onnxruntime, torch for the GPU rows), QUANT (default "int8 int4"; empty for no quantized
-# rows). Prints one table with ratios to ngpt's decode rate.
+# onnxruntime, torch for the GPU rows), QUANT (default "int8 int4 int8a int4a"; empty for no
+# quantized rows). Prints one table with ratios to ngpt's decode rate.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 ckpt="${1:?usage: bench_compare.sh CHECKPOINT_DIR [PROMPT_LEN [GEN_LEN [BATCH]]]}"
@@ -24,10 +26,13 @@ tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 "$NGPT" compile "$ckpt" -o "$tmp/f32" --max-seq-len $((p + g + 8)) >/dev/null
 gpu=0; nvidia-smi >/dev/null 2>&1 && gpu=1
 "$NGPT" compile "$ckpt" -o "$tmp/bf16" --dtype bf16 --max-seq-len $((p + g + 8)) >/dev/null
-QUANT="${QUANT-int8 int4}"
+QUANT="${QUANT-int8 int4 int8a int4a}"
 for q in $QUANT; do
-  # model.plan and model.onnx of one compile: the same quantized weights.
-  "$NGPT" compile "$ckpt" -o "$tmp/$q" --dtype "$q" --max-seq-len $((p + g + 8)) >/dev/null
+  # model.plan and model.onnx of one compile: the same quantized weights. A trailing `a`:
+  # int8 activations.
+  acts=(); [[ $q == *a ]] && acts=(--quant-activations int8)
+  "$NGPT" compile "$ckpt" -o "$tmp/$q" --dtype "${q%a}" --onnx-dtype "${q%a}" "${acts[@]}" \
+    --max-seq-len $((p + g + 8)) >/dev/null
 done
 
 rows="$tmp/rows.jsonl"; : > "$rows"
@@ -60,9 +65,12 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 p, g, b = sys.argv[2:5]
 base = {}
 quant = {}
+def fmt_of(name):
+    # "(int4a" before "(int4": the longer names first.
+    return next((q for q in ("int8a", "int4a", "int8", "int4") if f"({q}" in name), None)
 for r in rows:
     if r["name"].startswith("ngpt") and "decode_tokens_per_s" in r:
-        fmt = next((q for q in ("int8", "int4") if f"({q}" in r["name"]), None)
+        fmt = fmt_of(r["name"])
         if fmt:
             quant[fmt] = r["decode_tokens_per_s"]
             continue
@@ -71,7 +79,7 @@ for r in rows:
 ref = base.get("plan-cuda") or base.get("plan-cpu")
 # A quantized row's reference: ngpt plan-cpu on the same format.
 def ref_of(name):
-    fmt = next((q for q in ("int8", "int4") if f"({q}" in name), None)
+    fmt = fmt_of(name)
     return quant.get(fmt) if fmt else ref
 print(f"prompt {p} tokens, {g} generated, batch {b}; ratio = ngpt's decode rate / this row's")
 print(f"{'engine':<38} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token':>12} {'load':>10} {'ngpt is':>9}")

@@ -70,8 +70,9 @@ pub struct Format {
     /// Rescale each row's block scales so the dequantized row keeps the source row's norm.
     pub renorm: bool,
     /// The plan's GEMMs with this matrix quantize their activations to int8 in blocks of
-    /// 32 (plan `Quant.act_block`); the graph's meaning (the IR, model.onnx) is the
-    /// weight-only product either way.
+    /// 32 (plan `Quant.act_block`), and model.onnx's MatMulNBits says `accuracy_level` 4
+    /// (onnxruntime may do the same); the graph's meaning (the IR, model.onnx read by a
+    /// runtime that ignores the attribute) is the weight-only product either way.
     pub act_int8: bool,
 }
 
@@ -100,9 +101,10 @@ pub struct Options {
     pub renorm: bool,
     /// Bits of lm_head; `None` keeps it in float.
     pub lm_head: Option<Bits>,
-    /// The plan's GEMMs with the layers' quantized matrices quantize their activations to
-    /// int8 in blocks of 32 (needs `block` 32; lm_head keeps f32 activations): faster on a
-    /// CPU, less accurate (BENCHMARKS.md measures both). Off by default.
+    /// The plan's GEMMs with the quantized matrices (the layers' and a quantized lm_head)
+    /// quantize their activations to int8 in blocks of 32 (needs `block` 32), and
+    /// model.onnx's MatMulNBits for them say `accuracy_level` 4: faster on a CPU, less
+    /// accurate (BENCHMARKS.md measures both). Off by default.
     #[serde(default)]
     pub act_int8: bool,
 }

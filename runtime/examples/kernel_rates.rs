@@ -9,8 +9,8 @@
 //!
 //! Prints, per format (`int8a` and `int4a`: with int8 activations), giga-weights a second
 //! (and the weight bytes a second that makes);
-//! then the f32 and bf16 tiles' rate over 8, 64 and 128 activation rows (a prompt's
-//! prefill), in GFLOP/s.
+//! then each format's rate over 8, 64 and 128 activation rows (a prompt's prefill), in
+//! GFLOP/s.
 //! A format whose in-cache rate on all cores is below what its bytes allow at the machine's
 //! read bandwidth is bound by its arithmetic, not by memory.
 
@@ -137,7 +137,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!("weight GEMM rates over a prompt's rows (GFLOP/s; 2304 x 768 weights, the small preset's qkv, in cache)");
-    for name in ["f32", "bf16"] {
+    for name in ["f32", "bf16", "int8", "int4", "int8a", "int4a"] {
         for n in [8, 64, 128] {
             let (rows, k) = (2304, 768);
             let mut f = gemm_of(name, rows, n, k);
@@ -147,6 +147,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "  {name:>4}, {n:>3} rows: 1 thread {:6.1} GFLOP/s; {threads} threads {:6.1} GFLOP/s",
                 gf(t1),
+                gf(tn)
+            );
+        }
+    }
+    println!("the same from memory (GFLOP/s; 24576 x 768 weights: 72 MiB f32, each GEMM reads them once)");
+    for name in ["f32", "bf16"] {
+        for n in [8, 32, 64, 128] {
+            let (rows, k) = (24576, 768);
+            let mut f = gemm_of(name, rows, n, k);
+            let tn = time(&mut f);
+            let gf = |t: f64| 2.0 * (rows * n * k) as f64 / t / 1e9;
+            println!(
+                "  {name:>4}, {n:>3} rows: {threads} threads {:6.1} GFLOP/s",
                 gf(tn)
             );
         }

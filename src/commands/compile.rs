@@ -55,13 +55,14 @@ pub struct Args {
     /// the float matrices are).
     #[arg(long, value_enum, default_value = "int8")]
     quant_lm_head: LmHead,
-    /// Activations of the plan's GEMMs with the layers' int8/int4 matrices: `f32` (the
-    /// default: weight-only, within f32 rounding of the dequantized weights' product), or
-    /// `int8`: each activation row quantized in blocks of 32 (needs `--quant-block 32`) and
-    /// integer dot products, as llama.cpp's Q8_0 activations and onnxruntime's MatMulNBits
-    /// accuracy_level 4 do: faster decode on a CPU, less accurate (`ngpt validate` and
-    /// `ngpt perplexity` measure it). lm_head keeps f32 activations; model.onnx and the
-    /// IR stay weight-only; the CUDA executor refuses such a plan.
+    /// Activations of the GEMMs with int8/int4 matrices: `f32` (the default:
+    /// weight-only, within f32 rounding of the dequantized weights' product), or `int8`:
+    /// each activation row quantized in blocks of 32 (needs `--quant-block 32`) and integer
+    /// dot products, as llama.cpp's Q8_0 activations do: faster on a CPU, less accurate
+    /// (`ngpt validate` and `ngpt perplexity` measure it). It applies to the int8/int4 plan
+    /// (`--dtype`), whose CUDA executor refuses it, and to the int8/int4 model.onnx
+    /// (`--onnx-dtype`), whose MatMulNBits then say accuracy_level 4 (onnxruntime's int8
+    /// activations), lm_head included where it is int8/int4; the IR stays weight-only.
     #[arg(long, value_enum, default_value = "f32")]
     quant_activations: Activations,
     /// Write no model.onnx (nor genai_config.json): a directory for the plan engines only.
@@ -126,9 +127,9 @@ fn quantize_options(a: &Args) -> Result<Option<ngpt_compiler::quant::Options>> {
         OnnxDtype::Int4 => Some(Bits::Int4),
     };
     let act_int8 = a.quant_activations == Activations::Int8;
-    if act_int8 && plan_bits.is_none() {
+    if act_int8 && plan_bits.is_none() && (onnx_bits.is_none() || a.no_onnx) {
         anyhow::bail!(
-            "--quant-activations int8 is how the plan's GEMMs run: give --dtype int8 or int4 (model.onnx stays weight-only)"
+            "--quant-activations int8 is how int8/int4 GEMMs run: give --dtype int8|int4 (the plan) or --onnx-dtype int8|int4 (model.onnx)"
         );
     }
     let bits = match (plan_bits, onnx_bits) {

@@ -183,8 +183,11 @@ impl Emit<'_, '_> {
     /// `x @ W^T` for a quantized weight `W` `[N, K]` (node `w`): onnxruntime's
     /// `com.microsoft` MatMulNBits, `B` the packed integers `[N, n_blocks, blob]` (unsigned,
     /// the default zero point 2^(bits-1)), `scales` f32 `[N * n_blocks]` (the f16 block
-    /// scales widened exactly), `accuracy_level` 0 (activations stay f32). Made a block of
-    /// rows at a time.
+    /// scales widened exactly), `accuracy_level` 0 (activations stay f32), or 4 where the
+    /// compile asked for int8 activations (the format's `act_int8`: onnxruntime may then
+    /// quantize the activations to int8 per block, as the plan does; the graph's meaning
+    /// stays the weight-only product, which a runtime that ignores the attribute computes).
+    /// Made a block of rows at a time.
     fn matmul_nbits(
         &mut self,
         scope: &str,
@@ -241,7 +244,10 @@ impl Emit<'_, '_> {
                 ("N", Attr::Int(n as i64)),
                 ("bits", Attr::Int(fmt.bits.bits() as i64)),
                 ("block_size", Attr::Int(fmt.block as i64)),
-                ("accuracy_level", Attr::Int(0)),
+                (
+                    "accuracy_level",
+                    Attr::Int(if fmt.act_int8 { 4 } else { 0 }),
+                ),
             ],
             out,
         )

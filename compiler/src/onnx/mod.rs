@@ -341,7 +341,8 @@ fn quantization(g: &Graph) -> Option<String> {
     let list: Vec<String> = formats.iter().map(|(f, n)| format!("{n} x {f}")).collect();
     Some(format!(
         "weight-only, symmetric, blocks along K, f16 block scales (widened to f32) as \
-         com.microsoft MatMulNBits (zero point 2^(bits-1), accuracy_level 0): {}; \
+         com.microsoft MatMulNBits (zero point 2^(bits-1), accuracy_level 0, or 4 for the \
+         act-int8 ones: onnxruntime may quantize their activations to int8): {}; \
          values are scale * (code - zero point)",
         list.join(", ")
     ))

@@ -71,14 +71,16 @@ pub fn rule(g: &Graph, id: NodeId, opts: &Options) -> Result<Outcome> {
             "`{name}` has other users; quantizing it would change them"
         )));
     }
-    let lm_head = name.starts_with("lm_head");
     let k = c.dims()[1];
     let fmt = Format {
         bits,
         block: opts.block,
         renorm: opts.renorm && unit_rows(name),
-        // `opts.block` is ACT_BLOCK where act_int8 is asked (`Options::check`).
-        act_int8: opts.act_int8 && !lm_head && k % crate::quant::ACT_BLOCK == 0,
+        // `opts.block` is ACT_BLOCK where act_int8 is asked (`Options::check`). lm_head too:
+        // onnxruntime's fast MatMulNBits path is its int8-activation one (accuracy_level 4;
+        // an lm_head left at 0 made its decode 14x slower), and the plan computes what it
+        // computes.
+        act_int8: opts.act_int8 && k % crate::quant::ACT_BLOCK == 0,
     };
     let q = c.quantized(fmt).ctx("quantize")?;
     let mut p = Patch::new(g);
@@ -88,14 +90,10 @@ pub fn rule(g: &Graph, id: NodeId, opts: &Options) -> Result<Outcome> {
     let out = p.node(node.name.clone(), Op::MatMulT, inputs);
     p.replace(id, out);
     if opts.act_int8 && !fmt.act_int8 {
-        p.note(if lm_head {
-            format!("`{name}`: lm_head keeps f32 activations (int8 activations are for the layers' matrices)")
-        } else {
-            format!(
-                "`{name}` keeps f32 activations: int8 activations need blocks of {} along K, and K = {k}",
-                crate::quant::ACT_BLOCK
-            )
-        });
+        p.note(format!(
+            "`{name}` keeps f32 activations: int8 activations need blocks of {} along K, and K = {k}",
+            crate::quant::ACT_BLOCK
+        ));
     }
     if opts.renorm && !fmt.renorm {
         p.note(if name.contains("c_proj") {

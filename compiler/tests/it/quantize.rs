@@ -1,7 +1,8 @@
 //! The quantize pass: it fires on every matmul weight, its dequantized weights are an
 //! independent dequantization of its integers and scales and quantize the source within
 //! half a step, renormalized rows keep their source norm, odd K (a short last block) works,
-//! and the int4 model.onnx runs in tract at parity with the IR on the same weights.
+//! the int4 model.onnx runs in tract at parity with the IR on the same weights, and its
+//! int8-activation matrices say MatMulNBits accuracy_level 4.
 
 use std::path::Path;
 
@@ -48,6 +49,44 @@ fn quantized(ckpt: &Checkpoint, q: quant::Options) -> Result<compile::Compiled> 
             ..Default::default()
         },
     )?)
+}
+
+/// `c` exported to ONNX (its bytes and its graph), as `ngpt compile` writes it.
+fn exported(
+    ckpt: &Checkpoint,
+    c: &compile::Compiled,
+) -> Result<(Vec<u8>, ngpt_schemas::onnx::GraphProto)> {
+    use ngpt_schemas::prost::Message;
+    let info = onnx::ModelInfo::new(ckpt, &c.records)?;
+    let e = onnx::export(&c.graph, &info, &onnx::Options::for_config(&ckpt.config))?;
+    let model = ngpt_schemas::onnx::ModelProto::decode(&e.model[..])?;
+    assert!(model
+        .opset_import
+        .iter()
+        .any(|o| o.domain.as_deref() == Some("com.microsoft")));
+    Ok((e.model, model.graph.expect("a graph")))
+}
+
+/// tract on `model` beside the IR of `c` (f32) on 19 tokens: within 1e-5, every top-1
+/// agreeing (`what` names the case in a failure).
+fn tract_equals_the_ir(
+    c: &compile::Compiled,
+    model: &[u8],
+    vocab: usize,
+    what: &str,
+) -> Result<()> {
+    let s = Session::from_bytes(model)?;
+    let toks: Vec<u32> = (0..19).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let pos: Vec<u32> = (0..19).collect();
+    let ir = interp::run(&c.graph, &toks, &pos, Precision::F32)?[0]
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let t: Vec<f64> = s.logits(&toks)?.into_iter().map(f64::from).collect();
+    let cmp = compare(&t, &ir, vocab);
+    assert!(cmp.rel_err < 1e-5, "{what}: {}", cmp.rel_err);
+    assert_eq!(cmp.top1_agree, toks.len(), "{what}");
+    Ok(())
 }
 
 fn f64s(c: &ngpt_compiler::graph::Const) -> Result<Vec<f64>> {
@@ -242,17 +281,7 @@ fn int4_onnx_runs_in_tract_at_parity_with_the_ir_on_the_same_weights() -> Result
         opts.lm_head = Some(Bits::Int4);
         opts.renorm = true;
         let c = quantized(&ckpt, opts)?;
-        let info = onnx::ModelInfo::new(&ckpt, &c.records)?;
-        let exported = onnx::export(&c.graph, &info, &onnx::Options::for_config(&ckpt.config))?;
-        let model = {
-            use ngpt_schemas::prost::Message;
-            ngpt_schemas::onnx::ModelProto::decode(&exported.model[..])?
-        };
-        assert!(model
-            .opset_import
-            .iter()
-            .any(|o| o.domain.as_deref() == Some("com.microsoft")));
-        let graph = model.graph.expect("a graph");
+        let (model, graph) = exported(&ckpt, &c)?;
         let nbits = graph
             .node
             .iter()
@@ -263,18 +292,52 @@ fn int4_onnx_runs_in_tract_at_parity_with_the_ir_on_the_same_weights() -> Result
             .node
             .iter()
             .any(|n| n.op_type.as_deref() == Some("MatMul") && n.input[1].contains("weight")));
-        let s = Session::from_bytes(&exported.model)?;
-        let v = ckpt.config.vocab_size;
-        let toks: Vec<u32> = (0..19).map(|i| ((i * 7919 + 13) % v) as u32).collect();
-        let pos: Vec<u32> = (0..19).collect();
-        let ir = interp::run(&c.graph, &toks, &pos, Precision::F32)?[0]
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let t: Vec<f64> = s.logits(&toks)?.into_iter().map(f64::from).collect();
-        let cmp = compare(&t, &ir, v);
-        assert!(cmp.rel_err < 1e-5, "block {block}: {}", cmp.rel_err);
-        assert_eq!(cmp.top1_agree, toks.len(), "block {block}");
+        tract_equals_the_ir(
+            &c,
+            &model,
+            ckpt.config.vocab_size,
+            &format!("block {block}"),
+        )?;
     }
+    Ok(())
+}
+
+/// `act_int8` matrices (`--quant-activations int8`: every quantized one, lm_head too) say
+/// MatMulNBits `accuracy_level` 4 in model.onnx (onnxruntime may quantize their
+/// activations to int8, as the plan does). The graph's meaning is unchanged: tract,
+/// which does not quantize activations, computes the weight-only product at parity with
+/// the IR.
+#[test]
+fn int8_activation_matrices_say_accuracy_level_4_and_keep_the_weight_only_meaning() -> Result<()> {
+    let ckpt = nv_tiny()?;
+    let mut opts = quant::Options::new(Bits::Int4);
+    opts.act_int8 = true;
+    // tract reads 4-bit MatMulNBits only.
+    opts.lm_head = Some(Bits::Int4);
+    let c = quantized(&ckpt, opts)?;
+    let (model, graph) = exported(&ckpt, &c)?;
+    let mut levels = std::collections::BTreeMap::<(bool, i64), usize>::new();
+    for n in graph
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("MatMulNBits"))
+    {
+        let level = n
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some("accuracy_level"))
+            .and_then(|a| a.i)
+            .expect("an accuracy_level");
+        *levels
+            .entry((n.input[1].starts_with("lm_head"), level))
+            .or_default() += 1;
+    }
+    let want = [((false, 4), 4 * ckpt.config.n_layer), ((true, 4), 1)];
+    assert_eq!(
+        levels,
+        want.into_iter().collect(),
+        "(lm_head, level): count"
+    );
+    tract_equals_the_ir(&c, &model, ckpt.config.vocab_size, "act-int8")?;
     Ok(())
 }

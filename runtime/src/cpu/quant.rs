@@ -309,8 +309,8 @@ fn split_units(x: &[f32], out: &mut [f32]) {
 pub(super) struct Kernels {
     /// AVX2 and FMA are present (only [`Kernels::detect`] sets it).
     pub(super) avx2: bool,
-    /// F16C is present.
-    f16c: bool,
+    /// F16C is present (the int8-activation kernels widen their scales in registers).
+    pub(super) f16c: bool,
 }
 
 impl Kernels {
@@ -553,13 +553,7 @@ thread_local! {
 /// Runs `f` on the widened scales of rows `m0..m0 + rows` of `w` (`n_blocks` a row), in
 /// the thread's scratch: grown once, not allocated and zeroed per piece (as many f32 as a
 /// step has blocks, tens of MB).
-pub(super) fn with_scales(
-    kern: Kernels,
-    w: &QuantWeight,
-    m0: usize,
-    rows: usize,
-    f: impl FnOnce(&[f32]),
-) {
+fn with_scales(kern: Kernels, w: &QuantWeight, m0: usize, rows: usize, f: impl FnOnce(&[f32])) {
     let nb = w.n_blocks();
     SCALES.with_borrow_mut(|scales| {
         if scales.len() < rows * nb {

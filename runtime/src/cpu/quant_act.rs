@@ -26,8 +26,9 @@
 //! an order that depends only on its weight row and activation row, so a sequence gets the
 //! same bits alone or in any batch, at any thread count.
 
-use super::quant::{with_scales, Kernels};
+use super::quant::Kernels;
 use super::weight_gemm::{in_pieces, Shape};
+use crate::plan::widen_f16;
 use crate::plan::{QuantBits, QuantWeight};
 
 /// Values of an activation block: the only block this path takes (the weights' too).
@@ -115,16 +116,16 @@ pub(crate) fn quantize_row(x: &[f32], bits: QuantBits, out: &mut ActRow) {
     }
 }
 
-/// The portable dot product of one row of `w` (its bytes and widened scales) with a
+/// The portable dot product of one row of `w` (its bytes and its f16 scales' bits) with a
 /// quantized activation row: the module documentation's operations in its order.
-fn dot(w: &QuantWeight, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32 {
+fn dot(w: &QuantWeight, row: &[u8], scales: &[u16], a: &ActRow, k: usize) -> f32 {
     let nb = k / QBLOCK;
     let q_w = |j: usize| i32::from(w.int(row, j));
     let mut acc = [0f32; 8];
     match w.bits {
         QuantBits::Int8 => {
             for (b, &dw) in scales[..nb].iter().enumerate() {
-                let s = dw * a.d[8 * b];
+                let s = widen_f16(dw) * a.d[8 * b];
                 for (l, acc) in acc.iter_mut().enumerate() {
                     let i: i32 = (QBLOCK * b + 4 * l..QBLOCK * b + 4 * l + 4)
                         .map(|j| q_w(j) * i32::from(a.q[j]))
@@ -152,7 +153,7 @@ fn dot(w: &QuantWeight, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32
                         i += q_w(j) * i32::from(q[16 * h + e])
                             + q_w(j + 1) * i32::from(q[32 + 16 * h + e]);
                     }
-                    let s = scales[b] * a.d[p * 8 + l];
+                    let s = widen_f16(scales[b]) * a.d[p * 8 + l];
                     *acc = (i as f32).mul_add(s, *acc);
                 }
             }
@@ -161,29 +162,39 @@ fn dot(w: &QuantWeight, row: &[u8], scales: &[f32], a: &ActRow, k: usize) -> f32
     super::sum_tree::sum8(acc)
 }
 
-/// `R` rows' dot products with one activation row in AVX2 registers: rows `row + r * rb`
-/// (`rb` bytes a row), widened scales `sc + r * nb`; bitwise [`dot`].
+/// `R` rows' dot products with each of `C` activation rows in AVX2 registers: rows `row +
+/// r * rb` (`rb` bytes a row), f16 scales `sc + r * nb` (widened here, exactly: a separate
+/// widening pass over each piece's scales was 7.7% of an int4 decode, most of it waiting
+/// on memory for the scales); `out[c][r]` is bitwise [`dot`]
+/// of row `r` with `acts[c]` (each pair has its own accumulator and the same operations in
+/// the same order, whatever `R` and `C`: several activation rows share the loads and the
+/// unpacking of each weight block, nothing else).
 ///
 /// # Safety
-/// AVX2 and FMA are present; the `R` rows hold `k` entries (`k` a multiple of 32) and
-/// their `k / 32` scales; `a` was quantized from `k` values for these bits.
+/// AVX2, FMA and F16C are present; the `R` rows hold `k` entries (`k` a multiple of 32)
+/// and their `k / 32` scales; each of `acts` was quantized from `k` values for these bits.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2<const R: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_avx2<const R: usize, const C: usize>(
     bits: QuantBits,
     row: *const u8,
     rb: usize,
-    sc: *const f32,
+    sc: *const u16,
     nb_row: usize,
-    a: &ActRow,
+    acts: [&ActRow; C],
     k: usize,
-) -> [f32; R] {
+) -> [[f32; R]; C] {
     use std::arch::x86_64::*;
     let nb = k / QBLOCK;
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [[_mm256_setzero_ps(); R]; C];
     // The next calls' rows (a prefetch past the weights never faults): rows lie one after
     // another, as in `quant`'s kernels.
     let next = row.wrapping_add(2 * R * rb);
+    // And their scales, at the start: R rows' are R * nb * 2 bytes.
+    let next_sc = sc.wrapping_add(2 * R * nb_row).cast::<u8>();
+    for off in (0..R * nb_row * 2).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(next_sc.wrapping_add(off).cast());
+    }
     let ones = _mm256_set1_epi16(1);
     match bits {
         QuantBits::Int8 => {
@@ -192,16 +203,21 @@ unsafe fn dots_avx2<const R: usize>(
                 let at = next.wrapping_add(b * R * QBLOCK);
                 _mm_prefetch::<_MM_HINT_T0>(at.cast());
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64).cast());
-                // SAFETY (loads): block b lies inside every row and the activation row.
-                let qx = _mm256_loadu_si256(a.q.as_ptr().add(QBLOCK * b).cast());
-                let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * b));
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for r in 0..R {
+                    // SAFETY (loads): block b lies inside every row and activation row.
                     let w = _mm256_loadu_si256(row.add(r * rb + QBLOCK * b).cast());
-                    // |w| * (q_x with w's sign): exact, at most 2 * 128 * 127 a pair.
-                    let s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(qx, w));
-                    let i = _mm256_madd_epi16(s16, ones);
-                    let s = _mm256_mul_ps(_mm256_set1_ps(*sc.add(r * nb_row + b)), dx);
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, *acc);
+                    let aw = _mm256_abs_epi8(w);
+                    let h = _mm_cvtsi32_si128(i32::from(*sc.add(r * nb_row + b)));
+                    let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(h));
+                    for (acc, a) in acc.iter_mut().zip(acts) {
+                        let qx = _mm256_loadu_si256(a.q.as_ptr().add(QBLOCK * b).cast());
+                        let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * b));
+                        // |w| * (q_x with w's sign): exact, at most 2 * 128 * 127 a pair.
+                        let s16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, w));
+                        let i = _mm256_madd_epi16(s16, ones);
+                        let s = _mm256_mul_ps(dw, dx);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc[r]);
+                    }
                 }
             }
         }
@@ -214,41 +230,51 @@ unsafe fn dots_avx2<const R: usize>(
                 let at = next.wrapping_add(p * R * 32);
                 _mm_prefetch::<_MM_HINT_T0>(at.cast());
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64).cast());
-                let qlo = _mm256_loadu_si256(a.q.as_ptr().add(64 * p).cast());
-                let qhi = _mm256_loadu_si256(a.q.as_ptr().add(64 * p + 32).cast());
-                let corr = _mm256_loadu_si256(a.corr.as_ptr().add(8 * p).cast());
-                let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * p));
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for r in 0..R {
                     let (w, dw) = if p < whole {
                         // Two blocks: 32 bytes, two scales.
                         let w = _mm256_loadu_si256(row.add(r * rb + 32 * p).cast());
-                        let s2 =
-                            _mm_castsi128_ps(_mm_loadl_epi64(sc.add(r * nb_row + 2 * p).cast()));
-                        (w, s2)
+                        let h2 = sc.add(r * nb_row + 2 * p).cast::<i32>().read_unaligned();
+                        (w, _mm_cvtph_ps(_mm_cvtsi32_si128(h2)))
                     } else {
                         // The last, odd block alone: 16 bytes (the rest 0: adds 0) and
                         // its scale (the other lanes' 0).
                         let w = _mm256_zextsi128_si256(_mm_loadu_si128(
                             row.add(r * rb + 32 * p).cast(),
                         ));
-                        (w, _mm_load_ss(sc.add(r * nb_row + 2 * p)))
+                        let h = i32::from(*sc.add(r * nb_row + 2 * p));
+                        (w, _mm_cvtph_ps(_mm_cvtsi32_si128(h)))
                     };
                     let lo = _mm256_and_si256(w, m);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m);
-                    // Nibbles (0..15) times q_x: at most 2 * 15 * 127 a pair, twice.
-                    let s16 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, qlo),
-                        _mm256_maddubs_epi16(hi, qhi),
-                    );
-                    let i = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), corr);
                     let dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), idx);
-                    let s = _mm256_mul_ps(dw, dx);
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, *acc);
+                    for (acc, a) in acc.iter_mut().zip(acts) {
+                        let qlo = _mm256_loadu_si256(a.q.as_ptr().add(64 * p).cast());
+                        let qhi = _mm256_loadu_si256(a.q.as_ptr().add(64 * p + 32).cast());
+                        let corr = _mm256_loadu_si256(a.corr.as_ptr().add(8 * p).cast());
+                        let dx = _mm256_loadu_ps(a.d.as_ptr().add(8 * p));
+                        // Nibbles (0..15) times q_x: at most 2 * 15 * 127 a pair, twice.
+                        let s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, qlo),
+                            _mm256_maddubs_epi16(hi, qhi),
+                        );
+                        let i = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), corr);
+                        let s = _mm256_mul_ps(dw, dx);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc[r]);
+                    }
                 }
             }
         }
     }
-    acc.map(|v| super::sum_tree::sum8_avx(v))
+    // Loops, not `map` closures: those were calls the compiler did not inline (8% of a
+    // prompt's time).
+    let mut out = [[0f32; R]; C];
+    for (out, acc) in out.iter_mut().zip(&acc) {
+        for (o, &v) in out.iter_mut().zip(acc) {
+            *o = super::sum_tree::sum8_avx(v);
+        }
+    }
+    out
 }
 
 /// Runs the GEMM `C = alpha W x^T + beta C` with `x`'s rows quantized (`w.act_block` 32,
@@ -283,68 +309,105 @@ fn gemm_with(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32])
             a
         })
         .collect();
-    let (rb, nb, k) = (w.row_bytes(), w.n_blocks(), s.k);
     in_pieces(s, ROWS_PER_PIECE, c, |m0, rows, out| {
-        with_scales(kern, w, m0, rows, |scales| {
-            for (j, a) in acts.iter().enumerate() {
-                let out = &mut out[j * rows..(j + 1) * rows];
-                let mut i = 0;
-                #[cfg(target_arch = "x86_64")]
-                if kern.avx2 {
-                    while i + 4 <= rows {
-                        // SAFETY: AVX2 and FMA are present (`Kernels::detect`); rows m0 + i.. + 4
-                        // exist (the piece's), each rb bytes with nb scales; `a` was
-                        // quantized from k values for w.bits.
-                        let v = unsafe {
-                            dots_avx2::<4>(
-                                w.bits,
-                                w.data[(m0 + i) * rb..].as_ptr(),
-                                rb,
-                                scales[i * nb..].as_ptr(),
-                                nb,
-                                a,
-                                k,
-                            )
-                        };
-                        out[i..i + 4].copy_from_slice(&v);
-                        i += 4;
-                    }
-                    while i < rows {
-                        // SAFETY: as above, one row.
-                        let [v] = unsafe {
-                            dots_avx2::<1>(
-                                w.bits,
-                                w.data[(m0 + i) * rb..].as_ptr(),
-                                rb,
-                                scales[i * nb..].as_ptr(),
-                                nb,
-                                a,
-                                k,
-                            )
-                        };
-                        out[i] = v;
-                        i += 1;
-                    }
-                }
-                for (i, o) in out.iter_mut().enumerate().skip(i) {
-                    let r = m0 + i;
-                    *o = dot(
-                        w,
-                        &w.data[r * rb..(r + 1) * rb],
-                        &scales[i * nb..(i + 1) * nb],
-                        a,
-                        k,
-                    );
-                }
+        let mut j = 0;
+        #[cfg(target_arch = "x86_64")]
+        if kern.avx2 && kern.f16c {
+            // SAFETY (both calls): AVX2, FMA and F16C are present (`Kernels::detect`); the
+            // piece's rows m0.. exist with their scales; the activation rows were quantized
+            // from s.k == w.k values for w.bits (the assert above).
+            while j + ACT_ROWS <= acts.len() {
+                let a = std::array::from_fn(|c| &acts[j + c]);
+                unsafe { piece_avx2::<WEIGHT_ROWS, ACT_ROWS>(w, m0, rows, a, j, out) };
+                j += ACT_ROWS;
             }
-        })
+            while j < acts.len() {
+                unsafe { piece_avx2::<4, 1>(w, m0, rows, [&acts[j]], j, out) };
+                j += 1;
+            }
+        }
+        let (rb, nb) = (w.row_bytes(), w.n_blocks());
+        for (j, a) in acts.iter().enumerate().skip(j) {
+            for (i, o) in out[j * rows..(j + 1) * rows].iter_mut().enumerate() {
+                let r = m0 + i;
+                let (row, sc) = (
+                    &w.data[r * rb..(r + 1) * rb],
+                    &w.scales[r * nb..(r + 1) * nb],
+                );
+                *o = dot(w, row, sc, a, w.k);
+            }
+        }
     });
+}
+
+/// Activation rows a call of the AVX2 kernel takes in a prompt or a batch (each weight
+/// block is loaded and unpacked once for all of them), and weight rows beside them: one
+/// (four accumulators; two weight rows spilled registers and ran slower, BENCHMARKS.md
+/// session 16).
+const ACT_ROWS: usize = 4;
+/// See [`ACT_ROWS`].
+const WEIGHT_ROWS: usize = 1;
+
+/// The products of a piece's `rows` weight rows (from row `m0`) with activation rows
+/// `j..j + C` (`acts`), into `out[(j + c) * rows + i]`: `R` weight rows a kernel call,
+/// then one at a time.
+///
+/// # Safety
+/// As [`dots_avx2`]: AVX2, FMA and F16C are present; rows `m0..m0 + rows` exist with their
+/// scales; `acts` were quantized from `w.k` values for `w.bits`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn piece_avx2<const R: usize, const C: usize>(
+    w: &QuantWeight,
+    m0: usize,
+    rows: usize,
+    acts: [&ActRow; C],
+    j: usize,
+    out: &mut [f32],
+) {
+    let (rb, nb) = (w.row_bytes(), w.n_blocks());
+    let mut store = |i: usize, v: &[f32], c: usize| {
+        out[(j + c) * rows + i..(j + c) * rows + i + v.len()].copy_from_slice(v)
+    };
+    let mut i = 0;
+    while i + R <= rows {
+        let (row, sc) = (
+            w.data[(m0 + i) * rb..].as_ptr(),
+            w.scales[(m0 + i) * nb..].as_ptr(),
+        );
+        let v = dots_avx2::<R, C>(w.bits, row, rb, sc, nb, acts, w.k);
+        v.iter().enumerate().for_each(|(c, v)| store(i, v, c));
+        i += R;
+    }
+    while i < rows {
+        let (row, sc) = (
+            w.data[(m0 + i) * rb..].as_ptr(),
+            w.scales[(m0 + i) * nb..].as_ptr(),
+        );
+        let v = dots_avx2::<1, C>(w.bits, row, rb, sc, nb, acts, w.k);
+        v.iter().enumerate().for_each(|(c, v)| store(i, v, c));
+        i += 1;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::quant::tests::{dequantized, shape, weight, xs};
+    use crate::cpu::quant::tests::{dequantized, shape, weight};
+
+    /// `n` activation rows of `k` values (rows `k + 1` apart, as [`shape`] says) whose
+    /// blocks of 32 have different largest magnitudes from block to block and from row to
+    /// row, so that each (row, block) has its own scale: a kernel that took another row's
+    /// or block's scale fails.
+    fn xs(n: usize, k: usize) -> Vec<f32> {
+        (0..n * (k + 1))
+            .map(|i| {
+                let (j, e) = (i / (k + 1), i % (k + 1));
+                let size = 1 + (e / QBLOCK * 7 + j * 3) % 5;
+                ((i * 13 % 29) as f32 - 14.0) / 8.0 * size as f32
+            })
+            .collect()
+    }
 
     /// `w` with int8 activations.
     fn act(mut w: QuantWeight) -> QuantWeight {
@@ -417,7 +480,8 @@ mod tests {
             for (m, k) in CASES {
                 let w = act(weight(bits, m, k, 32));
                 let deq = dequantized(&w);
-                let n = 3;
+                // One call of the 4-activation-row kernel and a lone row.
+                let n = 5;
                 let s = shape(m, n, k);
                 let x = xs(n, k);
                 let mut c = vec![f32::NAN; n * s.ldc];
@@ -466,7 +530,9 @@ mod tests {
         for bits in [QuantBits::Int8, QuantBits::Int4] {
             for (m, k) in CASES {
                 let w = act(weight(bits, m, k, 32));
-                let n = 2;
+                // The 4-activation-row kernel, then lone rows (the 2-weight-row kernel and
+                // its last odd row where m is odd).
+                let n = 6;
                 let s = shape(m, n, k);
                 let x = xs(n, k);
                 let run = |kern| {
