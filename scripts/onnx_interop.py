@@ -10,6 +10,16 @@ attention_mask). With the `onnx` package installed, onnx.checker (full_check) ru
 
 Exit status: 0 when every relative error is within --tol, 1 otherwise, 2 on usage errors.
 
+With --flip-tol (models whose GEMMs quantize their activations to int8, MatMulNBits
+accuracy_level 4) the check is per position instead: two implementations that quantize the
+same activations the same way still differ by f32 rounding, and where an activation lies
+within that rounding of a half-integer step one of them rounds it up and the other down,
+which moves that position's logits by far more than rounding (measured: 6.4e-4 at one
+position of 64 on a Zen 4 CPU, where onnxruntime's multi-row AVX-512 kernels sum in another
+order than its one-row ones). Every position must be within --tol except at most one in
+sixteen (at least one), and those within --flip-tol; a systematic difference (int8
+activations on one side only: 2.5e-3 at every position) still fails.
+
 Example:
   ngpt compile tests/fixtures/nv-tiny/ckpt.pt -o out/nv-tiny
   ngpt logits out/nv-tiny --tokens 45,64,77,1,2 -o out/ref.npy
@@ -86,6 +96,9 @@ def main():
                          "greedy.json): greedy decoding with the cache must give those tokens")
     ap.add_argument("--tol", type=float, default=1e-5,
                     help="largest relative error accepted (1e-5 for f32 weights, 1e-2 for f16)")
+    ap.add_argument("--flip-tol", type=float, default=None,
+                    help="int8-activation models: per-position check, a few positions "
+                         "(one in sixteen) may exceed --tol up to this (a flipped rounding)")
     args = ap.parse_args()
 
     path = args.model
@@ -162,17 +175,40 @@ def main():
         failed = same != len(want)
 
     worst = 0.0
+    flips_bad = False
     for label, out, want in results:
         e = rel_err(out, want)
-        worst = max(worst, e)
-        print(f"  {label:<28} rel err {e:.2e}, top-1 {top1(out, want)}/{len(want)}")
+        line = f"  {label:<28} rel err {e:.2e}, top-1 {top1(out, want)}/{len(want)}"
+        if args.flip_tol is None:
+            worst = max(worst, e)
+            print(line)
+            continue
+        per = [rel_err(o, w) for o, w in zip(out, want)]
+        over = [(i, v) for i, v in enumerate(per) if not v <= args.tol]
+        allowed = max(1, len(per) // 16)
+        if len(over) > allowed or any(not v <= args.flip_tol for _, v in over):
+            flips_bad = True
+        inside = [v for v in per if v <= args.tol]
+        worst = max([worst] + inside)
+        flipped = ", ".join(f"{i}: {v:.2e}" for i, v in over[:8]) or "none"
+        if len(over) > 8:
+            flipped += f" and {len(over) - 8} more"
+        print(f"{line}; positions over {args.tol:g}: {flipped}")
     if not worst <= args.tol:
         print(f"FAIL: relative error {worst:.2e} > {args.tol:g}")
+        return 1
+    if flips_bad:
+        print(f"FAIL: more than one position in sixteen over {args.tol:g}, or one over "
+              f"--flip-tol {args.flip_tol:g}")
         return 1
     if failed:
         print("FAIL: greedy tokens differ")
         return 1
-    print(f"ok: every relative error within {args.tol:g}")
+    if args.flip_tol is None:
+        print(f"ok: every relative error within {args.tol:g}")
+    else:
+        print(f"ok: every position within {args.tol:g} but at most one in sixteen, those "
+              f"within {args.flip_tol:g}")
     return 0
 
 
