@@ -27,8 +27,9 @@
 //! stay within relative 1e-5 of the IR on the same dequantized weights
 //! (tests/it/quant_plans.rs).
 //!
-//! The row's f16 scales are widened once per piece of rows (F16C where present, exact
-//! either way). Larger products dequantize blocks of rows into the f32 scratch of
+//! A block's f16 scale is widened (exactly) where the kernel reaches the block, in
+//! registers on the AVX2 path (F16C): no separate widening pass over a piece's scales.
+//! Larger products dequantize blocks of rows into the f32 scratch of
 //! [`super::bf16`]'s blocked path and run the gemm crate on it.
 //!
 //! A weight whose plan entry sets `act_block` 32 (`ngpt compile --quant-activations int8`)
@@ -200,8 +201,8 @@ fn tail<F: Ints>(row: &[u8], x: &[f32], from: usize, k: usize) -> f32 {
 struct Row<'a> {
     /// The row's integers as stored.
     bytes: &'a [u8],
-    /// The row's scales, widened.
-    scales: &'a [f32],
+    /// The row's block scales (f16 bits).
+    scales: &'a [u16],
     /// Entries of the row (the GEMM's k).
     k: usize,
     /// Units a block (the block size / 16).
@@ -209,11 +210,17 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
+    /// The scale of block `b`, widened.
+    #[inline(always)]
+    fn scale(&self, b: usize) -> f32 {
+        crate::plan::widen_f16(self.scales[b])
+    }
+
     /// The scale of the block that holds the entries after the last whole unit.
     fn tail_scale(&self) -> f32 {
         let units = self.k / UNIT;
         if units * UNIT < self.k {
-            self.scales[units / self.upb]
+            self.scale(units / self.upb)
         } else {
             0.0
         }
@@ -241,7 +248,7 @@ fn dot<F: Ints>(row: Row<'_>, x: Act<'_>) -> f32 {
                 }
             }
         }
-        let scale = row.scales[u / upb];
+        let scale = row.scale(u / upb);
         for (a, p) in acc.iter_mut().zip(p) {
             *a = p.mul_add(scale, *a);
         }
@@ -303,14 +310,14 @@ fn split_units(x: &[f32], out: &mut [f32]) {
     out[body..x.len()].copy_from_slice(&x[body..]);
 }
 
-/// The dot products this CPU runs: AVX2 + FMA (with F16C for the scales) where present, the
-/// portable [`dot`] otherwise; bitwise the same.
+/// The dot products this CPU runs: AVX2 + FMA + F16C where present, the portable [`dot`]
+/// otherwise; bitwise the same.
 #[derive(Clone, Copy)]
 pub(super) struct Kernels {
-    /// AVX2 and FMA are present (only [`Kernels::detect`] sets it).
+    /// AVX2, FMA and F16C are present (only [`Kernels::detect`] sets it; every x86 CPU
+    /// with AVX2 so far has had the other two): the kernels widen their f16 scales in
+    /// registers.
     pub(super) avx2: bool,
-    /// F16C is present (the int8-activation kernels widen their scales in registers).
-    pub(super) f16c: bool,
 }
 
 impl Kernels {
@@ -319,24 +326,18 @@ impl Kernels {
         {
             Kernels {
                 avx2: std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma"),
-                f16c: std::arch::is_x86_feature_detected!("f16c"),
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Kernels {
-            avx2: false,
-            f16c: false,
-        }
+        Kernels { avx2: false }
     }
 
     /// The portable kernels only (for tests comparing the two).
     #[cfg(test)]
     pub(super) fn portable() -> Kernels {
-        Kernels {
-            avx2: false,
-            f16c: false,
-        }
+        Kernels { avx2: false }
     }
 
     /// Whether activation rows go in [`split_units`] order.
@@ -354,7 +355,7 @@ impl Kernels {
     ) -> [[f32; C]; R] {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: AVX2 and FMA are present (`detect` checked them); the caller holds the
+            // SAFETY: AVX2, FMA and F16C are present (`detect` checked them); the caller holds the
             // extents (checked again in `dots_avx2`'s debug assertions).
             return unsafe {
                 match rows[0].upb {
@@ -368,31 +369,6 @@ impl Kernels {
         }
         rows.map(|row| xs.map(|x| dot::<F>(row, x)))
     }
-
-    /// f16 bits to f32, exactly.
-    fn widen(self, src: &[u16], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.f16c && self.avx2 {
-            // SAFETY: F16C and AVX are present (`detect` checked them).
-            unsafe { widen_f16c(src, dst) };
-            return;
-        }
-        crate::plan::widen_f16s(src, dst);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_f16c(src: &[u16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = src.len().min(dst.len());
-    let body = n / 8 * 8;
-    for i in (0..body).step_by(8) {
-        // SAFETY: i + 8 <= n: inside both slices.
-        let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-    }
-    crate::plan::widen_f16s(&src[body..n], &mut dst[body..n]);
 }
 
 /// [`dot`] of `R` weight rows with each of `C` activation rows (in [`Kernels::split`]
@@ -402,10 +378,10 @@ unsafe fn widen_f16c(src: &[u16], dst: &mut [f32]) {
 /// when it is 1, 2, 4 or 8 (the block loop unrolled), 0 for any other block.
 ///
 /// # Safety
-/// AVX2 and FMA are present; every row has the same `k` and `upb` (`U` when not 0) and
-/// holds its `k` entries and their scales; every activation row holds `k` values.
+/// AVX2, FMA and F16C are present; every row has the same `k` and `upb` (`U` when not 0)
+/// and holds its `k` entries and their scales; every activation row holds `k` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     rows: [Row<'_>; R],
     xs: [Act<'_>; C],
@@ -423,13 +399,21 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     let upb = if U > 0 { U } else { upb };
     let units = k / UNIT;
     let pw: [*const u8; R] = std::array::from_fn(|r| rows[r].bytes.as_ptr());
-    let ps: [*const f32; R] = std::array::from_fn(|r| rows[r].scales.as_ptr());
+    let ps: [*const u16; R] = std::array::from_fn(|r| rows[r].scales.as_ptr());
     let px: [*const f32; C] = std::array::from_fn(|c| xs[c].x.as_ptr());
     let pst: [*const f32; C] = std::array::from_fn(|c| xs[c].starts.as_ptr());
     // Where the rows of the call LOOK calls after this one start when rows lie one after
     // another (a piece's rows do): read in while these are computed, so that call finds
     // them cached.
     let next = pw[R - 1].wrapping_add(rows[R - 1].bytes.len() * (1 + R * (LOOK - 1)));
+    // And their scales, which lie one row after another too (2 bytes a block), at the start.
+    let nb = rows[R - 1].scales.len();
+    let next_sc = ps[R - 1]
+        .wrapping_add(nb * (1 + R * (LOOK - 1)))
+        .cast::<u8>();
+    for off in (0..R * nb * 2).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(next_sc.wrapping_add(off).cast());
+    }
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // One block of `$n` units from unit `$u0`, its scale `$b` (a macro, not a closure, so
     // that the body is compiled with this function's target features).
@@ -469,7 +453,8 @@ unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
             }
             for r in 0..R {
                 // SAFETY: b is a block of the row: its scale is inside the row's scales.
-                let scale = _mm256_broadcast_ss(&*ps[r].add(b));
+                let h = _mm_cvtsi32_si128(i32::from(*ps[r].add(b)));
+                let scale = _mm256_broadcastss_ps(_mm_cvtph_ps(h));
                 for c in 0..C {
                     acc[r][c] = _mm256_fmadd_ps(p[r][c], scale, acc[r][c]);
                 }
@@ -545,26 +530,6 @@ fn piece_dots<'a, F: Ints, const C: usize>(
     }
 }
 
-thread_local! {
-    /// A thread's widened scales of the piece of rows it is on ([`dot_gemm_with`]).
-    static SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on the widened scales of rows `m0..m0 + rows` of `w` (`n_blocks` a row), in
-/// the thread's scratch: grown once, not allocated and zeroed per piece (as many f32 as a
-/// step has blocks, tens of MB).
-fn with_scales(kern: Kernels, w: &QuantWeight, m0: usize, rows: usize, f: impl FnOnce(&[f32])) {
-    let nb = w.n_blocks();
-    SCALES.with_borrow_mut(|scales| {
-        if scales.len() < rows * nb {
-            scales.resize(rows * nb, 0.0);
-        }
-        let scales = &mut scales[..rows * nb];
-        kern.widen(&w.scales[m0 * nb..(m0 + rows) * nb], scales);
-        f(scales)
-    })
-}
-
 /// The dot-product path: pieces of weight rows on rayon's threads ([`in_pieces`]), the
 /// activation rows in pairs sharing each converted unit.
 fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
@@ -603,22 +568,20 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         starts: &starts[j],
     };
     in_pieces(s, per, c, |m0, rows, out| {
-        with_scales(kern, w, m0, rows, |scales| {
-            let row = |i: usize| Row {
-                bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
-                scales: &scales[i * nb..(i + 1) * nb],
-                k: s.k,
-                upb,
-            };
-            for j in (0..s.n).step_by(2) {
-                let out = &mut out[j * rows..];
-                if j + 1 < s.n {
-                    piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
-                } else {
-                    piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
-                }
+        let row = |i: usize| Row {
+            bytes: &w.data[(m0 + i) * rb..(m0 + i + 1) * rb],
+            scales: &w.scales[(m0 + i) * nb..(m0 + i + 1) * nb],
+            k: s.k,
+            upb,
+        };
+        for j in (0..s.n).step_by(2) {
+            let out = &mut out[j * rows..];
+            if j + 1 < s.n {
+                piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
+            } else {
+                piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
             }
-        })
+        }
     });
 }
 
@@ -784,7 +747,9 @@ pub(crate) mod tests {
     fn the_avx2_body_is_bitwise_the_portable_one() {
         let kern = Kernels::detect();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             // Otherwise this compares the portable kernels with themselves.
             assert!(kern.avx2);
@@ -792,12 +757,6 @@ pub(crate) mod tests {
         for bits in [QuantBits::Int8, QuantBits::Int4] {
             for (m, k, block) in CASES {
                 let w = weight(bits, m, k, block);
-                let nb = w.n_blocks();
-                let mut scales = vec![0f32; m * nb];
-                kern.widen(&w.scales[..m * nb], &mut scales);
-                let mut portable = vec![0f32; m * nb];
-                crate::plan::widen_f16s(&w.scales[..m * nb], &mut portable);
-                assert_eq!(scales, portable);
                 // Every kernel shape: 4 or 2 rows a call and the rows left over, one or
                 // two activation rows.
                 for n in [1, 2, 3, 4, 7] {

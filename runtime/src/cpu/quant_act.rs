@@ -312,7 +312,7 @@ fn gemm_with(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32])
     in_pieces(s, ROWS_PER_PIECE, c, |m0, rows, out| {
         let mut j = 0;
         #[cfg(target_arch = "x86_64")]
-        if kern.avx2 && kern.f16c {
+        if kern.avx2 {
             // SAFETY (both calls): AVX2, FMA and F16C are present (`Kernels::detect`); the
             // piece's rows m0.. exist with their scales; the activation rows were quantized
             // from s.k == w.k values for w.bits (the assert above).
