@@ -366,14 +366,16 @@ unsafe fn piece_avx2<const R: usize, const C: usize>(
     out: &mut [f32],
 ) {
     let (rb, nb) = (w.row_bytes(), w.n_blocks());
+    // The weight's slices once (`Elems` derefs through a `dyn AsRef`, a call).
+    let (data, scales): (&[u8], &[u16]) = (&w.data, &w.scales);
     let mut store = |i: usize, v: &[f32], c: usize| {
         out[(j + c) * rows + i..(j + c) * rows + i + v.len()].copy_from_slice(v)
     };
     let mut i = 0;
     while i + R <= rows {
         let (row, sc) = (
-            w.data[(m0 + i) * rb..].as_ptr(),
-            w.scales[(m0 + i) * nb..].as_ptr(),
+            data[(m0 + i) * rb..].as_ptr(),
+            scales[(m0 + i) * nb..].as_ptr(),
         );
         let v = dots_avx2::<R, C>(w.bits, row, rb, sc, nb, acts, w.k);
         v.iter().enumerate().for_each(|(c, v)| store(i, v, c));
@@ -381,8 +383,8 @@ unsafe fn piece_avx2<const R: usize, const C: usize>(
     }
     while i < rows {
         let (row, sc) = (
-            w.data[(m0 + i) * rb..].as_ptr(),
-            w.scales[(m0 + i) * nb..].as_ptr(),
+            data[(m0 + i) * rb..].as_ptr(),
+            scales[(m0 + i) * nb..].as_ptr(),
         );
         let v = dots_avx2::<1, C>(w.bits, row, rb, sc, nb, acts, w.k);
         v.iter().enumerate().for_each(|(c, v)| store(i, v, c));
