@@ -355,8 +355,8 @@ impl Kernels {
     ) -> [[f32; C]; R] {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: AVX2, FMA and F16C are present (`detect` checked them); the caller holds the
-            // extents (checked again in `dots_avx2`'s debug assertions).
+            // SAFETY: AVX2, FMA and F16C are present (`detect` checked them); the caller
+            // holds the extents (checked again in `dots_avx2`'s debug assertions).
             return unsafe {
                 match rows[0].upb {
                     1 => dots_avx2::<F, R, C, 1>(rows, xs),
