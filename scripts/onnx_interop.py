@@ -188,8 +188,6 @@ def main():
         allowed = max(1, len(per) // 16)
         if len(over) > allowed or any(not v <= args.flip_tol for _, v in over):
             flips_bad = True
-        inside = [v for v in per if v <= args.tol]
-        worst = max([worst] + inside)
         flipped = ", ".join(f"{i}: {v:.2e}" for i, v in over[:8]) or "none"
         if len(over) > 8:
             flipped += f" and {len(over) - 8} more"

@@ -450,22 +450,20 @@ fn int8_activation_plans_stay_near_the_weight_only_ir() -> Result<()> {
 fn compile_quant_activations_states_itself_and_refuses_what_it_cannot_do() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let ckpt = nv_tiny().join("ckpt.pt").display().to_string();
-    let out = dir.path().join("a8").display().to_string();
-    let o = ngpt(&[
-        "compile",
-        "--dtype",
-        "int4",
-        "--no-onnx",
-        "--quant-activations",
-        "int8",
-        "-o",
-        &out,
-        &ckpt,
-    ])?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        dir.path().join("a8/manifest.json"),
-    )?)?;
+    // `ngpt compile CKPT --quant-activations int8 ARGS -o DIR/name`, which must succeed:
+    // the directory and its manifest.json.
+    let compiled = |name: &str, args: &[&str]| -> Result<(String, serde_json::Value)> {
+        let out = dir.path().join(name).display().to_string();
+        let mut a = vec!["compile", "--quant-activations", "int8", "-o", &out, &ckpt];
+        a.extend(args);
+        let o = ngpt(&a)?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let m = serde_json::from_str(&std::fs::read_to_string(
+            dir.path().join(name).join("manifest.json"),
+        )?)?;
+        Ok((out, m))
+    };
+    let (out, m) = compiled("a8", &["--dtype", "int4", "--no-onnx"])?;
     assert_eq!(m["plan_weights"]["activations"], "int8");
     assert_eq!(m["quantize"]["act_int8"], true);
     let o = ngpt(&["plan", "show", &out])?;
@@ -509,21 +507,7 @@ fn compile_quant_activations_states_itself_and_refuses_what_it_cannot_do() -> Re
     // An int4 model.onnx beside a float plan takes the flag too: the ONNX's matrices ask
     // for int8 activations (the compiler's tests read accuracy_level 4 there), the float
     // plan has nothing to quantize, and validate holds it as the weight-only product.
-    let onnx_only = dir.path().join("o8").display().to_string();
-    let o = ngpt(&[
-        "compile",
-        "--onnx-dtype",
-        "int4",
-        "--quant-activations",
-        "int8",
-        "-o",
-        &onnx_only,
-        &ckpt,
-    ])?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        dir.path().join("o8/manifest.json"),
-    )?)?;
+    let (onnx_only, m) = compiled("o8", &["--onnx-dtype", "int4"])?;
     assert_eq!(m["quantize"]["act_int8"], true);
     assert!(m["plan_weights"].is_null(), "{m}");
     let o = ngpt(&["validate", &onnx_only, "--engines", "plan-cpu"])?;

@@ -532,8 +532,8 @@ mod tests {
         for bits in [QuantBits::Int8, QuantBits::Int4] {
             for (m, k) in CASES {
                 let w = act(weight(bits, m, k, 32));
-                // The 4-activation-row kernel, then lone rows (the 2-weight-row kernel and
-                // its last odd row where m is odd).
+                // The 4-activation-row kernel, then lone rows (four weight rows a call,
+                // the rows left over one at a time where m is not a multiple of 4).
                 let n = 6;
                 let s = shape(m, n, k);
                 let x = xs(n, k);
