@@ -1023,15 +1023,17 @@ fn plan_show_lists_a_tiny_model() -> Result<()> {
     insta::assert_snapshot!("plan_show_tiny", text.replace(&version, "ngpt <VERSION>"));
 
     // A reader that stops before the listing (`ngpt plan show DIR | head`; here the pipe's
-    // read end closed before the first write): the process ends quietly, as other Unix
-    // tools do, not with a panic from the write to a closed stdout.
-    let mut child = std::process::Command::new(ngpt_bin())
+    // read end is closed before the process starts, so its first write fails whatever the
+    // scheduling: closing it after spawn raced the child, which could write the whole listing
+    // into the pipe's buffer first and exit 0): the process ends quietly, as other Unix tools
+    // do, not with a panic from the write to a closed stdout.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let o = std::process::Command::new(ngpt_bin())
         .args(["plan", "show", utf8(&a)])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    drop(child.stdout.take());
-    let o = child.wait_with_output()?;
+        .output()?;
     assert!(
         stderr(&o).is_empty(),
         "plan show into a closed pipe: {}",
