@@ -143,3 +143,37 @@ fn threaded_executor_is_bitwise_the_sequential_one() -> Result<()> {
     }
     Ok(())
 }
+
+/// Programs run from several threads at once share rayon's pool, whose threads spin for
+/// the steps of each while they run (`keep_awake` in the CPU executor): every run finishes,
+/// with the bits it has alone. A spinner that could start on a thread running another
+/// program's steps made two programs wait for each other (the test then fails on its
+/// timeout rather than hanging).
+#[test]
+fn programs_on_several_threads_at_once_finish_with_their_bits_alone() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let plan = odd_plan(tmp.path(), "f32")?;
+    let want = run(&plan, Threading::Auto)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for caller in 0..6 {
+        let (plan, tx) = (Arc::clone(&plan), tx.clone());
+        std::thread::spawn(move || {
+            let runs: Result<Vec<_>> = (0..8).map(|_| run(&plan, Threading::Auto)).collect();
+            // The receiver may have given up (timeout): nothing left to tell.
+            let _ = tx.send((caller, runs));
+        });
+    }
+    drop(tx);
+    for _ in 0..6 {
+        let (caller, runs) = rx
+            .recv_timeout(std::time::Duration::from_secs(300))
+            .context("programs on 6 threads at once did not all finish within 300 s")?;
+        for got in runs? {
+            assert!(
+                got == want,
+                "caller {caller}: logits differ from a run alone"
+            );
+        }
+    }
+    Ok(())
+}
