@@ -345,31 +345,15 @@ impl Kernels {
     fn split<F: Ints>(self) -> bool {
         self.avx2 && F::SPLIT
     }
+}
 
-    /// `[[dot(rows[r], xs[c]) for c] for r]`, with `xs` in [`Kernels::split`] order; every
-    /// row holds `k` entries and every activation row at least `k` values.
-    #[inline(always)]
-    fn dots<F: Ints, const R: usize, const C: usize>(
-        self,
-        rows: [Row<'_>; R],
-        xs: [Act<'_>; C],
-    ) -> [[f32; C]; R] {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: AVX2, FMA and F16C are present (`detect` checked them); the caller
-            // holds the extents (checked again in `dots_avx2`'s debug assertions).
-            return unsafe {
-                match rows[0].upb {
-                    1 => dots_avx2::<F, R, C, 1>(rows, xs),
-                    2 => dots_avx2::<F, R, C, 2>(rows, xs),
-                    4 => dots_avx2::<F, R, C, 4>(rows, xs),
-                    8 => dots_avx2::<F, R, C, 8>(rows, xs),
-                    _ => dots_avx2::<F, R, C, 0>(rows, xs),
-                }
-            };
-        }
-        rows.map(|row| xs.map(|x| dot::<F>(row, x)))
-    }
+/// `[[dot(rows[r], xs[c]) for c] for r]`: the portable kernel of [`piece_dots`].
+#[inline(always)]
+fn dots_portable<F: Ints, const R: usize, const C: usize>(
+    rows: [Row<'_>; R],
+    xs: [Act<'_>; C],
+) -> [[f32; C]; R] {
+    rows.map(|row| xs.map(|x| dot::<F>(row, x)))
 }
 
 /// [`dot`] of `R` weight rows with each of `C` activation rows (in [`Kernels::split`]
@@ -382,6 +366,7 @@ impl Kernels {
 /// AVX2, FMA and F16C are present; every row has the same `k` and `upb` (`U` when not 0)
 /// and holds its `k` entries and their scales; every activation row holds `k` values.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     rows: [Row<'_>; R],
@@ -513,43 +498,88 @@ const fn rows_per_call(c: usize) -> usize {
     }
 }
 
-/// The dot products of rows `0..rows` (through `row`) with activation rows `xs`, into
-/// `out[c * rows + i]`: [`rows_per_call`] rows a kernel call, the last ones one at a time.
+/// The loop of [`piece_dots`] over the kernel `$dots` (`dots_portable`, or `dots_avx2` with
+/// its `U`): [`rows_per_call`] rows a kernel call, the last ones one at a time, each result
+/// into `out[c * rows + i]`. A macro, so that the AVX2 loop is compiled inside a function
+/// with the kernels' target features ([`piece_avx2`]), where the kernel calls inline: called
+/// once per group of rows from a function without them, they were calls returning their
+/// sums through memory (6% of an int4 decode's samples in the call sites).
+macro_rules! piece_loop {
+    ($dots:ident [$($u:tt)*], $rows:expr, $row:expr, $xs:expr, $out:expr) => {{
+        let (rows, row, xs, out): (usize, _, [Act<'_>; C], &mut [f32]) = ($rows, $row, $xs, $out);
+        let per = rows_per_call(C);
+        let mut i = 0;
+        while i + per <= rows {
+            if per == 4 {
+                let r = $dots::<F, 4, C $($u)*>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
+                for (d, r) in r.iter().enumerate() {
+                    for c in 0..C {
+                        out[c * rows + i + d] = r[c];
+                    }
+                }
+            } else {
+                let r = $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs);
+                for (d, r) in r.iter().enumerate() {
+                    for c in 0..C {
+                        out[c * rows + i + d] = r[c];
+                    }
+                }
+            }
+            i += per;
+        }
+        while i < rows {
+            let [r] = $dots::<F, 1, C $($u)*>([row(i)], xs);
+            for c in 0..C {
+                out[c * rows + i] = r[c];
+            }
+            i += 1;
+        }
+    }};
+}
+
+/// The dot products of rows `0..rows` (through `row`; every row of block `upb` units)
+/// with activation rows `xs` (in [`Kernels::split`] order), into `out[c * rows + i]`.
 #[inline(always)]
 fn piece_dots<'a, F: Ints, const C: usize>(
     kern: Kernels,
+    rows: usize,
+    upb: usize,
+    row: impl Fn(usize) -> Row<'a>,
+    xs: [Act<'_>; C],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kern.avx2 {
+        // SAFETY: AVX2, FMA and F16C are present (`detect` checked them); the caller
+        // holds the extents (checked again in `dots_avx2`'s debug assertions).
+        unsafe {
+            match upb {
+                1 => piece_avx2::<F, C, 1>(rows, row, xs, out),
+                2 => piece_avx2::<F, C, 2>(rows, row, xs, out),
+                4 => piece_avx2::<F, C, 4>(rows, row, xs, out),
+                8 => piece_avx2::<F, C, 8>(rows, row, xs, out),
+                _ => piece_avx2::<F, C, 0>(rows, row, xs, out),
+            }
+        }
+        return;
+    }
+    piece_loop!(dots_portable[], rows, row, xs, out);
+}
+
+/// [`piece_dots`] on the AVX2 kernels ([`dots_avx2`] with block `U`).
+///
+/// # Safety
+/// As [`dots_avx2`]'s, for every group of rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn piece_avx2<'a, F: Ints, const C: usize, const U: usize>(
     rows: usize,
     row: impl Fn(usize) -> Row<'a>,
     xs: [Act<'_>; C],
     out: &mut [f32],
 ) {
-    let per = rows_per_call(C);
-    let mut i = 0;
-    while i + per <= rows {
-        if per == 4 {
-            let r = kern.dots::<F, 4, C>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
-            for (d, r) in r.iter().enumerate() {
-                for c in 0..C {
-                    out[c * rows + i + d] = r[c];
-                }
-            }
-        } else {
-            let r = kern.dots::<F, 2, C>([row(i), row(i + 1)], xs);
-            for (d, r) in r.iter().enumerate() {
-                for c in 0..C {
-                    out[c * rows + i + d] = r[c];
-                }
-            }
-        }
-        i += per;
-    }
-    while i < rows {
-        let [r] = kern.dots::<F, 1, C>([row(i)], xs);
-        for c in 0..C {
-            out[c * rows + i] = r[c];
-        }
-        i += 1;
-    }
+    // SAFETY: as this function's contract.
+    unsafe { piece_loop!(dots_avx2[, U], rows, row, xs, out) }
 }
 
 /// The dot-product path: pieces of weight rows on rayon's threads ([`in_pieces`]), the
@@ -603,9 +633,9 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
         for j in (0..s.n).step_by(2) {
             let out = &mut out[j * rows..];
             if j + 1 < s.n {
-                piece_dots::<F, 2>(kern, rows, row, [xrow(j), xrow(j + 1)], out);
+                piece_dots::<F, 2>(kern, rows, upb, row, [xrow(j), xrow(j + 1)], out);
             } else {
-                piece_dots::<F, 1>(kern, rows, row, [xrow(j)], out);
+                piece_dots::<F, 1>(kern, rows, upb, row, [xrow(j)], out);
             }
         }
     });
