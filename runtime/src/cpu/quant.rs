@@ -512,29 +512,28 @@ macro_rules! piece_loop {
         while i + per <= rows {
             if per == 4 {
                 let r = $dots::<F, 4, C $($u)*>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
-                for (d, r) in r.iter().enumerate() {
-                    for c in 0..C {
-                        out[c * rows + i + d] = r[c];
-                    }
-                }
+                store(out, rows, i, r);
             } else {
-                let r = $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs);
-                for (d, r) in r.iter().enumerate() {
-                    for c in 0..C {
-                        out[c * rows + i + d] = r[c];
-                    }
-                }
+                store(out, rows, i, $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs));
             }
             i += per;
         }
         while i < rows {
-            let [r] = $dots::<F, 1, C $($u)*>([row(i)], xs);
-            for c in 0..C {
-                out[c * rows + i] = r[c];
-            }
+            store(out, rows, i, $dots::<F, 1, C $($u)*>([row(i)], xs));
             i += 1;
         }
     }};
+}
+
+/// The results of weight rows `i..i + R` (a kernel call's `[row][activation row]`) into a
+/// piece's `out[c * rows + i + d]`.
+#[inline(always)]
+fn store<const R: usize, const C: usize>(out: &mut [f32], rows: usize, i: usize, r: [[f32; C]; R]) {
+    for (d, r) in r.iter().enumerate() {
+        for (c, &v) in r.iter().enumerate() {
+            out[c * rows + i + d] = v;
+        }
+    }
 }
 
 /// The dot products of rows `0..rows` (through `row`; every row of block `upb` units)
@@ -563,6 +562,8 @@ fn piece_dots<'a, F: Ints, const C: usize>(
         }
         return;
     }
+    // Only the AVX2 path reads these (unused where it is compiled out).
+    let _ = (kern, upb);
     piece_loop!(dots_portable[], rows, row, xs, out);
 }
 
