@@ -53,6 +53,13 @@ const TILE_W: usize = 3;
 /// Weight rows of a piece of work, at most (a multiple of 24, see [`piece_rows`]).
 const PIECE_ROWS: usize = 96;
 
+/// What a tile reads ahead while it computes (`avx2::tile`'s `PF`): nothing,
+const NONE: u8 = 0;
+/// the next tile's weights into L1 (tiles whose own weights come from memory),
+const NEXT_TILE: u8 = 1;
+/// or its own rows of the next piece into L2 (the second pass over a piece).
+const NEXT_PIECE: u8 = 2;
+
 /// A weight element type this path reads: f32 or bf16 bits (`u16`).
 pub trait Lanes: Copy + Send + Sync + 'static {
     /// Elements a chunk of K: the unit of zero padding and of the activations' order.
@@ -66,6 +73,10 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     /// Weight rows of the one- and two-row (decode) tiles: 6 or 8 (bf16 takes two dependent
     /// multiply-adds a chunk, so more rows keep enough in flight; measured).
     const DECODE_W: usize;
+    /// Whether the second pass over a piece's weights (prompts of more than
+    /// [`Lanes::TILE_X`] rows) reads the next piece into L2, so that its first pass finds
+    /// its weights there (see `avx2::block`; measured, f32 only).
+    const PIECE_AHEAD: bool;
 
     /// The element's value as f32, exactly.
     fn widen(self) -> f32;
@@ -86,6 +97,7 @@ impl Lanes for f32 {
     const ZERO: f32 = 0.0;
     const TILE_X: usize = 4;
     const DECODE_W: usize = 6;
+    const PIECE_AHEAD: bool = true;
 
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -111,6 +123,7 @@ impl Lanes for u16 {
     const ZERO: u16 = 0;
     const TILE_X: usize = 3;
     const DECODE_W: usize = 8;
+    const PIECE_AHEAD: bool = false;
 
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -227,7 +240,7 @@ mod avx2 {
     use std::mem::size_of;
 
     use super::super::sum_tree::sum8_avx;
-    use super::{Block, Lanes, TILE_W};
+    use super::{Block, Lanes, NEXT_PIECE, NEXT_TILE, NONE, TILE_W};
 
     /// One chunk into the `R x C` accumulators: weight row pointers `w[c]` and packed
     /// activation pointers `x[r]` at the chunk's start.
@@ -252,19 +265,21 @@ mod avx2 {
         }
     }
 
-    /// The `R x C` tile at weight row `i0`, activation row `j0`, over all of K; `PF`:
-    /// prefetch the next tile's weights (they come from memory, read once).
+    /// The `R x C` tile at weight row `i0`, activation row `j0`, over all of K; `PF`: what
+    /// it prefetches ([`NEXT_TILE`]: the next tile's weights, as its own come from memory,
+    /// read once; [`NEXT_PIECE`]: the same rows `ahead` rows on, the next piece's).
     ///
     /// # Safety
     /// Weight rows `i0..i0 + C` and activation rows `j0..j0 + R` exist in `b`; the CPU has
     /// AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<W: Lanes, const R: usize, const C: usize, const PF: bool>(
+    pub(super) unsafe fn tile<W: Lanes, const R: usize, const C: usize, const PF: u8>(
         b: &Block<'_, W>,
         i0: usize,
         j0: usize,
         out: &mut [f32],
         ld: usize,
+        ahead: usize,
     ) {
         let body = b.k / W::CHUNK * W::CHUNK;
         let wp: [*const W; C] = std::array::from_fn(|c| b.w[(i0 + c) * b.lda..].as_ptr());
@@ -272,7 +287,7 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut e = 0;
         while e < body {
-            if PF {
+            if PF == NEXT_TILE {
                 // The next tile's weights (C rows from here; a prefetch of an address past
                 // the weights never faults), this chunk's share of them in address order:
                 // the one- and two-row tiles read C short rows at once, which the hardware
@@ -282,6 +297,17 @@ mod avx2 {
                 let mut off = e * size_of::<W>() * C;
                 while off < (e + W::CHUNK) * size_of::<W>() * C {
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
+                    off += 64;
+                }
+            }
+            if PF == NEXT_PIECE {
+                // Into L2 only: the tile's own weights and activations hold L1.
+                let next = wp[0]
+                    .cast::<u8>()
+                    .wrapping_add(ahead * b.lda * size_of::<W>());
+                let mut off = e * size_of::<W>() * C;
+                while off < (e + W::CHUNK) * size_of::<W>() * C {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off).cast());
                     off += 64;
                 }
             }
@@ -345,22 +371,23 @@ mod avx2 {
                 let mut i = 0;
                 while i + dw <= rows {
                     match (n, dw) {
-                        (1, 8) => tile::<W, 1, 8, true>(&w, i, 0, out, ld),
-                        (_, 8) => tile::<W, 2, 8, true>(&w, i, 0, out, ld),
-                        (1, _) => tile::<W, 1, 6, true>(&w, i, 0, out, ld),
-                        _ => tile::<W, 2, 6, true>(&w, i, 0, out, ld),
+                        (1, 8) => tile::<W, 1, 8, NEXT_TILE>(&w, i, 0, out, ld, 0),
+                        (_, 8) => tile::<W, 2, 8, NEXT_TILE>(&w, i, 0, out, ld, 0),
+                        (1, _) => tile::<W, 1, 6, NEXT_TILE>(&w, i, 0, out, ld, 0),
+                        _ => tile::<W, 2, 6, NEXT_TILE>(&w, i, 0, out, ld, 0),
                     }
                     i += dw;
                 }
                 while i < rows {
                     match n {
-                        1 => tile::<W, 1, 1, true>(&w, i, 0, out, ld),
-                        _ => tile::<W, 2, 1, true>(&w, i, 0, out, ld),
+                        1 => tile::<W, 1, 1, NEXT_TILE>(&w, i, 0, out, ld, 0),
+                        _ => tile::<W, 2, 1, NEXT_TILE>(&w, i, 0, out, ld, 0),
                     }
                     i += 1;
                 }
                 return;
             }
+            let first = n.min(W::TILE_X).min(4);
             let mut j = 0;
             while j < n {
                 let r = (n - j).min(W::TILE_X).min(4);
@@ -369,23 +396,38 @@ mod avx2 {
                     // The first tiles of the piece (j = 0, at least 3 rows since n > 2)
                     // read its weights from memory: they prefetch the next tile's, as the
                     // decode tiles do; the later ones find them in L2 (measured: bf16
-                    // prefill of 8 tokens 1.4x, f32 1.08x, BENCHMARKS.md).
-                    match (r, j == 0) {
-                        (1, _) => tile::<W, 1, TILE_W, false>(&w, i, j, out, ld),
-                        (2, _) => tile::<W, 2, TILE_W, false>(&w, i, j, out, ld),
-                        (3, true) => tile::<W, 3, TILE_W, true>(&w, i, j, out, ld),
-                        (3, false) => tile::<W, 3, TILE_W, false>(&w, i, j, out, ld),
-                        (_, true) => tile::<W, 4, TILE_W, true>(&w, i, j, out, ld),
-                        (_, false) => tile::<W, 4, TILE_W, false>(&w, i, j, out, ld),
+                    // prefill of 8 tokens 1.4x, f32 1.08x, BENCHMARKS.md). Without more,
+                    // memory is idle through the later passes and the first pass waits on
+                    // it with little arithmetic to hide it; so for f32 the second pass
+                    // reads the next piece (the thread's next, mostly: rayon hands a
+                    // thread neighbouring pieces) into L2 (f32 prefill of 8 to 64 tokens
+                    // 1.17x to 1.04x; bf16, whose weights are half the bytes, lost 5-10%;
+                    // BENCHMARKS.md, session 19).
+                    let ah = W::PIECE_AHEAD && j > 0 && j == first;
+                    match (r, j == 0, ah) {
+                        (1, _, false) => tile::<W, 1, TILE_W, NONE>(&w, i, j, out, ld, 0),
+                        (2, _, false) => tile::<W, 2, TILE_W, NONE>(&w, i, j, out, ld, 0),
+                        (1, _, true) => tile::<W, 1, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows),
+                        (2, _, true) => tile::<W, 2, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows),
+                        (3, true, _) => tile::<W, 3, TILE_W, NEXT_TILE>(&w, i, j, out, ld, 0),
+                        (3, false, false) => tile::<W, 3, TILE_W, NONE>(&w, i, j, out, ld, 0),
+                        (3, false, true) => {
+                            tile::<W, 3, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows)
+                        }
+                        (_, true, _) => tile::<W, 4, TILE_W, NEXT_TILE>(&w, i, j, out, ld, 0),
+                        (_, false, false) => tile::<W, 4, TILE_W, NONE>(&w, i, j, out, ld, 0),
+                        (_, false, true) => {
+                            tile::<W, 4, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows)
+                        }
                     }
                     i += TILE_W;
                 }
                 while i < rows {
                     match r {
-                        1 => tile::<W, 1, 1, false>(&w, i, j, out, ld),
-                        2 => tile::<W, 2, 1, false>(&w, i, j, out, ld),
-                        3 => tile::<W, 3, 1, false>(&w, i, j, out, ld),
-                        _ => tile::<W, 4, 1, false>(&w, i, j, out, ld),
+                        1 => tile::<W, 1, 1, NONE>(&w, i, j, out, ld, 0),
+                        2 => tile::<W, 2, 1, NONE>(&w, i, j, out, ld, 0),
+                        3 => tile::<W, 3, 1, NONE>(&w, i, j, out, ld, 0),
+                        _ => tile::<W, 4, 1, NONE>(&w, i, j, out, ld, 0),
                     }
                     i += 1;
                 }
