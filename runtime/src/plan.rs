@@ -138,15 +138,47 @@ impl QuantWeight {
     }
 
     /// Rows `start..start + out.len() / k` dequantized into `out` (row-major, k a row).
+    ///
+    /// A block at a time, its scale widened once (a block starts on a whole byte: `block`
+    /// is even): per element, the scale times the integer as [`QuantWeight::int`] reads
+    /// it (exact, so the same bits in any order; the CPU executor's AVX2 copy,
+    /// `cpu/quant.rs`, gives them too).
     pub fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
         let (rb, nb, k) = (self.row_bytes(), self.n_blocks(), self.k);
-        let mut scales = vec![0f32; nb];
-        for (i, dst) in out.chunks_exact_mut(k.max(1)).enumerate() {
+        if k == 0 {
+            return;
+        }
+        let block = self.block.max(2);
+        for (i, dst) in out.chunks_exact_mut(k).enumerate() {
             let r = start + i;
-            widen_f16s(&self.scales[r * nb..(r + 1) * nb], &mut scales);
             let row = &self.data[r * rb..(r + 1) * rb];
-            for (j, d) in dst.iter_mut().enumerate() {
-                *d = scales[j / self.block] * f32::from(self.int(row, j));
+            let scales = &self.scales[r * nb..(r + 1) * nb];
+            match self.bits {
+                QuantBits::Int8 => {
+                    let blocks = dst.chunks_mut(block).zip(row.chunks(block));
+                    for ((dst, src), &sb) in blocks.zip(scales) {
+                        let s = widen_f16(sb);
+                        for (d, &q) in dst.iter_mut().zip(src) {
+                            *d = s * f32::from(q as i8);
+                        }
+                    }
+                }
+                QuantBits::Int4 => {
+                    let blocks = dst.chunks_mut(block).zip(row.chunks(block / 2));
+                    for ((dst, src), &sb) in blocks.zip(scales) {
+                        let s = widen_f16(sb);
+                        let mut pairs = dst.chunks_exact_mut(2);
+                        for (d, &byte) in (&mut pairs).zip(src) {
+                            d[0] = s * f32::from((byte & 0x0f) as i8 - 8);
+                            d[1] = s * f32::from((byte >> 4) as i8 - 8);
+                        }
+                        // An odd k's last entry: the low nibble of the row's last byte.
+                        let last = pairs.into_remainder().first_mut().zip(src.last());
+                        if let Some((d, &byte)) = last {
+                            *d = s * f32::from((byte & 0x0f) as i8 - 8);
+                        }
+                    }
+                }
             }
         }
     }

@@ -480,11 +480,9 @@ pub fn gemm<W: Lanes>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
     gemm_with(Kernels::detect(), s, w, x, c)
 }
 
-fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
-    if s.m == 0 || s.n == 0 {
-        return;
-    }
-    // The activation rows packed once: padded to whole chunks, in the steps' order.
+/// The activation rows packed once for the tiles of `W`: padded to whole chunks, in the
+/// steps' order; returns them and their stride.
+fn packed<W: Lanes>(s: Shape, x: &[f32]) -> (Vec<f32>, usize) {
     let kp = s.k.div_ceil(W::CHUNK) * W::CHUNK;
     let mut xp = vec![0f32; s.n * kp];
     if kp > 0 {
@@ -492,6 +490,59 @@ fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32
             pack_row::<W>(&x[j * s.ldb..j * s.ldb + s.k], dst);
         }
     }
+    (xp, kp)
+}
+
+thread_local! {
+    /// [`gemm_filled`]'s weight rows, reused by the pieces this thread runs.
+    static FILLED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The GEMM over f32 weight rows that `fill(r0, dst)` writes, row-major, for rows `r0..r0 +
+/// dst.len() / k` (dequantized ones: the quantized GEMMs of more rows than their dot
+/// products take): each piece of rows is filled into this thread's scratch, then run
+/// through the f32 tiles while it is in L2. Outputs are as [`gemm`] computes them over
+/// those weights (`s.lda` is not read: the filled rows are `k` apart).
+pub(crate) fn gemm_filled(
+    s: Shape,
+    x: &[f32],
+    c: &mut [f32],
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if s.m == 0 || s.n == 0 {
+        return;
+    }
+    let kern = Kernels::detect();
+    let (xp, kp) = packed::<f32>(s, x);
+    let per = piece_rows(s.n, s.k * size_of::<f32>());
+    let piece = |i0: usize, rows: usize, out: &mut [f32], w: &mut Vec<f32>| {
+        if w.len() < rows * s.k {
+            w.resize(rows * s.k, 0.0);
+        }
+        fill(i0, &mut w[..rows * s.k]);
+        let b = Block {
+            w: &w[..rows * s.k],
+            lda: s.k,
+            k: s.k,
+            xp: &xp,
+            kp,
+        };
+        b.run(kern, 0, rows, s.n, out);
+    };
+    in_pieces(s, per, c, |i0, rows, out| {
+        FILLED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut w) => piece(i0, rows, out, &mut w),
+            // Not reached (a piece does not wait on rayon), but never a panic.
+            Err(_) => piece(i0, rows, out, &mut Vec::new()),
+        })
+    });
+}
+
+fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
+    if s.m == 0 || s.n == 0 {
+        return;
+    }
+    let (xp, kp) = packed::<W>(s, x);
     let b = Block {
         w,
         lda: s.lda,

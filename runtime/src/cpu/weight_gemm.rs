@@ -9,7 +9,8 @@
 //! - f32 and bf16 weights, up to [`super::tiles::GEMM_MAX_N`] rows: [`super::tiles`]
 //!   (register tiles); more rows: the gemm crate ([`super::bf16`] widens bf16 blocks for it);
 //! - int8 and int4 weights, up to [`MAX_N`] rows: [`super::quant`]'s dot products; more:
-//!   dequantized blocks of rows into the gemm crate.
+//!   dequantized pieces of rows through the f32 tiles, and beyond
+//!   [`super::tiles::GEMM_MAX_N`] dequantized blocks of rows into the gemm crate.
 //!
 //! Up to [`MAX_N`] rows, each output is computed whole by one thread in an order that
 //! depends only on its weight row and its activation row: a sequence decoded in a batch
