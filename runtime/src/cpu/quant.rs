@@ -35,7 +35,7 @@
 //! the f32 register tiles over it while it is in L2 (`tiles::gemm_filled`); beyond
 //! [`super::tiles::GEMM_MAX_N`] rows, blocks of rows go into [`super::bf16`]'s blocked path
 //! and the gemm crate. (Through the gemm crate at every size, with a scalar dequantization,
-//! a 64-token int4 prefill of the 0.5b preset ran at 0.4x the bf16 plan's rate; now 0.85x.)
+//! a 64-token int4 prefill of the 0.5b preset ran at 0.4x the bf16 plan's rate; now 0.9x.)
 //!
 //! A weight whose plan entry sets `act_block` 32 (`ngpt compile --quant-activations int8`)
 //! takes none of this: its GEMMs of any row count quantize the activation rows to int8

@@ -220,6 +220,9 @@ struct Block<'a, W> {
     k: usize,
     xp: &'a [f32],
     kp: usize,
+    /// Whether the piece after this one lies right after it in memory, to be read ahead
+    /// ([`Lanes::PIECE_AHEAD`]): not for rows filled into a scratch (`gemm_filled`).
+    follows: bool,
 }
 
 impl<W: Lanes> Block<'_, W> {
@@ -403,7 +406,7 @@ mod avx2 {
                     // thread neighbouring pieces) into L2 (f32 prefill of 8 to 64 tokens
                     // 1.17x to 1.04x; bf16, whose weights are half the bytes, lost 5-10%;
                     // BENCHMARKS.md, session 19).
-                    let ah = W::PIECE_AHEAD && j > 0 && j == first;
+                    let ah = b.follows && W::PIECE_AHEAD && j > 0 && j == first;
                     match (r, j == 0, ah) {
                         (1, _, false) => tile::<W, 1, TILE_W, NONE>(&w, i, j, out, ld, 0),
                         (2, _, false) => tile::<W, 2, TILE_W, NONE>(&w, i, j, out, ld, 0),
@@ -526,6 +529,7 @@ pub(crate) fn gemm_filled(
             k: s.k,
             xp: &xp,
             kp,
+            follows: false,
         };
         b.run(kern, 0, rows, s.n, out);
     };
@@ -549,6 +553,7 @@ fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32
         k: s.k,
         xp: &xp,
         kp,
+        follows: true,
     };
     let per = piece_rows(s.n, s.k * size_of::<W>());
     in_pieces(s, per, c, |i0, rows, out| b.run(kern, i0, rows, s.n, out));
