@@ -190,13 +190,6 @@ pub fn widen_f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// f16 bits to f32, exactly, for a run of scales.
-pub fn widen_f16s(src: &[u16], dst: &mut [f32]) {
-    for (d, &b) in dst.iter_mut().zip(src) {
-        *d = widen_f16(b);
-    }
-}
-
 impl WeightData {
     /// Number of elements (a quantized matrix's rows x k).
     pub fn len(&self) -> usize {
