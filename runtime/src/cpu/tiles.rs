@@ -346,6 +346,31 @@ mod avx2 {
         }
     }
 
+    /// [`tile`] with its prefetch `pf` ([`NONE`], [`NEXT_TILE`] or [`NEXT_PIECE`], the
+    /// next piece `ahead` rows on) chosen at run time, once a tile.
+    ///
+    /// # Safety
+    /// As [`tile`]'s.
+    #[inline]
+    unsafe fn tile_pf<W: Lanes, const R: usize, const C: usize>(
+        pf: u8,
+        b: &Block<'_, W>,
+        i0: usize,
+        j0: usize,
+        out: &mut [f32],
+        ld: usize,
+        ahead: usize,
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            match pf {
+                NEXT_TILE => tile::<W, R, C, NEXT_TILE>(b, i0, j0, out, ld, ahead),
+                NEXT_PIECE => tile::<W, R, C, NEXT_PIECE>(b, i0, j0, out, ld, ahead),
+                _ => tile::<W, R, C, NONE>(b, i0, j0, out, ld, ahead),
+            }
+        }
+    }
+
     /// Rows `i0..i0 + rows` by activation rows `0..n` into `out` (rows `ld` apart per
     /// activation row), in tiles.
     ///
@@ -394,34 +419,30 @@ mod avx2 {
             let mut j = 0;
             while j < n {
                 let r = (n - j).min(W::TILE_X).min(4);
+                // The first tiles of the piece (j = 0, at least 3 rows since n > 2)
+                // read its weights from memory: they prefetch the next tile's, as the
+                // decode tiles do; the later ones find them in L2 (measured: bf16
+                // prefill of 8 tokens 1.4x, f32 1.08x, BENCHMARKS.md). Without more,
+                // memory is idle through the later passes and the first pass waits on
+                // it with little arithmetic to hide it; so for f32 the second pass
+                // reads the next piece (the thread's next, mostly: rayon hands a
+                // thread neighbouring pieces) into L2 (f32 prefill of 8 to 64 tokens
+                // 1.17x to 1.04x; bf16, whose weights are half the bytes, lost 5-10%;
+                // BENCHMARKS.md, session 19).
+                let pf = if j == 0 {
+                    NEXT_TILE
+                } else if b.follows && W::PIECE_AHEAD && j == first {
+                    NEXT_PIECE
+                } else {
+                    NONE
+                };
                 let mut i = 0;
                 while i + TILE_W <= rows {
-                    // The first tiles of the piece (j = 0, at least 3 rows since n > 2)
-                    // read its weights from memory: they prefetch the next tile's, as the
-                    // decode tiles do; the later ones find them in L2 (measured: bf16
-                    // prefill of 8 tokens 1.4x, f32 1.08x, BENCHMARKS.md). Without more,
-                    // memory is idle through the later passes and the first pass waits on
-                    // it with little arithmetic to hide it; so for f32 the second pass
-                    // reads the next piece (the thread's next, mostly: rayon hands a
-                    // thread neighbouring pieces) into L2 (f32 prefill of 8 to 64 tokens
-                    // 1.17x to 1.04x; bf16, whose weights are half the bytes, lost 5-10%;
-                    // BENCHMARKS.md, session 19).
-                    let ah = b.follows && W::PIECE_AHEAD && j > 0 && j == first;
-                    match (r, j == 0, ah) {
-                        (1, _, false) => tile::<W, 1, TILE_W, NONE>(&w, i, j, out, ld, 0),
-                        (2, _, false) => tile::<W, 2, TILE_W, NONE>(&w, i, j, out, ld, 0),
-                        (1, _, true) => tile::<W, 1, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows),
-                        (2, _, true) => tile::<W, 2, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows),
-                        (3, true, _) => tile::<W, 3, TILE_W, NEXT_TILE>(&w, i, j, out, ld, 0),
-                        (3, false, false) => tile::<W, 3, TILE_W, NONE>(&w, i, j, out, ld, 0),
-                        (3, false, true) => {
-                            tile::<W, 3, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows)
-                        }
-                        (_, true, _) => tile::<W, 4, TILE_W, NEXT_TILE>(&w, i, j, out, ld, 0),
-                        (_, false, false) => tile::<W, 4, TILE_W, NONE>(&w, i, j, out, ld, 0),
-                        (_, false, true) => {
-                            tile::<W, 4, TILE_W, NEXT_PIECE>(&w, i, j, out, ld, rows)
-                        }
+                    match r {
+                        1 => tile_pf::<W, 1, TILE_W>(pf, &w, i, j, out, ld, rows),
+                        2 => tile_pf::<W, 2, TILE_W>(pf, &w, i, j, out, ld, rows),
+                        3 => tile_pf::<W, 3, TILE_W>(pf, &w, i, j, out, ld, rows),
+                        _ => tile_pf::<W, 4, TILE_W>(pf, &w, i, j, out, ld, rows),
                     }
                     i += TILE_W;
                 }
