@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::tiles;
-use super::weight_gemm::Shape;
+use super::weight_gemm::{with_scratch, Shape};
 use crate::plan::widen_bf16;
 
 /// Widened weights held at a time on the blocked path.
@@ -75,22 +75,8 @@ fn blocked_by(
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     let block_rows = block_rows.min(s.m);
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => {
-            if scratch.len() < block_rows * s.k {
-                scratch.resize(block_rows * s.k, 0.0);
-            }
-            blocks(s, x, c, block_rows, &mut scratch, &fill);
-        }
-        // A GEMM that rayon ran on this thread while it waited inside another one.
-        Err(_) => blocks(
-            s,
-            x,
-            c,
-            block_rows,
-            &mut vec![0f32; block_rows * s.k],
-            &fill,
-        ),
+    with_scratch(&SCRATCH, block_rows * s.k, |scratch| {
+        blocks(s, x, c, block_rows, scratch, &fill)
     });
 }
 

@@ -36,7 +36,7 @@
 
 use std::mem::size_of;
 
-use super::weight_gemm::{self, in_pieces, Shape};
+use super::weight_gemm::{self, in_pieces, with_scratch, Shape};
 
 /// The executors take this path up to this many activation rows (the gemm crate beyond):
 /// measured on the 2-core dev box (BENCHMARKS.md), the tiles prefill 64 tokens of the small
@@ -539,26 +539,18 @@ pub(crate) fn gemm_filled(
     let kern = Kernels::detect();
     let (xp, kp) = packed::<f32>(s, x);
     let per = piece_rows(s.n, s.k * size_of::<f32>());
-    let piece = |i0: usize, rows: usize, out: &mut [f32], w: &mut Vec<f32>| {
-        if w.len() < rows * s.k {
-            w.resize(rows * s.k, 0.0);
-        }
-        fill(i0, &mut w[..rows * s.k]);
-        let b = Block {
-            w: &w[..rows * s.k],
-            lda: s.k,
-            k: s.k,
-            xp: &xp,
-            kp,
-            follows: false,
-        };
-        b.run(kern, 0, rows, s.n, out);
-    };
     in_pieces(s, per, c, |i0, rows, out| {
-        FILLED.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut w) => piece(i0, rows, out, &mut w),
-            // Not reached (a piece does not wait on rayon), but never a panic.
-            Err(_) => piece(i0, rows, out, &mut Vec::new()),
+        with_scratch(&FILLED, rows * s.k, |w| {
+            fill(i0, w);
+            let b = Block {
+                w,
+                lda: s.k,
+                k: s.k,
+                xp: &xp,
+                kp,
+                follows: false,
+            };
+            b.run(kern, 0, rows, s.n, out);
         })
     });
 }

@@ -61,6 +61,26 @@ pub(crate) fn piece_rows(n: usize, row_bytes: usize, min: usize, max: usize) -> 
     }
 }
 
+/// Runs `f` on the first `len` values of this thread's scratch `key` (grown as needed and
+/// kept for the thread's next call, so its pages are not faulted in and cleared per GEMM),
+/// or on a fresh buffer where that scratch is in use on this thread already (a GEMM rayon
+/// ran here while another one waited): never a panic.
+pub(crate) fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
 /// Runs `piece(i0, rows, out)` for pieces of `per` weight rows (the last one shorter) on
 /// rayon's threads, each writing the products of its rows `i0..i0 + rows` with every
 /// activation row into its own `out` (`out[j * rows + i]`: row `i0 + i`, activation row
