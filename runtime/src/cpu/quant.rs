@@ -27,6 +27,14 @@
 //! stay within relative 1e-5 of the IR on the same dequantized weights
 //! (tests/it/quant_plans.rs).
 //!
+//! The AVX2 kernels take a tile of weight rows by activation rows a call, each converted
+//! unit used for every activation row of the tile: 4 x 1 for one activation row (decode),
+//! 2 x 2 for pairs, and 2 x 4 where the CPU has AVX-512VL (the same 256-bit operations,
+//! compiled with its 32 vector registers, which the 2 x 4 tile's partial sums and
+//! accumulators need); the activation rows of a call are packed once per GEMM, unit by unit
+//! (`Pack`), so that a tile reads them through one pointer. No tile changes any output's
+//! operations or their order.
+//!
 //! A block's f16 scale is widened (exactly) where the kernel reaches the block: on the AVX2
 //! path eight blocks' scales of a row at a time (one F16C conversion), no separate widening
 //! pass over a piece's scales.
@@ -277,10 +285,10 @@ fn units_of(k: usize, upb: usize) -> usize {
     (k / UNIT).div_ceil(upb.max(1))
 }
 
-/// An activation row as the dot products read it.
+/// An activation row as the portable dot products read it.
 #[derive(Clone, Copy)]
 struct Act<'a> {
-    /// The values (in [`Kernels::split`] order on the AVX2 path).
+    /// The values, in natural order.
     x: &'a [f32],
     /// Where [`Ints::OFFSET`] is not 0, eight lanes a block: [`block_starts`].
     starts: &'a [f32],
@@ -329,31 +337,49 @@ pub(super) struct Kernels {
     /// with AVX2 so far has had the other two): the kernels widen their f16 scales in
     /// registers.
     pub(super) avx2: bool,
+    /// AVX-512F and VL are present as well: the same 256-bit kernels compiled with 32
+    /// vector registers, which hold the tiles of four activation rows ([`group_of`]).
+    pub(super) wide: bool,
 }
 
 impl Kernels {
     pub(super) fn detect() -> Kernels {
         #[cfg(target_arch = "x86_64")]
         {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
             Kernels {
-                avx2: std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                    && std::arch::is_x86_feature_detected!("f16c"),
+                avx2,
+                wide: avx2
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Kernels { avx2: false }
+        Kernels {
+            avx2: false,
+            wide: false,
+        }
     }
 
     /// The portable kernels only (for tests comparing the two).
     #[cfg(test)]
     pub(super) fn portable() -> Kernels {
-        Kernels { avx2: false }
+        Kernels {
+            avx2: false,
+            wide: false,
+        }
     }
 
-    /// Whether activation rows go in [`split_units`] order.
-    fn split<F: Ints>(self) -> bool {
-        self.avx2 && F::SPLIT
+    /// The AVX2 kernels with 16 vector registers, where the CPU has AVX2 (for tests of
+    /// the tiles a CPU without AVX-512 runs).
+    #[cfg(test)]
+    pub(super) fn narrow() -> Kernels {
+        Kernels {
+            wide: false,
+            ..Kernels::detect()
+        }
     }
 }
 
@@ -366,8 +392,130 @@ fn dots_portable<F: Ints, const R: usize, const C: usize>(
     rows.map(|row| xs.map(|x| dot::<F>(row, x)))
 }
 
-/// [`dot`] of `R` weight rows with each of `C` activation rows (in [`Kernels::split`]
-/// order), the whole units in AVX2 registers: each unit of activations is loaded once for
+/// The body of [`dots_avx2`] and [`dots_wide`] (a macro: one text compiled under each
+/// function's target features), over the caller's generics `F`, `R`, `C`, `U`.
+macro_rules! dots_body {
+    ($rows:ident, $xs:ident) => {{
+        let (rows, xs): ([Row<'_>; R], Pack<'_, C>) = ($rows, $xs);
+        use std::arch::x86_64::*;
+        let (k, upb) = (rows[0].k, rows[0].upb);
+        debug_assert!(U == 0 || U == upb);
+        debug_assert!(rows.iter().all(|r| r.k == k
+            && r.upb == upb
+            && r.bytes.len() >= k / UNIT * F::UNIT_BYTES
+            && r.scales.len() >= k.div_ceil(upb * UNIT)));
+        debug_assert!(
+            xs.x.len() >= k / UNIT * UNIT * C
+                && (F::OFFSET == 0.0 || xs.starts.len() >= units_of(k, upb) * 8 * C)
+                && xs.rows.iter().all(|x| x.len() >= k)
+        );
+        let upb = if U > 0 { U } else { upb };
+        let units = k / UNIT;
+        let pw: [*const u8; R] = std::array::from_fn(|r| rows[r].bytes.as_ptr());
+        let ps: [*const u16; R] = std::array::from_fn(|r| rows[r].scales.as_ptr());
+        let (px, pst) = (xs.x.as_ptr(), xs.starts.as_ptr());
+        // Where the rows of the call LOOK calls after this one start when rows lie one after
+        // another (a piece's rows do): read in while these are computed, so that call finds
+        // them cached.
+        let next = pw[R - 1].wrapping_add(rows[R - 1].bytes.len() * (1 + R * (LOOK - 1)));
+        // And their scales, which lie one row after another too (2 bytes a block), at the start.
+        let nb = rows[R - 1].scales.len();
+        let next_sc = ps[R - 1]
+            .wrapping_add(nb * (1 + R * (LOOK - 1)))
+            .cast::<u8>();
+        for off in (0..R * nb * 2).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next_sc.wrapping_add(off).cast());
+        }
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        // Each row's scales of the eight blocks from a multiple of eight, widened together: one
+        // F16C conversion a row and eight blocks, the blocks then broadcasting theirs from here
+        // (a load). Widening each block's scale alone (`vcvtph2ps` per block) held the int4
+        // kernel to 0.89x this rate on Zen 4.
+        let mut wide = [[0f32; 8]; R];
+        // One block of `$n` units from unit `$u0`, its scale `$b` (a macro, not a closure, so
+        // that the body is compiled with this function's target features).
+        macro_rules! block {
+            ($u0:expr, $n:expr, $b:expr) => {{
+                let (u0, n, b): (usize, usize, usize) = ($u0, $n, $b);
+                if b % 8 == 0 {
+                    for (r, wide) in wide.iter_mut().enumerate() {
+                        let scales = rows[r].scales;
+                        let h = if b + 8 <= scales.len() {
+                            // SAFETY: blocks b..b + 8 are the row's: their scales are inside.
+                            _mm_loadu_si128(ps[r].add(b).cast())
+                        } else {
+                            let mut t = [0u16; 8];
+                            t[..scales.len() - b].copy_from_slice(&scales[b..]);
+                            _mm_loadu_si128(t.as_ptr().cast())
+                        };
+                        _mm256_storeu_ps(wide.as_mut_ptr(), _mm256_cvtph_ps(h));
+                    }
+                }
+                let mut p = [[_mm256_setzero_ps(); C]; R];
+                if F::OFFSET != 0.0 {
+                    for c in 0..C {
+                        // SAFETY: b is a block with a whole unit: its eight start lanes exist.
+                        let start = _mm256_loadu_ps(pst.add(8 * (b * C + c)));
+                        for p in p.iter_mut() {
+                            p[c] = start;
+                        }
+                    }
+                }
+                for u in u0..u0 + n {
+                    // The next R rows, a unit's worth of their bytes each step (a prefetch
+                    // past the weights never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(u * R * F::UNIT_BYTES).cast());
+                    let mut xv = [[_mm256_setzero_ps(); 2]; C];
+                    for (c, xv) in xv.iter_mut().enumerate() {
+                        // SAFETY: u < units: the unit's values lie inside the pack.
+                        let p = px.add((u * C + c) * UNIT);
+                        *xv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                    }
+                    for r in 0..R {
+                        // SAFETY: u < units: the unit's bytes lie inside the row.
+                        let q = F::unit(pw[r].add(u * F::UNIT_BYTES));
+                        for c in 0..C {
+                            p[r][c] = _mm256_fmadd_ps(q[0], xv[c][0], p[r][c]);
+                            p[r][c] = _mm256_fmadd_ps(q[1], xv[c][1], p[r][c]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let scale = _mm256_broadcast_ss(&wide[r][b % 8]);
+                    for c in 0..C {
+                        acc[r][c] = _mm256_fmadd_ps(p[r][c], scale, acc[r][c]);
+                    }
+                }
+            }};
+        }
+        let whole = units / upb;
+        for b in 0..whole {
+            block!(b * upb, upb, b);
+        }
+        if whole * upb < units {
+            block!(whole * upb, units - whole * upb, whole);
+        }
+        // The lanes summed in `finish`'s tree; loops, not `map` closures, as in `quant_act.rs`:
+        // a closure does not get this function's target features, so `sum8_avx` became a call
+        // with each vector spilled to pass it (4% of an int4 decode's samples).
+        let mut out = [[0f32; C]; R];
+        for ((out, acc), row) in out.iter_mut().zip(&acc).zip(&rows) {
+            for ((o, &v), x) in out.iter_mut().zip(acc).zip(xs.rows) {
+                let sum = super::sum_tree::sum8_avx(v);
+                // No tail: `finish` adds 0 * 0.
+                *o = if units * UNIT == k {
+                    sum + 0.0
+                } else {
+                    sum + row.tail_scale() * tail::<F>(row.bytes, x, units * UNIT, k)
+                };
+            }
+        }
+        out
+    }};
+}
+
+/// [`dot`] of `R` weight rows with each of `C` activation rows (a [`Pack`]), the whole
+/// units in AVX2 registers: each unit of activations is loaded once for
 /// the `R` rows, each unit of integers converted once for the `C` activation rows; per
 /// (row, activation row) the operations and order of [`dot`]. `U` is the units a block
 /// when it is 1, 2, 4 or 8 (the block loop unrolled), 0 for any other block.
@@ -380,151 +528,73 @@ fn dots_portable<F: Ints, const R: usize, const C: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_avx2<F: Ints, const R: usize, const C: usize, const U: usize>(
     rows: [Row<'_>; R],
-    xs: [Act<'_>; C],
+    xs: Pack<'_, C>,
 ) -> [[f32; C]; R] {
-    use std::arch::x86_64::*;
-    let (k, upb) = (rows[0].k, rows[0].upb);
-    debug_assert!(U == 0 || U == upb);
-    debug_assert!(rows.iter().all(|r| r.k == k
-        && r.upb == upb
-        && r.bytes.len() >= k / UNIT * F::UNIT_BYTES
-        && r.scales.len() >= k.div_ceil(upb * UNIT)));
-    debug_assert!(xs
-        .iter()
-        .all(|x| x.x.len() >= k && (F::OFFSET == 0.0 || x.starts.len() >= units_of(k, upb) * 8)));
-    let upb = if U > 0 { U } else { upb };
-    let units = k / UNIT;
-    let pw: [*const u8; R] = std::array::from_fn(|r| rows[r].bytes.as_ptr());
-    let ps: [*const u16; R] = std::array::from_fn(|r| rows[r].scales.as_ptr());
-    let px: [*const f32; C] = std::array::from_fn(|c| xs[c].x.as_ptr());
-    let pst: [*const f32; C] = std::array::from_fn(|c| xs[c].starts.as_ptr());
-    // Where the rows of the call LOOK calls after this one start when rows lie one after
-    // another (a piece's rows do): read in while these are computed, so that call finds
-    // them cached.
-    let next = pw[R - 1].wrapping_add(rows[R - 1].bytes.len() * (1 + R * (LOOK - 1)));
-    // And their scales, which lie one row after another too (2 bytes a block), at the start.
-    let nb = rows[R - 1].scales.len();
-    let next_sc = ps[R - 1]
-        .wrapping_add(nb * (1 + R * (LOOK - 1)))
-        .cast::<u8>();
-    for off in (0..R * nb * 2).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(next_sc.wrapping_add(off).cast());
-    }
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    // Each row's scales of the eight blocks from a multiple of eight, widened together: one
-    // F16C conversion a row and eight blocks, the blocks then broadcasting theirs from here
-    // (a load). Widening each block's scale alone (`vcvtph2ps` per block) held the int4
-    // kernel to 0.89x this rate on Zen 4.
-    let mut wide = [[0f32; 8]; R];
-    // One block of `$n` units from unit `$u0`, its scale `$b` (a macro, not a closure, so
-    // that the body is compiled with this function's target features).
-    macro_rules! block {
-        ($u0:expr, $n:expr, $b:expr) => {{
-            let (u0, n, b): (usize, usize, usize) = ($u0, $n, $b);
-            if b % 8 == 0 {
-                for (r, wide) in wide.iter_mut().enumerate() {
-                    let scales = rows[r].scales;
-                    let h = if b + 8 <= scales.len() {
-                        // SAFETY: blocks b..b + 8 are the row's: their scales are inside.
-                        _mm_loadu_si128(ps[r].add(b).cast())
-                    } else {
-                        let mut t = [0u16; 8];
-                        t[..scales.len() - b].copy_from_slice(&scales[b..]);
-                        _mm_loadu_si128(t.as_ptr().cast())
-                    };
-                    _mm256_storeu_ps(wide.as_mut_ptr(), _mm256_cvtph_ps(h));
-                }
-            }
-            let mut p = [[_mm256_setzero_ps(); C]; R];
-            if F::OFFSET != 0.0 {
-                for c in 0..C {
-                    // SAFETY: b is a block with a whole unit: its eight start lanes exist.
-                    let start = _mm256_loadu_ps(pst[c].add(8 * b));
-                    for p in p.iter_mut() {
-                        p[c] = start;
-                    }
-                }
-            }
-            for u in u0..u0 + n {
-                // The next R rows, a unit's worth of their bytes each step (a prefetch
-                // past the weights never faults).
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(u * R * F::UNIT_BYTES).cast());
-                let mut xv = [[_mm256_setzero_ps(); 2]; C];
-                for c in 0..C {
-                    // SAFETY: u < units: the unit's values lie inside every activation row.
-                    xv[c] = [
-                        _mm256_loadu_ps(px[c].add(u * UNIT)),
-                        _mm256_loadu_ps(px[c].add(u * UNIT + 8)),
-                    ];
-                }
-                for r in 0..R {
-                    // SAFETY: u < units: the unit's bytes lie inside the row.
-                    let q = F::unit(pw[r].add(u * F::UNIT_BYTES));
-                    for c in 0..C {
-                        p[r][c] = _mm256_fmadd_ps(q[0], xv[c][0], p[r][c]);
-                        p[r][c] = _mm256_fmadd_ps(q[1], xv[c][1], p[r][c]);
-                    }
-                }
-            }
-            for r in 0..R {
-                let scale = _mm256_broadcast_ss(&wide[r][b % 8]);
-                for c in 0..C {
-                    acc[r][c] = _mm256_fmadd_ps(p[r][c], scale, acc[r][c]);
-                }
-            }
-        }};
-    }
-    let whole = units / upb;
-    for b in 0..whole {
-        block!(b * upb, upb, b);
-    }
-    if whole * upb < units {
-        block!(whole * upb, units - whole * upb, whole);
-    }
-    // The lanes summed in `finish`'s tree; loops, not `map` closures, as in `quant_act.rs`:
-    // a closure does not get this function's target features, so `sum8_avx` became a call
-    // with each vector spilled to pass it (4% of an int4 decode's samples).
-    let mut out = [[0f32; C]; R];
-    for ((out, acc), row) in out.iter_mut().zip(&acc).zip(&rows) {
-        for ((o, &v), x) in out.iter_mut().zip(acc).zip(&xs) {
-            let sum = super::sum_tree::sum8_avx(v);
-            // No tail: `finish` adds 0 * 0.
-            *o = if units * UNIT == k {
-                sum + 0.0
-            } else {
-                sum + row.tail_scale() * tail::<F>(row.bytes, x.x, units * UNIT, k)
-            };
-        }
-    }
-    out
+    // SAFETY: as this function's contract.
+    unsafe { dots_body!(rows, xs) }
 }
 
-/// Weight rows a kernel call takes together for `C` activation rows.
+/// [`dots_avx2`] compiled with AVX-512VL's 32 vector registers (the same 256-bit
+/// operations in the same order: bitwise equal), for the tiles of two weight rows by four
+/// activation rows, whose partial sums and accumulators alone take 16 registers (compiled
+/// with AVX2's 16 they spilled to the stack).
+///
+/// # Safety
+/// As [`dots_avx2`]'s; AVX-512F and VL are present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn dots_wide<F: Ints, const R: usize, const C: usize, const U: usize>(
+    rows: [Row<'_>; R],
+    xs: Pack<'_, C>,
+) -> [[f32; C]; R] {
+    // SAFETY: as this function's contract.
+    unsafe { dots_body!(rows, xs) }
+}
+
+/// Weight rows a kernel call takes together for `C` activation rows: four for one (a
+/// decode step: four rows' partial sums in flight), two for a pair or a group of four.
 const fn rows_per_call(c: usize) -> usize {
-    if c == 1 {
+    match c {
+        1 => 4,
+        _ => 2,
+    }
+}
+
+/// Activation rows the AVX2 kernels take a call, at most: four where the CPU has 32
+/// vector registers for the 2 x 4 tile's partial sums and accumulators ([`Kernels::wide`]),
+/// two with 16; the rows after the last whole group go in pairs, the last one alone.
+/// Measured on the 2-core Zen 4 VM (BENCHMARKS.md, session 20): groups of four took 16- and
+/// 32-token int4 prefills 1.4x faster than pairs; groups of eight, one weight row a call,
+/// were slower at K = 1024 (eight rows' activations, 32 KiB, no longer fit L1 beside the
+/// weights), and four with one weight row a call gained at most 10% and lost at K = 4096.
+fn group_of(kern: Kernels) -> usize {
+    if kern.wide {
         4
     } else {
         2
     }
 }
 
-/// The loop of [`piece_dots`] over the kernel `$dots` (`dots_portable`, or `dots_avx2` with
-/// its `U`): [`rows_per_call`] rows a kernel call, the last ones one at a time, each result
+/// The loop of [`piece_dots`] over the kernel `$dots` (`dots_portable`, or `dots_avx2` /
+/// `dots_wide` with its `U`): [`rows_per_call`] rows a kernel call, the last ones one at a time, each result
 /// into `out[c * rows + i]`. A macro, so that the AVX2 loop is compiled inside a function
 /// with the kernels' target features ([`piece_avx2`]), where the kernel calls inline: called
 /// once per group of rows from a function without them, they were calls returning their
 /// sums through memory (6% of an int4 decode's samples in the call sites).
 macro_rules! piece_loop {
     ($dots:ident [$($u:tt)*], $rows:expr, $row:expr, $xs:expr, $out:expr) => {{
-        let (rows, row, xs, out): (usize, _, [Act<'_>; C], &mut [f32]) = ($rows, $row, $xs, $out);
+        let (rows, row, xs, out): (usize, _, _, &mut [f32]) = ($rows, $row, $xs, $out);
         let per = rows_per_call(C);
         let mut i = 0;
         while i + per <= rows {
-            if per == 4 {
-                let r = $dots::<F, 4, C $($u)*>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
-                store(out, rows, i, r);
-            } else {
-                store(out, rows, i, $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs));
+            match per {
+                4 => {
+                    let r = $dots::<F, 4, C $($u)*>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
+                    store(out, rows, i, r);
+                }
+                2 => store(out, rows, i, $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs)),
+                _ => store(out, rows, i, $dots::<F, 1, C $($u)*>([row(i)], xs)),
             }
             i += per;
         }
@@ -546,38 +616,109 @@ fn store<const R: usize, const C: usize>(out: &mut [f32], rows: usize, i: usize,
     }
 }
 
+/// `C` activation rows as the AVX2 kernels read them: unit `u` of row `c` (in
+/// [`split_units`] order where [`Ints::SPLIT`]) at `x[(u * C + c) * UNIT..]`, block `b`'s start lanes of row
+/// `c` ([`block_starts`]) at `starts[(b * C + c) * 8..]`: one pointer each for the whole
+/// group, where a pointer per row (`2 C` of them) took the general registers (a tile of
+/// eight rows reloaded them from the stack every unit). `rows`: each row's values in
+/// natural order, for the entries after the last whole unit.
+#[derive(Clone, Copy)]
+struct Pack<'a, const C: usize> {
+    x: &'a [f32],
+    starts: &'a [f32],
+    rows: [&'a [f32]; C],
+}
+
+/// Activation rows `j0..j0 + c` of `x` (rows `ldb` apart, `k` values) packed as [`Pack`]
+/// reads them: their whole units into `xs` (`units * c * UNIT` values) and their block
+/// starts into `starts` (`c * 8` a block with a whole unit; none where the format has no
+/// offset).
+#[allow(clippy::too_many_arguments)]
+fn pack<F: Ints>(
+    x: &[f32],
+    ldb: usize,
+    k: usize,
+    j0: usize,
+    c: usize,
+    upb: usize,
+    xs: &mut [f32],
+    starts: &mut [f32],
+) {
+    let units = k / UNIT;
+    let mut split = [0f32; UNIT];
+    let mut st = Vec::new();
+    for i in 0..c {
+        let row = &x[(j0 + i) * ldb..(j0 + i) * ldb + k];
+        for u in 0..units {
+            let src = &row[u * UNIT..(u + 1) * UNIT];
+            let src = if F::SPLIT {
+                split_units(src, &mut split);
+                &split[..]
+            } else {
+                src
+            };
+            xs[(u * c + i) * UNIT..(u * c + i + 1) * UNIT].copy_from_slice(src);
+        }
+        if F::OFFSET != 0.0 {
+            block_starts::<F>(row, upb, &mut st);
+            for (b, lanes) in st.chunks_exact(8).enumerate() {
+                starts[(b * c + i) * 8..(b * c + i + 1) * 8].copy_from_slice(lanes);
+            }
+        }
+    }
+}
+
 /// The dot products of rows `0..rows` (through `row`; every row of block `upb` units)
-/// with activation rows `xs` (in [`Kernels::split`] order), into `out[c * rows + i]`.
+/// with activation rows `xs` (natural order), into `out[c * rows + i]`: the portable
+/// kernels, a pair of activation rows at a time.
 #[inline(always)]
 fn piece_dots<'a, F: Ints, const C: usize>(
-    kern: Kernels,
     rows: usize,
-    upb: usize,
     row: impl Fn(usize) -> Row<'a>,
     xs: [Act<'_>; C],
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if kern.avx2 {
-        // SAFETY: AVX2, FMA and F16C are present (`detect` checked them); the caller
-        // holds the extents (checked again in `dots_avx2`'s debug assertions).
-        unsafe {
-            match upb {
-                1 => piece_avx2::<F, C, 1>(rows, row, xs, out),
-                2 => piece_avx2::<F, C, 2>(rows, row, xs, out),
-                4 => piece_avx2::<F, C, 4>(rows, row, xs, out),
-                8 => piece_avx2::<F, C, 8>(rows, row, xs, out),
-                _ => piece_avx2::<F, C, 0>(rows, row, xs, out),
-            }
-        }
-        return;
-    }
-    // Only the AVX2 path reads these (unused where it is compiled out).
-    let _ = (kern, upb);
     piece_loop!(dots_portable[], rows, row, xs, out);
 }
 
-/// [`piece_dots`] on the AVX2 kernels ([`dots_avx2`] with block `U`).
+/// [`piece_dots`] on the AVX2 kernels over a [`Pack`] of `C` activation rows: the
+/// kernel with its block size `U` (1, 2, 4 or 8 units, 0 for any other), compiled with 32
+/// vector registers where `kern.wide`.
+///
+/// # Safety
+/// `kern.avx2` (AVX2, FMA and F16C are present; AVX-512F and VL too where `kern.wide`);
+/// as [`dots_avx2`]'s for every group of rows.
+#[cfg(target_arch = "x86_64")]
+unsafe fn piece_packed<'a, F: Ints, const C: usize>(
+    kern: Kernels,
+    rows: usize,
+    upb: usize,
+    row: impl Fn(usize) -> Row<'a>,
+    xs: Pack<'_, C>,
+    out: &mut [f32],
+) {
+    macro_rules! on {
+        ($f:ident) => {
+            match upb {
+                1 => $f::<F, C, 1>(rows, row, xs, out),
+                2 => $f::<F, C, 2>(rows, row, xs, out),
+                4 => $f::<F, C, 4>(rows, row, xs, out),
+                8 => $f::<F, C, 8>(rows, row, xs, out),
+                _ => $f::<F, C, 0>(rows, row, xs, out),
+            }
+        };
+    }
+    // SAFETY: as this function's contract.
+    unsafe {
+        if kern.wide && C > 2 {
+            on!(piece_wide)
+        } else {
+            on!(piece_avx2)
+        }
+    }
+}
+
+/// [`piece_packed`] with AVX2's 16 vector registers.
 ///
 /// # Safety
 /// As [`dots_avx2`]'s, for every group of rows.
@@ -586,11 +727,28 @@ fn piece_dots<'a, F: Ints, const C: usize>(
 unsafe fn piece_avx2<'a, F: Ints, const C: usize, const U: usize>(
     rows: usize,
     row: impl Fn(usize) -> Row<'a>,
-    xs: [Act<'_>; C],
+    xs: Pack<'_, C>,
     out: &mut [f32],
 ) {
     // SAFETY: as this function's contract.
     unsafe { piece_loop!(dots_avx2[, U], rows, row, xs, out) }
+}
+
+/// [`piece_packed`] with AVX-512VL's 32 vector registers: the same 256-bit operations in
+/// the same order (bitwise [`piece_avx2`]).
+///
+/// # Safety
+/// As [`dots_avx2`]'s, for every group of rows; AVX-512F and VL are present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn piece_wide<'a, F: Ints, const C: usize, const U: usize>(
+    rows: usize,
+    row: impl Fn(usize) -> Row<'a>,
+    xs: Pack<'_, C>,
+    out: &mut [f32],
+) {
+    // SAFETY: as this function's contract.
+    unsafe { piece_loop!(dots_wide[, U], rows, row, xs, out) }
 }
 
 /// Rows `start..start + out.len() / k` of `w` dequantized into `out`: bitwise
@@ -666,59 +824,138 @@ unsafe fn dequantize_avx2<F: Ints>(w: &QuantWeight, start: usize, out: &mut [f32
 }
 
 /// The dot-product path: pieces of weight rows on rayon's threads ([`in_pieces`]), the
-/// activation rows in pairs sharing each converted unit.
+/// activation rows in groups sharing each converted unit ([`group_of`]; the portable kernels
+/// in pairs).
 fn dot_gemm<F: Ints>(s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
     dot_gemm_with::<F>(Kernels::detect(), s, w, x, c)
 }
 
+/// The calls of a dot-product GEMM over `n` activation rows: `(first row, rows)`, groups of
+/// `group` rows, then pairs, then the last row alone.
+fn calls(n: usize, group: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for size in [group, 2, 1] {
+        while j + size <= n {
+            out.push((j, size));
+            j += size;
+        }
+    }
+    out
+}
+
 /// [`dot_gemm`] with the given kernels.
 fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c: &mut [f32]) {
-    let xin = x;
     let (rb, nb) = (w.row_bytes(), w.n_blocks());
     let upb = (w.block / UNIT).max(1);
     let row_bytes = rb + 2 * nb;
     let per = piece_rows(s.n, row_bytes, 8, ROWS_PER_PIECE);
-    // The activation rows in the order the kernels read them, made once.
-    let (x, ldb) = if kern.split::<F>() {
-        let mut xs = vec![0f32; s.n * s.k];
-        for j in 0..s.n {
-            split_units(
-                &x[j * s.ldb..j * s.ldb + s.k],
-                &mut xs[j * s.k..(j + 1) * s.k],
-            );
-        }
-        (std::borrow::Cow::Owned(xs), s.k)
-    } else {
-        (std::borrow::Cow::Borrowed(x), s.ldb)
-    };
-    // Each activation row's block starts (none where the format has no offset).
-    let mut starts: Vec<Vec<f32>> = vec![Vec::new(); s.n];
-    if F::OFFSET != 0.0 {
-        for (j, st) in starts.iter_mut().enumerate() {
-            block_starts::<F>(&xin[j * s.ldb..j * s.ldb + s.k], upb, st);
-        }
-    }
-    let xrow = |j: usize| Act {
-        x: &x[j * ldb..j * ldb + s.k],
-        starts: &starts[j],
-    };
     // The weight's slices, once: `Elems` derefs through a mapping's `dyn AsRef` (a call the
     // compiler cannot inline; per row it showed in decode profiles, though removing it
     // moved decode by less than this VM's noise, 1.01x).
     let (data, scales): (&[u8], &[u16]) = (&w.data, &w.scales);
-    in_pieces(s, per, c, |m0, rows, out| {
-        let row = |i: usize| Row {
+    let rows_from = |m0: usize| {
+        move |i: usize| Row {
             bytes: &data[(m0 + i) * rb..(m0 + i + 1) * rb],
             scales: &scales[(m0 + i) * nb..(m0 + i + 1) * nb],
             k: s.k,
             upb,
+        }
+    };
+    let xrow = |j: usize| &x[j * s.ldb..j * s.ldb + s.k];
+    #[cfg(target_arch = "x86_64")]
+    if kern.avx2 {
+        // The activation rows packed once per call of the kernels ([`Pack`]).
+        let calls = calls(s.n, group_of(kern));
+        let (xn, sn) = (s.k / UNIT * UNIT, units_of(s.k, upb) * 8);
+        let mut xs = vec![0f32; s.n * xn];
+        let mut st = vec![0f32; if F::OFFSET != 0.0 { s.n * sn } else { 0 }];
+        for &(j0, n) in &calls {
+            let st = if F::OFFSET != 0.0 {
+                &mut st[j0 * sn..(j0 + n) * sn]
+            } else {
+                &mut []
+            };
+            pack::<F>(
+                x,
+                s.ldb,
+                s.k,
+                j0,
+                n,
+                upb,
+                &mut xs[j0 * xn..(j0 + n) * xn],
+                st,
+            );
+        }
+        let packed = |j0: usize, n: usize| {
+            let st = if F::OFFSET != 0.0 {
+                &st[j0 * sn..(j0 + n) * sn]
+            } else {
+                &[][..]
+            };
+            (&xs[j0 * xn..(j0 + n) * xn], st)
         };
+        in_pieces(s, per, c, |m0, rows, out| {
+            let row = rows_from(m0);
+            for &(j0, n) in &calls {
+                let (xs, starts) = packed(j0, n);
+                let out = &mut out[j0 * rows..];
+                // SAFETY: `kern` comes from `detect` (or a test's narrowing of it): AVX2, FMA
+                // and F16C are present, AVX-512F and VL where `wide`; every row holds `s.k`
+                // entries and their scales, the pack its rows' units and starts.
+                unsafe {
+                    match n {
+                        4 => {
+                            let rows_x = std::array::from_fn(|i| xrow(j0 + i));
+                            let p = Pack {
+                                x: xs,
+                                starts,
+                                rows: rows_x,
+                            };
+                            piece_packed::<F, 4>(kern, rows, upb, row, p, out)
+                        }
+                        2 => {
+                            let p = Pack {
+                                x: xs,
+                                starts,
+                                rows: [xrow(j0), xrow(j0 + 1)],
+                            };
+                            piece_packed::<F, 2>(kern, rows, upb, row, p, out)
+                        }
+                        _ => {
+                            let p = Pack {
+                                x: xs,
+                                starts,
+                                rows: [xrow(j0)],
+                            };
+                            piece_packed::<F, 1>(kern, rows, upb, row, p, out)
+                        }
+                    }
+                }
+            }
+        });
+        return;
+    }
+    // The portable kernels: each activation row's block starts (none where the format has
+    // no offset), the rows in pairs.
+    let mut starts: Vec<Vec<f32>> = vec![Vec::new(); s.n];
+    if F::OFFSET != 0.0 {
+        for (j, st) in starts.iter_mut().enumerate() {
+            block_starts::<F>(xrow(j), upb, st);
+        }
+    }
+    let act = |j: usize| Act {
+        x: xrow(j),
+        starts: &starts[j],
+    };
+    in_pieces(s, per, c, |m0, rows, out| {
+        let row = rows_from(m0);
         for j in (0..s.n).step_by(2) {
             let out = &mut out[j * rows..];
             if j + 1 < s.n {
-                piece_dots::<F, 2>(kern, rows, upb, row, [xrow(j), xrow(j + 1)], out);
+                piece_dots::<F, 2>(rows, row, [act(j), act(j + 1)], out);
             } else {
-                piece_dots::<F, 1>(kern, rows, upb, row, [xrow(j)], out);
+                piece_dots::<F, 1>(rows, row, [act(j)], out);
             }
         }
     });
@@ -892,26 +1129,55 @@ pub(crate) mod tests {
         {
             // Otherwise this compares the portable kernels with themselves.
             assert!(kern.avx2);
+            // And where the CPU has AVX-512VL, the 2 x 4 tiles run (`wide`).
+            assert_eq!(
+                kern.wide,
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            );
         }
         for bits in [QuantBits::Int8, QuantBits::Int4] {
             for (m, k, block) in CASES {
                 let w = weight(bits, m, k, block);
-                // Every kernel shape: 4 or 2 rows a call and the rows left over, one or
-                // two activation rows.
-                for n in [1, 2, 3, 4, 7] {
+                // Every kernel shape: 4 or 2 weight rows a call and the rows left over;
+                // one activation row, pairs, groups of four (wide) and what follows them.
+                for n in [1, 2, 3, 4, 7, 11] {
                     let s = shape(m, n, k);
                     let x = xs(n, k);
-                    let mut fast = vec![f32::NAN; n * s.ldc];
-                    let mut slow = fast.clone();
-                    gemm_with(kern, s, &w, &x, &mut fast);
+                    let mut slow = vec![f32::NAN; n * s.ldc];
                     gemm_with(Kernels::portable(), s, &w, &x, &mut slow);
                     let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits_of(&fast),
-                        bits_of(&slow),
-                        "{bits:?} m{m} k{k} b{block} n{n}"
-                    );
+                    for kern in [kern, Kernels::narrow()] {
+                        let mut fast = vec![f32::NAN; n * s.ldc];
+                        gemm_with(kern, s, &w, &x, &mut fast);
+                        assert_eq!(
+                            bits_of(&fast),
+                            bits_of(&slow),
+                            "{bits:?} m{m} k{k} b{block} n{n} wide {}",
+                            kern.wide
+                        );
+                    }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn calls_cover_every_activation_row_once_in_groups_then_pairs() {
+        for group in [2, 4] {
+            for n in 0..=MAX_N {
+                let calls = calls(n, group);
+                let mut next = 0;
+                for &(j0, c) in &calls {
+                    assert_eq!(j0, next, "n {n} group {group}: {calls:?}");
+                    assert!([group, 2, 1].contains(&c), "n {n} group {group}: {calls:?}");
+                    next += c;
+                }
+                assert_eq!(next, n, "n {n} group {group}: {calls:?}");
+                // Groups first, then at most one pair and one lone row.
+                let small = calls.iter().filter(|&&(_, c)| c < group).count();
+                assert!(small <= 2, "n {n} group {group}: {calls:?}");
+                assert_eq!(calls.len(), n / group + small);
             }
         }
     }
