@@ -682,8 +682,9 @@ fn piece_dots<'a, F: Ints, const C: usize>(
 }
 
 /// [`piece_dots`] on the AVX2 kernels over a [`Pack`] of `C` activation rows: the
-/// kernel with its block size `U` (1, 2, 4 or 8 units, 0 for any other), compiled with 32
-/// vector registers where `kern.wide`.
+/// kernel with its block size `U` (1, 2, 4 or 8 units, 0 for any other); a group of more
+/// than two rows (only where `kern.wide`: [`group_of`]) through the kernel compiled with 32
+/// vector registers, one or two rows through the 16-register one they have always taken.
 ///
 /// # Safety
 /// `kern.avx2` (AVX2, FMA and F16C are present; AVX-512F and VL too where `kern.wide`);
