@@ -924,6 +924,8 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
                             piece_packed::<F, 2>(kern, rows, upb, row, p, out)
                         }
                         _ => {
+                            // `calls` makes groups of `group_of` (2 or 4), pairs and lone rows.
+                            debug_assert_eq!(n, 1);
                             let p = Pack {
                                 x: xs,
                                 starts,
