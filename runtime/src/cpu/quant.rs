@@ -588,13 +588,11 @@ macro_rules! piece_loop {
         let per = rows_per_call(C);
         let mut i = 0;
         while i + per <= rows {
-            match per {
-                4 => {
-                    let r = $dots::<F, 4, C $($u)*>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
-                    store(out, rows, i, r);
-                }
-                2 => store(out, rows, i, $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs)),
-                _ => store(out, rows, i, $dots::<F, 1, C $($u)*>([row(i)], xs)),
+            if per == 4 {
+                let r = $dots::<F, 4, C $($u)*>([row(i), row(i + 1), row(i + 2), row(i + 3)], xs);
+                store(out, rows, i, r);
+            } else {
+                store(out, rows, i, $dots::<F, 2, C $($u)*>([row(i), row(i + 1)], xs));
             }
             i += per;
         }
@@ -627,6 +625,17 @@ struct Pack<'a, const C: usize> {
     x: &'a [f32],
     starts: &'a [f32],
     rows: [&'a [f32]; C],
+}
+
+impl<'a, const C: usize> Pack<'a, C> {
+    /// The pack of `x` and `starts` (as [`pack`] wrote them) whose row `i` is `row(i)`.
+    fn new(x: &'a [f32], starts: &'a [f32], row: impl Fn(usize) -> &'a [f32]) -> Self {
+        Pack {
+            x,
+            starts,
+            rows: std::array::from_fn(row),
+        }
+    }
 }
 
 /// Activation rows `j0..j0 + c` of `x` (rows `ldb` apart, `k` values) packed as [`Pack`]
@@ -905,33 +914,35 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
                 // and F16C are present, AVX-512F and VL where `wide`; every row holds `s.k`
                 // entries and their scales, the pack its rows' units and starts.
                 unsafe {
+                    let at = |i: usize| xrow(j0 + i);
                     match n {
-                        4 => {
-                            let rows_x = std::array::from_fn(|i| xrow(j0 + i));
-                            let p = Pack {
-                                x: xs,
-                                starts,
-                                rows: rows_x,
-                            };
-                            piece_packed::<F, 4>(kern, rows, upb, row, p, out)
-                        }
-                        2 => {
-                            let p = Pack {
-                                x: xs,
-                                starts,
-                                rows: [xrow(j0), xrow(j0 + 1)],
-                            };
-                            piece_packed::<F, 2>(kern, rows, upb, row, p, out)
-                        }
+                        4 => piece_packed::<F, 4>(
+                            kern,
+                            rows,
+                            upb,
+                            row,
+                            Pack::new(xs, starts, at),
+                            out,
+                        ),
+                        2 => piece_packed::<F, 2>(
+                            kern,
+                            rows,
+                            upb,
+                            row,
+                            Pack::new(xs, starts, at),
+                            out,
+                        ),
                         _ => {
                             // `calls` makes groups of `group_of` (2 or 4), pairs and lone rows.
                             debug_assert_eq!(n, 1);
-                            let p = Pack {
-                                x: xs,
-                                starts,
-                                rows: [xrow(j0)],
-                            };
-                            piece_packed::<F, 1>(kern, rows, upb, row, p, out)
+                            piece_packed::<F, 1>(
+                                kern,
+                                rows,
+                                upb,
+                                row,
+                                Pack::new(xs, starts, at),
+                                out,
+                            )
                         }
                     }
                 }
