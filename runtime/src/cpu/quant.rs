@@ -29,9 +29,10 @@
 //!
 //! The AVX2 kernels take a tile of weight rows by activation rows a call, each converted
 //! unit used for every activation row of the tile: 4 x 1 for one activation row (decode),
-//! 2 x 2 for pairs, and 2 x 4 where the CPU has AVX-512VL (the same 256-bit operations,
-//! compiled with its 32 vector registers, which the 2 x 4 tile's partial sums and
-//! accumulators need); the activation rows of a call are packed once per GEMM, unit by unit
+//! 2 x 2 for pairs, and 2 x 4 where the CPU has AVX-512VL. Where it has, every tile runs the
+//! same 256-bit operations compiled with its 32 vector registers (the 2 x 4 tile's partial
+//! sums and accumulators need them; the 4 x 1 decode tile spilled two of its four
+//! accumulators to the stack every block with 16); the activation rows of a call are packed once per GEMM, unit by unit
 //! (`Pack`), so that a tile reads them through one pointer. No tile changes any output's
 //! operations or their order.
 //!
@@ -338,7 +339,8 @@ pub(super) struct Kernels {
     /// registers.
     pub(super) avx2: bool,
     /// AVX-512F and VL are present as well: the same 256-bit kernels compiled with 32
-    /// vector registers, which hold the tiles of four activation rows ([`group_of`]).
+    /// vector registers, which hold the tiles of four activation rows ([`group_of`]) and
+    /// the decode tile's accumulators.
     pub(super) wide: bool,
 }
 
@@ -691,9 +693,10 @@ fn piece_dots<'a, F: Ints, const C: usize>(
 }
 
 /// [`piece_dots`] on the AVX2 kernels over a [`Pack`] of `C` activation rows: the
-/// kernel with its block size `U` (1, 2, 4 or 8 units, 0 for any other); a group of more
-/// than two rows (only where `kern.wide`: [`group_of`]) through the kernel compiled with 32
-/// vector registers, one or two rows through the 16-register one they have always taken.
+/// kernel with its block size `U` (1, 2, 4 or 8 units, 0 for any other), compiled with 32
+/// vector registers where `kern.wide` (every call: groups of four activation rows need
+/// them, [`group_of`]; the 4 x 1 decode tile spilled accumulators without them and ran
+/// int4 GEMVs 3-5% slower, BENCHMARKS.md session 21), with 16 otherwise.
 ///
 /// # Safety
 /// `kern.avx2` (AVX2, FMA and F16C are present; AVX-512F and VL too where `kern.wide`);
@@ -720,7 +723,7 @@ unsafe fn piece_packed<'a, F: Ints, const C: usize>(
     }
     // SAFETY: as this function's contract.
     unsafe {
-        if kern.wide && C > 2 {
+        if kern.wide {
             on!(piece_wide)
         } else {
             on!(piece_avx2)
