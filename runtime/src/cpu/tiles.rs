@@ -70,6 +70,10 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     /// accumulators as leave registers for the weights (bf16 widens them: 3 x 3; f32: 4 x
     /// 3, twelve accumulators, three weight vectors and one activation vector).
     const TILE_X: usize;
+    /// Activation rows of the tile compiled with AVX-512VL's 32 vector registers
+    /// ([`Kernels::wide`]): f32 8 x 3 (24 accumulators, three weight vectors, one
+    /// activation vector), bf16 6 x 3 (its widening takes registers too).
+    const WIDE_X: usize;
     /// Weight rows of the one- and two-row (decode) tiles: 6 or 8 (bf16 takes two dependent
     /// multiply-adds a chunk, so more rows keep enough in flight; measured).
     const DECODE_W: usize;
@@ -96,6 +100,7 @@ impl Lanes for f32 {
     const CHUNK: usize = 8;
     const ZERO: f32 = 0.0;
     const TILE_X: usize = 4;
+    const WIDE_X: usize = 8;
     const DECODE_W: usize = 6;
     const PIECE_AHEAD: bool = true;
 
@@ -122,6 +127,7 @@ impl Lanes for u16 {
     const CHUNK: usize = 16;
     const ZERO: u16 = 0;
     const TILE_X: usize = 3;
+    const WIDE_X: usize = 6;
     const DECODE_W: usize = 8;
     const PIECE_AHEAD: bool = false;
 
@@ -193,6 +199,9 @@ fn dot_portable<W: Lanes>(w: &[W], xp: &[f32]) -> f32 {
 struct Kernels {
     /// The CPU has AVX2 and FMA (only [`Kernels::detect`] sets it).
     simd: bool,
+    /// It has AVX-512F and VL as well: prompt tiles of [`Lanes::WIDE_X`] activation rows,
+    /// the same 256-bit operations compiled with 32 vector registers.
+    wide: bool,
 }
 
 impl Kernels {
@@ -202,12 +211,31 @@ impl Kernels {
             && std::arch::is_x86_feature_detected!("fma");
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
-        Kernels { simd }
+        #[cfg(target_arch = "x86_64")]
+        let wide = simd
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        #[cfg(not(target_arch = "x86_64"))]
+        let wide = false;
+        Kernels { simd, wide }
+    }
+
+    /// The AVX2 kernels with 16 vector registers only, where the CPU has AVX2 (for tests of
+    /// the tiles a CPU without AVX-512 runs).
+    #[cfg(test)]
+    fn narrow() -> Kernels {
+        Kernels {
+            wide: false,
+            ..Kernels::detect()
+        }
     }
 
     #[cfg(test)]
     fn portable() -> Kernels {
-        Kernels { simd: false }
+        Kernels {
+            simd: false,
+            wide: false,
+        }
     }
 }
 
@@ -243,7 +271,7 @@ mod avx2 {
     use std::mem::size_of;
 
     use super::super::sum_tree::sum8_avx;
-    use super::{Block, Lanes, NEXT_PIECE, NEXT_TILE, NONE, TILE_W};
+    use super::{tile_rows, Block, Lanes, NEXT_PIECE, NEXT_TILE, NONE, TILE_W};
 
     /// One chunk into the `R x C` accumulators: weight row pointers `w[c]` and packed
     /// activation pointers `x[r]` at the chunk's start.
@@ -268,6 +296,81 @@ mod avx2 {
         }
     }
 
+    /// The body of [`tile`] and [`tile_wide`] (one text compiled under each function's
+    /// target features), over the caller's `W`, `R`, `C`, `PF` and arguments.
+    macro_rules! tile_body {
+        ($b:ident, $i0:ident, $j0:ident, $out:ident, $ld:ident, $ahead:ident) => {{
+            let (b, i0, j0, out, ld, ahead): (
+                &Block<'_, W>,
+                usize,
+                usize,
+                &mut [f32],
+                usize,
+                usize,
+            ) = ($b, $i0, $j0, $out, $ld, $ahead);
+            let body = b.k / W::CHUNK * W::CHUNK;
+            let wp: [*const W; C] = std::array::from_fn(|c| b.w[(i0 + c) * b.lda..].as_ptr());
+            let xp: [*const f32; R] = std::array::from_fn(|r| b.xp[(j0 + r) * b.kp..].as_ptr());
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let mut e = 0;
+            while e < body {
+                if PF == NEXT_TILE {
+                    // The next tile's weights (C rows from here; a prefetch of an address past
+                    // the weights never faults), this chunk's share of them in address order:
+                    // the one- and two-row tiles read C short rows at once, which the hardware
+                    // prefetcher does not follow as it follows one long stream (bf16 decode
+                    // went from 1.25x slower than the dot products to even, BENCHMARKS.md).
+                    let next = wp[0].cast::<u8>().wrapping_add(C * b.lda * size_of::<W>());
+                    let mut off = e * size_of::<W>() * C;
+                    while off < (e + W::CHUNK) * size_of::<W>() * C {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
+                        off += 64;
+                    }
+                }
+                if PF == NEXT_PIECE {
+                    // Into L2 only: the tile's own weights and activations hold L1.
+                    let next = wp[0]
+                        .cast::<u8>()
+                        .wrapping_add(ahead * b.lda * size_of::<W>());
+                    let mut off = e * size_of::<W>() * C;
+                    while off < (e + W::CHUNK) * size_of::<W>() * C {
+                        _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off).cast());
+                        off += 64;
+                    }
+                }
+                // SAFETY: e + CHUNK <= body <= k: the chunk lies inside each weight row (rows
+                // are lda >= k apart, and the caller's rows exist) and inside each packed
+                // activation row (kp >= k).
+                unsafe {
+                    chunk::<W, R, C>(&mut acc, wp.map(|p| p.add(e)), xp.map(|p| p.add(e)));
+                }
+                e += W::CHUNK;
+            }
+            if body < b.k {
+                // The last, partial chunk: the weights copied into zeroed chunks.
+                let mut pad = [[W::ZERO; 16]; C];
+                for (c, dst) in pad.iter_mut().enumerate() {
+                    let r = (i0 + c) * b.lda;
+                    dst[..b.k - body].copy_from_slice(&b.w[r + body..r + b.k]);
+                }
+                // SAFETY: each pad row holds 16 >= CHUNK elements; the packed activation rows
+                // hold kp >= body + CHUNK.
+                unsafe {
+                    chunk::<W, R, C>(
+                        &mut acc,
+                        std::array::from_fn(|c| pad[c].as_ptr()),
+                        xp.map(|p| p.add(body)),
+                    );
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    out[(j0 + r) * ld + i0 + c] = sum8_avx(*v);
+                }
+            }
+        }};
+    }
+
     /// The `R x C` tile at weight row `i0`, activation row `j0`, over all of K; `PF`: what
     /// it prefetches ([`NEXT_TILE`]: the next tile's weights, as its own come from memory,
     /// read once; [`NEXT_PIECE`]: the same rows `ahead` rows on, the next piece's).
@@ -284,75 +387,39 @@ mod avx2 {
         ld: usize,
         ahead: usize,
     ) {
-        let body = b.k / W::CHUNK * W::CHUNK;
-        let wp: [*const W; C] = std::array::from_fn(|c| b.w[(i0 + c) * b.lda..].as_ptr());
-        let xp: [*const f32; R] = std::array::from_fn(|r| b.xp[(j0 + r) * b.kp..].as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut e = 0;
-        while e < body {
-            if PF == NEXT_TILE {
-                // The next tile's weights (C rows from here; a prefetch of an address past
-                // the weights never faults), this chunk's share of them in address order:
-                // the one- and two-row tiles read C short rows at once, which the hardware
-                // prefetcher does not follow as it follows one long stream (bf16 decode
-                // went from 1.25x slower than the dot products to even, BENCHMARKS.md).
-                let next = wp[0].cast::<u8>().wrapping_add(C * b.lda * size_of::<W>());
-                let mut off = e * size_of::<W>() * C;
-                while off < (e + W::CHUNK) * size_of::<W>() * C {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
-                    off += 64;
-                }
-            }
-            if PF == NEXT_PIECE {
-                // Into L2 only: the tile's own weights and activations hold L1.
-                let next = wp[0]
-                    .cast::<u8>()
-                    .wrapping_add(ahead * b.lda * size_of::<W>());
-                let mut off = e * size_of::<W>() * C;
-                while off < (e + W::CHUNK) * size_of::<W>() * C {
-                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off).cast());
-                    off += 64;
-                }
-            }
-            // SAFETY: e + CHUNK <= body <= k: the chunk lies inside each weight row (rows
-            // are lda >= k apart, and the caller's rows exist) and inside each packed
-            // activation row (kp >= k).
-            unsafe {
-                chunk::<W, R, C>(&mut acc, wp.map(|p| p.add(e)), xp.map(|p| p.add(e)));
-            }
-            e += W::CHUNK;
-        }
-        if body < b.k {
-            // The last, partial chunk: the weights copied into zeroed chunks.
-            let mut pad = [[W::ZERO; 16]; C];
-            for (c, dst) in pad.iter_mut().enumerate() {
-                let r = (i0 + c) * b.lda;
-                dst[..b.k - body].copy_from_slice(&b.w[r + body..r + b.k]);
-            }
-            // SAFETY: each pad row holds 16 >= CHUNK elements; the packed activation rows
-            // hold kp >= body + CHUNK.
-            unsafe {
-                chunk::<W, R, C>(
-                    &mut acc,
-                    std::array::from_fn(|c| pad[c].as_ptr()),
-                    xp.map(|p| p.add(body)),
-                );
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (c, v) in row.iter().enumerate() {
-                out[(j0 + r) * ld + i0 + c] = sum8_avx(*v);
-            }
-        }
+        // SAFETY: the caller's.
+        tile_body!(b, i0, j0, out, ld, ahead)
     }
 
-    /// [`tile`] with its prefetch `pf` ([`NONE`], [`NEXT_TILE`] or [`NEXT_PIECE`], the
-    /// next piece `ahead` rows on) chosen at run time, once a tile.
+    /// [`tile`] compiled with AVX-512VL's 32 vector registers (the same operations: the same
+    /// bits), for the tiles of more rows than [`Lanes::TILE_X`].
     ///
     /// # Safety
-    /// As [`tile`]'s.
+    /// As [`tile`]'s; AVX-512F and VL are present.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn tile_wide<W: Lanes, const R: usize, const C: usize, const PF: u8>(
+        b: &Block<'_, W>,
+        i0: usize,
+        j0: usize,
+        out: &mut [f32],
+        ld: usize,
+        ahead: usize,
+    ) {
+        // SAFETY: the caller's.
+        tile_body!(b, i0, j0, out, ld, ahead)
+    }
+
+    /// [`tile`] (or [`tile_wide`] where `wide` and the tile has more rows than
+    /// [`Lanes::TILE_X`]) with its prefetch `pf` ([`NONE`],
+    /// [`NEXT_TILE`] or [`NEXT_PIECE`], the next piece `ahead` rows on) chosen at run time,
+    /// once a tile.
+    ///
+    /// # Safety
+    /// As [`tile`]'s ([`tile_wide`]'s where `wide`).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_pf<W: Lanes, const R: usize, const C: usize>(
+        wide: bool,
         pf: u8,
         b: &Block<'_, W>,
         i0: usize,
@@ -363,6 +430,13 @@ mod avx2 {
     ) {
         // SAFETY: the caller's.
         unsafe {
+            if wide && R > W::TILE_X {
+                return match pf {
+                    NEXT_TILE => tile_wide::<W, R, C, NEXT_TILE>(b, i0, j0, out, ld, ahead),
+                    NEXT_PIECE => tile_wide::<W, R, C, NEXT_PIECE>(b, i0, j0, out, ld, ahead),
+                    _ => tile_wide::<W, R, C, NONE>(b, i0, j0, out, ld, ahead),
+                };
+            }
             match pf {
                 NEXT_TILE => tile::<W, R, C, NEXT_TILE>(b, i0, j0, out, ld, ahead),
                 NEXT_PIECE => tile::<W, R, C, NEXT_PIECE>(b, i0, j0, out, ld, ahead),
@@ -378,6 +452,7 @@ mod avx2 {
     /// The rows exist in `b`; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn block<W: Lanes>(
+        wide: bool,
         b: &Block<'_, W>,
         i0: usize,
         rows: usize,
@@ -415,10 +490,15 @@ mod avx2 {
                 }
                 return;
             }
-            let first = n.min(W::TILE_X).min(4);
+            // Rows dequantized into a scratch (`gemm_filled`, quantized prompts of more than
+            // 32 tokens) keep the 16-register tiles: with the 32-register ones a 64-token
+            // int4 prefill of the 0.5b preset ran at 0.89x (BENCHMARKS.md, session 21).
+            let wide = wide && b.follows;
+            let most = tile_rows::<W>(wide, n);
+            let first = n.min(most);
             let mut j = 0;
             while j < n {
-                let r = (n - j).min(W::TILE_X).min(4);
+                let r = (n - j).min(most);
                 // The first tiles of the piece (j = 0, at least 3 rows since n > 2)
                 // read its weights from memory: they prefetch the next tile's, as the
                 // decode tiles do; the later ones find them in L2 (measured: bf16
@@ -439,10 +519,14 @@ mod avx2 {
                 let mut i = 0;
                 while i + TILE_W <= rows {
                     match r {
-                        1 => tile_pf::<W, 1, TILE_W>(pf, &w, i, j, out, ld, rows),
-                        2 => tile_pf::<W, 2, TILE_W>(pf, &w, i, j, out, ld, rows),
-                        3 => tile_pf::<W, 3, TILE_W>(pf, &w, i, j, out, ld, rows),
-                        _ => tile_pf::<W, 4, TILE_W>(pf, &w, i, j, out, ld, rows),
+                        1 => tile_pf::<W, 1, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        2 => tile_pf::<W, 2, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        3 => tile_pf::<W, 3, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        4 => tile_pf::<W, 4, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        5 => tile_pf::<W, 5, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        6 => tile_pf::<W, 6, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        7 => tile_pf::<W, 7, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
+                        _ => tile_pf::<W, 8, TILE_W>(wide, pf, &w, i, j, out, ld, rows),
                     }
                     i += TILE_W;
                 }
@@ -451,7 +535,11 @@ mod avx2 {
                         1 => tile::<W, 1, 1, NONE>(&w, i, j, out, ld, 0),
                         2 => tile::<W, 2, 1, NONE>(&w, i, j, out, ld, 0),
                         3 => tile::<W, 3, 1, NONE>(&w, i, j, out, ld, 0),
-                        _ => tile::<W, 4, 1, NONE>(&w, i, j, out, ld, 0),
+                        4 => tile::<W, 4, 1, NONE>(&w, i, j, out, ld, 0),
+                        5 => tile::<W, 5, 1, NONE>(&w, i, j, out, ld, 0),
+                        6 => tile::<W, 6, 1, NONE>(&w, i, j, out, ld, 0),
+                        7 => tile::<W, 7, 1, NONE>(&w, i, j, out, ld, 0),
+                        _ => tile::<W, 8, 1, NONE>(&w, i, j, out, ld, 0),
                     }
                     i += 1;
                 }
@@ -468,11 +556,26 @@ impl<W: Lanes> Block<'_, W> {
         if kern.simd {
             // SAFETY: AVX2 and FMA are present (`Kernels::detect`); the piece's rows exist
             // (the caller splits 0..m) and so do the n packed activation rows.
-            unsafe { avx2::block(self, i0, rows, n, out, rows) };
+            unsafe { avx2::block(kern.wide, self, i0, rows, n, out, rows) };
             return;
         }
         let _ = kern;
         self.portable(i0, rows, 0, n, out, rows);
+    }
+}
+
+/// Activation rows of the prompt tiles for a GEMM of `n` rows: [`Lanes::TILE_X`] with 16
+/// vector registers; with 32 ([`Kernels::wide`]) [`Lanes::WIDE_X`], except that where
+/// the second pass over a piece reads the next one ahead ([`Lanes::PIECE_AHEAD`], f32) the
+/// tiles stay low enough for two passes, `n / 2` rows down to `TILE_X` (one pass of eight
+/// f32 rows lost that read: an 8-token prefill of the small preset ran at 0.77x).
+fn tile_rows<W: Lanes>(wide: bool, n: usize) -> usize {
+    if !wide {
+        W::TILE_X
+    } else if W::PIECE_AHEAD {
+        (n / 2).clamp(W::TILE_X, W::WIDE_X)
+    } else {
+        W::WIDE_X
     }
 }
 
@@ -723,7 +826,18 @@ pub(crate) mod tests {
     #[test]
     fn simd_portable_and_the_definition_agree_bitwise() {
         fn check<W: Lanes>(make: fn(f32) -> W) {
-            for (m, n, k) in SHAPES.into_iter().chain([(40, 2, 1000), (7, 1, 17)]) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // Where the CPU has AVX-512VL, the 32-register tiles run (and `narrow` the
+                // others); otherwise this compares fewer kernels than it says.
+                let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl");
+                assert_eq!(Kernels::detect().wide, Kernels::detect().simd && avx512);
+            }
+            // Every tile height with 32 registers: f32 5 to 8 rows (10, 13, 14 and 17
+            // rows), bf16 4 to 6 (5, 7, 13).
+            let more = [(40, 2, 1000), (7, 1, 17), (150, 14, 40), (70, 10, 24)];
+            for (m, n, k) in SHAPES.into_iter().chain(more) {
                 for beta in [0.0, -1.5] {
                     let (lda, ldb) = (k + 5, k + 3);
                     let s = shape(m, n, k, lda, ldb, beta);
@@ -732,7 +846,7 @@ pub(crate) mod tests {
                     let c0: Vec<f32> = (0..n * s.ldc).map(|i| (i % 7) as f32 - 3.0).collect();
                     let mut want = c0.clone();
                     defined(s, &w, &x, &mut want);
-                    for kern in [Kernels::detect(), Kernels::portable()] {
+                    for kern in [Kernels::detect(), Kernels::narrow(), Kernels::portable()] {
                         let mut got = c0.clone();
                         gemm_with(kern, s, &w, &x, &mut got);
                         assert!(
