@@ -21,7 +21,10 @@
 //! widened) once for four activation rows and each activation vector once for three
 //! weight rows, so the loop is bound by the multiply-adds, not the loads. (The executor's
 //! dot products before these tiles, four accumulators an output, needed four registers an
-//! output and were bound by loads.) A call of any number of rows up to [`GEMM_MAX_N`]
+//! output and were bound by loads.) Where the CPU has AVX-512VL, prompt tiles take up to
+//! 8 activation rows (6 for bf16) by 3 weight rows: the same 256-bit operations compiled
+//! with its 32 vector registers (`tile_wide`), each weight vector then used for twice the
+//! rows ([`tile_rows`] says how many a GEMM takes). A call of any number of rows up to [`GEMM_MAX_N`]
 //! therefore gives each row the bits it gets alone: the batch invariance the engine
 //! promises (RELIABILITY.md).
 //!
