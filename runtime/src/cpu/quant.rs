@@ -29,12 +29,12 @@
 //!
 //! The AVX2 kernels take a tile of weight rows by activation rows a call, each converted
 //! unit used for every activation row of the tile: 4 x 1 for one activation row (decode),
-//! 2 x 2 for pairs, and 2 x 4 where the CPU has AVX-512VL. Where it has, every tile runs the
-//! same 256-bit operations compiled with its 32 vector registers (the 2 x 4 tile's partial
-//! sums and accumulators need them; the 4 x 1 decode tile spilled two of its four
-//! accumulators to the stack every block with 16); the activation rows of a call are packed once per GEMM, unit by unit
-//! (`Pack`), so that a tile reads them through one pointer. No tile changes any output's
-//! operations or their order.
+//! 2 x 2 for pairs, and 2 x 4 where the CPU has AVX-512VL. Where it has, every tile runs
+//! the same 256-bit operations compiled with its 32 vector registers (the 2 x 4 tile's
+//! partial sums and accumulators need them; the 4 x 1 decode tile spilled two of its four
+//! accumulators to the stack every block with 16); the activation rows of a call are
+//! packed once per GEMM, unit by unit (`Pack`), so that a tile reads them through one
+//! pointer. No tile changes any output's operations or their order.
 //!
 //! A block's f16 scale is widened (exactly) where the kernel reaches the block: on the AVX2
 //! path eight blocks' scales of a row at a time (one F16C conversion), no separate widening

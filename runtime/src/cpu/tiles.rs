@@ -24,9 +24,10 @@
 //! output and were bound by loads.) Where the CPU has AVX-512VL, prompt tiles take up to
 //! 8 activation rows (6 for bf16) by 3 weight rows: the same 256-bit operations compiled
 //! with its 32 vector registers (`tile_wide`), each weight vector then used for twice the
-//! rows ([`tile_rows`] says how many a GEMM takes). A call of any number of rows up to [`GEMM_MAX_N`]
-//! therefore gives each row the bits it gets alone: the batch invariance the engine
-//! promises (RELIABILITY.md).
+//! rows (`tile_rows` says how many a GEMM takes). No tile changes an output's
+//! operations or their order, so a call of any number of rows up to [`GEMM_MAX_N`] gives
+//! each row the bits it gets alone: the batch invariance the engine promises
+//! (RELIABILITY.md).
 //!
 //! bf16 weights are widened in pairs (one 256-bit load is sixteen bf16 values: a shift
 //! left by 16 makes the even elements f32, a mask keeps the odd ones), so for bf16 step 0
@@ -74,7 +75,7 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     /// 3, twelve accumulators, three weight vectors and one activation vector).
     const TILE_X: usize;
     /// Activation rows of the tile compiled with AVX-512VL's 32 vector registers
-    /// ([`Kernels::wide`]): f32 8 x 3 (24 accumulators, three weight vectors, one
+    /// (where the CPU has AVX-512F and VL): f32 8 x 3 (24 accumulators, three weight vectors, one
     /// activation vector), bf16 6 x 3 (its widening takes registers too).
     const WIDE_X: usize;
     /// Weight rows of the one- and two-row (decode) tiles: 6 or 8 (bf16 takes two dependent
@@ -252,7 +253,8 @@ struct Block<'a, W> {
     xp: &'a [f32],
     kp: usize,
     /// Whether the piece after this one lies right after it in memory, to be read ahead
-    /// ([`Lanes::PIECE_AHEAD`]): not for rows filled into a scratch (`gemm_filled`).
+    /// ([`Lanes::PIECE_AHEAD`]): not for rows filled into a scratch (`gemm_filled`), which
+    /// also keep the 16-register prompt tiles.
     follows: bool,
 }
 
@@ -390,7 +392,7 @@ mod avx2 {
         ld: usize,
         ahead: usize,
     ) {
-        // SAFETY: the caller's.
+        // The body's unsafe blocks hold by this function's contract.
         tile_body!(b, i0, j0, out, ld, ahead)
     }
 
@@ -408,7 +410,7 @@ mod avx2 {
         ld: usize,
         ahead: usize,
     ) {
-        // SAFETY: the caller's.
+        // The body's unsafe blocks hold by this function's contract.
         tile_body!(b, i0, j0, out, ld, ahead)
     }
 
@@ -573,6 +575,8 @@ impl<W: Lanes> Block<'_, W> {
 /// tiles stay low enough for two passes, `n / 2` rows down to `TILE_X` (one pass of eight
 /// f32 rows lost that read: an 8-token prefill of the small preset ran at 0.77x).
 fn tile_rows<W: Lanes>(wide: bool, n: usize) -> usize {
+    // `avx2::block` dispatches tiles of 1 to 8 rows.
+    const { assert!(W::TILE_X <= 4 && W::TILE_X <= W::WIDE_X && W::WIDE_X <= 8) };
     if !wide {
         W::TILE_X
     } else if W::PIECE_AHEAD {
