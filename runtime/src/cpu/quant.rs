@@ -880,15 +880,17 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
     if kern.avx2 {
         // The activation rows packed once per call of the kernels ([`Pack`]).
         let calls = calls(s.n, group_of(kern));
-        let (xn, sn) = (s.k / UNIT * UNIT, units_of(s.k, upb) * 8);
+        // Values and start lanes an activation row takes in the pack (no starts where the
+        // format has no offset).
+        let xn = s.k / UNIT * UNIT;
+        let sn = if F::OFFSET != 0.0 {
+            units_of(s.k, upb) * 8
+        } else {
+            0
+        };
         let mut xs = vec![0f32; s.n * xn];
-        let mut st = vec![0f32; if F::OFFSET != 0.0 { s.n * sn } else { 0 }];
+        let mut st = vec![0f32; s.n * sn];
         for &(j0, n) in &calls {
-            let st = if F::OFFSET != 0.0 {
-                &mut st[j0 * sn..(j0 + n) * sn]
-            } else {
-                &mut []
-            };
             pack::<F>(
                 x,
                 s.ldb,
@@ -897,17 +899,11 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
                 n,
                 upb,
                 &mut xs[j0 * xn..(j0 + n) * xn],
-                st,
+                &mut st[j0 * sn..(j0 + n) * sn],
             );
         }
-        let packed = |j0: usize, n: usize| {
-            let st = if F::OFFSET != 0.0 {
-                &st[j0 * sn..(j0 + n) * sn]
-            } else {
-                &[][..]
-            };
-            (&xs[j0 * xn..(j0 + n) * xn], st)
-        };
+        let packed =
+            |j0: usize, n: usize| (&xs[j0 * xn..(j0 + n) * xn], &st[j0 * sn..(j0 + n) * sn]);
         in_pieces(s, per, c, |m0, rows, out| {
             let row = rows_from(m0);
             for &(j0, n) in &calls {
@@ -918,27 +914,9 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
                 // entries and their scales, the pack its rows' units and starts.
                 unsafe {
                     let at = |i: usize| xrow(j0 + i);
-                    match n {
-                        4 => piece_packed::<F, 4>(
-                            kern,
-                            rows,
-                            upb,
-                            row,
-                            Pack::new(xs, starts, at),
-                            out,
-                        ),
-                        2 => piece_packed::<F, 2>(
-                            kern,
-                            rows,
-                            upb,
-                            row,
-                            Pack::new(xs, starts, at),
-                            out,
-                        ),
-                        _ => {
-                            // `calls` makes groups of `group_of` (2 or 4), pairs and lone rows.
-                            debug_assert_eq!(n, 1);
-                            piece_packed::<F, 1>(
+                    macro_rules! on {
+                        ($c:literal) => {
+                            piece_packed::<F, $c>(
                                 kern,
                                 rows,
                                 upb,
@@ -946,6 +924,15 @@ fn dot_gemm_with<F: Ints>(kern: Kernels, s: Shape, w: &QuantWeight, x: &[f32], c
                                 Pack::new(xs, starts, at),
                                 out,
                             )
+                        };
+                    }
+                    match n {
+                        4 => on!(4),
+                        2 => on!(2),
+                        _ => {
+                            // `calls` makes groups of `group_of` (2 or 4), pairs and lone rows.
+                            debug_assert_eq!(n, 1);
+                            on!(1)
                         }
                     }
                 }
