@@ -40,6 +40,8 @@
 
 use std::mem::size_of;
 
+use rayon::prelude::*;
+
 use super::weight_gemm::{self, in_pieces, with_scratch, Shape};
 
 /// The executors take this path up to this many activation rows (the gemm crate beyond):
@@ -614,20 +616,38 @@ pub fn gemm<W: Lanes>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
     gemm_with(Kernels::detect(), s, w, x, c)
 }
 
-/// The activation rows packed once for the tiles of `W`: padded to whole chunks, in the
-/// steps' order; returns them and their stride.
-fn packed<W: Lanes>(s: Shape, x: &[f32]) -> (Vec<f32>, usize) {
+/// Runs `f` on the activation rows packed once for the tiles of `W` (padded to whole
+/// chunks, in the steps' order) and their stride, in this thread's scratch: every value is
+/// written (`pack_row`), so a reused scratch needs no clearing, and a prompt's rows are
+/// packed on every thread (one thread packing 512 rows while the others waited, into
+/// freshly faulted pages, took 2-3% of a 512-token f32 prefill: BENCHMARKS.md, session 22).
+fn with_packed<W: Lanes, R>(s: Shape, x: &[f32], f: impl FnOnce(&[f32], usize) -> R) -> R {
     let kp = s.k.div_ceil(W::CHUNK) * W::CHUNK;
-    let mut xp = vec![0f32; s.n * kp];
-    if kp > 0 {
-        for (j, dst) in xp.chunks_exact_mut(kp).enumerate() {
-            pack_row::<W>(&x[j * s.ldb..j * s.ldb + s.k], dst);
+    with_scratch(&PACKED, s.n * kp, |xp| {
+        if cfg!(debug_assertions) {
+            // A value `pack_row` leaves unwritten shows in the tests' results.
+            xp.fill(f32::NAN);
         }
-    }
-    (xp, kp)
+        if kp > 0 {
+            let pack =
+                |(j, dst): (usize, &mut [f32])| pack_row::<W>(&x[j * s.ldb..j * s.ldb + s.k], dst);
+            if s.n * kp >= PACK_PARALLEL {
+                xp.par_chunks_exact_mut(kp).enumerate().for_each(pack);
+            } else {
+                xp.chunks_exact_mut(kp).enumerate().for_each(pack);
+            }
+        }
+        f(xp, kp)
+    })
 }
 
+/// Packed values from which the rows are packed on rayon's threads (a 64 x 512 prompt
+/// chunk: below it, packing takes less than waking the threads).
+const PACK_PARALLEL: usize = 32 << 10;
+
 thread_local! {
+    /// [`with_packed`]'s activation rows, reused by this thread's next GEMM.
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// [`gemm_filled`]'s weight rows, reused by the pieces this thread runs.
     static FILLED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -647,20 +667,21 @@ pub(crate) fn gemm_filled(
         return;
     }
     let kern = Kernels::detect();
-    let (xp, kp) = packed::<f32>(s, x);
-    let per = piece_rows(s.n, s.k * size_of::<f32>());
-    in_pieces(s, per, c, |i0, rows, out| {
-        with_scratch(&FILLED, rows * s.k, |w| {
-            fill(i0, w);
-            let b = Block {
-                w,
-                lda: s.k,
-                k: s.k,
-                xp: &xp,
-                kp,
-                follows: false,
-            };
-            b.run(kern, 0, rows, s.n, out);
+    with_packed::<f32, _>(s, x, |xp, kp| {
+        let per = piece_rows(s.n, s.k * size_of::<f32>());
+        in_pieces(s, per, c, |i0, rows, out| {
+            with_scratch(&FILLED, rows * s.k, |w| {
+                fill(i0, w);
+                let b = Block {
+                    w,
+                    lda: s.k,
+                    k: s.k,
+                    xp,
+                    kp,
+                    follows: false,
+                };
+                b.run(kern, 0, rows, s.n, out);
+            })
         })
     });
 }
@@ -669,17 +690,18 @@ fn gemm_with<W: Lanes>(kern: Kernels, s: Shape, w: &[W], x: &[f32], c: &mut [f32
     if s.m == 0 || s.n == 0 {
         return;
     }
-    let (xp, kp) = packed::<W>(s, x);
-    let b = Block {
-        w,
-        lda: s.lda,
-        k: s.k,
-        xp: &xp,
-        kp,
-        follows: true,
-    };
-    let per = piece_rows(s.n, s.k * size_of::<W>());
-    in_pieces(s, per, c, |i0, rows, out| b.run(kern, i0, rows, s.n, out));
+    with_packed::<W, _>(s, x, |xp, kp| {
+        let b = Block {
+            w,
+            lda: s.lda,
+            k: s.k,
+            xp,
+            kp,
+            follows: true,
+        };
+        let per = piece_rows(s.n, s.k * size_of::<W>());
+        in_pieces(s, per, c, |i0, rows, out| b.run(kern, i0, rows, s.n, out));
+    });
 }
 
 #[cfg(test)]

@@ -81,11 +81,21 @@ pub(crate) fn with_scratch<R>(
     })
 }
 
+thread_local! {
+    /// [`in_pieces`]' products of a piece, reused by the pieces this thread runs.
+    static PRODUCTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs `piece(i0, rows, out)` for pieces of `per` weight rows (the last one shorter) on
 /// rayon's threads, each writing the products of its rows `i0..i0 + rows` with every
-/// activation row into its own `out` (`out[j * rows + i]`: row `i0 + i`, activation row
-/// `j`), then stores them into C as `alpha * out` or `alpha * out + beta * C`. Each output
+/// activation row into `out` (`out[j * rows + i]`: row `i0 + i`, activation row `j`; every
+/// element, as `out` holds whatever this thread's scratch held), which the same thread then
+/// stores into its part of C as `alpha * out` or `alpha * out + beta * C`. Each output
 /// comes from one piece, whatever the thread count.
+///
+/// The stores run in the pieces, on every thread, while the products are in cache: stored
+/// by one thread after all pieces, they took 7-8% of a 512-row GEMM of the small preset on
+/// two threads (BENCHMARKS.md, session 22).
 pub(crate) fn in_pieces(
     s: Shape,
     per: usize,
@@ -96,27 +106,94 @@ pub(crate) fn in_pieces(
         return;
     }
     let per = per.max(1);
-    let pieces: Vec<(usize, Vec<f32>)> = (0..s.m)
-        .step_by(per)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|i0| {
-            let rows = per.min(s.m - i0);
-            let mut out = vec![0f32; rows * s.n];
-            piece(i0, rows, &mut out);
-            (i0, out)
+    let count = s.m.div_ceil(per);
+    // Each piece's part of each of the n columns of C (rows i0..i0 + rows), piece by
+    // piece: disjoint slices, so the pieces store in parallel without sharing one.
+    let mut parts: Vec<Option<&mut [f32]>> = (0..count * s.n).map(|_| None).collect();
+    for (j, col) in c.chunks_mut(s.ldc).take(s.n).enumerate() {
+        let mut rest = &mut col[..s.m];
+        for p in 0..count {
+            let len = per.min(rest.len());
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            parts[p * s.n + j] = Some(head);
+            rest = tail;
+        }
+    }
+    parts.par_chunks_mut(s.n).enumerate().for_each(|(p, cols)| {
+        let (i0, rows) = (p * per, per.min(s.m - p * per));
+        with_scratch(&PRODUCTS, rows * s.n, |out| {
+            if cfg!(debug_assertions) {
+                // An element the piece leaves unwritten shows in the tests' results.
+                out.fill(f32::NAN);
+            }
+            piece(i0, rows, out);
+            for (dst, col) in cols.iter_mut().flatten().zip(out.chunks_exact(rows)) {
+                for (d, v) in dst.iter_mut().zip(col) {
+                    *d = if s.beta == 0.0 {
+                        s.alpha * v
+                    } else {
+                        s.alpha * v + s.beta * *d
+                    };
+                }
+            }
         })
-        .collect();
-    for (i0, out) in pieces {
-        let rows = out.len() / s.n;
-        for (j, col) in out.chunks_exact(rows).enumerate() {
-            let dst = &mut c[j * s.ldc + i0..j * s.ldc + i0 + rows];
-            for (d, v) in dst.iter_mut().zip(col) {
-                *d = if s.beta == 0.0 {
-                    s.alpha * v
-                } else {
-                    s.alpha * v + s.beta * *d
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every output lands in its place of C, stored as `alpha * out + beta * C` by the
+    /// piece that computed it, with C's padding rows untouched, for pieces that do not
+    /// divide m, on one thread and on three.
+    #[test]
+    fn pieces_store_their_products_into_their_part_of_c() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (m, n, per, beta) in [(10, 3, 4, 0.0), (7, 1, 7, 0.5), (25, 5, 3, -2.0)] {
+                let ldc = m + 3;
+                let s = Shape {
+                    m,
+                    n,
+                    k: 1,
+                    lda: 1,
+                    ldb: 1,
+                    ldc,
+                    alpha: 0.75,
+                    beta,
                 };
+                let c0: Vec<f32> = (0..n * ldc).map(|i| (i % 7) as f32 - 3.0).collect();
+                let mut c = c0.clone();
+                // Output (i, j) is 100 i + j, written by the piece that holds row i.
+                pool.install(|| {
+                    in_pieces(s, per, &mut c, |i0, rows, out| {
+                        assert!(i0 % per == 0 && rows == per.min(m - i0));
+                        for j in 0..n {
+                            for i in 0..rows {
+                                out[j * rows + i] = (100 * (i0 + i) + j) as f32;
+                            }
+                        }
+                    })
+                });
+                for j in 0..n {
+                    for i in 0..ldc {
+                        let at = j * ldc + i;
+                        let want = if i < m {
+                            0.75 * (100 * i + j) as f32
+                                + if beta == 0.0 { 0.0 } else { beta * c0[at] }
+                        } else {
+                            c0[at]
+                        };
+                        assert_eq!(
+                            c[at], want,
+                            "m{m} n{n} per{per} ({i},{j}), {threads} threads"
+                        );
+                    }
+                }
             }
         }
     }
