@@ -1313,6 +1313,7 @@ pub(crate) mod tests {
                 (70, 45, 16, 40),
                 (517, 64, 32, 40),
                 (33, 0, 32, 40),
+                (50, 1024, 32, 37),
                 (70, 45, 16, 520),
                 (33, 0, 32, 520),
             ] {
@@ -1324,6 +1325,15 @@ pub(crate) mod tests {
                 let c0: Vec<f32> = (0..n * s.ldc).map(|i| (i % 5) as f32).collect();
                 let mut c = c0.clone();
                 gemm(s, &w, &x, &mut c);
+                if n <= super::super::tiles::GEMM_MAX_N {
+                    // Bitwise the f32 tiles over the dequantized weights.
+                    let mut t = c0.clone();
+                    super::super::tiles::gemm(Shape { lda: k, ..s }, &deq, &x, &mut t);
+                    assert!(
+                        c.iter().zip(&t).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{bits:?} m{m} k{k} n{n}"
+                    );
+                }
                 for j in 0..n {
                     for r in 0..m {
                         let exact: f64 = (0..k)

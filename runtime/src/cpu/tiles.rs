@@ -255,8 +255,7 @@ struct Block<'a, W> {
     xp: &'a [f32],
     kp: usize,
     /// Whether the piece after this one lies right after it in memory, to be read ahead
-    /// ([`Lanes::PIECE_AHEAD`]): not for rows filled into a scratch (`gemm_filled`), which
-    /// also keep the 16-register prompt tiles.
+    /// ([`Lanes::PIECE_AHEAD`]): not for rows filled into a scratch (`gemm_filled`).
     follows: bool,
 }
 
@@ -497,10 +496,10 @@ mod avx2 {
                 }
                 return;
             }
-            // Rows dequantized into a scratch (`gemm_filled`, quantized prompts of more than
-            // 32 tokens) keep the 16-register tiles: with the 32-register ones a 64-token
-            // int4 prefill of the 0.5b preset ran at 0.89x (BENCHMARKS.md, session 21).
-            let wide = wide && b.follows;
+            // Rows dequantized into a scratch (`gemm_filled`) take the same tiles: the
+            // 32-register ones lost there (0.89x, session 21) only while the packed rows
+            // were 4 KiB apart (`packed_stride`); since, a 64-token int4 prefill of the
+            // 0.5b preset runs 1.09x faster with them (BENCHMARKS.md, session 22).
             let most = tile_rows::<W>(wide, n);
             let first = n.min(most);
             let mut j = 0;
@@ -622,7 +621,7 @@ pub fn gemm<W: Lanes>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
 /// packed on every thread (one thread packing 512 rows while the others waited, into
 /// freshly faulted pages, took 2-3% of a 512-token f32 prefill: BENCHMARKS.md, session 22).
 fn with_packed<W: Lanes, R>(s: Shape, x: &[f32], f: impl FnOnce(&[f32], usize) -> R) -> R {
-    let kp = s.k.div_ceil(W::CHUNK) * W::CHUNK;
+    let kp = packed_stride::<W>(s.k);
     with_scratch(&PACKED, s.n * kp, |xp| {
         if cfg!(debug_assertions) {
             // A value `pack_row` leaves unwritten shows in the tests' results.
@@ -640,6 +639,25 @@ fn with_packed<W: Lanes, R>(s: Shape, x: &[f32], f: impl FnOnce(&[f32], usize) -
         f(xp, kp)
     })
 }
+
+/// Values from one packed activation row's start to the next's: K padded to whole chunks,
+/// and 64 values (256 bytes) more where that is a multiple of 4 KiB. Rows a multiple of 4
+/// KiB apart put a tile's activation vectors at one offset in every page, and Zen 4 ran
+/// the GEMMs of K = 1024 (the 0.5b preset's) at two thirds of the rate of the K around
+/// them, whatever the row count (8 x 3 tiles, 64 rows, two threads: 112 against 165-189
+/// GFLOP/s; 177 with these 256 bytes; 64 bytes gave 163 and lost 8% at K = 2048;
+/// BENCHMARKS.md, session 22).
+fn packed_stride<W: Lanes>(k: usize) -> usize {
+    let kp = k.div_ceil(W::CHUNK) * W::CHUNK;
+    if kp > 0 && (kp * size_of::<f32>()).is_multiple_of(4096) {
+        kp + STRIDE_PAD
+    } else {
+        kp
+    }
+}
+
+/// What [`packed_stride`] adds (a multiple of every [`Lanes::CHUNK`]).
+const STRIDE_PAD: usize = 64;
 
 /// Packed values from which the rows are packed on rayon's threads (a 64 x 512 prompt
 /// chunk: below it, packing takes less than waking the threads).
@@ -864,8 +882,16 @@ pub(crate) mod tests {
                 assert_eq!(Kernels::detect().wide, Kernels::detect().simd && avx512);
             }
             // Every tile height with 32 registers: f32 5 to 8 rows (10, 13, 14 and 17
-            // rows), bf16 4 to 6 (5, 7, 13).
-            let more = [(40, 2, 1000), (7, 1, 17), (150, 14, 40), (70, 10, 24)];
+            // rows), bf16 4 to 6 (5, 7, 13); packed rows 4 KiB apart before their padding
+            // (`packed_stride`), with and without a partial last chunk.
+            let more = [
+                (40, 2, 1000),
+                (7, 1, 17),
+                (150, 14, 40),
+                (70, 10, 24),
+                (30, 9, 1024),
+                (27, 11, 1020),
+            ];
             for (m, n, k) in SHAPES.into_iter().chain(more) {
                 for beta in [0.0, -1.5] {
                     let (lda, ldb) = (k + 5, k + 3);
@@ -889,6 +915,22 @@ pub(crate) mod tests {
         }
         check::<f32>(|v| v);
         check::<u16>(bf16);
+    }
+
+    /// Packed activation rows whose stride would be a multiple of 4 KiB get 64 values
+    /// more; others keep K padded to whole chunks.
+    #[test]
+    fn packed_rows_4_kib_apart_are_padded() {
+        assert_eq!(packed_stride::<f32>(1024), 1088);
+        assert_eq!(packed_stride::<f32>(1020), 1088);
+        assert_eq!(packed_stride::<f32>(3072), 3136);
+        assert_eq!(packed_stride::<f32>(768), 768);
+        assert_eq!(packed_stride::<f32>(1000), 1000);
+        assert_eq!(packed_stride::<f32>(13), 16);
+        assert_eq!(packed_stride::<u16>(1010), 1088);
+        assert_eq!(packed_stride::<u16>(2048), 2112);
+        assert_eq!(packed_stride::<u16>(1000), 1008);
+        assert_eq!(packed_stride::<u16>(0), 0);
     }
 
     /// Batch invariance: each activation row of a call of n = 1 to 32 (and 40, 100, 300) rows
