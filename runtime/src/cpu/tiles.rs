@@ -644,7 +644,7 @@ fn with_packed<W: Lanes, R>(s: Shape, x: &[f32], f: impl FnOnce(&[f32], usize) -
 /// and 64 values (256 bytes) more where that is a multiple of 4 KiB. Rows a multiple of 4
 /// KiB apart put a tile's activation vectors at one offset in every page, and Zen 4 ran
 /// the GEMMs of K = 1024 (the 0.5b preset's) at two thirds of the rate of the K around
-/// them, whatever the row count (8 x 3 tiles, 64 rows, two threads: 112 against 165-189
+/// them at 64 and 512 rows (8 x 3 tiles, 64 rows, two threads: 112 against 165-189
 /// GFLOP/s; 177 with these 256 bytes; 64 bytes gave 163 and lost 8% at K = 2048;
 /// BENCHMARKS.md, session 22).
 fn packed_stride<W: Lanes>(k: usize) -> usize {

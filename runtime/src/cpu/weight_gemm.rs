@@ -119,6 +119,8 @@ pub(crate) fn in_pieces(
             rest = tail;
         }
     }
+    // The caller has checked that C holds n columns of m rows: every part is there.
+    debug_assert!(parts.iter().all(Option::is_some));
     parts.par_chunks_mut(s.n).enumerate().for_each(|(p, cols)| {
         let (i0, rows) = (p * per, per.min(s.m - p * per));
         with_scratch(&PRODUCTS, rows * s.n, |out| {
