@@ -618,8 +618,8 @@ pub fn gemm<W: Lanes>(s: Shape, w: &[W], x: &[f32], c: &mut [f32]) {
 /// Runs `f` on the activation rows packed once for the tiles of `W` (padded to whole
 /// chunks, in the steps' order) and their stride, in this thread's scratch: every value is
 /// written (`pack_row`), so a reused scratch needs no clearing, and a prompt's rows are
-/// packed on every thread (one thread packing 512 rows while the others waited, into
-/// freshly faulted pages, took 2-3% of a 512-token f32 prefill: BENCHMARKS.md, session 22).
+/// packed on every thread (against one thread packing into freshly allocated pages while
+/// the others waited: a 512-token f32 prefill paired 1.015, BENCHMARKS.md, session 22).
 fn with_packed<W: Lanes, R>(s: Shape, x: &[f32], f: impl FnOnce(&[f32], usize) -> R) -> R {
     let kp = packed_stride::<W>(s.k);
     with_scratch(&PACKED, s.n * kp, |xp| {

@@ -109,19 +109,18 @@ pub(crate) fn in_pieces(
     let count = s.m.div_ceil(per);
     // Each piece's part of each of the n columns of C (rows i0..i0 + rows), piece by
     // piece: disjoint slices, so the pieces store in parallel without sharing one.
-    let mut parts: Vec<Option<&mut [f32]>> = (0..count * s.n).map(|_| None).collect();
-    for (j, col) in c.chunks_mut(s.ldc).take(s.n).enumerate() {
-        let mut rest = &mut col[..s.m];
-        for p in 0..count {
-            let len = per.min(rest.len());
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
-            parts[p * s.n + j] = Some(head);
-            rest = tail;
-        }
+    let mut cols: Vec<_> = c
+        .chunks_mut(s.ldc)
+        .take(s.n)
+        .map(|col| col[..s.m].chunks_mut(per))
+        .collect();
+    let mut parts = Vec::with_capacity(count * s.n);
+    for _ in 0..count {
+        parts.extend(cols.iter_mut().filter_map(Iterator::next));
     }
     // The caller has checked that C holds n columns of m rows: every part is there.
-    debug_assert!(parts.iter().all(Option::is_some));
-    parts.par_chunks_mut(s.n).enumerate().for_each(|(p, cols)| {
+    debug_assert_eq!(parts.len(), count * s.n);
+    parts.par_chunks_mut(s.n).enumerate().for_each(|(p, part)| {
         let (i0, rows) = (p * per, per.min(s.m - p * per));
         with_scratch(&PRODUCTS, rows * s.n, |out| {
             if cfg!(debug_assertions) {
@@ -129,7 +128,7 @@ pub(crate) fn in_pieces(
                 out.fill(f32::NAN);
             }
             piece(i0, rows, out);
-            for (dst, col) in cols.iter_mut().flatten().zip(out.chunks_exact(rows)) {
+            for (dst, col) in part.iter_mut().zip(out.chunks_exact(rows)) {
                 for (d, v) in dst.iter_mut().zip(col) {
                     *d = if s.beta == 0.0 {
                         s.alpha * v
